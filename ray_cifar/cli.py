@@ -1,0 +1,73 @@
+"""What every entry point shares: arguments, config + data checks before any work, the output folder.
+
+Every user mistake (config, data, output folder) ends here as one line on stderr
+and exit status 2, before the output folder is created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+import yaml
+
+from . import config as config_mod
+from .config import Config, ConfigError
+from .data_source import Cifar10, DataError, load_cifar10, resolve_data_dir
+
+
+class UsageError(Exception):
+    pass
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="study YAML overriding the defaults (see --help-config)")
+    parser.add_argument("--set", dest="sets", metavar="KEY=VALUE", action="append", default=[],
+                        help="override one field, e.g. --set train.epochs=5 (repeatable; value read as YAML)")
+    parser.add_argument("--data", metavar="DIR",
+                        help="CIFAR-10 folder: train/test.parquet or cifar-10-batches-py (default: $RAY_CIFAR_DATA)")
+    parser.add_argument("--output", metavar="DIR", help="results folder (default: results/<name>-<time>); must not exist")
+    parser.add_argument("--smoke-test", action="store_true",
+                        help="shrink the study to a tiny ResNet, a few thousand images and a few epochs (CPU-sized)")
+    parser.add_argument("--help-config", action="store_true", help="list every config field with default and unit")
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def fail(message: str) -> None:
+    print(f"ray_cifar: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def default_output(kind: str, config_path: str | None) -> str:
+    name = os.path.splitext(os.path.basename(config_path))[0] if config_path else "default"
+    return os.path.join("results", f"{kind}-{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+
+
+def prepare(args: argparse.Namespace, kind: str) -> tuple[Config, Cifar10, str]:
+    """Resolve and check everything (config, data, output folder) before any work; exit 2 on a mistake."""
+    if args.help_config:
+        print(config_mod.describe())
+        sys.exit(0)
+    try:
+        cfg = config_mod.load_config(args.config, args.sets, smoke_test=args.smoke_test)
+        if args.data:
+            cfg.data.path = args.data
+        data_dir = resolve_data_dir(cfg.data.path)
+        if data_dir is not None:
+            # Workers on every node read the same absolute path; record it in the resolved config.
+            cfg.data.path = os.path.abspath(os.path.expanduser(data_dir))
+        dataset = load_cifar10(cfg.data.path, cfg.data.cache_dir)
+        output = os.path.abspath(args.output or default_output(kind, args.config))
+        if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+            raise UsageError(f"output folder {output} already exists and is not empty: choose a new --output")
+    except (ConfigError, DataError, UsageError) as e:
+        fail(str(e))
+    os.makedirs(output, exist_ok=True)
+    with open(os.path.join(output, "config.yaml"), "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    return cfg, dataset, output

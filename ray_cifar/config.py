@@ -1,0 +1,447 @@
+"""One typed config for everything ray_cifar does.
+
+A study is the defaults below, then a YAML file that overrides some fields, then
+`--set section.field=value` overrides, then validation. Every field says its unit.
+Anything wrong (unknown key, wrong type, impossible value, unknown registry name)
+raises ConfigError with one line naming the key; the CLIs print it and exit 2.
+
+    cfg = load_config("studies/x.yaml", sets=["train.epochs=5"])
+    cfg.train.global_batch_size        # images per optimizer step, all DDP ranks together
+    cfg.to_dict()                      # plain, YAML/JSON-able, written beside the results
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line that names the key."""
+
+
+# ---------------------------------------------------------------------------
+# Sections. Comments are the documentation: `python -m ray_cifar.tune --help-config`
+# prints them, so keep each on one line after the field.
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # folder with train/test.parquet or cifar-10-batches-py; None: $RAY_CIFAR_DATA, else download
+    cache_dir: str | None = None  # where decoded uint8 arrays are cached; None: $RAY_CIFAR_CACHE or ~/.cache/ray_cifar
+    val_size: int = 5000  # images held out of train for validation (class-stratified, seeded); test is never tuned on
+    train_subset: int | None = None  # use only this many train images (stratified), for smoke runs; None: all
+    split_seed: int = 0  # seed of the train/val split and the train subset (same seed, same split, in every trial)
+    shuffle: bool = True  # reshuffle the train images every epoch (from train.seed and the epoch number)
+    pipeline: str = "torch"  # augmentation pipeline: torch (batch tensor ops on the data's device)
+    crop_padding: int = 4  # pixels of zero padding on each side before the random 32x32 crop; 0 = no crop
+    flip_p: float = 0.5  # probability of a horizontal flip per image; 0 = no flip
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"  # registry name: resnet18 | resnet (see ray_cifar.models)
+    blocks: list[int] | None = None  # residual blocks per stage; None: the named model's own
+    widths: list[int] | None = None  # channels per stage; None: the named model's own
+    stem_width: int | None = None  # channels of the 3x3 stem conv; None: first stage width
+    norm: str = "batch"  # batch | group (GroupNorm is per-image, so DDP equals one process exactly)
+    num_classes: int = 10  # classifier outputs
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # registry name: sgd | adam
+    lr: float = 0.1  # peak learning rate per optimizer step (not rescaled with the batch size)
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = True  # SGD Nesterov momentum
+    weight_decay: float = 5e-4  # L2 penalty coefficient (coupled, as torch's SGD/Adam weight_decay)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam (beta1, beta2)
+    eps: float = 1e-8  # Adam denominator epsilon
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # registry name: cosine | constant; stepped every iteration
+    warmup_epochs: float = 0.0  # linear warm-up from 0 to optim.lr over this many epochs
+    eta_min: float = 0.0  # cosine's final learning rate (absolute)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30  # passes over the train split (the schedule spans all of them)
+    global_batch_size: int = 512  # images per optimizer step over ALL DDP ranks; each rank gets 1/num_workers
+    eval_batch_size: int = 1024  # images per evaluation step per rank (no gradients)
+    num_workers: int = 1  # DDP ranks per trial (Ray Train workers); gloo on CPU, NCCL on GPU
+    use_gpu: bool | None = None  # one GPU per rank; None: yes when the machine/cluster has GPUs
+    cpus_per_worker: float = 1.0  # logical CPUs Ray reserves per rank
+    amp: str = "bf16"  # autocast dtype: bf16 | fp16 (with a grad scaler) | fp32 (autocast off)
+    channels_last: bool = True  # NHWC memory format for the model and its inputs (faster convs)
+    label_smoothing: float = 0.0  # cross-entropy label smoothing in [0, 1)
+    seed: int = 0  # seed of weights, batch order and augmentation
+    torch_threads: int | None = None  # intra-op threads per rank on CPU; None: cores / ranks on the node
+
+
+@dataclass
+class TuneConfig:
+    scheduler: str = "asha"  # asha (early stopping) | fifo (every trial runs to the end)
+    metric: str = "val_acc"  # what ASHA and "best trial" compare (reported every epoch)
+    mode: str = "max"  # max | min, for metric
+    grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped
+    reduction_factor: float = 2.0  # ASHA: keep the best 1/reduction_factor at each rung
+    max_epochs: int | None = None  # ASHA max_t in epochs; None: train.epochs
+    num_samples: int = 1  # samples of the search space (each grid point is run num_samples times)
+    max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs/GPUs fit
+    trial_driver_cpus: float = 0.25  # logical CPUs of each trial's driver (it only watches its DDP workers)
+    num_cpus: int | None = None  # logical CPUs of a local Ray instance; None: max(cores, one trial's needs)
+    address: str | None = None  # Ray cluster address ("auto" on a cluster node); None: $RAY_ADDRESS or a local Ray
+    # Search space: "section.field" (or a whole "section") -> one of
+    #   {grid: [v1, v2, ...]}  every value, crossed with the other grids
+    #   {choice: [v1, ...]}    one value drawn per sample
+    #   {uniform: [lo, hi]} | {loguniform: [lo, hi]} | {randint: [lo, hi]}
+    # A section key takes dicts of that section's fields, e.g. optim: {grid: [{name: sgd, lr: 0.1}, ...]}.
+    search_space: dict[str, Any] = field(
+        default_factory=lambda: {
+            "optim": {"grid": [{"name": "sgd", "lr": 0.1}, {"name": "adam", "lr": 0.001, "weight_decay": 0.0}]},
+            "train.global_batch_size": {"grid": [128, 256, 512, 1024]},
+        }
+    )
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        cfg = cls()
+        apply_overrides(cfg, d)
+        validate(cfg)
+        return cfg
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+# What --smoke-test changes: a study that finishes on 2 CPU cores in minutes and
+# still shows ASHA stopping trials. Search-space lists are cut to two values each.
+SMOKE_OVERRIDES = {
+    "model": {"name": "resnet", "blocks": [1, 1, 1], "widths": [16, 32, 64], "stem_width": 16},
+    "data": {"train_subset": 8000, "val_size": 2000},
+    "train": {"epochs": 6, "num_workers": 2, "global_batch_size": 128, "eval_batch_size": 500},
+    "tune": {"grace_period": 1, "reduction_factor": 2.0, "max_epochs": None, "num_samples": 1},
+}
+SMOKE_VALUES_PER_KEY = 2
+
+
+# ---------------------------------------------------------------------------
+# Field docs (parsed from the comments above, for --help-config)
+
+
+def field_docs() -> dict[str, str]:
+    import inspect
+
+    docs = {}
+    for section in SECTIONS:
+        section_cls = type(getattr(Config(), section))
+        for line in inspect.getsource(section_cls).splitlines():
+            line = line.strip()
+            if ":" in line and "#" in line and not line.startswith(("#", "class", '"')):
+                name = line.split(":", 1)[0].strip()
+                docs[f"{section}.{name}"] = line.split("#", 1)[1].strip()
+    return docs
+
+
+def describe() -> str:
+    defaults = Config().to_dict()
+    lines = []
+    for key, doc in field_docs().items():
+        section, name = key.split(".")
+        lines.append(f"  {key} = {defaults[section][name]!r}\n      {doc}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Overrides and type checks
+
+
+def _allowed(section: str) -> str:
+    names = [f.name for f in dataclasses.fields(type(getattr(Config(), section)))]
+    return ", ".join(names)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against a field's type hint; returns the (lightly converted) value."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if len(errors) == 1 else ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item_hint)}, got {value!r}")
+        return [_coerce(v, item_hint, key) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 5e-4 (no dot) as a string; people write it that way all the time.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _hints(section_obj: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(section_obj))
+
+
+def set_value(cfg: Config, key: str, value: Any) -> None:
+    """Set `section.field` (or a whole `section` from a dict) with type checking."""
+    section, _, name = key.partition(".")
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown key '{key}' (sections: {', '.join(SECTIONS)})")
+    section_obj = getattr(cfg, section)
+    if not name:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{section}: expected a mapping of its fields, got {value!r}")
+        for k, v in value.items():
+            set_value(cfg, f"{section}.{k}", v)
+        return
+    hints = _hints(section_obj)
+    if name not in hints:
+        raise ConfigError(f"unknown key '{key}' (allowed in {section}: {_allowed(section)})")
+    setattr(section_obj, name, _coerce(copy.deepcopy(value), hints[name], key))
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> None:
+    """Apply a nested ({section: {field: v}}) or flat ({"section.field": v}) mapping."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(overrides).__name__}")
+    for key, value in overrides.items():
+        set_value(cfg, str(key), value)
+
+
+def parse_set(assignment: str) -> tuple[str, Any]:
+    """'train.epochs=5' -> ('train.epochs', 5); the value is read as YAML."""
+    key, eq, raw = assignment.partition("=")
+    if not eq or not key.strip():
+        raise ConfigError(f"--set expects section.field=value, got '{assignment}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | None = None, sets: list[str] = (), smoke_test: bool = False) -> Config:
+    cfg = Config()
+    if path is not None:
+        try:
+            with open(path) as f:
+                overrides = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        apply_overrides(cfg, overrides)
+    if smoke_test:
+        apply_smoke(cfg)
+    for assignment in sets:
+        set_value(cfg, *parse_set(assignment))
+    validate(cfg)
+    return cfg
+
+
+def apply_smoke(cfg: Config) -> None:
+    apply_overrides(cfg, SMOKE_OVERRIDES)
+    for key, spec in list(cfg.tune.search_space.items()):
+        if isinstance(spec, dict) and len(spec) == 1:
+            kind, values = next(iter(spec.items()))
+            if kind in ("grid", "choice") and isinstance(values, list):
+                cfg.tune.search_space[key] = {kind: values[:SMOKE_VALUES_PER_KEY]}
+    # A smoke run keeps batch sizes that fit its few thousand images.
+    spec = cfg.tune.search_space.get("train.global_batch_size")
+    if spec and "grid" in spec:
+        spec["grid"] = [min(b, 256) for b in spec["grid"]]
+        spec["grid"] = sorted(set(spec["grid"]), key=spec["grid"].index)
+
+
+# ---------------------------------------------------------------------------
+# Validation
+
+
+def _check(ok: bool, key: str, msg: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg} (got {value!r})")
+
+
+def _check_name(key: str, value: str, allowed: list[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: unknown '{value}' (allowed: {', '.join(sorted(allowed))})")
+
+
+def validate(cfg: Config) -> None:
+    """Check values that types alone cannot; also every value of the search space."""
+    _validate_fixed(cfg)
+    _validate_search_space(cfg)
+
+
+def _validate_fixed(cfg: Config) -> None:
+    from . import models, optim  # registries (torch is imported here, not at config import)
+
+    d, m, o, s, t, u = cfg.data, cfg.model, cfg.optim, cfg.schedule, cfg.train, cfg.tune
+    _check(d.val_size >= 0, "data.val_size", "must be >= 0", d.val_size)
+    _check(d.train_subset is None or d.train_subset > 0, "data.train_subset", "must be > 0 or null", d.train_subset)
+    _check_name("data.pipeline", d.pipeline, ["torch"])
+    _check(0 <= d.crop_padding <= 16, "data.crop_padding", "must be in [0, 16] pixels", d.crop_padding)
+    _check(0.0 <= d.flip_p <= 1.0, "data.flip_p", "must be a probability in [0, 1]", d.flip_p)
+
+    _check_name("model.name", m.name, models.list_models())
+    for key, seq in (("model.blocks", m.blocks), ("model.widths", m.widths)):
+        _check(seq is None or (len(seq) > 0 and all(v > 0 for v in seq)), key, "must be positive integers", seq)
+    if m.blocks is not None and m.widths is not None:
+        _check(len(m.blocks) == len(m.widths), "model.widths", "needs one width per stage of model.blocks", m.widths)
+    _check(m.stem_width is None or m.stem_width > 0, "model.stem_width", "must be > 0", m.stem_width)
+    _check_name("model.norm", m.norm, ["batch", "group"])
+    _check(m.num_classes >= 2, "model.num_classes", "must be >= 2", m.num_classes)
+
+    _check_name("optim.name", o.name, optim.list_optimizers())
+    _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", "must be > 0", o.lr)
+    _check(0 <= o.momentum < 1, "optim.momentum", "must be in [0, 1)", o.momentum)
+    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two values in [0, 1)", o.betas)
+    _check(o.eps > 0, "optim.eps", "must be > 0", o.eps)
+
+    _check_name("schedule.name", s.name, optim.list_schedules())
+    _check(s.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0", s.warmup_epochs)
+    _check(s.eta_min >= 0, "schedule.eta_min", "must be >= 0", s.eta_min)
+
+    _check(t.epochs >= 1, "train.epochs", "must be >= 1", t.epochs)
+    _check(t.global_batch_size >= 1, "train.global_batch_size", "must be >= 1", t.global_batch_size)
+    _check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1", t.eval_batch_size)
+    _check(t.num_workers >= 1, "train.num_workers", "must be >= 1", t.num_workers)
+    _check(t.global_batch_size % t.num_workers == 0, "train.global_batch_size",
+           f"must be divisible by train.num_workers={t.num_workers} (each rank gets an equal share)", t.global_batch_size)
+    _check(t.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0", t.cpus_per_worker)
+    _check_name("train.amp", t.amp, ["bf16", "fp16", "fp32"])
+    _check(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)", t.label_smoothing)
+    _check(t.torch_threads is None or t.torch_threads >= 1, "train.torch_threads", "must be >= 1", t.torch_threads)
+
+    _check_name("tune.scheduler", u.scheduler, ["asha", "fifo"])
+    _check_name("tune.mode", u.mode, ["max", "min"])
+    _check_name("tune.metric", u.metric, ["val_acc", "val_loss", "train_acc", "train_loss"])
+    _check(u.grace_period >= 1, "tune.grace_period", "must be >= 1 epoch", u.grace_period)
+    _check(u.reduction_factor > 1, "tune.reduction_factor", "must be > 1", u.reduction_factor)
+    max_epochs = u.max_epochs if u.max_epochs is not None else t.epochs
+    _check(1 <= max_epochs <= t.epochs, "tune.max_epochs", f"must be in [1, train.epochs={t.epochs}]", u.max_epochs)
+    _check(u.grace_period <= max_epochs, "tune.grace_period", f"must be <= max epochs ({max_epochs})", u.grace_period)
+    _check(u.num_samples >= 1, "tune.num_samples", "must be >= 1", u.num_samples)
+    _check(u.max_concurrent_trials is None or u.max_concurrent_trials >= 1, "tune.max_concurrent_trials",
+           "must be >= 1 or null", u.max_concurrent_trials)
+    _check(u.trial_driver_cpus >= 0, "tune.trial_driver_cpus", "must be >= 0", u.trial_driver_cpus)
+    _check(u.num_cpus is None or u.num_cpus >= 1, "tune.num_cpus", "must be >= 1 or null", u.num_cpus)
+
+
+def search_keys(search_space: dict[str, Any]) -> list[str]:
+    """The searched fields as flat 'section.field' names (section keys expand to their fields)."""
+    keys: list[str] = []
+    for key, spec in search_space.items():
+        kind, values = next(iter(spec.items()))
+        if "." in key:
+            keys.append(key)
+        else:
+            for v in values if kind in ("grid", "choice") else []:
+                keys += [f"{key}.{k}" for k in v if f"{key}.{k}" not in keys]
+    return keys
+
+
+def _validate_search_space(cfg: Config) -> None:
+    for key, spec in cfg.tune.search_space.items():
+        where = f"tune.search_space.{key}"
+        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SEARCH_KINDS):
+            raise ConfigError(f"{where}: expected one of {{{', '.join(SEARCH_KINDS)}}}: [...] (got {spec!r})")
+        if key.split(".")[0] == "tune":
+            raise ConfigError(f"{where}: the tune section cannot itself be searched")
+        kind, values = next(iter(spec.items()))
+        _check(isinstance(values, list) and len(values) >= 1, where, f"{kind} needs a non-empty list", values)
+        if kind in ("grid", "choice"):
+            candidates = values
+        else:
+            _check(len(values) == 2 and values[0] < values[1], where, f"{kind} needs [low, high] with low < high", values)
+            _check(kind != "loguniform" or values[0] > 0, where, "loguniform needs low > 0", values)
+            candidates = values
+        for value in candidates:
+            trial = copy.deepcopy(cfg)
+            trial.tune.search_space = {}
+            try:
+                set_value(trial, key, value)
+                _validate_fixed(trial)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: value {value!r}: {e}") from None
+
+
+def trial_config(base: dict[str, Any], sampled: dict[str, Any]) -> Config:
+    """The config of one trial: the study's resolved config plus its sampled values."""
+    cfg = Config()
+    apply_overrides(cfg, base)
+    apply_overrides(cfg, sampled)
+    cfg.tune.search_space = {}
+    _validate_fixed(cfg)
+    return cfg
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "search_space":
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,88 @@
+"""The training engine: one train epoch and one evaluation. Imports neither Ray nor DALI.
+
+Metrics are accumulated in device tensors and read once per epoch (after an
+all-reduce across DDP ranks when a process group exists), so a step never waits
+for the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def autocast(device: torch.device, amp: str):
+    dtype = AMP_DTYPES[amp]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def resolve_amp(device: torch.device, amp: str) -> str:
+    """bf16 where the device supports it; fp16 is a CUDA-only choice (the grad scaler needs CUDA)."""
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "fp16"
+    if amp == "fp16" and device.type != "cuda":
+        return "bf16"
+    return amp
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def train_epoch(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loss_fn: nn.Module,
+    device: torch.device,
+    amp: str = "bf16",
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, float]:
+    """One pass over `batches`; returns train_loss, train_acc and images over all ranks."""
+    model.train()
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * n, correct, n
+    for images, labels in batches:
+        with autocast(device, amp):
+            logits = model(images)
+            loss = loss_fn(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        n = labels.shape[0]
+        sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == labels).sum().double(),
+                             torch.tensor(n, device=device, dtype=torch.float64)])
+    loss_sum, correct, count = _all_reduce_sum(sums).tolist()
+    return {"train_loss": loss_sum / max(count, 1), "train_acc": correct / max(count, 1), "train_images": int(count)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+             amp: str = "bf16", prefix: str = "val") -> dict[str, float]:
+    """Mean cross-entropy and accuracy over `batches`, summed over all ranks."""
+    model.eval()
+    sums = torch.zeros(3, device=device, dtype=torch.float64)
+    for images, labels in batches:
+        with autocast(device, amp):
+            logits = model(images)
+        loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+        sums += torch.stack([loss.double(), (logits.argmax(1) == labels).sum().double(),
+                             torch.tensor(labels.shape[0], device=device, dtype=torch.float64)])
+    loss_sum, correct, count = _all_reduce_sum(sums).tolist()
+    return {f"{prefix}_loss": loss_sum / max(count, 1), f"{prefix}_acc": correct / max(count, 1)}

@@ -1,0 +1,93 @@
+"""The one training loop: a config, the data splits and a device in; per-epoch metrics out.
+
+Imports neither Ray nor DALI. The same function runs as a single process
+(`python -m ray_cifar.train`), as each DDP rank of a Ray Train worker group, and
+as each rank of the torch.multiprocessing DDP test. The caller owns the process
+group; `on_epoch(metrics, model)` is how results leave (Ray reports, Parquet rows).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import engine
+from .config import Config
+from .data import Splits, TrainLoader, eval_batches
+from .models import create_model
+from .optim import create_optimizer, create_scheduler
+
+EpochCallback = Callable[[dict, nn.Module], None]
+
+
+def build_model(cfg: Config, device: torch.device) -> nn.Module:
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    m = cfg.model
+    model = create_model(m.name, blocks=m.blocks, widths=m.widths, stem_width=m.stem_width,
+                         num_classes=m.num_classes, norm=m.norm)
+    model = model.to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def set_cpu_threads(cfg: Config, device: torch.device, local_world_size: int) -> None:
+    if device.type == "cpu":
+        # Ranks sharing a node share its cores; oversubscription makes every rank slower.
+        torch.set_num_threads(cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // local_world_size))
+
+
+def run_training(
+    cfg: Config,
+    splits: Splits,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    on_epoch: EpochCallback | None = None,
+    local_world_size: int | None = None,
+    log: Callable[[str], None] | None = print,
+) -> nn.Module:
+    """Train for cfg.train.epochs; calls on_epoch after each epoch (on every rank). Returns the bare model."""
+    set_cpu_threads(cfg, device, local_world_size or world_size)
+    amp = engine.resolve_amp(device, cfg.train.amp)
+    model = build_model(cfg, device)
+    ddp_model = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+                 if world_size > 1 else model)
+    loader = TrainLoader(splits.train, cfg.data, cfg.train.global_batch_size, rank, world_size, cfg.train.seed)
+    optimizer = create_optimizer(model, cfg.optim)
+    scheduler = create_scheduler(optimizer, cfg.schedule, cfg.optim.lr, len(loader), cfg.train.epochs)
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    if log and rank == 0:
+        log(f"[ray_cifar] {cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+            f"{len(splits.train)} train / {len(splits.val)} val images, {len(loader)} steps/epoch of "
+            f"{cfg.train.global_batch_size} images over {world_size} rank(s), device {device}, amp {amp}")
+
+    for epoch in range(cfg.train.epochs):
+        lr = scheduler.get_last_lr()[0]  # the lr of this epoch's first step
+        start = time.perf_counter()
+        metrics = engine.train_epoch(ddp_model, loader.epoch(epoch), optimizer, scheduler, loss_fn, device, amp, scaler)
+        seconds = time.perf_counter() - start  # train_epoch ends on a host read, so the GPU work is done
+        metrics.update(engine.evaluate(ddp_model, eval_batches(splits.val, cfg.train.eval_batch_size, rank, world_size),
+                                       device, amp))
+        metrics.update(epoch=epoch + 1, lr=lr, epoch_seconds=seconds,
+                       images_per_second=metrics["train_images"] / seconds, num_workers=world_size,
+                       data_pipeline=cfg.data.pipeline, amp=amp, device=device.type)
+        if log and rank == 0:
+            log(f"[ray_cifar] epoch {epoch + 1}/{cfg.train.epochs}  train_loss {metrics['train_loss']:.4f}  "
+                f"train_acc {metrics['train_acc']:.4f}  val_loss {metrics['val_loss']:.4f}  "
+                f"val_acc {metrics['val_acc']:.4f}  lr {lr:.4g}  {metrics['images_per_second']:.0f} img/s")
+        if on_epoch is not None:
+            on_epoch(metrics, model)
+    return model
+
+
+def evaluate_split(cfg: Config, model: nn.Module, split, device: torch.device, prefix: str) -> dict[str, float]:
+    """One-process evaluation of a split (the test split, once, for a study's best trial)."""
+    amp = engine.resolve_amp(device, cfg.train.amp)
+    return engine.evaluate(model, eval_batches(split, cfg.train.eval_batch_size, 0, 1), device, amp, prefix=prefix)

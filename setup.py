@@ -1,0 +1,26 @@
+"""ray_cifar: a distributed, multi-GPU trainer and hyper-parameter tuner for CIFAR-10 ResNets."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="ray_cifar",
+    version="0.1.0",
+    description="Ray Tune + ASHA studies of DDP-trained CIFAR-10 ResNets, with DALI GPU augmentation",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["ray_cifar", "ray_cifar.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "ray[default,tune,train]>=2.50",
+        "pyarrow>=14",
+        "pyyaml>=6",
+        "numpy",
+        "pillow",
+        # DALI is imported lazily, only by data.pipeline=dali; wheels exist for Linux x86_64 only.
+        "nvidia-dali-cuda130; platform_system == 'Linux' and platform_machine == 'x86_64'",
+    ],
+    extras_require={"test": ["pytest>=8", "pytest-timeout"]},
+    entry_points={"console_scripts": ["ray-cifar=ray_cifar.__main__:main"]},
+)

@@ -153,16 +153,24 @@ SMOKE_VALUES_PER_KEY = 2
 
 
 def field_docs() -> dict[str, str]:
+    """Each field's doc: the comment after it, or the comment lines just above it."""
     import inspect
 
     docs = {}
     for section in SECTIONS:
         section_cls = type(getattr(Config(), section))
+        above: list[str] = []
         for line in inspect.getsource(section_cls).splitlines():
             line = line.strip()
-            if ":" in line and "#" in line and not line.startswith(("#", "class", '"')):
+            if line.startswith("#"):
+                above.append(line.lstrip("# "))
+                continue
+            if ":" in line and not line.startswith(("class", '"', "def", "@")):
                 name = line.split(":", 1)[0].strip()
-                docs[f"{section}.{name}"] = line.split("#", 1)[1].strip()
+                if name.isidentifier():
+                    doc = line.split("#", 1)[1].strip() if "#" in line else " ".join(above)
+                    docs[f"{section}.{name}"] = doc
+            above = []
     return docs
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import tempfile
 from typing import Any
 
@@ -91,14 +92,30 @@ def max_workers(cfg: Config) -> int:
 
 def init_ray(cfg: Config) -> None:
     """Connect to a cluster (tune.address / $RAY_ADDRESS) or start a local Ray sized for one trial at least."""
+    # Ray Train 2.60 routes workers' print() through its logger *and* the stream
+    # (every line twice); our workers print one line an epoch, so keep plain print.
+    env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     address = cfg.tune.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env_vars})
         return
     # On a small machine declare enough logical CPUs for one trial's driver plus all its
     # ranks, or the trial would wait forever; torch threads are set per rank anyway.
     need = math.ceil(trial_cpus(cfg, max_workers(cfg)))
-    ray.init(num_cpus=cfg.tune.num_cpus or max(os.cpu_count() or 1, need))
+    # Ray Train's placement-group cleaner finds the cluster through the state API; with
+    # two local Ray instances on one machine its auto-detection fails ("multiple active
+    # Ray instances") and a finished trial's resources are never released. Name the
+    # dashboard (state API server) explicitly so concurrent local studies keep working.
+    dashboard_port = _free_port()
+    env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+    ray.init(num_cpus=cfg.tune.num_cpus or max(os.cpu_count() or 1, need), dashboard_port=dashboard_port,
+             runtime_env={"env_vars": env_vars})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def resolve_use_gpu(cfg: Config) -> bool:

@@ -1,0 +1,106 @@
+"""Config: defaults, YAML then --set overrides, and one-line errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from ray_cifar.config import (SMOKE_OVERRIDES, Config, ConfigError, field_docs, load_config, parse_set,
+                              search_keys, trial_config)
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_validate_and_every_field_is_documented():
+    cfg = load_config()
+    assert cfg.train.global_batch_size == 512 and cfg.model.name == "resnet18"
+    docs = field_docs()
+    for section, fields in cfg.to_dict().items():
+        for name in fields:
+            assert docs.get(f"{section}.{name}"), f"{section}.{name} has no comment"
+
+
+def test_yaml_then_set_overrides(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: 7\n  global_batch_size: 256\noptim:\n  weight_decay: 5e-4\n")
+    cfg = load_config(path, ["train.epochs=3", "model.blocks=[1, 1]", "model.widths=[8,16]", "optim.name=adam"])
+    assert cfg.train.epochs == 3  # --set wins over the file
+    assert cfg.train.global_batch_size == 256
+    assert cfg.model.blocks == [1, 1]
+    assert cfg.optim.name == "adam"
+    assert cfg.optim.weight_decay == 5e-4  # YAML 1.1 reads 5e-4 as text; still a number here
+
+
+def test_parse_set_reads_values_as_yaml():
+    assert parse_set("train.epochs=5") == ("train.epochs", 5)
+    assert parse_set("train.use_gpu=null") == ("train.use_gpu", None)
+    assert parse_set("optim.name=sgd") == ("optim.name", "sgd")
+    with pytest.raises(ConfigError, match="section.field=value"):
+        parse_set("train.epochs")
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["train.epoch=5"], r"unknown key 'train.epoch' \(allowed in train: epochs, "),
+    (["trian.epochs=5"], r"unknown key 'trian.epochs' \(sections: data, model"),
+    (["train.epochs=five"], r"train.epochs: expected an integer, got 'five'"),
+    (["train.epochs=2.5"], r"train.epochs: expected an integer"),
+    (["train.channels_last=3"], r"train.channels_last: expected true/false"),
+    (["train.epochs=0"], r"train.epochs: must be >= 1 \(got 0\)"),
+    (["train.global_batch_size=0"], r"train.global_batch_size: must be >= 1 \(got 0\)"),
+    (["optim.lr=0"], r"optim.lr: must be > 0 \(got 0.0\)"),
+    (["optim.lr=-0.1"], r"optim.lr: must be > 0"),
+    (["optim.name=adamx"], r"optim.name: unknown 'adamx' \(allowed: adam, .*sgd"),
+    (["model.name=resnet1000"], r"model.name: unknown 'resnet1000' \(allowed: resnet, resnet18"),
+    (["data.flip_p=1.5"], r"data.flip_p: must be a probability in \[0, 1\]"),
+    (["train.num_workers=3"], r"train.global_batch_size: must be divisible by train.num_workers=3"),
+    (["model.blocks=[1,1]", "model.widths=[8]"], r"model.widths: needs one width per stage"),
+    (["tune.max_epochs=100"], r"tune.max_epochs: must be in \[1, train.epochs=30\]"),
+])
+def test_bad_values_name_the_key(sets, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(None, sets)
+    assert "\n" not in str(info.value)
+
+
+def test_search_space_values_are_validated_before_any_work(tmp_path):
+    path = write(tmp_path, "tune:\n  search_space:\n    optim.name: {grid: [sgd, adamz]}\n")
+    with pytest.raises(ConfigError, match=r"tune.search_space.optim.name: value 'adamz': optim.name: unknown 'adamz'"):
+        load_config(path)
+    path = write(tmp_path, "tune:\n  search_space:\n    optim.lr: {loguniform: [0.1, 0.01]}\n")
+    with pytest.raises(ConfigError, match="low < high"):
+        load_config(path)
+    path = write(tmp_path, "tune:\n  search_space:\n    optim.lr: [0.1, 0.01]\n")
+    with pytest.raises(ConfigError, match="expected one of"):
+        load_config(path)
+
+
+def test_unreadable_files_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: [unclosed\n"))
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_smoke_test_shrinks_the_default_study():
+    cfg = load_config(smoke_test=True)
+    assert cfg.model.name == SMOKE_OVERRIDES["model"]["name"]
+    assert cfg.train.num_workers == 2
+    # optimizers x batch sizes, cut to two values each: 4 trials.
+    assert len(cfg.tune.search_space["optim"]["grid"]) == 2
+    assert cfg.tune.search_space["train.global_batch_size"]["grid"] == [128, 256]
+    assert search_keys(cfg.tune.search_space) == ["optim.name", "optim.lr", "optim.weight_decay",
+                                                  "train.global_batch_size"]
+
+
+def test_trial_config_applies_sampled_values_and_drops_the_search_space():
+    base = load_config().to_dict()
+    cfg = trial_config(base, {"optim": {"name": "adam", "lr": 0.001}, "train.global_batch_size": 128})
+    assert (cfg.optim.name, cfg.optim.lr, cfg.train.global_batch_size) == ("adam", 0.001, 128)
+    assert cfg.optim.momentum == Config().optim.momentum
+    assert cfg.tune.search_space == {}
+    round_trip = Config.from_dict(cfg.to_dict())
+    assert round_trip == cfg

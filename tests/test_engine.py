@@ -1,0 +1,74 @@
+"""The engine alone (no Ray, no DALI): learning, AMP + channels_last, metrics, the GPU path when there is one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY_MODEL, synthetic_cifar
+from ray_cifar import engine
+from ray_cifar.config import load_config
+from ray_cifar.data import TrainLoader, make_splits, to_model_input
+from ray_cifar.models import count_parameters, create_model
+from ray_cifar.training import build_model, run_training
+
+
+def test_resnet18_has_the_published_parameter_count():
+    assert count_parameters(create_model("resnet18")) == 11_173_962
+
+
+def test_model_input_is_channels_last_and_normalized():
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    x = to_model_input(images)
+    assert x.shape == (4, 3, 32, 32)
+    assert x.is_contiguous(memory_format=torch.channels_last)  # the NHWC buffer viewed as NCHW, no copy
+    assert torch.allclose(x[1, 2, 5, 7], (images[1, 5, 7, 2].float() / 255 - 0.4465) / 0.2616, atol=1e-5)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp32"])
+def test_a_few_epochs_learn_the_synthetic_classes(amp):
+    cfg = load_config(None, TINY_MODEL + ["train.epochs=3", "train.global_batch_size=50", "data.val_size=100",
+                                          f"train.amp={amp}", "optim.lr=0.05"])
+    splits = make_splits(synthetic_cifar(500, 50), cfg.data, "cpu")
+    history = []
+    run_training(cfg, splits, torch.device("cpu"), on_epoch=lambda m, model: history.append(m), log=None)
+    assert [m["epoch"] for m in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["val_acc"] > 0.5
+    assert history[0]["train_images"] == len(splits.train) // 50 * 50  # last partial batch dropped
+    assert history[0]["amp"] == amp
+
+
+def test_evaluate_counts_every_image_once():
+    cfg = load_config(None, TINY_MODEL)
+    model = build_model(cfg, torch.device("cpu"))
+    splits = make_splits(synthetic_cifar(200, 37), cfg.data.__class__(val_size=0), "cpu")
+    from ray_cifar.data import eval_batches
+
+    m = engine.evaluate(model, eval_batches(splits.test, 10, 0, 1), torch.device("cpu"))
+    # Accuracy is a count over 37 images: a multiple of 1/37.
+    assert abs(m["val_acc"] * 37 - round(m["val_acc"] * 37)) < 1e-9
+
+
+def test_loader_steps_and_shapes():
+    cfg = load_config(None, TINY_MODEL)
+    splits = make_splits(synthetic_cifar(300, 10), cfg.data.__class__(val_size=0), "cpu")
+    loader = TrainLoader(splits.train, cfg.data, global_batch_size=64, rank=1, world_size=2, seed=0)
+    batches = list(loader.epoch(0))
+    assert len(batches) == len(loader) == 300 // 64
+    assert all(x.shape == (32, 3, 32, 32) and y.shape == (32,) for x, y in batches)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_gpu_amp_channels_last_training(amp):
+    cfg = load_config(None, TINY_MODEL + ["train.epochs=2", "train.global_batch_size=100", "data.val_size=100",
+                                          f"train.amp={amp}", "optim.lr=0.05"])
+    device = torch.device("cuda")
+    splits = make_splits(synthetic_cifar(1000, 100), cfg.data, device)
+    assert splits.train.images.is_cuda  # the whole uint8 dataset lives on the GPU
+    history = []
+    run_training(cfg, splits, device, on_epoch=lambda m, model: history.append(m), log=None)
+    assert history[-1]["amp"] == amp and history[-1]["device"] == "cuda"
+    assert history[-1]["val_acc"] > 0.5

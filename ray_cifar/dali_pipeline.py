@@ -78,20 +78,24 @@ class DaliGraph:
                                                interp_type=types.INTERP_LINEAR)
 
     def color_jitter(self, images):
-        c = self.cfg
+        c, x = self.cfg, images
 
-        def factor(spread):
+        def factor(spread):  # uniform in [1 - spread, 1 + spread]; a zero spread is no op at all
             return fn.random.uniform(range=[1 - spread, 1 + spread])
 
-        x = fn.cast(fn.cast(images, dtype=types.FLOAT) * factor(c.jitter_brightness), dtype=types.UINT8)
-        gray = fn.reductions.sum(fn.cast(x, dtype=types.FLOAT) * types.Constant(np.array(GRAY, np.float32)),
-                                 axis_names="C", keep_dims=True)
-        center = fn.reductions.mean(gray, axis_names="HW", keep_dims=True)
-        x = fn.cast(center + (fn.cast(x, dtype=types.FLOAT) - center) * factor(c.jitter_contrast), dtype=types.UINT8)
+        if c.jitter_brightness:
+            x = fn.cast(fn.cast(x, dtype=types.FLOAT) * factor(c.jitter_brightness), dtype=types.UINT8)
+        if c.jitter_contrast:
+            pixels = fn.cast(x, dtype=types.FLOAT)
+            gray = fn.reductions.sum(pixels * types.Constant(np.array(GRAY, np.float32), device=self.device),
+                                     axis_names="C", keep_dims=True)
+            center = fn.reductions.mean(gray, axis_names="HW", keep_dims=True)
+            x = fn.cast(center + (pixels - center) * factor(c.jitter_contrast), dtype=types.UINT8)
         if c.jitter_saturation or c.jitter_hue:
             # fn.hsv is a YIQ-space matrix, as the torch path's: chroma scaled, then rotated.
-            x = fn.hsv(x, saturation=factor(c.jitter_saturation),
-                       hue=fn.random.uniform(range=[-360 * c.jitter_hue, 360 * c.jitter_hue]))
+            saturation = factor(c.jitter_saturation) if c.jitter_saturation else 1.0
+            hue = fn.random.uniform(range=[-360 * c.jitter_hue, 360 * c.jitter_hue]) if c.jitter_hue else 0.0
+            x = fn.hsv(x, saturation=saturation, hue=hue)
         return x
 
     def rotation(self, images):

@@ -21,7 +21,6 @@ Random erasing and cutout rectangles are drawn on the host with the torch path's
 from __future__ import annotations
 
 import os
-import warnings
 
 import numpy as np
 import torch
@@ -34,9 +33,6 @@ from .augment import (AUGMENTATIONS, AUTOAUG_FILL, AUTOAUG_MAX_TRANSLATE, CIFAR1
                       active_augmentations, cutout_boxes, erasing_boxes)
 from .config import DataConfig
 from .data import Batches, Split, TrainLoader
-
-# DALI's own AutoAugment still calls fn.experimental.{filter,equalize}: its deprecation notice is not ours to fix.
-warnings.filterwarnings("ignore", message=r".*nvidia\.dali\.fn\.experimental\.", category=DeprecationWarning)
 
 DALI_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}
 PREFETCH_DEPTH = 2  # batches DALI computes ahead of the one being trained on

@@ -194,6 +194,16 @@ def test_autoaugment_outputs_are_outcomes_of_the_drawn_cifar10_sub_policy():
     assert matched.all(), f"{(~matched).sum()} outputs are no outcome of their sub-policy"
 
 
+def test_whole_batch_and_per_group_op_application_agree():
+    n = 500
+    images = low_contrast_images(n, seed=3)
+    op = torch.randint(0, len(A.AUTOAUG_OPS), (n,), generator=gen())
+    magnitude = torch.rand(n, generator=gen()) * 1.8 + 0.1
+    grouped = A._apply_autoaug_op(images, op, magnitude, sync_free=False)
+    assert torch.equal(grouped, A._apply_autoaug_op(images, op, magnitude, sync_free=True))
+    assert (grouped != images).flatten(1).any(1).float().mean() > 0.8
+
+
 def test_autoaugment_changes_images_at_the_policy_rate():
     n = 3000
     images = low_contrast_images(n, seed=1)

@@ -326,3 +326,31 @@ def test_mixup_and_cutmix_probabilities_cannot_exceed_one_together():
     with pytest.raises(ConfigError, match=r"^data.cutmix_p:"):
         load_config(None, ["data.mixup_p=0.7", "data.cutmix_p=0.5"])
     assert load_config(None, ["data.mixup_p=0.5", "data.cutmix_p=0.5"]).data.cutmix_p == 0.5
+
+
+# ---------------------------------------------------------------------------
+# data.pipeline=auto follows the committed benchmark
+
+
+def test_auto_pipeline_follows_the_measurement_of_the_matching_set(tmp_path, monkeypatch):
+    import json
+
+    from ray_cifar import data
+
+    monkeypatch.setattr(data, "dali_available", lambda: True)
+    monkeypatch.setattr(data, "BENCHMARK_RESULTS", str(tmp_path))
+    cpu = torch.device("cpu")
+    crop_flip, full = data_cfg("crop_padding=4", "flip_p=0.5"), data_cfg(*FULL)
+    logs = []
+    assert data.resolve_pipeline(crop_flip, cpu, logs.append) == "dali" and "no benchmark" in logs[-1]
+    results = [{"set": "crop+flip", "path": "torch-batch", "images_per_second": 900.0},
+               {"set": "crop+flip", "path": "dali-cpu", "images_per_second": 800.0},
+               {"set": "full", "path": "torch-batch", "images_per_second": 100.0},
+               {"set": "full", "path": "dali-cpu", "images_per_second": 300.0}]
+    (tmp_path / "data_pipeline_cpu.json").write_text(json.dumps({"device": "test cpu", "results": results}))
+    assert data.resolve_pipeline(crop_flip, cpu, logs.append) == "torch" and "800" in logs[-1]
+    assert data.resolve_pipeline(full, cpu, logs.append) == "dali" and "300" in logs[-1]
+    crop_flip.pipeline = "dali"
+    assert data.resolve_pipeline(crop_flip, cpu) == "dali"  # an explicit choice is kept
+    monkeypatch.setattr(data, "dali_available", lambda: False)
+    assert data.resolve_pipeline(full, cpu) == "torch"

@@ -38,7 +38,7 @@ SETS = {
 }
 
 
-def torchvision_loader(images, labels, set_name: str, batch_size: int, workers: int):
+def torchvision_loader(images, labels, set_name: str, batch_size: int, workers: int, pin_memory: bool):
     import torchvision.transforms as T
     from PIL import Image
 
@@ -58,7 +58,7 @@ def torchvision_loader(images, labels, set_name: str, batch_size: int, workers: 
             return transform(Image.fromarray(images[i])), int(labels[i])
 
     return torch.utils.data.DataLoader(Cifar(), batch_size=batch_size, shuffle=True, num_workers=workers,
-                                       drop_last=True, persistent_workers=workers > 0, pin_memory=True)
+                                       drop_last=True, persistent_workers=workers > 0, pin_memory=pin_memory)
 
 
 def endless(make_epoch):
@@ -123,6 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--batch-size", type=int, default=512, help="images per batch (one rank)")
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per figure (the median is reported)")
     parser.add_argument("--images", type=int, default=50000, help="train images used (the first N)")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
@@ -134,15 +135,23 @@ def main(argv=None) -> int:
     workers = os.cpu_count() or 1
     results = []
 
-    def record(set_name, path, ips, **extra):
-        results.append({"set": set_name, "path": path, "images_per_second": round(ips, 1), **extra})
-        print(f"{set_name:10s} {path:28s} {ips:10.0f} img/s", flush=True)
+    def record(set_name, path, measure, **extra):
+        """Median of --repeats measurements (the machine may be shared: the spread is kept too)."""
+        runs = sorted(measure() for _ in range(args.repeats))
+        ips = runs[len(runs) // 2]
+        results.append({"set": set_name, "path": path, "images_per_second": round(ips, 1),
+                        "runs": [round(r, 1) for r in runs], **extra})
+        print(f"{set_name:10s} {path:34s} {ips:10.0f} img/s  (runs {', '.join(f'{r:.0f}' for r in runs)})", flush=True)
+        return ips
 
     def feeds(set_name):
         cfg = load_config(None, SETS[set_name]).data
         dtype = input_dtype("bf16")
-        yield "torchvision-dataloader", lambda: endless(lambda e: torchvision_loader(
-            images_np, labels_np, set_name, args.batch_size, workers))
+        def torchvision_batches():
+            loader = torchvision_loader(images_np, labels_np, set_name, args.batch_size, workers, device.type == "cuda")
+            return endless(lambda epoch: loader)  # workers persist across epochs
+
+        yield "torchvision-dataloader", torchvision_batches
         yield "torch-batch", lambda: endless(TrainLoader(split, cfg, args.batch_size, 0, 1, seed=0, dtype=dtype).epoch)
         if dali_available():
             from ray_cifar.dali_pipeline import DaliTrainLoader
@@ -152,19 +161,22 @@ def main(argv=None) -> int:
 
     for set_name in SETS:
         for path, make in feeds(set_name):
-            record(set_name, path, time_batches(make(), args.seconds, device))
+            batches = make()
+            record(set_name, path, lambda: time_batches(batches, args.seconds, device))
 
     ratios = {}
     if device.type == "cuda":
         step = resnet18_step(device)
         x = torch.randn(args.batch_size, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
         y = torch.randint(0, 10, (args.batch_size,), device=device)
-        resident = time_batches(iter(lambda: (x, y), None), args.seconds, device, step)
-        record("training", "resnet18-from-gpu-memory", resident)
+        resident = record("training", "resnet18-from-gpu-memory",
+                          lambda: time_batches(iter(lambda: (x, y), None), args.seconds, device, step))
         for set_name in SETS:
             for path, make in feeds(set_name):
-                ips = time_batches(make(), args.seconds, device, step)
-                record(set_name, f"resnet18-fed-by-{path}", ips, fraction_of_resident=round(ips / resident, 3))
+                batches = make()
+                ips = record(set_name, f"resnet18-fed-by-{path}", lambda: time_batches(batches, args.seconds, device, step))
+                results[-1]["fraction_of_resident"] = round(ips / resident, 3)
+                ratios[f"{set_name}: resnet18 fed by {path} / from gpu memory"] = round(ips / resident, 3)
 
     by = {(r["set"], r["path"]): r["images_per_second"] for r in results}
     dali_name = f"dali-{'gpu' if device.type == 'cuda' else 'cpu'}"

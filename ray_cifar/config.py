@@ -40,7 +40,7 @@ class DataConfig:
     train_subset: int | None = None  # use only this many train images (stratified), for smoke runs; None: all
     split_seed: int = 0  # seed of the train/val split and the train subset (same seed, same split, in every trial)
     shuffle: bool = True  # reshuffle the train images every epoch (from train.seed and the epoch number)
-    pipeline: str = "auto"  # augmentation pipeline: dali (NVIDIA DALI) | torch (batch tensor ops) | auto (the faster measured)
+    pipeline: str = "auto"  # augmentation pipeline: dali (NVIDIA DALI) | torch (batch tensor ops) | auto (the faster in benchmarks/results for this device and augmentation set)
     crop_padding: int = 4  # pixels of padding on each side before the random 32x32 crop; 0 = no crop
     crop_fill: int = 0  # pixel value (0..255, all channels) of the crop padding
     flip_p: float = 0.5  # probability of a horizontal flip per image; 0 = no flip

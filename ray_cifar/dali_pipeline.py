@@ -210,6 +210,7 @@ class DaliTrainLoader:
         self.pipe.reset()
 
     def epoch(self, epoch: int) -> Batches:
+        """This rank's batches of `epoch`; the same seed and sequence of epochs gives the same batches."""
         # New indices first: whatever DALI prefetches after the rewind belongs to this epoch.
         self._indices, self._epoch = self.sampler.epoch_indices(epoch), epoch
         if self._started:
@@ -218,6 +219,8 @@ class DaliTrainLoader:
         labels = self.split.labels[self._indices].view(len(self), self.local_batch_size)
         stream = torch.cuda.current_stream(self.device_id) if self.on_gpu else None
         for step in range(len(self)):
+            # As DALIGenericIterator: wait for this step's DALI output (computed PREFETCH_DEPTH steps
+            # ahead, so normally ready), never for the training stream; the copy below is asynchronous.
             (out,) = self.pipe.run()
             # Into the preallocated HWC buffer on torch's stream (ordered after the previous step's use
             # of it); NOTE the next step overwrites it: clone a batch to keep it.

@@ -5,6 +5,10 @@ CIFAR-10); an epoch is a seeded permutation, cut into global batches, each cut
 into one equal slice per DDP rank. The last partial global batch is dropped, so
 every rank takes the same number of steps and every image is seen at most once
 per epoch (exactly once when the batch divides the train split).
+
+`create_train_loader` picks the pipeline that augments those slices (data.pipeline):
+the torch batch-tensor path here (ray_cifar.augment), or DALI (ray_cifar.dali_pipeline,
+imported only then) on the same sampler; mixup/cutmix follow either.
 """
 
 from __future__ import annotations

@@ -40,9 +40,26 @@ class DataConfig:
     train_subset: int | None = None  # use only this many train images (stratified), for smoke runs; None: all
     split_seed: int = 0  # seed of the train/val split and the train subset (same seed, same split, in every trial)
     shuffle: bool = True  # reshuffle the train images every epoch (from train.seed and the epoch number)
-    pipeline: str = "torch"  # augmentation pipeline: torch (batch tensor ops on the data's device)
-    crop_padding: int = 4  # pixels of zero padding on each side before the random 32x32 crop; 0 = no crop
+    pipeline: str = "auto"  # augmentation pipeline: dali (NVIDIA DALI) | torch (batch tensor ops) | auto (the faster in benchmarks/results for this device and augmentation set)
+    crop_padding: int = 4  # pixels of padding on each side before the random 32x32 crop; 0 = no crop
+    crop_fill: int = 0  # pixel value (0..255, all channels) of the crop padding
     flip_p: float = 0.5  # probability of a horizontal flip per image; 0 = no flip
+    autoaugment: str | None = None  # AutoAugment policy: cifar10 (the paper's 25 CIFAR-10 sub-policies); None = off
+    jitter_brightness: float = 0.0  # color jitter: brightness factor uniform in [1-b, 1+b]; 0 = off
+    jitter_contrast: float = 0.0  # color jitter: contrast factor uniform in [1-c, 1+c] around the image's mean gray; 0 = off
+    jitter_saturation: float = 0.0  # color jitter: saturation factor uniform in [1-s, 1+s]; 0 = off
+    jitter_hue: float = 0.0  # color jitter: hue rotation uniform in [-h, h] turns of the YIQ hue circle (<= 0.5); 0 = off
+    rotation_degrees: float = 0.0  # random rotation uniform in [-d, d] degrees about the centre, fill 0; 0 = off
+    erasing_p: float = 0.0  # random erasing: probability per image; 0 = off
+    erasing_scale: list[float] = field(default_factory=lambda: [0.02, 0.33])  # random erasing: [min, max] erased area, fraction of the image
+    erasing_ratio: list[float] = field(default_factory=lambda: [0.3, 3.3])  # random erasing: [min, max] aspect ratio h/w (log-uniform)
+    erasing_fill: str = "zero"  # random erasing fill: zero | mean (per-channel dataset mean) | random (uniform 0..255 per pixel)
+    cutout_size: int = 0  # cutout: side of the zeroed square in pixels (centre uniform, clipped at the border); 0 = off
+    cutout_p: float = 1.0  # cutout: probability per image
+    mixup_alpha: float = 1.0  # mixup: lambda ~ Beta(alpha, alpha), one per batch
+    mixup_p: float = 0.0  # mixup: probability per batch (after either pipeline; targets become soft); 0 = off
+    cutmix_alpha: float = 1.0  # cutmix: box area fraction ~ Beta(alpha, alpha), one box per batch
+    cutmix_p: float = 0.0  # cutmix: probability per batch (mixup_p + cutmix_p <= 1; never both on one batch); 0 = off
 
 
 @dataclass
@@ -347,9 +364,8 @@ def _validate_fixed(cfg: Config) -> None:
     d, m, o, s, t, u = cfg.data, cfg.model, cfg.optim, cfg.schedule, cfg.train, cfg.tune
     _check(d.val_size >= 0, "data.val_size", "must be >= 0", d.val_size)
     _check(d.train_subset is None or d.train_subset > 0, "data.train_subset", "must be > 0 or null", d.train_subset)
-    _check_name("data.pipeline", d.pipeline, ["torch"])
-    _check(0 <= d.crop_padding <= 16, "data.crop_padding", "must be in [0, 16] pixels", d.crop_padding)
-    _check(0.0 <= d.flip_p <= 1.0, "data.flip_p", "must be a probability in [0, 1]", d.flip_p)
+    _check_name("data.pipeline", d.pipeline, ["auto", "dali", "torch"])
+    _validate_augmentation(d)
 
     _check_name("model.name", m.name, models.list_models())
     for key, seq in (("model.blocks", m.blocks), ("model.widths", m.widths)):
@@ -395,6 +411,37 @@ def _validate_fixed(cfg: Config) -> None:
            "must be >= 1 or null", u.max_concurrent_trials)
     _check(u.trial_driver_cpus >= 0, "tune.trial_driver_cpus", "must be >= 0", u.trial_driver_cpus)
     _check(u.num_cpus is None or u.num_cpus >= 1, "tune.num_cpus", "must be >= 1 or null", u.num_cpus)
+
+
+def _check_range(key: str, pair: list[float], low: float, high: float) -> None:
+    _check(len(pair) == 2 and low <= pair[0] <= pair[1] <= high, key,
+           f"must be [min, max] with {low} <= min <= max <= {high}", pair)
+
+
+def _validate_augmentation(d: DataConfig) -> None:
+    for name in ("flip_p", "erasing_p", "cutout_p", "mixup_p", "cutmix_p"):
+        value = getattr(d, name)
+        _check(0.0 <= value <= 1.0, f"data.{name}", "must be a probability in [0, 1]", value)
+    _check(0 <= d.crop_padding <= 16, "data.crop_padding", "must be in [0, 16] pixels", d.crop_padding)
+    _check(0 <= d.crop_fill <= 255, "data.crop_fill", "must be a pixel value in [0, 255]", d.crop_fill)
+    if d.autoaugment is not None:
+        _check_name("data.autoaugment", d.autoaugment, ["cifar10"])
+    for name in ("jitter_brightness", "jitter_contrast", "jitter_saturation"):
+        value = getattr(d, name)
+        _check(0.0 <= value <= 1.0, f"data.{name}", "must be in [0, 1] (a factor range around 1)", value)
+    _check(0.0 <= d.jitter_hue <= 0.5, "data.jitter_hue", "must be in [0, 0.5] turns", d.jitter_hue)
+    _check(0.0 <= d.rotation_degrees <= 180.0, "data.rotation_degrees", "must be in [0, 180]", d.rotation_degrees)
+    _check_range("data.erasing_scale", d.erasing_scale, 0.0, 1.0)
+    _check(d.erasing_scale[1] > 0, "data.erasing_scale", "max must be > 0", d.erasing_scale)
+    _check(len(d.erasing_ratio) == 2 and 0 < d.erasing_ratio[0] <= d.erasing_ratio[1], "data.erasing_ratio",
+           "must be [min, max] with 0 < min <= max", d.erasing_ratio)
+    _check_name("data.erasing_fill", d.erasing_fill, ["zero", "mean", "random"])
+    _check(0 <= d.cutout_size <= 32, "data.cutout_size", "must be in [0, 32] pixels", d.cutout_size)
+    for name in ("mixup_alpha", "cutmix_alpha"):
+        value = getattr(d, name)
+        _check(value > 0 and math.isfinite(value), f"data.{name}", "must be > 0", value)
+    _check(d.mixup_p + d.cutmix_p <= 1.0 + 1e-9, "data.cutmix_p",
+           f"must be <= 1 - data.mixup_p={d.mixup_p} (one of the two per batch at most)", d.cutmix_p)
 
 
 def search_keys(search_space: dict[str, Any]) -> list[str]:

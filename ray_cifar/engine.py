@@ -49,7 +49,10 @@ def train_epoch(
     amp: str = "bf16",
     scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
-    """One pass over `batches`; returns train_loss, train_acc and images over all ranks."""
+    """One pass over `batches`; returns train_loss, train_acc and images over all ranks.
+
+    Targets are class indices (int64 N) or probabilities (float N x classes, from mixup/cutmix).
+    """
     model.train()
     sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * n, correct, n
     for images, labels in batches:
@@ -66,7 +69,9 @@ def train_epoch(
             optimizer.step()
         scheduler.step()
         n = labels.shape[0]
-        sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == labels).sum().double(),
+        # Mixup/cutmix give probability targets: accuracy against the dominant class.
+        hard = labels.argmax(1) if labels.is_floating_point() else labels
+        sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == hard).sum().double(),
                              torch.tensor(n, device=device, dtype=torch.float64)])
     loss_sum, correct, count = _all_reduce_sum(sums).tolist()
     return {"train_loss": loss_sum / max(count, 1), "train_acc": correct / max(count, 1), "train_images": int(count)}

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import engine
 from .config import Config
-from .data import Splits, TrainLoader, eval_batches
+from .data import Splits, create_train_loader, eval_batches
 from .models import create_model
 from .optim import create_optimizer, create_scheduler
 
@@ -58,7 +58,8 @@ def run_training(
     model = build_model(cfg, device)
     ddp_model = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
                  if world_size > 1 else model)
-    loader = TrainLoader(splits.train, cfg.data, cfg.train.global_batch_size, rank, world_size, cfg.train.seed)
+    loader = create_train_loader(splits.train, cfg.data, cfg.train.global_batch_size, rank, world_size, cfg.train.seed,
+                                 device, amp, cfg.model.num_classes, log=log if rank == 0 else None)
     optimizer = create_optimizer(model, cfg.optim)
     scheduler = create_scheduler(optimizer, cfg.schedule, cfg.optim.lr, len(loader), cfg.train.epochs)
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
@@ -77,7 +78,7 @@ def run_training(
                                        device, amp))
         metrics.update(epoch=epoch + 1, lr=lr, epoch_seconds=seconds,
                        images_per_second=metrics["train_images"] / seconds, num_workers=world_size,
-                       data_pipeline=cfg.data.pipeline, amp=amp, device=device.type)
+                       data_pipeline=loader.name, amp=amp, device=device.type)
         if log and rank == 0:
             log(f"[ray_cifar] epoch {epoch + 1}/{cfg.train.epochs}  train_loss {metrics['train_loss']:.4f}  "
                 f"train_acc {metrics['train_acc']:.4f}  val_loss {metrics['val_loss']:.4f}  "

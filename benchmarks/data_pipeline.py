@@ -1,0 +1,213 @@
+"""Images/second of the three ways to feed augmented CIFAR-10 batches, on one device.
+
+    python benchmarks/data_pipeline.py --data /work/shared/data/cifar10 --device cpu
+    python benchmarks/data_pipeline.py --data /work/shared/data/cifar10 --device cuda   # adds ResNet-18 training
+
+Paths: (a) torchvision per-sample PIL transforms in a DataLoader with every CPU core as a worker,
+(b) ray_cifar's torch batch-tensor path on the device, (c) ray_cifar's DALI pipeline (a CPU pipeline
+on --device cpu, a GPU pipeline on --device cuda). Augmentation sets: crop+flip (pad 4, p 0.5) and
+full (crop, flip, random erasing p 0.5, AutoAugment CIFAR-10). Each figure is images delivered
+(ready for the model, normalized, on the device) per second over --seconds after one warm-up batch.
+
+On cuda it also times ResNet-18 (bf16 autocast, channels_last, SGD) training fed by each path and
+fed one batch that already sits on the GPU: the ratio says how far each loader keeps the GPU busy.
+Writes benchmarks/results/data_pipeline_<device>.json (with the device's name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ray_cifar.config import load_config  # noqa: E402
+from ray_cifar.data import Split, TrainLoader, dali_available, input_dtype  # noqa: E402
+from ray_cifar.data_source import load_cifar10  # noqa: E402
+
+SETS = {
+    "crop+flip": ["data.crop_padding=4", "data.flip_p=0.5"],
+    "full": ["data.crop_padding=4", "data.flip_p=0.5", "data.erasing_p=0.5", "data.autoaugment=cifar10"],
+}
+
+
+def torchvision_loader(images, labels, set_name: str, batch_size: int, workers: int, pin_memory: bool):
+    import torchvision.transforms as T
+    from PIL import Image
+
+    steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
+    if set_name == "full":
+        steps.append(T.AutoAugment(T.AutoAugmentPolicy.CIFAR10))
+    steps += [T.ToTensor(), T.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))]
+    if set_name == "full":
+        steps.append(T.RandomErasing(p=0.5))
+    transform = T.Compose(steps)
+
+    class Cifar(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return transform(Image.fromarray(images[i])), int(labels[i])
+
+    return torch.utils.data.DataLoader(Cifar(), batch_size=batch_size, shuffle=True, num_workers=workers,
+                                       drop_last=True, persistent_workers=workers > 0, pin_memory=pin_memory)
+
+
+def endless(make_epoch):
+    epoch = 0
+    while True:
+        yield from make_epoch(epoch)
+        epoch += 1
+
+
+def time_batches(batches, seconds: float, device: torch.device, step=None) -> float:
+    """Images per second delivered (and, with `step`, trained on) after one warm-up batch."""
+    it = iter(batches)
+    x, y = next(it)
+    if step:
+        step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        x, y = next(it)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if step:
+            step(x, y)
+        count += x.shape[0]
+        if device.type == "cuda" and count % (x.shape[0] * 20) == 0:
+            torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    else:
+        float(x.float().sum())  # the last batch is really there
+    return count / (time.perf_counter() - start)
+
+
+def resnet18_step(device: torch.device, amp: str = "bf16"):
+    from ray_cifar.models import create_model
+
+    model = create_model("resnet18", num_classes=10).to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step(x, y):
+        with torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16):
+            loss = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+    return f"{model} ({os.cpu_count()} cores visible)"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=os.environ.get("RAY_CIFAR_DATA"), help="CIFAR-10 folder (train/test.parquet)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--batch-size", type=int, default=512, help="images per batch (one rank)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per figure (the median is reported)")
+    parser.add_argument("--images", type=int, default=50000, help="train images used (the first N)")
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    dataset = load_cifar10(args.data, None, log=lambda m: None)
+    images_np, labels_np = dataset.train_images[: args.images], dataset.train_labels[: args.images]
+    split = Split(torch.from_numpy(images_np).to(device), torch.from_numpy(labels_np).to(device))
+    workers = os.cpu_count() or 1
+    results = []
+
+    def record(set_name, path, measure, **extra):
+        """Median of --repeats measurements (the machine may be shared: the spread is kept too)."""
+        runs = sorted(measure() for _ in range(args.repeats))
+        ips = runs[len(runs) // 2]
+        results.append({"set": set_name, "path": path, "images_per_second": round(ips, 1),
+                        "runs": [round(r, 1) for r in runs], **extra})
+        print(f"{set_name:10s} {path:34s} {ips:10.0f} img/s  (runs {', '.join(f'{r:.0f}' for r in runs)})", flush=True)
+        return ips
+
+    def feeds(set_name):
+        cfg = load_config(None, SETS[set_name]).data
+        dtype = input_dtype("bf16")
+        def torchvision_batches():
+            loader = torchvision_loader(images_np, labels_np, set_name, args.batch_size, workers, device.type == "cuda")
+            return endless(lambda epoch: loader)  # workers persist across epochs
+
+        yield "torchvision-dataloader", torchvision_batches
+        yield "torch-batch", lambda: endless(TrainLoader(split, cfg, args.batch_size, 0, 1, seed=0, dtype=dtype).epoch)
+        if dali_available():
+            from ray_cifar.dali_pipeline import DaliTrainLoader
+
+            name = f"dali-{'gpu' if device.type == 'cuda' else 'cpu'}"
+            yield name, lambda: endless(DaliTrainLoader(split, cfg, args.batch_size, 0, 1, 0, device, dtype).epoch)
+
+    for set_name in SETS:
+        for path, make in feeds(set_name):
+            batches = make()
+            record(set_name, path, lambda: time_batches(batches, args.seconds, device))
+
+    ratios = {}
+    if device.type == "cuda":
+        step = resnet18_step(device)
+        x = torch.randn(args.batch_size, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (args.batch_size,), device=device)
+        resident = record("training", "resnet18-from-gpu-memory",
+                          lambda: time_batches(iter(lambda: (x, y), None), args.seconds, device, step))
+        for set_name in SETS:
+            for path, make in feeds(set_name):
+                batches = make()
+                ips = record(set_name, f"resnet18-fed-by-{path}", lambda: time_batches(batches, args.seconds, device, step))
+                results[-1]["fraction_of_resident"] = round(ips / resident, 3)
+                ratios[f"{set_name}: resnet18 fed by {path} / from gpu memory"] = round(ips / resident, 3)
+
+    by = {(r["set"], r["path"]): r["images_per_second"] for r in results}
+    dali_name = f"dali-{'gpu' if device.type == 'cuda' else 'cpu'}"
+    for set_name in SETS:
+        if (set_name, dali_name) in by:
+            ratios[f"{set_name}: {dali_name} / torchvision-dataloader"] = round(
+                by[(set_name, dali_name)] / by[(set_name, "torchvision-dataloader")], 2)
+            ratios[f"{set_name}: {dali_name} / torch-batch"] = round(
+                by[(set_name, dali_name)] / by[(set_name, "torch-batch")], 2)
+        ratios[f"{set_name}: torch-batch / torchvision-dataloader"] = round(
+            by[(set_name, "torch-batch")] / by[(set_name, "torchvision-dataloader")], 2)
+    for k, v in ratios.items():
+        print(f"{k}: {v}x")
+
+    out = {"device": device_name(device), "device_type": device.type, "batch_size": args.batch_size,
+           "seconds_per_measurement": args.seconds, "dataloader_workers": workers, "images": len(images_np),
+           "data": dataset.source, "torch": torch.__version__, "time": datetime.datetime.now().isoformat(),
+           "results": results, "ratios": ratios}
+    try:
+        import nvidia.dali
+
+        out["dali"] = nvidia.dali.__version__
+    except ImportError:
+        pass
+    os.makedirs(args.output, exist_ok=True)
+    path = os.path.join(args.output, f"data_pipeline_{device.type}.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The DALI path on CPU pipelines (device_id=None): sharding, statistics, agreement with torch, determinism.
+
+Skipped as a whole when nvidia.dali is not importable. The GPU pipeline is the same graph with
+device="gpu"; test_dali_gpu_pipeline_matches_cpu_sharding runs it where a GPU exists.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+dali = pytest.importorskip("nvidia.dali", reason="nvidia.dali is not installed: the DALI path cannot be tested")
+
+from ray_cifar import augment as A  # noqa: E402
+from ray_cifar.config import load_config  # noqa: E402
+from ray_cifar.dali_pipeline import DaliTrainLoader, dali_cifar10_policy, policy_table  # noqa: E402
+from ray_cifar.data import Split, TrainLoader, create_train_loader, to_model_input  # noqa: E402
+from test_augment import (FULL, IDENTITY_ON_LOW_CONTRAST, assert_rate, coordinate_images, crop_offsets,  # noqa: E402
+                          erased_boxes, expected_unchanged_rate, low_contrast_images)
+
+CPU = torch.device("cpu")
+
+
+def data_cfg(*sets: str):
+    return load_config(None, ["data.crop_padding=0", "data.flip_p=0", *[f"data.{s}" for s in sets]]).data
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Undo the normalization: NCHW float -> NHWC uint8 (exact for fp32 outputs)."""
+    mean = torch.tensor(A.MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(A.STD).view(1, 3, 1, 1) * 255
+    return (x.float() * std + mean).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def dali_epoch(images, cfg, global_batch=None, rank=0, world_size=1, seed=0, epoch=0, loader=None):
+    """All of one epoch's DALI batches as uint8 NHWC (cloned: the loader reuses its buffer)."""
+    split = Split(images, torch.arange(images.shape[0]) % 10)
+    loader = loader or DaliTrainLoader(split, cfg, global_batch or images.shape[0], rank, world_size, seed, CPU,
+                                       num_threads=1)
+    return torch.cat([to_uint8(x.clone()) for x, _ in loader.epoch(epoch)])
+
+
+def test_without_augmentation_two_ranks_get_exactly_their_slices_and_cover_the_epoch_once():
+    n, batch = 400, 100
+    images = low_contrast_images(n)
+    split = Split(images, torch.arange(n) % 10)
+    cfg = data_cfg()
+    for epoch in (0, 1):  # the second epoch also checks the rewind between epochs
+        seen = []
+        for rank in (0, 1):
+            loader = DaliTrainLoader(split, cfg, batch, rank, 2, seed=3, device=CPU, num_threads=1)
+            indices = TrainLoader(split, cfg, batch, rank, 2, seed=3).epoch_indices(epoch)
+            for e in range(epoch + 1):
+                batches = [(x.clone(), y) for x, y in loader.epoch(e)]
+            assert len(batches) == len(loader) == n // batch
+            got = torch.cat([to_uint8(x) for x, _ in batches])
+            assert torch.equal(got, images[indices]), f"rank {rank} epoch {epoch}: not its slice of the permutation"
+            assert torch.equal(torch.cat([y for _, y in batches]), split.labels[indices])
+            assert batches[0][0].is_contiguous(memory_format=torch.channels_last)
+            seen.append(indices)
+        assert sorted(torch.cat(seen).tolist()) == list(range(n))
+
+
+def test_last_partial_global_batch_is_dropped_like_the_torch_path():
+    split = Split(low_contrast_images(130), torch.arange(130) % 10)
+    loader = DaliTrainLoader(split, data_cfg(), 40, 1, 2, seed=0, device=CPU, num_threads=1)
+    batches = list(loader.epoch(0))
+    assert len(batches) == 3 and all(x.shape[0] == 20 for x, _ in batches)
+
+
+def test_an_abandoned_epoch_does_not_leak_into_the_next():
+    images = low_contrast_images(300)
+    split = Split(images, torch.arange(300) % 10)
+    cfg = data_cfg()
+    loader = DaliTrainLoader(split, cfg, 100, 0, 1, seed=1, device=CPU, num_threads=1)
+    next(iter(loader.epoch(0)))  # stop after one step
+    got = dali_epoch(images, cfg, loader=loader, epoch=1)
+    assert torch.equal(got, images[TrainLoader(split, cfg, 100, 0, 1, seed=1).epoch_indices(1)])
+
+
+def test_flip_rate_and_crop_offsets_uniform_with_fill():
+    n, pad = 4000, 4
+    images = coordinate_images(n)
+    # shuffle off: output i comes from input i, so each output is its input or its mirror.
+    cfg_no_shuffle = data_cfg("flip_p=0.3", "shuffle=false")
+    flipped = dali_epoch(images, cfg_no_shuffle, global_batch=1000)
+    is_flip = (flipped == images.flip(2)).flatten(1).all(1)
+    assert ((flipped == images).flatten(1).all(1) | is_flip).all()
+    assert_rate(is_flip.float().mean().item(), 0.3, n)
+
+    cropped = dali_epoch(images, data_cfg(f"crop_padding={pad}", "crop_fill=255", "shuffle=false"), global_batch=1000)
+    dy, dx = crop_offsets(cropped, pad)
+    for offsets in (dy, dx):
+        counts = torch.bincount(offsets, minlength=2 * pad + 1)
+        assert counts.numel() == 2 * pad + 1
+        assert_rate(counts.min().item() / n, 1 / (2 * pad + 1), n)
+        assert_rate(counts.max().item() / n, 1 / (2 * pad + 1), n)
+    assert (cropped[dy == 0, :pad] == 255).all() and (cropped[dy >= pad][:, :pad, 16] != 255).all()
+    # Crop moves pixels, never changes them: the centre pixel is the input's pixel (dy-4, dx-4) away.
+    assert torch.equal(cropped[:, 16, 16, 2], images[:, 0, 0, 2])
+
+
+def test_erasing_and_cutout_statistics():
+    n = 3000
+    white = torch.full((n, 32, 32, 3), 255, dtype=torch.uint8)
+    cfg = data_cfg("erasing_p=0.6", "erasing_scale=[0.05,0.2]", "erasing_ratio=[0.5,2.0]", "erasing_fill=mean")
+    out = dali_epoch(white, cfg, global_batch=1000)
+    mean = torch.tensor([round(m * 255) for m in A.MEAN], dtype=torch.uint8)
+    count, h, w = erased_boxes(out, out == mean)
+    erased = count > 0
+    assert_rate(erased.float().mean().item(), 0.6, n)
+    area = count[erased].float() / 1024
+    assert area.min() >= 0.04 and area.max() <= 0.24 and area.mean().item() == pytest.approx(0.125, abs=0.01)
+
+    out = dali_epoch(white, data_cfg("cutout_size=8", "cutout_p=0.7"), global_batch=1000)
+    count, h, w = erased_boxes(out, out == 0)
+    assert_rate((count > 0).float().mean().item(), 0.7, n)
+    assert h.max() == 8 and w.max() == 8
+    assert_rate(((h == 8) & (w == 8)).float().mean().item(), 0.7 * (25 / 32) ** 2, n)
+
+    random_fill = dali_epoch(white[:500], data_cfg("erasing_p=1", "erasing_scale=[0.3,0.3]", "erasing_fill=random"),
+                             global_batch=500).float()
+    values = random_fill[random_fill != 255]
+    assert values.mean().item() == pytest.approx(127, abs=2) and values.std().item() == pytest.approx(73.6, abs=2)
+
+
+def test_dali_autoaugment_is_the_cifar10_policy_at_its_rate():
+    assert policy_table(dali_cifar10_policy()) == A.CIFAR10_POLICY
+    n = 2000
+    images = low_contrast_images(n, seed=2)
+    out = dali_epoch(images, data_cfg("autoaugment=cifar10", "shuffle=false"), global_batch=1000)
+    unchanged = (out == images).flatten(1).all(1).float().mean().item()
+    assert_rate(unchanged, expected_unchanged_rate(A.CIFAR10_POLICY, IDENTITY_ON_LOW_CONTRAST), n)
+
+
+def quantiles(x: torch.Tensor) -> torch.Tensor:
+    return torch.quantile(x.float(), torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9]))
+
+
+@pytest.mark.parametrize("sets", [
+    ["jitter_brightness=0.4"],
+    ["jitter_contrast=0.5"],
+    ["jitter_saturation=0.5", "jitter_hue=0.2"],
+    ["rotation_degrees=30"],
+    ["autoaugment=cifar10"],
+    FULL,
+], ids=["brightness", "contrast", "saturation+hue", "rotation", "autoaugment", "full"])
+def test_dali_and_torch_agree_in_distribution(sets):
+    """Per-image statistics (mean, spread, change from the input) have the same quantiles on both paths."""
+    n = 1500
+    images = low_contrast_images(n, seed=4)
+    # Smooth images, so that geometric ops change pixels in proportion to how far they move them.
+    images = torch.nn.functional.avg_pool2d(images.permute(0, 3, 1, 2).float(), 5, 1, 2).round().to(torch.uint8)
+    images = (images.float() * 3 - 250).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    cfg = data_cfg(*sets, "shuffle=false")
+    dali_out = dali_epoch(images, cfg, global_batch=500)
+    split = Split(images, torch.arange(n) % 10)
+    torch_out = torch.cat([to_uint8(x) for x, _ in TrainLoader(split, cfg, 500, 0, 1, seed=0).epoch(0)])
+    for stat in (lambda x: x.float().mean((1, 2, 3)), lambda x: x.float().std((1, 2, 3)),
+                 lambda x: (x.float() - images.float()).abs().mean((1, 2, 3)),
+                 lambda x: A._gray(x.float()).std((1, 2, 3)) / (x.float().std(-1).mean((1, 2)) + 1)):
+        qd, qt = quantiles(stat(dali_out)), quantiles(stat(torch_out))
+        scale = quantiles(stat(images)).abs().max() + (qt[-1] - qt[0]).abs() + 1
+        assert ((qd - qt).abs() / scale).max() < 0.08, f"quantiles differ: dali {qd.tolist()} torch {qt.tolist()}"
+
+
+def test_same_seed_same_batches_other_seed_other_batches():
+    images = low_contrast_images(400)
+    cfg = data_cfg(*FULL)
+    split = Split(images, torch.arange(400) % 10)
+
+    def two_epochs(seed):
+        loader = DaliTrainLoader(split, cfg, 200, 1, 2, seed, CPU, num_threads=1)
+        return [dali_epoch(images, cfg, loader=loader, epoch=e) for e in (0, 1)]
+
+    first, again, other = two_epochs(7), two_epochs(7), two_epochs(8)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], other[0]) and not torch.equal(first[0], first[1])
+
+
+def test_factory_builds_dali_with_the_amp_dtype_and_records_the_pipeline_name():
+    split = Split(low_contrast_images(200), torch.arange(200) % 10)
+    cfg = data_cfg("pipeline=dali", "mixup_p=0.5")
+    loader = create_train_loader(split, cfg, 100, 0, 1, 0, CPU, amp="fp16")
+    assert loader.name == "dali-cpu"
+    images, targets = next(iter(loader.epoch(0)))
+    assert images.dtype == torch.float16 and images.shape == (100, 3, 32, 32)
+    assert targets.shape == (100, 10) and targets.is_floating_point()
+    assert create_train_loader(split, data_cfg("pipeline=torch"), 100, 0, 1, 0, CPU).name == "torch"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dali_gpu_pipeline_matches_cpu_sharding():
+    device = torch.device("cuda", torch.cuda.current_device())
+    images = low_contrast_images(400)
+    split = Split(images.to(device), (torch.arange(400) % 10).to(device))
+    cfg = data_cfg()
+    loader = DaliTrainLoader(split, cfg, 100, 1, 2, seed=3, device=device, dtype=torch.float16)
+    assert loader.name == "dali-gpu"
+    got = torch.cat([to_uint8(x.float().cpu()) for x, _ in loader.epoch(1)])
+    indices = TrainLoader(split, cfg, 100, 1, 2, seed=3).epoch_indices(1).cpu()
+    # fp16 output: within one grey level of the input after undoing the normalization.
+    assert (got.int() - images[indices].int()).abs().max() <= 1
+    assert not math.isnan(float(got.float().mean()))

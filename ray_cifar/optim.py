@@ -148,7 +148,10 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 
 def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    optimizer = _OPTIMIZERS[cfg.name](param_groups(model, cfg), cfg)
+    groups = param_groups(model, cfg)
+    if cfg.name == "asgd" and len(groups) == 2:
+        groups[1]["lambd"] = 0.0  # ASGD's lambd shrinks the weights every step: a decay, excluded alike
+    optimizer = _OPTIMIZERS[cfg.name](groups, cfg)
     if cfg.lookahead_k is not None:
         optimizer = Lookahead(optimizer, cfg.lookahead_k, cfg.lookahead_alpha)
     return optimizer

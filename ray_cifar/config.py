@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -313,19 +314,38 @@ def parse_set(assignment: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+EXTENDS = "extends"  # a study file's key naming the file it builds on (relative to it), e.g. x_asha.yaml -> x.yaml
+
+
+def read_config_chain(path: str, _seen: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The YAML mappings to apply, base first: `extends: other.yaml` puts other.yaml's chain before this file."""
+    if os.path.abspath(path) in _seen:
+        raise ConfigError(f"{EXTENDS}: {path} extends itself (via {' -> '.join(_seen)})")
+    try:
+        with open(path) as f:
+            overrides = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(overrides).__name__}")
+    parent = overrides.pop(EXTENDS, None)
+    if parent is None:
+        return [overrides]
+    if not isinstance(parent, str):
+        raise ConfigError(f"{EXTENDS}: expected a file name, got {parent!r}")
+    parent_path = os.path.join(os.path.dirname(os.path.abspath(path)), parent)
+    return read_config_chain(parent_path, _seen + (os.path.abspath(path),)) + [overrides]
+
+
 def load_config(path: str | None = None, sets: list[str] = (), smoke_test: bool = False,
                 budget_scale: float = 1.0) -> Config:
     """Defaults, then the YAML file, then --smoke-test, then --set, then the budget scale; validated."""
     cfg = Config()
     if path is not None:
-        try:
-            with open(path) as f:
-                overrides = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        apply_overrides(cfg, overrides)
+        for overrides in read_config_chain(path):
+            apply_overrides(cfg, overrides)
     if smoke_test:
         apply_smoke(cfg)
     for assignment in sets:

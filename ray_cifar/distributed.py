@@ -98,7 +98,25 @@ def init_ray(cfg: Config) -> None:
     # On a small machine declare enough logical CPUs for one trial's driver plus all its
     # ranks, or the trial would wait forever; torch threads are set per rank anyway.
     need = math.ceil(trial_cpus(cfg, max_workers(cfg)))
+    private_tmp = _private_ray_tmpdir()
     ray.init(num_cpus=cfg.tune.num_cpus or max(os.cpu_count() or 1, need))
+    if private_tmp:
+        with open(os.path.join(private_tmp, "ray", "ray_current_cluster"), "w") as f:
+            f.write(ray.get_runtime_context().gcs_address)
+
+
+def _private_ray_tmpdir() -> str | None:
+    """Give a local Ray instance a temp root of its own (inherited by all its processes), unless $RAY_TMPDIR is set.
+
+    Ray Train's placement-group cleaner looks its cluster up without an address: with several
+    local Ray instances on one machine (other users, other studies) the lookup fails, the
+    cleaner dies, and each finished trial's placement group leaks until later trials wait
+    forever for CPUs. With our address recorded in a private temp root the lookup finds ours.
+    """
+    if os.environ.get("RAY_TMPDIR"):
+        return None
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray_cifar-")  # short: Ray's socket paths must fit 107 bytes
+    return os.environ["RAY_TMPDIR"]
 
 
 def resolve_use_gpu(cfg: Config) -> bool:

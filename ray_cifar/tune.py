@@ -112,11 +112,11 @@ def run_study(cfg: Config, output: str) -> list[dict[str, Any]]:
     scheduler = (ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=cfg.tune.grace_period,
                                reduction_factor=cfg.tune.reduction_factor)
                  if cfg.tune.scheduler == "asha" else FIFOScheduler())
+    length = f"max {max_t} epochs" if cfg.train.max_steps is None else f"{cfg.train.max_steps} steps per trial"
     print(f"[ray_cifar] study: {len(list_grid(cfg))} grid point(s) x {cfg.tune.num_samples} sample(s), "
           f"{cfg.train.num_workers} DDP rank(s) per trial ({'GPU' if cfg.train.use_gpu else 'CPU'}), "
           f"{max_concurrent} trial(s) at once, scheduler {cfg.tune.scheduler} on {cfg.tune.metric} ({cfg.tune.mode}), "
-          f"max {max_t if cfg.train.max_steps is None else f'{cfg.train.max_steps} steps,'} epochs; "
-          f"results in {output}", flush=True)
+          f"{length}; results in {output}", flush=True)
 
     storage = os.path.join(output, "ray")
     base = cfg.to_dict()

@@ -31,6 +31,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="DIR", help="results folder (default: results/<name>-<time>); must not exist")
     parser.add_argument("--smoke-test", action="store_true",
                         help="shrink the study to a tiny ResNet, a few thousand images and a few epochs (CPU-sized)")
+    parser.add_argument("--budget-scale", type=float, default=1.0, metavar="X",
+                        help="multiply every training length (epochs, max_steps, schedule epochs/iterations, ASHA "
+                             "epochs), fixed or searched, by X: 0.1 runs a study at a tenth of its published length")
     parser.add_argument("--help-config", action="store_true", help="list every config field with default and unit")
 
 
@@ -54,7 +57,8 @@ def prepare(args: argparse.Namespace, kind: str) -> tuple[Config, Cifar10, str]:
         print(config_mod.describe())
         sys.exit(0)
     try:
-        cfg = config_mod.load_config(args.config, args.sets, smoke_test=args.smoke_test)
+        cfg = config_mod.load_config(args.config, args.sets, smoke_test=args.smoke_test,
+                                     budget_scale=args.budget_scale)
         if args.data:
             cfg.data.path = args.data
         data_dir = resolve_data_dir(cfg.data.path)

@@ -15,10 +15,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -36,7 +37,8 @@ class ConfigError(ValueError):
 class DataConfig:
     path: str | None = None  # folder with train/test.parquet or cifar-10-batches-py; None: $RAY_CIFAR_DATA, else download
     cache_dir: str | None = None  # where decoded uint8 arrays are cached; None: $RAY_CIFAR_CACHE or ~/.cache/ray_cifar
-    val_size: int = 5000  # images held out of train for validation (class-stratified, seeded); test is never tuned on
+    val_size: int | None = 5000  # images held out of train for validation (class-stratified, seeded); null: val_fraction decides
+    val_fraction: float | None = None  # fraction of train held out for validation, e.g. 0.16 for 84:16; set val_size: null with it
     train_subset: int | None = None  # use only this many train images (stratified), for smoke runs; None: all
     split_seed: int = 0  # seed of the train/val split and the train subset (same seed, same split, in every trial)
     shuffle: bool = True  # reshuffle the train images every epoch (from train.seed and the epoch number)
@@ -70,29 +72,48 @@ class ModelConfig:
     stem_width: int | None = None  # channels of the 3x3 stem conv; None: first stage width
     norm: str = "batch"  # batch | group (GroupNorm is per-image, so DDP equals one process exactly)
     num_classes: int = 10  # classifier outputs
+    dropout: float = 0.0  # probability of dropout on the pooled features, before the classifier; 0 = none
+    max_params: int | None = None  # a config error when the model has more parameters than this; null: no limit
 
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # registry name: sgd | adam
+    name: str = "sgd"  # registry name: sgd | adam | adamw | adagrad | asgd (see ray_cifar.optim)
     lr: float = 0.1  # peak learning rate per optimizer step (not rescaled with the batch size)
     momentum: float = 0.9  # SGD momentum
-    nesterov: bool = True  # SGD Nesterov momentum
-    weight_decay: float = 5e-4  # L2 penalty coefficient (coupled, as torch's SGD/Adam weight_decay)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam (beta1, beta2)
-    eps: float = 1e-8  # Adam denominator epsilon
+    nesterov: bool = True  # SGD Nesterov momentum (needs momentum > 0 and dampening 0)
+    dampening: float = 0.0  # SGD dampening: the new gradient enters the momentum buffer times (1 - dampening)
+    weight_decay: float = 5e-4  # L2 coefficient: coupled (added to the gradient), but decoupled (lr * wd * w) for adamw
+    wd_exclude_norm_bias: bool = False  # no weight decay for normalization weights/biases and any bias
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam/AdamW (beta1, beta2)
+    eps: float = 1e-8  # Adam/AdamW/Adagrad denominator epsilon
+    adagrad_lr_decay: float = 0.0  # Adagrad: lr / (1 + (t - 1) * lr_decay) at step t
+    asgd_lambd: float = 1e-4  # ASGD decay term
+    asgd_alpha: float = 0.75  # ASGD power for the eta update
+    asgd_t0: float = 1e6  # ASGD: optimizer step at which averaging starts
+    lookahead_k: int | None = None  # Lookahead around the optimizer: sync slow weights every k steps; null: no Lookahead
+    lookahead_alpha: float = 0.5  # Lookahead slow-weight step: slow += alpha * (fast - slow)
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = "cosine"  # registry name: cosine | constant; stepped every iteration
-    warmup_epochs: float = 0.0  # linear warm-up from 0 to optim.lr over this many epochs
-    eta_min: float = 0.0  # cosine's final learning rate (absolute)
+    name: str = "cosine"  # registry name: constant | cosine | step | multistep | onecycle; stepped every iteration
+    warmup_epochs: float = 0.0  # linear warm-up from 0 to optim.lr over this many epochs, before any schedule
+    eta_min: float = 0.0  # cosine: final learning rate (absolute), kept after t_max_epochs
+    t_max_epochs: float | None = None  # cosine: epochs from the end of warm-up down to eta_min; null: the rest of the run
+    gamma: float = 0.1  # step/multistep: lr multiplier at each decay (0.2 = divide by 5)
+    step_every_iters: int | None = None  # step: decay every this many iterations (from the first); set this or step_every_epochs
+    step_every_epochs: float | None = None  # step: decay every this many epochs (from the first); set this or step_every_iters
+    milestones_epochs: list[float] = field(default_factory=list)  # multistep: decay at these epochs (from the first)
+    onecycle_pct_start: float = 0.3  # onecycle: fraction of the (post-warm-up) steps spent rising to optim.lr
+    onecycle_div_factor: float = 25.0  # onecycle: starting lr = optim.lr / div_factor
+    onecycle_final_div_factor: float = 1e4  # onecycle: final lr = starting lr / final_div_factor
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30  # passes over the train split (the schedule spans all of them)
+    epochs: int = 30  # passes over the train split (the schedule spans all of them); ignored when max_steps is set
+    max_steps: int | None = None  # optimizer steps in all (the last epoch cut short); null: epochs decide the length
     global_batch_size: int = 512  # images per optimizer step over ALL DDP ranks; each rank gets 1/num_workers
     eval_batch_size: int = 1024  # images per evaluation step per rank (no gradients)
     num_workers: int = 1  # DDP ranks per trial (Ray Train workers); gloo on CPU, NCCL on GPU
@@ -123,6 +144,9 @@ class TuneConfig:
     #   {choice: [v1, ...]}    one value drawn per sample
     #   {uniform: [lo, hi]} | {loguniform: [lo, hi]} | {randint: [lo, hi]}
     # A section key takes dicts of that section's fields, e.g. optim: {grid: [{name: sgd, lr: 0.1}, ...]}.
+    # The key "variants" takes dicts of any "section.field" keys: a grid over whole runs, for a study that
+    # is a list of hand-picked rows rather than one cross product, e.g.
+    #   variants: {grid: [{optim.lr: 0.1, train.epochs: 15}, {schedule.name: cosine, train.epochs: 300}]}
     search_space: dict[str, Any] = field(
         default_factory=lambda: {
             "optim": {"grid": [{"name": "sgd", "lr": 0.1}, {"name": "adam", "lr": 0.001, "weight_decay": 0.0}]},
@@ -163,6 +187,16 @@ SMOKE_OVERRIDES = {
     "tune": {"grace_period": 1, "reduction_factor": 2.0, "max_epochs": None, "num_samples": 1},
 }
 SMOKE_VALUES_PER_KEY = 2
+SMOKE_MAX_BATCH = 256  # searched batch sizes above this are cut to it (a smoke run has a few thousand images)
+SMOKE_MAX_STEPS = 300  # a train.max_steps study (fixed or searched) runs at most this many steps
+VARIANTS = "variants"  # the search-space key of a grid over whole runs (see TuneConfig)
+
+# Every training length, for --budget-scale: (key, is an integer count).
+LENGTH_KEYS = {
+    "train.epochs": True, "train.max_steps": True, "tune.max_epochs": True, "tune.grace_period": True,
+    "schedule.warmup_epochs": False, "schedule.t_max_epochs": False, "schedule.step_every_epochs": False,
+    "schedule.step_every_iters": True, "schedule.milestones_epochs": False,
+}
 
 
 # ---------------------------------------------------------------------------
@@ -305,37 +339,112 @@ def parse_set(assignment: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | None = None, sets: list[str] = (), smoke_test: bool = False) -> Config:
+EXTENDS = "extends"  # a study file's key naming the file it builds on (relative to it), e.g. x_asha.yaml -> x.yaml
+
+
+def read_config_chain(path: str, _seen: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The YAML mappings to apply, base first: `extends: other.yaml` puts other.yaml's chain before this file."""
+    if os.path.abspath(path) in _seen:
+        raise ConfigError(f"{EXTENDS}: {path} extends itself (via {' -> '.join(_seen)})")
+    try:
+        with open(path) as f:
+            overrides = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(overrides).__name__}")
+    parent = overrides.pop(EXTENDS, None)
+    if parent is None:
+        return [overrides]
+    if not isinstance(parent, str):
+        raise ConfigError(f"{EXTENDS}: expected a file name, got {parent!r}")
+    parent_path = os.path.join(os.path.dirname(os.path.abspath(path)), parent)
+    return read_config_chain(parent_path, _seen + (os.path.abspath(path),)) + [overrides]
+
+
+def load_config(path: str | None = None, sets: list[str] = (), smoke_test: bool = False,
+                budget_scale: float = 1.0) -> Config:
+    """Defaults, then the YAML file, then --smoke-test, then --set, then the budget scale; validated."""
     cfg = Config()
     if path is not None:
-        try:
-            with open(path) as f:
-                overrides = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        apply_overrides(cfg, overrides)
+        for overrides in read_config_chain(path):
+            apply_overrides(cfg, overrides)
     if smoke_test:
         apply_smoke(cfg)
     for assignment in sets:
         set_value(cfg, *parse_set(assignment))
+    if budget_scale != 1.0:
+        apply_budget_scale(cfg, budget_scale)
     validate(cfg)
     return cfg
 
 
+def map_searched(cfg: Config, fn: Callable[[str, Any], Any]) -> None:
+    """Replace every grid/choice value of the search space by fn('section.field', value), in place.
+
+    Flat keys, the fields inside section dicts and the keys inside variants are all visited;
+    values that become equal are kept once.
+    """
+    def one(key: str, value: Any) -> Any:
+        if key == VARIANTS and isinstance(value, dict):
+            return {k: one(str(k), v) for k, v in value.items()}
+        if "." not in key and isinstance(value, dict):
+            return {k: fn(f"{key}.{k}", v) for k, v in value.items()}
+        return fn(key, value)
+
+    for key, spec in cfg.tune.search_space.items():
+        if isinstance(spec, dict) and len(spec) == 1:
+            kind, values = next(iter(spec.items()))
+            if kind in ("grid", "choice") and isinstance(values, list):
+                mapped = [one(key, v) for v in values]
+                spec[kind] = [v for i, v in enumerate(mapped) if v not in mapped[:i]]
+
+
 def apply_smoke(cfg: Config) -> None:
+    """--smoke-test: SMOKE_OVERRIDES, also inside the search space, and two values per searched key."""
+    val_fraction = cfg.data.val_fraction
     apply_overrides(cfg, SMOKE_OVERRIDES)
+    if val_fraction is not None:  # a study split by fraction keeps its fraction
+        cfg.data.val_size = None
+    if cfg.train.max_steps is not None:
+        cfg.train.max_steps = min(cfg.train.max_steps, SMOKE_MAX_STEPS)
     for key, spec in list(cfg.tune.search_space.items()):
         if isinstance(spec, dict) and len(spec) == 1:
             kind, values = next(iter(spec.items()))
             if kind in ("grid", "choice") and isinstance(values, list):
                 cfg.tune.search_space[key] = {kind: values[:SMOKE_VALUES_PER_KEY]}
-    # A smoke run keeps batch sizes that fit its few thousand images.
-    spec = cfg.tune.search_space.get("train.global_batch_size")
-    if spec and "grid" in spec:
-        spec["grid"] = [min(b, 256) for b in spec["grid"]]
-        spec["grid"] = sorted(set(spec["grid"]), key=spec["grid"].index)
+    smoke = flatten(SMOKE_OVERRIDES)
+
+    def shrink(key: str, value: Any) -> Any:
+        if key == "train.global_batch_size":
+            return min(value, SMOKE_MAX_BATCH)  # batch sizes that fit a few thousand images
+        if key == "train.max_steps" and value is not None:
+            return min(value, SMOKE_MAX_STEPS)
+        if key == "data.val_size" and value is None:
+            return None
+        return smoke.get(key, value)
+    map_searched(cfg, shrink)
+
+
+def _scale_length(key: str, value: Any, scale: float) -> Any:
+    if value is None or key not in LENGTH_KEYS:
+        return value
+    if isinstance(value, list):
+        return [v * scale for v in value]
+    return max(1, round(value * scale)) if LENGTH_KEYS[key] else value * scale
+
+
+def apply_budget_scale(cfg: Config, scale: float) -> None:
+    """Multiply every training length (LENGTH_KEYS), fixed or searched, by `scale` (0.1: a tenth)."""
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ConfigError(f"--budget-scale: must be > 0 (got {scale!r})")
+    for key in LENGTH_KEYS:
+        section, name = key.split(".")
+        obj = getattr(cfg, section)
+        setattr(obj, name, _scale_length(key, getattr(obj, name), scale))
+    map_searched(cfg, lambda key, value: _scale_length(key, value, scale))
 
 
 # ---------------------------------------------------------------------------
@@ -362,7 +471,11 @@ def _validate_fixed(cfg: Config) -> None:
     from . import models, optim  # registries (torch is imported here, not at config import)
 
     d, m, o, s, t, u = cfg.data, cfg.model, cfg.optim, cfg.schedule, cfg.train, cfg.tune
-    _check(d.val_size >= 0, "data.val_size", "must be >= 0", d.val_size)
+    if (d.val_size is None) == (d.val_fraction is None):
+        raise ConfigError(f"data.val_fraction: set exactly one of data.val_size and data.val_fraction, the other "
+                          f"null (got val_size={d.val_size!r}, val_fraction={d.val_fraction!r})")
+    _check(d.val_size is None or d.val_size >= 0, "data.val_size", "must be >= 0", d.val_size)
+    _check(d.val_fraction is None or 0 <= d.val_fraction < 1, "data.val_fraction", "must be in [0, 1)", d.val_fraction)
     _check(d.train_subset is None or d.train_subset > 0, "data.train_subset", "must be > 0 or null", d.train_subset)
     _check_name("data.pipeline", d.pipeline, ["auto", "dali", "torch"])
     _validate_augmentation(d)
@@ -375,6 +488,11 @@ def _validate_fixed(cfg: Config) -> None:
     _check(m.stem_width is None or m.stem_width > 0, "model.stem_width", "must be > 0", m.stem_width)
     _check_name("model.norm", m.norm, ["batch", "group"])
     _check(m.num_classes >= 2, "model.num_classes", "must be >= 2", m.num_classes)
+    _check(0 <= m.dropout < 1, "model.dropout", "must be a probability in [0, 1)", m.dropout)
+    if m.max_params is not None:
+        n = models.count_config_parameters(m)  # built on the meta device: no memory, no init time
+        _check(n <= m.max_params, "model.max_params", f"the model has {n:,} parameters, more than {m.max_params:,}",
+               m.max_params)
 
     _check_name("optim.name", o.name, optim.list_optimizers())
     _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", "must be > 0", o.lr)
@@ -382,12 +500,20 @@ def _validate_fixed(cfg: Config) -> None:
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two values in [0, 1)", o.betas)
     _check(o.eps > 0, "optim.eps", "must be > 0", o.eps)
+    _check(0 <= o.dampening < 1, "optim.dampening", "must be in [0, 1)", o.dampening)
+    _check(not (o.name == "sgd" and o.nesterov and o.momentum > 0 and o.dampening > 0), "optim.dampening",
+           "Nesterov momentum needs dampening 0 (or set optim.nesterov: false)", o.dampening)
+    _check(o.adagrad_lr_decay >= 0, "optim.adagrad_lr_decay", "must be >= 0", o.adagrad_lr_decay)
+    _check(o.asgd_lambd >= 0, "optim.asgd_lambd", "must be >= 0", o.asgd_lambd)
+    _check(o.asgd_alpha >= 0, "optim.asgd_alpha", "must be >= 0", o.asgd_alpha)
+    _check(o.asgd_t0 >= 0, "optim.asgd_t0", "must be >= 0", o.asgd_t0)
+    _check(o.lookahead_k is None or o.lookahead_k >= 1, "optim.lookahead_k", "must be >= 1 or null", o.lookahead_k)
+    _check(0 < o.lookahead_alpha <= 1, "optim.lookahead_alpha", "must be in (0, 1]", o.lookahead_alpha)
 
-    _check_name("schedule.name", s.name, optim.list_schedules())
-    _check(s.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0", s.warmup_epochs)
-    _check(s.eta_min >= 0, "schedule.eta_min", "must be >= 0", s.eta_min)
+    _validate_schedule(s, optim.list_schedules())
 
     _check(t.epochs >= 1, "train.epochs", "must be >= 1", t.epochs)
+    _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1 or null", t.max_steps)
     _check(t.global_batch_size >= 1, "train.global_batch_size", "must be >= 1", t.global_batch_size)
     _check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1", t.eval_batch_size)
     _check(t.num_workers >= 1, "train.num_workers", "must be >= 1", t.num_workers)
@@ -403,9 +529,14 @@ def _validate_fixed(cfg: Config) -> None:
     _check_name("tune.metric", u.metric, ["val_acc", "val_loss", "train_acc", "train_loss"])
     _check(u.grace_period >= 1, "tune.grace_period", "must be >= 1 epoch", u.grace_period)
     _check(u.reduction_factor > 1, "tune.reduction_factor", "must be > 1", u.reduction_factor)
-    max_epochs = u.max_epochs if u.max_epochs is not None else t.epochs
-    _check(1 <= max_epochs <= t.epochs, "tune.max_epochs", f"must be in [1, train.epochs={t.epochs}]", u.max_epochs)
-    _check(u.grace_period <= max_epochs, "tune.grace_period", f"must be <= max epochs ({max_epochs})", u.grace_period)
+    if t.max_steps is None:
+        max_epochs = u.max_epochs if u.max_epochs is not None else t.epochs
+        _check(1 <= max_epochs <= t.epochs, "tune.max_epochs", f"must be in [1, train.epochs={t.epochs}]", u.max_epochs)
+        _check(u.grace_period <= max_epochs, "tune.grace_period", f"must be <= max epochs ({max_epochs})",
+               u.grace_period)
+    else:  # the epochs follow from max_steps and the data, known only when training starts
+        _check(u.max_epochs is None or u.max_epochs >= u.grace_period, "tune.max_epochs",
+               f"must be >= tune.grace_period={u.grace_period}", u.max_epochs)
     _check(u.num_samples >= 1, "tune.num_samples", "must be >= 1", u.num_samples)
     _check(u.max_concurrent_trials is None or u.max_concurrent_trials >= 1, "tune.max_concurrent_trials",
            "must be >= 1 or null", u.max_concurrent_trials)
@@ -444,17 +575,54 @@ def _validate_augmentation(d: DataConfig) -> None:
            f"must be <= 1 - data.mixup_p={d.mixup_p} (one of the two per batch at most)", d.cutmix_p)
 
 
+def _validate_schedule(s: ScheduleConfig, names: list[str]) -> None:
+    _check_name("schedule.name", s.name, names)
+    _check(s.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0", s.warmup_epochs)
+    _check(s.eta_min >= 0, "schedule.eta_min", "must be >= 0", s.eta_min)
+    _check(s.t_max_epochs is None or s.t_max_epochs > 0, "schedule.t_max_epochs", "must be > 0 or null",
+           s.t_max_epochs)
+    _check(s.gamma > 0, "schedule.gamma", "must be > 0", s.gamma)
+    _check(s.step_every_iters is None or s.step_every_iters >= 1, "schedule.step_every_iters", "must be >= 1 or null",
+           s.step_every_iters)
+    _check(s.step_every_epochs is None or s.step_every_epochs > 0, "schedule.step_every_epochs",
+           "must be > 0 or null", s.step_every_epochs)
+    if s.name == "step" and (s.step_every_iters is None) == (s.step_every_epochs is None):
+        raise ConfigError(f"schedule.step_every_iters: the step schedule needs exactly one of step_every_iters and "
+                          f"step_every_epochs (got {s.step_every_iters!r} and {s.step_every_epochs!r})")
+    m = s.milestones_epochs
+    _check(all(v > 0 for v in m) and m == sorted(m), "schedule.milestones_epochs", "must be increasing and > 0", m)
+    _check(s.name != "multistep" or len(m) > 0, "schedule.milestones_epochs", "multistep needs at least one", m)
+    _check(0 < s.onecycle_pct_start < 1, "schedule.onecycle_pct_start", "must be in (0, 1)", s.onecycle_pct_start)
+    _check(s.onecycle_div_factor > 0, "schedule.onecycle_div_factor", "must be > 0", s.onecycle_div_factor)
+    _check(s.onecycle_final_div_factor > 0, "schedule.onecycle_final_div_factor", "must be > 0",
+           s.onecycle_final_div_factor)
+
+
 def search_keys(search_space: dict[str, Any]) -> list[str]:
     """The searched fields as flat 'section.field' names (section keys expand to their fields)."""
     keys: list[str] = []
     for key, spec in search_space.items():
         kind, values = next(iter(spec.items()))
         if "." in key:
-            keys.append(key)
-        else:
-            for v in values if kind in ("grid", "choice") else []:
-                keys += [f"{key}.{k}" for k in v if f"{key}.{k}" not in keys]
+            keys += [key] if key not in keys else []
+            continue
+        for v in values if kind in ("grid", "choice") else []:
+            names = flatten(v) if key == VARIANTS else {f"{key}.{k}": None for k in v}
+            keys += [k for k in names if k not in keys]
     return keys
+
+
+def apply_searched(cfg: Config, key: str, value: Any) -> None:
+    """Set one search-space entry's value: a field, a section dict, or a variant (dict of fields)."""
+    if key != VARIANTS:
+        set_value(cfg, key, value)
+        return
+    if not isinstance(value, dict):
+        raise ConfigError(f"{VARIANTS}: expected a mapping of section.field keys, got {value!r}")
+    for k, v in flatten(value).items():
+        if k.split(".")[0] == "tune":
+            raise ConfigError(f"{k}: the tune section cannot be part of a variant")
+        set_value(cfg, k, v)
 
 
 def _validate_search_space(cfg: Config) -> None:
@@ -476,7 +644,7 @@ def _validate_search_space(cfg: Config) -> None:
             trial = copy.deepcopy(cfg)
             trial.tune.search_space = {}
             try:
-                set_value(trial, key, value)
+                apply_searched(trial, key, value)
                 _validate_fixed(trial)
             except ConfigError as e:
                 raise ConfigError(f"{where}: value {value!r}: {e}") from None
@@ -486,7 +654,8 @@ def trial_config(base: dict[str, Any], sampled: dict[str, Any]) -> Config:
     """The config of one trial: the study's resolved config plus its sampled values."""
     cfg = Config()
     apply_overrides(cfg, base)
-    apply_overrides(cfg, sampled)
+    for key, value in sampled.items():
+        apply_searched(cfg, key, value)
     cfg.tune.search_space = {}
     _validate_fixed(cfg)
     return cfg

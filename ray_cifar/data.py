@@ -45,8 +45,14 @@ class Splits:
     test: Split
 
 
+def val_count(cfg: DataConfig, num_train_images: int) -> int:
+    """Validation images: data.val_size, or data.val_fraction of the train images (rounded)."""
+    return cfg.val_size if cfg.val_fraction is None else round(cfg.val_fraction * num_train_images)
+
+
 def make_splits(dataset: Cifar10, cfg: DataConfig, device: torch.device | str) -> Splits:
-    train_idx, val_idx = stratified_split(dataset.train_labels, cfg.val_size, cfg.split_seed)
+    val_size = val_count(cfg, len(dataset.train_labels))
+    train_idx, val_idx = stratified_split(dataset.train_labels, val_size, cfg.split_seed)
     train_idx = subset_indices(dataset.train_labels, train_idx, cfg.train_subset, cfg.split_seed)
 
     def to_split(images: np.ndarray, labels: np.ndarray) -> Split:

@@ -3,7 +3,7 @@
 CIFAR form: a 3x3 stride-1 stem and no max-pool (32x32 inputs are too small to
 downsample early), stages of BasicBlocks, the first at stride 1 and each later one
 at stride 2, 1x1 projection shortcuts where the shape changes, global average
-pooling, one linear classifier. Registry entries only set architecture arguments
+pooling, optional dropout, one linear classifier. Registry entries only set architecture arguments
 (as timm's do); `create_model(name, **overrides)` builds one.
 """
 
@@ -35,6 +35,18 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def create_model_from_config(cfg) -> nn.Module:
+    """Build the model a ModelConfig describes (on the current default device)."""
+    return create_model(cfg.name, blocks=cfg.blocks, widths=cfg.widths, stem_width=cfg.stem_width,
+                        num_classes=cfg.num_classes, norm=cfg.norm, dropout=cfg.dropout)
+
+
+def count_config_parameters(cfg) -> int:
+    """Parameters of the model a ModelConfig describes, built on the meta device (no memory, milliseconds)."""
+    with torch.device("meta"):
+        return count_parameters(create_model_from_config(cfg))
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -71,6 +83,7 @@ class ResNet(nn.Module):
         stem_width: int | None = None,
         num_classes: int = 10,
         norm: str = "batch",
+        dropout: float = 0.0,
     ):
         super().__init__()
         if len(blocks) != len(widths):
@@ -84,6 +97,7 @@ class ResNet(nn.Module):
             stages.append(nn.Sequential(*stage))
             in_ch = width
         self.stages = nn.Sequential(*stages)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(in_ch, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -91,16 +105,18 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(x))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+        return self.fc(self.dropout(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)))
 
 
 @register_model
-def resnet(blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem_width=None, num_classes=10, norm="batch"):
+def resnet(blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem_width=None, num_classes=10, norm="batch",
+           dropout=0.0):
     """The configurable family: blocks and widths per stage, stem width."""
-    return ResNet(blocks, widths, stem_width, num_classes, norm)
+    return ResNet(blocks, widths, stem_width, num_classes, norm, dropout)
 
 
 @register_model
-def resnet18(blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem_width=64, num_classes=10, norm="batch"):
+def resnet18(blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem_width=64, num_classes=10, norm="batch",
+             dropout=0.0):
     """ResNet-18, CIFAR form: 11,173,962 parameters with 10 classes."""
-    return ResNet(blocks, widths, stem_width, num_classes, norm)
+    return ResNet(blocks, widths, stem_width, num_classes, norm, dropout)

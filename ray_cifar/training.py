@@ -8,6 +8,8 @@ group; `on_epoch(metrics, model)` is how results leave (Ray reports, Parquet row
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import time
 from typing import Callable
@@ -19,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import engine
 from .config import Config
 from .data import Splits, create_train_loader, eval_batches
-from .models import create_model
+from .models import create_model_from_config
 from .optim import create_optimizer, create_scheduler
 
 EpochCallback = Callable[[dict, nn.Module], None]
@@ -27,10 +29,7 @@ EpochCallback = Callable[[dict, nn.Module], None]
 
 def build_model(cfg: Config, device: torch.device) -> nn.Module:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    m = cfg.model
-    model = create_model(m.name, blocks=m.blocks, widths=m.widths, stem_width=m.stem_width,
-                         num_classes=m.num_classes, norm=m.norm)
-    model = model.to(device)
+    model = create_model_from_config(cfg.model).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -40,6 +39,13 @@ def set_cpu_threads(cfg: Config, device: torch.device, local_world_size: int) ->
     if device.type == "cpu":
         # Ranks sharing a node share its cores; oversubscription makes every rank slower.
         torch.set_num_threads(cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // local_world_size))
+
+
+def training_length(cfg: Config, steps_per_epoch: int) -> tuple[int, int]:
+    """(optimizer steps, epochs) of the run: train.max_steps when set (the last epoch cut short), else whole epochs."""
+    if cfg.train.max_steps is None:
+        return cfg.train.epochs * steps_per_epoch, cfg.train.epochs
+    return cfg.train.max_steps, math.ceil(cfg.train.max_steps / steps_per_epoch)
 
 
 def run_training(
@@ -52,7 +58,9 @@ def run_training(
     local_world_size: int | None = None,
     log: Callable[[str], None] | None = print,
 ) -> nn.Module:
-    """Train for cfg.train.epochs; calls on_epoch after each epoch (on every rank). Returns the bare model."""
+    """Train for cfg.train.epochs, or train.max_steps optimizer steps; calls on_epoch after each epoch (on every rank).
+
+    Returns the bare model."""
     set_cpu_threads(cfg, device, local_world_size or world_size)
     amp = engine.resolve_amp(device, cfg.train.amp)
     model = build_model(cfg, device)
@@ -60,27 +68,32 @@ def run_training(
                  if world_size > 1 else model)
     loader = create_train_loader(splits.train, cfg.data, cfg.train.global_batch_size, rank, world_size, cfg.train.seed,
                                  device, amp, cfg.model.num_classes, log=log if rank == 0 else None)
+    total_steps, epochs = training_length(cfg, len(loader))
     optimizer = create_optimizer(model, cfg.optim)
-    scheduler = create_scheduler(optimizer, cfg.schedule, cfg.optim.lr, len(loader), cfg.train.epochs)
+    scheduler = create_scheduler(optimizer, cfg.schedule, cfg.optim.lr, len(loader), total_steps)
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     if log and rank == 0:
         log(f"[ray_cifar] {cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
             f"{len(splits.train)} train / {len(splits.val)} val images, {len(loader)} steps/epoch of "
-            f"{cfg.train.global_batch_size} images over {world_size} rank(s), device {device}, amp {amp}")
+            f"{cfg.train.global_batch_size} images over {world_size} rank(s), {total_steps} steps in {epochs} epochs, "
+            f"device {device}, amp {amp}")
 
-    for epoch in range(cfg.train.epochs):
+    for epoch in range(epochs):
         lr = scheduler.get_last_lr()[0]  # the lr of this epoch's first step
         start = time.perf_counter()
-        metrics = engine.train_epoch(ddp_model, loader.epoch(epoch), optimizer, scheduler, loss_fn, device, amp, scaler)
+        steps = min(len(loader), total_steps - epoch * len(loader))  # the last epoch may be cut short
+        batches = itertools.islice(loader.epoch(epoch), steps)
+        metrics = engine.train_epoch(ddp_model, batches, optimizer, scheduler, loss_fn, device, amp, scaler)
         seconds = time.perf_counter() - start  # train_epoch ends on a host read, so the GPU work is done
         metrics.update(engine.evaluate(ddp_model, eval_batches(splits.val, cfg.train.eval_batch_size, rank, world_size),
                                        device, amp))
-        metrics.update(epoch=epoch + 1, lr=lr, epoch_seconds=seconds,
+        metrics.update(epoch=epoch + 1, epochs=epochs, steps=epoch * len(loader) + steps, lr=lr,
+                       epoch_seconds=seconds,
                        images_per_second=metrics["train_images"] / seconds, num_workers=world_size,
                        data_pipeline=loader.name, amp=amp, device=device.type)
         if log and rank == 0:
-            log(f"[ray_cifar] epoch {epoch + 1}/{cfg.train.epochs}  train_loss {metrics['train_loss']:.4f}  "
+            log(f"[ray_cifar] epoch {epoch + 1}/{epochs}  train_loss {metrics['train_loss']:.4f}  "
                 f"train_acc {metrics['train_acc']:.4f}  val_loss {metrics['val_loss']:.4f}  "
                 f"val_acc {metrics['val_acc']:.4f}  lr {lr:.4g}  {metrics['images_per_second']:.0f} img/s")
         if on_epoch is not None:

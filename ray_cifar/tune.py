@@ -58,19 +58,20 @@ def make_recorder(cfg: Config, base: dict[str, Any], output: str, provenance: di
         def _trial(self, trial) -> dict[str, Any]:
             return self.trials.setdefault(trial.trial_id, {
                 "trial_id": trial.trial_id, **self._params(trial), "status": "running",
-                "epochs": 0, "best_val_acc": None, "best_epoch": None, "checkpoint_path": None, "error": None})
+                "epochs": 0, "planned_epochs": None, "best_val_acc": None, "best_epoch": None, "checkpoint_path": None, "error": None})
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if "epoch" not in result:
                 return
             summary = self._trial(trial)
             row = {"trial_id": trial.trial_id, "epoch": int(result["epoch"]), **self._params(trial)}
-            row.update({k: result.get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr",
+            row.update({k: result.get(k) for k in ("steps", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
                                                    "epoch_seconds", "images_per_second", "num_workers",
                                                    "train_images", "data_pipeline", "amp", "device")})
             row["time"] = time.time()
             self.rows.append(row)
             summary["epochs"] = row["epoch"]
+            summary["planned_epochs"] = int(result.get("epochs") or cfg.train.epochs)  # max_steps decides it in a trial
             if summary["best_val_acc"] is None or row["val_acc"] > summary["best_val_acc"]:
                 summary.update(best_val_acc=row["val_acc"], best_epoch=row["epoch"])
             if result.get("checkpoint_path"):
@@ -79,7 +80,8 @@ def make_recorder(cfg: Config, base: dict[str, Any], output: str, provenance: di
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             summary = self._trial(trial)
-            summary["status"] = STATUS_COMPLETED if summary["epochs"] >= cfg.train.epochs else STATUS_STOPPED
+            planned = summary.get("planned_epochs") or cfg.train.epochs
+            summary["status"] = STATUS_COMPLETED if summary["epochs"] >= planned else STATUS_STOPPED
 
         def on_trial_error(self, iteration, trials, trial, **info):
             summary = self._trial(trial)
@@ -104,14 +106,17 @@ def run_study(cfg: Config, output: str) -> list[dict[str, Any]]:
     distributed.init_ray(cfg)
     cfg.train.use_gpu = distributed.resolve_use_gpu(cfg)
     max_concurrent = distributed.concurrent_trials(cfg)
-    max_t = cfg.tune.max_epochs or cfg.train.epochs
+    # With train.max_steps the epochs per trial follow from the data and the batch size; without
+    # tune.max_epochs ASHA then has no top rung and survivors run to their own end.
+    max_t = cfg.tune.max_epochs or (cfg.train.epochs if cfg.train.max_steps is None else 10**6)
     scheduler = (ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=cfg.tune.grace_period,
                                reduction_factor=cfg.tune.reduction_factor)
                  if cfg.tune.scheduler == "asha" else FIFOScheduler())
+    length = f"max {max_t} epochs" if cfg.train.max_steps is None else f"{cfg.train.max_steps} steps per trial"
     print(f"[ray_cifar] study: {len(list_grid(cfg))} grid point(s) x {cfg.tune.num_samples} sample(s), "
           f"{cfg.train.num_workers} DDP rank(s) per trial ({'GPU' if cfg.train.use_gpu else 'CPU'}), "
           f"{max_concurrent} trial(s) at once, scheduler {cfg.tune.scheduler} on {cfg.tune.metric} ({cfg.tune.mode}), "
-          f"max {max_t} epochs; results in {output}", flush=True)
+          f"{length}; results in {output}", flush=True)
 
     storage = os.path.join(output, "ray")
     base = cfg.to_dict()

@@ -1,0 +1,129 @@
+"""Config knobs that are not one module's: validation split by size or fraction, shuffling, search-space
+variants, what --smoke-test does to them, --budget-scale, and `extends`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import synthetic_cifar
+from ray_cifar.config import ConfigError, field_docs, load_config, search_keys, trial_config
+from ray_cifar.data import TrainLoader, make_splits
+
+
+def test_every_new_field_has_a_one_line_doc():
+    docs = field_docs()
+    for key in ("data.val_fraction", "model.dropout", "model.max_params", "optim.dampening",
+                "optim.wd_exclude_norm_bias", "optim.lookahead_k", "optim.lookahead_alpha", "schedule.t_max_epochs",
+                "schedule.gamma", "schedule.step_every_iters", "schedule.step_every_epochs",
+                "schedule.milestones_epochs", "schedule.onecycle_pct_start", "train.max_steps"):
+        assert docs.get(key), key
+
+
+def test_validation_split_by_size_or_fraction():
+    data = synthetic_cifar(500, 10)
+    by_size = make_splits(data, load_config(None, ["data.val_size=100"]).data, "cpu")
+    assert (len(by_size.train), len(by_size.val)) == (400, 100)  # 40k/10k at CIFAR scale
+    cfg = load_config(None, ["data.val_size=null", "data.val_fraction=0.16"])
+    by_fraction = make_splits(data, cfg.data, "cpu")
+    assert (len(by_fraction.train), len(by_fraction.val)) == (420, 80)  # 84:16
+    assert torch.bincount(by_fraction.val.labels).tolist() == [8] * 10  # still class-stratified
+
+
+def test_exactly_one_of_val_size_and_val_fraction():
+    with pytest.raises(ConfigError, match="data.val_fraction: set exactly one"):
+        load_config(None, ["data.val_fraction=0.16"])  # val_size still 5000
+    with pytest.raises(ConfigError, match="data.val_fraction: set exactly one"):
+        load_config(None, ["data.val_size=null"])
+    with pytest.raises(ConfigError, match="data.val_fraction"):
+        load_config(None, ["data.val_size=null", "data.val_fraction=1.5"])
+
+
+def test_shuffle_off_keeps_the_order_and_on_reshuffles_each_epoch():
+    data = synthetic_cifar(300, 10)
+    split = make_splits(data, load_config(None, ["data.val_size=0"]).data, "cpu").train
+    off = TrainLoader(split, load_config(None, ["data.shuffle=false"]).data, 50, 0, 1, seed=0)
+    assert off.epoch_indices(0).tolist() == list(range(300)) == off.epoch_indices(1).tolist()
+    on = TrainLoader(split, load_config(None, ["data.shuffle=true"]).data, 50, 0, 1, seed=0)
+    assert sorted(on.epoch_indices(0).tolist()) == list(range(300))
+    assert on.epoch_indices(0).tolist() != list(range(300))
+    assert not torch.equal(on.epoch_indices(0), on.epoch_indices(1))
+
+
+VARIANTS = ('tune.search_space={variants: {grid: ['
+            '{optim.lr: 0.1, train.epochs: 15, schedule.name: constant}, '
+            '{optim: {name: adam, lr: 0.001}}, '
+            '{train.global_batch_size: 1024, train.epochs: 300}]}}')
+
+
+def test_variants_set_whole_runs_and_become_columns():
+    cfg = load_config(None, [VARIANTS])
+    base = cfg.to_dict()
+    base["tune"]["search_space"] = {}
+    first = trial_config(base, {"variants": cfg.tune.search_space["variants"]["grid"][0]})
+    assert (first.optim.lr, first.train.epochs, first.schedule.name) == (0.1, 15, "constant")
+    second = trial_config(base, {"variants": cfg.tune.search_space["variants"]["grid"][1]})
+    assert (second.optim.name, second.optim.lr, second.train.epochs) == ("adam", 0.001, 30)
+    assert search_keys(cfg.tune.search_space) == ["optim.lr", "train.epochs", "schedule.name", "optim.name",
+                                                  "train.global_batch_size"]
+
+
+def test_variants_are_validated_one_by_one_naming_the_key():
+    with pytest.raises(ConfigError, match="tune.search_space.variants: value .*optim.lr: must be > 0"):
+        load_config(None, ["tune.search_space={variants: {grid: [{optim.lr: 0.1}, {optim.lr: -1}]}}"])
+    with pytest.raises(ConfigError, match="unknown key 'optim.learning_rate'"):
+        load_config(None, ["tune.search_space={variants: {grid: [{optim.learning_rate: 0.1}]}}"])
+    with pytest.raises(ConfigError, match="tune.scheduler: the tune section cannot"):
+        load_config(None, ["tune.search_space={variants: {grid: [{tune.scheduler: fifo}]}}"])
+
+
+def test_smoke_test_shrinks_lengths_and_batches_inside_variants(tmp_path):
+    study = tmp_path / "study.yaml"  # --smoke-test shrinks the study file; --set comes after it
+    study.write_text(VARIANTS.split("=", 1)[1].join(["tune: {search_space: ", "}"]))
+    rows = load_config(str(study), smoke_test=True).tune.search_space["variants"]["grid"]
+    assert len(rows) == 2  # the first two values
+    assert rows[0]["train.epochs"] == 6 and "train.epochs" not in rows[1]
+    study.write_text("train: {max_steps: 32000}\ntune: {search_space: {variants: {grid: ["
+                     "{train.global_batch_size: 1024, train.epochs: 300}, "
+                     "{model.blocks: [4, 5, 3], model.widths: [64, 128, 256]}]}}}")
+    cfg = load_config(str(study), smoke_test=True)
+    rows = cfg.tune.search_space["variants"]["grid"]
+    assert rows[0] == {"train.global_batch_size": 256, "train.epochs": 6}
+    assert rows[1] == {"model.blocks": [1, 1, 1], "model.widths": [16, 32, 64]}
+    assert cfg.train.max_steps == 300
+
+
+def test_smoke_test_keeps_a_validation_fraction():
+    cfg = load_config(None, ["data.val_size=null", "data.val_fraction=0.16"], smoke_test=True)
+    assert cfg.data.val_size is None and cfg.data.val_fraction == 0.16
+
+
+def test_budget_scale_scales_every_length_fixed_and_searched():
+    cfg = load_config(None, [VARIANTS, "schedule.name=multistep", "schedule.milestones_epochs=[10, 20]",
+                             "schedule.warmup_epochs=2", "tune.scheduler=fifo"], budget_scale=0.1)
+    assert cfg.train.epochs == 3 and cfg.schedule.milestones_epochs == pytest.approx([1, 2])
+    assert cfg.schedule.warmup_epochs == pytest.approx(0.2)
+    rows = cfg.tune.search_space["variants"]["grid"]
+    assert rows[0]["train.epochs"] == 2 and rows[2]["train.epochs"] == 30  # 15 -> 1.5 rounds to 2
+    cfg = load_config(None, ["train.max_steps=32000", "schedule.name=step", "schedule.step_every_iters=5000",
+                             "tune.search_space={schedule.step_every_iters: {grid: [4000, 8000]}}"], budget_scale=0.25)
+    assert (cfg.train.max_steps, cfg.schedule.step_every_iters) == (8000, 1250)
+    assert cfg.tune.search_space["schedule.step_every_iters"]["grid"] == [1000, 2000]
+    with pytest.raises(ConfigError, match="--budget-scale"):
+        load_config(None, [], budget_scale=0)
+
+
+def test_extends_applies_the_parent_first(tmp_path):
+    (tmp_path / "base.yaml").write_text("train: {epochs: 50, global_batch_size: 100}\noptim: {lr: 0.01}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\ntrain: {epochs: 5}\n")
+    cfg = load_config(str(tmp_path / "child.yaml"))
+    assert (cfg.train.epochs, cfg.train.global_batch_size, cfg.optim.lr) == (5, 100, 0.01)
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="extends"):
+        load_config(str(tmp_path / "loop.yaml"))
+
+
+def test_max_steps_relaxes_the_asha_epoch_checks():
+    load_config(None, ["train.max_steps=32000", "train.epochs=1", "tune.grace_period=5"])
+    with pytest.raises(ConfigError, match="tune.grace_period"):
+        load_config(None, ["train.epochs=1", "tune.grace_period=5"])

@@ -37,7 +37,7 @@ class ConfigError(ValueError):
 class DataConfig:
     path: str | None = None  # folder with train/test.parquet or cifar-10-batches-py; None: $RAY_CIFAR_DATA, else download
     cache_dir: str | None = None  # where decoded uint8 arrays are cached; None: $RAY_CIFAR_CACHE or ~/.cache/ray_cifar
-    val_size: int | None = 5000  # images held out of train for validation (class-stratified, seeded); null: val_fraction decides
+    val_size: int | None = 5000  # train images held out for validation (class-stratified, seeded; test is never tuned on); null: val_fraction decides
     val_fraction: float | None = None  # fraction of train held out for validation, e.g. 0.16 for 84:16; set val_size: null with it
     train_subset: int | None = None  # use only this many train images (stratified), for smoke runs; None: all
     split_seed: int = 0  # seed of the train/val split and the train subset (same seed, same split, in every trial)

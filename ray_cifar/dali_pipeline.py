@@ -29,7 +29,7 @@ from nvidia.dali.auto_aug import auto_augment
 from nvidia.dali.pipeline import Pipeline, pipeline_def
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from .augment import (AUGMENTATIONS, AUTOAUG_FILL, AUTOAUG_MAX_TRANSLATE, CIFAR10_POLICY, GRAY, MEAN, STD,
+from .augment import (AUGMENTATIONS, AUTOAUG_FILL, AUTOAUG_MAX_TRANSLATE, GRAY, MEAN, STD,
                       active_augmentations, cutout_boxes, erasing_boxes)
 from .config import DataConfig
 from .data import Batches, Split, TrainLoader

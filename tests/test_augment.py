@@ -331,6 +331,25 @@ def test_mixup_and_cutmix_probabilities_cannot_exceed_one_together():
 # data.pipeline=auto follows the committed benchmark
 
 
+def test_auto_on_cpu_follows_the_committed_cpu_benchmark(monkeypatch):
+    """The repository ships benchmarks/results/data_pipeline_cpu.json, and auto obeys it for each set."""
+    import json
+    import os
+
+    from ray_cifar import data
+
+    path = os.path.join(data.BENCHMARK_RESULTS, "data_pipeline_cpu.json")
+    assert os.path.exists(path), "the CPU benchmark results must be committed"
+    measured = {(r["set"], r["path"]): r["images_per_second"] for r in json.load(open(path))["results"]}
+    monkeypatch.setattr(data, "dali_available", lambda: True)
+    cpu = torch.device("cpu")
+    for set_name, cfg in (("crop+flip", data_cfg("crop_padding=4", "flip_p=0.5")), ("full", data_cfg(*FULL))):
+        faster = "dali" if measured[(set_name, "dali-cpu")] >= measured[(set_name, "torch-batch")] else "torch"
+        logs = []
+        assert data.resolve_pipeline(cfg, cpu, logs.append) == faster
+        assert "data_pipeline_cpu.json" in logs[-1]
+
+
 def test_auto_pipeline_follows_the_measurement_of_the_matching_set(tmp_path, monkeypatch):
     import json
 

@@ -41,6 +41,12 @@ class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsH
     pass
 
 
+def parse_args(prog: str, description: str, argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=Formatter)
+    add_common_arguments(parser)
+    return parser.parse_args(argv)
+
+
 def fail(message: str) -> None:
     print(f"ray_cifar: error: {message}", file=sys.stderr)
     sys.exit(2)

@@ -11,7 +11,6 @@ gets one row per epoch, the same columns as a study's. The search space is ignor
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import uuid
@@ -70,10 +69,7 @@ def run_distributed(cfg: Config, output: str, run_id: str) -> list[dict[str, Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ray_cifar.train", description=__doc__,
-                                     formatter_class=cli.Formatter)
-    cli.add_common_arguments(parser)
-    args = parser.parse_args(argv)
+    args = cli.parse_args("python -m ray_cifar.train", __doc__, argv)
     cfg, dataset, output = cli.prepare(args, "train")
     run_id = uuid.uuid4().hex[:8]
     print(f"[ray_cifar] data: {dataset.source}; run {run_id}; resolved config: {output}/config.yaml", flush=True)

@@ -12,7 +12,7 @@ The test split is evaluated once, for the best trial by validation, at the end.
 
 from __future__ import annotations
 
-import argparse
+import math
 import os
 import sys
 import time
@@ -20,6 +20,7 @@ from typing import Any
 
 from . import cli
 from .config import Config, flatten, search_keys, trial_config
+from .results import epoch_row, write_rows
 
 STATUS_COMPLETED, STATUS_STOPPED, STATUS_FAILED = "completed", "stopped", "failed"
 
@@ -64,11 +65,7 @@ def make_recorder(cfg: Config, base: dict[str, Any], output: str, provenance: di
             if "epoch" not in result:
                 return
             summary = self._trial(trial)
-            row = {"trial_id": trial.trial_id, "epoch": int(result["epoch"]), **self._params(trial)}
-            row.update({k: result.get(k) for k in ("steps", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
-                                                   "epoch_seconds", "images_per_second", "num_workers",
-                                                   "train_images", "data_pipeline", "amp", "device")})
-            row["time"] = time.time()
+            row = epoch_row(trial.trial_id, self._params(trial), result, {"time": time.time()})
             self.rows.append(row)
             summary["epochs"] = row["epoch"]
             summary["planned_epochs"] = int(result.get("epochs") or cfg.train.epochs)  # max_steps decides it in a trial
@@ -89,8 +86,6 @@ def make_recorder(cfg: Config, base: dict[str, Any], output: str, provenance: di
             summary["error"] = str(trial.error_file) if getattr(trial, "error_file", None) else "see Ray logs"
 
         def write(self):
-            from .results import write_rows
-
             write_rows([{**r, **provenance} for r in self.rows], os.path.join(output, "results.parquet"))
 
     return ResultsRecorder()
@@ -101,7 +96,7 @@ def run_study(cfg: Config, output: str) -> list[dict[str, Any]]:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from . import distributed
-    from .results import format_table, provenance, write_rows
+    from .results import format_table, provenance
 
     distributed.init_ray(cfg)
     cfg.train.use_gpu = distributed.resolve_use_gpu(cfg)
@@ -113,7 +108,7 @@ def run_study(cfg: Config, output: str) -> list[dict[str, Any]]:
                                reduction_factor=cfg.tune.reduction_factor)
                  if cfg.tune.scheduler == "asha" else FIFOScheduler())
     length = f"max {max_t} epochs" if cfg.train.max_steps is None else f"{cfg.train.max_steps} steps per trial"
-    print(f"[ray_cifar] study: {len(list_grid(cfg))} grid point(s) x {cfg.tune.num_samples} sample(s), "
+    print(f"[ray_cifar] study: {grid_size(cfg)} grid point(s) x {cfg.tune.num_samples} sample(s), "
           f"{cfg.train.num_workers} DDP rank(s) per trial ({'GPU' if cfg.train.use_gpu else 'CPU'}), "
           f"{max_concurrent} trial(s) at once, scheduler {cfg.tune.scheduler} on {cfg.tune.metric} ({cfg.tune.mode}), "
           f"{length}; results in {output}", flush=True)
@@ -159,19 +154,14 @@ def _sort_key(cfg: Config, t: dict[str, Any]):
     return (0, -value if cfg.tune.mode == "max" else value)
 
 
-def list_grid(cfg: Config) -> list[int]:
-    sizes = [len(v) for spec in cfg.tune.search_space.values() for k, v in spec.items() if k == "grid"]
-    n = 1
-    for s in sizes:
-        n *= s
-    return list(range(n))
+def grid_size(cfg: Config) -> int:
+    """Trials per sample: the product of the grid lengths (choice and ranges draw one value per sample)."""
+    return math.prod(len(values) for spec in cfg.tune.search_space.values()
+                     for kind, values in spec.items() if kind == "grid")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ray_cifar.tune", description=__doc__,
-                                     formatter_class=cli.Formatter)
-    cli.add_common_arguments(parser)
-    args = parser.parse_args(argv)
+    args = cli.parse_args("python -m ray_cifar.tune", __doc__, argv)
     cfg, dataset, output = cli.prepare(args, "tune")
     print(f"[ray_cifar] data: {dataset.source}; resolved config: {output}/config.yaml", flush=True)
     trials = run_study(cfg, output)

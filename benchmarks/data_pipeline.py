@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ray_cifar.augment import MEAN, STD  # noqa: E402
 from ray_cifar.config import load_config  # noqa: E402
 from ray_cifar.data import Split, TrainLoader, dali_available, input_dtype  # noqa: E402
 from ray_cifar.data_source import load_cifar10  # noqa: E402
@@ -45,7 +46,7 @@ def torchvision_loader(images, labels, set_name: str, batch_size: int, workers: 
     steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
     if set_name == "full":
         steps.append(T.AutoAugment(T.AutoAugmentPolicy.CIFAR10))
-    steps += [T.ToTensor(), T.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))]
+    steps += [T.ToTensor(), T.Normalize(MEAN, STD)]
     if set_name == "full":
         steps.append(T.RandomErasing(p=0.5))
     transform = T.Compose(steps)

@@ -116,7 +116,8 @@ def run_study(cfg: Config, output: str) -> list[dict[str, Any]]:
     storage = os.path.join(output, "ray")
     base = cfg.to_dict()
     base["tune"]["search_space"] = {}
-    recorder = make_recorder(cfg, base, output, provenance())
+    run_provenance = provenance()  # git SHA, versions: once per study
+    recorder = make_recorder(cfg, base, output, run_provenance)
     trainable = tune.with_parameters(distributed.tune_trial, base_config=base, storage_path=storage)
     trainable = tune.with_resources(trainable, {"CPU": cfg.tune.trial_driver_cpus})
     tuner = tune.Tuner(
@@ -136,7 +137,7 @@ def run_study(cfg: Config, output: str) -> list[dict[str, Any]]:
         # The test split, once, for the trial chosen by validation alone.
         test = distributed.evaluate_checkpoint(best["checkpoint_path"], "test", cfg.train.use_gpu)
         best["test_acc"], best["test_loss"] = test["test_acc"], test["test_loss"]
-    write_rows([{**t, **provenance()} for t in trials], os.path.join(output, "trials.parquet"))
+    write_rows([{**t, **run_provenance} for t in trials], os.path.join(output, "trials.parquet"))
     recorder.write()
     columns = ["trial_id", *recorder.keys, "status", "epochs", "best_val_acc", "best_epoch", "test_acc"]
     print("\n" + format_table(trials, columns))

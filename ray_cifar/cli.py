@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import shutil
 import sys
 
 import yaml
@@ -41,10 +42,23 @@ class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsH
     pass
 
 
-def parse_args(prog: str, description: str, argv: list[str] | None) -> argparse.Namespace:
+def parse_args(prog: str, description: str, argv: list[str] | None, resume: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=Formatter)
     add_common_arguments(parser)
+    if resume:
+        parser.add_argument("--resume", metavar="OUTPUT",
+                            help="continue the study in OUTPUT whose driver died or was stopped (other options are "
+                                 "ignored: the study's own config.yaml is used)")
     return parser.parse_args(argv)
+
+
+def load_resolved_config(output: str) -> Config:
+    """The config a study in `output` was started with (its config.yaml); exit 2 when it does not load."""
+    try:
+        with open(os.path.join(output, "config.yaml")) as f:
+            return Config.from_dict(yaml.safe_load(f))
+    except (OSError, ConfigError, yaml.YAMLError) as e:
+        fail(f"{output}/config.yaml: {e}")
 
 
 def fail(message: str) -> None:
@@ -81,3 +95,15 @@ def prepare(args: argparse.Namespace, kind: str) -> tuple[Config, Cifar10, str]:
     with open(os.path.join(output, "config.yaml"), "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     return cfg, dataset, output
+
+
+def refusing_up_front(output: str | None, run) -> int:
+    """Run a study; a ConfigError raised before any trial started (e.g. a trial larger than the cluster,
+    seen only once Ray is up) is one line and exit 2, and the new output folder is removed again."""
+    try:
+        return run()
+    except ConfigError as e:
+        if output is not None and set(os.listdir(output)) <= {"config.yaml"}:
+            shutil.rmtree(output)
+        fail(str(e))
+    return 2

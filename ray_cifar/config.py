@@ -124,6 +124,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing in [0, 1)
     seed: int = 0  # seed of weights, batch order and augmentation
     torch_threads: int | None = None  # intra-op threads per rank on CPU; None: cores / ranks on the node
+    max_failures: int = 2  # worker-group restarts of a trial (a rank or its node died), each from the last epoch's checkpoint
 
 
 @dataclass
@@ -136,6 +137,7 @@ class TuneConfig:
     max_epochs: int | None = None  # ASHA max_t in epochs; None: train.epochs
     num_samples: int = 1  # samples of the search space (each grid point is run num_samples times)
     max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs/GPUs fit
+    max_failures: int = 1  # times Tune runs a failed trial again (it resumes from its last checkpoint); 0 = never
     trial_driver_cpus: float = 0.25  # logical CPUs of each trial's driver (it only watches its DDP workers)
     num_cpus: int | None = None  # logical CPUs of a local Ray instance; None: max(cores, one trial's needs)
     address: str | None = None  # Ray cluster address ("auto" on a cluster node); None: $RAY_ADDRESS or a local Ray
@@ -523,6 +525,7 @@ def _validate_fixed(cfg: Config) -> None:
     _check_name("train.amp", t.amp, ["bf16", "fp16", "fp32"])
     _check(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)", t.label_smoothing)
     _check(t.torch_threads is None or t.torch_threads >= 1, "train.torch_threads", "must be >= 1", t.torch_threads)
+    _check(t.max_failures >= 0, "train.max_failures", "must be >= 0", t.max_failures)
 
     _check_name("tune.scheduler", u.scheduler, ["asha", "fifo"])
     _check_name("tune.mode", u.mode, ["max", "min"])
@@ -540,6 +543,7 @@ def _validate_fixed(cfg: Config) -> None:
     _check(u.num_samples >= 1, "tune.num_samples", "must be >= 1", u.num_samples)
     _check(u.max_concurrent_trials is None or u.max_concurrent_trials >= 1, "tune.max_concurrent_trials",
            "must be >= 1 or null", u.max_concurrent_trials)
+    _check(u.max_failures >= 0, "tune.max_failures", "must be >= 0", u.max_failures)
     _check(u.trial_driver_cpus >= 0, "tune.trial_driver_cpus", "must be >= 0", u.trial_driver_cpus)
     _check(u.num_cpus is None or u.num_cpus >= 1, "tune.num_cpus", "must be >= 1 or null", u.num_cpus)
 

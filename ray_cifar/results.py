@@ -19,8 +19,9 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-EPOCH_METRICS = ("steps", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second",
-                 "num_workers", "train_images", "data_pipeline", "amp", "device")
+EPOCH_METRICS = ("steps", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "eval_seconds",
+                 "images_per_second", "num_workers", "train_images", "data_pipeline", "amp", "device", "nodes",
+                 "diverged", "resumed_from_epoch", "startup_seconds", "checkpoint_path")
 
 
 def git_sha() -> str | None:
@@ -63,8 +64,8 @@ def write_rows(rows: Iterable[dict[str, Any]], path: str) -> None:
     columns: list[str] = []
     for r in rows:
         columns += [k for k in r if k not in columns]
-    table = pa.Table.from_pylist(rows, schema=None) if rows else pa.table({})
-    table = table.select(columns) if rows else table
+    # from_pylist takes its columns from the first row: give every row every column.
+    table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows]) if rows else pa.table({})
     tmp = f"{path}.tmp-{os.getpid()}"
     pq.write_table(table, tmp)
     os.replace(tmp, path)
@@ -80,3 +81,38 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
     line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths))  # noqa: E731
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+class ResultsLog:
+    """OUTPUT/results.parquet, grown by one small part file per append (never a rewrite of all rows).
+
+    `read()` merges the compacted file and the parts, keeping one row per (trial_id, epoch);
+    `compact()` folds the parts into results.parquet (at the end of a study)."""
+
+    def __init__(self, output: str):
+        self.path = os.path.join(output, "results.parquet")
+        self.parts = os.path.join(output, "results.parts")
+
+    def _part_files(self) -> list[str]:
+        if not os.path.isdir(self.parts):
+            return []
+        return sorted(os.path.join(self.parts, f) for f in os.listdir(self.parts) if f.endswith(".parquet"))
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        os.makedirs(self.parts, exist_ok=True)
+        existing = self._part_files()
+        number = int(os.path.basename(existing[-1])[5:11]) + 1 if existing else 0
+        write_rows(rows, os.path.join(self.parts, f"part-{number:06d}.parquet"))
+
+    def read(self) -> list[dict[str, Any]]:
+        rows: dict[tuple, dict[str, Any]] = {}
+        for path in ([self.path] if os.path.exists(self.path) else []) + self._part_files():
+            for row in pq.read_table(path).to_pylist():
+                rows[(row["trial_id"], row["epoch"])] = row
+        return list(rows.values())
+
+    def compact(self) -> str:
+        write_rows(self.read(), self.path)
+        for path in self._part_files():
+            os.remove(path)
+        return self.path

@@ -1,0 +1,95 @@
+"""Ray itself: connect to a cluster or start a local one, and what a trial needs of it.
+
+Nothing here trains; `trial` and `study` ask this module for a running Ray and for
+resource arithmetic (CPUs and GPUs per trial, trials that fit at once).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import ray
+
+from .config import Config
+
+
+def trial_cpus(cfg: Config, num_workers: int | None = None) -> float:
+    return cfg.tune.trial_driver_cpus + (num_workers or cfg.train.num_workers) * cfg.train.cpus_per_worker
+
+
+def max_workers(cfg: Config) -> int:
+    """The most DDP ranks any trial of the study asks for."""
+    spec = cfg.tune.search_space.get("train.num_workers", {})
+    return max([cfg.train.num_workers] + list(spec.get("grid", spec.get("choice", []))))
+
+
+def init_ray(cfg: Config) -> None:
+    """Connect to a cluster (tune.address / $RAY_ADDRESS) or start a local Ray sized for one trial at least."""
+    # Ray Train 2.60 routes workers' print() through its logger *and* the stream
+    # (every line twice); our workers print one line an epoch, so keep plain print.
+    env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    address = cfg.tune.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env_vars})
+        return
+    # On a small machine declare enough logical CPUs for one trial's driver plus all its
+    # ranks, or the trial would wait forever; torch threads are set per rank anyway.
+    need = math.ceil(trial_cpus(cfg, max_workers(cfg)))
+    # Ray Train's placement-group cleaner finds the cluster through the state API; with
+    # two local Ray instances on one machine its auto-detection fails ("multiple active
+    # Ray instances") and a finished trial's resources are never released. Name the
+    # dashboard (state API server) explicitly so concurrent local studies keep working.
+    dashboard_port = _free_port()
+    env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+    ray.init(num_cpus=cfg.tune.num_cpus or max(os.cpu_count() or 1, need), dashboard_port=dashboard_port,
+             runtime_env={"env_vars": env_vars})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_use_gpu(cfg: Config) -> bool:
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.train.use_gpu is None:
+        return gpus > 0
+    if cfg.train.use_gpu and gpus == 0:
+        raise RuntimeError("train.use_gpu=true but the Ray cluster has no GPUs")
+    return cfg.train.use_gpu
+
+
+def concurrent_trials(cfg: Config) -> int:
+    """How many trials the cluster fits at once (each needs all its ranks at the same time)."""
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    resources = ray.cluster_resources()
+    fits = [resources.get("CPU", 0) / trial_cpus(cfg, max_workers(cfg))]
+    if cfg.train.use_gpu:
+        fits.append(resources.get("GPU", 0) / max_workers(cfg))
+    return max(1, math.floor(min(fits) + 1e-9))
+
+
+def check_fits(cfg: Config) -> None:
+    """Refuse, in one line, a trial that can never start: more ranks x CPUs/GPUs than the cluster has.
+
+    On a local Ray the CPUs are this machine's cores (the trial driver's fraction is Ray's own
+    bookkeeping on top); on a cluster, its registered resources."""
+    from .config import ConfigError
+
+    resources = ray.cluster_resources()
+    local = not (cfg.tune.address or os.environ.get("RAY_ADDRESS"))
+    cpus = float(os.cpu_count() or 1) if local else resources.get("CPU", 0)
+    gpus = resources.get("GPU", 0)
+    workers = max_workers(cfg)
+    need_cpus = workers * cfg.train.cpus_per_worker
+    if need_cpus > cpus + 1e-9:
+        raise ConfigError(f"train.num_workers: a trial of {workers} rank(s) x train.cpus_per_worker="
+                          f"{cfg.train.cpus_per_worker} needs {need_cpus:g} CPUs; the "
+                          f"{'machine' if local else 'cluster'} has {cpus:g}")
+    if cfg.train.use_gpu and workers > gpus:
+        raise ConfigError(f"train.num_workers: a trial of {workers} rank(s) needs {workers} GPUs (one per rank); "
+                          f"the {'machine' if local else 'cluster'} has {gpus:g}")

@@ -1,0 +1,213 @@
+"""The study's memory in the driver: every reported epoch as a Parquet row, and each trial's status.
+
+`StudyRecorder` is a Ray Tune callback. Its state lives on disk, not in the object:
+rows go to `ResultsLog` (one small part file per report, never a rewrite of everything),
+trial summaries to OUTPUT/trials.json. `Tuner.restore` hands back an unpickled *copy* of
+the callbacks, so the copy reads that state again in `setup()`; nothing reported before a
+driver died is lost, and a (trial_id, epoch) pair is written once.
+
+Status comes from Tune's own events, not from epoch counts:
+  completed  the trial function returned (it trained to its end)
+  stopped    the scheduler stopped it (`note_stopped`, called by ray_cifar.scheduler)
+  diverged   it reported a non-finite train loss and ended itself
+  failed     Tune gave up on it (after tune.max_failures retries); `error` is the exception's last line
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+from ray.tune import Callback
+
+from .results import ResultsLog, epoch_row
+
+RUNNING, COMPLETED, STOPPED, DIVERGED, FAILED = "running", "completed", "stopped", "diverged", "failed"
+TRIALS_STATE = "trials.json"
+PROGRESS_EVERY_SECONDS = 60.0
+
+
+def error_line(trial) -> str:
+    """The last non-empty line of a failed trial's error (Tune's error file), or a pointer to the logs."""
+    path = getattr(trial, "error_file", None)
+    text = ""
+    if path and os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:500] if lines else "failed (see Ray's logs under OUTPUT/ray)"
+
+
+class StudyRecorder(Callback):
+    """Records rows and statuses; prints the study's progress every minute.
+
+    Args:
+        output: the study's output folder (results, trials.json, tensorboard/).
+        params: trial config (Tune's sampled dict) -> the searched fields as flat columns.
+        metric, mode: what "best" means (tune.metric, tune.mode).
+        provenance: columns added to every row (git SHA, versions).
+        tensorboard: write per-trial TensorBoard scalars under OUTPUT/tensorboard/<trial_id> (step = epoch).
+    """
+
+    def __init__(self, output: str, params: Callable[[dict], dict[str, Any]], metric: str, mode: str,
+                 provenance: dict[str, Any] | None = None, tensorboard: bool = True,
+                 progress_every: float = PROGRESS_EVERY_SECONDS):
+        self.output, self.params, self.metric, self.mode = output, params, metric, mode
+        self.provenance = provenance or {}
+        self.tensorboard, self.progress_every = tensorboard, progress_every
+        self._load()
+
+    # -- state on disk -----------------------------------------------------------------
+
+    def _load(self) -> None:
+        self.log = ResultsLog(self.output)
+        self.seen = {(r["trial_id"], r["epoch"]) for r in self.log.read()}
+        path = os.path.join(self.output, TRIALS_STATE)
+        self.trials: dict[str, dict[str, Any]] = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                self.trials = json.load(f)
+        self.started = time.time()
+        self.last_progress = self.started
+        self.writers: dict[str, Any] = {}
+
+    def __getstate__(self):
+        # Pickled into tuner.pkl: keep configuration only; the state is re-read from disk.
+        return {k: v for k, v in self.__dict__.items() if k in
+                ("output", "params", "metric", "mode", "provenance", "tensorboard", "progress_every")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._load()
+
+    def setup(self, **info) -> None:
+        self._load()  # a restored study starts from what the dead driver left on disk
+
+    def _save_trials(self) -> None:
+        path = os.path.join(self.output, TRIALS_STATE)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.trials, f)
+        os.replace(tmp, path)
+
+    # -- one trial -----------------------------------------------------------------------
+
+    def _summary(self, trial) -> dict[str, Any]:
+        summary = self.trials.setdefault(trial.trial_id, {"trial_id": trial.trial_id, "status": RUNNING})
+        if "epochs" not in summary:  # first seen here (note_stopped may have made a bare entry)
+            summary.update({**self.params(trial.config), "epochs": 0, "planned_epochs": None, "best_metric": None,
+                            "best_epoch": None, "best_val_acc": None, "best_checkpoint": None,
+                            "latest_checkpoint": None, "error": None, "startup_seconds": None})
+            summary["status"] = summary.pop("status")  # keep the column order readable: status after params
+        return summary
+
+    def _better(self, value: float | None, than: float | None) -> bool:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return False
+        return than is None or (value > than if self.mode == "max" else value < than)
+
+    def _record(self, trial, metrics: dict[str, Any]) -> dict[str, Any] | None:
+        """One epoch's metrics -> a row (None when this (trial, epoch) is already recorded)."""
+        key = (trial.trial_id, int(metrics["epoch"]))
+        if key in self.seen:
+            return None
+        self.seen.add(key)
+        summary = self._summary(trial)
+        row = epoch_row(trial.trial_id, self.params(trial.config), metrics,
+                        {"time": time.time(), **self.provenance})
+        summary["epochs"] = max(summary["epochs"], row["epoch"])
+        summary["planned_epochs"] = metrics.get("epochs")
+        if self._better(metrics.get(self.metric), summary["best_metric"]):
+            summary.update(best_metric=metrics[self.metric], best_epoch=row["epoch"],
+                           best_val_acc=metrics.get("val_acc"), best_checkpoint=metrics.get("checkpoint_path"))
+        if metrics.get("checkpoint_path"):
+            summary["latest_checkpoint"] = metrics["checkpoint_path"]
+        if metrics.get("startup_seconds") is not None and summary["startup_seconds"] is None:
+            summary["startup_seconds"] = metrics["startup_seconds"]
+        if metrics.get("diverged"):
+            summary["status"] = DIVERGED
+        self._tensorboard(trial.trial_id, row)
+        return row
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "epoch" not in result:
+            return
+        rows = []
+        # After a resume the first report carries the checkpoint's history: rows of epochs the
+        # trial finished (and checkpointed) whose reports died with the old driver.
+        for old in result.get("history") or []:
+            if old.get("epoch", result["epoch"]) < result["epoch"]:
+                rows.append(self._record(trial, old))
+        rows.append(self._record(trial, result))
+        rows = [r for r in rows if r is not None]
+        if rows:
+            self.log.append(rows)
+            self._save_trials()
+
+    def note_stopped(self, trial_id: str) -> None:
+        """Called by the scheduler when it decides to stop a trial."""
+        # Tune asks the scheduler before it passes the same result to callbacks, so the
+        # trial's summary may not exist yet.
+        summary = self.trials.setdefault(trial_id, {"trial_id": trial_id, "status": RUNNING})
+        if summary["status"] == RUNNING:
+            summary["status"] = STOPPED
+            self._save_trials()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        summary = self._summary(trial)
+        if summary["status"] in (RUNNING, FAILED):
+            summary.update(status=COMPLETED, error=None)
+        self._close_writer(trial.trial_id)
+        self._save_trials()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._summary(trial).update(status=FAILED, error=error_line(trial))
+        self._close_writer(trial.trial_id)
+        self._save_trials()
+
+    # -- progress and TensorBoard ----------------------------------------------------------
+
+    def on_step_end(self, iteration, trials, **info):
+        now = time.time()
+        if now - self.last_progress >= self.progress_every:
+            self.last_progress = now
+            print(progress_line(trials, self.trials, now - self.started), flush=True)
+
+    def _tensorboard(self, trial_id: str, row: dict[str, Any]) -> None:
+        if not self.tensorboard:
+            return
+        if trial_id not in self.writers:
+            from tensorboardX import SummaryWriter
+
+            self.writers[trial_id] = SummaryWriter(os.path.join(self.output, "tensorboard", trial_id))
+        writer = self.writers[trial_id]
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "time"):
+                writer.add_scalar(key, value, global_step=row["epoch"])
+        writer.flush()
+
+    def _close_writer(self, trial_id: str) -> None:
+        writer = self.writers.pop(trial_id, None)
+        if writer is not None:
+            writer.close()
+
+
+def progress_line(trials: list, summaries: dict[str, dict[str, Any]], elapsed: float) -> str:
+    """trials done / running / pending, epochs done, elapsed, and a rough time left."""
+    status = [str(getattr(t, "status", "")) for t in trials]
+    done = sum(s in ("TERMINATED", "ERROR") for s in status)
+    running = sum(s == "RUNNING" for s in status)
+    pending = sum(s in ("PENDING", "PAUSED") for s in status)
+    epochs_done = sum(s["epochs"] for s in summaries.values())
+    planned = sum((s["planned_epochs"] or s["epochs"]) if s["status"] == RUNNING else s["epochs"]
+                  for s in summaries.values())
+    per_epoch = elapsed / epochs_done if epochs_done else None
+    # Upper bound: pending trials are assumed to run as long as the running ones plan to.
+    mean_planned = planned / len(summaries) if summaries else 0
+    left_epochs = max(planned - epochs_done, 0) + pending * mean_planned
+    eta = f"~{left_epochs * per_epoch / 60:.1f} min left at most" if per_epoch else "time left unknown yet"
+    return (f"[ray_cifar] progress: {done} trial(s) done, {running} running, {pending} pending; "
+            f"{epochs_done} epoch(s) done; {elapsed / 60:.1f} min elapsed; {eta}")

@@ -1,0 +1,192 @@
+"""A study: Ray Tune over trials (ray_cifar.trial), ASHA (ray_cifar.scheduler), rows (ray_cifar.recorder).
+
+    rc = run_study(cfg, output)                 # a new study; OUTPUT must be empty
+    rc = run_study(cfg, output, resume=True)    # continue one whose driver died (Tuner.restore)
+
+OUTPUT holds config.yaml, results.parquet (+ results.parts/ while running), trials.json
+(the recorder's live state), trials.parquet and the report at the end, tensorboard/, and
+Ray's own files under ray/ (Tune's experiment in ray/tune, each trial's TorchTrainer run
+and checkpoints in ray/trial-<id>). The test split is evaluated once, for the best trial
+by tune.metric/tune.mode, at the end.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+from .config import Config, flatten, search_keys, trial_config
+from .recorder import FAILED, TRIALS_STATE, StudyRecorder
+from .results import ResultsLog, format_table, provenance, write_rows
+
+EXPERIMENT = "tune"
+FINISHED = "study-finished.json"
+SEED = "train.seed"
+
+
+def experiment_dir(output: str) -> str:
+    return os.path.join(output, "ray", EXPERIMENT)
+
+
+def is_finished(output: str) -> bool:
+    return os.path.exists(os.path.join(output, FINISHED))
+
+
+def can_resume(output: str) -> bool:
+    from ray import tune
+
+    return os.path.exists(os.path.join(output, "config.yaml")) and tune.Tuner.can_restore(experiment_dir(output))
+
+
+def grid_size(cfg: Config) -> int:
+    """Trials per sample: the product of the grid lengths (choice and ranges draw one value per sample)."""
+    return math.prod(len(values) for spec in cfg.tune.search_space.values()
+                     for kind, values in spec.items() if kind == "grid")
+
+
+def replicate_seeds(cfg: Config) -> tuple[dict[str, Any], int]:
+    """(extra search-space entries, Tune's num_samples) that give every sample of a point its own seed.
+
+    A pure grid with num_samples n becomes the grid x train.seed in [seed, seed + n): replicates
+    are reproducible and named by their seed. With random dimensions each sample draws its seed.
+    A study that searches train.seed itself keeps it."""
+    n = cfg.tune.num_samples
+    if n == 1 or SEED in search_keys(cfg.tune.search_space):
+        return {}, n
+    if all(kind == "grid" for spec in cfg.tune.search_space.values() for kind in spec):
+        return {SEED: {"grid": [cfg.train.seed + i for i in range(n)]}}, 1
+    return {SEED: {"randint": [0, 2**31 - 2]}}, n
+
+
+def to_param_space(search_space: dict[str, Any]) -> dict[str, Any]:
+    from ray import tune
+
+    makers = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v),
+              "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(v[0], v[1] + 1)}
+    return {key: makers[kind](values) for key, spec in search_space.items() for kind, values in spec.items()}
+
+
+def searched_params(base: dict[str, Any], keys: list[str], sampled: dict[str, Any]) -> dict[str, Any]:
+    """The effective values of the searched fields of one trial (and its seed), as flat 'section.field' columns."""
+    flat = flatten(trial_config(base, sampled).to_dict())
+    return {k: flat[k] for k in keys}
+
+
+def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int):
+    from ray import tune
+
+    from . import trial
+    from .scheduler import create_scheduler
+
+    base = cfg.to_dict()
+    base["tune"]["search_space"] = {}
+    seeds, num_samples = replicate_seeds(cfg)
+    space = {**cfg.tune.search_space, **seeds}
+    keys = search_keys(space) + ([SEED] if SEED not in search_keys(space) else [])
+    recorder = StudyRecorder(output, functools.partial(searched_params, base, keys), cfg.tune.metric, cfg.tune.mode,
+                             provenance())
+    storage = os.path.join(output, "ray")
+    trainable = tune.with_parameters(trial.tune_trial, base_config=base, storage_path=storage)
+    trainable = tune.with_resources(trainable, {"CPU": cfg.tune.trial_driver_cpus})
+    if resume:
+        # tuner.pkl brings back the scheduler and the recorder (copies that re-read their state from disk).
+        return tune.Tuner.restore(experiment_dir(output), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True), keys
+    # With train.max_steps the epochs per trial follow from the data and the batch size; without
+    # tune.max_epochs ASHA then has no top rung and survivors run to their own end.
+    max_t = cfg.tune.max_epochs or (cfg.train.epochs if cfg.train.max_steps is None else 10**6)
+    scheduler = create_scheduler(cfg.tune.scheduler, output, recorder.note_stopped, max_t=max_t,
+                                 grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
+    return tune.Tuner(
+        trainable,
+        param_space=to_param_space(space),
+        tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler,
+                                    num_samples=num_samples, max_concurrent_trials=max_concurrent),
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage, callbacks=[recorder],
+                                  failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures)),
+    ), keys
+
+
+def _banner(cfg: Config, output: str, max_concurrent: int, resume: bool) -> str:
+    max_t = cfg.tune.max_epochs or cfg.train.epochs
+    length = f"max {max_t} epochs" if cfg.train.max_steps is None else f"{cfg.train.max_steps} steps per trial"
+    return (f"[ray_cifar] {'resuming ' if resume else ''}study: {grid_size(cfg)} grid point(s) x "
+            f"{cfg.tune.num_samples} sample(s), {cfg.train.num_workers} DDP rank(s) per trial "
+            f"({'GPU' if cfg.train.use_gpu else 'CPU'}), {max_concurrent} trial(s) at once, scheduler "
+            f"{cfg.tune.scheduler} on {cfg.tune.metric} ({cfg.tune.mode}), {length}; results in {output}")
+
+
+def unfinished_trials(output: str) -> int:
+    """Trials Tune has not ended (TERMINATED or ERROR), read from the experiment on disk."""
+    from ray.tune import ExperimentAnalysis
+
+    trials = ExperimentAnalysis(experiment_dir(output)).trials
+    return sum(str(t.status) not in ("TERMINATED", "ERROR") for t in trials)
+
+
+def run_study(cfg: Config, output: str, resume: bool = False) -> int:
+    """Run (or resume) the study; returns the exit status: 0, 1 if a trial failed, 130 if interrupted."""
+    from . import ray_cluster
+
+    # Tune's default loggers write TensorBoard/CSV/JSON files keyed by training_iteration, which
+    # restarts at 1 on restore; the recorder writes per-epoch TensorBoard files under OUTPUT instead.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    ray_cluster.init_ray(cfg)
+    cfg.train.use_gpu = ray_cluster.resolve_use_gpu(cfg)
+    ray_cluster.check_fits(cfg)
+    max_concurrent = ray_cluster.concurrent_trials(cfg)
+    print(_banner(cfg, output, max_concurrent, resume), flush=True)
+    print(f"[ray_cifar] TensorBoard: tensorboard --logdir {os.path.join(output, 'tensorboard')}", flush=True)
+    tuner, keys = _build_tuner(cfg, output, resume, max_concurrent)
+    tuner.fit()
+    if unfinished_trials(output):
+        print(f"\n[ray_cifar] study interrupted; nothing reported is lost. Continue it with:\n"
+              f"  python -m ray_cifar.tune --resume {output}", flush=True)
+        return 130
+    return finish_study(cfg, output, keys)
+
+
+def _sort_key(metric_mode: tuple[str, str], t: dict[str, Any]):
+    value = t.get("best_metric")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return (1, 0.0)
+    return (0, -value if metric_mode[1] == "max" else value)
+
+
+def finish_study(cfg: Config, output: str, keys: list[str]) -> int:
+    """Rank trials by tune.metric/mode, evaluate the best on test once, write trials.parquet, the table."""
+    from . import trial
+
+    with open(os.path.join(output, TRIALS_STATE)) as f:
+        trials = sorted(json.load(f).values(), key=functools.partial(_sort_key, (cfg.tune.metric, cfg.tune.mode)))
+    for t in trials:
+        t.update(test_acc=None, test_loss=None)
+    best = next((t for t in trials if t.get("best_checkpoint")), None)
+    try:
+        if best is not None:
+            # The test split, once, for the trial chosen by validation alone.
+            test = trial.evaluate_checkpoint(best["best_checkpoint"], "test", cfg.train.use_gpu)
+            best.update(test_acc=test["test_acc"], test_loss=test["test_loss"])
+    except Exception as e:  # noqa: BLE001 - the trials' results matter more than the one test figure
+        print(f"[ray_cifar] test evaluation of {best['trial_id']} failed: {e}", flush=True)
+    finally:
+        write_rows([{**t, **provenance()} for t in trials], os.path.join(output, "trials.parquet"))
+        ResultsLog(output).compact()
+    columns = ["trial_id", *keys, "status", "epochs", "best_metric", "best_epoch", "best_val_acc", "test_acc"]
+    print("\n" + format_table(trials, columns).replace("best_metric", f"best_{cfg.tune.metric}", 1))
+    if best is not None and best["test_acc"] is not None:
+        print(f"\n[ray_cifar] best trial {best['trial_id']} by {cfg.tune.metric} ({cfg.tune.mode}): "
+              f"{best['best_metric']:.4f} at epoch {best['best_epoch']}; test_acc {best['test_acc']:.4f} "
+              f"(evaluated once)")
+    failed = [t for t in trials if t["status"] == FAILED]
+    for t in failed:
+        print(f"[ray_cifar] trial {t['trial_id']} FAILED: {t['error']}")
+    print(f"[ray_cifar] results: {output}/results.parquet, {output}/trials.parquet; "
+          f"TensorBoard: tensorboard --logdir {output}/tensorboard", flush=True)
+    with open(os.path.join(output, FINISHED), "w") as f:
+        json.dump({"finished": time.time(), "failed": [t["trial_id"] for t in failed]}, f)
+    return 1 if failed else 0

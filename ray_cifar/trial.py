@@ -1,0 +1,144 @@
+"""One trial: a Ray Train TorchTrainer of `train.num_workers` DDP ranks, checkpointed every epoch.
+
+Ray 2.60 runs Train V2, where `Tuner(TorchTrainer(...))` is gone: a study is a Tune
+*function* trainable (`tune_trial`) that builds a TorchTrainer and calls fit();
+TuneReportCallback forwards rank 0's per-epoch metrics (and the checkpoint path) to Tune.
+
+Fault tolerance, from the inside out:
+- every epoch rank 0 reports a full training state (ray_cifar.checkpoint); Ray keeps the
+  latest and the best by tune.metric (CheckpointConfig with a score attribute);
+- a dead rank: Train restarts the worker group (train.max_failures) and every rank starts
+  from `ray.train.get_checkpoint()`, the latest state, at the next epoch;
+- a failed trial: Tune runs `tune_trial` again (tune.max_failures); its TorchTrainer, named
+  after the trial id under the study's storage, finds its own run and its latest checkpoint;
+- a dead driver: `Tuner.restore` (ray_cifar.study) runs unfinished trials' `tune_trial` again,
+  which resumes the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from . import checkpoint
+from .config import Config, trial_config
+from .data import make_splits
+from .data_source import load_cifar10
+from .training import build_model, evaluate_split, run_training
+
+
+def _latest_state() -> dict | None:
+    found = ray.train.get_checkpoint()
+    if found is None:
+        return None
+    with found.as_directory() as directory:
+        return checkpoint.load_state(directory)
+
+
+def _rank_nodes(world_size: int) -> str:
+    """The Ray node of every rank, in rank order (short ids), so a row shows where its ranks ran."""
+    node = ray.get_runtime_context().get_node_id()[:12]
+    if world_size == 1:
+        return node
+    nodes: list[Any] = [None] * world_size
+    dist.all_gather_object(nodes, node)  # once per run, before the first step
+    return ",".join(nodes)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """What each DDP rank runs. Ray Train has already set up the process group."""
+    cfg = Config.from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()  # the rank's own (visible) GPU, or cpu
+    log = print if rank == 0 else (lambda msg: None)
+    resume = _latest_state()
+    dataset = load_cifar10(cfg.data.path, cfg.data.cache_dir, log=log)  # decoded once, cached per node
+    splits = make_splits(dataset, cfg.data, device)
+    extra = {"nodes": _rank_nodes(world_size), "resumed_from_epoch": resume["epoch"] if resume else 0}
+    started = loop_config.get("started")
+    first = {"report": True}
+
+    def report(metrics: dict, state) -> None:
+        metrics.update(extra)
+        if first.pop("report", False):
+            # Startup: from the trial's start (Tune trial function) to the end of the first epoch
+            # minus that epoch's own work, i.e. to the first trained step.
+            if started is not None:
+                metrics["startup_seconds"] = time.time() - started - metrics["epoch_seconds"] - metrics["eval_seconds"]
+            if resume is not None:
+                # Epochs the checkpoint has seen: lets the driver recover rows it never received.
+                metrics["history"] = resume["history"]
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = None
+            if rank == 0:
+                checkpoint.save_state(state(), tmp)
+                saved = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=saved)  # a barrier: every rank calls it each epoch
+
+    run_training(cfg, splits, device, rank, world_size, on_epoch=report,
+                 local_world_size=ctx.get_local_world_size(), log=log, resume=resume)
+
+
+def make_trainer(cfg: Config, storage_path: str, name: str, callbacks: list | None = None,
+                 started: float | None = None) -> TorchTrainer:
+    use_gpu = bool(cfg.train.use_gpu)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "started": started},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker,
+                                                           **({"GPU": 1} if use_gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path, callbacks=callbacks or [],
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            # Keeps the best by the study's metric and, beside it, always the latest (to resume from).
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=cfg.tune.metric,
+                                               checkpoint_score_order=cfg.tune.mode)),
+    )
+
+
+def trainer_name(trial_id: str) -> str:
+    """A trial's TorchTrainer run name: stable across Tune retries and `--resume` (trial ids are kept)."""
+    return f"trial-{trial_id}"
+
+
+def tune_trial(sampled: dict[str, Any], base_config: dict[str, Any], storage_path: str) -> None:
+    """The Tune function trainable: this trial's config -> one TorchTrainer run (resumed if it ran before)."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    started = time.time()
+    cfg = trial_config(base_config, sampled)
+    trial_id = tune.get_context().get_trial_id()
+    make_trainer(cfg, storage_path, name=trainer_name(trial_id), callbacks=[TuneReportCallback()],
+                 started=started).fit()
+
+
+@ray.remote
+def _evaluate_checkpoint_task(checkpoint_path: str, split_name: str) -> dict[str, float]:
+    found = ray.train.Checkpoint(checkpoint_path)
+    with found.as_directory() as directory:
+        state = checkpoint.load_state(directory)
+    cfg = Config.from_dict(state["config"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(cfg, device)
+    model.load_state_dict(state["model"])
+    splits = make_splits(load_cifar10(cfg.data.path, cfg.data.cache_dir, log=lambda m: None), cfg.data, device)
+    return evaluate_split(cfg, model, getattr(splits, split_name), device, prefix=split_name)
+
+
+def evaluate_checkpoint(checkpoint_path: str, split_name: str, use_gpu: bool) -> dict[str, float]:
+    """Evaluate a trial checkpoint on a split, as a Ray task where a GPU is (when the study used GPUs)."""
+    task = _evaluate_checkpoint_task.options(num_gpus=1 if use_gpu else 0, num_cpus=1)
+    return ray.get(task.remote(checkpoint_path, split_name))

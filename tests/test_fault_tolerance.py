@@ -1,0 +1,186 @@
+"""Fault tolerance with real processes on a real local Ray cluster.
+
+(a)+(c) One 2-rank DDP trial runs twice with the same config: once undisturbed, once with one
+        rank's worker process SIGKILLed after epoch 2 was reported. Ray Train restarts the worker
+        group from the last checkpoint; the trial completes, no epoch is recorded twice, and the
+        torch pipeline continues *exactly*: every later epoch's metrics and the final weights equal
+        the undisturbed run's (fp32, GroupNorm, one thread per rank: CPU float results repeat
+        bit for bit; tolerance 1e-6 absolute only guards against reduction-order noise).
+(b)+(d) A three-trial study (one absurd lr) has its driver SIGKILLed while the third trial runs;
+        `--resume` finishes it: the finished trials are not run again, rows are complete and unique,
+        the absurd trial is `diverged`, the others `completed`.
+Every process killed here is one this test started (the driver) or a descendant of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+
+from conftest import TINY_MODEL
+from ray_cifar import checkpoint
+from ray_cifar.results import ResultsLog
+
+pytestmark = pytest.mark.integration
+
+EPOCHS = 4
+TOLERANCE = 1e-6
+SETS = TINY_MODEL + ["model.norm=group", "train.amp=fp32", "data.pipeline=torch", "train.torch_threads=1",
+                     "train.num_workers=2", "train.global_batch_size=50", "data.val_size=100", "optim.lr=0.05",
+                     "schedule.name=cosine", "tune.scheduler=fifo", "tune.max_concurrent_trials=1",
+                     "tune.search_space={}"]
+
+
+def study_args(data: str, output, *sets: str) -> list[str]:
+    args = [sys.executable, "-m", "ray_cifar.tune", "--data", data, "--output", str(output)]
+    return args + [a for s in sets for a in ("--set", s)]
+
+
+def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the study ended (rc {proc.returncode}) before {what}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def trials_state(output) -> dict:
+    try:
+        with open(os.path.join(output, "trials.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def train_workers(pid: int) -> list[psutil.Process]:
+    found = []
+    for p in descendants(pid):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def end_tree(processes: list[psutil.Process]) -> None:
+    """SIGKILL what is left of a process tree this test started, by pid."""
+    for p in processes:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(processes, timeout=30)
+
+
+def final_state(output) -> dict:
+    trial = next(iter(trials_state(output).values()))
+    from ray.train import Checkpoint
+
+    with Checkpoint(trial["latest_checkpoint"]).as_directory() as d:
+        return checkpoint.load_state(d)
+
+
+def test_killed_rank_resumes_from_its_checkpoint_and_continues_exactly(tmp_path, synthetic_parquet_dir):
+    sets = SETS + [f"train.epochs={EPOCHS}"]
+    undisturbed = subprocess.run(study_args(synthetic_parquet_dir, tmp_path / "a", *sets), capture_output=True,
+                                 text=True, timeout=900)
+    assert undisturbed.returncode == 0, undisturbed.stdout[-3000:] + undisturbed.stderr[-3000:]
+
+    output = tmp_path / "b"
+    proc = subprocess.Popen(study_args(synthetic_parquet_dir, output, *sets), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: any(r["epoch"] >= 2 for r in ResultsLog(str(output)).read()), 600, "epoch 2", proc)
+        workers = wait_for(lambda: train_workers(proc.pid), 60, "the DDP workers", proc)
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        end_tree(descendants(proc.pid) + [psutil.Process(proc.pid)] if proc.poll() is None else [])
+    assert proc.returncode == 0, out[-4000:]
+
+    trial = next(iter(trials_state(output).values()))
+    assert trial["status"] == "completed"
+    rows = sorted(ResultsLog(str(output)).read(), key=lambda r: r["epoch"])
+    assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))  # none lost, none twice
+    resumed = [r for r in rows if r["resumed_from_epoch"]]
+    assert resumed, "no epoch ran after a restart: the kill did not take effect"
+    assert resumed[0]["resumed_from_epoch"] >= 2 and resumed[0]["epoch"] == resumed[0]["resumed_from_epoch"] + 1
+
+    expected = sorted(ResultsLog(str(tmp_path / "a")).read(), key=lambda r: r["epoch"])
+    for got, want in zip(rows, expected):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+            assert abs(got[key] - want[key]) <= TOLERANCE, (got["epoch"], key, got[key], want[key])
+    weights, reference = final_state(output)["model"], final_state(tmp_path / "a")["model"]
+    assert max((weights[k] - reference[k]).abs().max().item() for k in reference) <= TOLERANCE
+
+
+def test_killed_driver_then_resume_finishes_the_study(tmp_path, synthetic_parquet_dir):
+    output = tmp_path / "study"
+    sets = SETS + ["train.epochs=4", "tune.search_space={optim.lr: {grid: [0.05, 1000000000.0, 0.03]}}"]
+    proc = subprocess.Popen(study_args(synthetic_parquet_dir, output, *sets), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        def third_trial_running():
+            trials = sorted(trials_state(output).values(), key=lambda t: t["trial_id"])
+            return (len(trials) == 3 and [t["status"] for t in trials[:2]] == ["completed", "diverged"]
+                    and trials[2].get("epochs", 0) >= 1)
+
+        wait_for(third_trial_running, 900, "the third trial's first epoch", proc)
+        before = {(r["trial_id"], r["epoch"]): r["time"] for r in ResultsLog(str(output)).read()}
+        tree = descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        end_tree(descendants(proc.pid) + [psutil.Process(proc.pid)] if proc.poll() is None else [])
+    end_tree(tree)  # Ray's processes fate-share with the driver; end any straggler we started
+
+    resumed = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--resume", str(output)], capture_output=True,
+                             text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    assert "resuming study" in resumed.stdout
+
+    trials = sorted(trials_state(output).values(), key=lambda t: t["trial_id"])
+    assert [t["status"] for t in trials] == ["completed", "diverged", "completed"]
+    rows = ResultsLog(str(output)).read()
+    keys = [(r["trial_id"], r["epoch"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    by_trial = {t["trial_id"]: sorted(e for tid, e in keys if tid == t["trial_id"]) for t in trials}
+    assert by_trial[trials[0]["trial_id"]] == [1, 2, 3, 4] and by_trial[trials[2]["trial_id"]] == [1, 2, 3, 4]
+    assert by_trial[trials[1]["trial_id"]] == [1]
+    # The finished trials were not run again: their rows are the very rows written before the kill.
+    for r in rows:
+        if r["trial_id"] != trials[2]["trial_id"]:
+            assert before[(r["trial_id"], r["epoch"])] == r["time"]
+    assert any(r["resumed_from_epoch"] for r in rows if r["trial_id"] == trials[2]["trial_id"])
+    assert os.path.exists(output / "trials.parquet")
+
+    again = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--resume", str(output)], capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_resume_of_a_folder_that_is_not_a_study_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--resume", str(tmp_path)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "not a ray_cifar study" in result.stderr

@@ -1,0 +1,169 @@
+"""The study's bookkeeping with fake trials and synthetic results (no training, no Ray cluster),
+as Ray tests its schedulers: rows, statuses, the state that survives a restore, ASHA's rungs
+rebuilt from recorded rows, and the exit status."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+from ray_cifar import study
+from ray_cifar.recorder import StudyRecorder
+from ray_cifar.results import ResultsLog
+from ray_cifar.scheduler import RestorableASHA
+
+
+class FakeTrial:
+    def __init__(self, trial_id: str, lr: float = 0.1, error_file: str | None = None):
+        self.trial_id, self.config, self.error_file = trial_id, {"optim.lr": lr}, error_file
+
+
+def lr_params(config: dict) -> dict:
+    return {"optim.lr": config["optim.lr"]}
+
+
+def result(epoch: int, val_acc: float, **extra) -> dict:
+    return {"epoch": epoch, "epochs": 4, "val_acc": val_acc, "train_loss": 1.0 / epoch, **extra}
+
+
+@pytest.fixture
+def recorder(tmp_path):
+    return StudyRecorder(str(tmp_path), lr_params, "val_acc", "max", {"git_sha": "x"}, tensorboard=False)
+
+
+def test_rows_are_written_once_per_trial_and_epoch(recorder, tmp_path):
+    trial = FakeTrial("t1")
+    for epoch, acc in ((1, 0.3), (2, 0.5), (2, 0.5), (3, 0.4)):  # epoch 2 reported twice (a replayed report)
+        recorder.on_trial_result(0, [], trial, result(epoch, acc))
+    rows = ResultsLog(str(tmp_path)).read()
+    assert sorted(r["epoch"] for r in rows) == [1, 2, 3]
+    assert all(r["optim.lr"] == 0.1 and r["git_sha"] == "x" for r in rows)
+    summary = recorder.trials["t1"]
+    assert (summary["best_metric"], summary["best_epoch"], summary["epochs"]) == (0.5, 2, 3)
+
+
+def test_min_mode_picks_the_lowest_value(tmp_path):
+    rec = StudyRecorder(str(tmp_path), lr_params, "train_loss", "min", tensorboard=False)
+    for epoch in (1, 2, 3):
+        rec.on_trial_result(0, [], FakeTrial("t"), result(epoch, 0.1))
+    assert rec.trials["t"]["best_epoch"] == 3 and rec.trials["t"]["best_metric"] == pytest.approx(1 / 3)
+
+
+def test_history_of_a_resumed_trial_fills_rows_the_dead_driver_never_got(recorder, tmp_path):
+    trial = FakeTrial("t1")
+    recorder.on_trial_result(0, [], trial, result(1, 0.3))
+    # The driver died after the trial checkpointed epoch 2 but before epoch 2's report arrived.
+    history = [result(1, 0.3), result(2, 0.6)]
+    recorder.on_trial_result(0, [], trial, result(3, 0.7, history=history, resumed_from_epoch=2))
+    assert sorted(r["epoch"] for r in ResultsLog(str(tmp_path)).read()) == [1, 2, 3]
+
+
+def test_statuses_come_from_tune_events(recorder, tmp_path):
+    done, stopped, diverged = FakeTrial("a"), FakeTrial("b"), FakeTrial("c")
+    error_file = tmp_path / "error.txt"
+    error_file.write_text("Traceback (most recent call last):\n  ...\nRuntimeError: CUDA out of memory\n")
+    failed = FakeTrial("d", error_file=str(error_file))
+    for t in (done, stopped, diverged, failed):
+        if t is stopped:
+            recorder.note_stopped(t.trial_id)  # Tune asks the scheduler before the callbacks see the result
+        recorder.on_trial_result(0, [], t, result(1, 0.2, diverged=t is diverged))
+    recorder.on_trial_complete(0, [], done)
+    recorder.on_trial_complete(0, [], stopped)
+    recorder.on_trial_complete(0, [], diverged)
+    recorder.on_trial_error(0, [], failed)
+    status = {tid: s["status"] for tid, s in recorder.trials.items()}
+    assert status == {"a": "completed", "b": "stopped", "c": "diverged", "d": "failed"}
+    assert recorder.trials["d"]["error"] == "RuntimeError: CUDA out of memory"
+    assert recorder.trials["b"]["optim.lr"] == 0.1  # the bare entry note_stopped made was filled in
+
+
+def test_a_retried_trial_that_completes_is_completed(recorder):
+    trial = FakeTrial("a")
+    recorder.on_trial_result(0, [], trial, result(1, 0.2))
+    recorder.on_trial_error(0, [], trial)
+    recorder.on_trial_complete(0, [], trial)
+    assert recorder.trials["a"]["status"] == "completed" and recorder.trials["a"]["error"] is None
+
+
+def test_state_survives_pickling_as_tuner_pkl_does(recorder, tmp_path):
+    scheduler = RestorableASHA(str(tmp_path), on_stop=recorder.note_stopped, metric="val_acc", mode="max",
+                               max_t=4, grace_period=1, reduction_factor=2)
+    recorder.on_trial_result(0, [], FakeTrial("t1"), result(1, 0.3))
+    # Tuner.restore unpickles the tuner's callbacks and scheduler from one pickle, written at the start:
+    restored_recorder, restored_scheduler = pickle.loads(pickle.dumps((recorder, scheduler)))
+    assert restored_scheduler.on_stop.__self__ is restored_recorder  # still one object
+    assert restored_recorder.trials["t1"]["epochs"] == 1  # re-read from disk
+    restored_recorder.on_trial_result(0, [], FakeTrial("t1"), result(1, 0.3))  # already recorded: no new row
+    restored_recorder.on_trial_result(0, [], FakeTrial("t1"), result(2, 0.4))
+    assert sorted(r["epoch"] for r in ResultsLog(str(tmp_path)).read()) == [1, 2]
+
+
+def _run(scheduler, trial_results, recorder=None) -> dict[str, str]:
+    """Feed results in order (as Tune would); returns each trial's last decision."""
+    decisions = {}
+    for trial_id, epoch, acc in trial_results:
+        trial = FakeTrial(trial_id)
+        if epoch == 1:
+            scheduler.on_trial_add(None, trial)
+        res = result(epoch, acc)
+        decisions[trial_id] = scheduler.on_trial_result(None, trial, res)
+        if recorder is not None:
+            recorder.on_trial_result(0, [], trial, res)
+    return decisions
+
+
+HISTORY = [("t1", 1, 0.50), ("t1", 2, 0.60), ("t2", 1, 0.40), ("t2", 2, 0.45), ("t3", 1, 0.55), ("t3", 2, 0.65)]
+NEXT = [("t4", 1, 0.45), ("t4", 2, 0.50)]  # good enough for the empty rungs, not for the rebuilt ones
+
+
+def test_asha_rungs_are_rebuilt_from_recorded_rows(recorder, tmp_path):
+    asha_args = dict(metric="val_acc", mode="max", max_t=8, grace_period=1, reduction_factor=2)
+    original = RestorableASHA(str(tmp_path), on_stop=recorder.note_stopped, **asha_args)
+    _run(original, HISTORY, recorder)
+    uninterrupted = _run(original, NEXT)
+
+    rebuilt = pickle.loads(pickle.dumps(RestorableASHA(str(tmp_path), **asha_args)))  # as restored, empty
+    assert _run(rebuilt, NEXT) == uninterrupted
+    assert uninterrupted["t4"] == TrialScheduler.STOP
+    # Ray's own ASHA after a restore: empty rungs, so it would keep the trial.
+    assert _run(ASHAScheduler(time_attr="epoch", **asha_args), NEXT)["t4"] == TrialScheduler.CONTINUE
+
+
+def test_the_scheduler_reports_the_trials_it_stops(recorder, tmp_path):
+    asha = RestorableASHA(str(tmp_path), on_stop=recorder.note_stopped, metric="val_acc", mode="max", max_t=8,
+                          grace_period=1, reduction_factor=2)
+    _run(asha, HISTORY + NEXT, recorder)
+    recorder.on_trial_complete(0, [], FakeTrial("t4"))
+    assert recorder.trials["t4"]["status"] == "stopped"
+
+
+@pytest.mark.parametrize("failed, expected", [(False, 0), (True, 1)])
+def test_exit_status_is_nonzero_when_a_trial_failed(tmp_path, recorder, capsys, failed, expected):
+    from ray_cifar.config import load_config
+
+    recorder.on_trial_result(0, [], FakeTrial("ok"), result(1, 0.5))
+    recorder.on_trial_complete(0, [], FakeTrial("ok"))
+    bad = FakeTrial("bad")
+    recorder.on_trial_result(0, [], bad, result(1, 0.1))
+    (recorder.on_trial_error if failed else recorder.on_trial_complete)(0, [], bad)
+    rc = study.finish_study(load_config(None, []), str(tmp_path), ["optim.lr"])
+    out = capsys.readouterr().out
+    assert rc == expected
+    assert ("trial bad FAILED" in out) == failed
+    assert os.path.exists(tmp_path / "trials.parquet") and os.path.exists(tmp_path / "results.parquet")
+
+
+def test_replicates_get_their_own_seeds():
+    from ray_cifar.config import load_config
+
+    grid = load_config(None, ["tune.num_samples=3", "train.seed=7",
+                              "tune.search_space={optim.lr: {grid: [0.1, 0.2]}}"])
+    assert study.replicate_seeds(grid) == ({"train.seed": {"grid": [7, 8, 9]}}, 1)
+    random = load_config(None, ["tune.num_samples=3", "tune.search_space={optim.lr: {uniform: [0.1, 0.2]}}"])
+    extra, n = study.replicate_seeds(random)
+    assert n == 3 and "randint" in extra["train.seed"]
+    fixed = load_config(None, ["tune.num_samples=3", "tune.search_space={train.seed: {grid: [1, 2]}}"])
+    assert study.replicate_seeds(fixed) == ({}, 3)

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 import torch
 
@@ -64,32 +63,58 @@ def trials_state(output) -> dict:
         return {}
 
 
-def descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
+def _parents() -> dict[int, int]:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    return parents
 
 
-def train_workers(pid: int) -> list[psutil.Process]:
-    found = []
-    for p in descendants(pid):
-        try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
-                found.append(p)
-        except psutil.Error:
-            pass
+def descendants(pid: int) -> list[int]:
+    """Every living process below `pid` (read from /proc)."""
+    parents, found, frontier = _parents(), [], [pid]
+    while frontier:
+        children = [c for c, p in parents.items() if p in frontier]
+        found += children
+        frontier = children
     return found
 
 
-def end_tree(processes: list[psutil.Process]) -> None:
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def train_workers(pid: int) -> list[int]:
+    return [p for p in descendants(pid) if "RayTrainWorker" in cmdline(p)]
+
+
+def end_tree(pids: list[int]) -> None:
     """SIGKILL what is left of a process tree this test started, by pid."""
-    for p in processes:
+    for p in pids:
         try:
-            p.kill()
-        except psutil.Error:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
             pass
-    psutil.wait_procs(processes, timeout=30)
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def final_state(output) -> dict:
@@ -112,10 +137,10 @@ def test_killed_rank_resumes_from_its_checkpoint_and_continues_exactly(tmp_path,
     try:
         wait_for(lambda: any(r["epoch"] >= 2 for r in ResultsLog(str(output)).read()), 600, "epoch 2", proc)
         workers = wait_for(lambda: train_workers(proc.pid), 60, "the DDP workers", proc)
-        os.kill(workers[-1].pid, signal.SIGKILL)
+        os.kill(workers[-1], signal.SIGKILL)
         out, _ = proc.communicate(timeout=900)
     finally:
-        end_tree(descendants(proc.pid) + [psutil.Process(proc.pid)] if proc.poll() is None else [])
+        end_tree(descendants(proc.pid) + [proc.pid] if proc.poll() is None else [])
     assert proc.returncode == 0, out[-4000:]
 
     trial = next(iter(trials_state(output).values()))
@@ -151,7 +176,7 @@ def test_killed_driver_then_resume_finishes_the_study(tmp_path, synthetic_parque
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
-        end_tree(descendants(proc.pid) + [psutil.Process(proc.pid)] if proc.poll() is None else [])
+        end_tree(descendants(proc.pid) + [proc.pid] if proc.poll() is None else [])
     end_tree(tree)  # Ray's processes fate-share with the driver; end any straggler we started
 
     resumed = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--resume", str(output)], capture_output=True,

@@ -1,0 +1,62 @@
+"""Full-state checkpoints in one process (no Ray): a run stopped after epoch k and resumed from its
+checkpoint ends with exactly the weights and metrics of the uninterrupted run, on the torch pipeline.
+
+Augmentation, batch order and dropout are functions of (seed, epoch, rank), and the checkpoint holds
+the model, optimizer (Lookahead's slow weights too), scheduler and step, so CPU fp32 results repeat
+bit for bit: the comparison is exact (torch.equal), not within a tolerance.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY_MODEL, synthetic_cifar
+from ray_cifar import checkpoint
+from ray_cifar.config import load_config
+from ray_cifar.data import make_splits
+from ray_cifar.training import run_training
+
+SETS = TINY_MODEL + ["train.epochs=4", "train.global_batch_size=50", "data.val_size=100", "data.pipeline=torch",
+                     "train.amp=fp32", "model.dropout=0.2", "train.torch_threads=1", "data.autoaugment=cifar10"]
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("extra", [[], ["optim.lookahead_k=3", "optim.name=adam", "optim.lr=0.003"]],
+                         ids=["sgd", "lookahead-adam"])
+def test_resume_after_epoch_2_continues_exactly(tmp_path, extra):
+    cfg = load_config(None, SETS + extra)
+    splits = make_splits(synthetic_cifar(400, 50), cfg.data, "cpu")
+    cpu = torch.device("cpu")
+    full: list[dict] = []
+    model = run_training(cfg, splits, cpu, on_epoch=lambda m, state: full.append(m), log=None)
+
+    def stop_after_2(metrics, state):
+        if metrics["epoch"] == 2:
+            checkpoint.save_state(state(), str(tmp_path))
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_training(cfg, splits, cpu, on_epoch=stop_after_2, log=None)
+    state = checkpoint.load_state(str(tmp_path))  # weights_only=True
+    assert state["epoch"] == 2 and len(state["history"]) == 2 and state["config"] == cfg.to_dict()
+    resumed: list[dict] = []
+    resumed_model = run_training(cfg, splits, cpu, on_epoch=lambda m, s: resumed.append(m), log=None, resume=state)
+
+    assert [m["epoch"] for m in resumed] == [3, 4]
+    for got, want in zip(resumed, full[2:]):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "steps"):
+            assert got[key] == want[key], key
+    for (name, a), b in zip(model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_non_finite_loss_ends_the_run_as_diverged():
+    cfg = load_config(None, SETS + ["optim.lr=1e9", "model.dropout=0"])
+    splits = make_splits(synthetic_cifar(400, 50), cfg.data, "cpu")
+    epochs: list[dict] = []
+    run_training(cfg, splits, torch.device("cpu"), on_epoch=lambda m, s: epochs.append(m), log=None)
+    assert [m["diverged"] for m in epochs] == [True]

@@ -1,0 +1,118 @@
+"""The study report: every figure from config.yaml + Parquet alone, a comparison of two outputs, clean errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+
+pytest.importorskip("matplotlib")
+from PIL import Image  # noqa: E402
+
+from ray_cifar.report import FIGURES, load_study, main, match_published, summaries, write_report  # noqa: E402
+from ray_cifar.results import ResultsLog, write_rows  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_output(folder, lr_values=(0.1, 0.01), seeds=(0, 1), epochs=4, published=True) -> str:
+    """A finished ASHA study as the study writes it: config.yaml, results (compacted + one part), trials."""
+    os.makedirs(folder, exist_ok=True)
+    config = {"train": {"epochs": epochs, "global_batch_size": 128},
+              "optim": {"name": "sgd", "lr": 0.1},
+              "model": {"name": "resnet", "blocks": [1, 1]},
+              "tune": {"scheduler": "asha", "metric": "val_acc", "mode": "max", "grace_period": 1,
+                       "reduction_factor": 2, "max_epochs": None,
+                       "search_space": {"optim.lr": {"grid": list(lr_values)}}}}
+    if published:
+        config["published"] = [{"where": {"optim.lr": 0.1}, "value": 70.0, "metric": "val_acc", "source": "paper A"},
+                               {"where": {"optim.lr": 0.01, "model.blocks": [1, 1]}, "value": 60.0,
+                                "metric": "test_acc", "source": "paper A, table 2"}]
+    with open(os.path.join(folder, "config.yaml"), "w") as f:
+        yaml.safe_dump(config, f)
+    rows, trials = [], []
+    for i, (lr, seed) in enumerate((lr, s) for lr in lr_values for s in seeds):
+        trial_id = f"t{i}"
+        run = epochs if lr == lr_values[0] else 1  # ASHA stops the worse lr at the first rung
+        for epoch in range(1, run + 1):
+            acc = (0.5 if lr == lr_values[0] else 0.3) + 0.05 * epoch + 0.01 * seed
+            rows.append({"trial_id": trial_id, "epoch": epoch, "optim.lr": lr, "train.seed": seed,
+                         "train_loss": 2.0 / epoch, "val_acc": acc, "val_loss": 1.5 - acc,
+                         "images_per_second": 1000.0 + 100 * i})
+        trials.append({"trial_id": trial_id, "optim.lr": lr, "train.seed": seed, "epochs": run,
+                       "status": "completed" if run == epochs else "stopped"})
+    trials[1]["test_acc"] = 0.71  # the best trial (lr 0.1, seed 1)
+    log = ResultsLog(folder)
+    log.append(rows[:-2])
+    log.compact()
+    log.append(rows[-2:])  # not compacted yet: a study killed here still reports these
+    write_rows(trials, os.path.join(folder, "trials.parquet"))
+    return folder
+
+
+def assert_png(path):
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+    with Image.open(path) as img:
+        img.verify()
+
+
+def test_report_has_every_figure_and_the_html_references_each(tmp_path):
+    out = make_output(str(tmp_path / "study"))
+    html_path = write_report([out])
+    assert html_path == os.path.join(out, "report.html")
+    page = open(html_path).read()
+    md = open(os.path.join(out, "report.md")).read()
+    for name in FIGURES:
+        rel = f"figures/{name}.png"
+        assert_png(os.path.join(out, rel))
+        assert f'src="{rel}"' in page and f"({rel})" in md
+    assert "paper A, table 2" in page  # the published table
+    assert "± " in md  # replicates shown as mean ± std
+
+
+def test_ranking_uses_all_rows_and_marks_the_test_evaluated_trial(tmp_path):
+    study = load_study(make_output(str(tmp_path / "study")))
+    ranked = summaries(study)
+    assert ranked[0]["trial_id"] == "t1" and ranked[0]["test_acc"] == 0.71
+    assert ranked[0]["best_epoch"] == 4 and len(study.rows) == 10  # the uncompacted part is read too
+
+
+def test_published_entries_match_trials_by_where(tmp_path):
+    study = load_study(make_output(str(tmp_path / "study")))
+    trials = summaries(study)
+    for t in trials:
+        t["label"] = t["trial_id"]
+    matches = {m["trial_id"]: m for m in match_published(study, trials)}
+    assert set(matches) == {"t0", "t1", "t2", "t3"}
+    assert matches["t1"]["published %"] == 70.0 and matches["t1"]["metric"] == "val_acc"
+    assert matches["t1"]["ours %"] == pytest.approx(71.0)  # val_acc at the best epoch, in %
+    # the lr 0.01 entry asks for test_acc, which only the best trial has
+    assert matches["t2"]["published %"] == 60.0 and matches["t2"]["ours %"] is None
+
+
+def test_comparison_of_two_outputs(tmp_path):
+    a = make_output(str(tmp_path / "sgd"))
+    b = make_output(str(tmp_path / "adam"), lr_values=(0.001, 0.0001), published=False)
+    assert main([a, b, "--out", str(tmp_path / "cmp")]) == 0
+    page = open(tmp_path / "cmp" / "compare-report.html").read()
+    for name in FIGURES:
+        assert_png(tmp_path / "cmp" / "compare-figures" / f"{name}.png")
+        assert f'src="compare-figures/{name}.png"' in page
+    assert "sgd/t1" in page and "adam/t0" in page
+    # default folder: the first output
+    assert main([a, b]) == 0 and os.path.exists(os.path.join(a, "compare-report.html"))
+
+
+def test_not_a_study_output_is_one_line_and_exit_2(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a study output" in err and str(tmp_path) in err
+
+
+def test_help_shows_an_example(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    assert "python -m ray_cifar.report out/smoke" in capsys.readouterr().out

@@ -145,10 +145,11 @@ def _flat_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def match_published(study: Study, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each `published:` entry beside the trial it reproduces: all its `where` items equal the trial's values
-    (searched columns, else the resolved config). A trial matched by several takes the most specific one.
-    Lengths are compared as written, so a --budget-scale or --smoke-test run matches fewer rows."""
+    (searched columns, else the resolved config). A trial matched by several entries takes the most specific
+    (most `where` items), all of them when they tie (e.g. a run's val and test figures). Lengths are compared
+    as written, so a --budget-scale or --smoke-test run matches fewer rows."""
     base = _flat_config(study.config)
-    claimed: dict[Any, tuple[int, dict[str, Any]]] = {}
+    claimed: dict[Any, tuple[int, list[dict[str, Any]]]] = {}
     for entry in study.config.get("published") or []:
         where = entry.get("where") or {}
         for t in trials:
@@ -157,18 +158,17 @@ def match_published(study: Study, trials: list[dict[str, Any]]) -> list[dict[str
                 matches = all(_same(values[k], v) for k, v in where.items())
             except (TypeError, ValueError):
                 matches = False
-            if matches and len(where) > claimed.get(t["trial_id"], (-1, None))[0]:
-                claimed[t["trial_id"]] = (len(where), entry)
+            most, entries = claimed.get(t["trial_id"], (-1, []))
+            if matches and len(where) >= most:
+                claimed[t["trial_id"]] = (len(where), (entries if len(where) == most else []) + [entry])
     out = []
     for t in trials:
-        if t["trial_id"] not in claimed:
-            continue
-        entry = claimed[t["trial_id"]][1]
-        metric = entry.get("metric", "test_acc")
-        ours = metric_value(t, metric)
-        out.append({"trial_id": t["trial_id"], "label": t["label"], "published %": float(entry["value"]),
-                    "metric": metric, "ours %": None if ours is None else 100.0 * ours,
-                    "source": entry.get("source", "")})
+        for entry in claimed.get(t["trial_id"], (0, []))[1]:
+            metric = entry.get("metric", "test_acc")
+            ours = metric_value(t, metric)
+            out.append({"trial_id": t["trial_id"], "label": t["label"], "published %": float(entry["value"]),
+                        "metric": metric, "ours %": None if ours is None else 100.0 * ours,
+                        "source": entry.get("source", "")})
     return out
 
 

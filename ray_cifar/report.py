@@ -289,10 +289,11 @@ def _axis_values(values: list[Any]) -> tuple[list[float], list[str] | None]:
 
 def plot_params(trials, keys: list[str], path: str) -> str:
     plt = _pyplot()
-    keys = keys or ["(none)"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
-    points = aggregate_over_seeds(trials, [k for k in keys if k != "(none)"], "val_acc")
-    for ax, key in zip(axes[0], keys):
+    # A field with one value over all trials (e.g. cut by --smoke-test) says nothing: left out.
+    points = aggregate_over_seeds(trials, keys, "val_acc")  # a point: every searched value but the seed
+    shown = [k for k in keys if len({_fmt(t.get(k)) for t in trials}) > 1] or keys[:1] or ["(none)"]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], shown):
         xs, cats = _axis_values([t.get(key) for t in trials])
         ax.scatter(xs, [100 * (t.get("val_acc") or 0) for t in trials], s=12, color="tab:gray", alpha=0.6,
                    label="trials")
@@ -333,7 +334,7 @@ def plot_throughput(rows, trials, path: str) -> str:
 
 def plot_published(matches, path: str) -> str:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 0.5 * max(1, len(matches)) + 1.5))
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(matches) + 1.5 if matches else 0.6))
     if not matches:
         ax.text(0.5, 0.5, "no trial matches a published entry (none in config.yaml, or a shortened run)",
                 ha="center", va="center", fontsize=9)

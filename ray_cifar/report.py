@@ -9,6 +9,8 @@ curves, where ASHA stopped each trial against its rungs, accuracy against each s
 std over train.seed replicates), images/s per trial, and each run beside its published figure (the
 `published:` entries of config.yaml). The HTML references the PNGs by relative path, so the folder
 can be moved or copied whole. Runs on a finished output, or on one a killed study left behind.
+A comparison ranks every trial by the first output's tune.metric and tune.mode, and adds a
+"study" column (each output's folder name) to the searched fields.
 """
 
 from __future__ import annotations
@@ -345,6 +347,13 @@ def plot_published(matches, path: str) -> str:
     ax.barh([y + 0.2 for y in ys], [m["ours %"] or 0 for m in matches], height=0.4, color="tab:blue", label="this run")
     ax.set_yticks(list(ys), [f"{m['label']}\n({m['metric']})" for m in matches], fontsize=8)
     ax.invert_yaxis()
+    values = [v for m in matches for v in (m["published %"], m["ours %"]) if v is not None]
+    low = max(0.0, min(values) - 10)  # the differences that matter are a few points
+    for y, m in zip(ys, matches):
+        ax.text(m["published %"], y - 0.2, f" {m['published %']:.2f}", va="center", fontsize=7)
+        ours = f" {m['ours %']:.2f}" if m["ours %"] is not None else " not measured (test: best trial only)"
+        ax.text(m["ours %"] if m["ours %"] is not None else low, y + 0.2, ours, va="center", fontsize=7)
+    ax.set_xlim(low, 100)
     ax.set_xlabel("accuracy %")
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title("Each run beside its published figure")

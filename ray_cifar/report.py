@@ -375,6 +375,18 @@ def _combine(studies: list[Study]) -> Study:
                  rows=[tag(s, r) for s in studies for r in s.rows], trials=[tag(s, t) for s in studies for t in s.trials])
 
 
+def study_max_epochs(study: Study, trials: list[dict[str, Any]]) -> float:
+    """ASHA's max_t as the study set it: tune.max_epochs, else train.epochs; with train.max_steps the
+    epochs follow from the batch size, so the longest planned or run trial."""
+    train = study.config.get("train") or {}
+    if study.tune.get("max_epochs"):
+        return float(study.tune["max_epochs"])
+    if train.get("max_steps") is None and train.get("epochs"):
+        return float(train["epochs"])
+    planned = [t.get("planned_epochs") or 0 for t in study.trials]
+    return float(max(planned + [t["epochs"] or 0 for t in trials] + [1]))
+
+
 def build(study: Study, out_dir: str, prefix: str = "") -> dict[str, Any]:
     """Every figure under out_dir/<prefix>figures/ and the tables; returns what the page shows."""
     fig_dir = os.path.join(out_dir, f"{prefix}figures")
@@ -387,9 +399,7 @@ def build(study: Study, out_dir: str, prefix: str = "") -> dict[str, Any]:
         t["point"] = point_label(t, keys)
         seed = f" seed={t[SEED_KEY]}" if t.get(SEED_KEY) is not None else ""
         t["label"] = t["point"] + seed
-    planned = [t.get("planned_epochs") for t in study.trials if t.get("planned_epochs")]
-    max_t = float(study.tune.get("max_epochs") or (study.config.get("train") or {}).get("epochs")
-                  or max(planned + [t["epochs"] or 0 for t in trials] + [1]))
+    max_t = study_max_epochs(study, trials)
     matches = match_published(study, trials)
     p = lambda name: os.path.join(fig_dir, f"{name}.png")  # noqa: E731
     plot_ranking(trials, study.metric, study.mode, p("ranking"))

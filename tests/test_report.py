@@ -112,6 +112,20 @@ def test_comparison_of_two_outputs(tmp_path):
     assert main([a, b]) == 0 and os.path.exists(os.path.join(a, "compare-report.html"))
 
 
+def test_asha_rungs_and_max_epochs_come_from_the_config():
+    from ray_cifar.report import Study, asha_rungs, study_max_epochs
+
+    assert asha_rungs({"scheduler": "asha", "grace_period": 1, "reduction_factor": 2}, 6) == [1, 2, 4]
+    assert asha_rungs({"scheduler": "asha", "grace_period": 5, "reduction_factor": 3}, 50) == [5, 15, 45]
+    assert asha_rungs({"scheduler": "fifo", "grace_period": 1, "reduction_factor": 2}, 6) == []
+    trials = [{"epochs": 7}]
+    assert study_max_epochs(Study("s", {"train": {"epochs": 6}, "tune": {}}, []), trials) == 6
+    assert study_max_epochs(Study("s", {"train": {"epochs": 6}, "tune": {"max_epochs": 4}}, []), trials) == 4
+    # with train.max_steps the epochs follow from the batch size: the longest planned or run trial
+    steps = Study("s", {"train": {"epochs": 6, "max_steps": 300}, "tune": {}}, [], trials=[{"planned_epochs": 9}])
+    assert study_max_epochs(steps, trials) == 9
+
+
 def test_not_a_study_output_is_one_line_and_exit_2(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -155,3 +169,28 @@ def test_each_published_figure_of_a_shipped_study_lands_on_its_run(name):
         assert len({m["trial_id"] for m in matches}) == len(trials)
         assert [m["trial_id"] for m in matches] == sorted(m["trial_id"] for m in matches)
     assert {p["metric"] for p in published} <= {"val_acc", "test_acc"} and all(p.get("source") for p in published)
+
+
+@pytest.mark.integration
+@needs_matplotlib
+def test_report_of_a_real_smoke_study_has_every_figure(tmp_path, synthetic_parquet_dir):
+    import subprocess
+    import sys
+
+    from conftest import TINY_MODEL
+
+    output = tmp_path / "study"
+    sets = [*TINY_MODEL, "train.epochs=3", "train.num_workers=2", "train.global_batch_size=50", "data.val_size=100",
+            "tune.grace_period=1", "tune.reduction_factor=2", "tune.max_concurrent_trials=1",
+            "tune.search_space={optim.lr: {grid: [0.05, 0.0000001]}}"]
+    result = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--data", synthetic_parquet_dir, "--output",
+                             str(output), *[a for s in sets for a in ("--set", s)]],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert main([str(output)]) == 0
+    page = (output / "report.html").read_text()
+    for name in FIGURES:
+        assert_png(output / "figures" / f"{name}.png")
+        assert f'src="figures/{name}.png"' in page
+    ranked = summaries(load_study(str(output)))
+    assert len(ranked) == 2 and ranked[0]["optim.lr"] == 0.05 and ranked[0]["test_acc"] is not None

@@ -18,6 +18,7 @@ setup(
         "pyyaml>=6",
         "numpy",
         "pillow",
+        "matplotlib",  # ray_cifar.report figures
         # DALI is imported lazily, only by data.pipeline=dali; wheels exist for Linux x86_64 only.
         "nvidia-dali-cuda130; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],

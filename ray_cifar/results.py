@@ -5,12 +5,18 @@ results.parquet  one row per trial per epoch: trial_id, epoch, each searched fie
 trials.parquet   one row per trial: status (completed / stopped / failed), epochs run,
                  best val_acc, and test_acc for the study's best trial only.
 Both carry the provenance columns of `provenance()`. Files are replaced atomically,
-so a reader never sees half a file.
+so a reader never sees half a file. During a study, epochs go to small part files under
+results.parts/ (`ResultsLog`), merged into results.parquet at the end; `read_results` reads both.
+
+Which trial and which epoch are best is decided here only (`best_epoch`, `rank_trials`,
+`summarize_trials`), by the study's tune.metric and tune.mode; replicates of one searched
+point (differing only in train.seed) are summarised by `aggregate_over_seeds`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -59,16 +65,188 @@ def _column_safe(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (list, tuple, dict)) else value
 
 
-def write_rows(rows: Iterable[dict[str, Any]], path: str) -> None:
+def _column(values: list[Any]) -> pa.Array:
+    try:
+        return pa.array(values)  # all None: a null column, which Parquet stores fine
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        # Mixed types (e.g. 3 and "auto"): text, rather than losing the rows.
+        return pa.array([None if v is None else str(v) for v in values], type=pa.string())
+
+
+def rows_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
+    """Rows with different keys as one table: the union of the columns in first-seen order, missing values null."""
     rows = [{k: _column_safe(v) for k, v in r.items()} for r in rows]
-    columns: list[str] = []
+    columns: dict[str, None] = {}
     for r in rows:
-        columns += [k for k in r if k not in columns]
-    # from_pylist takes its columns from the first row: give every row every column.
-    table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows]) if rows else pa.table({})
+        columns.update(dict.fromkeys(r))
+    # Not pa.Table.from_pylist: it takes its columns from the first row alone.
+    return pa.table({c: _column([r.get(c) for r in rows]) for c in columns})
+
+
+def write_rows(rows: Iterable[dict[str, Any]], path: str) -> None:
+    """Write rows (keys may differ between rows) as Parquet, atomically: a reader never sees half a file."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
+    pq.write_table(rows_table(rows), tmp)
     os.replace(tmp, path)
+
+
+def read_rows(path: str) -> list[dict[str, Any]]:
+    return pq.read_table(path).to_pylist()
+
+
+class ResultsLog:
+    """results.parquet that grows by small part files, so recording an epoch costs the same at row 10 or 10,000.
+
+    append() writes each batch of rows as DIR/results.parts/part-NNNNNN.parquet (atomically);
+    compact() merges results.parquet and the parts into results.parquet and removes the parts it merged.
+    read() sees both, so a study killed between compactions loses no reported epoch. A row is keyed by
+    (trial_id, epoch): a later row for the same key replaces the earlier one (a resumed trial's epochs).
+    One writer (the study driver) at a time.
+    """
+
+    PARTS = "results.parts"
+
+    def __init__(self, output: str, name: str = "results.parquet"):
+        self.path = os.path.join(output, name)
+        self.parts_dir = os.path.join(output, self.PARTS)
+        self._next_part = 1 + max((_part_number(p) for p in self._parts()), default=-1)
+
+    def _parts(self) -> list[str]:
+        if not os.path.isdir(self.parts_dir):
+            return []
+        names = sorted(n for n in os.listdir(self.parts_dir) if _part_number(n) >= 0)
+        return [os.path.join(self.parts_dir, n) for n in names]
+
+    def append(self, rows: list[dict[str, Any]]) -> str | None:
+        """Write these rows as the next part file; returns its path (None for no rows)."""
+        if not rows:
+            return None
+        os.makedirs(self.parts_dir, exist_ok=True)
+        path = os.path.join(self.parts_dir, f"part-{self._next_part:06d}.parquet")
+        write_rows(rows, path)
+        self._next_part += 1
+        return path
+
+    def read(self) -> list[dict[str, Any]]:
+        return self._read(self._parts())
+
+    def _read(self, parts: list[str]) -> list[dict[str, Any]]:
+        files = ([self.path] if os.path.exists(self.path) else []) + parts
+        latest: dict[tuple[Any, Any], dict[str, Any]] = {}
+        for f in files:
+            for row in read_rows(f):
+                latest.pop((row.get("trial_id"), row.get("epoch")), None)  # the later row, in its later place
+                latest[(row.get("trial_id"), row.get("epoch"))] = row
+        return list(latest.values())
+
+    def compact(self) -> str:
+        """Merge the parts into results.parquet (written even with no rows); returns its path."""
+        parts = self._parts()
+        write_rows(self._read(parts), self.path)
+        for p in parts:  # only after the merged file is in place: a crash here leaves duplicates, which read() drops
+            os.remove(p)
+        return self.path
+
+
+def _part_number(name: str) -> int:
+    base = os.path.basename(name)
+    if not (base.startswith("part-") and base.endswith(".parquet")):
+        return -1
+    digits = base[len("part-"):-len(".parquet")]
+    return int(digits) if digits.isdigit() else -1
+
+
+def read_results(output: str) -> list[dict[str, Any]]:
+    """Every epoch row of a study output: results.parquet plus any parts not yet compacted, deduplicated."""
+    return ResultsLog(output).read()
+
+
+# --- Ranking: the one place that says which trial and which epoch are best ---
+
+SEED_KEY = "train.seed"
+
+
+def metric_value(row: dict[str, Any], key: str) -> float | None:
+    """row[key] as a float; None when missing, None or NaN (a diverged epoch ranks last, never first)."""
+    value = row.get(key)
+    if value is None or isinstance(value, (str, bytes, bool)):
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def _order_key(value: float | None, mode: str) -> tuple[int, float]:
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode: expected 'max' or 'min', got {mode!r}")
+    if value is None:
+        return (1, 0.0)
+    return (0, -value if mode == "max" else value)
+
+
+def best_epoch(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    """The epoch row of one trial with the best `metric` (earliest on ties); None if no row has a value."""
+    scored = [r for r in rows if metric_value(r, metric) is not None]
+    if not scored:
+        return None
+    return min(scored, key=lambda r: (_order_key(metric_value(r, metric), mode), r.get("epoch") or 0))
+
+
+def trial_value(trial: dict[str, Any], metric: str) -> float | None:
+    """A trial summary's value of the study metric: best_metric (recorded by the study), else best_<metric>."""
+    for key in ("best_metric", f"best_{metric}", metric):
+        if trial.get(key) is not None:
+            return metric_value(trial, key)
+    return None
+
+
+def rank_trials(trials: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
+    """Trials best first by `metric` and `mode`; trials without a value last, in their given order."""
+    return sorted(trials, key=lambda t: _order_key(trial_value(t, metric), mode))
+
+
+def summarize_trials(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
+    """One summary per trial from its epoch rows, ranked: its searched columns, epochs, best_epoch,
+    best_metric, and every epoch metric at that best epoch (so val_acc is the one at the metric's best)."""
+    by_trial: dict[Any, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_trial.setdefault(r.get("trial_id"), []).append(r)
+    summaries = []
+    for trial_id, trial_rows in by_trial.items():
+        last = max(trial_rows, key=lambda r: r.get("epoch") or 0)
+        best = best_epoch(trial_rows, metric, mode)
+        summary = {**(best or last), "trial_id": trial_id, "epochs": last.get("epoch")}
+        summary.update(best_epoch=best.get("epoch") if best else None,
+                       best_metric=metric_value(best, metric) if best else None)
+        summaries.append(summary)
+    return rank_trials(summaries, metric, mode)
+
+
+def searched_columns(rows: list[dict[str, Any]], with_seed: bool = False) -> list[str]:
+    """The "section.field" columns of the rows (the searched fields), in first-seen order."""
+    columns: dict[str, None] = {}
+    for r in rows:
+        columns.update(dict.fromkeys(k for k in r if "." in k))
+    return [c for c in columns if with_seed or c != SEED_KEY]
+
+
+def aggregate_over_seeds(rows: list[dict[str, Any]], keys: list[str], value: str) -> list[dict[str, Any]]:
+    """mean, std (sample, n-1; None for one value) and n of `value` per point of `keys` (train.seed is never
+    part of a point: replicates of a point differ only in it). Rows without a value are left out of n."""
+    points: dict[tuple, list[float]] = {}
+    first: dict[tuple, dict[str, Any]] = {}
+    keys = [k for k in keys if k != SEED_KEY]
+    for r in rows:
+        point = tuple(_column_safe(r.get(k)) for k in keys)
+        first.setdefault(point, {k: r.get(k) for k in keys})
+        v = metric_value(r, value)
+        points.setdefault(point, []).extend([] if v is None else [v])
+    out = []
+    for point, values in points.items():
+        n = len(values)
+        mean = sum(values) / n if n else None
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+        out.append({**first[point], "mean": mean, "std": std, "n": n})
+    return out
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -81,38 +259,3 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
     line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths))  # noqa: E731
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
-
-
-class ResultsLog:
-    """OUTPUT/results.parquet, grown by one small part file per append (never a rewrite of all rows).
-
-    `read()` merges the compacted file and the parts, keeping one row per (trial_id, epoch);
-    `compact()` folds the parts into results.parquet (at the end of a study)."""
-
-    def __init__(self, output: str):
-        self.path = os.path.join(output, "results.parquet")
-        self.parts = os.path.join(output, "results.parts")
-
-    def _part_files(self) -> list[str]:
-        if not os.path.isdir(self.parts):
-            return []
-        return sorted(os.path.join(self.parts, f) for f in os.listdir(self.parts) if f.endswith(".parquet"))
-
-    def append(self, rows: list[dict[str, Any]]) -> None:
-        os.makedirs(self.parts, exist_ok=True)
-        existing = self._part_files()
-        number = int(os.path.basename(existing[-1])[5:11]) + 1 if existing else 0
-        write_rows(rows, os.path.join(self.parts, f"part-{number:06d}.parquet"))
-
-    def read(self) -> list[dict[str, Any]]:
-        rows: dict[tuple, dict[str, Any]] = {}
-        for path in ([self.path] if os.path.exists(self.path) else []) + self._part_files():
-            for row in pq.read_table(path).to_pylist():
-                rows[(row["trial_id"], row["epoch"])] = row
-        return list(rows.values())
-
-    def compact(self) -> str:
-        write_rows(self.read(), self.path)
-        for path in self._part_files():
-            os.remove(path)
-        return self.path

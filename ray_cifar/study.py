@@ -21,7 +21,7 @@ from typing import Any
 
 from .config import Config, flatten, search_keys, trial_config
 from .recorder import FAILED, TRIALS_STATE, StudyRecorder
-from .results import ResultsLog, format_table, provenance, write_rows
+from .results import ResultsLog, format_table, provenance, rank_trials, write_rows
 
 EXPERIMENT = "tune"
 FINISHED = "study-finished.json"
@@ -150,19 +150,12 @@ def run_study(cfg: Config, output: str, resume: bool = False) -> int:
     return finish_study(cfg, output, keys)
 
 
-def _sort_key(metric_mode: tuple[str, str], t: dict[str, Any]):
-    value = t.get("best_metric")
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return (1, 0.0)
-    return (0, -value if metric_mode[1] == "max" else value)
-
-
 def finish_study(cfg: Config, output: str, keys: list[str]) -> int:
     """Rank trials by tune.metric/mode, evaluate the best on test once, write trials.parquet, the table."""
     from . import trial
 
     with open(os.path.join(output, TRIALS_STATE)) as f:
-        trials = sorted(json.load(f).values(), key=functools.partial(_sort_key, (cfg.tune.metric, cfg.tune.mode)))
+        trials = rank_trials(list(json.load(f).values()), cfg.tune.metric, cfg.tune.mode)
     for t in trials:
         t.update(test_acc=None, test_loss=None)
     best = next((t for t in trials if t.get("best_checkpoint")), None)
@@ -187,6 +180,18 @@ def finish_study(cfg: Config, output: str, keys: list[str]) -> int:
         print(f"[ray_cifar] trial {t['trial_id']} FAILED: {t['error']}")
     print(f"[ray_cifar] results: {output}/results.parquet, {output}/trials.parquet; "
           f"TensorBoard: tensorboard --logdir {output}/tensorboard", flush=True)
+    write_study_report(output)
     with open(os.path.join(output, FINISHED), "w") as f:
         json.dump({"finished": time.time(), "failed": [t["trial_id"] for t in failed]}, f)
     return 1 if failed else 0
+
+
+def write_study_report(output: str) -> None:
+    """OUTPUT/report.html and report.md; a report that cannot be drawn never fails the study."""
+    from .report import write_report
+
+    try:
+        print(f"[ray_cifar] report: {write_report([output])}", flush=True)
+    except Exception as e:  # noqa: BLE001
+        print(f"[ray_cifar] report not written ({type(e).__name__}: {e}); "
+              f"run python -m ray_cifar.report {output} to retry", flush=True)

@@ -167,3 +167,40 @@ def test_replicates_get_their_own_seeds():
     assert n == 3 and "randint" in extra["train.seed"]
     fixed = load_config(None, ["tune.num_samples=3", "tune.search_space={train.seed: {grid: [1, 2]}}"])
     assert study.replicate_seeds(fixed) == ({}, 3)
+
+
+def test_test_split_is_evaluated_for_the_best_trial_by_the_configured_metric(tmp_path, monkeypatch, capsys):
+    from ray_cifar import trial as trial_mod
+    from ray_cifar.config import load_config
+
+    rec = StudyRecorder(str(tmp_path), lr_params, "val_loss", "min", tensorboard=False)
+    # Trial "hi_acc" has the best val_acc but not the lowest val_loss; "lo_loss" must win under val_loss/min.
+    for tid, acc, loss in (("hi_acc", 0.9, 0.8), ("lo_loss", 0.7, 0.3), ("mid", 0.8, 0.5)):
+        rec.on_trial_result(0, [], FakeTrial(tid), {"epoch": 1, "epochs": 1, "val_acc": acc, "val_loss": loss,
+                                                     "checkpoint_path": f"/ckpt/{tid}"})
+        rec.on_trial_complete(0, [], FakeTrial(tid))
+    evaluated = []
+    monkeypatch.setattr(trial_mod, "evaluate_checkpoint",
+                        lambda path, split, use_gpu: evaluated.append(path) or {"test_acc": 0.5, "test_loss": 1.0})
+    cfg = load_config(None, ["tune.metric=val_loss", "tune.mode=min", "train.use_gpu=false"])
+    assert study.finish_study(cfg, str(tmp_path), ["optim.lr"]) == 0
+    assert evaluated == ["/ckpt/lo_loss"]
+    import pyarrow.parquet as pq
+    ranked = pq.read_table(tmp_path / "trials.parquet").to_pylist()
+    assert [t["trial_id"] for t in ranked] == ["lo_loss", "mid", "hi_acc"]
+    assert ranked[0]["test_acc"] == 0.5 and ranked[1]["test_acc"] is None
+
+
+def test_trials_parquet_is_written_even_if_the_test_evaluation_fails(tmp_path, recorder, monkeypatch):
+    from ray_cifar import trial as trial_mod
+    from ray_cifar.config import load_config
+
+    recorder.on_trial_result(0, [], FakeTrial("a"), result(1, 0.5, checkpoint_path="/gone"))
+    recorder.on_trial_complete(0, [], FakeTrial("a"))
+
+    def broken(*args):
+        raise FileNotFoundError("/gone")
+
+    monkeypatch.setattr(trial_mod, "evaluate_checkpoint", broken)
+    study.finish_study(load_config(None, ["train.use_gpu=false"]), str(tmp_path), ["optim.lr"])
+    assert os.path.exists(tmp_path / "trials.parquet")

@@ -1,0 +1,488 @@
+"""A study's report: figures and tables made only from OUTPUT/config.yaml and its Parquet files.
+
+    python -m ray_cifar.report out/smoke                  # out/smoke/report.html, report.md, figures/*.png
+    python -m ray_cifar.report out/sgd out/adam           # one comparison: out/sgd/compare-report.html
+    python -m ray_cifar.report out/sgd out/adam --out cmp # ... or cmp/compare-report.html
+
+Figures: the trial ranking (by tune.metric and tune.mode; the test-evaluated trial marked), learning
+curves, where ASHA stopped each trial against its rungs, accuracy against each searched field (mean and
+std over train.seed replicates), images/s per trial, and each run beside its published figure (the
+`published:` entries of config.yaml). The HTML references the PNGs by relative path, so the folder
+can be moved or copied whole. Runs on a finished output, or on one a killed study left behind.
+A comparison ranks every trial by the first output's tune.metric and tune.mode, and adds a
+"study" column (each output's folder name) to the searched fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .results import (SEED_KEY, aggregate_over_seeds, metric_value, read_results, read_rows, searched_columns,
+                      summarize_trials)
+
+FIGURES = ("ranking", "curves", "asha", "params", "throughput", "published")
+STUDY_COLUMN = "study"  # the extra searched column of a comparison: which output a trial came from
+
+
+class NotAStudyOutput(Exception):
+    pass
+
+
+@dataclass
+class Study:
+    """What the report reads from one output folder."""
+
+    name: str
+    config: dict[str, Any]
+    rows: list[dict[str, Any]]  # one per trial per epoch
+    trials: list[dict[str, Any]] = field(default_factory=list)  # trials.parquet, if the study got that far
+
+    @property
+    def tune(self) -> dict[str, Any]:
+        return self.config.get("tune") or {}
+
+    @property
+    def metric(self) -> str:
+        return self.tune.get("metric", "val_acc")
+
+    @property
+    def mode(self) -> str:
+        return self.tune.get("mode", "max")
+
+
+def load_study(output: str) -> Study:
+    config_path = os.path.join(output, "config.yaml")
+    has_results = os.path.exists(os.path.join(output, "results.parquet")) or os.path.isdir(
+        os.path.join(output, "results.parts"))
+    if not os.path.isfile(config_path) or not has_results:
+        raise NotAStudyOutput(f"{output} is not a study output (needs config.yaml and results.parquet)")
+    with open(config_path) as f:
+        config = yaml.safe_load(f) or {}
+    trials_path = os.path.join(output, "trials.parquet")
+    trials = read_rows(trials_path) if os.path.exists(trials_path) else []
+    name = os.path.basename(os.path.normpath(os.path.abspath(output)))
+    return Study(name=name, config=config, rows=read_results(output), trials=trials)
+
+
+# --- Tables ---
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def point_label(row: dict[str, Any], keys: list[str]) -> str:
+    """'lr=0.1 global_batch_size=128': each searched value under its field name (section kept if needed)."""
+    short = {k: k.split(".")[-1] for k in keys}
+    names = {k: (k if list(short.values()).count(short[k]) > 1 else short[k]) for k in keys}
+    return " ".join(f"{names[k]}={_fmt(row.get(k))}" for k in keys) or "(no search)"
+
+
+def summaries(study: Study) -> list[dict[str, Any]]:
+    """Per trial, ranked by the study metric; status and test figures joined from trials.parquet."""
+    extra = {t.get("trial_id"): t for t in study.trials}
+    out = []
+    for s in summarize_trials(study.rows, study.metric, study.mode):
+        t = extra.get(s["trial_id"], {})
+        out.append({**s, **{k: t.get(k) for k in ("status", "test_acc", "test_loss", "startup_seconds") if k in t}})
+    return out
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def html_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _mean_std(point: dict[str, Any], scale: float = 1.0) -> str:
+    if point["mean"] is None:
+        return "-"
+    std = f" ± {point['std'] * scale:.2f}" if point["std"] is not None else ""
+    return f"{point['mean'] * scale:.2f}{std} (n={point['n']})"
+
+
+def replicate_rows(trials: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
+    """val_acc at each trial's best epoch, as mean ± std (%) over the seeds of each searched point."""
+    points = aggregate_over_seeds(trials, keys, "val_acc")
+    points.sort(key=lambda p: -(p["mean"] if p["mean"] is not None else -1))
+    return [{**{k: p.get(k) for k in keys}, "val_acc % (mean ± std)": _mean_std(p, 100.0)} for p in points]
+
+
+# --- Published figures ---
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return [float(x) for x in _as_list(a)] == [float(x) for x in _as_list(b)]
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9)
+    return a == b
+
+
+def _as_list(v: Any) -> list[Any]:
+    if isinstance(v, str):
+        v = yaml.safe_load(v)  # lists are stored as JSON text in the Parquet columns
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _flat_config(config: dict[str, Any]) -> dict[str, Any]:
+    return {f"{s}.{k}": v for s, section in config.items() if isinstance(section, dict) for k, v in section.items()}
+
+
+def match_published(study: Study, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each `published:` entry beside the trial it reproduces: all its `where` items equal the trial's values
+    (searched columns, else the resolved config). A trial matched by several entries takes the most specific
+    (most `where` items), all of them when they tie (e.g. a run's val and test figures). Lengths are compared
+    as written, so a --budget-scale or --smoke-test run matches fewer rows."""
+    base = _flat_config(study.config)
+    claimed: dict[Any, tuple[int, list[dict[str, Any]]]] = {}
+    for entry in study.config.get("published") or []:
+        where = entry.get("where") or {}
+        for t in trials:
+            values = {k: t[k] if k in t else base.get(k) for k in where}
+            try:
+                matches = all(_same(values[k], v) for k, v in where.items())
+            except (TypeError, ValueError):
+                matches = False
+            most, entries = claimed.get(t["trial_id"], (-1, []))
+            if matches and len(where) >= most:
+                claimed[t["trial_id"]] = (len(where), (entries if len(where) == most else []) + [entry])
+    out = []
+    for t in trials:
+        for entry in claimed.get(t["trial_id"], (0, []))[1]:
+            metric = entry.get("metric", "test_acc")
+            ours = metric_value(t, metric)
+            out.append({"trial_id": t["trial_id"], "label": t["label"], "published %": float(entry["value"]),
+                        "metric": metric, "ours %": None if ours is None else 100.0 * ours,
+                        "source": entry.get("source", "")})
+    return out
+
+
+# --- Figures (matplotlib, Agg; imported here so the rest of the package does not need it) ---
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _colors(labels: list[str]) -> dict[str, Any]:
+    plt = _pyplot()
+    distinct = list(dict.fromkeys(labels))
+    cmap = plt.get_cmap("tab10" if len(distinct) <= 10 else "tab20")
+    return {label: cmap(i % cmap.N) for i, label in enumerate(distinct)}
+
+
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=80, bbox_inches="tight")  # long trial labels stay inside the image
+    _pyplot().close(fig)
+    return path
+
+
+def plot_ranking(trials, metric: str, mode: str, path: str) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(trials) + 1.5))
+    labels = [t["label"] for t in trials]
+    values = [t["best_metric"] if t["best_metric"] is not None else 0.0 for t in trials]
+    colors = ["tab:orange" if t.get("test_acc") is not None else "tab:blue" for t in trials]
+    ax.barh(range(len(trials)), values, color=colors)
+    ax.set_yticks(range(len(trials)), labels, fontsize=8)
+    ax.invert_yaxis()  # best on top
+    for i, t in enumerate(trials):
+        note = _fmt(t["best_metric"]) + (f"  test_acc {t['test_acc']:.4f}" if t.get("test_acc") is not None else "")
+        ax.text(values[i], i, " " + note, va="center", fontsize=8)
+    ax.set_xlabel(f"best {metric} ({mode}); orange: the trial evaluated on test")
+    ax.set_title("Trial ranking, best first")
+    ax.margins(x=0.3)
+    return _save(fig, path)
+
+
+def plot_curves(rows, trials, path: str) -> str:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = _colors([t["point"] for t in trials])
+    by_trial = {}
+    for r in rows:
+        by_trial.setdefault(r.get("trial_id"), []).append(r)
+    shown = set()
+    for t in trials:
+        curve = sorted(by_trial.get(t["trial_id"], []), key=lambda r: r.get("epoch") or 0)
+        label = t["point"] if t["point"] not in shown else None
+        shown.add(t["point"])
+        for ax, key in zip(axes, ("val_acc", "train_loss")):
+            points = [(r["epoch"], metric_value(r, key)) for r in curve if metric_value(r, key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", ms=3, color=colors[t["point"]], label=label if key == "val_acc" else None)
+    for ax, key in zip(axes, ("val_acc", "train_loss")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("Validation accuracy (one line per trial)")
+    axes[1].set_title("Train loss")
+    fig.legend(loc="lower center", ncol=min(3, max(1, len(shown))), fontsize=8, bbox_to_anchor=(0.5, -0.02))
+    fig.subplots_adjust(bottom=0.25)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def asha_rungs(tune: dict[str, Any], max_t: float) -> list[float]:
+    """Where ASHA decides: grace_period * reduction_factor^k, below max_t (empty for other schedulers)."""
+    if tune.get("scheduler", "asha") != "asha":
+        return []
+    grace, factor = float(tune.get("grace_period") or 1), float(tune.get("reduction_factor") or 4)
+    rungs, rung = [], grace
+    while rung < max_t and factor > 1:
+        rungs.append(rung)
+        rung *= factor
+    return rungs
+
+
+def plot_asha(trials, tune: dict[str, Any], max_t: float, path: str) -> str:
+    plt = _pyplot()
+    from matplotlib.patches import Patch
+
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(trials) + 1.8))
+    status_color = {"completed": "tab:green", "stopped": "tab:gray", "diverged": "tab:red", "failed": "black"}
+    ax.barh(range(len(trials)), [t["epochs"] or 0 for t in trials],
+            color=[status_color.get(t.get("status"), "tab:blue") for t in trials])
+    ax.set_yticks(range(len(trials)), [t["label"] for t in trials], fontsize=8)
+    ax.invert_yaxis()
+    rungs = asha_rungs(tune, max_t)
+    for rung in rungs:
+        ax.axvline(rung, color="tab:red", ls="--", lw=1)
+    ax.axvline(max_t, color="black", lw=1)
+    seen = [s for s in status_color if any(t.get("status") == s for t in trials)]
+    handles = [Patch(color=status_color[s], label=s) for s in seen] or [Patch(color="tab:blue", label="no status yet")]
+    ax.legend(handles=handles, fontsize=8, loc="lower right")
+    ax.set_xlabel("epochs run (dashed: ASHA rungs; solid: max)")
+    scheduler = tune.get("scheduler", "?")
+    detail = (f"grace {tune.get('grace_period')}, reduction {tune.get('reduction_factor')}, "
+              f"rungs at {', '.join(f'{r:g}' for r in rungs)}, max {max_t:g}" if scheduler == "asha" else "no rungs")
+    ax.set_title(f"Where each trial stopped ({scheduler}: {detail})", fontsize=10)
+    return _save(fig, path)
+
+
+def _axis_values(values: list[Any]) -> tuple[list[float], list[str] | None]:
+    """Numbers stay numbers (log axis chosen by the caller); anything else becomes ordered categories."""
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return [float(v) for v in values], None
+    cats = sorted({_fmt(v) for v in values})
+    return [float(cats.index(_fmt(v))) for v in values], cats
+
+
+def plot_params(trials, keys: list[str], path: str) -> str:
+    plt = _pyplot()
+    # A field with one value over all trials (e.g. cut by --smoke-test) says nothing: left out.
+    points = aggregate_over_seeds(trials, keys, "val_acc")  # a point: every searched value but the seed
+    shown = [k for k in keys if len({_fmt(t.get(k)) for t in trials}) > 1] or keys[:1] or ["(none)"]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], shown):
+        xs, cats = _axis_values([t.get(key) for t in trials])
+        ax.scatter(xs, [100 * (t.get("val_acc") or 0) for t in trials], s=12, color="tab:gray", alpha=0.6,
+                   label="trials")
+        px, _ = _axis_values([p.get(key) for p in points]) if cats is None else (
+            [float(cats.index(_fmt(p.get(key)))) for p in points], cats)
+        ax.errorbar(px, [100 * (p["mean"] or 0) for p in points], yerr=[100 * (p["std"] or 0) for p in points],
+                    fmt="o", color="tab:blue", capsize=4, label="mean ± std over seeds")
+        if cats is not None:
+            ax.set_xticks(range(len(cats)), cats, rotation=20, fontsize=8)
+        elif xs and min(xs) > 0 and max(xs) / min(xs) >= 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel("val_acc % at the best epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Accuracy against each searched field")
+    return _save(fig, path)
+
+
+def plot_throughput(rows, trials, path: str) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(trials) + 1.5))
+    speeds = []
+    for t in trials:
+        values = sorted(v for r in rows if r.get("trial_id") == t["trial_id"]
+                        for v in [metric_value(r, "images_per_second")] if v is not None)
+        speeds.append(values[len(values) // 2] if values else 0.0)  # the median: the first epoch warms up
+    ax.barh(range(len(trials)), speeds, color="tab:purple")
+    ax.set_yticks(range(len(trials)), [t["label"] for t in trials], fontsize=8)
+    ax.invert_yaxis()
+    for i, v in enumerate(speeds):
+        ax.text(v, i, f" {v:,.0f}", va="center", fontsize=8)
+    ax.set_xlabel("training images/s (median over epochs, all ranks)")
+    ax.set_title("Throughput per trial")
+    ax.margins(x=0.15)
+    return _save(fig, path)
+
+
+def plot_published(matches, path: str) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(matches) + 1.5 if matches else 0.6))
+    if not matches:
+        ax.text(0.5, 0.5, "no trial matches a published entry (none in config.yaml, or a shortened run)",
+                ha="center", va="center", fontsize=9)
+        ax.set_axis_off()
+        return _save(fig, path)
+    ys = range(len(matches))
+    ax.barh([y - 0.2 for y in ys], [m["published %"] for m in matches], height=0.4, color="tab:gray", label="published")
+    ax.barh([y + 0.2 for y in ys], [m["ours %"] or 0 for m in matches], height=0.4, color="tab:blue", label="this run")
+    ax.set_yticks(list(ys), [f"{m['label']}\n({m['metric']})" for m in matches], fontsize=8)
+    ax.invert_yaxis()
+    values = [v for m in matches for v in (m["published %"], m["ours %"]) if v is not None]
+    low = max(0.0, min(values) - 10)  # the differences that matter are a few points
+    for y, m in zip(ys, matches):
+        ax.text(m["published %"], y - 0.2, f" {m['published %']:.2f}", va="center", fontsize=7)
+        ours = f" {m['ours %']:.2f}" if m["ours %"] is not None else " not measured (test: best trial only)"
+        ax.text(m["ours %"] if m["ours %"] is not None else low, y + 0.2, ours, va="center", fontsize=7)
+    ax.set_xlim(low, 100)
+    ax.set_xlabel("accuracy %")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("Each run beside its published figure")
+    return _save(fig, path)
+
+
+# --- The report ---
+
+def _combine(studies: list[Study]) -> Study:
+    """Several outputs as one study whose trials carry a 'study' column (the output's folder name)."""
+    if len(studies) == 1:
+        return studies[0]
+    tag = lambda s, r: {STUDY_COLUMN: s.name, **r, "trial_id": f"{s.name}/{r.get('trial_id')}"}  # noqa: E731
+    first = studies[0]
+    config = dict(first.config)
+    config["published"] = [{**p, "where": {STUDY_COLUMN: s.name, **(p.get("where") or {})}}
+                           for s in studies for p in s.config.get("published") or []]
+    return Study(name=" vs ".join(s.name for s in studies), config=config,
+                 rows=[tag(s, r) for s in studies for r in s.rows], trials=[tag(s, t) for s in studies for t in s.trials])
+
+
+def study_max_epochs(study: Study, trials: list[dict[str, Any]]) -> float:
+    """ASHA's max_t as the study set it: tune.max_epochs, else train.epochs; with train.max_steps the
+    epochs follow from the batch size, so the longest planned or run trial."""
+    train = study.config.get("train") or {}
+    if study.tune.get("max_epochs"):
+        return float(study.tune["max_epochs"])
+    if train.get("max_steps") is None and train.get("epochs"):
+        return float(train["epochs"])
+    planned = [t.get("planned_epochs") or 0 for t in study.trials]
+    return float(max(planned + [t["epochs"] or 0 for t in trials] + [1]))
+
+
+def build(study: Study, out_dir: str, prefix: str = "") -> dict[str, Any]:
+    """Every figure under out_dir/<prefix>figures/ and the tables; returns what the page shows."""
+    fig_dir = os.path.join(out_dir, f"{prefix}figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    keys = searched_columns(study.rows)
+    if any(STUDY_COLUMN in r for r in study.rows):
+        keys = [STUDY_COLUMN] + keys
+    trials = summaries(study)
+    for t in trials:
+        t["point"] = point_label(t, keys)
+        seed = f" seed={t[SEED_KEY]}" if t.get(SEED_KEY) is not None else ""
+        t["label"] = t["point"] + seed
+    max_t = study_max_epochs(study, trials)
+    matches = match_published(study, trials)
+    p = lambda name: os.path.join(fig_dir, f"{name}.png")  # noqa: E731
+    plot_ranking(trials, study.metric, study.mode, p("ranking"))
+    plot_curves(study.rows, trials, p("curves"))
+    plot_asha(trials, study.tune, max_t, p("asha"))
+    plot_params(trials, keys, p("params"))
+    plot_throughput(study.rows, trials, p("throughput"))
+    plot_published(matches, p("published"))
+    columns = ["trial_id", *keys, SEED_KEY, "status", "epochs", "best_epoch", "best_metric", "val_acc", "test_acc"]
+    columns = [c for c in dict.fromkeys(columns) if any(c in t for t in trials)]
+    return {"trials": trials, "columns": columns, "keys": keys, "matches": matches,
+            "replicates": replicate_rows(trials, keys), "figures": {n: f"{prefix}figures/{n}.png" for n in FIGURES}}
+
+
+SECTIONS = (("ranking", "Trial ranking"), ("curves", "Learning curves"), ("asha", "Where the scheduler stopped each trial"),
+            ("params", "Accuracy against each searched field"), ("throughput", "Images/s per trial"),
+            ("published", "Beside the published figures"))
+
+
+def _markdown(study: Study, built: dict[str, Any]) -> str:
+    best = built["trials"][0] if built["trials"] else {}
+    lines = [f"# Study report: {study.name}", "",
+             f"Ranked by `{study.metric}` ({study.mode}); best trial `{best.get('trial_id', '-')}` "
+             f"({_fmt(best.get('best_metric'))} at epoch {_fmt(best.get('best_epoch'))}, test_acc {_fmt(best.get('test_acc'))}).",
+             "", markdown_table(built["trials"], built["columns"]), "",
+             "## Replicates (val_acc at the best epoch, mean ± std over train.seed)", "",
+             markdown_table(built["replicates"], list(built["replicates"][0]) if built["replicates"] else []), ""]
+    if built["matches"]:
+        lines += ["## Published figures", "", markdown_table(built["matches"], ["label", "metric", "published %", "ours %", "source"]), ""]
+    for name, title in SECTIONS:
+        lines += [f"## {title}", "", f"![{title}]({built['figures'][name]})", ""]
+    return "\n".join(lines)
+
+
+def _html(study: Study, built: dict[str, Any]) -> str:
+    md_head = _markdown(study, built).split("\n")[2]
+    parts = [f"<h1>Study report: {html.escape(study.name)}</h1>", f"<p>{html.escape(md_head).replace('`', '')}</p>",
+             html_table(built["trials"], built["columns"]),
+             "<h2>Replicates (val_acc at the best epoch, mean ± std over train.seed)</h2>",
+             html_table(built["replicates"], list(built["replicates"][0]) if built["replicates"] else [])]
+    if built["matches"]:
+        parts += ["<h2>Published figures</h2>",
+                  html_table(built["matches"], ["label", "metric", "published %", "ours %", "source"])]
+    for name, title in SECTIONS:
+        parts += [f"<h2>{html.escape(title)}</h2>", f'<img src="{built["figures"][name]}" alt="{html.escape(title)}">']
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:1em auto;color:#222}"
+             "table{border-collapse:collapse;font-size:13px;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 6px}"
+             "th{background:#eee}img{max-width:100%;border:1px solid #eee}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(study.name)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+def write_report(outputs: list[str], out_dir: str | None = None) -> str:
+    """Write report.html, report.md and figures/ for one output (into it), or compare-report.* and
+    compare-figures/ for several (into out_dir, default the first output). Returns the HTML path."""
+    studies = [load_study(o) for o in outputs]
+    study = _combine(studies)
+    out_dir = out_dir or outputs[0]
+    os.makedirs(out_dir, exist_ok=True)
+    prefix = "" if len(studies) == 1 else "compare-"
+    built = build(study, out_dir, prefix)
+    with open(os.path.join(out_dir, f"{prefix}report.md"), "w") as f:
+        f.write(_markdown(study, built))
+    html_path = os.path.join(out_dir, f"{prefix}report.html")
+    with open(html_path, "w") as f:
+        f.write(_html(study, built))
+    return html_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ray_cifar.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("outputs", nargs="+", metavar="OUTPUT", help="a study's output folder (several: a comparison)")
+    parser.add_argument("--out", default=None, help="folder for the report (default: the first OUTPUT)")
+    args = parser.parse_args(argv)
+    try:
+        path = write_report(args.outputs, args.out)
+    except NotAStudyOutput as e:
+        print(f"ray_cifar.report: error: {e}", file=sys.stderr)
+        return 2
+    print(f"[ray_cifar] report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""The study report: every figure from config.yaml + Parquet alone, a comparison of two outputs, clean errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import yaml
+from PIL import Image
+
+from ray_cifar.report import FIGURES, load_study, main, match_published, summaries, write_report
+from ray_cifar.results import ResultsLog, write_rows
+
+# Only the figure-making tests need matplotlib (a dependency in setup.py; install it into an older venv).
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_output(folder, lr_values=(0.1, 0.01), seeds=(0, 1), epochs=4, published=True) -> str:
+    """A finished ASHA study as the study writes it: config.yaml, results (compacted + one part), trials."""
+    os.makedirs(folder, exist_ok=True)
+    config = {"train": {"epochs": epochs, "global_batch_size": 128},
+              "optim": {"name": "sgd", "lr": 0.1},
+              "model": {"name": "resnet", "blocks": [1, 1]},
+              "tune": {"scheduler": "asha", "metric": "val_acc", "mode": "max", "grace_period": 1,
+                       "reduction_factor": 2, "max_epochs": None,
+                       "search_space": {"optim.lr": {"grid": list(lr_values)}}}}
+    if published:
+        config["published"] = [{"where": {"optim.lr": 0.1}, "value": 70.0, "metric": "val_acc", "source": "paper A"},
+                               {"where": {"optim.lr": 0.1}, "value": 69.0, "metric": "test_acc", "source": "paper A"},
+                               {"where": {"optim.lr": 0.01, "model.blocks": [1, 1]}, "value": 60.0,
+                                "metric": "test_acc", "source": "paper A, table 2"}]
+    with open(os.path.join(folder, "config.yaml"), "w") as f:
+        yaml.safe_dump(config, f)
+    rows, trials = [], []
+    for i, (lr, seed) in enumerate((lr, s) for lr in lr_values for s in seeds):
+        trial_id = f"t{i}"
+        run = epochs if lr == lr_values[0] else 1  # ASHA stops the worse lr at the first rung
+        for epoch in range(1, run + 1):
+            acc = (0.5 if lr == lr_values[0] else 0.3) + 0.05 * epoch + 0.01 * seed
+            rows.append({"trial_id": trial_id, "epoch": epoch, "optim.lr": lr, "train.seed": seed,
+                         "train_loss": 2.0 / epoch, "val_acc": acc, "val_loss": 1.5 - acc,
+                         "images_per_second": 1000.0 + 100 * i})
+        trials.append({"trial_id": trial_id, "optim.lr": lr, "train.seed": seed, "epochs": run,
+                       "status": "completed" if run == epochs else "stopped"})
+    trials[1]["test_acc"] = 0.71  # the best trial (lr 0.1, seed 1)
+    log = ResultsLog(folder)
+    log.append(rows[:-2])
+    log.compact()
+    log.append(rows[-2:])  # not compacted yet: a study killed here still reports these
+    write_rows(trials, os.path.join(folder, "trials.parquet"))
+    return folder
+
+
+def assert_png(path):
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+    with Image.open(path) as img:
+        img.verify()
+
+
+@needs_matplotlib
+def test_report_has_every_figure_and_the_html_references_each(tmp_path):
+    out = make_output(str(tmp_path / "study"))
+    html_path = write_report([out])
+    assert html_path == os.path.join(out, "report.html")
+    page = open(html_path).read()
+    md = open(os.path.join(out, "report.md")).read()
+    for name in FIGURES:
+        rel = f"figures/{name}.png"
+        assert_png(os.path.join(out, rel))
+        assert f'src="{rel}"' in page and f"({rel})" in md
+    assert "paper A, table 2" in page  # the published table
+    assert "± " in md  # replicates shown as mean ± std
+
+
+def test_ranking_uses_all_rows_and_marks_the_test_evaluated_trial(tmp_path):
+    study = load_study(make_output(str(tmp_path / "study")))
+    ranked = summaries(study)
+    assert ranked[0]["trial_id"] == "t1" and ranked[0]["test_acc"] == 0.71
+    assert ranked[0]["best_epoch"] == 4 and len(study.rows) == 10  # the uncompacted part is read too
+
+
+def test_published_entries_match_trials_by_where(tmp_path):
+    study = load_study(make_output(str(tmp_path / "study")))
+    trials = summaries(study)
+    for t in trials:
+        t["label"] = t["trial_id"]
+    matches = {m["trial_id"]: m for m in match_published(study, trials)}
+    assert set(matches) == {"t0", "t1", "t2", "t3"}
+    all_matches = match_published(study, trials)
+    t1 = [(m["published %"], m["metric"], m["ours %"]) for m in all_matches if m["trial_id"] == "t1"]
+    # a run's val and test figures side by side: val_acc at the best epoch, and the test-evaluated trial's test_acc
+    assert t1 == [(70.0, "val_acc", pytest.approx(71.0)), (69.0, "test_acc", pytest.approx(71.0))]
+    # the lr 0.01 entry is more specific (two where items) and asks for test_acc, which only the best trial has
+    assert matches["t2"]["published %"] == 60.0 and matches["t2"]["ours %"] is None
+
+
+@needs_matplotlib
+def test_comparison_of_two_outputs(tmp_path):
+    a = make_output(str(tmp_path / "sgd"))
+    b = make_output(str(tmp_path / "adam"), lr_values=(0.001, 0.0001), published=False)
+    assert main([a, b, "--out", str(tmp_path / "cmp")]) == 0
+    page = open(tmp_path / "cmp" / "compare-report.html").read()
+    for name in FIGURES:
+        assert_png(tmp_path / "cmp" / "compare-figures" / f"{name}.png")
+        assert f'src="compare-figures/{name}.png"' in page
+    assert "sgd/t1" in page and "adam/t0" in page
+    # default folder: the first output
+    assert main([a, b]) == 0 and os.path.exists(os.path.join(a, "compare-report.html"))
+
+
+def test_asha_rungs_and_max_epochs_come_from_the_config():
+    from ray_cifar.report import Study, asha_rungs, study_max_epochs
+
+    assert asha_rungs({"scheduler": "asha", "grace_period": 1, "reduction_factor": 2}, 6) == [1, 2, 4]
+    assert asha_rungs({"scheduler": "asha", "grace_period": 5, "reduction_factor": 3}, 50) == [5, 15, 45]
+    assert asha_rungs({"scheduler": "fifo", "grace_period": 1, "reduction_factor": 2}, 6) == []
+    trials = [{"epochs": 7}]
+    assert study_max_epochs(Study("s", {"train": {"epochs": 6}, "tune": {}}, []), trials) == 6
+    assert study_max_epochs(Study("s", {"train": {"epochs": 6}, "tune": {"max_epochs": 4}}, []), trials) == 4
+    # with train.max_steps the epochs follow from the batch size: the longest planned or run trial
+    steps = Study("s", {"train": {"epochs": 6, "max_steps": 300}, "tune": {}}, [], trials=[{"planned_epochs": 9}])
+    assert study_max_epochs(steps, trials) == 9
+
+
+def test_not_a_study_output_is_one_line_and_exit_2(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a study output" in err and str(tmp_path) in err
+
+
+def test_help_shows_an_example(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    assert "python -m ray_cifar.report out/smoke" in capsys.readouterr().out
+
+
+STUDIES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "studies")
+
+
+@pytest.mark.parametrize("name", ["resnet18_lr_schedule_wd", "resnet18_erasing_sweep", "resnet_under_5m",
+                                  "adam_batch_lr_grid", "optimizer_batch_decay"])
+def test_each_published_figure_of_a_shipped_study_lands_on_its_run(name):
+    import itertools
+
+    from ray_cifar.config import Config, apply_overrides, flatten, search_keys, trial_config
+    from ray_cifar.report import Study
+
+    with open(os.path.join(STUDIES, f"{name}.yaml")) as f:
+        raw = yaml.safe_load(f)
+    published = raw.pop("published")
+    cfg = Config()
+    apply_overrides(cfg, raw)
+    base = cfg.to_dict()
+    space, base["tune"]["search_space"] = base["tune"]["search_space"], {}
+    keys = search_keys(space)
+    trials = []
+    for i, combo in enumerate(itertools.product(*[[(k, v) for v in spec["grid"]] for k, spec in space.items()])):
+        flat = flatten(trial_config(base, dict(combo)).to_dict())
+        trials.append({"trial_id": i, "label": str(i), **{k: flat[k] for k in keys}, "val_acc": 0.5})
+    matches = match_published(Study(name=name, config={**base, "published": published}, rows=[]), trials)
+    # Every entry lands on exactly one run; the variant studies list theirs in the order of the variants.
+    assert sorted(m["published %"] for m in matches) == sorted(float(p["value"]) for p in published)
+    if "variants" in space:
+        assert len({m["trial_id"] for m in matches}) == len(trials)
+        assert [m["trial_id"] for m in matches] == sorted(m["trial_id"] for m in matches)
+    assert {p["metric"] for p in published} <= {"val_acc", "test_acc"} and all(p.get("source") for p in published)
+
+
+@pytest.mark.integration
+@needs_matplotlib
+def test_report_of_a_real_smoke_study_has_every_figure(tmp_path, synthetic_parquet_dir):
+    import subprocess
+    import sys
+
+    from conftest import TINY_MODEL
+
+    output = tmp_path / "study"
+    sets = [*TINY_MODEL, "train.epochs=3", "train.num_workers=2", "train.global_batch_size=50", "data.val_size=100",
+            "tune.grace_period=1", "tune.reduction_factor=2", "tune.max_concurrent_trials=1",
+            "tune.search_space={optim.lr: {grid: [0.05, 0.0000001]}}"]
+    result = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--data", synthetic_parquet_dir, "--output",
+                             str(output), *[a for s in sets for a in ("--set", s)]],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert main([str(output)]) == 0
+    page = (output / "report.html").read_text()
+    for name in FIGURES:
+        assert_png(output / "figures" / f"{name}.png")
+        assert f'src="figures/{name}.png"' in page
+    ranked = summaries(load_study(str(output)))
+    assert len(ranked) == 2 and ranked[0]["optim.lr"] == 0.05 and ranked[0]["test_acc"] is not None

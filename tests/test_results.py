@@ -1,0 +1,118 @@
+"""Results files: uneven rows, incremental parts with compaction, ranking by the study metric, replicates."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from ray_cifar.results import (ResultsLog, aggregate_over_seeds, best_epoch, rank_trials, read_results,
+                               read_rows, summarize_trials, write_rows)
+
+
+def test_write_rows_with_different_keys_fills_missing_with_null(tmp_path):
+    # The best trial has test_loss, the others no checkpoint and so no such key; error only on a failed one.
+    rows = [{"trial_id": "a", "best_val_acc": 0.9},
+            {"trial_id": "b", "best_val_acc": 0.8, "test_loss": 0.4, "test_acc": 0.88},
+            {"trial_id": "c", "error": None, "model.blocks": [1, 1]}]
+    path = str(tmp_path / "trials.parquet")
+    write_rows(rows, path)
+    table = pq.read_table(path)
+    assert table.column_names == ["trial_id", "best_val_acc", "test_loss", "test_acc", "error", "model.blocks"]
+    back = table.to_pylist()
+    assert back[0]["test_loss"] is None and back[1]["test_loss"] == 0.4
+    assert back[2]["best_val_acc"] is None and back[2]["model.blocks"] == "[1, 1]"
+    assert [r["error"] for r in back] == [None, None, None]  # an all-None column still writes
+
+
+def test_write_rows_mixed_types_become_text_and_no_rows_write_an_empty_file(tmp_path):
+    path = str(tmp_path / "x.parquet")
+    write_rows([{"v": 3}, {"v": "auto"}], path)
+    assert [r["v"] for r in read_rows(path)] == ["3", "auto"]
+    write_rows([], path)
+    assert read_rows(path) == []
+
+
+def _epoch(trial, epoch, val_acc, **extra):
+    return {"trial_id": trial, "epoch": epoch, "val_acc": val_acc, **extra}
+
+
+def test_results_log_appends_parts_then_compacts_and_reads_everything(tmp_path):
+    log = ResultsLog(str(tmp_path))
+    log.append([_epoch("a", 1, 0.5)])
+    first = log.append([_epoch("a", 2, 0.6), _epoch("b", 1, 0.4, lr=0.1)])
+    assert os.path.basename(first) == "part-000001.parquet"
+    assert not os.path.exists(log.path)  # nothing rewritten while the study runs
+    assert [(r["trial_id"], r["epoch"]) for r in read_results(str(tmp_path))] == [("a", 1), ("a", 2), ("b", 1)]
+
+    path = log.compact()
+    assert path == str(tmp_path / "results.parquet") and os.listdir(log.parts_dir) == []
+    assert len(read_rows(path)) == 3
+
+    # After compaction (e.g. a resumed study), new parts are read together with results.parquet,
+    # and a repeated (trial_id, epoch) keeps the later row.
+    again = ResultsLog(str(tmp_path))
+    again.append([_epoch("a", 2, 0.65), _epoch("a", 3, 0.7)])
+    rows = read_results(str(tmp_path))
+    assert [(r["trial_id"], r["epoch"], r["val_acc"]) for r in rows] == [("a", 1, 0.5), ("b", 1, 0.4), ("a", 2, 0.65), ("a", 3, 0.7)]
+    again.compact()
+    assert len(read_rows(again.path)) == 4
+
+
+def test_results_log_part_numbers_continue_after_a_restart(tmp_path):
+    ResultsLog(str(tmp_path)).append([_epoch("a", 1, 0.5)])
+    path = ResultsLog(str(tmp_path)).append([_epoch("a", 2, 0.6)])
+    assert os.path.basename(path) == "part-000001.parquet"  # never overwrites part-000000
+
+
+def test_results_log_append_cost_does_not_grow_with_rows(tmp_path):
+    # Each append writes only its own rows: the part files stay the size of one batch.
+    log = ResultsLog(str(tmp_path))
+    for epoch in range(1, 31):
+        log.append([_epoch("a", epoch, epoch / 100)])
+    sizes = {pq.read_metadata(os.path.join(log.parts_dir, n)).num_rows for n in os.listdir(log.parts_dir)}
+    assert sizes == {1}
+    assert len(read_results(str(tmp_path))) == 30
+
+
+def test_best_epoch_and_ranking_follow_metric_and_mode():
+    rows = [{"trial_id": "a", "epoch": 1, "val_loss": 1.2, "val_acc": 0.6},
+            {"trial_id": "a", "epoch": 2, "val_loss": 0.9, "val_acc": 0.55},
+            {"trial_id": "a", "epoch": 3, "val_loss": float("nan"), "val_acc": 0.1}]
+    assert best_epoch(rows, "val_loss", "min")["epoch"] == 2  # NaN (diverged) is never best
+    assert best_epoch(rows, "val_acc", "max")["epoch"] == 1
+    assert best_epoch([{"epoch": 1}], "val_loss", "min") is None
+
+    trials = [{"trial_id": "hi_acc_hi_loss", "best_metric": 0.8},
+              {"trial_id": "none", "best_metric": None},
+              {"trial_id": "low_loss", "best_metric": 0.3}]
+    assert [t["trial_id"] for t in rank_trials(trials, "val_loss", "min")] == ["low_loss", "hi_acc_hi_loss", "none"]
+    assert [t["trial_id"] for t in rank_trials(trials, "val_acc", "max")] == ["hi_acc_hi_loss", "low_loss", "none"]
+    with pytest.raises(ValueError, match="mode"):
+        rank_trials(trials, "val_acc", "maximum")
+
+
+def test_summarize_by_val_loss_min_picks_the_lowest_loss_trial_not_the_highest_accuracy():
+    rows = [_epoch("accurate", 1, 0.80, val_loss=0.9), _epoch("accurate", 2, 0.82, val_loss=0.95),
+            _epoch("calibrated", 1, 0.70, val_loss=0.6), _epoch("calibrated", 2, 0.75, val_loss=0.5),
+            _epoch("diverged", 1, 0.10, val_loss=float("nan"))]
+    ranked = summarize_trials(rows, "val_loss", "min")
+    assert [t["trial_id"] for t in ranked] == ["calibrated", "accurate", "diverged"]
+    best = ranked[0]
+    assert (best["best_epoch"], best["best_metric"], best["val_acc"], best["epochs"]) == (2, 0.5, 0.75, 2)
+    assert ranked[1]["best_epoch"] == 1 and ranked[2]["best_metric"] is None
+    assert summarize_trials(rows, "val_acc", "max")[0]["trial_id"] == "accurate"
+
+
+def test_aggregate_over_seeds_groups_replicates_of_one_point():
+    rows = [{"optim.lr": 0.1, "train.seed": s, "val_acc": v} for s, v in ((0, 0.90), (1, 0.92), (2, 0.94))]
+    rows += [{"optim.lr": 0.01, "train.seed": 0, "val_acc": 0.80},
+             {"optim.lr": 0.01, "train.seed": 1, "val_acc": None}]
+    points = {p["optim.lr"]: p for p in aggregate_over_seeds(rows, ["optim.lr", "train.seed"], "val_acc")}
+    assert set(points) == {0.1, 0.01}
+    assert points[0.1]["n"] == 3 and math.isclose(points[0.1]["mean"], 0.92)
+    assert math.isclose(points[0.1]["std"], 0.02)  # sample std of 0.90, 0.92, 0.94
+    assert (points[0.01]["n"], points[0.01]["mean"], points[0.01]["std"]) == (1, 0.80, None)
+    assert "train.seed" not in points[0.1]

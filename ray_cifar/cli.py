@@ -13,9 +13,9 @@ import sys
 
 import yaml
 
-from . import config as config_mod
-from .config import Config, ConfigError
+from .config import Config, ConfigError, describe
 from .data_source import Cifar10, DataError, load_cifar10, resolve_data_dir
+from .validation import load_config
 
 
 class UsageError(Exception):
@@ -60,11 +60,10 @@ def default_output(kind: str, config_path: str | None) -> str:
 def prepare(args: argparse.Namespace, kind: str) -> tuple[Config, Cifar10, str]:
     """Resolve and check everything (config, data, output folder) before any work; exit 2 on a mistake."""
     if args.help_config:
-        print(config_mod.describe())
+        print(describe())
         sys.exit(0)
     try:
-        cfg = config_mod.load_config(args.config, args.sets, smoke_test=args.smoke_test,
-                                     budget_scale=args.budget_scale)
+        cfg = load_config(args.config, args.sets, smoke_test=args.smoke_test, budget_scale=args.budget_scale)
         if args.data:
             cfg.data.path = args.data
         data_dir = resolve_data_dir(cfg.data.path)

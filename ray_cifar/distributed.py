@@ -20,17 +20,19 @@ import torch
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from .config import Config, trial_config
+from .config import Config
 from .data import make_splits
 from .data_source import load_cifar10
-from .training import run_training
+from .loop import run_training
+from .pipelines import train_loader_for
+from .validation import config_from_dict, trial_config
 
 CHECKPOINT_FILE = "model.pt"
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What each DDP rank runs. Ray Train has already set up the process group."""
-    cfg = Config.from_dict(loop_config["config"])
+    cfg = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()  # the rank's own (visible) GPU, or cpu
@@ -53,7 +55,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)  # a barrier: every rank calls it each epoch
 
-    run_training(cfg, splits, device, rank, world_size, on_epoch=report,
+    loader = train_loader_for(cfg, splits.train, device, rank, world_size, log=log)
+    run_training(cfg, loader, splits.val, device, rank, world_size, on_epoch=report,
                  local_world_size=ctx.get_local_world_size(), log=log)
 
 
@@ -140,12 +143,12 @@ def concurrent_trials(cfg: Config) -> int:
 
 @ray.remote
 def _evaluate_checkpoint_task(checkpoint_path: str, split_name: str) -> dict[str, float]:
-    from .training import build_model, evaluate_split
+    from .loop import build_model, evaluate_split
 
     checkpoint = ray.train.Checkpoint(checkpoint_path)
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
-    cfg = Config.from_dict(state["config"])
+    cfg = config_from_dict(state["config"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(cfg, device)
     model.load_state_dict(state["model"])

@@ -26,7 +26,8 @@ from .results import epoch_row, provenance, write_rows
 
 def run_local(cfg: Config, dataset: Cifar10, output: str, run_id: str) -> list[dict[str, Any]]:
     from .data import make_splits
-    from .training import run_training
+    from .loop import run_training
+    from .pipelines import train_loader_for
 
     use_gpu = torch.cuda.is_available() if cfg.train.use_gpu is None else cfg.train.use_gpu
     device = torch.device("cuda" if use_gpu else "cpu")
@@ -38,7 +39,7 @@ def run_local(cfg: Config, dataset: Cifar10, output: str, run_id: str) -> list[d
         rows.append(epoch_row(run_id, {}, metrics, extra))
         write_rows(rows, os.path.join(output, "results.parquet"))
 
-    run_training(cfg, splits, device, on_epoch=record)
+    run_training(cfg, train_loader_for(cfg, splits.train, device, log=print), splits.val, device, on_epoch=record)
     return rows
 
 

@@ -19,7 +19,8 @@ import time
 from typing import Any
 
 from . import cli
-from .config import Config, flatten, search_keys, trial_config
+from .config import Config, flatten, search_keys
+from .validation import trial_config
 from .results import epoch_row, write_rows
 
 STATUS_COMPLETED, STATUS_STOPPED, STATUS_FAILED = "completed", "stopped", "failed"

@@ -1,6 +1,7 @@
-"""The one training loop: a config, the data splits and a device in; per-epoch metrics out.
+"""The one training loop: a config, a train loader, the validation split and a device in; per-epoch metrics out.
 
-Imports neither Ray nor DALI. The same function runs as a single process
+Imports neither Ray nor DALI: the caller builds the train loader (ray_cifar.pipelines picks
+torch or DALI) and hands it in. The same function runs as a single process
 (`python -m ray_cifar.train`), as each DDP rank of a Ray Train worker group, and
 as each rank of the torch.multiprocessing DDP test. The caller owns the process
 group; `on_epoch(metrics, model)` is how results leave (Ray reports, Parquet rows).
@@ -19,8 +20,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import engine
-from .config import Config
-from .data import Splits, create_train_loader, eval_batches
+from .config.schema import Config
+from .data import Split, TrainBatches, eval_batches
 from .models import create_model_from_config
 from .optim import create_optimizer, create_scheduler
 
@@ -50,7 +51,8 @@ def training_length(cfg: Config, steps_per_epoch: int) -> tuple[int, int]:
 
 def run_training(
     cfg: Config,
-    splits: Splits,
+    loader: TrainBatches,
+    val_split: Split,
     device: torch.device,
     rank: int = 0,
     world_size: int = 1,
@@ -60,14 +62,13 @@ def run_training(
 ) -> nn.Module:
     """Train for cfg.train.epochs, or train.max_steps optimizer steps; calls on_epoch after each epoch (on every rank).
 
-    Returns the bare model."""
+    `loader` is this rank's train loader (pipelines.train_loader_for); `val_split` is evaluated
+    after every epoch, each rank its strided share. Returns the bare model."""
     set_cpu_threads(cfg, device, local_world_size or world_size)
     amp = engine.resolve_amp(device, cfg.train.amp)
     model = build_model(cfg, device)
     ddp_model = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
                  if world_size > 1 else model)
-    loader = create_train_loader(splits.train, cfg.data, cfg.train.global_batch_size, rank, world_size, cfg.train.seed,
-                                 device, amp, cfg.model.num_classes, log=log if rank == 0 else None)
     total_steps, epochs = training_length(cfg, len(loader))
     optimizer = create_optimizer(model, cfg.optim)
     scheduler = create_scheduler(optimizer, cfg.schedule, cfg.optim.lr, len(loader), total_steps)
@@ -75,7 +76,7 @@ def run_training(
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     if log and rank == 0:
         log(f"[ray_cifar] {cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-            f"{len(splits.train)} train / {len(splits.val)} val images, {len(loader)} steps/epoch of "
+            f"{loader.num_images} train / {len(val_split)} val images, {len(loader)} steps/epoch of "
             f"{cfg.train.global_batch_size} images over {world_size} rank(s), {total_steps} steps in {epochs} epochs, "
             f"device {device}, amp {amp}")
 
@@ -86,7 +87,7 @@ def run_training(
         batches = itertools.islice(loader.epoch(epoch), steps)
         metrics = engine.train_epoch(ddp_model, batches, optimizer, scheduler, loss_fn, device, amp, scaler)
         seconds = time.perf_counter() - start  # train_epoch ends on a host read, so the GPU work is done
-        metrics.update(engine.evaluate(ddp_model, eval_batches(splits.val, cfg.train.eval_batch_size, rank, world_size),
+        metrics.update(engine.evaluate(ddp_model, eval_batches(val_split, cfg.train.eval_batch_size, rank, world_size),
                                        device, amp))
         metrics.update(epoch=epoch + 1, epochs=epochs, steps=epoch * len(loader) + steps, lr=lr,
                        epoch_seconds=seconds,
@@ -101,7 +102,7 @@ def run_training(
     return model
 
 
-def evaluate_split(cfg: Config, model: nn.Module, split, device: torch.device, prefix: str) -> dict[str, float]:
+def evaluate_split(cfg: Config, model: nn.Module, split: Split, device: torch.device, prefix: str) -> dict[str, float]:
     """One-process evaluation of a split (the test split, once, for a study's best trial)."""
     amp = engine.resolve_amp(device, cfg.train.amp)
     return engine.evaluate(model, eval_batches(split, cfg.train.eval_batch_size, 0, 1), device, amp, prefix=prefix)

@@ -9,6 +9,8 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ray_cifar", "ray_cifar.*"]),
+    # The committed data-pipeline benchmark, read by data.pipeline=auto from the installed package too.
+    package_data={"ray_cifar": ["measurements/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -1,7 +1,7 @@
 """Images/second of the three ways to feed augmented CIFAR-10 batches, on one device.
 
-    python benchmarks/data_pipeline.py --data /work/shared/data/cifar10 --device cpu
-    python benchmarks/data_pipeline.py --data /work/shared/data/cifar10 --device cuda   # adds ResNet-18 training
+    python benchmarks/data_pipeline.py --data ../shared/data/cifar10 --device cpu
+    python benchmarks/data_pipeline.py --data ../shared/data/cifar10 --device cuda   # adds ResNet-18 training
 
 Paths: (a) torchvision per-sample PIL transforms in a DataLoader with every CPU core as a worker,
 (b) ray_cifar's torch batch-tensor path on the device, (c) ray_cifar's DALI pipeline (a CPU pipeline
@@ -11,7 +11,8 @@ full (crop, flip, random erasing p 0.5, AutoAugment CIFAR-10). Each figure is im
 
 On cuda it also times ResNet-18 (bf16 autocast, channels_last, SGD) training fed by each path and
 fed one batch that already sits on the GPU: the ratio says how far each loader keeps the GPU busy.
-Writes benchmarks/results/data_pipeline_<device>.json (with the device's name).
+Writes ray_cifar/measurements/data_pipeline_<device>.json (with the device's name): package data,
+which data.pipeline=auto reads (also from an installed copy).
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ray_cifar.augment import MEAN, STD  # noqa: E402
-from ray_cifar.config import load_config  # noqa: E402
-from ray_cifar.data import Split, TrainLoader, dali_available, input_dtype  # noqa: E402
+from ray_cifar.data import Split, TrainLoader, input_dtype  # noqa: E402
 from ray_cifar.data_source import load_cifar10  # noqa: E402
+from ray_cifar.pipelines import BENCHMARK_RESULTS as RESULTS_DIR  # noqa: E402
+from ray_cifar.pipelines import dali_available  # noqa: E402
+from ray_cifar.validation import load_config  # noqa: E402
 
 SETS = {
     "crop+flip": ["data.crop_padding=4", "data.flip_p=0.5"],
@@ -118,7 +121,7 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({os.cpu_count()} cores visible)"
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.environ.get("RAY_CIFAR_DATA"), help="CIFAR-10 folder (train/test.parquet)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -126,61 +129,65 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per figure (the median is reported)")
     parser.add_argument("--images", type=int, default=50000, help="train images used (the first N)")
-    parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--output", default=RESULTS_DIR, help="folder of data_pipeline_<device>.json")
+    return parser.parse_args(argv)
 
-    device = torch.device(args.device)
-    dataset = load_cifar10(args.data, None, log=lambda m: None)
-    images_np, labels_np = dataset.train_images[: args.images], dataset.train_labels[: args.images]
-    split = Split(torch.from_numpy(images_np).to(device), torch.from_numpy(labels_np).to(device))
-    workers = os.cpu_count() or 1
-    results = []
 
-    def record(set_name, path, measure, **extra):
-        """Median of --repeats measurements (the machine may be shared: the spread is kept too)."""
-        runs = sorted(measure() for _ in range(args.repeats))
+class Recorder:
+    """Median of `repeats` measurements per figure (the machine may be shared: the spread is kept too)."""
+
+    def __init__(self, repeats: int):
+        self.repeats, self.results = repeats, []
+
+    def __call__(self, set_name: str, path: str, measure, **extra) -> float:
+        runs = sorted(measure() for _ in range(self.repeats))
         ips = runs[len(runs) // 2]
-        results.append({"set": set_name, "path": path, "images_per_second": round(ips, 1),
-                        "runs": [round(r, 1) for r in runs], **extra})
+        self.results.append({"set": set_name, "path": path, "images_per_second": round(ips, 1),
+                             "runs": [round(r, 1) for r in runs], **extra})
         print(f"{set_name:10s} {path:34s} {ips:10.0f} img/s  (runs {', '.join(f'{r:.0f}' for r in runs)})", flush=True)
         return ips
 
-    def feeds(set_name):
-        cfg = load_config(None, SETS[set_name]).data
-        dtype = input_dtype("bf16")
-        def torchvision_batches():
-            loader = torchvision_loader(images_np, labels_np, set_name, args.batch_size, workers, device.type == "cuda")
-            return endless(lambda epoch: loader)  # workers persist across epochs
 
-        yield "torchvision-dataloader", torchvision_batches
-        yield "torch-batch", lambda: endless(TrainLoader(split, cfg, args.batch_size, 0, 1, seed=0, dtype=dtype).epoch)
-        if dali_available():
-            from ray_cifar.dali_pipeline import DaliTrainLoader
+def feeds(set_name: str, args: argparse.Namespace, split: Split, images_np, labels_np, device: torch.device):
+    """(path name, a maker of endless batches) for each loader of one augmentation set."""
+    cfg = load_config(None, SETS[set_name]).data
+    dtype = input_dtype("bf16")
+    workers = os.cpu_count() or 1
 
-            name = f"dali-{'gpu' if device.type == 'cuda' else 'cpu'}"
-            yield name, lambda: endless(DaliTrainLoader(split, cfg, args.batch_size, 0, 1, 0, device, dtype).epoch)
+    def torchvision_batches():
+        loader = torchvision_loader(images_np, labels_np, set_name, args.batch_size, workers, device.type == "cuda")
+        return endless(lambda epoch: loader)  # workers persist across epochs
 
-    for set_name in SETS:
-        for path, make in feeds(set_name):
-            batches = make()
-            record(set_name, path, lambda: time_batches(batches, args.seconds, device))
+    yield "torchvision-dataloader", torchvision_batches
+    yield "torch-batch", lambda: endless(TrainLoader(split, cfg, args.batch_size, 0, 1, seed=0, dtype=dtype).epoch)
+    if dali_available():
+        from ray_cifar.dali_pipeline import DaliTrainLoader
 
+        name = f"dali-{'gpu' if device.type == 'cuda' else 'cpu'}"
+        yield name, lambda: endless(DaliTrainLoader(split, cfg, args.batch_size, 0, 1, 0, device, dtype).epoch)
+
+
+def measure_training(record: Recorder, make_feeds, args: argparse.Namespace, device: torch.device) -> dict:
+    """On a GPU: ResNet-18 steps fed from GPU memory, then by each loader; returns the fed / resident ratios."""
     ratios = {}
-    if device.type == "cuda":
-        step = resnet18_step(device)
-        x = torch.randn(args.batch_size, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
-        y = torch.randint(0, 10, (args.batch_size,), device=device)
-        resident = record("training", "resnet18-from-gpu-memory",
-                          lambda: time_batches(iter(lambda: (x, y), None), args.seconds, device, step))
-        for set_name in SETS:
-            for path, make in feeds(set_name):
-                batches = make()
-                ips = record(set_name, f"resnet18-fed-by-{path}", lambda: time_batches(batches, args.seconds, device, step))
-                results[-1]["fraction_of_resident"] = round(ips / resident, 3)
-                ratios[f"{set_name}: resnet18 fed by {path} / from gpu memory"] = round(ips / resident, 3)
+    step = resnet18_step(device)
+    x = torch.randn(args.batch_size, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    resident = record("training", "resnet18-from-gpu-memory",
+                      lambda: time_batches(iter(lambda: (x, y), None), args.seconds, device, step))
+    for set_name in SETS:
+        for path, make in make_feeds(set_name):
+            batches = make()
+            ips = record(set_name, f"resnet18-fed-by-{path}", lambda: time_batches(batches, args.seconds, device, step))
+            record.results[-1]["fraction_of_resident"] = round(ips / resident, 3)
+            ratios[f"{set_name}: resnet18 fed by {path} / from gpu memory"] = round(ips / resident, 3)
+    return ratios
 
+
+def loader_ratios(results: list[dict], device: torch.device) -> dict:
     by = {(r["set"], r["path"]): r["images_per_second"] for r in results}
     dali_name = f"dali-{'gpu' if device.type == 'cuda' else 'cpu'}"
+    ratios = {}
     for set_name in SETS:
         if (set_name, dali_name) in by:
             ratios[f"{set_name}: {dali_name} / torchvision-dataloader"] = round(
@@ -189,13 +196,10 @@ def main(argv=None) -> int:
                 by[(set_name, dali_name)] / by[(set_name, "torch-batch")], 2)
         ratios[f"{set_name}: torch-batch / torchvision-dataloader"] = round(
             by[(set_name, "torch-batch")] / by[(set_name, "torchvision-dataloader")], 2)
-    for k, v in ratios.items():
-        print(f"{k}: {v}x")
+    return ratios
 
-    out = {"device": device_name(device), "device_type": device.type, "batch_size": args.batch_size,
-           "seconds_per_measurement": args.seconds, "dataloader_workers": workers, "images": len(images_np),
-           "data": dataset.source, "torch": torch.__version__, "time": datetime.datetime.now().isoformat(),
-           "results": results, "ratios": ratios}
+
+def write_results(args: argparse.Namespace, out: dict, device: torch.device) -> str:
     try:
         import nvidia.dali
 
@@ -206,7 +210,34 @@ def main(argv=None) -> int:
     path = os.path.join(args.output, f"data_pipeline_{device.type}.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
-    print(f"wrote {path}")
+    return path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dataset = load_cifar10(args.data, None, log=lambda m: None)
+    images_np, labels_np = dataset.train_images[: args.images], dataset.train_labels[: args.images]
+    split = Split(torch.from_numpy(images_np).to(device), torch.from_numpy(labels_np).to(device))
+    record = Recorder(args.repeats)
+
+    def make_feeds(set_name):
+        return feeds(set_name, args, split, images_np, labels_np, device)
+
+    for set_name in SETS:
+        for path, make in make_feeds(set_name):
+            batches = make()
+            record(set_name, path, lambda: time_batches(batches, args.seconds, device))
+    ratios = measure_training(record, make_feeds, args, device) if device.type == "cuda" else {}
+    ratios.update(loader_ratios(record.results, device))
+    for k, v in ratios.items():
+        print(f"{k}: {v}x")
+
+    out = {"device": device_name(device), "device_type": device.type, "batch_size": args.batch_size,
+           "seconds_per_measurement": args.seconds, "dataloader_workers": os.cpu_count() or 1,
+           "images": len(images_np), "data": dataset.source, "torch": torch.__version__,
+           "time": datetime.datetime.now().isoformat(), "results": record.results, "ratios": ratios}
+    print(f"wrote {write_results(args, out, device)}")
     return 0
 
 

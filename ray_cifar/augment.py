@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import DataConfig
+from .config.schema import DataConfig
 
 # Per-channel statistics of the CIFAR-10 train split (RGB, 0..1).
 MEAN = (0.4914, 0.4822, 0.4465)

@@ -14,9 +14,9 @@ import sys
 
 import yaml
 
-from . import config as config_mod
-from .config import Config, ConfigError
+from .config import Config, ConfigError, describe
 from .data_source import Cifar10, DataError, load_cifar10, resolve_data_dir
+from .validation import config_from_dict, load_config
 
 
 class UsageError(Exception):
@@ -56,7 +56,7 @@ def load_resolved_config(output: str) -> Config:
     """The config a study in `output` was started with (its config.yaml); exit 2 when it does not load."""
     try:
         with open(os.path.join(output, "config.yaml")) as f:
-            return Config.from_dict(yaml.safe_load(f))
+            return config_from_dict(yaml.safe_load(f))
     except (OSError, ConfigError, yaml.YAMLError) as e:
         fail(f"{output}/config.yaml: {e}")
 
@@ -74,11 +74,10 @@ def default_output(kind: str, config_path: str | None) -> str:
 def prepare(args: argparse.Namespace, kind: str) -> tuple[Config, Cifar10, str]:
     """Resolve and check everything (config, data, output folder) before any work; exit 2 on a mistake."""
     if args.help_config:
-        print(config_mod.describe())
+        print(describe())
         sys.exit(0)
     try:
-        cfg = config_mod.load_config(args.config, args.sets, smoke_test=args.smoke_test,
-                                     budget_scale=args.budget_scale)
+        cfg = load_config(args.config, args.sets, smoke_test=args.smoke_test, budget_scale=args.budget_scale)
         if args.data:
             cfg.data.path = args.data
         data_dir = resolve_data_dir(cfg.data.path)

@@ -1,8 +1,8 @@
 """The DALI training pipeline of one DDP rank. Imported only when data.pipeline resolves to dali.
 
-The sampler is the torch path's (`TrainLoader.epoch_indices`: one seeded permutation per
-epoch shared by all ranks, each global batch cut into equal per-rank slices, the last
-partial global batch dropped), so both paths cover exactly the same images. Each step,
+The sampler is the torch path's (ray_cifar.sampler: one seeded permutation per epoch shared
+by all ranks, each global batch cut into equal per-rank slices, the last partial global
+batch dropped), so both paths cover exactly the same images. Each step,
 `fn.external_source` gathers the rank's slice from the resident uint8 split (on the GPU
 when the split is there, with no host round trip) and DALI runs the augmentation graph,
 one builder per name of ray_cifar.augment.AUGMENTATIONS, with the same meaning:
@@ -31,8 +31,9 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from .augment import (AUGMENTATIONS, AUTOAUG_FILL, AUTOAUG_MAX_TRANSLATE, GRAY, MEAN, STD,
                       active_augmentations, cutout_boxes, erasing_boxes)
-from .config import DataConfig
-from .data import Batches, Split, TrainLoader
+from .config.schema import DataConfig
+from .data import Batches, Split
+from .sampler import GlobalBatchSampler
 
 DALI_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}
 PREFETCH_DEPTH = 2  # batches DALI computes ahead of the one being trained on
@@ -133,7 +134,9 @@ class DaliTrainLoader:
 
     def __init__(self, split: Split, cfg: DataConfig, global_batch_size: int, rank: int, world_size: int, seed: int,
                  device: torch.device, dtype: torch.dtype = torch.float32, num_threads: int | None = None):
-        self.sampler = TrainLoader(split, cfg, global_batch_size, rank, world_size, seed)  # indices only
+        self.sampler = GlobalBatchSampler(len(split), global_batch_size, rank, world_size, seed, cfg.shuffle,
+                                          split.images.device)
+        self.num_images = len(split)
         self.split, self.cfg, self.seed, self.rank = split, cfg, seed, rank
         self.on_gpu = device.type == "cuda"
         self.name = "dali-gpu" if self.on_gpu else "dali-cpu"

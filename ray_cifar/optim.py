@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import OptimConfig, ScheduleConfig
+from .config.schema import OptimConfig, ScheduleConfig
 
 Multiplier = Callable[[int], float]
 _OPTIMIZERS: dict[str, Callable[[list, OptimConfig], torch.optim.Optimizer]] = {}

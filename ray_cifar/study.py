@@ -19,9 +19,10 @@ import os
 import time
 from typing import Any
 
-from .config import Config, flatten, search_keys, trial_config
+from .config import Config, flatten, search_keys
 from .recorder import FAILED, TRIALS_STATE, StudyRecorder
 from .results import ResultsLog, format_table, provenance, rank_trials, write_rows
+from .validation import trial_config
 
 EXPERIMENT = "tune"
 FINISHED = "study-finished.json"

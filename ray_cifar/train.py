@@ -27,7 +27,8 @@ from .results import ResultsLog, epoch_row, provenance
 
 def run_local(cfg: Config, dataset: Cifar10, output: str, run_id: str) -> list[dict]:
     from .data import make_splits
-    from .training import run_training
+    from .loop import run_training
+    from .pipelines import train_loader_for
 
     use_gpu = torch.cuda.is_available() if cfg.train.use_gpu is None else cfg.train.use_gpu
     device = torch.device("cuda" if use_gpu else "cpu")
@@ -42,7 +43,7 @@ def run_local(cfg: Config, dataset: Cifar10, output: str, run_id: str) -> list[d
         if saved["best"]["epoch"] == metrics["epoch"]:
             checkpoint.save_state(saved, os.path.join(folder, "best"))
 
-    run_training(cfg, splits, device, on_epoch=record)
+    run_training(cfg, train_loader_for(cfg, splits.train, device, log=print), splits.val, device, on_epoch=record)
     log.compact()
     return log.read()
 

@@ -30,10 +30,12 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from . import checkpoint
-from .config import Config, trial_config
+from .config import Config
 from .data import make_splits
 from .data_source import load_cifar10
-from .training import build_model, evaluate_split, run_training
+from .loop import build_model, evaluate_split, run_training
+from .pipelines import train_loader_for
+from .validation import config_from_dict, trial_config
 
 
 def _latest_state() -> dict | None:
@@ -56,7 +58,7 @@ def _rank_nodes(world_size: int) -> str:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What each DDP rank runs. Ray Train has already set up the process group."""
-    cfg = Config.from_dict(loop_config["config"])
+    cfg = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()  # the rank's own (visible) GPU, or cpu
@@ -85,7 +87,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 saved = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=saved)  # a barrier: every rank calls it each epoch
 
-    run_training(cfg, splits, device, rank, world_size, on_epoch=report,
+    loader = train_loader_for(cfg, splits.train, device, rank, world_size, log=log)
+    run_training(cfg, loader, splits.val, device, rank, world_size, on_epoch=report,
                  local_world_size=ctx.get_local_world_size(), log=log, resume=resume)
 
 
@@ -97,7 +100,8 @@ def make_trainer(cfg: Config, storage_path: str, name: str, callbacks: list | No
         train_loop_config={"config": cfg.to_dict(), "started": started},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker,
-                                                           **({"GPU": 1} if use_gpu else {})}),
+                                                           **({"GPU": 1} if use_gpu else {})},
+                                     placement_strategy=cfg.train.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks or [],
@@ -130,7 +134,7 @@ def _evaluate_checkpoint_task(checkpoint_path: str, split_name: str) -> dict[str
     found = ray.train.Checkpoint(checkpoint_path)
     with found.as_directory() as directory:
         state = checkpoint.load_state(directory)
-    cfg = Config.from_dict(state["config"])
+    cfg = config_from_dict(state["config"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(cfg, device)
     model.load_state_dict(state["model"])

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from ray_cifar import augment as A
-from ray_cifar.config import ConfigError, load_config
+from ray_cifar.config import ConfigError
+from ray_cifar.validation import load_config
 from ray_cifar.data import Split, TrainLoader
 
 
@@ -332,11 +333,11 @@ def test_mixup_and_cutmix_probabilities_cannot_exceed_one_together():
 
 
 def test_auto_on_cpu_follows_the_committed_cpu_benchmark(monkeypatch):
-    """The repository ships benchmarks/results/data_pipeline_cpu.json, and auto obeys it for each set."""
+    """The package ships ray_cifar/measurements/data_pipeline_cpu.json, and auto obeys it for each set."""
     import json
     import os
 
-    from ray_cifar import data
+    from ray_cifar import pipelines as data
 
     path = os.path.join(data.BENCHMARK_RESULTS, "data_pipeline_cpu.json")
     assert os.path.exists(path), "the CPU benchmark results must be committed"
@@ -353,7 +354,7 @@ def test_auto_on_cpu_follows_the_committed_cpu_benchmark(monkeypatch):
 def test_auto_pipeline_follows_the_measurement_of_the_matching_set(tmp_path, monkeypatch):
     import json
 
-    from ray_cifar import data
+    from ray_cifar import pipelines as data
 
     monkeypatch.setattr(data, "dali_available", lambda: True)
     monkeypatch.setattr(data, "BENCHMARK_RESULTS", str(tmp_path))
@@ -372,3 +373,19 @@ def test_auto_pipeline_follows_the_measurement_of_the_matching_set(tmp_path, mon
     assert data.resolve_pipeline(crop_flip, cpu) == "dali"  # an explicit choice is kept
     monkeypatch.setattr(data, "dali_available", lambda: False)
     assert data.resolve_pipeline(full, cpu) == "torch"
+
+
+def test_the_benchmark_auto_reads_is_package_data():
+    """A non-editable `pip install .` must carry the measurement auto reads: it lives inside the package."""
+    import glob
+    import os
+
+    import ray_cifar
+    from ray_cifar import pipelines
+
+    package = os.path.dirname(os.path.abspath(ray_cifar.__file__))
+    assert os.path.commonpath([package, os.path.abspath(pipelines.BENCHMARK_RESULTS)]) == package
+    shipped = glob.glob(os.path.join(pipelines.BENCHMARK_RESULTS, "*.json"))
+    assert shipped, "no committed measurement inside the package"
+    setup_py = open(os.path.join(os.path.dirname(package), "setup.py")).read()
+    assert '"measurements/*.json"' in setup_py

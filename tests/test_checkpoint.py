@@ -13,9 +13,10 @@ import torch
 
 from conftest import TINY_MODEL, synthetic_cifar
 from ray_cifar import checkpoint
-from ray_cifar.config import load_config
+from ray_cifar.validation import load_config
 from ray_cifar.data import make_splits
-from ray_cifar.training import run_training
+from ray_cifar.loop import run_training
+from ray_cifar.pipelines import train_loader_for
 
 SETS = TINY_MODEL + ["train.epochs=4", "train.global_batch_size=50", "data.val_size=100", "data.pipeline=torch",
                      "train.amp=fp32", "model.dropout=0.2", "train.torch_threads=1", "data.autoaugment=cifar10"]
@@ -32,7 +33,8 @@ def test_resume_after_epoch_2_continues_exactly(tmp_path, extra):
     splits = make_splits(synthetic_cifar(400, 50), cfg.data, "cpu")
     cpu = torch.device("cpu")
     full: list[dict] = []
-    model = run_training(cfg, splits, cpu, on_epoch=lambda m, state: full.append(m), log=None)
+    loader = train_loader_for(cfg, splits.train, cpu, log=None)
+    model = run_training(cfg, loader, splits.val, cpu, on_epoch=lambda m, state: full.append(m), log=None)
 
     def stop_after_2(metrics, state):
         if metrics["epoch"] == 2:
@@ -40,11 +42,12 @@ def test_resume_after_epoch_2_continues_exactly(tmp_path, extra):
             raise Killed
 
     with pytest.raises(Killed):
-        run_training(cfg, splits, cpu, on_epoch=stop_after_2, log=None)
+        run_training(cfg, loader, splits.val, cpu, on_epoch=stop_after_2, log=None)
     state = checkpoint.load_state(str(tmp_path))  # weights_only=True
     assert state["epoch"] == 2 and len(state["history"]) == 2 and state["config"] == cfg.to_dict()
     resumed: list[dict] = []
-    resumed_model = run_training(cfg, splits, cpu, on_epoch=lambda m, s: resumed.append(m), log=None, resume=state)
+    resumed_model = run_training(cfg, loader, splits.val, cpu, on_epoch=lambda m, s: resumed.append(m), log=None,
+                                 resume=state)
 
     assert [m["epoch"] for m in resumed] == [3, 4]
     for got, want in zip(resumed, full[2:]):
@@ -58,5 +61,6 @@ def test_a_non_finite_loss_ends_the_run_as_diverged():
     cfg = load_config(None, SETS + ["optim.lr=1e9", "model.dropout=0"])
     splits = make_splits(synthetic_cifar(400, 50), cfg.data, "cpu")
     epochs: list[dict] = []
-    run_training(cfg, splits, torch.device("cpu"), on_epoch=lambda m, s: epochs.append(m), log=None)
+    loader = train_loader_for(cfg, splits.train, torch.device("cpu"), log=None)
+    run_training(cfg, loader, splits.val, torch.device("cpu"), on_epoch=lambda m, s: epochs.append(m), log=None)
     assert [m["diverged"] for m in epochs] == [True]

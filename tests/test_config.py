@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ray_cifar.config import (SMOKE_OVERRIDES, Config, ConfigError, field_docs, load_config, parse_set,
-                              search_keys, trial_config)
+from ray_cifar.config import SMOKE_OVERRIDES, Config, ConfigError, field_docs, parse_set, search_keys
+from ray_cifar.validation import config_from_dict, load_config, trial_config
 
 
 def write(tmp_path, text: str) -> str:
@@ -102,5 +102,43 @@ def test_trial_config_applies_sampled_values_and_drops_the_search_space():
     assert (cfg.optim.name, cfg.optim.lr, cfg.train.global_batch_size) == ("adam", 0.001, 128)
     assert cfg.optim.momentum == Config().optim.momentum
     assert cfg.tune.search_space == {}
-    round_trip = Config.from_dict(cfg.to_dict())
+    round_trip = config_from_dict(cfg.to_dict())
     assert round_trip == cfg
+
+
+PUBLISHED = ("published:\n  - where: {optim.name: sgd, train.global_batch_size: 128}\n    value: 93.0\n"
+             "    metric: test_acc\n    source: the paper, table 2\n")
+
+
+def test_published_figures_are_metadata_kept_in_the_config_but_never_searched(tmp_path):
+    cfg = load_config(write(tmp_path, PUBLISHED))
+    assert cfg.published == [{"where": {"optim.name": "sgd", "train.global_batch_size": 128}, "value": 93.0,
+                              "metric": "test_acc", "source": "the paper, table 2"}]
+    assert config_from_dict(cfg.to_dict()).published == cfg.published  # saved in config.yaml, read back
+    assert "published" not in search_keys(cfg.tune.search_space)
+    assert "published" in field_docs()
+    with pytest.raises(ConfigError, match="tune.search_space.published"):
+        load_config(None, ["tune.search_space={published: {grid: [[], []]}}"])
+
+
+@pytest.mark.parametrize("change, message", [
+    ("optim.name: sgd", None),
+    ("optim.nme: sgd", "published[0].where: unknown key 'optim.nme'"),
+    ("train.global_batch_size: many", "published[0].where: train.global_batch_size: expected an integer"),
+    ("value: 193", "published[0].value: must be an accuracy in percent, in [0, 100]"),
+    ("metric: train_acc", "published[0].metric: must be one of test_acc, val_acc"),
+])
+def test_published_entries_are_checked(tmp_path, change, message):
+    key, value = change.split(": ")
+    text = PUBLISHED
+    if key in ("value", "metric"):
+        text = text.replace({"value": "value: 93.0", "metric": "metric: test_acc"}[key], change)
+    else:
+        text = text.replace("optim.name: sgd", change) if key.startswith("optim") else \
+            text.replace("train.global_batch_size: 128", change)
+    if message is None:
+        load_config(write(tmp_path, text))
+        return
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)

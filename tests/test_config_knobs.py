@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import synthetic_cifar
-from ray_cifar.config import ConfigError, field_docs, load_config, search_keys, trial_config
+from ray_cifar.config import ConfigError, field_docs, search_keys
+from ray_cifar.validation import load_config, trial_config
 from ray_cifar.data import TrainLoader, make_splits
 
 

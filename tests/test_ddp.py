@@ -17,9 +17,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import TINY_MODEL, synthetic_cifar
-from ray_cifar.config import load_config
+from ray_cifar.validation import load_config
 from ray_cifar.data import make_splits
-from ray_cifar.training import run_training
+from ray_cifar.loop import run_training
+from ray_cifar.pipelines import train_loader_for
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +40,9 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
     try:
         cfg = _config(world_size)
         splits = make_splits(synthetic_cifar(400, 50), cfg.data, "cpu")
-        model = run_training(cfg, splits, torch.device("cpu"), rank, world_size, log=None)
+        cpu = torch.device("cpu")
+        model = run_training(cfg, train_loader_for(cfg, splits.train, cpu, rank, world_size), splits.val, cpu, rank,
+                             world_size, log=None)
         torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -59,7 +62,8 @@ def test_two_gloo_ranks_match_each_other_and_one_process(tmp_path):
     cfg = _config(1)
     splits = make_splits(synthetic_cifar(400, 50), cfg.data, "cpu")
     torch.set_num_threads(1)
-    single = run_training(cfg, splits, torch.device("cpu"), log=None).state_dict()
+    cpu = torch.device("cpu")
+    single = run_training(cfg, train_loader_for(cfg, splits.train, cpu), splits.val, cpu, log=None).state_dict()
 
     initial = run_training.__globals__["build_model"](cfg, torch.device("cpu")).state_dict()
     moved = max((single[k] - initial[k]).abs().max().item() for k in single)

@@ -7,10 +7,11 @@ import torch
 
 from conftest import TINY_MODEL, synthetic_cifar
 from ray_cifar import engine
-from ray_cifar.config import load_config
+from ray_cifar.validation import load_config
 from ray_cifar.data import TrainLoader, make_splits, to_model_input
 from ray_cifar.models import count_parameters, create_model
-from ray_cifar.training import build_model, run_training
+from ray_cifar.loop import build_model, run_training
+from ray_cifar.pipelines import train_loader_for
 
 
 def test_resnet18_has_the_published_parameter_count():
@@ -31,7 +32,7 @@ def test_a_few_epochs_learn_the_synthetic_classes(amp):
                                           f"train.amp={amp}", "optim.lr=0.05"])
     splits = make_splits(synthetic_cifar(500, 50), cfg.data, "cpu")
     history = []
-    run_training(cfg, splits, torch.device("cpu"), on_epoch=lambda m, model: history.append(m), log=None)
+    run_training(cfg, train_loader_for(cfg, splits.train, torch.device("cpu")), splits.val, torch.device("cpu"), on_epoch=lambda m, model: history.append(m), log=None)
     assert [m["epoch"] for m in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["val_acc"] > 0.5
@@ -69,6 +70,6 @@ def test_gpu_amp_channels_last_training(amp):
     splits = make_splits(synthetic_cifar(1000, 100), cfg.data, device)
     assert splits.train.images.is_cuda  # the whole uint8 dataset lives on the GPU
     history = []
-    run_training(cfg, splits, device, on_epoch=lambda m, model: history.append(m), log=None)
+    run_training(cfg, train_loader_for(cfg, splits.train, device), splits.val, device, on_epoch=lambda m, model: history.append(m), log=None)
     assert history[-1]["amp"] == amp and history[-1]["device"] == "cuda"
     assert history[-1]["val_acc"] > 0.5

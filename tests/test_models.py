@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from ray_cifar.config import ConfigError, ModelConfig, load_config
+from ray_cifar.config import ConfigError, ModelConfig
+from ray_cifar.validation import load_config
 from ray_cifar.models import count_config_parameters, count_parameters, create_model, list_models
 
 # (blocks, widths, stem width) -> parameters with 10 classes, as the studies publish them.

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from ray_cifar.config import ConfigError, OptimConfig, ScheduleConfig, load_config
+from ray_cifar.config import ConfigError, OptimConfig, ScheduleConfig
+from ray_cifar.validation import load_config
 from ray_cifar.optim import Lookahead, create_optimizer, create_scheduler, list_optimizers, param_groups
 
 

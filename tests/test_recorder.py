@@ -142,7 +142,7 @@ def test_the_scheduler_reports_the_trials_it_stops(recorder, tmp_path):
 
 @pytest.mark.parametrize("failed, expected", [(False, 0), (True, 1)])
 def test_exit_status_is_nonzero_when_a_trial_failed(tmp_path, recorder, capsys, failed, expected):
-    from ray_cifar.config import load_config
+    from ray_cifar.validation import load_config
 
     recorder.on_trial_result(0, [], FakeTrial("ok"), result(1, 0.5))
     recorder.on_trial_complete(0, [], FakeTrial("ok"))
@@ -157,7 +157,7 @@ def test_exit_status_is_nonzero_when_a_trial_failed(tmp_path, recorder, capsys, 
 
 
 def test_replicates_get_their_own_seeds():
-    from ray_cifar.config import load_config
+    from ray_cifar.validation import load_config
 
     grid = load_config(None, ["tune.num_samples=3", "train.seed=7",
                               "tune.search_space={optim.lr: {grid: [0.1, 0.2]}}"])
@@ -171,7 +171,7 @@ def test_replicates_get_their_own_seeds():
 
 def test_test_split_is_evaluated_for_the_best_trial_by_the_configured_metric(tmp_path, monkeypatch, capsys):
     from ray_cifar import trial as trial_mod
-    from ray_cifar.config import load_config
+    from ray_cifar.validation import load_config
 
     rec = StudyRecorder(str(tmp_path), lr_params, "val_loss", "min", tensorboard=False)
     # Trial "hi_acc" has the best val_acc but not the lowest val_loss; "lo_loss" must win under val_loss/min.
@@ -193,7 +193,7 @@ def test_test_split_is_evaluated_for_the_best_trial_by_the_configured_metric(tmp
 
 def test_trials_parquet_is_written_even_if_the_test_evaluation_fails(tmp_path, recorder, monkeypatch):
     from ray_cifar import trial as trial_mod
-    from ray_cifar.config import load_config
+    from ray_cifar.validation import load_config
 
     recorder.on_trial_result(0, [], FakeTrial("a"), result(1, 0.5, checkpoint_path="/gone"))
     recorder.on_trial_complete(0, [], FakeTrial("a"))

@@ -147,7 +147,8 @@ STUDIES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_each_published_figure_of_a_shipped_study_lands_on_its_run(name):
     import itertools
 
-    from ray_cifar.config import Config, apply_overrides, flatten, search_keys, trial_config
+    from ray_cifar.config import Config, apply_overrides, flatten, search_keys
+    from ray_cifar.validation import trial_config
     from ray_cifar.report import Study
 
     with open(os.path.join(STUDIES, f"{name}.yaml")) as f:

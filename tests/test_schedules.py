@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, synthetic_cifar
-from ray_cifar.config import ConfigError, ScheduleConfig, load_config
+from ray_cifar.config import ConfigError, ScheduleConfig
+from ray_cifar.validation import load_config
 from ray_cifar.optim import create_scheduler, list_schedules, lr_multiplier
 
 LR = 0.1
@@ -125,13 +126,14 @@ def test_cosine_after_warmup_spans_the_rest_of_the_run():
 
 def _run(sets):
     from ray_cifar.data import make_splits
-    from ray_cifar.training import run_training
+    from ray_cifar.loop import run_training
+    from ray_cifar.pipelines import train_loader_for
 
     cfg = load_config(None, TINY_MODEL + ["train.amp=fp32", "train.global_batch_size=50", "data.val_size=50",
                                           "train.torch_threads=1", "optim.lr=0.1"] + sets)
     splits = make_splits(synthetic_cifar(200, 20), cfg.data, "cpu")  # 150 train images: 3 steps per epoch
     epochs = []
-    run_training(cfg, splits, torch.device("cpu"), on_epoch=lambda m, model: epochs.append(m), log=None)
+    run_training(cfg, train_loader_for(cfg, splits.train, torch.device("cpu")), splits.val, torch.device("cpu"), on_epoch=lambda m, model: epochs.append(m), log=None)
     return epochs
 
 

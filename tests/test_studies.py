@@ -10,7 +10,8 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from ray_cifar.config import VARIANTS, Config, load_config
+from ray_cifar.config import VARIANTS, Config
+from ray_cifar.validation import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDY_FILES = sorted(glob.glob(os.path.join(ROOT, "studies", "**", "*.yaml"), recursive=True))

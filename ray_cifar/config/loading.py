@@ -1,0 +1,160 @@
+"""From text to a Config: type coercion, `section.field` assignment, YAML files with `extends`, `--set`.
+
+No validation beyond types here (that needs the registries: ray_cifar.validation), so this
+module imports only the schema.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from .schema import METADATA, SECTIONS, Config, ConfigError
+
+
+
+
+def _allowed(section: str) -> str:
+    names = [f.name for f in dataclasses.fields(type(getattr(Config(), section)))]
+    return ", ".join(names)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against a field's type hint; returns the (lightly converted) value."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if len(errors) == 1 else ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item_hint)}, got {value!r}")
+        return [_coerce(v, item_hint, key) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 5e-4 (no dot) as a string; people write it that way all the time.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _hints(section_obj: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(section_obj))
+
+
+def set_value(cfg: Config, key: str, value: Any) -> None:
+    """Set `section.field` (or a whole `section` from a dict) with type checking."""
+    if key in METADATA:  # a top-level field beside the sections (published)
+        setattr(cfg, key, _coerce(copy.deepcopy(value), typing.get_type_hints(Config)[key], key))
+        return
+    section, _, name = key.partition(".")
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown key '{key}' (sections: {', '.join(SECTIONS)})")
+    section_obj = getattr(cfg, section)
+    if not name:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{section}: expected a mapping of its fields, got {value!r}")
+        for k, v in value.items():
+            set_value(cfg, f"{section}.{k}", v)
+        return
+    hints = _hints(section_obj)
+    if name not in hints:
+        raise ConfigError(f"unknown key '{key}' (allowed in {section}: {_allowed(section)})")
+    setattr(section_obj, name, _coerce(copy.deepcopy(value), hints[name], key))
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> None:
+    """Apply a nested ({section: {field: v}}) or flat ({"section.field": v}) mapping."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(overrides).__name__}")
+    for key, value in overrides.items():
+        set_value(cfg, str(key), value)
+
+
+def parse_set(assignment: str) -> tuple[str, Any]:
+    """'train.epochs=5' -> ('train.epochs', 5); the value is read as YAML."""
+    key, eq, raw = assignment.partition("=")
+    if not eq or not key.strip():
+        raise ConfigError(f"--set expects section.field=value, got '{assignment}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+EXTENDS = "extends"  # a study file's key naming the file it builds on (relative to it), e.g. x_asha.yaml -> x.yaml
+
+
+def read_config_chain(path: str, _seen: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The YAML mappings to apply, base first: `extends: other.yaml` puts other.yaml's chain before this file."""
+    if os.path.abspath(path) in _seen:
+        raise ConfigError(f"{EXTENDS}: {path} extends itself (via {' -> '.join(_seen)})")
+    try:
+        with open(path) as f:
+            overrides = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(overrides).__name__}")
+    parent = overrides.pop(EXTENDS, None)
+    if parent is None:
+        return [overrides]
+    if not isinstance(parent, str):
+        raise ConfigError(f"{EXTENDS}: expected a file name, got {parent!r}")
+    parent_path = os.path.join(os.path.dirname(os.path.abspath(path)), parent)
+    return read_config_chain(parent_path, _seen + (os.path.abspath(path),)) + [overrides]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{section: {field: v}} -> {"section.field": v}; the search space (and any list) stays one value."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "search_space":
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

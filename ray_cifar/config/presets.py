@@ -1,0 +1,74 @@
+"""Presets that rewrite a whole study: --smoke-test (CPU-sized) and --budget-scale (every length times X)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .loading import apply_overrides, flatten
+from .schema import Config, ConfigError
+from .search import map_searched
+
+# What --smoke-test changes: a study that finishes on 2 CPU cores in minutes and
+# still shows ASHA stopping trials. Search-space lists are cut to two values each.
+SMOKE_OVERRIDES = {
+    "model": {"name": "resnet", "blocks": [1, 1, 1], "widths": [16, 32, 64], "stem_width": 16},
+    "data": {"train_subset": 8000, "val_size": 2000},
+    "train": {"epochs": 6, "num_workers": 2, "global_batch_size": 128, "eval_batch_size": 500},
+    "tune": {"grace_period": 1, "reduction_factor": 2.0, "max_epochs": None, "num_samples": 1},
+}
+SMOKE_VALUES_PER_KEY = 2
+SMOKE_MAX_BATCH = 256  # searched batch sizes above this are cut to it (a smoke run has a few thousand images)
+SMOKE_MAX_STEPS = 300  # a train.max_steps study (fixed or searched) runs at most this many steps
+
+# Every training length, for --budget-scale: (key, is an integer count).
+LENGTH_KEYS = {
+    "train.epochs": True, "train.max_steps": True, "tune.max_epochs": True, "tune.grace_period": True,
+    "schedule.warmup_epochs": False, "schedule.t_max_epochs": False, "schedule.step_every_epochs": False,
+    "schedule.step_every_iters": True, "schedule.milestones_epochs": False,
+}
+
+
+def apply_smoke(cfg: Config) -> None:
+    """--smoke-test: SMOKE_OVERRIDES, also inside the search space, and two values per searched key."""
+    val_fraction = cfg.data.val_fraction
+    apply_overrides(cfg, SMOKE_OVERRIDES)
+    if val_fraction is not None:  # a study split by fraction keeps its fraction
+        cfg.data.val_size = None
+    if cfg.train.max_steps is not None:
+        cfg.train.max_steps = min(cfg.train.max_steps, SMOKE_MAX_STEPS)
+    for key, spec in list(cfg.tune.search_space.items()):
+        if isinstance(spec, dict) and len(spec) == 1:
+            kind, values = next(iter(spec.items()))
+            if kind in ("grid", "choice") and isinstance(values, list):
+                cfg.tune.search_space[key] = {kind: values[:SMOKE_VALUES_PER_KEY]}
+    smoke = flatten(SMOKE_OVERRIDES)
+
+    def shrink(key: str, value: Any) -> Any:
+        if key == "train.global_batch_size":
+            return min(value, SMOKE_MAX_BATCH)  # batch sizes that fit a few thousand images
+        if key == "train.max_steps" and value is not None:
+            return min(value, SMOKE_MAX_STEPS)
+        if key == "data.val_size" and value is None:
+            return None
+        return smoke.get(key, value)
+    map_searched(cfg, shrink)
+
+
+def _scale_length(key: str, value: Any, scale: float) -> Any:
+    if value is None or key not in LENGTH_KEYS:
+        return value
+    if isinstance(value, list):
+        return [v * scale for v in value]
+    return max(1, round(value * scale)) if LENGTH_KEYS[key] else value * scale
+
+
+def apply_budget_scale(cfg: Config, scale: float) -> None:
+    """Multiply every training length (LENGTH_KEYS), fixed or searched, by `scale` (0.1: a tenth)."""
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ConfigError(f"--budget-scale: must be > 0 (got {scale!r})")
+    for key in LENGTH_KEYS:
+        section, name = key.split(".")
+        obj = getattr(cfg, section)
+        setattr(obj, name, _scale_length(key, getattr(obj, name), scale))
+    map_searched(cfg, lambda key, value: _scale_length(key, value, scale))

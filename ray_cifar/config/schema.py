@@ -1,0 +1,167 @@
+"""The config schema: one dataclass per section, each field with its unit and a comment.
+
+The bottom of the package: imports nothing of ray_cifar. The comments are the documentation
+(`python -m ray_cifar.tune --help-config` prints them), so keep each on one line after the field.
+
+    cfg = Config()                     # the defaults
+    cfg.train.global_batch_size        # images per optimizer step, all DDP ranks together
+    cfg.to_dict()                      # plain, YAML/JSON-able, written beside the results
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line that names the key."""
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # folder with train/test.parquet or cifar-10-batches-py; None: $RAY_CIFAR_DATA, else download
+    cache_dir: str | None = None  # where decoded uint8 arrays are cached; None: $RAY_CIFAR_CACHE or ~/.cache/ray_cifar
+    val_size: int | None = 5000  # train images held out for validation (class-stratified, seeded; test is never tuned on); null: val_fraction decides
+    val_fraction: float | None = None  # fraction of train held out for validation, e.g. 0.16 for 84:16; set val_size: null with it
+    train_subset: int | None = None  # use only this many train images (stratified), for smoke runs; None: all
+    split_seed: int = 0  # seed of the train/val split and the train subset (same seed, same split, in every trial)
+    shuffle: bool = True  # reshuffle the train images every epoch (from train.seed and the epoch number)
+    pipeline: str = "auto"  # augmentation pipeline: dali (NVIDIA DALI) | torch (batch tensor ops) | auto (the faster in ray_cifar/measurements for this device and augmentation set)
+    crop_padding: int = 4  # pixels of padding on each side before the random 32x32 crop; 0 = no crop
+    crop_fill: int = 0  # pixel value (0..255, all channels) of the crop padding
+    flip_p: float = 0.5  # probability of a horizontal flip per image; 0 = no flip
+    autoaugment: str | None = None  # AutoAugment policy: cifar10 (the paper's 25 CIFAR-10 sub-policies); None = off
+    jitter_brightness: float = 0.0  # color jitter: brightness factor uniform in [1-b, 1+b]; 0 = off
+    jitter_contrast: float = 0.0  # color jitter: contrast factor uniform in [1-c, 1+c] around the image's mean gray; 0 = off
+    jitter_saturation: float = 0.0  # color jitter: saturation factor uniform in [1-s, 1+s]; 0 = off
+    jitter_hue: float = 0.0  # color jitter: hue rotation uniform in [-h, h] turns of the YIQ hue circle (<= 0.5); 0 = off
+    rotation_degrees: float = 0.0  # random rotation uniform in [-d, d] degrees about the centre, fill 0; 0 = off
+    erasing_p: float = 0.0  # random erasing: probability per image; 0 = off
+    erasing_scale: list[float] = field(default_factory=lambda: [0.02, 0.33])  # random erasing: [min, max] erased area, fraction of the image
+    erasing_ratio: list[float] = field(default_factory=lambda: [0.3, 3.3])  # random erasing: [min, max] aspect ratio h/w (log-uniform)
+    erasing_fill: str = "zero"  # random erasing fill: zero | mean (per-channel dataset mean) | random (uniform 0..255 per pixel)
+    cutout_size: int = 0  # cutout: side of the zeroed square in pixels (centre uniform, clipped at the border); 0 = off
+    cutout_p: float = 1.0  # cutout: probability per image
+    mixup_alpha: float = 1.0  # mixup: lambda ~ Beta(alpha, alpha), one per batch
+    mixup_p: float = 0.0  # mixup: probability per batch (after either pipeline; targets become soft); 0 = off
+    cutmix_alpha: float = 1.0  # cutmix: box area fraction ~ Beta(alpha, alpha), one box per batch
+    cutmix_p: float = 0.0  # cutmix: probability per batch (mixup_p + cutmix_p <= 1; never both on one batch); 0 = off
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"  # registry name: resnet18 | resnet (see ray_cifar.models)
+    blocks: list[int] | None = None  # residual blocks per stage; None: the named model's own
+    widths: list[int] | None = None  # channels per stage; None: the named model's own
+    stem_width: int | None = None  # channels of the 3x3 stem conv; None: first stage width
+    norm: str = "batch"  # batch | group (GroupNorm is per-image, so DDP equals one process exactly)
+    num_classes: int = 10  # classifier outputs
+    dropout: float = 0.0  # probability of dropout on the pooled features, before the classifier; 0 = none
+    max_params: int | None = None  # a config error when the model has more parameters than this; null: no limit
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # registry name: sgd | adam | adamw | adagrad | asgd (see ray_cifar.optim)
+    lr: float = 0.1  # peak learning rate per optimizer step (not rescaled with the batch size)
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = True  # SGD Nesterov momentum (needs momentum > 0 and dampening 0)
+    dampening: float = 0.0  # SGD dampening: the new gradient enters the momentum buffer times (1 - dampening)
+    weight_decay: float = 5e-4  # L2 coefficient: coupled (added to the gradient), but decoupled (lr * wd * w) for adamw
+    wd_exclude_norm_bias: bool = False  # no weight decay for normalization weights/biases and any bias
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam/AdamW (beta1, beta2)
+    eps: float = 1e-8  # Adam/AdamW/Adagrad denominator epsilon
+    adagrad_lr_decay: float = 0.0  # Adagrad: lr / (1 + (t - 1) * lr_decay) at step t
+    asgd_lambd: float = 1e-4  # ASGD decay term
+    asgd_alpha: float = 0.75  # ASGD power for the eta update
+    asgd_t0: float = 1e6  # ASGD: optimizer step at which averaging starts
+    lookahead_k: int | None = None  # Lookahead around the optimizer: sync slow weights every k steps; null: no Lookahead
+    lookahead_alpha: float = 0.5  # Lookahead slow-weight step: slow += alpha * (fast - slow)
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # registry name: constant | cosine | step | multistep | onecycle; stepped every iteration
+    warmup_epochs: float = 0.0  # linear warm-up from 0 to optim.lr over this many epochs, before any schedule
+    eta_min: float = 0.0  # cosine: final learning rate (absolute), kept after t_max_epochs
+    t_max_epochs: float | None = None  # cosine: epochs from the end of warm-up down to eta_min; null: the rest of the run
+    gamma: float = 0.1  # step/multistep: lr multiplier at each decay (0.2 = divide by 5)
+    step_every_iters: int | None = None  # step: decay every this many iterations (from the first); set this or step_every_epochs
+    step_every_epochs: float | None = None  # step: decay every this many epochs (from the first); set this or step_every_iters
+    milestones_epochs: list[float] = field(default_factory=list)  # multistep: decay at these epochs (from the first)
+    onecycle_pct_start: float = 0.3  # onecycle: fraction of the (post-warm-up) steps spent rising to optim.lr
+    onecycle_div_factor: float = 25.0  # onecycle: starting lr = optim.lr / div_factor
+    onecycle_final_div_factor: float = 1e4  # onecycle: final lr = starting lr / final_div_factor
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30  # passes over the train split (the schedule spans all of them); ignored when max_steps is set
+    max_steps: int | None = None  # optimizer steps in all (the last epoch cut short); null: epochs decide the length
+    global_batch_size: int = 512  # images per optimizer step over ALL DDP ranks; each rank gets 1/num_workers
+    eval_batch_size: int = 1024  # images per evaluation step per rank (no gradients)
+    num_workers: int = 1  # DDP ranks per trial (Ray Train workers); gloo on CPU, NCCL on GPU
+    use_gpu: bool | None = None  # one GPU per rank; None: yes when the machine/cluster has GPUs
+    cpus_per_worker: float = 1.0  # logical CPUs Ray reserves per rank
+    amp: str = "bf16"  # autocast dtype: bf16 | fp16 (with a grad scaler) | fp32 (autocast off)
+    channels_last: bool = True  # NHWC memory format for the model and its inputs (faster convs)
+    label_smoothing: float = 0.0  # cross-entropy label smoothing in [0, 1)
+    seed: int = 0  # seed of weights, batch order and augmentation
+    torch_threads: int | None = None  # intra-op threads per rank on CPU; None: cores / ranks on the node
+    max_failures: int = 2  # worker-group restarts of a trial (a rank or its node died), each from the last epoch's checkpoint
+    placement_strategy: str = "PACK"  # where a trial's ranks go: PACK (few nodes) | SPREAD (one per node, if it can) | STRICT_SPREAD
+
+
+@dataclass
+class TuneConfig:
+    scheduler: str = "asha"  # asha (early stopping) | fifo (every trial runs to the end)
+    metric: str = "val_acc"  # what ASHA and "best trial" compare (reported every epoch)
+    mode: str = "max"  # max | min, for metric
+    grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped
+    reduction_factor: float = 2.0  # ASHA: keep the best 1/reduction_factor at each rung
+    max_epochs: int | None = None  # ASHA max_t in epochs; None: train.epochs
+    num_samples: int = 1  # samples of the search space (each grid point is run num_samples times)
+    max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs/GPUs fit
+    max_failures: int = 1  # times Tune runs a failed trial again (it resumes from its last checkpoint); 0 = never
+    trial_driver_cpus: float = 0.25  # logical CPUs of each trial's driver (it only watches its DDP workers)
+    num_cpus: int | None = None  # logical CPUs of a local Ray instance; None: max(cores, one trial's needs)
+    address: str | None = None  # Ray cluster address ("auto" on a cluster node); None: $RAY_ADDRESS or a local Ray
+    # Search space: "section.field" (or a whole "section") -> one of
+    #   {grid: [v1, v2, ...]}  every value, crossed with the other grids
+    #   {choice: [v1, ...]}    one value drawn per sample
+    #   {uniform: [lo, hi]} | {loguniform: [lo, hi]} | {randint: [lo, hi]}
+    # A section key takes dicts of that section's fields, e.g. optim: {grid: [{name: sgd, lr: 0.1}, ...]}.
+    # The key "variants" takes dicts of any "section.field" keys: a grid over whole runs, for a study that
+    # is a list of hand-picked rows rather than one cross product, e.g.
+    #   variants: {grid: [{optim.lr: 0.1, train.epochs: 15}, {schedule.name: cosine, train.epochs: 300}]}
+    search_space: dict[str, Any] = field(
+        default_factory=lambda: {
+            "optim": {"grid": [{"name": "sgd", "lr": 0.1}, {"name": "adam", "lr": 0.001, "weight_decay": 0.0}]},
+            "train.global_batch_size": {"grid": [128, 256, 512, 1024]},
+        }
+    )
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    published: list[dict] = field(default_factory=list)  # figures this study reproduces, each {where: {section.field: value, ...}, value: accuracy in percent (0..100) as published, metric: test_acc | val_acc, source: str}; metadata: never searched nor a trial column
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The sections (each a dataclass of fields) and the top-level metadata fields beside them.
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory))
+METADATA = tuple(f.name for f in dataclasses.fields(Config) if f.name not in SECTIONS)
+PUBLISHED_METRICS = ("test_acc", "val_acc")
+SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+VARIANTS = "variants"  # the search-space key of a grid over whole runs (see TuneConfig)

@@ -1,0 +1,82 @@
+"""The search space (`tune.search_space`): which fields are searched, and setting a sampled value.
+
+A key is a "section.field", a whole "section" (its values are dicts of that section's fields),
+or "variants" (its values are dicts of any "section.field" keys: hand-picked whole runs).
+Checking each value needs the registries: that is ray_cifar.validation's job.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from .loading import apply_overrides, flatten, set_value
+from .schema import METADATA, VARIANTS, Config, ConfigError
+
+
+def search_keys(search_space: dict[str, Any]) -> list[str]:
+    """The searched fields as flat 'section.field' names (section keys expand to their fields)."""
+    keys: list[str] = []
+    for key, spec in search_space.items():
+        kind, values = next(iter(spec.items()))
+        if "." in key:
+            keys += [key] if key not in keys else []
+            continue
+        for v in values if kind in ("grid", "choice") else []:
+            names = flatten(v) if key == VARIANTS else {f"{key}.{k}": None for k in v}
+            keys += [k for k in names if k not in keys]
+    return keys
+
+
+def apply_searched(cfg: Config, key: str, value: Any) -> None:
+    """Set one search-space entry's value: a field, a section dict, or a variant (dict of fields)."""
+    if key in METADATA:
+        raise ConfigError(f"{key}: metadata, not a searchable field")
+    if key != VARIANTS:
+        set_value(cfg, key, value)
+        return
+    if not isinstance(value, dict):
+        raise ConfigError(f"{VARIANTS}: expected a mapping of section.field keys, got {value!r}")
+    for k, v in flatten(value).items():
+        if k.split(".")[0] == "tune":
+            raise ConfigError(f"{k}: the tune section cannot be part of a variant")
+        if k in METADATA:
+            raise ConfigError(f"{k}: metadata cannot be part of a variant")
+        set_value(cfg, k, v)
+
+
+def sampled_config(base: dict[str, Any], sampled: dict[str, Any]) -> Config:
+    """A trial's config, unchecked: the study's resolved config plus its sampled values, no search space."""
+    cfg = Config()
+    apply_overrides(cfg, base)
+    for key, value in sampled.items():
+        apply_searched(cfg, key, value)
+    cfg.tune.search_space = {}
+    return cfg
+
+
+def map_searched(cfg: Config, fn: Callable[[str, Any], Any]) -> None:
+    """Replace every grid/choice value of the search space by fn('section.field', value), in place.
+
+    Flat keys, the fields inside section dicts and the keys inside variants are all visited;
+    values that become equal are kept once.
+    """
+    def one(key: str, value: Any) -> Any:
+        if key == VARIANTS and isinstance(value, dict):
+            return {k: one(str(k), v) for k, v in value.items()}
+        if "." not in key and isinstance(value, dict):
+            return {k: fn(f"{key}.{k}", v) for k, v in value.items()}
+        return fn(key, value)
+
+    for key, spec in cfg.tune.search_space.items():
+        if isinstance(spec, dict) and len(spec) == 1:
+            kind, values = next(iter(spec.items()))
+            if kind in ("grid", "choice") and isinstance(values, list):
+                mapped = [one(key, v) for v in values]
+                spec[kind] = [v for i, v in enumerate(mapped) if v not in mapped[:i]]
+
+
+def grid_size(cfg: Config) -> int:
+    """Trials per sample: the product of the grid lengths (choice and ranges draw one value per sample)."""
+    return math.prod(len(values) for spec in cfg.tune.search_space.values()
+                     for kind, values in spec.items() if kind == "grid")

@@ -1,0 +1,271 @@
+"""Checks a config's values (those types alone cannot), and hands out checked configs.
+
+Above the registries (the model, optimizer and schedule names come from them) and below
+everything that trains: `load_config`, `trial_config` and `config_from_dict` are how code gets a
+Config it can trust. Every problem is a ConfigError with one line naming the key; the entry
+points print it and exit 2 before any work.
+
+    cfg = load_config("studies/x.yaml", sets=["train.epochs=5"])
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+from .config import loading, presets
+from .config.schema import (PUBLISHED_METRICS, SEARCH_KINDS, Config, ConfigError, DataConfig, ModelConfig,
+                            OptimConfig, ScheduleConfig, TrainConfig, TuneConfig)
+from .config.search import apply_searched, sampled_config
+
+
+def load_config(path: str | None = None, sets: list[str] = (), smoke_test: bool = False,
+                budget_scale: float = 1.0) -> Config:
+    """Defaults, then the YAML file, then --smoke-test, then --set, then the budget scale; validated."""
+    cfg = Config()
+    if path is not None:
+        for overrides in loading.read_config_chain(path):
+            loading.apply_overrides(cfg, overrides)
+    if smoke_test:
+        presets.apply_smoke(cfg)
+    for assignment in sets:
+        loading.set_value(cfg, *loading.parse_set(assignment))
+    if budget_scale != 1.0:
+        presets.apply_budget_scale(cfg, budget_scale)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """A Config from its to_dict() form (config.yaml, a checkpoint, a Ray trial's arguments); validated."""
+    cfg = Config()
+    loading.apply_overrides(cfg, d)
+    validate(cfg)
+    return cfg
+
+
+def trial_config(base: dict[str, Any], sampled: dict[str, Any]) -> Config:
+    """The config of one trial: the study's resolved config plus its sampled values; validated."""
+    cfg = sampled_config(base, sampled)
+    validate_fixed(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check values that types alone cannot; also every value of the search space."""
+    validate_fixed(cfg)
+    _validate_search_space(cfg)
+
+
+def validate_fixed(cfg: Config) -> None:
+    """Check the fixed values (the search space's values are another matter: validate)."""
+    _validate_data(cfg.data)
+    _validate_model(cfg.model)
+    _validate_optim(cfg.optim)
+    _validate_schedule(cfg.schedule)
+    _validate_train(cfg.train)
+    _validate_tune(cfg.tune, cfg.train)
+    _validate_published(cfg.published)
+
+
+def _check(ok: bool, key: str, msg: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg} (got {value!r})")
+
+
+def _check_name(key: str, value: str, allowed: list[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: unknown '{value}' (allowed: {', '.join(sorted(allowed))})")
+
+
+def _check_range(key: str, pair: list[float], low: float, high: float) -> None:
+    _check(len(pair) == 2 and low <= pair[0] <= pair[1] <= high, key,
+           f"must be [min, max] with {low} <= min <= max <= {high}", pair)
+
+
+def _validate_data(d: DataConfig) -> None:
+    if (d.val_size is None) == (d.val_fraction is None):
+        raise ConfigError(f"data.val_fraction: set exactly one of data.val_size and data.val_fraction, the other "
+                          f"null (got val_size={d.val_size!r}, val_fraction={d.val_fraction!r})")
+    _check(d.val_size is None or d.val_size >= 0, "data.val_size", "must be >= 0", d.val_size)
+    _check(d.val_fraction is None or 0 <= d.val_fraction < 1, "data.val_fraction", "must be in [0, 1)", d.val_fraction)
+    _check(d.train_subset is None or d.train_subset > 0, "data.train_subset", "must be > 0 or null", d.train_subset)
+    _check_name("data.pipeline", d.pipeline, ["auto", "dali", "torch"])
+    _validate_augmentation(d)
+
+
+def _validate_augmentation(d: DataConfig) -> None:
+    for name in ("flip_p", "erasing_p", "cutout_p", "mixup_p", "cutmix_p"):
+        value = getattr(d, name)
+        _check(0.0 <= value <= 1.0, f"data.{name}", "must be a probability in [0, 1]", value)
+    _check(0 <= d.crop_padding <= 16, "data.crop_padding", "must be in [0, 16] pixels", d.crop_padding)
+    _check(0 <= d.crop_fill <= 255, "data.crop_fill", "must be a pixel value in [0, 255]", d.crop_fill)
+    if d.autoaugment is not None:
+        _check_name("data.autoaugment", d.autoaugment, ["cifar10"])
+    for name in ("jitter_brightness", "jitter_contrast", "jitter_saturation"):
+        value = getattr(d, name)
+        _check(0.0 <= value <= 1.0, f"data.{name}", "must be in [0, 1] (a factor range around 1)", value)
+    _check(0.0 <= d.jitter_hue <= 0.5, "data.jitter_hue", "must be in [0, 0.5] turns", d.jitter_hue)
+    _check(0.0 <= d.rotation_degrees <= 180.0, "data.rotation_degrees", "must be in [0, 180]", d.rotation_degrees)
+    _check_range("data.erasing_scale", d.erasing_scale, 0.0, 1.0)
+    _check(d.erasing_scale[1] > 0, "data.erasing_scale", "max must be > 0", d.erasing_scale)
+    _check(len(d.erasing_ratio) == 2 and 0 < d.erasing_ratio[0] <= d.erasing_ratio[1], "data.erasing_ratio",
+           "must be [min, max] with 0 < min <= max", d.erasing_ratio)
+    _check_name("data.erasing_fill", d.erasing_fill, ["zero", "mean", "random"])
+    _check(0 <= d.cutout_size <= 32, "data.cutout_size", "must be in [0, 32] pixels", d.cutout_size)
+    for name in ("mixup_alpha", "cutmix_alpha"):
+        value = getattr(d, name)
+        _check(value > 0 and math.isfinite(value), f"data.{name}", "must be > 0", value)
+    _check(d.mixup_p + d.cutmix_p <= 1.0 + 1e-9, "data.cutmix_p",
+           f"must be <= 1 - data.mixup_p={d.mixup_p} (one of the two per batch at most)", d.cutmix_p)
+
+
+def _validate_model(m: ModelConfig) -> None:
+    from . import models  # the registry (torch is imported on the first check, not at import)
+
+    _check_name("model.name", m.name, models.list_models())
+    for key, seq in (("model.blocks", m.blocks), ("model.widths", m.widths)):
+        _check(seq is None or (len(seq) > 0 and all(v > 0 for v in seq)), key, "must be positive integers", seq)
+    if m.blocks is not None and m.widths is not None:
+        _check(len(m.blocks) == len(m.widths), "model.widths", "needs one width per stage of model.blocks", m.widths)
+    _check(m.stem_width is None or m.stem_width > 0, "model.stem_width", "must be > 0", m.stem_width)
+    _check_name("model.norm", m.norm, ["batch", "group"])
+    _check(m.num_classes >= 2, "model.num_classes", "must be >= 2", m.num_classes)
+    _check(0 <= m.dropout < 1, "model.dropout", "must be a probability in [0, 1)", m.dropout)
+    if m.max_params is not None:
+        n = models.count_config_parameters(m)  # built on the meta device: no memory, no init time
+        _check(n <= m.max_params, "model.max_params", f"the model has {n:,} parameters, more than {m.max_params:,}",
+               m.max_params)
+
+
+def _validate_optim(o: OptimConfig) -> None:
+    from . import optim  # the registry
+
+    _check_name("optim.name", o.name, optim.list_optimizers())
+    _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", "must be > 0", o.lr)
+    _check(0 <= o.momentum < 1, "optim.momentum", "must be in [0, 1)", o.momentum)
+    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two values in [0, 1)", o.betas)
+    _check(o.eps > 0, "optim.eps", "must be > 0", o.eps)
+    _check(0 <= o.dampening < 1, "optim.dampening", "must be in [0, 1)", o.dampening)
+    _check(not (o.name == "sgd" and o.nesterov and o.momentum > 0 and o.dampening > 0), "optim.dampening",
+           "Nesterov momentum needs dampening 0 (or set optim.nesterov: false)", o.dampening)
+    _check(o.adagrad_lr_decay >= 0, "optim.adagrad_lr_decay", "must be >= 0", o.adagrad_lr_decay)
+    _check(o.asgd_lambd >= 0, "optim.asgd_lambd", "must be >= 0", o.asgd_lambd)
+    _check(o.asgd_alpha >= 0, "optim.asgd_alpha", "must be >= 0", o.asgd_alpha)
+    _check(o.asgd_t0 >= 0, "optim.asgd_t0", "must be >= 0", o.asgd_t0)
+    _check(o.lookahead_k is None or o.lookahead_k >= 1, "optim.lookahead_k", "must be >= 1 or null", o.lookahead_k)
+    _check(0 < o.lookahead_alpha <= 1, "optim.lookahead_alpha", "must be in (0, 1]", o.lookahead_alpha)
+
+
+def _validate_schedule(s: ScheduleConfig) -> None:
+    from . import optim  # the schedule registry
+
+    _check_name("schedule.name", s.name, optim.list_schedules())
+    _check(s.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0", s.warmup_epochs)
+    _check(s.eta_min >= 0, "schedule.eta_min", "must be >= 0", s.eta_min)
+    _check(s.t_max_epochs is None or s.t_max_epochs > 0, "schedule.t_max_epochs", "must be > 0 or null",
+           s.t_max_epochs)
+    _check(s.gamma > 0, "schedule.gamma", "must be > 0", s.gamma)
+    _check(s.step_every_iters is None or s.step_every_iters >= 1, "schedule.step_every_iters", "must be >= 1 or null",
+           s.step_every_iters)
+    _check(s.step_every_epochs is None or s.step_every_epochs > 0, "schedule.step_every_epochs",
+           "must be > 0 or null", s.step_every_epochs)
+    if s.name == "step" and (s.step_every_iters is None) == (s.step_every_epochs is None):
+        raise ConfigError(f"schedule.step_every_iters: the step schedule needs exactly one of step_every_iters and "
+                          f"step_every_epochs (got {s.step_every_iters!r} and {s.step_every_epochs!r})")
+    m = s.milestones_epochs
+    _check(all(v > 0 for v in m) and m == sorted(m), "schedule.milestones_epochs", "must be increasing and > 0", m)
+    _check(s.name != "multistep" or len(m) > 0, "schedule.milestones_epochs", "multistep needs at least one", m)
+    _check(0 < s.onecycle_pct_start < 1, "schedule.onecycle_pct_start", "must be in (0, 1)", s.onecycle_pct_start)
+    _check(s.onecycle_div_factor > 0, "schedule.onecycle_div_factor", "must be > 0", s.onecycle_div_factor)
+    _check(s.onecycle_final_div_factor > 0, "schedule.onecycle_final_div_factor", "must be > 0",
+           s.onecycle_final_div_factor)
+
+
+def _validate_train(t: TrainConfig) -> None:
+    _check(t.epochs >= 1, "train.epochs", "must be >= 1", t.epochs)
+    _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1 or null", t.max_steps)
+    _check(t.global_batch_size >= 1, "train.global_batch_size", "must be >= 1", t.global_batch_size)
+    _check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1", t.eval_batch_size)
+    _check(t.num_workers >= 1, "train.num_workers", "must be >= 1", t.num_workers)
+    _check(t.global_batch_size % t.num_workers == 0, "train.global_batch_size",
+           f"must be divisible by train.num_workers={t.num_workers} (each rank gets an equal share)", t.global_batch_size)
+    _check(t.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0", t.cpus_per_worker)
+    _check_name("train.amp", t.amp, ["bf16", "fp16", "fp32"])
+    _check(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)", t.label_smoothing)
+    _check(t.torch_threads is None or t.torch_threads >= 1, "train.torch_threads", "must be >= 1", t.torch_threads)
+    _check(t.max_failures >= 0, "train.max_failures", "must be >= 0", t.max_failures)
+    _check_name("train.placement_strategy", t.placement_strategy, ["PACK", "SPREAD", "STRICT_SPREAD"])
+
+
+def _validate_tune(u: TuneConfig, t: TrainConfig) -> None:
+    _check_name("tune.scheduler", u.scheduler, ["asha", "fifo"])
+    _check_name("tune.mode", u.mode, ["max", "min"])
+    _check_name("tune.metric", u.metric, ["val_acc", "val_loss", "train_acc", "train_loss"])
+    _check(u.grace_period >= 1, "tune.grace_period", "must be >= 1 epoch", u.grace_period)
+    _check(u.max_failures >= 0, "tune.max_failures", "must be >= 0", u.max_failures)
+    _check(u.reduction_factor > 1, "tune.reduction_factor", "must be > 1", u.reduction_factor)
+    if t.max_steps is None:
+        max_epochs = u.max_epochs if u.max_epochs is not None else t.epochs
+        _check(1 <= max_epochs <= t.epochs, "tune.max_epochs", f"must be in [1, train.epochs={t.epochs}]", u.max_epochs)
+        _check(u.grace_period <= max_epochs, "tune.grace_period", f"must be <= max epochs ({max_epochs})",
+               u.grace_period)
+    else:  # the epochs follow from max_steps and the data, known only when training starts
+        _check(u.max_epochs is None or u.max_epochs >= u.grace_period, "tune.max_epochs",
+               f"must be >= tune.grace_period={u.grace_period}", u.max_epochs)
+    _check(u.num_samples >= 1, "tune.num_samples", "must be >= 1", u.num_samples)
+    _check(u.max_concurrent_trials is None or u.max_concurrent_trials >= 1, "tune.max_concurrent_trials",
+           "must be >= 1 or null", u.max_concurrent_trials)
+    _check(u.trial_driver_cpus >= 0, "tune.trial_driver_cpus", "must be >= 0", u.trial_driver_cpus)
+    _check(u.num_cpus is None or u.num_cpus >= 1, "tune.num_cpus", "must be >= 1 or null", u.num_cpus)
+
+
+PUBLISHED_KEYS = ("where", "value", "metric", "source")
+
+
+def _validate_published(published: list[dict]) -> None:
+    """Each published figure: where (known section.field names, values of their types), value, metric, source."""
+    for i, entry in enumerate(published):
+        key = f"published[{i}]"
+        _check(isinstance(entry, dict) and sorted(entry) == sorted(PUBLISHED_KEYS), key,
+               f"must be a mapping with exactly the keys {', '.join(PUBLISHED_KEYS)}", entry)
+        where = entry["where"]
+        _check(isinstance(where, dict) and len(where) > 0, f"{key}.where", "must be a mapping of section.field: value",
+               where)
+        for field_key, value in where.items():
+            _check("." in str(field_key), f"{key}.where", "keys must be section.field names", field_key)
+            try:
+                loading.set_value(Config(), str(field_key), value)  # known key, value of the field's type
+            except ConfigError as e:
+                raise ConfigError(f"{key}.where: {e}") from None
+        value = entry["value"]
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 100, f"{key}.value",
+               "must be an accuracy in percent, in [0, 100]", value)
+        _check(entry["metric"] in PUBLISHED_METRICS, f"{key}.metric", f"must be one of {', '.join(PUBLISHED_METRICS)}",
+               entry["metric"])
+        _check(isinstance(entry["source"], str) and entry["source"].strip() != "", f"{key}.source",
+               "must be a non-empty string", entry["source"])
+
+
+def _validate_search_space(cfg: Config) -> None:
+    for key, spec in cfg.tune.search_space.items():
+        where = f"tune.search_space.{key}"
+        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SEARCH_KINDS):
+            raise ConfigError(f"{where}: expected one of {{{', '.join(SEARCH_KINDS)}}}: [...] (got {spec!r})")
+        if key.split(".")[0] == "tune":
+            raise ConfigError(f"{where}: the tune section cannot itself be searched")
+        kind, values = next(iter(spec.items()))
+        _check(isinstance(values, list) and len(values) >= 1, where, f"{kind} needs a non-empty list", values)
+        if kind not in ("grid", "choice"):
+            _check(len(values) == 2 and values[0] < values[1], where, f"{kind} needs [low, high] with low < high", values)
+            _check(kind != "loguniform" or values[0] > 0, where, "loguniform needs low > 0", values)
+        for value in values:  # every listed value; for a range, both ends
+            trial = copy.deepcopy(cfg)
+            trial.tune.search_space = {}
+            try:
+                apply_searched(trial, key, value)
+                validate_fixed(trial)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: value {value!r}: {e}") from None

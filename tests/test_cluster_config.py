@@ -54,3 +54,26 @@ def test_validation_catches_a_broken_config(breakage):
     breakage(config)
     with pytest.raises(Exception):
         validate(config)
+
+
+def load_study_entry():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cluster_study", CLUSTER / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_entry_finds_studies_in_the_installed_repo(tmp_path, monkeypatch):
+    """`ray submit` runs cluster/study.py from the head's home, where studies/ is not."""
+    resolve = load_study_entry().resolve_config
+    repo = CLUSTER.parent
+    monkeypatch.chdir(tmp_path)
+    study = "studies/resnet_under_5m.yaml"
+    assert resolve(["--config", study, "--smoke-test"], str(repo)) == [f"--config={repo / study}", "--smoke-test"]
+    assert resolve([f"--config={study}"], str(repo)) == [f"--config={repo / study}"]
+    (tmp_path / "studies").mkdir()
+    (tmp_path / study).write_text("{}")  # a file in the cwd wins
+    assert resolve(["--config", study], str(repo)) == ["--config", study]
+    assert resolve(["--config", "studies/missing.yaml"], str(repo)) == ["--config", "studies/missing.yaml"]

@@ -1,0 +1,133 @@
+"""Where data and results live: a local path or a URI (`s3://`, `gs://`, `file://`), via pyarrow.fs.
+
+pyarrow's filesystems are what Ray Train's `storage_path` uses, so one URI names the same
+place for our Parquet files and for Ray's checkpoints. The convention on a cluster:
+
+- `--data URI`: each node copies train.parquet and test.parquet once into its local cache
+  (`fetch_data`); a plain path is read in place and must exist on every node.
+- `--output URI`: results go there (`sync_up`); a plain local path is refused on a
+  multi-node cluster (`check_output_shared`). A `file://` URI is the user saying "this path
+  is mounted on every node" (NFS and the like); a plain path says nothing of the kind.
+
+No Ray here: this module is usable (and tested) alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+import urllib.parse
+
+import pyarrow.fs as pafs
+
+DATA_FILES = ("train.parquet", "test.parquet")
+_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+class StorageError(Exception):
+    """A location that cannot be used as asked; the message is one line for the user."""
+
+
+def is_uri(location: str) -> bool:
+    """`s3://b/x`, `gs://b/x`, `file:///x`: True; `/x`, `x`, `C:\\x`: False."""
+    return bool(_URI.match(location))
+
+
+def local_path(location: str) -> str | None:
+    """The local filesystem path of a plain path or a `file://` URI; None for remote URIs."""
+    if not is_uri(location):
+        return os.path.abspath(os.path.expanduser(location))
+    parsed = urllib.parse.urlparse(location)
+    if parsed.scheme != "file":
+        return None
+    return urllib.parse.unquote(parsed.path)
+
+
+def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for a path or URI."""
+    path = local_path(location)
+    if path is not None:
+        return pafs.LocalFileSystem(), path
+    try:
+        return pafs.FileSystem.from_uri(location)
+    except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise StorageError(f"cannot open {location}: {e}") from None
+
+
+def join(location: str, *parts: str) -> str:
+    """`location/part/...` for a path or a URI (URIs always join with '/')."""
+    return posixpath.join(location, *parts) if is_uri(location) else os.path.join(location, *parts)
+
+
+def is_empty(location: str) -> bool:
+    """True when nothing is at `location` or it is an empty folder (a fresh --output)."""
+    fs, path = filesystem(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return True
+    if info.type != pafs.FileType.Directory:
+        return False
+    return not fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+
+
+def check_output_shared(output: str, num_nodes: int) -> None:
+    """Refuse a plain local --output on a cluster of more than one node, before any work."""
+    if num_nodes > 1 and not is_uri(output):
+        raise StorageError(
+            f"--output {output} is a local path but the Ray cluster has {num_nodes} nodes: checkpoints "
+            f"written on other nodes would be lost; give storage every node shares: s3://BUCKET/DIR, "
+            f"gs://BUCKET/DIR, or file:///PATH mounted on every node")
+
+
+def _listing(fs: pafs.FileSystem, folder: str, location: str) -> list[pafs.FileInfo]:
+    infos = fs.get_file_info([posixpath.join(folder, name) for name in DATA_FILES])
+    missing = [name for name, info in zip(DATA_FILES, infos) if info.type != pafs.FileType.File]
+    if missing:
+        raise StorageError(f"{location} has no {' or '.join(missing)}: --data URIs must name a folder "
+                           f"holding the Hugging Face CIFAR-10 Parquet files {' and '.join(DATA_FILES)}")
+    return infos
+
+
+def fetch_data(location: str, cache_dir: str) -> str:
+    """A local folder with the data at `location`: the path itself, or this node's copy of a URI.
+
+    A URI's files are copied once per node into `cache_dir/data/<key>`, where the key hashes
+    the URI with each file's size and modification time (changed data is fetched again). Safe
+    when several processes on a node race: each copies into its own temporary folder and
+    renames it into place; the first rename wins and the others use the winner's copy.
+    """
+    if not is_uri(location):
+        return local_path(location)
+    fs, folder = filesystem(location)
+    infos = _listing(fs, folder, location)
+    stamp = "\n".join(f"{i.path} {i.size} {i.mtime_ns}" for i in infos)
+    key = hashlib.sha256(f"{location}\n{stamp}".encode()).hexdigest()[:16]
+    target = os.path.join(os.path.expanduser(cache_dir), "data", key)
+    if os.path.isdir(target):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{key}-", dir=os.path.dirname(target))
+    try:
+        for info in infos:
+            pafs.copy_files(info.path, os.path.join(staging, info.base_name), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+        os.rename(staging, target)  # atomic; fails when another process already renamed its copy
+    except OSError:
+        if not os.path.isdir(target):
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def sync_up(local_dir: str, location: str) -> None:
+    """Copy every file under `local_dir` to the same relative paths under `location` (overwriting)."""
+    fs, path = filesystem(location)
+    if isinstance(fs, pafs.LocalFileSystem) and os.path.abspath(local_dir) == os.path.abspath(path):
+        return
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

@@ -1,0 +1,123 @@
+"""ray_cifar.storage on real files: paths and file:// URIs through pyarrow's local filesystem."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import pytest
+
+from ray_cifar import storage
+from ray_cifar.storage import StorageError
+
+
+@pytest.fixture
+def data_uri(tmp_path):
+    folder = tmp_path / "bucket" / "cifar10"
+    folder.mkdir(parents=True)
+    for name in storage.DATA_FILES:
+        (folder / name).write_bytes(os.urandom(1000))
+    (folder / "unrelated.bin").write_bytes(b"x")  # not copied: only the dataset's files are
+    return folder.as_uri()
+
+
+@pytest.mark.parametrize("location, expected", [
+    ("s3://bucket/x", True), ("gs://bucket/x", True), ("file:///data/x", True),
+    ("/data/x", False), ("data/x", False), ("~/x", False), ("C:\\x", False)])
+def test_is_uri(location, expected):
+    assert storage.is_uri(location) is expected
+
+
+def test_local_path():
+    assert storage.local_path("file:///mnt/shared/my%20data") == "/mnt/shared/my data"
+    assert storage.local_path("results/x") == os.path.abspath("results/x")
+    assert storage.local_path("s3://bucket/x") is None
+
+
+def test_join():
+    assert storage.join("s3://bucket/study", "ray", "tune") == "s3://bucket/study/ray/tune"
+    assert storage.join("/out", "ray") == os.path.join("/out", "ray")
+
+
+def test_fetch_data_copies_a_uri_once_and_reuses_the_copy(tmp_path, data_uri):
+    cache = tmp_path / "cache"
+    first = storage.fetch_data(data_uri, str(cache))
+    assert sorted(os.listdir(first)) == sorted(storage.DATA_FILES)
+    assert str(first).startswith(str(cache))
+    source = storage.local_path(data_uri)
+    for name in storage.DATA_FILES:
+        assert open(os.path.join(first, name), "rb").read() == open(os.path.join(source, name), "rb").read()
+    marker = os.path.join(first, "train.parquet")
+    os.utime(marker, (1, 1))  # a second call must not copy again (it would reset this mtime)
+    assert storage.fetch_data(data_uri, str(cache)) == first
+    assert os.stat(marker).st_mtime == 1
+    assert os.listdir(cache / "data") == [os.path.basename(first)]  # no staging folders left
+
+
+def test_fetch_data_fetches_again_when_the_source_changes(tmp_path, data_uri):
+    cache = str(tmp_path / "cache")
+    first = storage.fetch_data(data_uri, cache)
+    with open(os.path.join(storage.local_path(data_uri), "test.parquet"), "ab") as f:
+        f.write(b"more")
+    second = storage.fetch_data(data_uri, cache)
+    assert second != first and os.path.getsize(os.path.join(second, "test.parquet")) == 1004
+
+
+def test_fetch_data_returns_a_plain_path_unchanged(tmp_path):
+    assert storage.fetch_data(str(tmp_path), str(tmp_path / "cache")) == str(tmp_path)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_fetch_data_names_the_missing_file(tmp_path):
+    (tmp_path / "train.parquet").write_bytes(b"x")
+    with pytest.raises(StorageError, match="test.parquet"):
+        storage.fetch_data(tmp_path.as_uri(), str(tmp_path / "cache"))
+
+
+def _fetch(args):
+    return storage.fetch_data(*args)
+
+
+def test_fetch_data_is_safe_when_processes_race(tmp_path, data_uri):
+    cache = str(tmp_path / "cache")
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        results = pool.map(_fetch, [(data_uri, cache)] * 8)
+    assert len(set(results)) == 1
+    assert sorted(os.listdir(results[0])) == sorted(storage.DATA_FILES)
+    assert os.listdir(os.path.join(cache, "data")) == [os.path.basename(results[0])]
+
+
+def test_sync_up_copies_results_to_a_uri_and_overwrites(tmp_path):
+    local = tmp_path / "local"
+    (local / "ray").mkdir(parents=True)
+    (local / "results.parquet").write_text("v1")
+    (local / "ray" / "state.json").write_text("{}")
+    target = (tmp_path / "shared" / "study").as_uri()
+    storage.sync_up(str(local), target)
+    (local / "results.parquet").write_text("v2")
+    storage.sync_up(str(local), target)
+    remote = tmp_path / "shared" / "study"
+    assert (remote / "results.parquet").read_text() == "v2"
+    assert (remote / "ray" / "state.json").read_text() == "{}"
+
+
+def test_is_empty(tmp_path):
+    assert storage.is_empty((tmp_path / "missing").as_uri())
+    assert storage.is_empty(str(tmp_path))
+    (tmp_path / "f").write_text("x")
+    assert not storage.is_empty(tmp_path.as_uri())
+    assert not storage.is_empty(str(tmp_path / "f"))
+
+
+def test_check_output_shared():
+    storage.check_output_shared("/local/out", num_nodes=1)
+    for uri in ("s3://bucket/out", "gs://bucket/out", "file:///mnt/shared/out"):
+        storage.check_output_shared(uri, num_nodes=3)
+    with pytest.raises(StorageError, match="checkpoints .* would be lost") as e:
+        storage.check_output_shared("/local/out", num_nodes=2)
+    assert "\n" not in str(e.value) and "2 nodes" in str(e.value)
+
+
+def test_unknown_scheme_is_one_clear_error():
+    with pytest.raises(StorageError, match="cannot open nosuch://x"):
+        storage.filesystem("nosuch://x")

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import os
 import shutil
 import sys
 
 import yaml
 
+from . import storage
 from .config import Config, ConfigError, describe
-from .data_source import Cifar10, DataError, load_cifar10, resolve_data_dir
+from .data_source import Cifar10, DataError, default_cache_dir, load_cifar10, resolve_data_dir
 from .validation import config_from_dict, load_config
 
 
@@ -52,6 +54,22 @@ def parse_args(prog: str, description: str, argv: list[str] | None, resume: bool
     return parser.parse_args(argv)
 
 
+def local_output(output: str, cache_dir: str | None) -> str:
+    """Where this driver writes a study's files: the folder of a path or file:// URI, else (s3://, gs://)
+    a local mirror that the study copies up to the URI as it goes (Ray writes its checkpoints there
+    directly)."""
+    path = storage.local_path(output)
+    if path is not None:
+        return path
+    digest = hashlib.sha256(output.encode()).hexdigest()[:16]
+    return os.path.join(os.path.expanduser(cache_dir or default_cache_dir()), "outputs", digest)
+
+
+def output_uri(output: str | None) -> str | None:
+    """The --output a study copies its files up to, when it is remote storage (s3://, gs://)."""
+    return output if output and storage.local_path(output) is None else None
+
+
 def load_resolved_config(output: str) -> Config:
     """The config a study in `output` was started with (its config.yaml); exit 2 when it does not load."""
     try:
@@ -81,14 +99,16 @@ def prepare(args: argparse.Namespace, kind: str) -> tuple[Config, Cifar10, str]:
         if args.data:
             cfg.data.path = args.data
         data_dir = resolve_data_dir(cfg.data.path)
-        if data_dir is not None:
+        if data_dir is not None and not storage.is_uri(data_dir):
             # Workers on every node read the same absolute path; record it in the resolved config.
             cfg.data.path = os.path.abspath(os.path.expanduser(data_dir))
         dataset = load_cifar10(cfg.data.path, cfg.data.cache_dir)
-        output = os.path.abspath(args.output or default_output(kind, args.config))
-        if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
-            raise UsageError(f"output folder {output} already exists and is not empty: choose a new --output")
-    except (ConfigError, DataError, UsageError) as e:
+        output = local_output(args.output or default_output(kind, args.config), cfg.data.cache_dir)
+        if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)) or (
+                storage.local_path(args.output or "") is None and not storage.is_empty(args.output)):
+            raise UsageError(f"output folder {args.output or output} already exists and is not empty: "
+                             f"choose a new --output")
+    except (ConfigError, DataError, UsageError, storage.StorageError) as e:
         fail(str(e))
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, "config.yaml"), "w") as f:
@@ -101,7 +121,7 @@ def refusing_up_front(output: str | None, run) -> int:
     seen only once Ray is up) is one line and exit 2, and the new output folder is removed again."""
     try:
         return run()
-    except ConfigError as e:
+    except (ConfigError, storage.StorageError) as e:
         if output is not None and set(os.listdir(output)) <= {"config.yaml"}:
             shutil.rmtree(output)
         fail(str(e))

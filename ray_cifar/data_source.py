@@ -31,6 +31,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from . import storage
+
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 NUM_CLASSES = len(CLASSES)
 IMAGE_SHAPE = (32, 32, 3)
@@ -286,6 +288,11 @@ def load_cifar10(path: str | None, cache_dir: str | None = None, download: bool 
     """Load CIFAR-10 from `path` (or RAY_CIFAR_DATA, or a torchvision download), via the cache."""
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
     path = resolve_data_dir(path)
+    if path is not None and storage.is_uri(path):
+        try:
+            path = storage.fetch_data(path, cache_dir)  # once per node: later calls reuse the local copy
+        except (storage.StorageError, OSError) as e:
+            raise DataError(str(e)) from None
     if path is None:
         if not download:
             raise DataError(f"no CIFAR-10 location given and download disabled; {HINT}")

@@ -73,6 +73,10 @@ def concurrent_trials(cfg: Config) -> int:
     return max(1, math.floor(min(fits) + 1e-9))
 
 
+def alive_nodes() -> int:
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
 def check_fits(cfg: Config) -> None:
     """Refuse, in one line, a trial that can never start: more ranks x CPUs/GPUs than the cluster has.
 

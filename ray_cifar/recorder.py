@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from ray.tune import Callback
 
+from . import storage
 from .results import ResultsLog, epoch_row
 
 RUNNING, COMPLETED, STOPPED, DIVERGED, FAILED = "running", "completed", "stopped", "diverged", "failed"
@@ -50,12 +51,14 @@ class StudyRecorder(Callback):
         metric, mode: what "best" means (tune.metric, tune.mode).
         provenance: columns added to every row (git SHA, versions).
         tensorboard: write per-trial TensorBoard scalars under OUTPUT/tensorboard/<trial_id> (step = epoch).
+        mirror_to: a remote --output (s3://, gs://) that OUTPUT is copied up to every minute.
     """
 
     def __init__(self, output: str, params: Callable[[dict], dict[str, Any]], metric: str, mode: str,
                  provenance: dict[str, Any] | None = None, tensorboard: bool = True,
-                 progress_every: float = PROGRESS_EVERY_SECONDS):
+                 progress_every: float = PROGRESS_EVERY_SECONDS, mirror_to: str | None = None):
         self.output, self.params, self.metric, self.mode = output, params, metric, mode
+        self.mirror_to = mirror_to
         self.provenance = provenance or {}
         self.tensorboard, self.progress_every = tensorboard, progress_every
         self._load()
@@ -77,7 +80,8 @@ class StudyRecorder(Callback):
     def __getstate__(self):
         # Pickled into tuner.pkl: keep configuration only; the state is re-read from disk.
         return {k: v for k, v in self.__dict__.items() if k in
-                ("output", "params", "metric", "mode", "provenance", "tensorboard", "progress_every")}
+                ("output", "params", "metric", "mode", "provenance", "tensorboard", "progress_every",
+                      "mirror_to")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -175,6 +179,8 @@ class StudyRecorder(Callback):
         if now - self.last_progress >= self.progress_every:
             self.last_progress = now
             print(progress_line(trials, self.trials, now - self.started), flush=True)
+            if self.mirror_to:
+                storage.sync_up(self.output, self.mirror_to)  # remote --output: a minute's rows at most at risk
 
     def _tensorboard(self, trial_id: str, row: dict[str, Any]) -> None:
         if not self.tensorboard:

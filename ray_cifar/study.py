@@ -19,6 +19,7 @@ import os
 import time
 from typing import Any
 
+from . import storage
 from .config import Config, flatten, search_keys
 from .recorder import FAILED, TRIALS_STATE, StudyRecorder
 from .results import ResultsLog, format_table, provenance, rank_trials, write_rows
@@ -29,18 +30,24 @@ FINISHED = "study-finished.json"
 SEED = "train.seed"
 
 
-def experiment_dir(output: str) -> str:
-    return os.path.join(output, "ray", EXPERIMENT)
+def storage_path(output: str, remote: str | None = None) -> str:
+    """Where Ray keeps the experiment and every trial's checkpoints: OUTPUT/ray, or REMOTE/ray."""
+    return storage.join(remote, "ray") if remote else os.path.join(output, "ray")
+
+
+def experiment_dir(output: str, remote: str | None = None) -> str:
+    return storage.join(storage_path(output, remote), EXPERIMENT)
 
 
 def is_finished(output: str) -> bool:
     return os.path.exists(os.path.join(output, FINISHED))
 
 
-def can_resume(output: str) -> bool:
+def can_resume(output: str, remote: str | None = None) -> bool:
     from ray import tune
 
-    return os.path.exists(os.path.join(output, "config.yaml")) and tune.Tuner.can_restore(experiment_dir(output))
+    return (os.path.exists(os.path.join(output, "config.yaml"))
+            and tune.Tuner.can_restore(experiment_dir(output, remote)))
 
 
 def grid_size(cfg: Config) -> int:
@@ -77,7 +84,7 @@ def searched_params(base: dict[str, Any], keys: list[str], sampled: dict[str, An
     return {k: flat[k] for k in keys}
 
 
-def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int):
+def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, remote: str | None):
     from ray import tune
 
     from . import trial
@@ -89,13 +96,13 @@ def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int):
     space = {**cfg.tune.search_space, **seeds}
     keys = search_keys(space) + ([SEED] if SEED not in search_keys(space) else [])
     recorder = StudyRecorder(output, functools.partial(searched_params, base, keys), cfg.tune.metric, cfg.tune.mode,
-                             provenance())
-    storage = os.path.join(output, "ray")
-    trainable = tune.with_parameters(trial.tune_trial, base_config=base, storage_path=storage)
+                             provenance(), mirror_to=remote)
+    ray_storage = storage_path(output, remote)
+    trainable = tune.with_parameters(trial.tune_trial, base_config=base, storage_path=ray_storage)
     trainable = tune.with_resources(trainable, {"CPU": cfg.tune.trial_driver_cpus})
     if resume:
         # tuner.pkl brings back the scheduler and the recorder (copies that re-read their state from disk).
-        return tune.Tuner.restore(experiment_dir(output), trainable=trainable, resume_unfinished=True,
+        return tune.Tuner.restore(experiment_dir(output, remote), trainable=trainable, resume_unfinished=True,
                                   resume_errored=True), keys
     # With train.max_steps the epochs per trial follow from the data and the batch size; without
     # tune.max_epochs ASHA then has no top rung and survivors run to their own end.
@@ -107,7 +114,7 @@ def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int):
         param_space=to_param_space(space),
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler,
                                     num_samples=num_samples, max_concurrent_trials=max_concurrent),
-        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage, callbacks=[recorder],
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=ray_storage, callbacks=[recorder],
                                   failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures)),
     ), keys
 
@@ -121,16 +128,20 @@ def _banner(cfg: Config, output: str, max_concurrent: int, resume: bool) -> str:
             f"{cfg.tune.scheduler} on {cfg.tune.metric} ({cfg.tune.mode}), {length}; results in {output}")
 
 
-def unfinished_trials(output: str) -> int:
+def unfinished_trials(output: str, remote: str | None = None) -> int:
     """Trials Tune has not ended (TERMINATED or ERROR), read from the experiment on disk."""
     from ray.tune import ExperimentAnalysis
 
-    trials = ExperimentAnalysis(experiment_dir(output)).trials
+    trials = ExperimentAnalysis(experiment_dir(output, remote)).trials
     return sum(str(t.status) not in ("TERMINATED", "ERROR") for t in trials)
 
 
-def run_study(cfg: Config, output: str, resume: bool = False) -> int:
-    """Run (or resume) the study; returns the exit status: 0, 1 if a trial failed, 130 if interrupted."""
+def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None = None, shared: bool = False) -> int:
+    """Run (or resume) the study; returns the exit status: 0, 1 if a trial failed, 130 if interrupted.
+
+    `output` is the local folder of the study's files; `remote` the s3:// or gs:// URI they are copied
+    up to (and Ray's checkpoints written to) when --output was one; `shared` says --output was a URI
+    (storage every node shares), without which a multi-node cluster is refused."""
     from . import ray_cluster
 
     # Tune's default loggers write TensorBoard/CSV/JSON files keyed by training_iteration, which
@@ -139,16 +150,20 @@ def run_study(cfg: Config, output: str, resume: bool = False) -> int:
     ray_cluster.init_ray(cfg)
     cfg.train.use_gpu = ray_cluster.resolve_use_gpu(cfg)
     ray_cluster.check_fits(cfg)
+    if not shared:
+        storage.check_output_shared(output, ray_cluster.alive_nodes())
     max_concurrent = ray_cluster.concurrent_trials(cfg)
     print(_banner(cfg, output, max_concurrent, resume), flush=True)
     print(f"[ray_cifar] TensorBoard: tensorboard --logdir {os.path.join(output, 'tensorboard')}", flush=True)
-    tuner, keys = _build_tuner(cfg, output, resume, max_concurrent)
+    tuner, keys = _build_tuner(cfg, output, resume, max_concurrent, remote)
     tuner.fit()
-    if unfinished_trials(output):
+    if remote:
+        storage.sync_up(output, remote)
+    if unfinished_trials(output, remote):
         print(f"\n[ray_cifar] study interrupted; nothing reported is lost. Continue it with:\n"
               f"  python -m ray_cifar.tune --resume {output}", flush=True)
         return 130
-    return finish_study(cfg, output, keys)
+    return finish_and_sync(cfg, output, keys, remote)
 
 
 def finish_study(cfg: Config, output: str, keys: list[str]) -> int:
@@ -185,6 +200,13 @@ def finish_study(cfg: Config, output: str, keys: list[str]) -> int:
     with open(os.path.join(output, FINISHED), "w") as f:
         json.dump({"finished": time.time(), "failed": [t["trial_id"] for t in failed]}, f)
     return 1 if failed else 0
+
+
+def finish_and_sync(cfg: Config, output: str, keys: list[str], remote: str | None) -> int:
+    rc = finish_study(cfg, output, keys)
+    if remote:
+        storage.sync_up(output, remote)
+    return rc
 
 
 def write_study_report(output: str) -> None:

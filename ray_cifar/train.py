@@ -48,12 +48,12 @@ def run_local(cfg: Config, dataset: Cifar10, output: str, run_id: str) -> list[d
     return log.read()
 
 
-def run_distributed(cfg: Config, output: str) -> int:
-    from . import study
+def run_distributed(cfg: Config, output: str, location: str) -> int:
+    from . import storage, study
 
     cfg.tune.search_space = {}
     cfg.tune.scheduler, cfg.tune.num_samples = "fifo", 1
-    return study.run_study(cfg, output)
+    return study.run_study(cfg, output, remote=cli.output_uri(location), shared=storage.is_uri(location))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     run_id = uuid.uuid4().hex[:8]
     print(f"[ray_cifar] data: {dataset.source}; run {run_id}; resolved config: {output}/config.yaml", flush=True)
     if cfg.train.num_workers > 1:
-        return cli.refusing_up_front(output, lambda: run_distributed(cfg, output))
+        return cli.refusing_up_front(output, lambda: run_distributed(cfg, output, args.output or output))
     rows = run_local(cfg, dataset, output, run_id)
     best = max(rows, key=lambda r: r["val_acc"])
     print(f"[ray_cifar] best val_acc {best['val_acc']:.4f} at epoch {best['epoch']}; "

@@ -21,17 +21,20 @@ import sys
 from . import cli
 
 
-def resume(output: str) -> int:
-    from . import study
+def resume(location: str) -> int:
+    from . import storage, study
 
-    output = os.path.abspath(output)
-    if not os.path.isdir(output) or not study.can_resume(output):
-        cli.fail(f"--resume {output}: not a ray_cifar study output (no config.yaml and Tune experiment in ray/tune)")
+    remote = cli.output_uri(location)
+    output = cli.local_output(location, None)
+    if not os.path.isdir(output) or not study.can_resume(output, remote):
+        cli.fail(f"--resume {location}: not a ray_cifar study output (no config.yaml and Tune experiment in ray/tune)"
+                 + (" here: the local copy of a remote study is resumed on the machine that ran it" if remote else ""))
     if study.is_finished(output):
         print(f"[ray_cifar] the study in {output} has already finished: see {output}/trials.parquet")
         return 0
     cfg = cli.load_resolved_config(output)
-    return cli.refusing_up_front(None, lambda: study.run_study(cfg, output, resume=True))
+    return cli.refusing_up_front(None, lambda: study.run_study(cfg, output, resume=True, remote=remote,
+                                                               shared=storage.is_uri(location)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg, dataset, output = cli.prepare(args, "tune")
     print(f"[ray_cifar] data: {dataset.source}; resolved config: {output}/config.yaml", flush=True)
-    return cli.refusing_up_front(output, lambda: study.run_study(cfg, output))
+    location = args.output or output
+    return cli.refusing_up_front(output, lambda: study.run_study(cfg, output, remote=cli.output_uri(location),
+                                                                 shared=storage.is_uri(location)))
 
 
 if __name__ == "__main__":

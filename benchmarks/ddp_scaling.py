@@ -90,8 +90,14 @@ def measure(world_size: int, args, images, labels) -> list[float]:
     """Images/s (global) of each repeat with `world_size` ranks."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(rank_main, args=(world_size, free_port(), args, images, labels, queue), nprocs=world_size,
-                       start_method="spawn", join=True)
+    try:
+        mp.start_processes(rank_main, args=(world_size, free_port(), args, images, labels, queue),
+                           nprocs=world_size, start_method="spawn", join=True)
+    except mp.ProcessExitedException as e:
+        if queue.empty():
+            raise
+        # Seen once on the shared CPU machine: a rank aborted in gloo's teardown after the timings were sent.
+        print(f"warning: a rank died after reporting ({e}); keeping the reported timings", flush=True)
     return [args.steps * args.batch_size * world_size / s for s in queue.get()]
 
 

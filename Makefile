@@ -3,6 +3,8 @@
 # make test  : the same set-up plus test extras, then the test suite (what CI runs).
 # Variables: DATA=<CIFAR-10 folder> (default $RAY_CIFAR_DATA, else ../shared/data/cifar10 when present),
 #            ARGS="--set train.epochs=5 ..." passed to the study, PYTHON=<interpreter for the venv>.
+# make gpu-bench : the GPU suite (benchmarks/gpu_suite.sh: CUDA tests, data pipeline, training throughput
+#              with MFU, DDP scaling, a short ResNet-18 study); under 20 min on one H100; needs DATA.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -11,7 +13,7 @@ DATA   ?= $(or $(RAY_CIFAR_DATA),$(wildcard ../shared/data/cifar10))
 DATA_ARG := $(if $(DATA),--data $(DATA))
 ARGS   ?=
 
-.PHONY: run test install clean
+.PHONY: run test install clean gpu-bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +36,9 @@ run: install
 
 test: install
 	RAY_CIFAR_DATA=$(DATA) $(PY) -m pytest tests
+
+gpu-bench: install
+	benchmarks/gpu_suite.sh "$(DATA)" $(PY)
 
 clean:
 	rm -rf $(VENV) results *.egg-info

@@ -15,6 +15,7 @@ after either pipeline: `BatchMixer`.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -31,6 +32,20 @@ STD = (0.2470, 0.2435, 0.2616)
 GRAY = (0.299, 0.587, 0.114)
 
 Batch = torch.Tensor  # uint8, N x H x W x C
+# RGB -> YIQ (the Y row is GRAY); saturation and hue act on its I, Q chroma plane.
+RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+YIQ_TO_RGB = tuple(map(tuple, np.linalg.inv(np.array(RGB_TO_YIQ)).tolist()))
+
+
+@functools.lru_cache(maxsize=None)
+def device_constant(values: tuple, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`values` as a tensor on `device`, built once per (values, device, dtype).
+
+    Why cached: torch.tensor(..., device="cuda") copies from pageable host memory, and that copy
+    makes the host wait for the GPU; done inside a step it is a host sync per step. Treat the
+    result as read-only (it is shared).
+    """
+    return torch.tensor(values, dtype=dtype).to(device)
 
 
 # ---------------------------------------------------------------------------
@@ -70,7 +85,7 @@ def _to_uint8(x: torch.Tensor) -> Batch:
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
     """N x H x W x 1 luma of a float NHWC batch."""
-    return (x * torch.tensor(GRAY, device=x.device, dtype=x.dtype)).sum(-1, keepdim=True)
+    return (x * device_constant(GRAY, x.device, x.dtype)).sum(-1, keepdim=True)
 
 
 def _blend(x: torch.Tensor, center: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -80,9 +95,8 @@ def _blend(x: torch.Tensor, center: torch.Tensor, factor: torch.Tensor) -> torch
 
 def _yiq_matrix(saturation: torch.Tensor, hue_turns: torch.Tensor) -> torch.Tensor:
     """Per-image 3x3 RGB->RGB matrices: scale the YIQ chroma by `saturation`, rotate it by `hue_turns`."""
-    rgb_to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                              device=saturation.device)
-    yiq_to_rgb = torch.linalg.inv(rgb_to_yiq)
+    rgb_to_yiq = device_constant(RGB_TO_YIQ, saturation.device)
+    yiq_to_rgb = device_constant(YIQ_TO_RGB, saturation.device)
     angle = hue_turns * 2 * math.pi
     cos, sin = torch.cos(angle) * saturation, torch.sin(angle) * saturation
     ones, zeros = torch.ones_like(cos), torch.zeros_like(cos)
@@ -101,8 +115,7 @@ def _affine(images: Batch, inverse: torch.Tensor, fill: float, mode: str = "bili
                             torch.arange(w, device=images.device) + 0.5, indexing="ij")
     points = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, h * w, 3)
     source = points @ inverse.transpose(1, 2)  # N x HW x 2, pixel coordinates
-    scale = torch.tensor([2.0 / w, 2.0 / h], device=images.device)
-    grid = (source * scale - 1).view(n, h, w, 2)
+    grid = (source * device_constant((2.0 / w, 2.0 / h), images.device) - 1).view(n, h, w, 2)
     x = images.permute(0, 3, 1, 2).float() - fill  # zero padding of (x - fill) is padding with fill
     out = torch.nn.functional.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False) + fill
     return _to_uint8(out.permute(0, 2, 3, 1))
@@ -197,8 +210,8 @@ def fill_values(fill: str, shape: torch.Size, generator: torch.Generator, device
     """What erased pixels become: 0, the dataset mean per channel, or uniform random bytes."""
     if fill == "random":
         return torch.randint(0, 256, tuple(shape), device=device, generator=generator, dtype=torch.uint8)
-    mean = [round(m * 255) for m in MEAN] if fill == "mean" else [0, 0, 0]
-    return torch.tensor(mean, device=device, dtype=torch.uint8)
+    mean = tuple(round(m * 255) for m in MEAN) if fill == "mean" else (0, 0, 0)
+    return device_constant(mean, torch.device(device), torch.uint8)
 
 
 def random_erasing(images: Batch, cfg: DataConfig, generator: torch.Generator) -> Batch:
@@ -256,16 +269,19 @@ AUTOAUG_RANGES = {
     "translate_x": ((0.0, AUTOAUG_MAX_TRANSLATE), True), "translate_y": ((0.0, AUTOAUG_MAX_TRANSLATE), True),
     "rotate": ((0.0, 30.0), True), "brightness": ((0.1, 1.9), False), "color": ((0.1, 1.9), False),
     "contrast": ((0.1, 1.9), False), "sharpness": ((0.1, 1.9), False), "posterize": ((0.0, 4.0), False),
-    "solarize": ((256.0, 0.0), False),
+    # Threshold rises with the bin (bin 0 inverts every pixel, bin 10 none), as DALI's CIFAR-10 policy and the
+    # AutoAugment paper's code (TF `solarize(image, threshold=int(level / 10 * 256))`).
+    "solarize": ((0.0, 256.0), False),
 }
 GEOMETRIC_OPS = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")
 
 
+SHARPNESS_SMOOTHING = tuple(tuple(v / 13 for v in row) for row in ((1, 1, 1), (1, 5, 1), (1, 1, 1)))
+
+
 def _sharpen(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """PIL ImageEnhance.Sharpness: blend with the 3x3 smoothing filter [[1,1,1],[1,5,1],[1,1,1]]/13."""
-    kernel = torch.ones(3, 3, device=x.device)
-    kernel[1, 1] = 5
-    kernel = (kernel / 13).expand(3, 1, 3, 3)
+    kernel = device_constant(SHARPNESS_SMOOTHING, x.device).expand(3, 1, 3, 3)
     nchw = x.permute(0, 3, 1, 2)
     blurred = torch.nn.functional.conv2d(torch.nn.functional.pad(nchw, (1, 1, 1, 1), mode="replicate"), kernel,
                                          groups=3).permute(0, 2, 3, 1)
@@ -298,14 +314,14 @@ def _geometric_inverse(op: torch.Tensor, magnitude: torch.Tensor, h: int, w: int
     Shears and translations act about the top-left corner (as DALI's and PIL's), rotation about the centre.
     """
     n = op.shape[0]
-    eye = torch.eye(3, device=op.device).expand(n, 3, 3).clone()
-    forward = eye.clone()
     codes = {name: i for i, name in enumerate(AUTOAUG_OPS)}
-    forward[:, 0, 1] = torch.where(op == codes["shear_x"], magnitude, 0.0)
-    forward[:, 1, 0] = torch.where(op == codes["shear_y"], magnitude, 0.0)
-    forward[:, 0, 2] = torch.where(op == codes["translate_x"], magnitude, 0.0)
-    forward[:, 1, 2] = torch.where(op == codes["translate_y"], magnitude, 0.0)
-    inverse = torch.linalg.inv(forward)[:, :2]
+    # Each image has one op, so its forward matrix is the identity plus one off-diagonal entry m,
+    # and the inverse is the identity with -m there (no torch.linalg.inv: it syncs to check for singularity).
+    inverse = torch.eye(3, device=op.device)[:2].expand(n, 2, 3).clone()
+    inverse[:, 0, 1] = torch.where(op == codes["shear_x"], -magnitude, 0.0)
+    inverse[:, 1, 0] = torch.where(op == codes["shear_y"], -magnitude, 0.0)
+    inverse[:, 0, 2] = torch.where(op == codes["translate_x"], -magnitude, 0.0)
+    inverse[:, 1, 2] = torch.where(op == codes["translate_y"], -magnitude, 0.0)
     rotation = _rotation_inverse(torch.where(op == codes["rotate"], magnitude, 0.0), h, w)
     return torch.where((op == codes["rotate"]).view(-1, 1, 1), rotation, inverse)
 
@@ -349,7 +365,7 @@ def _apply_autoaug_op(images: Batch, op: torch.Tensor, magnitude: torch.Tensor, 
     sync_free = images.is_cuda if sync_free is None else sync_free
     out = images if sync_free else images.clone()
     for names, function in AUTOAUG_FUNCTIONS.items():
-        chosen = torch.isin(op, torch.tensor([codes[n] for n in names], device=op.device))
+        chosen = functools.reduce(torch.logical_or, [op == codes[name] for name in names])
         if sync_free:
             # No host sync on a GPU: the op runs on the whole batch and each image keeps its own result.
             out = torch.where(chosen.view(-1, 1, 1, 1), function(images, magnitude, op), out)
@@ -361,24 +377,35 @@ def _apply_autoaug_op(images: Batch, op: torch.Tensor, magnitude: torch.Tensor, 
     return out
 
 
-def _policy_tables(policy: list, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(op code, probability, magnitude, random sign?) as S x 2 tensors; a missing second op is identity."""
+def autoaug_magnitude(name: str, bin_: int | None) -> float:
+    """The unsigned parameter of op `name` at magnitude bin `bin_` (0 for ops without a magnitude):
+    linspace over AUTOAUG_RANGES[name] in AUTOAUG_BINS bins, as DALI's `augmentation(mag_range=...)`."""
+    (lo, hi), _ = AUTOAUG_RANGES.get(name, ((0.0, 0.0), False))
+    return lo + (hi - lo) * (bin_ or 0) / (AUTOAUG_BINS - 1)
+
+
+def _policy_tables(policy_name: str, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    """(op code, probability, magnitude, random sign?) as S x 2 tensors; a missing second op is identity.
+
+    Built once per policy and device (see device_constant)."""
     codes = {name: i for i, name in enumerate(AUTOAUG_OPS)}
+    policy = AUTOAUG_POLICIES[policy_name]
     op, prob, mag, signed = (np.zeros((len(policy), 2)) for _ in range(4))
     for s, sub_policy in enumerate(policy):
         for k, (name, p, bin_) in enumerate(sub_policy):
-            (lo, hi), is_signed = AUTOAUG_RANGES.get(name, ((0.0, 0.0), False))
-            op[s, k], prob[s, k], signed[s, k] = codes[name], p, is_signed
-            mag[s, k] = lo + (hi - lo) * (bin_ or 0) / (AUTOAUG_BINS - 1)
-    as_tensor = lambda a, dtype: torch.tensor(a, device=device, dtype=dtype)  # noqa: E731
-    return as_tensor(op, torch.long), as_tensor(prob, torch.float), as_tensor(mag, torch.float), as_tensor(signed, torch.bool)
+            op[s, k], prob[s, k], mag[s, k] = codes[name], p, autoaug_magnitude(name, bin_)
+            signed[s, k] = AUTOAUG_RANGES.get(name, (None, False))[1]
+    device = torch.device(device)
+    as_constant = lambda a, dtype: device_constant(tuple(map(tuple, a.tolist())), device, dtype)  # noqa: E731
+    return (as_constant(op, torch.long), as_constant(prob, torch.float), as_constant(mag, torch.float),
+            as_constant(signed, torch.bool))
 
 
 def autoaugment(images: Batch, policy_name: str, generator: torch.Generator,
                 return_sub_policy: bool = False) -> Batch | tuple[Batch, torch.Tensor]:
     """Each image draws one sub-policy uniformly; each of its ops runs with its probability."""
     n, device = images.shape[0], images.device
-    op, prob, mag, signed = _policy_tables(AUTOAUG_POLICIES[policy_name], device)
+    op, prob, mag, signed = _policy_tables(policy_name, device)
     sub_policy = torch.randint(0, op.shape[0], (n,), device=device, generator=generator)
     for k in range(op.shape[1]):
         runs = torch.rand(n, device=device, generator=generator) < prob[sub_policy, k]

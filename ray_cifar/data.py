@@ -15,7 +15,7 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
-from .augment import MEAN, STD, BatchMixer, create_augment
+from .augment import MEAN, STD, BatchMixer, create_augment, device_constant
 from .config.schema import DataConfig
 from .data_source import Cifar10, stratified_split, subset_indices
 from .sampler import GlobalBatchSampler
@@ -69,8 +69,9 @@ def input_dtype(amp: str) -> torch.dtype:
 
 def to_model_input(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 NHWC -> normalized NCHW in channels_last memory (the NHWC buffer viewed as NCHW)."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255
+    # Cached per device: torch.tensor(..., device="cuda") per step would be a host sync per step.
+    mean = device_constant(tuple((np.float32(MEAN) * np.float32(255)).tolist()), images.device).view(1, 3, 1, 1)
+    std = device_constant(tuple((np.float32(STD) * np.float32(255)).tolist()), images.device).view(1, 3, 1, 1)
     return ((images.permute(0, 3, 1, 2).float() - mean) / std).to(dtype)
 
 

@@ -70,6 +70,8 @@ def _build_run(cfg: Config, loader: TrainBatches, device: torch.device, world_si
     model = build_model(cfg, device)
     ddp_model = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
                  if world_size > 1 else model)
+    # cudnn.benchmark / TF32 on CUDA; torch.compile wraps the DDP module, checkpoints keep the bare one.
+    ddp_model = engine.prepare_model(ddp_model, device, compile=cfg.train.compile)
     total_steps, epochs = training_length(cfg, len(loader))
     optimizer = create_optimizer(model, cfg.optim)
     scheduler = create_scheduler(optimizer, cfg.schedule, cfg.optim.lr, len(loader), total_steps)

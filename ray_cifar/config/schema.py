@@ -106,6 +106,7 @@ class TrainConfig:
     use_gpu: bool | None = None  # one GPU per rank; None: yes when the machine/cluster has GPUs
     cpus_per_worker: float = 1.0  # logical CPUs Ray reserves per rank
     amp: str = "bf16"  # autocast dtype: bf16 | fp16 (with a grad scaler) | fp32 (autocast off)
+    compile: bool = False  # torch.compile the (DDP-wrapped) model: faster steps after a one-off compile of tens of seconds
     channels_last: bool = True  # NHWC memory format for the model and its inputs (faster convs)
     label_smoothing: float = 0.0  # cross-entropy label smoothing in [0, 1)
     seed: int = 0  # seed of weights, batch order and augmentation

@@ -1,0 +1,245 @@
+"""Images/second of the training step, ray_cifar's step against a plain PyTorch loop, in one run.
+
+    python benchmarks/train_throughput.py --data ../shared/data/cifar10 --device cpu    # small ResNet, minutes
+    python benchmarks/train_throughput.py --data DIR --device cuda --model resnet18     # + MFU against the peak
+
+Variants, all on the same model, data, batch size and augmentation (crop pad 4 + flip p 0.5):
+- plain-pytorch-fp32: the textbook loop: a torchvision DataLoader (per-sample PIL transforms, one
+  worker per core), fp32 NCHW, `loss.item()` every step. The baseline of every ratio.
+- ray_cifar-fp32-nchw: ray_cifar's batch-tensor loader on the device and `engine.train_step`, fp32,
+  contiguous NCHW model and input.
+- ray_cifar-bf16-channels_last: the same with bf16 autocast and channels_last (ray_cifar's default).
+- ray_cifar-bf16-channels_last-compile: the same after `engine.prepare_model(compile=True)`.
+
+Each figure is images trained per second over --steps steps after --warmup steps; the variants are
+measured round-robin --repeats times (so a burst of load from other jobs hits all of them) and the
+median is kept. On cuda, MFU = images/s x FLOPs per image (forward + backward, counted by
+torch.utils.flop_counter) / the device's dense bf16 peak. Writes results/train_throughput_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from data_pipeline import device_name, endless  # noqa: E402
+from ray_cifar import engine  # noqa: E402
+from ray_cifar.augment import MEAN, STD  # noqa: E402
+from ray_cifar.config import load_config  # noqa: E402
+from ray_cifar.data import Split, TrainLoader  # noqa: E402
+from ray_cifar.models import create_model_from_config  # noqa: E402
+
+AUGMENT = ["data.crop_padding=4", "data.flip_p=0.5"]
+MODELS = {  # --model presets (ray_cifar model config overrides)
+    "small": ["model.name=resnet", "model.blocks=[1,1]", "model.widths=[8,16]", "model.stem_width=8"],  # the tests' tiny ResNet
+    "resnet18": ["model.name=resnet18"],
+}
+# Dense (no sparsity) bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
+                   "A10G": 70e12, "RTX 4090": 165e12}
+
+
+def peak_flops(name: str) -> float | None:
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def load_images(data: str | None, n: int) -> tuple[np.ndarray, np.ndarray, str]:
+    if data:
+        from ray_cifar.data_source import load_cifar10
+
+        dataset = load_cifar10(data, None, log=lambda m: None)
+        # The source without its folder: results files name no machine path.
+        return dataset.train_images[:n], dataset.train_labels[:n], dataset.source.split(":")[0] + ":DIR"
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n), "random uint8"
+
+
+def train_flops_per_image(model_overrides: list[str], device: torch.device, batch: int = 32) -> float:
+    """Forward + backward FLOPs of one image (matmul/conv FLOPs, as torch.utils.flop_counter counts them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = create_model_from_config(load_config(None, model_overrides).model).to(device)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    return counter.get_total_flops() / batch
+
+
+class PlainPyTorch:
+    """The baseline: torchvision DataLoader into an fp32 loop that reads the loss every step."""
+
+    def __init__(self, model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int,
+                 device: torch.device, lr: float):
+        import torchvision.transforms as T
+        from PIL import Image
+
+        transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                               T.Normalize(MEAN, STD)])
+
+        class Cifar(torch.utils.data.Dataset):
+            def __len__(self):
+                return len(images)
+
+            def __getitem__(self, i):
+                return transform(Image.fromarray(images[i])), int(labels[i])
+
+        workers = os.cpu_count() or 1
+        self.loader = torch.utils.data.DataLoader(Cifar(), batch_size=batch_size, shuffle=True, drop_last=True,
+                                                  num_workers=workers, persistent_workers=True,
+                                                  pin_memory=device.type == "cuda")
+        self.batches = endless(lambda epoch: self.loader)
+        self.model, self.device = model, device
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.losses = []
+
+    def step(self) -> int:
+        x, y = next(self.batches)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        loss = self.loss_fn(self.model(x), y)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.losses.append(loss.item())  # what such loops log; it is also their per-step host sync
+        return x.shape[0]
+
+
+class RayCifarStep:
+    """ray_cifar's loader (batch tensors on the device) and engine.train_step."""
+
+    def __init__(self, model: nn.Module, split: Split, cfg, batch_size: int, device: torch.device, amp: str,
+                 channels_last: bool, compile: bool):
+        from ray_cifar.optim import create_optimizer, create_scheduler
+
+        self.model = engine.prepare_model(model.to(memory_format=torch.channels_last) if channels_last else model,
+                                          device, compile)
+        self.batches = endless(TrainLoader(split, cfg.data, batch_size, 0, 1, seed=0).epoch)
+        self.optimizer = create_optimizer(model, cfg.optim)
+        self.scheduler = create_scheduler(self.optimizer, cfg.schedule, cfg.optim.lr, 10**6, 10**7)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.device, self.amp, self.channels_last = device, amp, channels_last
+        self.sums = torch.zeros(3, device=device, dtype=torch.float64)
+
+    def step(self) -> int:
+        x, y = next(self.batches)
+        if not self.channels_last:
+            x = x.contiguous()
+        self.sums += engine.train_step(self.model, x, y, self.optimizer, self.scheduler, self.loss_fn, self.device,
+                                       self.amp)
+        return x.shape[0]
+
+
+def sync(device: torch.device, runner) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif isinstance(runner, RayCifarStep):
+        runner.sums.tolist()
+
+
+def measure(runner, steps: int, device: torch.device) -> float:
+    sync(device, runner)
+    start, images = time.perf_counter(), 0
+    for _ in range(steps):
+        images += runner.step()
+    sync(device, runner)
+    return images / (time.perf_counter() - start)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=os.environ.get("RAY_CIFAR_DATA"),
+                        help="CIFAR-10 folder (train/test.parquet); random uint8 images when absent")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--model", choices=sorted(MODELS), default=None, help="default: small on cpu, resnet18 on cuda")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per step (default 64 cpu, 512 cuda)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 10 cpu, 100 cuda)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 cpu, 20 cuda)")
+    parser.add_argument("--repeats", type=int, default=3, help="round-robin measurements per variant (median kept)")
+    parser.add_argument("--images", type=int, default=10000, help="train images used (the first N)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is False")
+    on_gpu = device.type == "cuda"
+    model_name = args.model or ("resnet18" if on_gpu else "small")
+    batch_size = args.batch_size or (512 if on_gpu else 64)
+    steps, warmup = args.steps or (100 if on_gpu else 10), args.warmup or (20 if on_gpu else 3)
+    overrides = MODELS[model_name] + AUGMENT
+    cfg = load_config(None, overrides)
+
+    images_np, labels_np, source = load_images(args.data, args.images)
+    split = Split(torch.from_numpy(images_np).to(device), torch.from_numpy(labels_np.astype(np.int64)).to(device))
+
+    def new_model():
+        torch.manual_seed(0)
+        return create_model_from_config(cfg.model).to(device)
+
+    runners = {"plain-pytorch-fp32": PlainPyTorch(new_model(), images_np, labels_np, batch_size, device, cfg.optim.lr),
+               "ray_cifar-fp32-nchw": RayCifarStep(new_model(), split, cfg, batch_size, device, "fp32", False, False),
+               "ray_cifar-bf16-channels_last": RayCifarStep(new_model(), split, cfg, batch_size, device,
+                                                            engine.resolve_amp(device, "bf16"), True, False)}
+    if not args.no_compile:
+        runners["ray_cifar-bf16-channels_last-compile"] = RayCifarStep(
+            new_model(), split, cfg, batch_size, device, engine.resolve_amp(device, "bf16"), True, True)
+
+    warmup_seconds, failed = {}, {}
+    for name, runner in list(runners.items()):  # warm-up: workers start, cuDNN tunes, torch.compile compiles
+        start = time.perf_counter()
+        try:
+            measure(runner, warmup, device)
+        except Exception as e:  # e.g. no C++ compiler for inductor: record it, measure the rest
+            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            del runners[name]
+            continue
+        warmup_seconds[name] = round(time.perf_counter() - start, 2)
+        print(f"warm-up {name}: {warmup_seconds[name]} s", flush=True)
+
+    runs = {name: [] for name in runners}
+    for repeat in range(args.repeats):
+        for name, runner in runners.items():
+            runs[name].append(measure(runner, steps, device))
+            print(f"repeat {repeat}: {name:40s} {runs[name][-1]:9.0f} img/s", flush=True)
+
+    flops = train_flops_per_image(MODELS[model_name], device)
+    peak = peak_flops(device_name(device)) if on_gpu else None
+    baseline = float(np.median(runs["plain-pytorch-fp32"]))
+    results = []
+    for name, values in runs.items():
+        ips = float(np.median(values))
+        row = {"variant": name, "images_per_second": round(ips, 1), "runs": [round(v, 1) for v in values],
+               "vs_plain_pytorch": round(ips / baseline, 3), "warmup_seconds": warmup_seconds[name]}
+        if peak:
+            row["mfu"] = round(ips * flops / peak, 4)
+        results.append(row)
+        print(f"{name:40s} {ips:9.0f} img/s  {ips / baseline:5.2f}x plain" + (f"  MFU {row['mfu']:.1%}" if peak else ""))
+
+    out = {"device": device_name(device), "device_type": device.type, "cpu_cores_visible": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "load_average_at_end": os.getloadavg(),
+           "model": model_name, "model_overrides": MODELS[model_name], "augmentation": AUGMENT,
+           "batch_size": batch_size, "steps_per_measurement": steps, "warmup_steps": warmup, "repeats": args.repeats,
+           "data": source, "images": len(images_np), "train_flops_per_image": flops, "peak_bf16_flops": peak,
+           "torch": torch.__version__, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+           "results": results, "failed": failed}
+    os.makedirs(args.output, exist_ok=True)
+    path = os.path.join(args.output, f"train_throughput_{device.type}.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The step's fast paths: same numbers as a plain PyTorch step on CPU, and no host sync per step on CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import TINY_MODEL, synthetic_cifar
+from ray_cifar import engine
+from ray_cifar.augment import BatchMixer, create_augment
+from ray_cifar.config import load_config
+from ray_cifar.data import make_splits, to_model_input
+from ray_cifar.optim import create_optimizer, create_scheduler
+from ray_cifar.training import build_model
+
+# Every augmentation of the torch path, and mixup/cutmix on top.
+AUGMENTED = ["data.crop_padding=4", "data.flip_p=0.5", "data.autoaugment=cifar10", "data.erasing_p=0.5",
+             "data.cutout_size=8", "data.cutout_p=0.5", "data.mixup_p=0.5", "data.cutmix_p=0.5"]
+
+
+def setup(device: torch.device, amp: str, overrides=()):
+    cfg = load_config(None, TINY_MODEL + [f"train.amp={amp}", "optim.lr=0.05", *overrides])
+    model = build_model(cfg, device)
+    optimizer = create_optimizer(model, cfg.optim)
+    scheduler = create_scheduler(optimizer, cfg.schedule, cfg.optim.lr, 4, 8)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    return cfg, model, optimizer, scheduler, loss_fn
+
+
+def fixed_batches(device, steps=3, n=32):
+    data = synthetic_cifar(steps * n, 10)
+    images = torch.from_numpy(data.train_images).to(device)
+    labels = torch.from_numpy(data.train_labels).long().to(device)
+    return [(to_model_input(images[i * n:(i + 1) * n]), labels[i * n:(i + 1) * n]) for i in range(steps)]
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp32"])
+def test_train_epoch_matches_a_plain_pytorch_loop(amp):
+    device = torch.device("cpu")
+    batches = fixed_batches(device)
+    _, model, optimizer, scheduler, loss_fn = setup(device, amp)
+    metrics = engine.train_epoch(model, batches, optimizer, scheduler, loss_fn, device, amp)
+
+    _, ref_model, ref_opt, ref_sched, ref_loss_fn = setup(device, amp)
+    losses, correct = [], 0
+    for images, labels in batches:  # the textbook step, read on the host every step
+        with engine.autocast(device, amp):
+            logits = ref_model(images)
+            loss = ref_loss_fn(logits, labels)
+        ref_opt.zero_grad()
+        loss.backward()
+        ref_opt.step()
+        ref_sched.step()
+        losses.append(loss.item() * len(labels))
+        correct += (logits.argmax(1) == labels).sum().item()
+    count = sum(len(labels) for _, labels in batches)
+    assert metrics["train_images"] == count
+    assert metrics["train_loss"] == pytest.approx(sum(losses) / count, rel=1e-6)
+    assert metrics["train_acc"] == correct / count
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_prepare_model_compiles_only_when_asked():
+    model = nn.Linear(4, 2)
+    assert engine.prepare_model(model, torch.device("cpu"), compile=False) is model
+    compiled = engine.prepare_model(model, torch.device("cpu"), compile=True)
+    assert compiled is not model and compiled._orig_mod is model
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_augmented_training_steps_do_not_sync_with_the_host():
+    device = torch.device("cuda")
+    cfg, model, optimizer, scheduler, loss_fn = setup(device, "bf16", AUGMENTED)
+    model = engine.prepare_model(model, device)
+    data = synthetic_cifar(256, 10)
+    images = torch.from_numpy(data.train_images).to(device)
+    labels = torch.from_numpy(data.train_labels).long().to(device)
+    augment, mixer = create_augment(cfg.data), BatchMixer(cfg.data, cfg.model.num_classes, seed=0)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(0)
+    sums = torch.zeros(3, device=device, dtype=torch.float64)
+
+    def step(i):
+        batch = slice(32 * i, 32 * (i + 1))
+        x, y = mixer(to_model_input(augment(images[batch], generator)), labels[batch])
+        return engine.train_step(model, x, y, optimizer, scheduler, loss_fn, device, "bf16")
+
+    sums += step(0)  # first step outside: cached constants are built (one host copy each) and cuDNN tunes
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(1, 8):  # mixer draws differ per step, so mixup, cutmix and neither all occur
+            sums += step(i)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert sums[2].item() == 8 * 32
+    assert torch.isfinite(sums).all()

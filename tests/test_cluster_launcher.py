@@ -229,9 +229,8 @@ def launcher_config(workdir: Path, user: str, key: Path, ssh_port: int) -> dict:
         auth={"ssh_user": user, "ssh_private_key": str(key), "ssh_proxy_command": f"nc %h {ssh_port}"},
         file_mounts={},
         setup_commands=[f"echo 'export {exports}' >> ~/.bashrc", f"mkdir -p {ray_tmp}"],
-        head_start_ray_commands=["ray stop", start],
+        head_start_ray_commands=["ray stop", start],  # `ray stop` as `user`: it can stop only its own Ray
     )
-    assert config["head_start_ray_commands"][0] == "ray stop"  # runs as `user`: it can stop only its own Ray
     return config
 
 

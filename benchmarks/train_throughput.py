@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data_pipeline import device_name, endless  # noqa: E402
 from ray_cifar import engine  # noqa: E402
 from ray_cifar.augment import MEAN, STD  # noqa: E402
-from ray_cifar.config import load_config  # noqa: E402
+from ray_cifar.validation import load_config  # noqa: E402
 from ray_cifar.data import Split, TrainLoader  # noqa: E402
 from ray_cifar.models import create_model_from_config  # noqa: E402
 

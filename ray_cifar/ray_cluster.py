@@ -32,6 +32,10 @@ def init_ray(cfg: Config) -> None:
     env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     address = cfg.tune.address or os.environ.get("RAY_ADDRESS")
     if address:
+        if os.environ.get("RAY_API_SERVER_ADDRESS"):
+            # The cluster's dashboard, named by the user where several Ray clusters share a machine
+            # (see below); Train's controller reads it in its own process.
+            env_vars["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"]
         ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env_vars})
         return
     # On a small machine declare enough logical CPUs for one trial's driver plus all its

@@ -18,7 +18,7 @@ import yaml
 from . import storage
 from .config import Config, ConfigError, describe
 from .data_source import Cifar10, DataError, default_cache_dir, load_cifar10, resolve_data_dir
-from .validation import config_from_dict, load_config
+from .validation import check_against_data, check_resources, config_from_dict, load_config
 
 
 class UsageError(Exception):
@@ -89,6 +89,24 @@ def default_output(kind: str, config_path: str | None) -> str:
     return os.path.join("results", f"{kind}-{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
 
 
+def local_resources() -> tuple[float, float]:
+    """This machine's real cores (those this process may run on) and CUDA GPUs."""
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return float(cpus), float(torch.cuda.device_count())
+
+
+def check_before_trials(cfg: Config, num_train_images: int, searched: bool) -> None:
+    """The mistakes only the data or the machine reveal, for every trial (`searched`: the search space's too)."""
+    check_against_data(cfg, num_train_images, searched)
+    if not (cfg.tune.address or os.environ.get("RAY_ADDRESS")):
+        # A local Ray, or one process: the ranks must fit this machine's real cores and GPUs. (A trial's driver
+        # only watches its ranks; init_ray declares logical CPUs for it, so it is not counted here. On a running
+        # cluster the study checks against the cluster's resources, driver included, once Ray is up.)
+        check_resources(cfg, *local_resources(), count_driver=False, searched=searched)
+
+
 def prepare(args: argparse.Namespace, kind: str) -> tuple[Config, Cifar10, str]:
     """Resolve and check everything (config, data, output folder) before any work; exit 2 on a mistake."""
     if args.help_config:
@@ -108,6 +126,7 @@ def prepare(args: argparse.Namespace, kind: str) -> tuple[Config, Cifar10, str]:
                 storage.local_path(args.output or "") is None and not storage.is_empty(args.output)):
             raise UsageError(f"output folder {args.output or output} already exists and is not empty: "
                              f"choose a new --output")
+        check_before_trials(cfg, len(dataset.train_labels), searched=kind == "tune")
     except (ConfigError, DataError, UsageError, storage.StorageError) as e:
         fail(str(e))
     os.makedirs(output, exist_ok=True)

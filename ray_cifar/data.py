@@ -19,6 +19,7 @@ from .augment import MEAN, STD, BatchMixer, create_augment, device_constant
 from .config.schema import DataConfig
 from .data_source import Cifar10, stratified_split, subset_indices
 from .sampler import GlobalBatchSampler
+from .validation import val_count
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
@@ -37,11 +38,6 @@ class Splits:
     train: Split
     val: Split
     test: Split
-
-
-def val_count(cfg: DataConfig, num_train_images: int) -> int:
-    """Validation images: data.val_size, or data.val_fraction of the train images (rounded)."""
-    return cfg.val_size if cfg.val_fraction is None else round(cfg.val_fraction * num_train_images)
 
 
 def make_splits(dataset: Cifar10, cfg: DataConfig, device: torch.device | str) -> Splits:

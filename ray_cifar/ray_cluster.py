@@ -82,22 +82,11 @@ def alive_nodes() -> int:
 
 
 def check_fits(cfg: Config) -> None:
-    """Refuse, in one line, a trial that can never start: more ranks x CPUs/GPUs than the cluster has.
+    """On a running cluster, refuse (ConfigError, one line) a trial larger than the cluster's CPUs/GPUs,
+    its driver included, before any trial starts. A local Ray was checked against this machine's
+    real cores before it started (cli.check_before_trials)."""
+    from .validation import check_resources
 
-    On a local Ray the CPUs are this machine's cores (the trial driver's fraction is Ray's own
-    bookkeeping on top); on a cluster, its registered resources."""
-    from .config import ConfigError
-
-    resources = ray.cluster_resources()
-    local = not (cfg.tune.address or os.environ.get("RAY_ADDRESS"))
-    cpus = float(os.cpu_count() or 1) if local else resources.get("CPU", 0)
-    gpus = resources.get("GPU", 0)
-    workers = max_workers(cfg)
-    need_cpus = workers * cfg.train.cpus_per_worker
-    if need_cpus > cpus + 1e-9:
-        raise ConfigError(f"train.num_workers: a trial of {workers} rank(s) x train.cpus_per_worker="
-                          f"{cfg.train.cpus_per_worker} needs {need_cpus:g} CPUs; the "
-                          f"{'machine' if local else 'cluster'} has {cpus:g}")
-    if cfg.train.use_gpu and workers > gpus:
-        raise ConfigError(f"train.num_workers: a trial of {workers} rank(s) needs {workers} GPUs (one per rank); "
-                          f"the {'machine' if local else 'cluster'} has {gpus:g}")
+    if cfg.tune.address or os.environ.get("RAY_ADDRESS"):
+        resources = ray.cluster_resources()
+        check_resources(cfg, resources.get("CPU", 0.0), resources.get("GPU", 0.0), count_driver=True)

@@ -3,7 +3,8 @@
 Above the registries (the model, optimizer and schedule names come from them) and below
 everything that trains: `load_config`, `trial_config` and `config_from_dict` are how code gets a
 Config it can trust. Every problem is a ConfigError with one line naming the key; the entry
-points print it and exit 2 before any work.
+points print it and exit 2 before any work. `check_against_data` and `check_resources` are the
+checks that need the dataset's size or the machine's CPUs/GPUs, over every trial of a study.
 
     cfg = load_config("studies/x.yaml", sets=["train.epochs=5"])
 """
@@ -12,12 +13,12 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Any, Callable
 
 from .config import loading, presets
 from .config.schema import (PUBLISHED_METRICS, SEARCH_KINDS, Config, ConfigError, DataConfig, ModelConfig,
                             OptimConfig, ScheduleConfig, TrainConfig, TuneConfig)
-from .config.search import apply_searched, sampled_config
+from .config.search import apply_searched, sampled_config, search_points
 
 
 def load_config(path: str | None = None, sets: list[str] = (), smoke_test: bool = False,
@@ -269,3 +270,73 @@ def _validate_search_space(cfg: Config) -> None:
                 validate_fixed(trial)
             except ConfigError as e:
                 raise ConfigError(f"{where}: value {value!r}: {e}") from None
+
+
+# ---------------------------------------------------------------------------
+# Up-front checks that need the data or the machine: every trial of the study, before any trial runs.
+
+
+def val_count(d: DataConfig, num_train_images: int) -> int:
+    """Validation images: data.val_size, or data.val_fraction of the train images (rounded)."""
+    return d.val_size if d.val_fraction is None else round(d.val_fraction * num_train_images)
+
+
+def check_against_data(cfg: Config, num_train_images: int, searched: bool = True) -> None:
+    """The split sizes against the dataset (`num_train_images` before the validation split), for the
+    fixed config and, with `searched`, for every trial of the search space."""
+    for_each_trial(cfg, lambda trial: _check_data(trial, num_train_images), searched)
+
+
+def _check_data(cfg: Config, n: int) -> None:
+    d, batch = cfg.data, cfg.train.global_batch_size
+    val = val_count(d, n)
+    if d.val_fraction is None:
+        _check(val < n, "data.val_size", f"must be less than the {n} train images", d.val_size)
+    else:
+        _check(val < n, "data.val_fraction", f"leaves none of the {n} train images for training", d.val_fraction)
+    _check(d.train_subset is None or d.train_subset >= batch, "data.train_subset",
+           f"smaller than one global batch (train.global_batch_size={batch})", d.train_subset)
+    train = n - val if d.train_subset is None else min(d.train_subset, n - val)
+    _check(batch <= train, "train.global_batch_size",
+           f"larger than the {train} train images ({n} minus {val} for validation"
+           + (f", data.train_subset={d.train_subset}" if d.train_subset is not None else "") + ")", batch)
+
+
+def check_resources(cfg: Config, cpus: float, gpus: float, count_driver: bool = True, searched: bool = True) -> None:
+    """A trial's DDP ranks (train.num_workers x train.cpus_per_worker CPUs, one GPU each with GPUs) plus,
+    with `count_driver`, its driver (tune.trial_driver_cpus) against `cpus` and `gpus`, for every trial."""
+    for_each_trial(cfg, lambda trial: _check_resources(trial, cpus, gpus, count_driver), searched)
+
+
+def _check_resources(cfg: Config, cpus: float, gpus: float, count_driver: bool) -> None:
+    t = cfg.train
+    driver = cfg.tune.trial_driver_cpus if count_driver else 0.0
+    need = driver + t.num_workers * t.cpus_per_worker
+    if need > cpus + 1e-9:
+        # Name what to change: the ranks, unless they would fit at one CPU each.
+        key, value = (("train.cpus_per_worker", t.cpus_per_worker) if driver + t.num_workers <= cpus + 1e-9
+                      else ("train.num_workers", t.num_workers))
+        driver_text = f" + tune.trial_driver_cpus={driver:g}" if count_driver else ""
+        raise ConfigError(f"{key}: a trial needs {t.num_workers} rank(s) x {t.cpus_per_worker:g} CPUs{driver_text} = "
+                          f"{need:g} CPUs, more than the {cpus:g} there are (got {value!r})")
+    if t.use_gpu and gpus < 1:
+        raise ConfigError(f"train.use_gpu: true but there is no GPU (got {t.use_gpu!r})")
+    if (t.use_gpu or (t.use_gpu is None and gpus >= 1)) and t.num_workers > gpus:
+        raise ConfigError(f"train.num_workers: {t.num_workers} rank(s) need one GPU each, more than the {gpus:g} "
+                          f"there are (got {t.num_workers!r})")
+
+
+def for_each_trial(cfg: Config, check: Callable[[Config], None], searched: bool = True) -> None:
+    """check(config) for the fixed config, or (with `searched` and a search space) for every trial it can give:
+    the cross product of every listed value (grid and choice values, both ends of a range)."""
+    if not (searched and cfg.tune.search_space):
+        check(cfg)
+        return
+    base = cfg.to_dict()
+    base["tune"]["search_space"] = {}
+    for sampled in search_points(cfg.tune.search_space):
+        try:
+            check(sampled_config(base, sampled))
+        except ConfigError as e:
+            values = ", ".join(f"{k}={v!r}" for k, v in sampled.items())
+            raise ConfigError(f"tune.search_space: the trial with {values}: {e}") from None

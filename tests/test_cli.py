@@ -90,3 +90,70 @@ def test_single_process_train_writes_per_epoch_rows(tmp_path, synthetic_parquet_
     assert rows[-1]["val_acc"] > 0.5  # colour-coded classes: far above the 0.1 of chance
     assert rows[0]["lr"] == pytest.approx(0.05)  # cosine starts at the peak
     assert os.path.exists(output / "config.yaml")
+
+
+# ---------------------------------------------------------------------------
+# Mistakes only the data (600 synthetic train images) or the machine reveal: caught before any trial,
+# for the fixed config (both entry points) and inside the search space (python -m ray_cifar.tune;
+# python -m ray_cifar.train ignores the search space). One line, exit 2, no output folder.
+
+NO_SEARCH = "tune.search_space={}"
+FIXED_MISTAKES = {
+    "batch larger than the train images": (["data.val_size=100", "train.global_batch_size=512", NO_SEARCH],
+                                           "train.global_batch_size: larger than the 500 train images"),
+    "val_size takes every image": (["data.val_size=600", "train.global_batch_size=128", NO_SEARCH],
+                                   "data.val_size: must be less than the 600 train images"),
+    "val_fraction leaves none": (["data.val_size=null", "data.val_fraction=0.9995", "train.global_batch_size=128",
+                                  NO_SEARCH], "data.val_fraction: leaves none of the 600 train images"),
+    "subset smaller than a batch": (["data.val_size=100", "data.train_subset=100", "train.global_batch_size=128",
+                                     NO_SEARCH], "data.train_subset: smaller than one global batch"),
+    "more ranks than cores": (["data.val_size=100", "train.num_workers=256", "train.global_batch_size=256", NO_SEARCH],
+                              "train.num_workers: a trial needs 256 rank(s)"),
+    "more CPUs per rank than cores": (["data.val_size=100", "train.cpus_per_worker=4096",
+                                       "train.global_batch_size=128", NO_SEARCH],
+                                      "train.cpus_per_worker: a trial needs 1 rank(s) x 4096 CPUs"),
+}
+SEARCHED_MISTAKES = {
+    "batch in a grid": (["data.val_size=100", "tune.search_space={train.global_batch_size: {grid: [128, 1024]}}"],
+                        "the trial with train.global_batch_size=1024: train.global_batch_size: larger than the 500"),
+    "val_size in variants": (["data.val_size=100", "train.global_batch_size=128",
+                              "tune.search_space={variants: {grid: [{data.val_size: 100}, {data.val_size: 600}]}}"],
+                             "data.val_size: must be less than the 600 train images"),
+    "subset in a section bundle": (["data.val_size=100", "train.global_batch_size=128",
+                                    "tune.search_space={data: {grid: [{train_subset: 400}, {train_subset: 64}]}}"],
+                                   "data.train_subset: smaller than one global batch"),
+    "batch against a searched subset": (["data.val_size=100", "tune.search_space={data.train_subset: {grid: [400, 200]},"
+                                         " train.global_batch_size: {grid: [128, 256]}}"],
+                                        "data.train_subset=200, train.global_batch_size=256: data.train_subset"),
+    "ranks in a bundle": (["data.val_size=100", "train.global_batch_size=256",
+                           "tune.search_space={train: {grid: [{num_workers: 1}, {num_workers: 256}]}}"],
+                          "train.num_workers: a trial needs 256 rank(s)"),
+}
+
+
+def assert_one_line_exit_2(result: subprocess.CompletedProcess, message: str, output) -> None:
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("ray_cifar: error: ") and message in lines[0], lines[0]
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("module", ["ray_cifar.tune", "ray_cifar.train"])
+@pytest.mark.parametrize("case", list(FIXED_MISTAKES))
+def test_data_and_resource_mistakes_stop_before_any_trial(module, case, tmp_path, synthetic_parquet_dir):
+    sets, message = FIXED_MISTAKES[case]
+    output = tmp_path / "out"
+    result = run(module, "--data", synthetic_parquet_dir, "--output", str(output),
+                 *[a for s in sets for a in ("--set", s)])
+    assert_one_line_exit_2(result, message, output)
+
+
+@pytest.mark.parametrize("case", list(SEARCHED_MISTAKES))
+def test_searched_data_and_resource_mistakes_stop_the_study_before_any_trial(case, tmp_path, synthetic_parquet_dir):
+    sets, message = SEARCHED_MISTAKES[case]
+    output = tmp_path / "out"
+    result = run("ray_cifar.tune", "--data", synthetic_parquet_dir, "--output", str(output),
+                 *[a for s in sets for a in ("--set", s)])
+    assert_one_line_exit_2(result, message, output)
+    assert "tune.search_space: the trial with " in result.stderr

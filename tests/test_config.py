@@ -106,6 +106,7 @@ def test_trial_config_applies_sampled_values_and_drops_the_search_space():
     assert round_trip == cfg
 
 
+NO_SEARCH = "tune.search_space={}"
 PUBLISHED = ("published:\n  - where: {optim.name: sgd, train.global_batch_size: 128}\n    value: 93.0\n"
              "    metric: test_acc\n    source: the paper, table 2\n")
 
@@ -142,3 +143,41 @@ def test_published_entries_are_checked(tmp_path, change, message):
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, text))
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_check_resources_names_the_key_and_counts_the_driver_on_a_cluster():
+    from ray_cifar.validation import check_resources
+
+    cfg = load_config(None, ["train.num_workers=2", "tune.trial_driver_cpus=0.25", NO_SEARCH])
+    check_resources(cfg, cpus=2.25, gpus=0)
+    with pytest.raises(ConfigError, match=r"^train.num_workers: a trial needs 2 rank\(s\) x 1 CPUs \+ "
+                                          r"tune.trial_driver_cpus=0.25 = 2.25 CPUs, more than the 2 there are"):
+        check_resources(cfg, cpus=2, gpus=0)
+    check_resources(cfg, cpus=2, gpus=0, count_driver=False)  # a local Ray: the ranks alone against the cores
+    cfg.train.cpus_per_worker = 4.0
+    with pytest.raises(ConfigError, match="^train.cpus_per_worker: "):  # the ranks fit at 1 CPU each: name the CPUs
+        check_resources(cfg, cpus=4, gpus=0)
+    cfg.train.cpus_per_worker = 1.0
+    with pytest.raises(ConfigError, match="^train.num_workers: 2 rank.s. need one GPU each, more than the 1"):
+        check_resources(cfg, cpus=8, gpus=1)  # use_gpu null: GPUs are used where there are any
+    cfg.train.use_gpu = True
+    with pytest.raises(ConfigError, match="^train.use_gpu: true but there is no GPU"):
+        check_resources(cfg, cpus=8, gpus=0)
+    check_resources(cfg, cpus=8, gpus=2)
+
+
+def test_check_against_data_covers_every_trial_of_the_search_space():
+    from ray_cifar.validation import check_against_data
+
+    cfg = load_config(None, ["data.val_size=100", "train.global_batch_size=128",
+                             "tune.search_space={data.train_subset: {grid: [400, 300]}, "
+                             "train.global_batch_size: {grid: [128, 256]}}"])
+    check_against_data(cfg, 1000)
+    with pytest.raises(ConfigError, match=r"^tune.search_space: the trial with data.train_subset=400, "
+                                          r"train.global_batch_size=256: train.global_batch_size: larger than the 200 "
+                                          r"train images \(300 minus 100 for validation, data.train_subset=400\)"):
+        check_against_data(cfg, 300)
+    check_against_data(cfg, 300, searched=False)  # the fixed values alone are fine
+    with pytest.raises(ConfigError, match=r"^train.global_batch_size: larger than the 100 train images "
+                                          r"\(200 minus 100 for validation\) \(got 128\)"):
+        check_against_data(cfg, 200, searched=False)

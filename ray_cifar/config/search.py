@@ -7,8 +7,9 @@ Checking each value needs the registries: that is ray_cifar.validation's job.
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .loading import apply_overrides, flatten, set_value
 from .schema import METADATA, VARIANTS, Config, ConfigError
@@ -80,3 +81,12 @@ def grid_size(cfg: Config) -> int:
     """Trials per sample: the product of the grid lengths (choice and ranges draw one value per sample)."""
     return math.prod(len(values) for spec in cfg.tune.search_space.values()
                      for kind, values in spec.items() if kind == "grid")
+
+
+def search_points(search_space: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every combination of the listed values of each key (grid and choice values, both ends of a range):
+    what any trial of the study can be given, for checks before the study starts."""
+    keys = list(search_space)
+    listed = [next(iter(search_space[key].values())) for key in keys]
+    for values in itertools.product(*listed):
+        yield dict(zip(keys, values))

@@ -1,0 +1,107 @@
+"""A real two-node Ray cluster on loopback (`ray start --head`, `ray start --address`).
+
+One study, two 2-rank trials one after the other, data and output given as file:// URIs, the
+ranks spread over the nodes (train.placement_strategy=SPREAD):
+- the first trial finishes with one rank on each node: its rows name both nodes;
+- during the second, every process of the second node is SIGKILLed (the node is lost): Ray Train
+  restarts the worker group on what is left (SPREAD is a preference, not a rule) from the last
+  checkpoint, and the study still finishes with no epoch lost or recorded twice.
+Both nodes are `ray start --block` processes this test starts; it ends them, and only them, by pid.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import TINY_MODEL
+from ray_cifar.results import ResultsLog
+from test_fault_tolerance import descendants, end_tree, trials_state, wait_for
+
+pytestmark = pytest.mark.integration
+
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_node(args: list[str], log_path) -> subprocess.Popen:
+    log = open(log_path, "w")
+    return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def node_pids(node: subprocess.Popen) -> list[int]:
+    return descendants(node.pid) + [node.pid]
+
+
+@pytest.fixture
+def two_nodes(tmp_path):
+    port, dashboard = free_port(), free_port()
+    temp_dir = f"/tmp/rc2n-{os.getpid()}"  # short: Ray's socket paths must stay under 108 bytes
+    head = start_node(["--head", f"--port={port}", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+                       f"--ray-client-server-port={free_port()}", "--num-cpus=3", f"--temp-dir={temp_dir}",
+                       "--node-name=head"], tmp_path / "head.log")
+    nodes = [head]
+    try:
+        address = f"127.0.0.1:{port}"
+        wait_for(lambda: subprocess.run([RAY, "status", f"--address={address}"], capture_output=True).returncode == 0,
+                 120, "the head node")
+        second = start_node([f"--address={address}", "--num-cpus=1", "--node-name=second"], tmp_path / "second.log")
+        nodes.append(second)
+        wait_for(lambda: "2 node" in _status(address) or _status(address).count("node_") >= 2, 120, "the second node")
+        yield {"address": address, "dashboard": dashboard, "second": second}
+    finally:
+        for node in nodes:
+            end_tree(node_pids(node) if node.poll() is None else descendants(node.pid))
+
+
+def _status(address: str) -> str:
+    return subprocess.run([RAY, "status", f"--address={address}"], capture_output=True, text=True).stdout
+
+
+def test_study_across_two_nodes_survives_losing_one(tmp_path, two_nodes, synthetic_parquet_dir):
+    output = tmp_path / "study"
+    sets = TINY_MODEL + ["train.epochs=4", "train.num_workers=2", "train.cpus_per_worker=1",
+                         "train.placement_strategy=SPREAD", "train.global_batch_size=50", "data.val_size=100",
+                         "data.pipeline=torch", "train.amp=fp32", "tune.scheduler=fifo", "tune.max_concurrent_trials=1",
+                         "tune.search_space={optim.lr: {grid: [0.05, 0.03]}}"]
+    env = {**os.environ, "RAY_ADDRESS": two_nodes["address"],
+           "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{two_nodes['dashboard']}"}
+    proc = subprocess.Popen([sys.executable, "-m", "ray_cifar.tune", "--data", f"file://{synthetic_parquet_dir}",
+                             "--output", f"file://{output}", *[a for s in sets for a in ("--set", s)]],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        def second_trial_at_epoch_2():
+            trials = sorted(trials_state(output).values(), key=lambda t: t["trial_id"])
+            return len(trials) == 2 and trials[0]["status"] == "completed" and trials[1].get("epochs", 0) >= 2
+
+        wait_for(second_trial_at_epoch_2, 900, "the second trial's epoch 2", proc)
+        end_tree(node_pids(two_nodes["second"]))  # the node is lost: every process of it at once
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            end_tree(descendants(proc.pid) + [proc.pid])
+    assert proc.returncode == 0, out[-4000:]
+
+    trials = sorted(trials_state(output).values(), key=lambda t: t["trial_id"])
+    assert [t["status"] for t in trials] == ["completed", "completed"]
+    rows = ResultsLog(str(output)).read()
+    keys = [(r["trial_id"], r["epoch"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 8  # two trials x 4 epochs, none lost, none twice
+    first = [r for r in rows if r["trial_id"] == trials[0]["trial_id"]]
+    assert all(len(set(r["nodes"].split(","))) == 2 for r in first)  # one rank on each node
+    second = sorted((r for r in rows if r["trial_id"] == trials[1]["trial_id"]), key=lambda r: r["epoch"])
+    after = [r for r in second if r["resumed_from_epoch"]]
+    assert after and after[0]["resumed_from_epoch"] >= 2  # resumed from its checkpoint, not from scratch
+    assert len(set(after[-1]["nodes"].split(","))) == 1  # on the node that is left

@@ -131,3 +131,17 @@ def sync_up(local_dir: str, location: str) -> None:
         return
     fs.create_dir(path, recursive=True)
     pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def sync_down(location: str, local_dir: str, skip: tuple[str, ...] = ("ray",)) -> None:
+    """Copy every file under `location` to `local_dir` (same relative paths), except the top-level
+    folders in `skip` (Ray's own files stay where Ray reads them: at the URI)."""
+    fs, path = filesystem(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    for info in infos:
+        relative = posixpath.relpath(info.path, path)
+        if info.type != pafs.FileType.File or relative.split("/")[0] in skip:
+            continue
+        target = os.path.join(local_dir, *relative.split("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        pafs.copy_files(info.path, target, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())

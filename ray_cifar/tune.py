@@ -26,6 +26,9 @@ def resume(location: str) -> int:
 
     remote = cli.output_uri(location)
     output = cli.local_output(location, None)
+    if remote and not os.path.isdir(output):
+        # A new head (the old one was lost): the study's files come back from the output URI.
+        storage.sync_down(remote, output)
     if not os.path.isdir(output) or not study.can_resume(output, remote):
         cli.fail(f"--resume {location}: not a ray_cifar study output (no config.yaml and Tune experiment in ray/tune)"
                  + (" here: the local copy of a remote study is resumed on the machine that ran it" if remote else ""))

@@ -121,3 +121,17 @@ def test_check_output_shared():
 def test_unknown_scheme_is_one_clear_error():
     with pytest.raises(StorageError, match="cannot open nosuch://x"):
         storage.filesystem("nosuch://x")
+
+
+def test_sync_down_restores_a_study_folder_but_leaves_rays_files(tmp_path):
+    from ray_cifar.storage import sync_down
+
+    remote = tmp_path / "remote"
+    (remote / "results.parts").mkdir(parents=True)
+    (remote / "ray" / "tune").mkdir(parents=True)
+    (remote / "config.yaml").write_text("a: 1\n")
+    (remote / "results.parts" / "part-000000.parquet").write_bytes(b"x")
+    (remote / "ray" / "tune" / "tuner.pkl").write_bytes(b"big")
+    sync_down(str(remote), str(tmp_path / "local"))
+    got = sorted(str(p.relative_to(tmp_path / "local")) for p in (tmp_path / "local").rglob("*") if p.is_file())
+    assert got == ["config.yaml", "results.parts/part-000000.parquet"]

@@ -17,7 +17,6 @@ Fault tolerance, from the inside out:
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from typing import Any

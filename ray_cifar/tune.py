@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = cli.parse_args("python -m ray_cifar.tune", __doc__, argv, resume=True)
     if args.resume:
         return resume(args.resume)
-    from . import study
+    from . import storage, study
 
     cfg, dataset, output = cli.prepare(args, "tune")
     print(f"[ray_cifar] data: {dataset.source}; resolved config: {output}/config.yaml", flush=True)

@@ -9,10 +9,10 @@ from torch import nn
 from conftest import TINY_MODEL, synthetic_cifar
 from ray_cifar import engine
 from ray_cifar.augment import BatchMixer, create_augment
-from ray_cifar.validation import load_config
-from ray_cifar.data import make_splits, to_model_input
-from ray_cifar.optim import create_optimizer, create_scheduler
+from ray_cifar.data import to_model_input
 from ray_cifar.loop import build_model
+from ray_cifar.optim import create_optimizer, create_scheduler
+from ray_cifar.validation import load_config
 
 # Every augmentation of the torch path, and mixup/cutmix on top.
 AUGMENTED = ["data.crop_padding=4", "data.flip_p=0.5", "data.autoaugment=cifar10", "data.erasing_p=0.5",

@@ -22,7 +22,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from conftest import TINY_MODEL
 from ray_cifar import checkpoint

@@ -12,11 +12,9 @@ Both nodes are `ray start --block` processes this test starts; it ends them, and
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 

@@ -156,7 +156,7 @@ def measure(runner, steps: int, device: torch.device) -> float:
     return images / (time.perf_counter() - start)
 
 
-def main(argv=None) -> int:
+def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.environ.get("RAY_CIFAR_DATA"),
                         help="CIFAR-10 folder (train/test.parquet); random uint8 images when absent")
@@ -170,16 +170,17 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
-    on_gpu = device.type == "cuda"
-    model_name = args.model or ("resnet18" if on_gpu else "small")
-    batch_size = args.batch_size or (512 if on_gpu else 64)
-    steps, warmup = args.steps or (100 if on_gpu else 10), args.warmup or (20 if on_gpu else 3)
-    overrides = MODELS[model_name] + AUGMENT
-    cfg = load_config(None, overrides)
+    on_gpu = args.device == "cuda"
+    args.model = args.model or ("resnet18" if on_gpu else "small")
+    args.batch_size = args.batch_size or (512 if on_gpu else 64)
+    args.steps, args.warmup = args.steps or (100 if on_gpu else 10), args.warmup or (20 if on_gpu else 3)
+    return args
 
+
+def make_runners(args: argparse.Namespace, cfg, device: torch.device) -> tuple[dict, str, int]:
+    """The variants, each on a freshly seeded copy of one model: (runners, data source, images)."""
     images_np, labels_np, source = load_images(args.data, args.images)
     split = Split(torch.from_numpy(images_np).to(device), torch.from_numpy(labels_np.astype(np.int64)).to(device))
 
@@ -187,34 +188,44 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         return create_model_from_config(cfg.model).to(device)
 
-    runners = {"plain-pytorch-fp32": PlainPyTorch(new_model(), images_np, labels_np, batch_size, device, cfg.optim.lr),
-               "ray_cifar-fp32-nchw": RayCifarStep(new_model(), split, cfg, batch_size, device, "fp32", False, False),
-               "ray_cifar-bf16-channels_last": RayCifarStep(new_model(), split, cfg, batch_size, device,
-                                                            engine.resolve_amp(device, "bf16"), True, False)}
+    bf16 = engine.resolve_amp(device, "bf16")
+    runners = {"plain-pytorch-fp32": PlainPyTorch(new_model(), images_np, labels_np, args.batch_size, device,
+                                                  cfg.optim.lr),
+               "ray_cifar-fp32-nchw": RayCifarStep(new_model(), split, cfg, args.batch_size, device, "fp32", False,
+                                                   False),
+               "ray_cifar-bf16-channels_last": RayCifarStep(new_model(), split, cfg, args.batch_size, device, bf16,
+                                                            True, False)}
     if not args.no_compile:
-        runners["ray_cifar-bf16-channels_last-compile"] = RayCifarStep(
-            new_model(), split, cfg, batch_size, device, engine.resolve_amp(device, "bf16"), True, True)
+        runners["ray_cifar-bf16-channels_last-compile"] = RayCifarStep(new_model(), split, cfg, args.batch_size,
+                                                                       device, bf16, True, True)
+    return runners, source, len(images_np)
 
+
+def warm_up(runners: dict, steps: int, device: torch.device) -> tuple[dict, dict]:
+    """(seconds per variant, variants that failed): workers start, cuDNN tunes, torch.compile compiles."""
     warmup_seconds, failed = {}, {}
-    for name, runner in list(runners.items()):  # warm-up: workers start, cuDNN tunes, torch.compile compiles
+    for name, runner in list(runners.items()):
         start = time.perf_counter()
         try:
-            measure(runner, warmup, device)
+            measure(runner, steps, device)
         except Exception as e:  # e.g. no C++ compiler for inductor: record it, measure the rest
             failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             del runners[name]
             continue
         warmup_seconds[name] = round(time.perf_counter() - start, 2)
         print(f"warm-up {name}: {warmup_seconds[name]} s", flush=True)
+    return warmup_seconds, failed
 
+
+def measure_all(runners: dict, args: argparse.Namespace, device: torch.device, warmup_seconds: dict) -> list[dict]:
+    """Round-robin repeats (so a noisy neighbour hits every variant alike); medians against plain PyTorch."""
     runs = {name: [] for name in runners}
     for repeat in range(args.repeats):
         for name, runner in runners.items():
-            runs[name].append(measure(runner, steps, device))
+            runs[name].append(measure(runner, args.steps, device))
             print(f"repeat {repeat}: {name:40s} {runs[name][-1]:9.0f} img/s", flush=True)
-
-    flops = train_flops_per_image(MODELS[model_name], device)
-    peak = peak_flops(device_name(device)) if on_gpu else None
+    flops = train_flops_per_image(MODELS[args.model], device)
+    peak = peak_flops(device_name(device)) if device.type == "cuda" else None
     baseline = float(np.median(runs["plain-pytorch-fp32"]))
     results = []
     for name, values in runs.items():
@@ -225,12 +236,23 @@ def main(argv=None) -> int:
             row["mfu"] = round(ips * flops / peak, 4)
         results.append(row)
         print(f"{name:40s} {ips:9.0f} img/s  {ips / baseline:5.2f}x plain" + (f"  MFU {row['mfu']:.1%}" if peak else ""))
+    return results
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    cfg = load_config(None, MODELS[args.model] + AUGMENT)
+    runners, source, images = make_runners(args, cfg, device)
+    warmup_seconds, failed = warm_up(runners, args.warmup, device)
+    results = measure_all(runners, args, device, warmup_seconds)
     out = {"device": device_name(device), "device_type": device.type, "cpu_cores_visible": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "load_average_at_end": os.getloadavg(),
-           "model": model_name, "model_overrides": MODELS[model_name], "augmentation": AUGMENT,
-           "batch_size": batch_size, "steps_per_measurement": steps, "warmup_steps": warmup, "repeats": args.repeats,
-           "data": source, "images": len(images_np), "train_flops_per_image": flops, "peak_bf16_flops": peak,
+           "model": args.model, "model_overrides": MODELS[args.model], "augmentation": AUGMENT,
+           "batch_size": args.batch_size, "steps_per_measurement": args.steps, "warmup_steps": args.warmup,
+           "repeats": args.repeats, "data": source, "images": images,
+           "train_flops_per_image": train_flops_per_image(MODELS[args.model], device),
+           "peak_bf16_flops": peak_flops(device_name(device)) if device.type == "cuda" else None,
            "torch": torch.__version__, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
            "results": results, "failed": failed}
     os.makedirs(args.output, exist_ok=True)

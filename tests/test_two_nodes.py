@@ -35,7 +35,9 @@ def free_port() -> int:
 
 def start_node(args: list[str], log_path) -> subprocess.Popen:
     log = open(log_path, "w")
-    return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], stdout=log,
+    # Every node on loopback: nothing of this cluster listens on or talks to another address.
+    return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1", *args],
+                            stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 

@@ -235,7 +235,8 @@ def main(argv=None) -> int:
 
     out = {"device": device_name(device), "device_type": device.type, "batch_size": args.batch_size,
            "seconds_per_measurement": args.seconds, "dataloader_workers": os.cpu_count() or 1,
-           "images": len(images_np), "data": dataset.source.split(":")[0] + ":DIR",  # no machine path in a committed file "torch": torch.__version__,
+           # No machine path in a committed file: the source kind and DIR.
+           "images": len(images_np), "data": dataset.source.split(":")[0] + ":DIR", "torch": torch.__version__,
            "time": datetime.datetime.now().isoformat(), "results": record.results, "ratios": ratios}
     print(f"wrote {write_results(args, out, device)}")
     return 0

@@ -25,6 +25,9 @@ from test_fault_tolerance import descendants, end_tree, trials_state, wait_for
 pytestmark = pytest.mark.integration
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+# Ray 2.60's `ray start --head` turns on token authentication unless told not to; this cluster lives on
+# loopback for one test, so every process of it (nodes, `ray status`, the study) runs without.
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
 
 
 def free_port() -> int:
@@ -37,8 +40,7 @@ def start_node(args: list[str], log_path) -> subprocess.Popen:
     log = open(log_path, "w")
     # Every node on loopback: nothing of this cluster listens on or talks to another address.
     return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1", *args],
-                            stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=ENV)
 
 
 def node_pids(node: subprocess.Popen) -> list[int]:
@@ -55,11 +57,11 @@ def two_nodes(tmp_path):
     nodes = [head]
     try:
         address = f"127.0.0.1:{port}"
-        wait_for(lambda: subprocess.run([RAY, "status", f"--address={address}"], capture_output=True).returncode == 0,
-                 120, "the head node")
+        wait_for(lambda: subprocess.run([RAY, "status", f"--address={address}"], capture_output=True,
+                                        env=ENV).returncode == 0, 300, "the head node")
         second = start_node([f"--address={address}", "--num-cpus=1", "--node-name=second"], tmp_path / "second.log")
         nodes.append(second)
-        wait_for(lambda: "2 node" in _status(address) or _status(address).count("node_") >= 2, 120, "the second node")
+        wait_for(lambda: "2 node" in _status(address) or _status(address).count("node_") >= 2, 300, "the second node")
         yield {"address": address, "dashboard": dashboard, "second": second}
     finally:
         for node in nodes:
@@ -67,7 +69,7 @@ def two_nodes(tmp_path):
 
 
 def _status(address: str) -> str:
-    return subprocess.run([RAY, "status", f"--address={address}"], capture_output=True, text=True).stdout
+    return subprocess.run([RAY, "status", f"--address={address}"], capture_output=True, text=True, env=ENV).stdout
 
 
 def test_study_across_two_nodes_survives_losing_one(tmp_path, two_nodes, synthetic_parquet_dir):
@@ -76,7 +78,7 @@ def test_study_across_two_nodes_survives_losing_one(tmp_path, two_nodes, synthet
                          "train.placement_strategy=SPREAD", "train.global_batch_size=50", "data.val_size=100",
                          "data.pipeline=torch", "train.amp=fp32", "tune.scheduler=fifo", "tune.max_concurrent_trials=1",
                          "tune.search_space={optim.lr: {grid: [0.05, 0.03]}}"]
-    env = {**os.environ, "RAY_ADDRESS": two_nodes["address"],
+    env = {**ENV, "RAY_ADDRESS": two_nodes["address"],
            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{two_nodes['dashboard']}"}
     proc = subprocess.Popen([sys.executable, "-m", "ray_cifar.tune", "--data", f"file://{synthetic_parquet_dir}",
                              "--output", f"file://{output}", *[a for s in sets for a in ("--set", s)]],

@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from . import storage
-from .config import Config, flatten, search_keys
+from .config import Config, flatten, grid_size, search_keys
 from .recorder import FAILED, TRIALS_STATE, StudyRecorder
 from .results import ResultsLog, format_table, provenance, rank_trials, write_rows
 from .validation import trial_config
@@ -48,12 +48,6 @@ def can_resume(output: str, remote: str | None = None) -> bool:
 
     return (os.path.exists(os.path.join(output, "config.yaml"))
             and tune.Tuner.can_restore(experiment_dir(output, remote)))
-
-
-def grid_size(cfg: Config) -> int:
-    """Trials per sample: the product of the grid lengths (choice and ranges draw one value per sample)."""
-    return math.prod(len(values) for spec in cfg.tune.search_space.values()
-                     for kind, values in spec.items() if kind == "grid")
 
 
 def replicate_seeds(cfg: Config) -> tuple[dict[str, Any], int]:

@@ -141,7 +141,7 @@ def refusing_up_front(output: str | None, run) -> int:
     try:
         return run()
     except (ConfigError, storage.StorageError) as e:
-        if output is not None and set(os.listdir(output)) <= {"config.yaml"}:
+        if output is not None and set(os.listdir(output)) <= {"config.yaml", "driver.json"}:
             shutil.rmtree(output)
         fail(str(e))
     return 2

@@ -123,10 +123,47 @@ def _banner(cfg: Config, output: str, max_concurrent: int, resume: bool) -> str:
 
 def unfinished_trials(output: str, remote: str | None = None) -> int:
     """Trials Tune has not ended (TERMINATED or ERROR), read from the experiment on disk."""
+    import logging
+
     from ray.tune import ExperimentAnalysis
 
+    # Only the statuses are read; the per-trial result files it also looks for are never written
+    # (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS), so keep its warnings about them quiet.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     trials = ExperimentAnalysis(experiment_dir(output, remote)).trials
     return sum(str(t.status) not in ("TERMINATED", "ERROR") for t in trials)
+
+
+DRIVER_LOCK = "driver.json"
+
+
+def hold_driver_lock(output: str) -> None:
+    """One driver per study: refuse (one line) when another live process on this machine drives it.
+
+    Two drivers on one output would run the same trials twice over the same checkpoints."""
+    import socket
+
+    from .config import ConfigError
+
+    path, me = os.path.join(output, DRIVER_LOCK), {"pid": os.getpid(), "host": socket.gethostname()}
+    try:
+        with open(path) as f:
+            other = json.load(f)
+    except (OSError, ValueError):
+        other = None
+    if other and other.get("host") == me["host"] and other.get("pid") != me["pid"] and _alive(other.get("pid")):
+        raise ConfigError(f"--resume: another driver (pid {other['pid']}) is running the study in {output}; "
+                          f"stop it first (Ctrl-C) or wait for it")
+    with open(path, "w") as f:
+        json.dump(me, f)
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
 
 
 def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None = None, shared: bool = False) -> int:
@@ -140,6 +177,7 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
     # Tune's default loggers write TensorBoard/CSV/JSON files keyed by training_iteration, which
     # restarts at 1 on restore; the recorder writes per-epoch TensorBoard files under OUTPUT instead.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    hold_driver_lock(output)
     ray_cluster.init_ray(cfg)
     cfg.train.use_gpu = ray_cluster.resolve_use_gpu(cfg)
     ray_cluster.check_fits(cfg)

@@ -204,3 +204,22 @@ def test_trials_parquet_is_written_even_if_the_test_evaluation_fails(tmp_path, r
     monkeypatch.setattr(trial_mod, "evaluate_checkpoint", broken)
     study.finish_study(load_config(None, ["train.use_gpu=false"]), str(tmp_path), ["optim.lr"])
     assert os.path.exists(tmp_path / "trials.parquet")
+
+
+def test_a_second_driver_on_a_running_study_is_refused(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from ray_cifar.config import ConfigError
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / study.DRIVER_LOCK).write_text(json.dumps({"pid": other.pid, "host": __import__("socket").gethostname()}))
+        with pytest.raises(ConfigError, match=f"another driver \\(pid {other.pid}\\)"):
+            study.hold_driver_lock(str(tmp_path))
+    finally:
+        other.kill()
+        other.wait()
+    study.hold_driver_lock(str(tmp_path))  # its driver is gone: this one takes over
+    assert json.loads((tmp_path / study.DRIVER_LOCK).read_text())["pid"] == os.getpid()

@@ -84,7 +84,9 @@ class StudyRecorder(Callback):
                       "mirror_to")}
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        # A tuner.pkl written by an older ray_cifar lacks newer settings: their defaults apply.
+        self.__dict__.update({"tensorboard": True, "progress_every": PROGRESS_EVERY_SECONDS, "mirror_to": None,
+                              "provenance": {}, **state})
         self._load()
 
     def setup(self, **info) -> None:

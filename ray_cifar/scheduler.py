@@ -52,7 +52,10 @@ class RestorableASHA(ASHAScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
-        if decision == TrialScheduler.STOP and self.on_stop is not None:
+        # ASHA also says STOP at max_t, where the trial ends anyway: only a stop before the trial's
+        # own last epoch is the scheduler's doing.
+        last_epoch = min(self._max_t, result.get("epochs") or self._max_t)
+        if decision == TrialScheduler.STOP and result.get("epoch", last_epoch) < last_epoch and self.on_stop:
             self.on_stop(trial.trial_id)
         return decision
 

@@ -223,3 +223,12 @@ def test_a_second_driver_on_a_running_study_is_refused(tmp_path):
         other.wait()
     study.hold_driver_lock(str(tmp_path))  # its driver is gone: this one takes over
     assert json.loads((tmp_path / study.DRIVER_LOCK).read_text())["pid"] == os.getpid()
+
+
+def test_a_trial_that_reaches_max_t_is_completed_not_stopped(recorder, tmp_path):
+    asha = RestorableASHA(str(tmp_path), on_stop=recorder.note_stopped, metric="val_acc", mode="max", max_t=2,
+                          grace_period=1, reduction_factor=2)
+    decisions = _run(asha, [("t1", 1, 0.5), ("t1", 2, 0.6)], recorder)
+    assert decisions["t1"] == TrialScheduler.STOP  # ASHA's own way of ending a trial at max_t
+    recorder.on_trial_complete(0, [], FakeTrial("t1"))
+    assert recorder.trials["t1"]["status"] == "completed"

@@ -216,8 +216,10 @@ def finish_study(cfg: Config, output: str, keys: list[str]) -> int:
     finally:
         write_rows([{**t, **provenance()} for t in trials], os.path.join(output, "trials.parquet"))
         ResultsLog(output).compact()
-    columns = ["trial_id", *keys, "status", "epochs", "best_metric", "best_epoch", "best_val_acc", "test_acc"]
-    print("\n" + format_table(trials, columns).replace("best_metric", f"best_{cfg.tune.metric}", 1))
+    best_column = f"best_{cfg.tune.metric}"  # best_metric under its own name; val_acc beside another metric
+    extra = ["best_val_acc"] if cfg.tune.metric != "val_acc" else []
+    columns = ["trial_id", *keys, "status", "epochs", best_column, "best_epoch", *extra, "test_acc"]
+    print("\n" + format_table([{**t, best_column: t["best_metric"]} for t in trials], columns))
     if best is not None and best["test_acc"] is not None:
         print(f"\n[ray_cifar] best trial {best['trial_id']} by {cfg.tune.metric} ({cfg.tune.mode}): "
               f"{best['best_metric']:.4f} at epoch {best['best_epoch']}; test_acc {best['test_acc']:.4f} "

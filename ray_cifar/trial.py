@@ -17,6 +17,7 @@ Fault tolerance, from the inside out:
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from typing import Any
@@ -55,8 +56,19 @@ def _rank_nodes(world_size: int) -> str:
     return ",".join(nodes)
 
 
+def _quiet_report_logs() -> None:
+    """Ray Train 2.60 logs every report (its whole metrics dict) at INFO from every rank; rank 0 already
+    prints one line an epoch, so keep the rest for warnings."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What each DDP rank runs. Ray Train has already set up the process group."""
+    _quiet_report_logs()
     cfg = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()

@@ -73,6 +73,7 @@ def run_training(
     next epoch. `on_epoch(metrics, state)` gets the epoch's metrics and a function that builds the full
     training state (only called by whoever saves it). A non-finite train loss ends the run after that
     epoch's callback, with metrics["diverged"] = True. Returns the bare model."""
+    setup_start = time.perf_counter()
     set_cpu_threads(cfg, device, local_world_size or world_size)
     amp = engine.resolve_amp(device, cfg.train.amp)
     model = build_model(cfg, device)
@@ -102,6 +103,7 @@ def run_training(
                                          history=progress["history"], config=cfg.to_dict())
 
     epoch_times: list[float] = []
+    setup_seconds = time.perf_counter() - setup_start  # model, DDP wrap, pipeline build: part of the start-up
     for epoch in range(progress["epoch"], epochs):
         torch.manual_seed(epoch_seed(cfg.train.seed, epoch, rank))
         lr = scheduler.get_last_lr()[0]  # the lr of this epoch's first step
@@ -120,6 +122,8 @@ def run_training(
                        epoch_seconds=seconds, eval_seconds=eval_seconds,
                        images_per_second=metrics["train_images"] / seconds, num_workers=world_size,
                        data_pipeline=loader.name, amp=amp, device=device.type, diverged=diverged)
+        if len(epoch_times) == 1:  # this run's first epoch
+            metrics["setup_seconds"] = setup_seconds
         _update_progress(progress, metrics, cfg.tune.metric, cfg.tune.mode)
         if log and rank == 0:
             eta = (epochs - epoch - 1) * sum(epoch_times) / len(epoch_times)

@@ -93,3 +93,14 @@ def check_fits(cfg: Config) -> None:
     if cfg.train.use_gpu and workers > gpus:
         raise ConfigError(f"train.num_workers: a trial of {workers} rank(s) needs {workers} GPUs (one per rank); "
                           f"the {'machine' if local else 'cluster'} has {gpus:g}")
+
+
+def split_cpu_threads(cfg: Config, max_concurrent: int) -> None:
+    """On a local CPU-only Ray, give each rank its share of the machine's cores across the trials
+    that run at once (train.torch_threads), instead of every trial's ranks taking all of them.
+
+    Left alone when set by the user, on GPUs (a rank's threads only feed its GPU), and on a
+    cluster (this process cannot see the workers' cores)."""
+    if cfg.train.torch_threads is not None or cfg.train.use_gpu or cfg.tune.address or os.environ.get("RAY_ADDRESS"):
+        return
+    cfg.train.torch_threads = max(1, (os.cpu_count() or 1) // (max_workers(cfg) * max_concurrent))

@@ -139,6 +139,7 @@ def run_study(cfg: Config, output: str, resume: bool = False) -> int:
     cfg.train.use_gpu = ray_cluster.resolve_use_gpu(cfg)
     ray_cluster.check_fits(cfg)
     max_concurrent = ray_cluster.concurrent_trials(cfg)
+    ray_cluster.split_cpu_threads(cfg, max_concurrent)
     print(_banner(cfg, output, max_concurrent, resume), flush=True)
     print(f"[ray_cifar] TensorBoard: tensorboard --logdir {os.path.join(output, 'tensorboard')}", flush=True)
     tuner, keys = _build_tuner(cfg, output, resume, max_concurrent)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 
 def test_phase_clock_columns_add_up_to_the_startup(monkeypatch):
     import ray_cifar.trial as trial_mod
@@ -22,3 +24,29 @@ def test_epoch_row_keeps_timing_columns_only():
 
     row = epoch_row("t1", {}, {"epoch": 1, "timing_data_load_seconds": 0.5, "time_this_iter_s": 3.0}, {})
     assert row["timing_data_load_seconds"] == 0.5 and "time_this_iter_s" not in row
+
+
+@pytest.mark.parametrize("cores, ranks, concurrent, threads", [(2, 2, 1, 1), (16, 2, 1, 8), (16, 2, 4, 2), (2, 2, 2, 1)])
+def test_concurrent_trials_split_the_cores(monkeypatch, cores, ranks, concurrent, threads):
+    from ray_cifar import ray_cluster
+    from ray_cifar.config import Config
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray_cluster.os, "cpu_count", lambda: cores)
+    cfg = Config()
+    cfg.train.num_workers, cfg.train.use_gpu = ranks, False
+    ray_cluster.split_cpu_threads(cfg, concurrent)
+    assert cfg.train.torch_threads == threads
+
+
+def test_thread_split_leaves_gpus_and_user_settings_alone(monkeypatch):
+    from ray_cifar import ray_cluster
+    from ray_cifar.config import Config
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    gpu, user = Config(), Config()
+    gpu.train.use_gpu = True
+    user.train.use_gpu, user.train.torch_threads = False, 3
+    for cfg in (gpu, user):
+        ray_cluster.split_cpu_threads(cfg, 4)
+    assert gpu.train.torch_threads is None and user.train.torch_threads == 3

@@ -35,8 +35,9 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env_vars})
         return
     # On a small machine declare enough logical CPUs for one trial's driver plus all its
-    # ranks, or the trial would wait forever; torch threads are set per rank anyway.
-    need = math.ceil(trial_cpus(cfg, max_workers(cfg)))
+    # ranks (times tune.max_concurrent_trials, when asked for), or trials would wait forever;
+    # torch threads are split between the ranks of the trials at once (split_cpu_threads).
+    need = math.ceil(trial_cpus(cfg, max_workers(cfg)) * (cfg.tune.max_concurrent_trials or 1))
     # Ray Train's placement-group cleaner finds the cluster through the state API; with
     # two local Ray instances on one machine its auto-detection fails ("multiple active
     # Ray instances") and a finished trial's resources are never released. Name the

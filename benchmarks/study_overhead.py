@@ -46,8 +46,7 @@ PLOT = os.path.join(HERE, "results", "study_overhead_cpu.png")
 # name -> (--set overrides, what it varies). Packed runs need a Ray with room for two 2-rank trials.
 PACKED = ["tune.max_concurrent_trials=2", "tune.num_cpus=5"]
 VARIANTS = {
-    # (--smoke-test ran one trial at a time until it set tune.max_concurrent_trials=2; runs recorded
-    # before that have sets [] here.)
+    # One at a time is --smoke-test's default on 2 cores; said explicitly (session-1 runs have sets []).
     "smoke": (["tune.max_concurrent_trials=1"], "the smoke study: 4 trials, ASHA, up to 6 epochs, one trial at a time"),
     "smoke-2ep": (["train.epochs=2", "tune.max_concurrent_trials=1"], "4 trials, up to 2 epochs each, one at a time"),
     "smoke-packed": (PACKED, "the smoke study, two trials side by side"),

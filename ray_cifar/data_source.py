@@ -106,6 +106,27 @@ def _find_source(path: str) -> tuple[str, str, list[str]]:
                     f"or cifar-10-batches-py; {HINT}")
 
 
+def source_checksum(files: list[str], cache_dir: str) -> str:
+    """file_checksum, remembered in cache_dir under the files' (path, size, mtime) so that the
+    ranks of every trial skip re-reading ~57 MB; a rewritten file changes its mtime, so is hashed again."""
+    stats = [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    memo = os.path.join(cache_dir, f"cifar10-checksum-{hashlib.sha256(repr(stats).encode()).hexdigest()[:16]}.txt")
+    with contextlib.suppress(OSError):
+        with open(memo) as fh:
+            known = fh.read().strip()
+        if len(known) == 64:
+            return known
+    checksum = file_checksum(files)
+    with contextlib.suppress(OSError):  # a read-only cache dir: hash again next time
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=".txt")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(checksum)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, memo)
+    return checksum
+
+
 def file_checksum(files: list[str], chunk: int = 1 << 20) -> str:
     """sha256 over the names and full bytes of `files`, read in 1 MiB chunks (~57 MB: well under a second)."""
     h = hashlib.sha256()
@@ -251,13 +272,44 @@ def _cache_file(cache_dir: str, kind: str, checksum: str) -> str:
 
 
 def _load_cache(file: str) -> dict[str, np.ndarray] | None:
+    """The cached arrays; the train images memory-mapped, read-only (a smoke trial touches a few
+    thousand of 50,000, and every rank of every trial shares the page cache instead of a copy)."""
     if not os.path.isfile(file):
         return None
     try:
-        with np.load(file, allow_pickle=False) as z:
-            return {k: z[k] for k in ("train_images", "train_labels", "test_images", "test_labels")}
+        arrays = _mmap_npz(file)
+        arrays = {k: arrays[k] if k == "train_images" else np.array(arrays[k])
+                  for k in ("train_images", "train_labels", "test_images", "test_labels")}
+        return arrays
     except Exception:  # truncated/corrupt cache: just decode again and overwrite it
         return None
+
+
+def _mmap_npz(file: str) -> dict[str, np.ndarray]:
+    """Memory-map every array of an uncompressed .npz (np.load ignores mmap_mode for .npz).
+
+    Each member is a stored (not deflated) .npy; its data starts after the zip local header
+    (30 bytes + name + extra field) and the .npy header."""
+    import struct
+    import zipfile
+
+    arrays = {}
+    with zipfile.ZipFile(file) as z, open(file, "rb") as fh:
+        for info in z.infolist():
+            if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
+                raise ValueError(f"{file}: {info.filename} is not a stored .npy")
+            fh.seek(info.header_offset + 26)
+            name_length, extra_length = struct.unpack("<HH", fh.read(4))
+            fh.seek(info.header_offset + 30 + name_length + extra_length)
+            version = np.lib.format.read_magic(fh)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran_order, dtype = read_header(fh)
+            if dtype.hasobject:
+                raise ValueError(f"{file}: {info.filename} holds Python objects")
+            arrays[info.filename[:-4]] = np.memmap(file, dtype=dtype, mode="r", offset=fh.tell(), shape=shape,
+                                                   order="F" if fortran_order else "C")
+    return arrays
 
 
 def _save_cache(file: str, arrays: dict[str, np.ndarray], log: Log) -> None:
@@ -301,7 +353,7 @@ def load_cifar10(path: str | None, cache_dir: str | None = None, download: bool 
     else:
         kind, folder, files = _find_source(os.path.abspath(path))
     source = f"{kind}:{folder}"
-    checksum = file_checksum(files)
+    checksum = source_checksum(files, cache_dir)
 
     cache = _cache_file(cache_dir, kind, checksum)
     arrays = _load_cache(cache)

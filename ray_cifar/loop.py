@@ -131,6 +131,7 @@ def run_training(
     metrics and a function that builds the full training state (called only by whoever saves it).
     A non-finite train loss ends the run after that epoch's callback, with metrics["diverged"] True.
     Returns the bare model."""
+    setup_start = time.perf_counter()
     set_cpu_threads(cfg, device, local_world_size or world_size)
     run = _build_run(cfg, loader, device, world_size)
     progress = {"epoch": 0, "best": {"value": None, "epoch": None}, "history": []}
@@ -150,8 +151,11 @@ def run_training(
                                          best=progress["best"], history=progress["history"], config=cfg.to_dict())
 
     seconds: list[float] = []
+    setup_seconds = time.perf_counter() - setup_start  # model, DDP wrap, resume: part of the start-up
     for epoch in range(progress["epoch"], run.epochs):
         metrics = _train_and_evaluate(cfg, run, loader, val_split, device, epoch, rank, world_size)
+        if not seconds:  # this run's first epoch
+            metrics["setup_seconds"] = setup_seconds
         seconds.append(metrics["epoch_seconds"] + metrics["eval_seconds"])
         _update_progress(progress, metrics, cfg.tune.metric, cfg.tune.mode)
         if log and rank == 0:

@@ -39,8 +39,9 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env_vars})
         return
     # On a small machine declare enough logical CPUs for one trial's driver plus all its
-    # ranks, or the trial would wait forever; torch threads are set per rank anyway.
-    need = math.ceil(trial_cpus(cfg, max_workers(cfg)))
+    # ranks (times tune.max_concurrent_trials, when asked for), or trials would wait forever;
+    # torch threads are split between the ranks of the trials at once (split_cpu_threads).
+    need = math.ceil(trial_cpus(cfg, max_workers(cfg)) * (cfg.tune.max_concurrent_trials or 1))
     # Ray Train's placement-group cleaner finds the cluster through the state API; with
     # two local Ray instances on one machine its auto-detection fails ("multiple active
     # Ray instances") and a finished trial's resources are never released. Name the
@@ -90,3 +91,14 @@ def check_fits(cfg: Config) -> None:
     if cfg.tune.address or os.environ.get("RAY_ADDRESS"):
         resources = ray.cluster_resources()
         check_resources(cfg, resources.get("CPU", 0.0), resources.get("GPU", 0.0), count_driver=True)
+
+
+def split_cpu_threads(cfg: Config, max_concurrent: int) -> None:
+    """On a local CPU-only Ray, give each rank its share of the machine's cores across the trials
+    that run at once (train.torch_threads), instead of every trial's ranks taking all of them.
+
+    Left alone when set by the user, on GPUs (a rank's threads only feed its GPU), and on a
+    cluster (this process cannot see the workers' cores)."""
+    if cfg.train.torch_threads is not None or cfg.train.use_gpu or cfg.tune.address or os.environ.get("RAY_ADDRESS"):
+        return
+    cfg.train.torch_threads = max(1, (os.cpu_count() or 1) // (max_workers(cfg) * max_concurrent))

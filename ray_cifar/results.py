@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 EPOCH_METRICS = ("steps", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "eval_seconds",
                  "images_per_second", "num_workers", "train_images", "data_pipeline", "amp", "device", "nodes",
                  "diverged", "resumed_from_epoch", "startup_seconds", "checkpoint_path")
+TIMING_PREFIX = "timing_"  # timing_<phase>_seconds: where a trial's start-up went
 
 
 def git_sha() -> str | None:
@@ -56,6 +57,8 @@ def epoch_row(trial_id: str, params: dict[str, Any], metrics: dict[str, Any], ex
     row = {"trial_id": trial_id, "epoch": int(metrics["epoch"])}
     row.update(params)
     row.update({k: metrics.get(k) for k in EPOCH_METRICS})
+    # Start-up phases (trial.PhaseClock: a trial's first row) and the checkpoint save (every row).
+    row.update({k: v for k, v in metrics.items() if k.startswith(TIMING_PREFIX)})
     row.update(extra)
     return row
 

@@ -184,6 +184,7 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
     if not shared:
         storage.check_output_shared(output, ray_cluster.alive_nodes())
     max_concurrent = ray_cluster.concurrent_trials(cfg)
+    ray_cluster.split_cpu_threads(cfg, max_concurrent)
     print(_banner(cfg, output, max_concurrent, resume), flush=True)
     print(f"[ray_cifar] TensorBoard: tensorboard --logdir {os.path.join(output, 'tensorboard')}", flush=True)
     tuner, keys = _build_tuner(cfg, output, resume, max_concurrent, remote)

@@ -66,19 +66,53 @@ def _quiet_report_logs() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+class PhaseClock:
+    """Wall-clock laps of a trial's start-up on one rank, reported once as `timing_<phase>_seconds` columns.
+
+    Laps count from the Tune trial function's start (`started`, time.time() in the trial's driver
+    process), so the first lap also holds the Train controller and worker-group start."""
+
+    def __init__(self, started: float | None):
+        self.started = started
+        self.last = started
+        self.laps: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.time()
+        if self.last is not None:
+            self.laps[phase] = now - self.last
+        self.last = now
+
+    def columns(self, startup_seconds: float, loop_setup: float | None) -> dict[str, float]:
+        """The laps, the loop's own setup (model, DDP, pipeline build), and the rest of the start-up:
+        the first step (warm-up, DDP's first all-reduce)."""
+        laps = dict(self.laps)
+        if loop_setup is not None:
+            laps["loop_setup"] = loop_setup
+        laps["first_step"] = startup_seconds - sum(laps.values())
+        return {"timing_trial_started_at": self.started,
+                **{f"timing_{phase}_seconds": seconds for phase, seconds in laps.items()}}
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What each DDP rank runs. Ray Train has already set up the process group."""
     _quiet_report_logs()
+    started = loop_config.get("started")
+    clock = PhaseClock(started)
+    clock.lap("worker_group")  # Tune trial start -> this rank runs: Train controller, workers, process group
     cfg = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()  # the rank's own (visible) GPU, or cpu
     log = print if rank == 0 else (lambda msg: None)
     resume = _latest_state()
+    clock.lap("resume_read")
     dataset = load_cifar10(cfg.data.path, cfg.data.cache_dir, log=log)  # decoded once, cached per node
+    clock.lap("data_load")
     splits = make_splits(dataset, cfg.data, device)
+    clock.lap("splits")
     extra = {"nodes": _rank_nodes(world_size), "resumed_from_epoch": resume["epoch"] if resume else 0}
-    started = loop_config.get("started")
+    clock.lap("rank_nodes")
     first = {"report": True}
 
     def report(metrics: dict, state) -> None:
@@ -88,17 +122,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # minus that epoch's own work, i.e. to the first trained step.
             if started is not None:
                 metrics["startup_seconds"] = time.time() - started - metrics["epoch_seconds"] - metrics["eval_seconds"]
+                metrics.update(clock.columns(metrics["startup_seconds"], metrics.get("setup_seconds")))
             if resume is not None:
                 # Epochs the checkpoint has seen: lets the driver recover rows it never received.
                 metrics["history"] = resume["history"]
+        metrics.pop("setup_seconds", None)
         with tempfile.TemporaryDirectory() as tmp:
             saved = None
             if rank == 0:
+                save_start = time.perf_counter()
                 checkpoint.save_state(state(), tmp)
+                metrics["timing_checkpoint_save_seconds"] = time.perf_counter() - save_start
                 saved = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=saved)  # a barrier: every rank calls it each epoch
 
     loader = train_loader_for(cfg, splits.train, device, rank, world_size, log=log)
+    clock.lap("pipeline_build")
     run_training(cfg, loader, splits.val, device, rank, world_size, on_epoch=report,
                  local_world_size=ctx.get_local_world_size(), log=log, resume=resume)
 

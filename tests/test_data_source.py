@@ -170,7 +170,7 @@ def test_second_load_hits_cache(parquet_dir, tmp_path, monkeypatch):
     logs = Logs()
     first = load_cifar10(str(d), cache_dir=str(cache), log=logs)
     assert logs.has("decoding") and not logs.has("using cache")
-    files = [f for f in os.listdir(cache) if not f.endswith(".lock")]
+    files = [f for f in os.listdir(cache) if not f.endswith(".lock") and not f.startswith("cifar10-checksum-")]
     assert len(files) == 1 and files[0].endswith(".npz")  # and no temp file left behind
     assert first.checksum[:16] in files[0]
 
@@ -383,3 +383,29 @@ def test_real_cifar10(tmp_path):
     mean = data.train_images.reshape(-1, 3).mean(0) / 255
     np.testing.assert_allclose(mean, [0.4913, 0.4821, 0.4465], atol=0.003)
     assert len(CLASSES) == 10
+
+
+def test_cached_train_images_are_memory_mapped(parquet_dir, tmp_path):
+    # Every rank of every trial maps the one cache file instead of reading 150 MB into its own memory.
+    d, (x, y), (xt, _) = parquet_dir
+    cache = str(tmp_path / "cache")
+    load_cifar10(str(d), cache_dir=cache, log=Logs())
+    second = load_cifar10(str(d), cache_dir=cache, log=Logs())
+    assert isinstance(second.train_images, np.memmap) and not second.train_images.flags.writeable
+    np.testing.assert_array_equal(second.train_images[[3, 1, 4]], x[[3, 1, 4]])
+    assert second.test_images.flags.writeable  # used whole: an ordinary array
+    np.testing.assert_array_equal(second.test_images, xt)
+
+
+def test_checksum_is_remembered_until_a_file_changes(parquet_dir, tmp_path, monkeypatch):
+    d, _, _ = parquet_dir
+    cache = str(tmp_path / "cache")
+    first = load_cifar10(str(d), cache_dir=cache, log=Logs())
+    hashed = []
+    real = ds.file_checksum
+    monkeypatch.setattr(ds, "file_checksum", lambda files: hashed.append(files) or real(files))
+    assert load_cifar10(str(d), cache_dir=cache, log=Logs()).checksum == first.checksum
+    assert hashed == []  # the memo, not a re-read of the files
+    write_parquet(d / "train.parquet", *random_images(200, seed=5))  # new bytes, new mtime
+    changed = load_cifar10(str(d), cache_dir=cache, log=Logs())
+    assert len(hashed) == 1 and changed.checksum != first.checksum

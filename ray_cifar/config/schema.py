@@ -124,7 +124,7 @@ class TuneConfig:
     reduction_factor: float = 2.0  # ASHA: keep the best 1/reduction_factor at each rung
     max_epochs: int | None = None  # ASHA max_t in epochs; None: train.epochs
     num_samples: int = 1  # samples of the search space (each grid point is run num_samples times)
-    max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs/GPUs fit
+    max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs/GPUs fit; a local Ray is sized to fit this many
     max_failures: int = 1  # times Tune runs a failed trial again (it resumes from its last checkpoint); 0 = never
     trial_driver_cpus: float = 0.25  # logical CPUs of each trial's driver (it only watches its DDP workers)
     num_cpus: int | None = None  # logical CPUs of a local Ray instance; None: max(cores, one trial's needs)

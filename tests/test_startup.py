@@ -1,0 +1,52 @@
+"""Start-up instrumentation: the per-phase timing columns of a trial's first row (no Ray started)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_phase_clock_columns_add_up_to_the_startup(monkeypatch):
+    import ray_cifar.trial as trial_mod
+
+    now = iter([103.0, 104.5, 110.0])
+    monkeypatch.setattr(trial_mod.time, "time", lambda: next(now))
+    clock = trial_mod.PhaseClock(started=100.0)
+    for phase in ("worker_group", "resume_read", "data_load"):
+        clock.lap(phase)
+    columns = clock.columns(startup_seconds=14.0, loop_setup=2.0)
+    assert columns == {"timing_trial_started_at": 100.0, "timing_worker_group_seconds": 3.0,
+                       "timing_resume_read_seconds": 1.5, "timing_data_load_seconds": 5.5,
+                       "timing_loop_setup_seconds": 2.0, "timing_first_step_seconds": 2.0}
+
+
+def test_epoch_row_keeps_timing_columns_only():
+    from ray_cifar.results import epoch_row
+
+    row = epoch_row("t1", {}, {"epoch": 1, "timing_data_load_seconds": 0.5, "time_this_iter_s": 3.0}, {})
+    assert row["timing_data_load_seconds"] == 0.5 and "time_this_iter_s" not in row
+
+
+@pytest.mark.parametrize("cores, ranks, concurrent, threads", [(2, 2, 1, 1), (16, 2, 1, 8), (16, 2, 4, 2), (2, 2, 2, 1)])
+def test_concurrent_trials_split_the_cores(monkeypatch, cores, ranks, concurrent, threads):
+    from ray_cifar import ray_cluster
+    from ray_cifar.config import Config
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray_cluster.os, "cpu_count", lambda: cores)
+    cfg = Config()
+    cfg.train.num_workers, cfg.train.use_gpu = ranks, False
+    ray_cluster.split_cpu_threads(cfg, concurrent)
+    assert cfg.train.torch_threads == threads
+
+
+def test_thread_split_leaves_gpus_and_user_settings_alone(monkeypatch):
+    from ray_cifar import ray_cluster
+    from ray_cifar.config import Config
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    gpu, user = Config(), Config()
+    gpu.train.use_gpu = True
+    user.train.use_gpu, user.train.torch_threads = False, 3
+    for cfg in (gpu, user):
+        ray_cluster.split_cpu_threads(cfg, 4)
+    assert gpu.train.torch_threads is None and user.train.torch_threads == 3

@@ -9,10 +9,13 @@ they arrived, so the resumed study makes the same decisions.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Callable
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
+from .recorder import STOPPED, TRIALS_STATE
 from .results import ResultsLog
 
 
@@ -36,6 +39,7 @@ class RestorableASHA(ASHAScheduler):
         super().__init__(time_attr="epoch", **asha_args)
         self.output, self.on_stop = output, on_stop
         self._rebuilt = False
+        self._stopped_before: set[str] = set()
 
     def rebuild_rungs(self, rows: list[dict[str, Any]]) -> None:
         """Feed recorded (trial, epoch, metric) rows to the rungs, oldest first; decisions are discarded."""
@@ -48,9 +52,22 @@ class RestorableASHA(ASHAScheduler):
         if not self._rebuilt:
             self._rebuilt = True
             self.rebuild_rungs(ResultsLog(self.output).read())
+            self._stopped_before = self._recorded_stops()
         super().on_trial_add(tune_controller, trial)
 
+    def _recorded_stops(self) -> set[str]:
+        """Trials this scheduler stopped before a restore. A driver that dies between the decision and
+        the trial's end leaves them unfinished, and Tune resumes them: they are stopped again at once."""
+        path = os.path.join(self.output, TRIALS_STATE)
+        if not os.path.exists(path):
+            return set()
+        with open(path) as f:
+            return {tid for tid, summary in json.load(f).items() if summary.get("status") == STOPPED}
+
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if trial.trial_id in self._stopped_before:
+            self._stopped_before.discard(trial.trial_id)
+            return TrialScheduler.STOP
         decision = super().on_trial_result(tune_controller, trial, result)
         # ASHA also says STOP at max_t, where the trial ends anyway: only a stop before the trial's
         # own last epoch is the scheduler's doing.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -123,13 +124,8 @@ def _banner(cfg: Config, output: str, max_concurrent: int, resume: bool) -> str:
 
 def unfinished_trials(output: str, remote: str | None = None) -> int:
     """Trials Tune has not ended (TERMINATED or ERROR), read from the experiment on disk."""
-    import logging
-
     from ray.tune import ExperimentAnalysis
 
-    # Only the statuses are read; the per-trial result files it also looks for are never written
-    # (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS), so keep its warnings about them quiet.
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     trials = ExperimentAnalysis(experiment_dir(output, remote)).trials
     return sum(str(t.status) not in ("TERMINATED", "ERROR") for t in trials)
 
@@ -177,6 +173,9 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
     # Tune's default loggers write TensorBoard/CSV/JSON files keyed by training_iteration, which
     # restarts at 1 on restore; the recorder writes per-epoch TensorBoard files under OUTPUT instead.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # ... so the result.json / progress.csv that Tune's restore and status reads also look for are never
+    # there: their warnings about it are noise.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     hold_driver_lock(output)
     ray_cluster.init_ray(cfg)
     cfg.train.use_gpu = ray_cluster.resolve_use_gpu(cfg)

@@ -232,3 +232,13 @@ def test_a_trial_that_reaches_max_t_is_completed_not_stopped(recorder, tmp_path)
     assert decisions["t1"] == TrialScheduler.STOP  # ASHA's own way of ending a trial at max_t
     recorder.on_trial_complete(0, [], FakeTrial("t1"))
     assert recorder.trials["t1"]["status"] == "completed"
+
+
+def test_a_stop_decided_just_before_the_driver_died_holds_after_the_restore(recorder, tmp_path):
+    asha_args = dict(metric="val_acc", mode="max", max_t=8, grace_period=1, reduction_factor=2)
+    original = RestorableASHA(str(tmp_path), on_stop=recorder.note_stopped, **asha_args)
+    assert _run(original, HISTORY + NEXT, recorder)["t4"] == TrialScheduler.STOP
+    # The driver died before Tune ended t4: the restored study resumes it at its next epoch.
+    restored = pickle.loads(pickle.dumps(RestorableASHA(str(tmp_path), **asha_args)))
+    restored.on_trial_add(None, FakeTrial("t5"))  # the first trial Tune adds triggers the rebuild
+    assert restored.on_trial_result(None, FakeTrial("t4"), result(3, 0.9)) == TrialScheduler.STOP

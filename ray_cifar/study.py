@@ -214,7 +214,8 @@ def finish_study(cfg: Config, output: str, keys: list[str]) -> int:
     except Exception as e:  # noqa: BLE001 - the trials' results matter more than the one test figure
         print(f"[ray_cifar] test evaluation of {best['trial_id']} failed: {e}", flush=True)
     finally:
-        write_rows([{**t, **provenance()} for t in trials], os.path.join(output, "trials.parquet"))
+        run_provenance = provenance()  # a git subprocess: once, not once per trial
+        write_rows([{**t, **run_provenance} for t in trials], os.path.join(output, "trials.parquet"))
         ResultsLog(output).compact()
     best_column = f"best_{cfg.tune.metric}"  # best_metric under its own name; val_acc beside another metric
     extra = ["best_val_acc"] if cfg.tune.metric != "val_acc" else []

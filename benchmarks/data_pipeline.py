@@ -206,8 +206,13 @@ def write_results(args: argparse.Namespace, out: dict, device: torch.device) -> 
         out["dali"] = nvidia.dali.__version__
     except ImportError:
         pass
-    os.makedirs(args.output, exist_ok=True)
-    path = os.path.join(args.output, f"data_pipeline_{device.type}.json")
+    return write_json(out, args.output, f"data_pipeline_{device.type}.json")
+
+
+def write_json(out: dict, folder: str, filename: str) -> str:
+    """A benchmark's results file (every benchmark here writes its one JSON this way); returns its path."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, filename)
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
     return path

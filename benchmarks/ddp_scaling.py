@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import socket
 import sys
@@ -32,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from data_pipeline import device_name, endless  # noqa: E402
+from data_pipeline import device_name, endless, write_json  # noqa: E402
 from train_throughput import AUGMENT, MODELS, load_images  # noqa: E402
 
 
@@ -144,11 +143,7 @@ def main(argv=None) -> int:
            "warmup_steps": args.warmup, "repeats": args.repeats, "data": source, "images": len(images),
            "torch": torch.__version__, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
            "results": results}
-    os.makedirs(args.output, exist_ok=True)
-    path = os.path.join(args.output, f"ddp_scaling_{device.type}.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
-    print(f"wrote {path}")
+    print(f"wrote {write_json(out, args.output, f'ddp_scaling_{device.type}.json')}")
     return 0
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from data_pipeline import device_name, endless  # noqa: E402
+from data_pipeline import device_name, endless, write_json  # noqa: E402
 from ray_cifar import engine  # noqa: E402
 from ray_cifar.augment import MEAN, STD  # noqa: E402
 from ray_cifar.validation import load_config  # noqa: E402
@@ -255,11 +254,7 @@ def main(argv=None) -> int:
            "peak_bf16_flops": peak_flops(device_name(device)) if device.type == "cuda" else None,
            "torch": torch.__version__, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
            "results": results, "failed": failed}
-    os.makedirs(args.output, exist_ok=True)
-    path = os.path.join(args.output, f"train_throughput_{device.type}.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
-    print(f"wrote {path}")
+    print(f"wrote {write_json(out, args.output, f'train_throughput_{device.type}.json')}")
     return 0
 
 

@@ -15,8 +15,31 @@ import ray
 from .config import Config
 
 
+def runs_in_trial_process(num_workers: int) -> bool:
+    """A one-rank trial trains in its Tune trial process (no DDP, no TorchTrainer); DDP trials run on TorchTrainer."""
+    return num_workers == 1
+
+
 def trial_cpus(cfg: Config, num_workers: int | None = None) -> float:
-    return cfg.tune.trial_driver_cpus + (num_workers or cfg.train.num_workers) * cfg.train.cpus_per_worker
+    """CPUs a trial holds while it runs: its ranks, plus its driver when the ranks are a TorchTrainer's."""
+    ranks = num_workers or cfg.train.num_workers
+    driver = 0.0 if runs_in_trial_process(ranks) else cfg.tune.trial_driver_cpus
+    return driver + ranks * cfg.train.cpus_per_worker
+
+
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What a trial's Tune process asks Ray for: a one-rank trial is its own rank (its CPUs and GPU);
+    a DDP trial's process only drives its TorchTrainer, whose workers ask for the ranks' resources."""
+    if runs_in_trial_process(cfg.train.num_workers):
+        return {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
+    return {"CPU": cfg.tune.trial_driver_cpus}
+
+
+def max_failures(cfg: Config) -> int:
+    """Tune's retries of a failed trial. Where every trial has one rank, a dead rank is a failed trial
+    (there is no worker group to restart), so train.max_failures counts here too."""
+    one_rank = runs_in_trial_process(max_workers(cfg))
+    return cfg.tune.max_failures + (cfg.train.max_failures if one_rank else 0)
 
 
 def max_workers(cfg: Config) -> int:

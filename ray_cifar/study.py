@@ -81,7 +81,7 @@ def searched_params(base: dict[str, Any], keys: list[str], sampled: dict[str, An
 def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, remote: str | None):
     from ray import tune
 
-    from . import trial
+    from . import ray_cluster, trial
     from .scheduler import create_scheduler
 
     base = cfg.to_dict()
@@ -93,7 +93,8 @@ def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, re
                              provenance(), mirror_to=remote)
     ray_storage = storage_path(output, remote)
     trainable = tune.with_parameters(trial.tune_trial, base_config=base, storage_path=ray_storage)
-    trainable = tune.with_resources(trainable, {"CPU": cfg.tune.trial_driver_cpus})
+    # Per trial: a one-rank trial's process is its rank; a DDP trial's only drives its TorchTrainer.
+    trainable = tune.with_resources(trainable, lambda sampled: ray_cluster.trial_resources(trial_config(base, sampled)))
     if resume:
         # tuner.pkl brings back the scheduler and the recorder (copies that re-read their state from disk).
         return tune.Tuner.restore(experiment_dir(output, remote), trainable=trainable, resume_unfinished=True,
@@ -109,7 +110,7 @@ def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, re
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler,
                                     num_samples=num_samples, max_concurrent_trials=max_concurrent),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=ray_storage, callbacks=[recorder],
-                                  failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures)),
+                                  failure_config=tune.FailureConfig(max_failures=ray_cluster.max_failures(cfg))),
     ), keys
 
 

@@ -1,16 +1,21 @@
-"""One trial: a Ray Train TorchTrainer of `train.num_workers` DDP ranks, checkpointed every epoch.
+"""One trial: `train.num_workers` ranks, checkpointed every epoch, resumed from the latest checkpoint.
 
 Ray 2.60 runs Train V2, where `Tuner(TorchTrainer(...))` is gone: a study is a Tune
-*function* trainable (`tune_trial`) that builds a TorchTrainer and calls fit();
-TuneReportCallback forwards rank 0's per-epoch metrics (and the checkpoint path) to Tune.
+*function* trainable (`tune_trial`). A DDP trial (several ranks) builds a TorchTrainer and
+calls fit(); TuneReportCallback forwards rank 0's per-epoch metrics (and the checkpoint
+path) to Tune. A one-rank trial trains in the Tune trial process itself
+(`train_in_trial_process`): starting a Train controller and a worker process was most of a
+short trial's start-up. Both paths run the same `run_rank`.
 
 Fault tolerance, from the inside out:
 - every epoch rank 0 reports a full training state (ray_cifar.checkpoint); Ray keeps the
-  latest and the best by tune.metric (CheckpointConfig with a score attribute);
-- a dead rank: Train restarts the worker group (train.max_failures) and every rank starts
-  from `ray.train.get_checkpoint()`, the latest state, at the next epoch;
-- a failed trial: Tune runs `tune_trial` again (tune.max_failures); its TorchTrainer, named
-  after the trial id under the study's storage, finds its own run and its latest checkpoint;
+  latest and the best by tune.metric (CheckpointConfig with a score attribute), and
+  CheckpointStore does the same for a one-rank trial, in the same folder;
+- a dead rank of a DDP trial: Train restarts the worker group (train.max_failures) and every
+  rank starts from `ray.train.get_checkpoint()`, the latest state, at the next epoch;
+- a failed trial (a one-rank trial's dead rank among them): Tune runs `tune_trial` again
+  (tune.max_failures); its TorchTrainer, or its CheckpointStore, named after the trial id
+  under the study's storage, finds its own latest checkpoint;
 - a dead driver: `Tuner.restore` (ray_cifar.study) runs unfinished trials' `tune_trial` again,
   which resumes the same way.
 """
@@ -20,7 +25,8 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import ray
 import ray.train
@@ -29,12 +35,14 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from . import checkpoint
+from . import checkpoint, storage
+from .checkpoint_store import CheckpointStore
 from .config import Config
 from .data import make_splits
 from .data_source import load_cifar10
 from .loop import build_model, evaluate_split, run_training
 from .pipelines import train_loader_for
+from .ray_cluster import runs_in_trial_process
 from .validation import config_from_dict, trial_config
 
 
@@ -94,18 +102,24 @@ class PhaseClock:
                 **{f"timing_{phase}_seconds": seconds for phase, seconds in laps.items()}}
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """What each DDP rank runs. Ray Train has already set up the process group."""
-    _quiet_report_logs()
-    started = loop_config.get("started")
-    clock = PhaseClock(started)
-    clock.lap("worker_group")  # Tune trial start -> this rank runs: Train controller, workers, process group
-    cfg = config_from_dict(loop_config["config"])
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()  # the rank's own (visible) GPU, or cpu
+@dataclass
+class Rank:
+    """Where one rank runs and how its results leave: a Ray Train worker, or the Tune trial process itself."""
+
+    rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+    latest_state: Callable[[], dict | None]
+    # (metrics, checkpoint folder on rank 0 else None, its epoch, the best epoch so far): every rank, every epoch.
+    report: Callable[[dict, str | None, int, int | None], None]
+
+
+def run_rank(cfg: Config, where: Rank, clock: PhaseClock, started: float | None) -> None:
+    """One rank of a trial, resumed from the latest checkpoint if there is one: the same on both paths."""
+    rank, world_size, device = where.rank, where.world_size, where.device
     log = print if rank == 0 else (lambda msg: None)
-    resume = _latest_state()
+    resume = where.latest_state()
     clock.lap("resume_read")
     dataset = load_cifar10(cfg.data.path, cfg.data.cache_dir, log=log)  # decoded once, cached per node
     clock.lap("data_load")
@@ -128,18 +142,56 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics["history"] = resume["history"]
         metrics.pop("setup_seconds", None)
         with tempfile.TemporaryDirectory() as tmp:
-            saved = None
+            saved, epoch, best_epoch = None, int(metrics["epoch"]), None
             if rank == 0:
                 save_start = time.perf_counter()
-                checkpoint.save_state(state(), tmp)
+                full = state()
+                checkpoint.save_state(full, tmp)
                 metrics["timing_checkpoint_save_seconds"] = time.perf_counter() - save_start
-                saved = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=saved)  # a barrier: every rank calls it each epoch
+                saved, best_epoch = tmp, full["best"]["epoch"]
+            where.report(metrics, saved, epoch, best_epoch)
 
     loader = train_loader_for(cfg, splits.train, device, rank, world_size, log=log)
     clock.lap("pipeline_build")
     run_training(cfg, loader, splits.val, device, rank, world_size, on_epoch=report,
-                 local_world_size=ctx.get_local_world_size(), log=log, resume=resume)
+                 local_world_size=where.local_world_size, log=log, resume=resume)
+
+
+def _train_report(metrics: dict, directory: str | None, epoch: int, best_epoch: int | None) -> None:
+    # A barrier: every rank calls it each epoch; Ray keeps the latest and the best checkpoint.
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """What each DDP rank of a TorchTrainer runs. Ray Train has already set up the process group."""
+    _quiet_report_logs()
+    clock = PhaseClock(loop_config.get("started"))
+    clock.lap("worker_group")  # Tune trial start -> this rank runs: Train controller, workers, process group
+    ctx = ray.train.get_context()
+    where = Rank(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_world_size(),
+                 ray.train.torch.get_device(),  # the rank's own (visible) GPU, or cpu
+                 _latest_state, _train_report)
+    run_rank(config_from_dict(loop_config["config"]), where, clock, loop_config.get("started"))
+
+
+def train_in_trial_process(cfg: Config, storage_path: str, trial_id: str, started: float) -> None:
+    """A one-rank trial, trained right here in its Tune trial process: no Train controller, no worker
+    processes to start (most of a short trial's start-up), the same loop, checkpoints and resume.
+
+    Its checkpoints go to the folder a TorchTrainer run of the trial would use (CheckpointStore keeps
+    the latest and the best), so a Tune retry or `--resume` continues from the latest finished epoch."""
+    from ray import tune
+
+    store = CheckpointStore(storage.join(storage_path, trainer_name(trial_id)))
+
+    def report(metrics: dict, directory: str | None, epoch: int, best_epoch: int | None) -> None:
+        metrics["checkpoint_path"] = store.save(directory, epoch, best_epoch)
+        tune.report(metrics)
+
+    # Tune gave this process the trial's GPU (CUDA_VISIBLE_DEVICES), if it asked for one.
+    device = torch.device("cuda", 0) if cfg.train.use_gpu else torch.device("cpu")
+    clock = PhaseClock(started)
+    run_rank(cfg, Rank(0, 1, 1, device, store.latest, report), clock, started)
 
 
 def make_trainer(cfg: Config, storage_path: str, name: str, callbacks: list | None = None,
@@ -175,6 +227,9 @@ def tune_trial(sampled: dict[str, Any], base_config: dict[str, Any], storage_pat
     started = time.time()
     cfg = trial_config(base_config, sampled)
     trial_id = tune.get_context().get_trial_id()
+    if runs_in_trial_process(cfg.train.num_workers):
+        train_in_trial_process(cfg, storage_path, trial_id, started)
+        return
     make_trainer(cfg, storage_path, name=trainer_name(trial_id), callbacks=[TuneReportCallback()],
                  started=started).fit()
 

@@ -310,7 +310,8 @@ def check_resources(cfg: Config, cpus: float, gpus: float, count_driver: bool = 
 
 def _check_resources(cfg: Config, cpus: float, gpus: float, count_driver: bool) -> None:
     t = cfg.train
-    driver = cfg.tune.trial_driver_cpus if count_driver else 0.0
+    # A one-rank trial trains in its own Tune process: no separate driver to count.
+    driver = cfg.tune.trial_driver_cpus if count_driver and t.num_workers > 1 else 0.0
     need = driver + t.num_workers * t.cpus_per_worker
     if need > cpus + 1e-9:
         # Name what to change: the ranks, unless they would fit at one CPU each.

@@ -64,3 +64,35 @@ def test_a_non_finite_loss_ends_the_run_as_diverged():
     loader = train_loader_for(cfg, splits.train, torch.device("cpu"), log=None)
     run_training(cfg, loader, splits.val, torch.device("cpu"), on_epoch=lambda m, s: epochs.append(m), log=None)
     assert [m["diverged"] for m in epochs] == [True]
+
+
+@pytest.mark.parametrize("kind", ["path", "uri"])
+def test_checkpoint_store_keeps_the_latest_and_the_best_and_resumes_from_the_latest(tmp_path, monkeypatch, kind):
+    """A one-rank trial's store (no Ray): what Ray Train's CheckpointConfig(num_to_keep=1, score) keeps for a
+    DDP trial. `uri` goes through the pyarrow upload/download branch that s3:// and gs:// locations take."""
+    from ray_cifar import checkpoint_store, storage
+
+    location = str(tmp_path / "trial-x")
+    if kind == "uri":
+        monkeypatch.setattr(checkpoint_store.storage, "local_path", lambda loc: None)
+        location = "file://" + location
+    store = checkpoint_store.CheckpointStore(location)
+    assert store.latest() is None  # before the first epoch (the folder does not exist yet)
+
+    best_after = {1: 1, 2: 1, 3: 3, 4: 3}  # epoch -> the best epoch so far
+    for epoch, best in best_after.items():
+        made = tmp_path / f"made-{epoch}"
+        checkpoint.save_state({"epoch": epoch, "best": {"epoch": best}, "weights": torch.full((2,), float(epoch))},
+                              str(made))
+        path = store.save(str(made), epoch, best)
+        assert path == storage.join(location, f"checkpoint_{epoch:06d}")
+    kept = sorted(p.name for p in (tmp_path / "trial-x").iterdir())
+    assert kept == ["checkpoint_000003", "checkpoint_000004"]  # the best (3) and the latest (4)
+    (tmp_path / "trial-x" / "checkpoint_000005").mkdir()  # a folder whose state never arrived
+    latest = store.latest()
+    assert latest["epoch"] == 4 and torch.equal(latest["weights"], torch.full((2,), 4.0))
+    # A retry that reaches an epoch again replaces it; the best stays.
+    checkpoint.save_state({"epoch": 4, "best": {"epoch": 3}, "weights": torch.zeros(2)}, str(tmp_path / "again"))
+    store.save(str(tmp_path / "again"), 4, 3)
+    assert torch.equal(store.latest()["weights"], torch.zeros(2))
+    assert (tmp_path / "trial-x" / "checkpoint_000003" / checkpoint.STATE_FILE).exists()

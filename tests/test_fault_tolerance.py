@@ -2,7 +2,8 @@
 
 (a)+(c) One 2-rank DDP trial runs twice with the same config: once undisturbed, once with one
         rank's worker process SIGKILLed after epoch 2 was reported. Ray Train restarts the worker
-        group from the last checkpoint; the trial completes, no epoch is recorded twice, and the
+        group from the last checkpoint (a one-rank trial, which trains in its Tune trial process:
+        Tune runs the trial again from its latest checkpoint); the trial completes, no epoch is recorded twice, and the
         torch pipeline continues *exactly*: every later epoch's metrics and the final weights equal
         the undisturbed run's (fp32, GroupNorm, one thread per rank: CPU float results repeat
         bit for bit; tolerance 1e-6 absolute only guards against reduction-order noise).
@@ -124,8 +125,27 @@ def final_state(output) -> dict:
         return checkpoint.load_state(d)
 
 
-def test_killed_rank_resumes_from_its_checkpoint_and_continues_exactly(tmp_path, synthetic_parquet_dir):
-    sets = SETS + [f"train.epochs={EPOCHS}"]
+def trial_processes(pid: int) -> list[int]:
+    """Tune's trial processes below `pid`: where a one-rank trial trains."""
+    return [p for p in descendants(pid) if "ray::ImplicitFunc" in cmdline(p)]
+
+
+def rank_processes(pid: int, ranks: int) -> list[int]:
+    """The processes a rank of the study's trial runs in: DDP workers, or (one rank) the Tune trial process,
+    and then no Train controller or worker may exist."""
+    if ranks > 1:
+        return train_workers(pid)
+    found = trial_processes(pid)
+    assert not any(w in cmdline(p) for p in descendants(pid) for w in ("RayTrainWorker", "TrainController")), \
+        "a one-rank trial must train in its Tune trial process, without a Train worker group"
+    return found
+
+
+@pytest.mark.parametrize("ranks", [2, 1], ids=["ddp-2-ranks", "one-rank-in-trial-process"])
+def test_killed_rank_resumes_from_its_checkpoint_and_continues_exactly(tmp_path, synthetic_parquet_dir, ranks):
+    """2 ranks: Ray Train restarts the worker group. 1 rank: the trial trains in its Tune process, so the kill
+    fails the trial and Tune runs it again (tune.max_failures), from its CheckpointStore's latest epoch."""
+    sets = SETS + [f"train.epochs={EPOCHS}", f"train.num_workers={ranks}"]
     undisturbed = subprocess.run(study_args(synthetic_parquet_dir, tmp_path / "a", *sets), capture_output=True,
                                  text=True, timeout=900)
     assert undisturbed.returncode == 0, undisturbed.stdout[-3000:] + undisturbed.stderr[-3000:]
@@ -135,7 +155,7 @@ def test_killed_rank_resumes_from_its_checkpoint_and_continues_exactly(tmp_path,
                             stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: any(r["epoch"] >= 2 for r in ResultsLog(str(output)).read()), 600, "epoch 2", proc)
-        workers = wait_for(lambda: train_workers(proc.pid), 60, "the DDP workers", proc)
+        workers = wait_for(lambda: rank_processes(proc.pid, ranks), 60, "the rank's process", proc)
         os.kill(workers[-1], signal.SIGKILL)
         out, _ = proc.communicate(timeout=900)
     finally:

@@ -167,6 +167,21 @@ def feeds(set_name: str, args: argparse.Namespace, split: Split, images_np, labe
         yield name, lambda: endless(DaliTrainLoader(split, cfg, args.batch_size, 0, 1, 0, device, dtype).epoch)
 
 
+def timed_builds(feeds_of_set, device: torch.device):
+    """(path, maker, build_seconds) per loader: seconds to import (the first time), build, and deliver the
+    first batch of a fresh loader, which `data.pipeline=auto` weighs against the images a run will draw."""
+    while True:
+        start = time.perf_counter()
+        try:
+            path, make = next(feeds_of_set)  # the DALI module is imported here, the first time
+        except StopIteration:
+            return
+        next(make())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        yield path, make, time.perf_counter() - start
+
+
 def measure_training(record: Recorder, make_feeds, args: argparse.Namespace, device: torch.device) -> dict:
     """On a GPU: ResNet-18 steps fed from GPU memory, then by each loader; returns the fed / resident ratios."""
     ratios = {}
@@ -230,9 +245,10 @@ def main(argv=None) -> int:
         return feeds(set_name, args, split, images_np, labels_np, device)
 
     for set_name in SETS:
-        for path, make in make_feeds(set_name):
+        for path, make, build_seconds in timed_builds(make_feeds(set_name), device):
             batches = make()
-            record(set_name, path, lambda: time_batches(batches, args.seconds, device))
+            record(set_name, path, lambda: time_batches(batches, args.seconds, device),
+                   build_seconds=round(build_seconds, 3))
     ratios = measure_training(record, make_feeds, args, device) if device.type == "cuda" else {}
     ratios.update(loader_ratios(record.results, device))
     for k, v in ratios.items():

@@ -389,3 +389,32 @@ def test_the_benchmark_auto_reads_is_package_data():
     assert shipped, "no committed measurement inside the package"
     setup_py = open(os.path.join(os.path.dirname(package), "setup.py")).read()
     assert '"measurements/*.json"' in setup_py
+
+
+def test_auto_pipeline_weighs_the_build_against_the_images_a_run_draws(tmp_path, monkeypatch):
+    """DALI a little faster per image but slower to build: a short run takes the torch path, a long one DALI."""
+    import json
+
+    from ray_cifar import pipelines as data
+
+    monkeypatch.setattr(data, "dali_available", lambda: True)
+    monkeypatch.setattr(data, "BENCHMARK_RESULTS", str(tmp_path))
+    results = [{"set": "crop+flip", "path": "torch-batch", "images_per_second": 40000.0, "build_seconds": 0.1},
+               {"set": "crop+flip", "path": "dali-cpu", "images_per_second": 50000.0, "build_seconds": 2.0},
+               {"set": "full", "path": "dali-cpu", "images_per_second": 6000.0, "build_seconds": 0.5}]
+    (tmp_path / "data_pipeline_cpu.json").write_text(json.dumps({"device": "test cpu", "results": results}))
+    crop_flip, cpu, logs = data_cfg("crop_padding=4", "flip_p=0.5"), torch.device("cpu"), []
+    # 24,000 images: torch 0.1 + 0.6 s, DALI 2.0 (its slowest build: the first also imported it) + 0.48 s.
+    assert data.resolve_pipeline(crop_flip, cpu, logs.append, images=24_000) == "torch"
+    assert "24000 images" in logs[-1] and "build" in logs[-1]
+    # 9,000,000 images (a 200-epoch run): torch 225 s, DALI 182 s.
+    assert data.resolve_pipeline(crop_flip, cpu, logs.append, images=9_000_000) == "dali"
+    assert data.resolve_pipeline(crop_flip, cpu, logs.append) == "dali"  # images unknown: throughput alone
+
+
+def test_run_images_counts_what_one_rank_draws():
+    from ray_cifar.pipelines import run_images
+    from ray_cifar.validation import load_config
+
+    assert run_images(load_config(None, ["train.epochs=6"]), 8000, 2) == 24_000
+    assert run_images(load_config(None, ["train.max_steps=100", "train.global_batch_size=128"]), 8000, 2) == 6400

@@ -234,8 +234,7 @@ def tune_trial(sampled: dict[str, Any], base_config: dict[str, Any], storage_pat
                  started=started).fit()
 
 
-@ray.remote
-def _evaluate_checkpoint_task(checkpoint_path: str, split_name: str) -> dict[str, float]:
+def _evaluate(checkpoint_path: str, split_name: str) -> dict[str, float]:
     found = ray.train.Checkpoint(checkpoint_path)
     with found.as_directory() as directory:
         state = checkpoint.load_state(directory)
@@ -248,6 +247,10 @@ def _evaluate_checkpoint_task(checkpoint_path: str, split_name: str) -> dict[str
 
 
 def evaluate_checkpoint(checkpoint_path: str, split_name: str, use_gpu: bool) -> dict[str, float]:
-    """Evaluate a trial checkpoint on a split, as a Ray task where a GPU is (when the study used GPUs)."""
-    task = _evaluate_checkpoint_task.options(num_gpus=1 if use_gpu else 0, num_cpus=1)
+    """Evaluate a trial checkpoint on a split: as a Ray task on a GPU when the study used GPUs (the
+    driver's machine may have none); on CPU right here, where a fresh Ray worker process would spend
+    longer starting (new Python, torch, the dataset) than the evaluation takes."""
+    if not use_gpu:
+        return _evaluate(checkpoint_path, split_name)
+    task = ray.remote(_evaluate).options(num_gpus=1, num_cpus=1)
     return ray.get(task.remote(checkpoint_path, split_name))

@@ -178,8 +178,8 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     hold_driver_lock(output)
     ray_cluster.init_ray(cfg)
+    ray_cluster.check_fits(cfg)  # before use_gpu is resolved: it refuses a GPU share only where use_gpu was false
     cfg.train.use_gpu = ray_cluster.resolve_use_gpu(cfg)
-    ray_cluster.check_fits(cfg)
     if not shared:
         storage.check_output_shared(output, ray_cluster.alive_nodes())
     max_concurrent = ray_cluster.concurrent_trials(cfg)

@@ -1,0 +1,75 @@
+"""Trial packing (train.gpus_per_worker < 1): the rules. No Ray cluster is started."""
+
+from __future__ import annotations
+
+import pytest
+
+from ray_cifar.config import ConfigError
+from ray_cifar.validation import check_resources, load_config
+
+NO_SEARCH = "tune.search_space={}"
+
+
+def refused(sets: list[str]) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, sets)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("share", [0, -0.25, 1.5, 2])
+def test_a_share_must_be_in_0_1(share):
+    assert refused([f"train.gpus_per_worker={share}", NO_SEARCH]).startswith(
+        f"train.gpus_per_worker: must be in (0, 1]: a rank trains on one GPU")
+
+
+def test_a_share_of_a_gpu_needs_a_one_rank_trial():
+    message = refused(["train.gpus_per_worker=0.5", "train.num_workers=2", NO_SEARCH])
+    assert message.startswith("train.gpus_per_worker: a share of a GPU needs train.num_workers 1, not 2: ")
+    assert "union of its GPU ids" in message and "Duplicate GPU" in message and message.endswith("(got 0.5)")
+    load_config(None, ["train.gpus_per_worker=0.5", "train.num_workers=1", NO_SEARCH])
+    load_config(None, ["train.gpus_per_worker=1", "train.num_workers=2", NO_SEARCH])  # whole GPUs: DDP as before
+
+
+@pytest.mark.parametrize("space, prefix", [
+    # Each value is fine alone (the other key keeps its default): only the cross product meets both.
+    ("{train.num_workers: {grid: [1, 2]}, train.gpus_per_worker: {grid: [0.5, 1]}}",
+     "tune.search_space: the trial with train.num_workers=2, train.gpus_per_worker=0.5: "),
+    ("{variants: {grid: [{train.gpus_per_worker: 0.25}, {train.num_workers: 2, train.gpus_per_worker: 0.5}]}}",
+     "tune.search_space.variants: value {'train.num_workers': 2, 'train.gpus_per_worker': 0.5}: "),
+])
+def test_every_trial_of_a_searched_study_is_checked(space, prefix):
+    message = refused([f"tune.search_space={space}"])
+    assert message.startswith(prefix + "train.gpus_per_worker: a share of a GPU needs train.num_workers 1"), message
+
+
+def test_packed_and_ddp_trials_can_share_a_study():
+    load_config(None, ["tune.search_space={variants: {grid: [{train.gpus_per_worker: 0.25}, "
+                       "{train.num_workers: 2}]}}"])
+
+
+def test_a_share_with_use_gpu_false_is_refused_and_ignored_where_use_gpu_is_null():
+    cfg = load_config(None, ["train.gpus_per_worker=0.25", "train.use_gpu=false", NO_SEARCH])
+    with pytest.raises(ConfigError, match=r"^train.gpus_per_worker: a share of a GPU has no effect with "
+                                          r"train.use_gpu false .* \(got 0.25\)$"):
+        check_resources(cfg, cpus=8, gpus=1)
+    cfg.train.use_gpu = None
+    check_resources(cfg, cpus=8, gpus=0)  # no GPU here: CPU ranks, the share is ignored
+    check_resources(cfg, cpus=8, gpus=1)
+
+
+def test_check_resources_gives_every_trial_its_own_gpu_count():
+    cfg = load_config(None, ["train.use_gpu=true", "train.gpus_per_worker=0.25", NO_SEARCH])
+    check_resources(cfg, cpus=2, gpus=1)
+    cfg = load_config(None, ["train.use_gpu=true", "train.global_batch_size=256",
+                             "tune.search_space={variants: {grid: [{train.gpus_per_worker: 0.25}, "
+                             "{train.num_workers: 4}]}}"])
+    check_resources(cfg, cpus=8, gpus=4)
+    with pytest.raises(ConfigError, match=r"^tune.search_space: the trial with variants=.*: train.num_workers: a trial "
+                                          r"needs 4 rank\(s\) x train.gpus_per_worker=1 = 4 GPUs, more than the 2"):
+        check_resources(cfg, cpus=8, gpus=2)
+    cfg = load_config(None, ["train.use_gpu=false", "tune.search_space={variants: {grid: [{optim.lr: 0.1}, "
+                                                    "{train.gpus_per_worker: 0.5}]}}"])
+    with pytest.raises(ConfigError, match=r"^tune.search_space: the trial with variants=.*gpus_per_worker.*: "
+                                          r"train.gpus_per_worker: a share of a GPU has no effect"):
+        check_resources(cfg, cpus=8, gpus=1)

@@ -118,8 +118,14 @@ def _banner(cfg: Config, output: str, max_concurrent: int, resume: bool) -> str:
     length = f"max {max_t} epochs" if cfg.train.max_steps is None else f"{cfg.train.max_steps} steps per trial"
     return (f"[ray_cifar] {'resuming ' if resume else ''}study: {grid_size(cfg)} grid point(s) x "
             f"{cfg.tune.num_samples} sample(s), {cfg.train.num_workers} DDP rank(s) per trial "
-            f"({'GPU' if cfg.train.use_gpu else 'CPU'}), {max_concurrent} trial(s) at once, scheduler "
+            f"({_devices(cfg)}), {max_concurrent} trial(s) at once, scheduler "
             f"{cfg.tune.scheduler} on {cfg.tune.metric} ({cfg.tune.mode}), {length}; results in {output}")
+
+
+def _devices(cfg: Config) -> str:
+    if not cfg.train.use_gpu:
+        return "CPU"
+    return "GPU" if cfg.train.gpus_per_worker == 1 else f"{cfg.train.gpus_per_worker:g} of a GPU each"
 
 
 def unfinished_trials(output: str, remote: str | None = None) -> int:

@@ -145,12 +145,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 def make_trainer(cfg: Config, storage_path: str, name: str, callbacks: list | None = None,
                  started: float | None = None) -> TorchTrainer:
     use_gpu = bool(cfg.train.use_gpu)
+    # A share of a GPU (train.gpus_per_worker < 1) lets Ray place several 1-rank trials on one GPU.
+    gpus = {"GPU": cfg.train.gpus_per_worker} if use_gpu else {}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "started": started},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker,
-                                                           **({"GPU": 1} if use_gpu else {})},
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker, **gpus},
                                      placement_strategy=cfg.train.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(

@@ -1,9 +1,11 @@
-"""Trial packing (train.gpus_per_worker < 1): the rules. No Ray cluster is started."""
+"""Trial packing (train.gpus_per_worker < 1): the rules, the resource arithmetic and the trainer's request.
+No Ray cluster is started."""
 
 from __future__ import annotations
 
 import pytest
 
+from ray_cifar import ray_cluster
 from ray_cifar.config import ConfigError
 from ray_cifar.validation import check_resources, load_config
 
@@ -73,3 +75,45 @@ def test_check_resources_gives_every_trial_its_own_gpu_count():
     with pytest.raises(ConfigError, match=r"^tune.search_space: the trial with variants=.*gpus_per_worker.*: "
                                           r"train.gpus_per_worker: a share of a GPU has no effect"):
         check_resources(cfg, cpus=8, gpus=1)
+
+
+@pytest.mark.parametrize("cpus, gpus, cpus_per_trial, gpus_per_trial, fits", [
+    (16, 1, 1.25, 0.25, 4),   # four quarter-GPU trials on one GPU
+    (16, 2, 1.25, 0.25, 8),
+    (16, 1, 1.25, 0.3, 3),    # 0.9 of the GPU used; a fourth would need 1.2
+    (4, 1, 1.25, 0.25, 3),    # the CPUs run out first
+    (16, 8, 2.25, 2.0, 4),    # 2-rank DDP trials on whole GPUs
+    (16, 0, 1.25, 0.0, 12),   # CPU trials: GPUs do not count
+    (0, 0, 1.25, 1.0, 1),     # an autoscaling cluster's CPU-only head: one trial asks for nodes
+])
+def test_trials_that_fit(cpus, gpus, cpus_per_trial, gpus_per_trial, fits):
+    assert ray_cluster.trials_that_fit(cpus, gpus, cpus_per_trial, gpus_per_trial) == fits
+
+
+@pytest.mark.parametrize("sets, resources, concurrent", [
+    (["train.gpus_per_worker=0.25", NO_SEARCH], {"CPU": 16.0, "GPU": 1.0}, 4),
+    (["train.gpus_per_worker=0.5", NO_SEARCH], {"CPU": 16.0, "GPU": 1.0}, 2),
+    (["train.num_workers=2", NO_SEARCH], {"CPU": 16.0, "GPU": 4.0}, 2),
+    # The largest trial decides: a whole-GPU variant beside a quarter-GPU base.
+    (["train.gpus_per_worker=0.25", "tune.search_space={variants: {grid: [{optim.lr: 0.1}, "
+                                    "{train.gpus_per_worker: 1}]}}"], {"CPU": 16.0, "GPU": 2.0}, 2),
+])
+def test_concurrent_trials_packs_shares_of_a_gpu(monkeypatch, sets, resources, concurrent):
+    monkeypatch.setattr(ray_cluster.ray, "cluster_resources", lambda: resources)
+    cfg = load_config(None, sets + ["train.use_gpu=true"])
+    assert ray_cluster.concurrent_trials(cfg) == concurrent
+    cfg.train.use_gpu = False  # CPU trials: the share does not count (resolved so on a CPU cluster)
+    cpu_trials = ray_cluster.trials_that_fit(resources["CPU"], 0, ray_cluster.trial_cpus(cfg), 0)
+    assert ray_cluster.concurrent_trials(cfg) == cpu_trials
+
+
+@pytest.mark.parametrize("use_gpu, share, expected", [(True, 0.25, {"CPU": 1.0, "GPU": 0.25}),
+                                                      (True, 1.0, {"CPU": 1.0, "GPU": 1.0}),
+                                                      (False, 1.0, {"CPU": 1.0})])
+def test_the_trainer_asks_each_rank_for_its_share(tmp_path, use_gpu, share, expected):
+    from ray_cifar import trial
+
+    cfg = load_config(None, [f"train.use_gpu={str(use_gpu).lower()}", f"train.gpus_per_worker={share}", NO_SEARCH])
+    scaling = trial.make_trainer(cfg, str(tmp_path), "trial-x").scaling_config  # built, never fit
+    assert scaling.use_gpu is use_gpu and scaling.num_workers == 1
+    assert scaling.resources_per_worker == expected

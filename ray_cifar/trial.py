@@ -29,7 +29,7 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from . import checkpoint
+from . import checkpoint, engine
 from .config import Config
 from .data import make_splits
 from .data_source import load_cifar10
@@ -105,6 +105,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()  # the rank's own (visible) GPU, or cpu
     log = print if rank == 0 else (lambda msg: None)
+    capped = engine.cap_gpu_memory(device, cfg.train.gpus_per_worker)  # before the data goes to the GPU
+    if capped:
+        log(f"[ray_cifar] packed: {capped}")
     resume = _latest_state()
     clock.lap("resume_read")
     dataset = load_cifar10(cfg.data.path, cfg.data.cache_dir, log=log)  # decoded once, cached per node

@@ -1,11 +1,12 @@
-"""Trial packing (train.gpus_per_worker < 1): the rules, the resource arithmetic and the trainer's request.
-No Ray cluster is started."""
+"""Trial packing (train.gpus_per_worker < 1): the rules, the resource arithmetic, the trainer's request,
+and the memory cap of a rank on a share of a GPU. No Ray cluster is started; the last test needs a GPU."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
-from ray_cifar import ray_cluster
+from ray_cifar import engine, ray_cluster
 from ray_cifar.config import ConfigError
 from ray_cifar.validation import check_resources, load_config
 
@@ -117,3 +118,77 @@ def test_the_trainer_asks_each_rank_for_its_share(tmp_path, use_gpu, share, expe
     scaling = trial.make_trainer(cfg, str(tmp_path), "trial-x").scaling_config  # built, never fit
     assert scaling.use_gpu is use_gpu and scaling.num_workers == 1
     assert scaling.resources_per_worker == expected
+
+
+class Capped(Exception):
+    """Raised by the fake cap: stops a run there (nothing after the cap is under test)."""
+
+
+@pytest.fixture
+def cap_calls(monkeypatch) -> list:
+    calls = []
+
+    def cap(device, fraction):
+        calls.append((device, fraction))
+        raise Capped
+
+    monkeypatch.setattr(engine, "cap_gpu_memory", cap)
+    return calls
+
+
+def test_a_rank_caps_its_gpu_memory_before_loading_data(monkeypatch, cap_calls):
+    """train_loop_per_worker with 0.5: the rank's device and share reach the cap first (Ray's context faked)."""
+    import ray.train.torch
+
+    from ray_cifar import trial
+
+    class Context:
+        def get_world_rank(self):
+            return 0
+
+        def get_world_size(self):
+            return 1
+
+    monkeypatch.setattr(ray.train, "get_context", Context)
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(trial, "load_cifar10", lambda *a, **k: pytest.fail("data loaded before the cap"))
+    cfg = load_config(None, ["train.use_gpu=true", "train.gpus_per_worker=0.5", NO_SEARCH])
+    with pytest.raises(Capped):
+        trial.train_loop_per_worker({"config": cfg.to_dict(), "started": None})
+    assert cap_calls == [(torch.device("cuda", 0), 0.5)]
+
+
+def test_a_one_process_run_caps_its_gpu_memory_too(tmp_path, cap_calls):
+    from ray_cifar import train
+
+    cfg = load_config(None, ["train.use_gpu=true", "train.gpus_per_worker=0.25", NO_SEARCH])
+    with pytest.raises(Capped):
+        train.run_local(cfg, dataset=None, output=str(tmp_path), run_id="x")  # stopped before the data is used
+    assert cap_calls == [(torch.device("cuda"), 0.25)]
+
+
+def test_the_cap_is_set_once_on_cuda_with_a_share_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d)))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 80 * 2**30}))
+    assert engine.cap_gpu_memory(torch.device("cpu"), 0.5) is None
+    assert engine.cap_gpu_memory(torch.device("cuda", 0), 1.0) is None
+    assert calls == []
+    message = engine.cap_gpu_memory(torch.device("cuda", 1), 0.25)
+    assert calls == [(0.25, 1)] and message == "0.25 of GPU 1, memory capped to 20.0 of 80.0 GiB"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_rank_with_half_a_gpu_cannot_allocate_more_than_half():
+    device = torch.device("cuda", 0)
+    total = torch.cuda.get_device_properties(0).total_memory
+    try:
+        message = engine.cap_gpu_memory(device, 0.5)
+        assert message.startswith("0.5 of GPU 0, memory capped to ")
+        assert torch.cuda.get_per_process_memory_fraction(device) == pytest.approx(0.5)
+        with pytest.raises(torch.cuda.OutOfMemoryError):  # refused by the allocator's cap, never allocated
+            torch.empty(int(0.6 * total), dtype=torch.uint8, device=device)
+        torch.empty(2**30, dtype=torch.uint8, device=device)  # well within the share
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)  # the rest of the session gets the whole GPU

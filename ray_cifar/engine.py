@@ -51,6 +51,22 @@ def set_fast_paths(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def cap_gpu_memory(device: torch.device, fraction: float) -> str | None:
+    """On a CUDA device, with `fraction` < 1 (train.gpus_per_worker): cap this process's PyTorch allocations
+    on it to that fraction of its memory; returns what was done, in words (None: nothing to do).
+
+    Call it once, before the process allocates on the device. Trials packed on one GPU then cannot take
+    each other's memory: one that outgrows its share gets an out-of-memory error of its own. The cap is
+    PyTorch's caching allocator's only: the CUDA context (some hundreds of MiB a process) and DALI's
+    buffers come on top of it."""
+    if device.type != "cuda" or fraction >= 1:
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(float(fraction), index)
+    total = torch.cuda.get_device_properties(index).total_memory
+    return f"{fraction:g} of GPU {index}, memory capped to {fraction * total / 2**30:.1f} of {total / 2**30:.1f} GiB"
+
+
 def prepare_model(model: nn.Module, device: torch.device, compile: bool = False) -> nn.Module:
     """Turn on the device's fast paths; with `compile`, return torch.compile(model) (shares its parameters).
 

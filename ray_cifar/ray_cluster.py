@@ -12,7 +12,7 @@ import socket
 
 import ray
 
-from .config import Config
+from .config import Config, sampled_config, search_points
 
 
 def runs_in_trial_process(num_workers: int) -> bool:
@@ -31,7 +31,7 @@ def trial_resources(cfg: Config) -> dict[str, float]:
     """What a trial's Tune process asks Ray for: a one-rank trial is its own rank (its CPUs and GPU);
     a DDP trial's process only drives its TorchTrainer, whose workers ask for the ranks' resources."""
     if runs_in_trial_process(cfg.train.num_workers):
-        return {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
+        return {"CPU": cfg.train.cpus_per_worker, **({"GPU": cfg.train.gpus_per_worker} if cfg.train.use_gpu else {})}
     return {"CPU": cfg.tune.trial_driver_cpus}
 
 
@@ -60,6 +60,17 @@ def max_workers(cfg: Config) -> int:
     """The most DDP ranks any trial of the study asks for."""
     spec = cfg.tune.search_space.get("train.num_workers", {})
     return max([cfg.train.num_workers] + list(spec.get("grid", spec.get("choice", []))))
+
+
+def max_trial_gpus(cfg: Config) -> float:
+    """The most GPUs any trial of the study asks for: its ranks times each rank's GPU or share of one,
+    over every trial the search space can give (variants included)."""
+    if not cfg.tune.search_space:
+        return cfg.train.num_workers * cfg.train.gpus_per_worker
+    base = cfg.to_dict()
+    base["tune"]["search_space"] = {}
+    trials = (sampled_config(base, point).train for point in search_points(cfg.tune.search_space))
+    return max(t.num_workers * t.gpus_per_worker for t in trials)
 
 
 def init_ray(cfg: Config) -> None:
@@ -109,9 +120,15 @@ def concurrent_trials(cfg: Config) -> int:
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
     resources = ray.cluster_resources()
-    fits = [resources.get("CPU", 0) / trial_cpus(cfg, max_workers(cfg))]
-    if cfg.train.use_gpu:
-        fits.append(resources.get("GPU", 0) / max_workers(cfg))
+    gpus_per_trial = max_trial_gpus(cfg) if cfg.train.use_gpu else 0.0
+    return trials_that_fit(resources.get("CPU", 0), resources.get("GPU", 0), trial_cpus(cfg, max_workers(cfg)),
+                           gpus_per_trial)
+
+
+def trials_that_fit(cpus: float, gpus: float, cpus_per_trial: float, gpus_per_trial: float) -> int:
+    """Trials of `cpus_per_trial` CPUs and `gpus_per_trial` GPUs (0: none; 0.25: a quarter of one) that fit
+    in `cpus` and `gpus` at once; at least 1 (on an autoscaling cluster a waiting trial brings its nodes)."""
+    fits = [cpus / cpus_per_trial] + ([gpus / gpus_per_trial] if gpus_per_trial > 0 else [])
     return max(1, math.floor(min(fits) + 1e-9))
 
 

@@ -120,8 +120,14 @@ def _banner(cfg: Config, output: str, max_concurrent: int, resume: bool) -> str:
     length = f"max {max_t} epochs" if cfg.train.max_steps is None else f"{cfg.train.max_steps} steps per trial"
     return (f"[ray_cifar] {'resuming ' if resume else ''}study: {grid_size(cfg)} grid point(s) x "
             f"{cfg.tune.num_samples} sample(s), {cfg.train.num_workers} DDP rank(s) per trial "
-            f"({'GPU' if cfg.train.use_gpu else 'CPU'}), {max_concurrent} trial(s) at once, scheduler "
+            f"({_devices(cfg)}), {max_concurrent} trial(s) at once, scheduler "
             f"{cfg.tune.scheduler} on {cfg.tune.metric} ({cfg.tune.mode}), {length}; results in {output}")
+
+
+def _devices(cfg: Config) -> str:
+    if not cfg.train.use_gpu:
+        return "CPU"
+    return "GPU" if cfg.train.gpus_per_worker == 1 else f"{cfg.train.gpus_per_worker:g} of a GPU each"
 
 
 def unfinished_trials(output: str, remote: str | None = None) -> int:
@@ -180,8 +186,8 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     hold_driver_lock(output)
     ray_cluster.init_ray(cfg)
+    ray_cluster.check_fits(cfg)  # before use_gpu is resolved: it refuses a GPU share only where use_gpu was false
     cfg.train.use_gpu = ray_cluster.resolve_use_gpu(cfg)
-    ray_cluster.check_fits(cfg)
     if not shared:
         storage.check_output_shared(output, ray_cluster.alive_nodes())
     max_concurrent = ray_cluster.concurrent_trials(cfg)

@@ -9,6 +9,8 @@ epoch into OUTPUT/checkpoints/ (latest.pt's folder `latest/` and the best by tun
 in `best/`). With more ranks it is a study of one trial (a Ray Train TorchTrainer, no
 search), with a study's files. Either way OUTPUT/results.parquet gets one row per epoch
 through the same route (results.epoch_row -> results.ResultsLog). The search space is ignored.
+With train.gpus_per_worker < 1 the process keeps to that share of the GPU's memory, as a packed
+trial's rank does, so several runs can share one GPU.
 """
 
 from __future__ import annotations
@@ -26,12 +28,17 @@ from .results import ResultsLog, epoch_row, provenance
 
 
 def run_local(cfg: Config, dataset: Cifar10, output: str, run_id: str) -> list[dict]:
+    from . import engine
     from .data import make_splits
     from .loop import run_training
     from .pipelines import train_loader_for
 
     use_gpu = torch.cuda.is_available() if cfg.train.use_gpu is None else cfg.train.use_gpu
     device = torch.device("cuda" if use_gpu else "cpu")
+    # As a packed trial's rank: several one-process runs can share a GPU, each within its share.
+    capped = engine.cap_gpu_memory(device, cfg.train.gpus_per_worker)
+    if capped:
+        print(f"[ray_cifar] packed: {capped}", flush=True)
     splits = make_splits(dataset, cfg.data, device)
     log, extra = ResultsLog(output), provenance()
     folder = os.path.join(output, "checkpoints")

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from . import checkpoint, storage
+from . import checkpoint, engine, storage
 from .checkpoint_store import CheckpointStore
 from .config import Config
 from .data import make_splits
@@ -119,6 +119,9 @@ def run_rank(cfg: Config, where: Rank, clock: PhaseClock, started: float | None)
     """One rank of a trial, resumed from the latest checkpoint if there is one: the same on both paths."""
     rank, world_size, device = where.rank, where.world_size, where.device
     log = print if rank == 0 else (lambda msg: None)
+    capped = engine.cap_gpu_memory(device, cfg.train.gpus_per_worker)  # before the data goes to the GPU
+    if capped:
+        log(f"[ray_cifar] packed: {capped}")
     resume = where.latest_state()
     clock.lap("resume_read")
     dataset = load_cifar10(cfg.data.path, cfg.data.cache_dir, log=log)  # decoded once, cached per node
@@ -197,12 +200,13 @@ def train_in_trial_process(cfg: Config, storage_path: str, trial_id: str, starte
 def make_trainer(cfg: Config, storage_path: str, name: str, callbacks: list | None = None,
                  started: float | None = None) -> TorchTrainer:
     use_gpu = bool(cfg.train.use_gpu)
+    # A share of a GPU (train.gpus_per_worker < 1) lets Ray place several 1-rank trials on one GPU.
+    gpus = {"GPU": cfg.train.gpus_per_worker} if use_gpu else {}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "started": started},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker,
-                                                           **({"GPU": 1} if use_gpu else {})},
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker, **gpus},
                                      placement_strategy=cfg.train.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from .config import loading, presets
 from .config.schema import (PUBLISHED_METRICS, SEARCH_KINDS, Config, ConfigError, DataConfig, ModelConfig,
                             OptimConfig, ScheduleConfig, TrainConfig, TuneConfig)
-from .config.search import apply_searched, sampled_config, search_points
+from .config.search import apply_searched, sampled_config, search_keys, search_points
 
 
 def load_config(path: str | None = None, sets: list[str] = (), smoke_test: bool = False,
@@ -194,11 +194,28 @@ def _validate_train(t: TrainConfig) -> None:
     _check(t.global_batch_size % t.num_workers == 0, "train.global_batch_size",
            f"must be divisible by train.num_workers={t.num_workers} (each rank gets an equal share)", t.global_batch_size)
     _check(t.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0", t.cpus_per_worker)
+    _validate_gpu_share(t)
     _check_name("train.amp", t.amp, ["bf16", "fp16", "fp32"])
     _check(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)", t.label_smoothing)
     _check(t.torch_threads is None or t.torch_threads >= 1, "train.torch_threads", "must be >= 1", t.torch_threads)
     _check(t.max_failures >= 0, "train.max_failures", "must be >= 0", t.max_failures)
     _check_name("train.placement_strategy", t.placement_strategy, ["PACK", "SPREAD", "STRICT_SPREAD"])
+
+
+GPU_SHARE_KEYS = {"train.num_workers", "train.gpus_per_worker"}  # the two fields of the rank rule below
+
+
+def _validate_gpu_share(t: TrainConfig) -> None:
+    """train.gpus_per_worker: one GPU or a share of one per rank; a share only for a trial of one rank."""
+    _check(0 < t.gpus_per_worker <= 1, "train.gpus_per_worker",
+           "must be in (0, 1]: a rank trains on one GPU (for more GPUs per trial raise train.num_workers)",
+           t.gpus_per_worker)
+    # Ray Train sets every rank's CUDA_VISIBLE_DEVICES to the union of its run's GPU ids (so NCCL can
+    # connect them): ranks on shares of one GPU all pick that GPU, and NCCL refuses a GPU used twice.
+    _check(t.gpus_per_worker == 1 or t.num_workers == 1, "train.gpus_per_worker",
+           f"a share of a GPU needs train.num_workers 1, not {t.num_workers}: Ray Train gives every rank of a "
+           f"trial the union of its GPU ids, so ranks on shares of one GPU land on the same device and NCCL "
+           f"refuses it (Duplicate GPU); pack 1-rank trials, or use whole GPUs for DDP", t.gpus_per_worker)
 
 
 def _validate_tune(u: TuneConfig, t: TrainConfig) -> None:
@@ -270,6 +287,10 @@ def _validate_search_space(cfg: Config) -> None:
                 validate_fixed(trial)
             except ConfigError as e:
                 raise ConfigError(f"{where}: value {value!r}: {e}") from None
+    # Each value was checked alone above; a share of a GPU and several ranks can also meet in a cross product
+    # (built only where the two are searched: it costs milliseconds a trial).
+    if GPU_SHARE_KEYS & set(search_keys(cfg.tune.search_space)):
+        for_each_trial(cfg, lambda trial: _validate_gpu_share(trial.train))
 
 
 # ---------------------------------------------------------------------------
@@ -303,8 +324,8 @@ def _check_data(cfg: Config, n: int) -> None:
 
 
 def check_resources(cfg: Config, cpus: float, gpus: float, count_driver: bool = True, searched: bool = True) -> None:
-    """A trial's DDP ranks (train.num_workers x train.cpus_per_worker CPUs, one GPU each with GPUs) plus,
-    with `count_driver`, its driver (tune.trial_driver_cpus) against `cpus` and `gpus`, for every trial."""
+    """A trial's DDP ranks (train.num_workers x train.cpus_per_worker CPUs and, with GPUs, x train.gpus_per_worker
+    GPUs) plus, with `count_driver`, its driver (tune.trial_driver_cpus) against `cpus` and `gpus`, for every trial."""
     for_each_trial(cfg, lambda trial: _check_resources(trial, cpus, gpus, count_driver), searched)
 
 
@@ -320,11 +341,22 @@ def _check_resources(cfg: Config, cpus: float, gpus: float, count_driver: bool) 
         driver_text = f" + tune.trial_driver_cpus={driver:g}" if count_driver else ""
         raise ConfigError(f"{key}: a trial needs {t.num_workers} rank(s) x {t.cpus_per_worker:g} CPUs{driver_text} = "
                           f"{need:g} CPUs, more than the {cpus:g} there are (got {value!r})")
+    _check_gpus(t, gpus)
+
+
+def _check_gpus(t: TrainConfig, gpus: float) -> None:
+    # Here rather than in validate: a study resolves use_gpu null to false on a machine without GPUs, and
+    # its trials may still carry a share meant for GPU machines, which is then ignored.
+    _check(t.use_gpu is not False or t.gpus_per_worker == 1, "train.gpus_per_worker",
+           "a share of a GPU has no effect with train.use_gpu false (CPU ranks): set it to 1, or use_gpu to "
+           "true or null", t.gpus_per_worker)
     if t.use_gpu and gpus < 1:
         raise ConfigError(f"train.use_gpu: true but there is no GPU (got {t.use_gpu!r})")
-    if (t.use_gpu or (t.use_gpu is None and gpus >= 1)) and t.num_workers > gpus:
-        raise ConfigError(f"train.num_workers: {t.num_workers} rank(s) need one GPU each, more than the {gpus:g} "
-                          f"there are (got {t.num_workers!r})")
+    need = t.num_workers * t.gpus_per_worker  # a share of a GPU counts as that share
+    if (t.use_gpu or (t.use_gpu is None and gpus >= 1)) and need > gpus + 1e-9:
+        raise ConfigError(f"train.num_workers: a trial needs {t.num_workers} rank(s) x train.gpus_per_worker="
+                          f"{t.gpus_per_worker:g} = {need:g} GPUs, more than the {gpus:g} there are "
+                          f"(got {t.num_workers!r})")
 
 
 def for_each_trial(cfg: Config, check: Callable[[Config], None], searched: bool = True) -> None:

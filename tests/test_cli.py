@@ -112,6 +112,9 @@ FIXED_MISTAKES = {
     "more CPUs per rank than cores": (["data.val_size=100", "train.cpus_per_worker=4096",
                                        "train.global_batch_size=128", NO_SEARCH],
                                       "train.cpus_per_worker: a trial needs 1 rank(s) x 4096 CPUs"),
+    "a GPU share on CPU ranks": (["data.val_size=100", "train.use_gpu=false", "train.gpus_per_worker=0.5",
+                                  "train.global_batch_size=128", NO_SEARCH],
+                                 "train.gpus_per_worker: a share of a GPU has no effect with train.use_gpu false"),
 }
 SEARCHED_MISTAKES = {
     "batch in a grid": (["data.val_size=100", "tune.search_space={train.global_batch_size: {grid: [128, 1024]}}"],

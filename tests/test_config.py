@@ -158,7 +158,8 @@ def test_check_resources_names_the_key_and_counts_the_driver_on_a_cluster():
     with pytest.raises(ConfigError, match="^train.cpus_per_worker: "):  # the ranks fit at 1 CPU each: name the CPUs
         check_resources(cfg, cpus=4, gpus=0)
     cfg.train.cpus_per_worker = 1.0
-    with pytest.raises(ConfigError, match="^train.num_workers: 2 rank.s. need one GPU each, more than the 1"):
+    with pytest.raises(ConfigError, match=r"^train.num_workers: a trial needs 2 rank\(s\) x train.gpus_per_worker=1 = "
+                                          r"2 GPUs, more than the 1 there are"):
         check_resources(cfg, cpus=8, gpus=1)  # use_gpu null: GPUs are used where there are any
     cfg.train.use_gpu = True
     with pytest.raises(ConfigError, match="^train.use_gpu: true but there is no GPU"):

@@ -103,7 +103,8 @@ class TrainConfig:
     global_batch_size: int = 512  # images per optimizer step over ALL DDP ranks; each rank gets 1/num_workers
     eval_batch_size: int = 1024  # images per evaluation step per rank (no gradients)
     num_workers: int = 1  # DDP ranks per trial (Ray Train workers); gloo on CPU, NCCL on GPU
-    use_gpu: bool | None = None  # one GPU per rank; None: yes when the machine/cluster has GPUs
+    use_gpu: bool | None = None  # train on GPUs (train.gpus_per_worker per rank); None: yes when the machine/cluster has GPUs
+    gpus_per_worker: float = 1.0  # GPUs per rank, in (0, 1]: 0.25 packs four 1-rank trials on one GPU, each capped to 1/4 of its memory; < 1 needs num_workers 1
     cpus_per_worker: float = 1.0  # logical CPUs Ray reserves per rank
     amp: str = "bf16"  # autocast dtype: bf16 | fp16 (with a grad scaler) | fp32 (autocast off)
     compile: bool = False  # torch.compile the (DDP-wrapped) model: faster steps after a one-off compile of tens of seconds

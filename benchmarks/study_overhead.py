@@ -14,7 +14,7 @@ its results.parquet. Per run it records:
   (with trials side by side the sums can exceed the wall time);
 - study_images_per_second: train images of all trials / wall_seconds;
 - alone_images_per_second: the median images_per_second of epochs >= 2 of the same label's
-  sequential smoke run (one trial alone at steady state);
+  sequential smoke run (one trial alone at steady state; for the 1-rank variants, the 1-rank one);
 - study_vs_alone: their ratio, issue 9's whole-study figure (goal >= 0.70);
 - startup_seconds (per trial, trial start -> first step) and, where the code records them, the
   per-phase `timing_*_seconds` columns (median over trials) and the driver-side gaps (before the
@@ -51,8 +51,14 @@ VARIANTS = {
     "smoke-2ep": (["train.epochs=2", "tune.max_concurrent_trials=1"], "4 trials, up to 2 epochs each, one at a time"),
     "smoke-packed": (PACKED, "the smoke study, two trials side by side"),
     "smoke-2ep-packed": (["train.epochs=2", *PACKED], "4 trials, up to 2 epochs, two side by side"),
+    # One rank per trial: the trial trains in its Tune trial process (no Train controller or worker group).
+    "smoke-1rank": (["train.num_workers=1", "tune.max_concurrent_trials=1"],
+                    "the smoke study with 1-rank trials, one at a time"),
+    "smoke-1rank-packed": (["train.num_workers=1"], "1-rank trials, as many at once as the cores fit (2)"),
 }
 REFERENCE = "smoke"  # the variant whose steady-state epochs give 'one trial alone'
+# ... per variant where it is another: a 1-rank study against one 1-rank trial alone.
+REFERENCES = {"smoke-1rank": "smoke-1rank", "smoke-1rank-packed": "smoke-1rank"}
 
 
 def run_study(code: str, data: str, sets: list[str], output: str) -> tuple[float, float]:
@@ -127,9 +133,9 @@ def save(results: dict) -> None:
 
 
 def with_ratios(runs: list[dict]) -> list[dict]:
-    alone = {r["label"]: r["steady_images_per_second"] for r in runs if r["variant"] == REFERENCE}
+    alone = {(r["label"], r["variant"]): r["steady_images_per_second"] for r in runs}
     for r in runs:
-        ref = alone.get(r["label"])
+        ref = alone.get((r["label"], REFERENCES.get(r["variant"], REFERENCE)))
         r["alone_images_per_second"] = ref
         r["study_vs_alone"] = round(r["study_images_per_second"] / ref, 3) if ref else None
     return runs
@@ -169,7 +175,7 @@ def _plot(runs: list[dict]) -> None:
     right.legend(fontsize=8)
     for ax in (left, right):
         ax.tick_params(axis="x", labelsize=7, rotation=30)
-    fig.suptitle("smoke study (2-rank CPU trials) on 2 shared cores", fontsize=10)
+    fig.suptitle("smoke study (2-rank CPU trials unless the variant says 1rank) on 2 cores", fontsize=10)
     fig.tight_layout()
     fig.savefig(PLOT, dpi=110)
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU suite in one command (`make gpu-bench`): CUDA tests, the data-pipeline benchmark on cuda,
-# training throughput with MFU, DDP scaling over the visible GPUs, and a short real ResNet-18 study.
+# training throughput with MFU, DDP scaling over the visible GPUs, and a short real ResNet-18 study,
+# one trial a GPU and packed four to a GPU (train.gpus_per_worker=0.25).
 # Budget: under 20 minutes on one H100. Results JSON land in benchmarks/results/ (commit them), the
 # log of each part in benchmarks/results/gpu_suite/.
 #
@@ -47,12 +48,20 @@ part train-throughput "$PY" benchmarks/train_throughput.py --data "$DATA" --devi
 part ddp-scaling "$PY" benchmarks/ddp_scaling.py --data "$DATA" --device cuda --ranks $RANKS --model resnet18  # ~2 min a count
 # Short real study: the published ResNet-18 schedules at 2% of their length (1 to 6 epochs a trial), ~6 min.
 part resnet18-study "$PY" -m ray_cifar.tune --config studies/resnet18_lr_schedule_wd.yaml --data "$DATA" \
-    --budget-scale 0.02 --output "$RESULTS/gpu_suite/resnet18_study"
+    --budget-scale 0.02 --set tune.max_concurrent_trials=1 --output "$RESULTS/gpu_suite/resnet18_study"
+# Packing: the same study, four 1-rank trials at once on each GPU (a quarter of it each, memory capped);
+# its seconds against resnet18-study's (one trial a GPU) are the packing gain in gpu_suite.json.
+part resnet18-study-packed "$PY" -m ray_cifar.tune --config studies/resnet18_lr_schedule_wd.yaml --data "$DATA" \
+    --budget-scale 0.02 --set train.gpus_per_worker=0.25 --output "$RESULTS/gpu_suite/resnet18_study_packed"
 "$PY" - "$LOGS/parts.jsonl" "$RESULTS/gpu_suite.json" "$GPUS" <<'PYEOF'
 import json, sys, torch, datetime
 parts = [json.loads(line) for line in open(sys.argv[1])]
+seconds = {p["part"]: p["seconds"] for p in parts if p["status"] == "ok"}
+whole, packed = seconds.get("resnet18-study"), seconds.get("resnet18-study-packed")
 json.dump({"device": torch.cuda.get_device_name(0), "gpus": int(sys.argv[3]), "torch": torch.__version__,
-           "time": datetime.datetime.now(datetime.timezone.utc).isoformat(), "parts": parts},
+           "time": datetime.datetime.now(datetime.timezone.utc).isoformat(), "parts": parts,
+           # wall time of the study one trial a GPU / four trials a GPU (train.gpus_per_worker=0.25)
+           "packing_speedup": round(whole / packed, 2) if whole and packed else None},
           open(sys.argv[2], "w"), indent=1)
 PYEOF
 echo "gpu_suite: done in $((SECONDS - START)) s; summary $RESULTS/gpu_suite.json; plots: $PY benchmarks/plot_results.py"

@@ -127,7 +127,7 @@ class TuneConfig:
     num_samples: int = 1  # samples of the search space (each grid point is run num_samples times)
     max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs/GPUs fit; a local Ray is sized to fit this many
     max_failures: int = 1  # times Tune runs a failed trial again (it resumes from its last checkpoint); 0 = never
-    trial_driver_cpus: float = 0.25  # logical CPUs of each trial's driver (it only watches its DDP workers)
+    trial_driver_cpus: float = 0.25  # logical CPUs of each DDP trial's driver (it only watches its workers); a 1-rank trial has none: its rank is its Tune process
     num_cpus: int | None = None  # logical CPUs of a local Ray instance; None: max(cores, one trial's needs)
     address: str | None = None  # Ray cluster address ("auto" on a cluster node); None: $RAY_ADDRESS or a local Ray
     # Search space: "section.field" (or a whole "section") -> one of

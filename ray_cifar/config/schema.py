@@ -112,7 +112,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing in [0, 1)
     seed: int = 0  # seed of weights, batch order and augmentation
     torch_threads: int | None = None  # intra-op threads per rank on CPU; None: cores / ranks on the node
-    max_failures: int = 2  # worker-group restarts of a trial (a rank or its node died), each from the last epoch's checkpoint
+    max_failures: int = 2  # worker-group restarts of a trial (a rank or its node died), each from the last epoch's checkpoint; where every trial has 1 rank (no worker group) Tune retries that many more times
     placement_strategy: str = "PACK"  # where a trial's ranks go: PACK (few nodes) | SPREAD (one per node, if it can) | STRICT_SPREAD
 
 

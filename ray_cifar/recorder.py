@@ -56,9 +56,10 @@ class StudyRecorder(Callback):
 
     def __init__(self, output: str, params: Callable[[dict], dict[str, Any]], metric: str, mode: str,
                  provenance: dict[str, Any] | None = None, tensorboard: bool = True,
-                 progress_every: float = PROGRESS_EVERY_SECONDS, mirror_to: str | None = None):
+                 progress_every: float = PROGRESS_EVERY_SECONDS, mirror_to: str | None = None,
+                 total_trials: int | None = None):
         self.output, self.params, self.metric, self.mode = output, params, metric, mode
-        self.mirror_to = mirror_to
+        self.mirror_to, self.total_trials = mirror_to, total_trials
         self.provenance = provenance or {}
         self.tensorboard, self.progress_every = tensorboard, progress_every
         self._load()
@@ -180,7 +181,8 @@ class StudyRecorder(Callback):
         now = time.time()
         if now - self.last_progress >= self.progress_every:
             self.last_progress = now
-            print(progress_line(trials, self.trials, now - self.started), flush=True)
+            print(progress_line(trials, self.trials, now - self.started, getattr(self, "total_trials", None)),
+                  flush=True)
             if self.mirror_to:
                 storage.sync_up(self.output, self.mirror_to)  # remote --output: a minute's rows at most at risk
 
@@ -203,12 +205,16 @@ class StudyRecorder(Callback):
             writer.close()
 
 
-def progress_line(trials: list, summaries: dict[str, dict[str, Any]], elapsed: float) -> str:
-    """trials done / running / pending, epochs done, elapsed, and a rough time left."""
+def progress_line(trials: list, summaries: dict[str, dict[str, Any]], elapsed: float,
+                  total_trials: int | None = None) -> str:
+    """trials done / running / pending, epochs done, elapsed, and a rough time left.
+
+    Tune creates trials lazily, a few at a time: with the study's `total_trials` the ones it has not
+    created yet count as pending too (else the time left is far too short early in a study)."""
     status = [str(getattr(t, "status", "")) for t in trials]
     done = sum(s in ("TERMINATED", "ERROR") for s in status)
     running = sum(s == "RUNNING" for s in status)
-    pending = sum(s in ("PENDING", "PAUSED") for s in status)
+    pending = sum(s in ("PENDING", "PAUSED") for s in status) + max(0, (total_trials or 0) - len(trials))
     epochs_done = sum(s["epochs"] for s in summaries.values())
     planned = sum((s["planned_epochs"] or s["epochs"]) if s["status"] == RUNNING else s["epochs"]
                   for s in summaries.values())

@@ -90,7 +90,7 @@ def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, re
     space = {**cfg.tune.search_space, **seeds}
     keys = search_keys(space) + ([SEED] if SEED not in search_keys(space) else [])
     recorder = StudyRecorder(output, functools.partial(searched_params, base, keys), cfg.tune.metric, cfg.tune.mode,
-                             provenance(), mirror_to=remote)
+                             provenance(), mirror_to=remote, total_trials=grid_size(cfg) * cfg.tune.num_samples)
     ray_storage = storage_path(output, remote)
     trainable = tune.with_parameters(trial.tune_trial, base_config=base, storage_path=ray_storage)
     # Per trial: a one-rank trial's process is its rank; a DDP trial's only drives its TorchTrainer.

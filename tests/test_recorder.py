@@ -242,3 +242,19 @@ def test_a_stop_decided_just_before_the_driver_died_holds_after_the_restore(reco
     restored = pickle.loads(pickle.dumps(RestorableASHA(str(tmp_path), **asha_args)))
     restored.on_trial_add(None, FakeTrial("t5"))  # the first trial Tune adds triggers the rebuild
     assert restored.on_trial_result(None, FakeTrial("t4"), result(3, 0.9)) == TrialScheduler.STOP
+
+
+def test_progress_counts_trials_tune_has_not_created_yet_as_pending():
+    """Tune creates trials lazily: 2 of a 6-trial study exist, one done after 2 epochs of 2, one running."""
+    from types import SimpleNamespace
+
+    from ray_cifar.recorder import progress_line
+
+    trials = [SimpleNamespace(status="TERMINATED"), SimpleNamespace(status="RUNNING")]
+    summaries = {"a": {"epochs": 2, "planned_epochs": 2, "status": "completed"},
+                 "b": {"epochs": 1, "planned_epochs": 2, "status": "running"}}
+    # 3 epochs in 3 minutes: 1 min an epoch. Left: b's last epoch + 4 trials not yet created x 2 epochs.
+    line = progress_line(trials, summaries, elapsed=180.0, total_trials=6)
+    assert "1 trial(s) done, 1 running, 4 pending" in line and "~9.0 min left at most" in line
+    # Without the total, only what Tune has created counts (the old underestimate).
+    assert "~1.0 min left at most" in progress_line(trials, summaries, elapsed=180.0)

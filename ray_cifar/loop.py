@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint, engine
-from .config.schema import Config
+from .config.schema import Config, improves
 from .data import Split, TrainBatches, eval_batches
 from .models import create_model_from_config
 from .optim import create_optimizer, create_scheduler
@@ -171,8 +171,7 @@ def _update_progress(progress: dict, metrics: dict, metric: str, mode: str) -> N
     progress["epoch"] = metrics["epoch"]
     progress["history"].append({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))})
     value, best = metrics.get(metric), progress["best"]
-    if value is not None and math.isfinite(value) and (
-            best["value"] is None or (value > best["value"] if mode == "max" else value < best["value"])):
+    if improves(value, best["value"], mode):
         progress["best"] = {"value": value, "epoch": metrics["epoch"]}
 
 

@@ -16,7 +16,6 @@ Status comes from Tune's own events, not from epoch counts:
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from typing import Any, Callable
@@ -24,6 +23,7 @@ from typing import Any, Callable
 from ray.tune import Callback
 
 from . import storage
+from .config import improves
 from .results import ResultsLog, epoch_row
 
 RUNNING, COMPLETED, STOPPED, DIVERGED, FAILED = "running", "completed", "stopped", "diverged", "failed"
@@ -111,11 +111,6 @@ class StudyRecorder(Callback):
             summary["status"] = summary.pop("status")  # keep the column order readable: status after params
         return summary
 
-    def _better(self, value: float | None, than: float | None) -> bool:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return False
-        return than is None or (value > than if self.mode == "max" else value < than)
-
     def _record(self, trial, metrics: dict[str, Any]) -> dict[str, Any] | None:
         """One epoch's metrics -> a row (None when this (trial, epoch) is already recorded)."""
         key = (trial.trial_id, int(metrics["epoch"]))
@@ -127,7 +122,7 @@ class StudyRecorder(Callback):
                         {"time": time.time(), **self.provenance})
         summary["epochs"] = max(summary["epochs"], row["epoch"])
         summary["planned_epochs"] = metrics.get("epochs")
-        if self._better(metrics.get(self.metric), summary["best_metric"]):
+        if improves(metrics.get(self.metric), summary["best_metric"], self.mode):
             summary.update(best_metric=metrics[self.metric], best_epoch=row["epoch"],
                            best_val_acc=metrics.get("val_acc"), best_checkpoint=metrics.get("checkpoint_path"))
         if metrics.get("checkpoint_path"):

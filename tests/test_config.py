@@ -182,3 +182,15 @@ def test_check_against_data_covers_every_trial_of_the_search_space():
     with pytest.raises(ConfigError, match=r"^train.global_batch_size: larger than the 100 train images "
                                           r"\(200 minus 100 for validation\) \(got 128\)"):
         check_against_data(cfg, 200, searched=False)
+
+
+@pytest.mark.parametrize("value, than, mode, expected", [
+    (0.5, 0.4, "max", True), (0.4, 0.5, "max", False), (0.4, 0.5, "min", True), (0.5, 0.4, "min", False),
+    (0.5, 0.5, "max", False),  # a tie keeps the earlier best
+    (0.1, None, "min", True), (None, 0.1, "max", False),
+    (float("nan"), None, "max", False), (float("inf"), 0.1, "max", False), (float("-inf"), 0.1, "min", False),
+])
+def test_improves_is_what_best_means_under_tune_mode(value, than, mode, expected):
+    from ray_cifar.config import improves
+
+    assert improves(value, than, mode) is expected

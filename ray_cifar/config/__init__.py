@@ -16,13 +16,13 @@ from .docs import describe, field_docs
 from .loading import EXTENDS, apply_overrides, flatten, parse_set, read_config_chain, set_value
 from .presets import LENGTH_KEYS, SMOKE_OVERRIDES, apply_budget_scale, apply_smoke
 from .schema import (METADATA, PUBLISHED_METRICS, SEARCH_KINDS, SECTIONS, VARIANTS, Config, ConfigError, DataConfig,
-                     ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TuneConfig)
+                     ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TuneConfig, improves)
 from .search import apply_searched, grid_size, map_searched, sampled_config, search_keys, search_points
 
 __all__ = [
     "EXTENDS", "LENGTH_KEYS", "METADATA", "PUBLISHED_METRICS", "SEARCH_KINDS", "SECTIONS", "SMOKE_OVERRIDES",
     "VARIANTS", "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "TrainConfig",
     "TuneConfig", "apply_budget_scale", "apply_overrides", "apply_searched", "apply_smoke", "describe", "field_docs",
-    "flatten", "grid_size", "map_searched", "parse_set", "read_config_chain", "sampled_config", "search_keys",
+    "flatten", "grid_size", "improves", "map_searched", "parse_set", "read_config_chain", "sampled_config", "search_keys",
     "search_points", "set_value",
 ]

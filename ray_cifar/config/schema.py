@@ -11,6 +11,7 @@ The bottom of the package: imports nothing of ray_cifar. The comments are the do
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +115,15 @@ class TrainConfig:
     torch_threads: int | None = None  # intra-op threads per rank on CPU; None: cores / ranks on the node
     max_failures: int = 2  # worker-group restarts of a trial (a rank or its node died), each from the last epoch's checkpoint; where every trial has 1 rank (no worker group) Tune retries that many more times
     placement_strategy: str = "PACK"  # where a trial's ranks go: PACK (few nodes) | SPREAD (one per node, if it can) | STRICT_SPREAD
+
+
+def improves(value: float | None, than: float | None, mode: str) -> bool:
+    """Whether `value` of tune.metric beats `than` under tune.mode ("max" | "min"): what "best" means
+    for the loop's best epoch, the recorder's best checkpoint and the ranking alike. A missing or
+    non-finite value never improves; any value improves on None."""
+    if value is None or not math.isfinite(value):
+        return False
+    return than is None or (value > than if mode == "max" else value < than)
 
 
 @dataclass

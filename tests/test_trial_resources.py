@@ -1,0 +1,38 @@
+"""What a trial asks Ray and Tune for, by its rank count: a one-rank trial is its own rank (it trains in its
+Tune trial process), a DDP trial's process only drives its TorchTrainer. No Ray cluster is started."""
+
+from __future__ import annotations
+
+import pytest
+
+from ray_cifar import ray_cluster
+from ray_cifar.validation import load_config
+
+NO_SEARCH = "tune.search_space={}"
+
+
+@pytest.mark.parametrize("sets, expected", [
+    (["train.num_workers=1", "train.cpus_per_worker=2"], {"CPU": 2.0}),
+    (["train.num_workers=1", "train.use_gpu=true"], {"CPU": 1.0, "GPU": 1.0}),
+    (["train.num_workers=1", "train.use_gpu=true", "train.gpus_per_worker=0.25"], {"CPU": 1.0, "GPU": 0.25}),
+    (["train.num_workers=2", "tune.trial_driver_cpus=0.25"], {"CPU": 0.25}),
+    (["train.num_workers=4", "train.use_gpu=true"], {"CPU": 0.25}),  # the ranks ask for their GPUs themselves
+])
+def test_trial_resources(sets, expected):
+    assert ray_cluster.trial_resources(load_config(None, [*sets, NO_SEARCH])) == expected
+
+
+def test_a_one_rank_trial_holds_no_driver_cpus():
+    one, two = (load_config(None, [f"train.num_workers={n}", NO_SEARCH]) for n in (1, 2))
+    assert ray_cluster.trial_cpus(one) == 1.0
+    assert ray_cluster.trial_cpus(two) == 2.25
+
+
+@pytest.mark.parametrize("space, reuse, retries", [
+    (NO_SEARCH, True, 1 + 2),  # every trial one rank: a dead rank is a failed trial, so Train's retries move to Tune
+    ("tune.search_space={train.num_workers: {grid: [1, 2]}}", False, 1),  # a DDP trial among them
+])
+def test_reuse_and_retries_follow_the_largest_trial(space, reuse, retries):
+    cfg = load_config(None, ["train.num_workers=1", "train.max_failures=2", "tune.max_failures=1", space])
+    assert ray_cluster.reuse_trial_processes(cfg) is reuse
+    assert ray_cluster.max_failures(cfg) == retries

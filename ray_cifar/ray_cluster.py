@@ -44,8 +44,9 @@ def reuse_trial_processes(cfg: Config) -> bool:
     """Tune's reuse_actors: where every trial has one rank, the next trial trains in a finished trial's
     process (Python, torch and DALI already imported, the dataset mapped): most of its start-up.
 
-    Not with DDP trials: their thread sits inside TorchTrainer.fit(), which does not end within Tune's
-    wait when the trial is stopped; Tune then errors the next trial (measured: the study hung)."""
+    Not with DDP trials: their thread sits inside TorchTrainer.fit(), which does not return when Tune
+    stops the trial (ASHA); Tune waited the whole REUSE_WAIT_SECONDS, errored the next trial, and the
+    study hung (measured with Ray 2.60 on the smoke study)."""
     return runs_in_trial_process(max_workers(cfg))
 
 

@@ -200,7 +200,8 @@ def train_in_trial_process(cfg: Config, storage_path: str, trial_id: str, starte
 def make_trainer(cfg: Config, storage_path: str, name: str, callbacks: list | None = None,
                  started: float | None = None) -> TorchTrainer:
     use_gpu = bool(cfg.train.use_gpu)
-    # A share of a GPU (train.gpus_per_worker < 1) lets Ray place several 1-rank trials on one GPU.
+    # Each rank's GPU, or its share of one (train.gpus_per_worker; a share goes with one rank, and a study
+    # trains a one-rank trial in its Tune process: this is the path of `train.py`-started and DDP runs).
     gpus = {"GPU": cfg.train.gpus_per_worker} if use_gpu else {}
     return TorchTrainer(
         train_loop_per_worker,

@@ -200,8 +200,8 @@ def train_in_trial_process(cfg: Config, storage_path: str, trial_id: str, starte
 def make_trainer(cfg: Config, storage_path: str, name: str, callbacks: list | None = None,
                  started: float | None = None) -> TorchTrainer:
     use_gpu = bool(cfg.train.use_gpu)
-    # Each rank's GPU, or its share of one (train.gpus_per_worker; a share goes with one rank, and a study
-    # trains a one-rank trial in its Tune process: this is the path of `train.py`-started and DDP runs).
+    # Each rank's GPU (train.gpus_per_worker: 1 here in practice, since a share of a GPU is only allowed
+    # for one rank, and a one-rank trial trains in its Tune process without a TorchTrainer).
     gpus = {"GPU": cfg.train.gpus_per_worker} if use_gpu else {}
     return TorchTrainer(
         train_loop_per_worker,

@@ -23,7 +23,7 @@ def refused(sets: list[str]) -> str:
 @pytest.mark.parametrize("share", [0, -0.25, 1.5, 2])
 def test_a_share_must_be_in_0_1(share):
     assert refused([f"train.gpus_per_worker={share}", NO_SEARCH]).startswith(
-        f"train.gpus_per_worker: must be in (0, 1]: a rank trains on one GPU")
+        "train.gpus_per_worker: must be in (0, 1]: a rank trains on one GPU")
 
 
 def test_a_share_of_a_gpu_needs_a_one_rank_trial():

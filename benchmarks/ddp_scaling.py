@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from data_pipeline import device_name, endless, write_json  # noqa: E402
-from train_throughput import AUGMENT, MODELS, load_images  # noqa: E402
+from train_throughput import AUGMENT, MODELS, add_step_arguments, load_images, resolve_step_arguments  # noqa: E402
 
 
 def free_port() -> int:
@@ -102,24 +102,11 @@ def measure(world_size: int, args, images, labels) -> list[float]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=os.environ.get("RAY_CIFAR_DATA"),
-                        help="CIFAR-10 folder (train/test.parquet); random uint8 images when absent")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    add_step_arguments(parser, "images per step PER RANK")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="rank counts to compare")
-    parser.add_argument("--model", choices=sorted(MODELS), default=None, help="default: small on cpu, resnet18 on cuda")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per step PER RANK (default 64 cpu, 512 cuda)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 10 cpu, 100 cuda)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 cpu, 20 cuda)")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per rank count (median kept)")
-    parser.add_argument("--images", type=int, default=10000, help="train images used (the first N)")
-    parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    args = parser.parse_args(argv)
+    args = resolve_step_arguments(parser, parser.parse_args(argv))
     on_gpu = args.device == "cuda"
-    if on_gpu and not torch.cuda.is_available():
-        parser.error("--device cuda but torch.cuda.is_available() is False")
-    args.model = args.model or ("resnet18" if on_gpu else "small")
-    args.batch_size = args.batch_size or (512 if on_gpu else 64)
-    args.steps, args.warmup = args.steps or (100 if on_gpu else 10), args.warmup or (20 if on_gpu else 3)
     ranks = [n for n in args.ranks if not on_gpu or n <= torch.cuda.device_count()]
     images, labels, source = load_images(args.data, args.images)
 

@@ -155,27 +155,36 @@ def measure(runner, steps: int, device: torch.device) -> float:
     return images / (time.perf_counter() - start)
 
 
-def parse_args(argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_step_arguments(parser: argparse.ArgumentParser, batch_help: str) -> None:
+    """The arguments of a training-step benchmark (this one and ddp_scaling.py), defaults by device."""
     parser.add_argument("--data", default=os.environ.get("RAY_CIFAR_DATA"),
                         help="CIFAR-10 folder (train/test.parquet); random uint8 images when absent")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--model", choices=sorted(MODELS), default=None, help="default: small on cpu, resnet18 on cuda")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per step (default 64 cpu, 512 cuda)")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"{batch_help} (default 64 cpu, 512 cuda)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 10 cpu, 100 cuda)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 cpu, 20 cuda)")
-    parser.add_argument("--repeats", type=int, default=3, help="round-robin measurements per variant (median kept)")
     parser.add_argument("--images", type=int, default=10000, help="train images used (the first N)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but torch.cuda.is_available() is False")
+
+
+def resolve_step_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Refuse cuda without a GPU; fill the device-dependent defaults of add_step_arguments."""
     on_gpu = args.device == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is False")
     args.model = args.model or ("resnet18" if on_gpu else "small")
     args.batch_size = args.batch_size or (512 if on_gpu else 64)
     args.steps, args.warmup = args.steps or (100 if on_gpu else 10), args.warmup or (20 if on_gpu else 3)
     return args
+
+
+def parse_args(argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_arguments(parser, "images per step")
+    parser.add_argument("--repeats", type=int, default=3, help="round-robin measurements per variant (median kept)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    return resolve_step_arguments(parser, parser.parse_args(argv))
 
 
 def make_runners(args: argparse.Namespace, cfg, device: torch.device) -> tuple[dict, str, int]:

@@ -12,7 +12,7 @@ import socket
 
 import ray
 
-from .config import Config, sampled_config, search_points
+from .config import Config, trial_configs
 
 
 def runs_in_trial_process(num_workers: int) -> bool:
@@ -58,20 +58,14 @@ def max_failures(cfg: Config) -> int:
 
 
 def max_workers(cfg: Config) -> int:
-    """The most DDP ranks any trial of the study asks for."""
-    spec = cfg.tune.search_space.get("train.num_workers", {})
-    return max([cfg.train.num_workers] + list(spec.get("grid", spec.get("choice", []))))
+    """The most DDP ranks any trial of the study asks for (searched as a key, in a section or a variant)."""
+    return max(trial.train.num_workers for _, trial in trial_configs(cfg))
 
 
 def max_trial_gpus(cfg: Config) -> float:
     """The most GPUs any trial of the study asks for: its ranks times each rank's GPU or share of one,
     over every trial the search space can give (variants included)."""
-    if not cfg.tune.search_space:
-        return cfg.train.num_workers * cfg.train.gpus_per_worker
-    base = cfg.to_dict()
-    base["tune"]["search_space"] = {}
-    trials = (sampled_config(base, point).train for point in search_points(cfg.tune.search_space))
-    return max(t.num_workers * t.gpus_per_worker for t in trials)
+    return max(trial.train.num_workers * trial.train.gpus_per_worker for _, trial in trial_configs(cfg))
 
 
 def init_ray(cfg: Config) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from .config import loading, presets
 from .config.schema import (PUBLISHED_METRICS, SEARCH_KINDS, Config, ConfigError, DataConfig, ModelConfig,
                             OptimConfig, ScheduleConfig, TrainConfig, TuneConfig)
-from .config.search import apply_searched, sampled_config, search_keys, search_points
+from .config.search import apply_searched, sampled_config, search_keys, trial_configs
 
 
 def load_config(path: str | None = None, sets: list[str] = (), smoke_test: bool = False,
@@ -365,11 +365,9 @@ def for_each_trial(cfg: Config, check: Callable[[Config], None], searched: bool 
     if not (searched and cfg.tune.search_space):
         check(cfg)
         return
-    base = cfg.to_dict()
-    base["tune"]["search_space"] = {}
-    for sampled in search_points(cfg.tune.search_space):
+    for sampled, trial in trial_configs(cfg):
         try:
-            check(sampled_config(base, sampled))
+            check(trial)
         except ConfigError as e:
             values = ", ".join(f"{k}={v!r}" for k, v in sampled.items())
             raise ConfigError(f"tune.search_space: the trial with {values}: {e}") from None

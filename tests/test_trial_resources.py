@@ -36,3 +36,15 @@ def test_reuse_and_retries_follow_the_largest_trial(space, reuse, retries):
     cfg = load_config(None, ["train.num_workers=1", "train.max_failures=2", "tune.max_failures=1", space])
     assert ray_cluster.reuse_trial_processes(cfg) is reuse
     assert ray_cluster.max_failures(cfg) == retries
+
+
+@pytest.mark.parametrize("space", [
+    "tune.search_space={train.num_workers: {grid: [1, 2]}}",
+    "tune.search_space={train: {grid: [{num_workers: 1}, {num_workers: 2}]}}",  # a section bundle
+    "tune.search_space={variants: {grid: [{train.num_workers: 1}, {train.num_workers: 2, optim.lr: 0.2}]}}",
+])
+def test_ddp_trials_anywhere_in_the_search_space_count(space):
+    """A 2-rank trial however it is searched: sized for 2 ranks, and no process reuse (Tune would hang on it)."""
+    cfg = load_config(None, ["train.num_workers=1", space])
+    assert ray_cluster.max_workers(cfg) == 2
+    assert ray_cluster.reuse_trial_processes(cfg) is False

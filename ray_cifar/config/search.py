@@ -90,3 +90,15 @@ def search_points(search_space: dict[str, Any]) -> Iterator[dict[str, Any]]:
     listed = [next(iter(search_space[key].values())) for key in keys]
     for values in itertools.product(*listed):
         yield dict(zip(keys, values))
+
+
+def trial_configs(cfg: Config) -> Iterator[tuple[dict[str, Any], Config]]:
+    """(sampled values, trial config) for every trial the study can give (see search_points): sections,
+    variants and flat keys alike; without a search space, ({}, cfg) itself."""
+    if not cfg.tune.search_space:
+        yield {}, cfg
+        return
+    base = cfg.to_dict()
+    base["tune"]["search_space"] = {}
+    for sampled in search_points(cfg.tune.search_space):
+        yield sampled, sampled_config(base, sampled)

@@ -20,7 +20,6 @@ import os
 import secrets
 import shlex
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -34,6 +33,7 @@ import pytest
 import yaml
 
 from conftest import TINY_MODEL, synthetic_cifar, write_parquet_folder
+from processes import descendants, end_tree
 
 pytestmark = pytest.mark.integration
 
@@ -71,45 +71,19 @@ def require_tools() -> None:
         pytest.skip(f"apt-get install {' '.join(missing)} failed: {result.stderr.strip()[-300:]}")
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (sshd forks one child per connection)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def pids_of_user(user: str) -> list[int]:
     result = run(["ps", "-u", user, "-o", "pid="])
     return [int(p) for p in result.stdout.split()]
 
 
-def kill(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def kill_user_processes(user: str) -> None:
-    """SIGKILL every process of `user`, and wait until they are gone (userdel refuses a busy user)."""
+    """SIGKILL every process of `user`, and wait until they are gone (userdel refuses a busy user);
+    again while new ones appear."""
     for _ in range(50):
         pids = pids_of_user(user)
         if not pids:
             return
-        kill(pids)
-        time.sleep(0.2)
+        end_tree(pids)
 
 
 def closed_folders(paths: list[Path]) -> list[Path]:
@@ -205,7 +179,7 @@ def sshd(workdir, ssh_user):
         sessions = descendants(daemon.pid)
         daemon.terminate()
         daemon.wait(timeout=10)
-        kill(sessions)
+        end_tree(sessions)
         if made_privsep:
             shutil.rmtree(privsep, ignore_errors=True)
 

@@ -20,7 +20,8 @@ import pytest
 
 from conftest import TINY_MODEL
 from ray_cifar.results import ResultsLog
-from test_fault_tolerance import descendants, end_tree, trials_state, wait_for
+from processes import descendants, end_tree
+from test_fault_tolerance import trials_state, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -6,6 +6,7 @@ resource arithmetic (CPUs and GPUs per trial, trials that fit at once).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -59,13 +60,28 @@ def max_failures(cfg: Config) -> int:
 
 def max_workers(cfg: Config) -> int:
     """The most DDP ranks any trial of the study asks for (searched as a key, in a section or a variant)."""
-    return max(trial.train.num_workers for _, trial in trial_configs(cfg))
+    return _trial_extent(cfg)[0]
+
+
+# (ranks, GPU share, search space) -> (most ranks, most GPUs) over the study's trials: expanding the
+# search space costs ~10 ms a point, and a study's start asks several times (sizing Ray, trials at
+# once, threads, process reuse, retries).
+_EXTENTS: dict[str, tuple[int, float]] = {}
+
+
+def _trial_extent(cfg: Config) -> tuple[int, float]:
+    key = json.dumps([cfg.train.num_workers, cfg.train.gpus_per_worker, cfg.tune.search_space], sort_keys=True,
+                     default=str)
+    if key not in _EXTENTS:
+        trials = [trial.train for _, trial in trial_configs(cfg)]
+        _EXTENTS[key] = (max(t.num_workers for t in trials), max(t.num_workers * t.gpus_per_worker for t in trials))
+    return _EXTENTS[key]
 
 
 def max_trial_gpus(cfg: Config) -> float:
     """The most GPUs any trial of the study asks for: its ranks times each rank's GPU or share of one,
     over every trial the search space can give (variants included)."""
-    return max(trial.train.num_workers * trial.train.gpus_per_worker for _, trial in trial_configs(cfg))
+    return _trial_extent(cfg)[1]
 
 
 def init_ray(cfg: Config) -> None:

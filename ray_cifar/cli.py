@@ -36,12 +36,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shrink the study to a tiny ResNet, a few thousand images and a few epochs (CPU-sized)")
     parser.add_argument("--budget-scale", type=float, default=1.0, metavar="X",
                         help="multiply every training length (epochs, max_steps, schedule epochs/iterations, ASHA "
-                             "epochs), fixed or searched, by X: 0.1 runs a study at a tenth of its published length")
+                             "epochs), fixed or searched, by X: 0.1 runs a study at a tenth of its published length "
+                             "(default: 1)")
     parser.add_argument("--help-config", action="store_true", help="list every config field with default and unit")
 
 
-class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written. Defaults are said in each option's own text, where they mean
+    something: ArgumentDefaultsHelpFormatter appended "(default: None)" after texts that already said it."""
 
 
 def parse_args(prog: str, description: str, argv: list[str] | None, resume: bool = False) -> argparse.Namespace:

@@ -52,13 +52,16 @@ class StudyRecorder(Callback):
         provenance: columns added to every row (git SHA, versions).
         tensorboard: write per-trial TensorBoard scalars under OUTPUT/tensorboard/<trial_id> (step = epoch).
         mirror_to: a remote --output (s3://, gs://) that OUTPUT is copied up to every minute.
+        tracking: create_tracker's arguments ({"tracking": "mlflow", "study": ..., "uri": ..., "project": ...}):
+            every new row also goes to the trial's tracker run; None: no tracker.
     """
 
     def __init__(self, output: str, params: Callable[[dict], dict[str, Any]], metric: str, mode: str,
                  provenance: dict[str, Any] | None = None, tensorboard: bool = True,
                  progress_every: float = PROGRESS_EVERY_SECONDS, mirror_to: str | None = None,
-                 total_trials: int | None = None):
+                 total_trials: int | None = None, tracking: dict[str, Any] | None = None):
         self.output, self.params, self.metric, self.mode = output, params, metric, mode
+        self.tracking = tracking
         self.mirror_to, self.total_trials = mirror_to, total_trials
         self.provenance = provenance or {}
         self.tensorboard, self.progress_every = tensorboard, progress_every
@@ -77,17 +80,19 @@ class StudyRecorder(Callback):
         self.started = time.time()
         self.last_progress = self.started
         self.writers: dict[str, Any] = {}
+        self.tracker = None  # made at the first row: a study that does not track never imports mlflow/wandb
+        self.tracked: set[str] = set()  # trials whose tracker run this driver has caught up with the rows
 
     def __getstate__(self):
         # Pickled into tuner.pkl: keep configuration only; the state is re-read from disk.
         return {k: v for k, v in self.__dict__.items() if k in
                 ("output", "params", "metric", "mode", "provenance", "tensorboard", "progress_every",
-                      "mirror_to")}
+                      "mirror_to", "tracking")}
 
     def __setstate__(self, state):
         # A tuner.pkl written by an older ray_cifar lacks newer settings: their defaults apply.
         self.__dict__.update({"tensorboard": True, "progress_every": PROGRESS_EVERY_SECONDS, "mirror_to": None,
-                              "provenance": {}, **state})
+                              "provenance": {}, "tracking": None, **state})
         self._load()
 
     def setup(self, **info) -> None:
@@ -148,6 +153,7 @@ class StudyRecorder(Callback):
         if rows:
             self.log.append(rows)
             self._save_trials()
+            self._track(trial, rows)
 
     def note_stopped(self, trial_id: str) -> None:
         """Called by the scheduler when it decides to stop a trial."""
@@ -164,11 +170,56 @@ class StudyRecorder(Callback):
             summary.update(status=COMPLETED, error=None)
         self._close_writer(trial.trial_id)
         self._save_trials()
+        self._track_end(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._summary(trial).update(status=FAILED, error=error_line(trial))
         self._close_writer(trial.trial_id)
         self._save_trials()
+        self._track_end(trial)
+
+    def on_experiment_end(self, trials, **info):
+        if self.tracker is not None:
+            self._tracker_call("close", self.tracker.close)
+
+    # -- the experiment tracker (tune.tracking) ---------------------------------------------
+
+    def _tracker_call(self, what: str, call, *args) -> bool:
+        """A tracker that fails (a server down) never stops the study: the rows are in results.parquet, and
+        the trial's run catches up with them at its next row or --resume."""
+        try:
+            if self.tracker is None:
+                from .tracking import create_tracker
+
+                self.tracker = create_tracker(output=self.output, **self.tracking)
+            call(*args) if call is not None else None
+            return True
+        except Exception as e:  # noqa: BLE001
+            print(f"[ray_cifar] tracking ({self.tracking['tracking']}) {what} failed: {type(e).__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else ''}; the rows are safe in results.parquet", flush=True)
+            return False
+
+    def _track(self, trial, rows: list[dict[str, Any]]) -> None:
+        if not self.tracking or self.tracking["tracking"] == "none" or not self._tracker_call("setup", None):
+            return
+        trial_id = trial.trial_id
+        if trial_id not in self.tracked:
+            # First row in this driver's life (a new trial, a restored study, a tracker that failed before):
+            # every recorded row of the trial; the tracker skips the steps its run already holds.
+            rows = [r for r in self.log.read() if r["trial_id"] == trial_id]
+        ok = self._tracker_call("log", self.tracker.log_epochs, trial_id, self.params(trial.config), rows)
+        if ok:
+            self.tracked.add(trial_id)
+        else:
+            self.tracked.discard(trial_id)  # the next row sends the trial's recorded rows again
+
+    def _track_end(self, trial) -> None:
+        if not self.tracking or self.tracking["tracking"] == "none" or not self._tracker_call("setup", None):
+            return
+        summary = self._summary(trial)
+        self._tracker_call("end of trial", self.tracker.end_trial, trial.trial_id, self.params(trial.config),
+                           summary["status"])
+        self.tracked.discard(trial.trial_id)
 
     # -- progress and TensorBoard ----------------------------------------------------------
 

@@ -90,7 +90,8 @@ def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, re
     space = {**cfg.tune.search_space, **seeds}
     keys = search_keys(space) + ([SEED] if SEED not in search_keys(space) else [])
     recorder = StudyRecorder(output, functools.partial(searched_params, base, keys), cfg.tune.metric, cfg.tune.mode,
-                             provenance(), mirror_to=remote, total_trials=grid_size(cfg) * cfg.tune.num_samples)
+                             provenance(), mirror_to=remote, total_trials=grid_size(cfg) * cfg.tune.num_samples,
+                             tracking=tracking_settings(cfg, output, remote))
     ray_storage = storage_path(output, remote)
     trainable = tune.with_parameters(trial.tune_trial, base_config=base, storage_path=ray_storage)
     # Per trial: a one-rank trial's process is its rank; a DDP trial's only drives its TorchTrainer.
@@ -113,6 +114,35 @@ def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, re
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=ray_storage, callbacks=[recorder],
                                   failure_config=tune.FailureConfig(max_failures=ray_cluster.max_failures(cfg))),
     ), keys
+
+
+def tracking_settings(cfg: Config, output: str, remote: str | None) -> dict[str, Any] | None:
+    """create_tracker's arguments for this study (None without a tracker); the study is named after --output."""
+    from .tracking import study_name
+
+    if cfg.tune.tracking == "none":
+        return None
+    return {"tracking": cfg.tune.tracking, "study": study_name(output, remote), "uri": cfg.tune.tracking_uri,
+            "project": cfg.tune.tracking_project}
+
+
+def attach_to_tracker(cfg: Config, output: str, remote: str | None) -> None:
+    """trials.parquet, results.parquet and the report, attached to the study in the tracker (never fails the study)."""
+    settings = tracking_settings(cfg, output, remote)
+    if settings is None:
+        return
+    from .tracking import create_tracker
+
+    files = ["trials.parquet", "results.parquet", "report.html", "report.md"]
+    try:
+        tracker = create_tracker(output=output, **settings)
+        tracker.attach_study([os.path.join(output, f) for f in files])
+        tracker.close()
+        print(f"[ray_cifar] tracking ({cfg.tune.tracking}): trials.parquet and the report attached to study "
+              f"{settings['study']}", flush=True)
+    except Exception as e:  # noqa: BLE001 - the study's own files are written; a tracker is a copy
+        print(f"[ray_cifar] tracking ({cfg.tune.tracking}): attaching the study's files failed: "
+              f"{type(e).__name__}: {e}", flush=True)
 
 
 def _banner(cfg: Config, output: str, max_concurrent: int, resume: bool) -> str:
@@ -184,6 +214,9 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
     # ... so the result.json / progress.csv that Tune's restore and status reads also look for are never
     # there: their warnings about it are noise.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    from .tracking import check_installed
+
+    check_installed(cfg.tune.tracking)  # one line naming the extra, before Ray starts
     hold_driver_lock(output)
     ray_cluster.init_ray(cfg)
     ray_cluster.check_fits(cfg)  # before use_gpu is resolved: it refuses a GPU share only where use_gpu was false
@@ -246,6 +279,7 @@ def finish_study(cfg: Config, output: str, keys: list[str]) -> int:
 
 def finish_and_sync(cfg: Config, output: str, keys: list[str], remote: str | None) -> int:
     rc = finish_study(cfg, output, keys)
+    attach_to_tracker(cfg, output, remote)
     if remote:
         storage.sync_up(output, remote)
     return rc

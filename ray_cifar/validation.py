@@ -221,6 +221,7 @@ def _validate_gpu_share(t: TrainConfig) -> None:
 def _validate_tune(u: TuneConfig, t: TrainConfig) -> None:
     _check_name("tune.scheduler", u.scheduler, ["asha", "fifo"])
     _check_name("tune.mode", u.mode, ["max", "min"])
+    _check_name("tune.tracking", u.tracking, ["none", "mlflow", "wandb"])
     _check_name("tune.metric", u.metric, ["val_acc", "val_loss", "train_acc", "train_loss"])
     _check(u.grace_period >= 1, "tune.grace_period", "must be >= 1 epoch", u.grace_period)
     _check(u.max_failures >= 0, "tune.max_failures", "must be >= 0", u.max_failures)

@@ -24,6 +24,11 @@ setup(
         # DALI is imported lazily, only by data.pipeline=dali; wheels exist for Linux x86_64 only.
         "nvidia-dali-cuda130; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout"]},
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout"],
+        # tune.tracking=mlflow | wandb; imported only by a study that tracks. mlflow-skinny is MLflow's client;
+        # sqlalchemy + alembic give it the sqlite store a study keeps under OUTPUT by default.
+        "tracking": ["mlflow-skinny>=3.0", "sqlalchemy>=2", "alembic", "wandb>=0.19"],
+    },
     entry_points={"console_scripts": ["ray-cifar=ray_cifar.__main__:main"]},
 )

@@ -53,6 +53,9 @@ def parse_args(prog: str, description: str, argv: list[str] | None, resume: bool
         parser.add_argument("--resume", metavar="OUTPUT",
                             help="continue the study in OUTPUT whose driver died or was stopped (other options are "
                                  "ignored: the study's own config.yaml is used)")
+        parser.add_argument("--resume-if-exists", action="store_true",
+                            help="start the study, or, when --output already holds one (a retried job, e.g. a KubeRay "
+                                 "RayJob), continue it as --resume OUTPUT does")
     return parser.parse_args(argv)
 
 

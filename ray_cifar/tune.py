@@ -4,6 +4,7 @@
     python -m ray_cifar.tune --smoke-test --data ../shared/data/cifar10 --output out/smoke
     python -m ray_cifar.tune --config studies/x.yaml --set train.epochs=10
     python -m ray_cifar.tune --resume out/smoke                # continue a study whose driver died
+    python -m ray_cifar.tune --config ... --output s3://B/x --resume-if-exists   # a retried job: start or continue
     RAY_ADDRESS=auto python -m ray_cifar.tune --config ...     # on a node of a running Ray cluster
 
 Writes OUTPUT/config.yaml (resolved), OUTPUT/results.parquet (a row per trial per
@@ -40,10 +41,27 @@ def resume(location: str) -> int:
                                                                shared=storage.is_uri(location)))
 
 
+def holds_study(location: str) -> bool:
+    """Whether --output already has something in it (a study a retried job started), for --resume-if-exists."""
+    from . import storage
+
+    try:
+        return not storage.is_empty(location)
+    except storage.StorageError as e:
+        cli.fail(str(e))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = cli.parse_args("python -m ray_cifar.tune", __doc__, argv, resume=True)
     if args.resume:
         return resume(args.resume)
+    if args.resume_if_exists:
+        if not args.output:
+            cli.fail("--resume-if-exists needs --output: the folder or URI a retried run finds its study in")
+        if holds_study(args.output):
+            print(f"[ray_cifar] --resume-if-exists: {args.output} holds a study: continuing it (its own config.yaml)",
+                  flush=True)
+            return resume(args.output)
     from . import storage, study
 
     cfg, dataset, output = cli.prepare(args, "tune")

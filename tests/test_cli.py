@@ -75,6 +75,23 @@ def test_help_shows_an_example():
         assert f"python -m {module}" in result.stdout and "--smoke-test" in result.stdout
 
 
+@pytest.mark.parametrize("module", ["tune", "train", "report"])
+def test_help_says_each_default_once_and_never_none(module, capsys):
+    """Each option says its default in its own words where it means something; argparse's
+    "(default: None)" / "(default: False)" after such a text says nothing (or the opposite)."""
+    import importlib
+    import re
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(f"ray_cifar.{module}").main(["--help"])
+    text = capsys.readouterr().out
+    assert exit_.value.code == 0 and "usage: python -m ray_cifar." + module in text
+    flat = " ".join(text.split())  # help texts wrap: a "(default: ...)" may span two lines
+    assert "(default: None)" not in flat and "(default: False)" not in flat and "(default: [])" not in flat
+    options = re.split(r"\s(?=--?[a-z][a-z-]* )", flat.split("options:")[1])
+    assert all(option.count("(default:") <= 1 for option in options), [o for o in options if o.count("(default:") > 1]
+
+
 def test_single_process_train_writes_per_epoch_rows(tmp_path, synthetic_parquet_dir):
     output = tmp_path / "run"
     sets = [a for s in TINY_MODEL + ["train.epochs=3", "train.global_batch_size=50", "data.val_size=100",

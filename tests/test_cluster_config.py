@@ -1,4 +1,5 @@
-"""Every cluster YAML in cluster/ passes Ray's own cluster-config validation (what `ray up` runs first).
+"""Every cluster-launcher YAML in cluster/ passes Ray's own cluster-config validation (what `ray up` runs
+first), and the KubeRay RayJob has what a RayJob needs and an entrypoint ray_cifar's own parser accepts.
 
 Parametrized over the folder, so a new YAML is checked for free. Offline: no cloud calls.
 """
@@ -13,7 +14,8 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
-YAMLS = sorted(CLUSTER.glob("*.yaml"))
+RAYJOB = CLUSTER / "kuberay-rayjob.yaml"
+YAMLS = sorted(p for p in CLUSTER.glob("*.yaml") if p != RAYJOB)  # the launcher's (`ray up`) configs
 
 
 def validate(config: dict) -> None:
@@ -77,3 +79,58 @@ def test_study_entry_finds_studies_in_the_installed_repo(tmp_path, monkeypatch):
     (tmp_path / study).write_text("{}")  # a file in the cwd wins
     assert resolve(["--config", study], str(repo)) == ["--config", study]
     assert resolve(["--config", "studies/missing.yaml"], str(repo)) == ["--config", "studies/missing.yaml"]
+
+
+# -- KubeRay ------------------------------------------------------------------------------------------
+
+
+def container(group: dict) -> dict:
+    (only,) = group["template"]["spec"]["containers"]
+    return only
+
+
+def test_rayjob_has_what_kuberay_needs():
+    job = yaml.safe_load(RAYJOB.read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob" and job["metadata"]["name"]
+    spec = job["spec"]
+    assert isinstance(spec["entrypoint"], str) and spec["shutdownAfterJobFinishes"] is True
+    assert spec["backoffLimit"] >= 1  # a retry runs the entrypoint again, on a new cluster
+    cluster = spec["rayClusterSpec"]
+    head, workers = cluster["headGroupSpec"], cluster["workerGroupSpecs"]
+    # The head runs the driver and Tune, never a trial: no GPU, no CPUs for Ray's tasks.
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert "nvidia.com/gpu" not in container(head)["resources"]["limits"]
+    assert workers and all(int(container(w)["resources"]["limits"]["nvidia.com/gpu"]) >= 1 for w in workers)
+    for group in [head, *workers]:
+        resources = container(group)["resources"]
+        assert resources["requests"] == resources["limits"]  # Ray reads the limits; the scheduler the requests
+    assert all(w["minReplicas"] <= w["replicas"] <= w["maxReplicas"] for w in workers)
+    images = {container(g)["image"] for g in [head, *workers]}
+    assert len(images) == 1  # one ray_cifar on every node
+    # The cluster's Ray is the one requirements.txt pins, and the image's (cluster/Dockerfile).
+    pinned = next(line for line in (CLUSTER.parent / "requirements.txt").read_text().splitlines()
+                  if line.startswith("ray["))
+    assert pinned.endswith("==" + ".".join(cluster["rayVersion"].split(".")[:2]) + ".*")
+    assert f"rayproject/ray:{cluster['rayVersion']}-py311-gpu" in (CLUSTER / "Dockerfile").read_text()
+
+
+def test_rayjob_entrypoint_is_a_study_ray_cifar_accepts():
+    import shlex
+
+    from ray_cifar import cli, tune
+
+    job = yaml.safe_load(RAYJOB.read_text())
+    words = shlex.split(job["spec"]["entrypoint"])
+    assert words[:3] == ["python", "-m", "ray_cifar.tune"]
+    args = cli.parse_args("python -m ray_cifar.tune", tune.__doc__, words[3:], resume=True)
+    assert args.data.startswith(("s3://", "gs://")) and args.output.startswith(("s3://", "gs://"))
+    assert args.resume_if_exists and not args.resume  # a retried job continues the study in --output
+    # The config is read from the image's copy of the repository (cluster/Dockerfile's WORKDIR).
+    workdir = next(line.split()[1] for line in (CLUSTER / "Dockerfile").read_text().splitlines()
+                   if line.startswith("WORKDIR"))
+    assert args.config.startswith(workdir + "/")
+    config = CLUSTER.parent / args.config[len(workdir) + 1:]
+    assert config.is_file()
+    from ray_cifar.validation import load_config
+
+    load_config(str(config), args.sets)  # the study loads and validates as it will on the head

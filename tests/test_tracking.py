@@ -1,0 +1,190 @@
+"""tune.tracking: real MLflow (sqlite under OUTPUT) and W&B (offline) runs of a real study, read back with
+MLflow's own client and W&B's record files.
+
+One study per tracker (module-scoped): two 1-rank trials, the driver SIGKILLed once a trial has recorded
+epoch 2, then `--resume`. Every assertion reads that one run: one tracker run per trial with its searched
+values and seed, every epoch once (step = epoch), the status at the end, the study's files attached.
+Every process killed here is one this test started (the driver) or a descendant of it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import TINY_MODEL
+from processes import descendants, end_tree
+from ray_cifar import tracking
+from ray_cifar.results import ResultsLog
+
+EPOCHS = 4
+LRS = [0.05, 0.03]
+SETS = TINY_MODEL + ["data.pipeline=torch", "train.torch_threads=1", "train.num_workers=1",
+                     "train.global_batch_size=50", "data.val_size=100", "tune.scheduler=fifo",
+                     "tune.max_concurrent_trials=2", f"train.epochs={EPOCHS}",
+                     f"tune.search_space={{optim.lr: {{grid: {LRS}}}}}"]
+
+
+def clean_env() -> dict[str, str]:
+    """No W&B account or mode from the machine running the tests: the tracker must choose offline itself."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+
+
+def run_killed_and_resumed(data: str, output, tracker: str) -> dict:
+    from test_fault_tolerance import study_args, trials_state, wait_for
+
+    args = study_args(data, output, *SETS, f"tune.tracking={tracker}")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env=clean_env())
+    try:
+        def a_trial_past_epoch_two():
+            # The recorder logs a row to the tracker before it takes the next result, so epoch 1 is in
+            # the tracker when epoch 2's row is written: the resumed driver must skip what is there.
+            return any(t.get("epochs", 0) >= 2 and t["status"] == "running" for t in trials_state(output).values())
+
+        wait_for(a_trial_past_epoch_two, 600, "a trial's second epoch", proc)
+        before = {t["trial_id"]: t["epochs"] for t in trials_state(output).values()}
+        tree = descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        end_tree(descendants(proc.pid) + [proc.pid] if proc.poll() is None else [])
+    end_tree(tree)
+    assert not os.path.exists(output / "study-finished.json"), "the study finished before the driver was killed"
+    resumed = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--resume", str(output)], capture_output=True,
+                             text=True, timeout=900, env=clean_env())
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    trials = trials_state(output)
+    assert sorted(t["status"] for t in trials.values()) == ["completed", "completed"]
+    return {"output": output, "trials": trials, "before": before, "stdout": resumed.stdout}
+
+
+@pytest.fixture(scope="module")
+def mlflow_study(tmp_path_factory, synthetic_parquet_dir):
+    pytest.importorskip("mlflow", reason="pip install 'ray_cifar[tracking]'")
+    return run_killed_and_resumed(synthetic_parquet_dir, tmp_path_factory.mktemp("mlflow") / "study-mlflow", "mlflow")
+
+
+@pytest.fixture(scope="module")
+def wandb_study(tmp_path_factory, synthetic_parquet_dir):
+    pytest.importorskip("wandb", reason="pip install 'ray_cifar[tracking]'")
+    return run_killed_and_resumed(synthetic_parquet_dir, tmp_path_factory.mktemp("wandb") / "study-wandb", "wandb")
+
+
+def recorded_epochs(output, trial_id: str) -> list[int]:
+    return sorted(r["epoch"] for r in ResultsLog(str(output)).read() if r["trial_id"] == trial_id)
+
+
+@pytest.mark.integration
+def test_mlflow_one_run_per_trial_every_epoch_once_after_a_killed_driver(mlflow_study):
+    from mlflow import MlflowClient
+
+    output = mlflow_study["output"]
+    client = MlflowClient(f"sqlite:///{output}/mlflow.db")
+    experiment = client.get_experiment_by_name("study-mlflow")  # named after the output folder
+    runs = client.search_runs([experiment.experiment_id])
+    trial_runs = {r.data.tags[tracking.TRIAL_TAG]: r for r in runs if r.data.tags.get("ray_cifar.kind") == "trial"}
+    study_runs = [r for r in runs if r.data.tags.get("ray_cifar.kind") == "study"]
+    assert len(runs) == len(trial_runs) + 1 and len(study_runs) == 1  # no second run for a resumed trial
+    assert set(trial_runs) == set(mlflow_study["trials"])
+    assert sorted(float(r.data.params["optim.lr"]) for r in trial_runs.values()) == sorted(LRS)
+    for trial_id, run in trial_runs.items():
+        assert run.data.params["train.seed"] == "0"
+        assert run.data.tags["mlflow.parentRunId"] == study_runs[0].info.run_id
+        assert run.info.status == "FINISHED" and run.data.tags[tracking.STATUS_TAG] == "completed"
+        history = client.get_metric_history(run.info.run_id, "val_acc")
+        steps = [m.step for m in history]
+        assert sorted(steps) == list(range(1, EPOCHS + 1)) == recorded_epochs(output, trial_id)  # each epoch once
+        rows = {r["epoch"]: r for r in ResultsLog(str(output)).read() if r["trial_id"] == trial_id}
+        assert all(abs(m.value - rows[m.step]["val_acc"]) < 1e-9 for m in history)
+        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == EPOCHS
+    attached = {f.path for f in client.list_artifacts(study_runs[0].info.run_id)}
+    assert {"trials.parquet", "results.parquet", "report.html", "report.md"} <= attached
+    assert os.path.isdir(output / tracking.MLFLOW_ARTIFACTS)  # the default store's artifacts stay under OUTPUT
+
+
+@pytest.mark.integration
+def test_wandb_offline_one_run_per_trial_every_epoch_once_after_a_killed_driver(wandb_study):
+    output, trials = wandb_study["output"], wandb_study["trials"]
+    reopened = 0
+    for trial_id, summary in trials.items():
+        files = tracking.offline_runs(str(output), f"study-wandb-{trial_id}")
+        assert files, f"no offline W&B run for {trial_id}"
+        reopened += len(files) > 1
+        steps = [s["_step"] for path in files for s in tracking.wandb_history(path)]
+        assert sorted(steps) == list(range(1, EPOCHS + 1)) == recorded_epochs(output, trial_id)  # each epoch once
+        config, group, summary_status = run_metadata(files[0])
+        assert group == "study-wandb" and config["train.seed"] == 0 and config["optim.lr"] in LRS
+        assert run_metadata(files[-1])[2] == "completed"
+    # The trial the kill interrupted was opened again by the resumed driver (a second offline folder),
+    # and that folder continued after the steps the first one held.
+    assert reopened >= 1
+    study_files = tracking.offline_runs(str(output), "study-wandb-study")
+    assert study_files and "trials.parquet" in artifact_files(study_files[-1])
+
+
+def run_metadata(path: str) -> tuple[dict, str, str | None]:
+    """(config, group, summary status) of one offline run file."""
+    import json
+
+    config, group, status = {}, "", None
+    for record in tracking.wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            group = record.run.run_group
+            config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+        elif kind == "config":
+            config.update({i.key: json.loads(i.value_json) for i in record.config.update})
+        elif kind == "summary":
+            for item in record.summary.update:
+                if item.key == "status":
+                    status = json.loads(item.value_json)
+    return config, group, status
+
+
+def artifact_files(path: str) -> set[str]:
+    names = set()
+    for record in tracking.wandb_records(path):
+        if record.WhichOneof("record_type") == "artifact":
+            names.update(os.path.basename(e.path) for e in record.artifact.manifest.contents)
+    return names
+
+
+def test_wandb_reader_stops_at_a_torn_tail(tmp_path):
+    """A killed driver leaves a half-written record: the reader returns the whole records before it."""
+    pytest.importorskip("wandb", reason="pip install 'ray_cifar[tracking]'")
+    os.environ.pop("WANDB_MODE", None)
+    tracker = tracking.create_tracker("wandb", str(tmp_path), "torn")
+    if tracker.mode != "offline":
+        pytest.skip("W&B is configured on this machine (WANDB_API_KEY)")
+    tracker.log_epochs("t1", {"optim.lr": 0.1}, [{"trial_id": "t1", "epoch": e, "val_acc": e / 10} for e in (1, 2)])
+    tracker.end_trial("t1", {"optim.lr": 0.1}, "completed")
+    import time
+
+    path = tracking.offline_runs(str(tmp_path), "torn-t1")[0]
+    deadline = time.time() + 30
+    while time.time() < deadline and [s["_step"] for s in tracking.wandb_history(path)] != [1, 2]:
+        time.sleep(0.2)  # run.finish() returns before W&B's writer has flushed the file
+    assert [s["_step"] for s in tracking.wandb_history(path)] == [1, 2]
+    whole = open(path, "rb").read()
+    torn = tmp_path / "torn.wandb"
+    torn.write_bytes(whole[: len(whole) - 40])
+    steps = [s["_step"] for s in tracking.wandb_history(str(torn))]
+    assert steps in ([1, 2], [1])  # no exception; only whole records
+
+
+def test_a_missing_tracker_package_is_one_line_naming_the_extra(tmp_path, synthetic_parquet_dir, monkeypatch, capsys):
+    from ray_cifar import tune
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow now raises ImportError, as when not installed
+    with pytest.raises(SystemExit) as exit_:
+        tune.main(["--data", synthetic_parquet_dir, "--output", str(tmp_path / "out"), "--set", "tune.tracking=mlflow",
+                   *sum([["--set", s] for s in SETS], [])])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.strip().count("\n") == 0, err
+    assert "ray_cifar: error: tune.tracking=mlflow" in err and tracking.EXTRA in err
+    assert not (tmp_path / "out").exists()  # refused before any work: the new output folder is gone again

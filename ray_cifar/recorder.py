@@ -192,7 +192,8 @@ class StudyRecorder(Callback):
                 from .tracking import create_tracker
 
                 self.tracker = create_tracker(output=self.output, **self.tracking)
-            call(*args) if call is not None else None
+            if call is not None:
+                call(*args)
             return True
         except Exception as e:  # noqa: BLE001
             print(f"[ray_cifar] tracking ({self.tracking['tracking']}) {what} failed: {type(e).__name__}: "

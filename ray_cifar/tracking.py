@@ -187,7 +187,10 @@ class WandbTracker(Tracker):
     """W&B: the project `project` (default "ray_cifar"), the group named after the study, one run per trial
     (id <study>-<trial_id>, resumed by that id), and a study run (job_type "study") that logs trials.parquet
     and the report as an artifact. Offline (files under OUTPUT/wandb, `wandb sync` uploads them) unless
-    WANDB_MODE or WANDB_API_KEY is set."""
+    WANDB_MODE or WANDB_API_KEY is set.
+
+    W&B writes a run's records to its file every 15 s (and at finish): a killed driver loses the steps it
+    logged since, and the resumed driver, reading the earlier files, logs them again from the rows."""
 
     def __init__(self, output: str, study: str, uri: str | None, project: str | None):
         super().__init__(output, study, uri, project)

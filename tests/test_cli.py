@@ -92,6 +92,15 @@ def test_help_says_each_default_once_and_never_none(module, capsys):
     assert all(option.count("(default:") <= 1 for option in options), [o for o in options if o.count("(default:") > 1]
 
 
+def test_resume_if_exists_needs_an_output(capsys):
+    from ray_cifar import tune
+
+    with pytest.raises(SystemExit) as exit_:
+        tune.main(["--resume-if-exists", "--smoke-test"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "--resume-if-exists needs --output" in err
+
+
 def test_single_process_train_writes_per_epoch_rows(tmp_path, synthetic_parquet_dir):
     output = tmp_path / "run"
     sets = [a for s in TINY_MODEL + ["train.epochs=3", "train.global_batch_size=50", "data.val_size=100",

@@ -2,8 +2,10 @@
 MLflow's own client and W&B's record files.
 
 One study per tracker (module-scoped): two 1-rank trials, the driver SIGKILLed once a trial has recorded
-epoch 2, then `--resume`. Every assertion reads that one run: one tracker run per trial with its searched
-values and seed, every epoch once (step = epoch), the status at the end, the study's files attached.
+epoch 2, then continued (MLflow: `--resume OUTPUT`; W&B: the same command line again with
+`--resume-if-exists`, as cluster/kuberay-rayjob.yaml's retried job does). The assertions read that one
+study: one tracker run per trial with its searched values and seed, every epoch once (step = epoch), the
+status at the end, the study's files attached.
 Every process killed here is one this test started (the driver) or a descendant of it.
 """
 
@@ -67,7 +69,8 @@ def run_killed_and_resumed(data: str, output, tracker: str, as_a_retried_job: bo
     assert "resuming study" in resumed.stdout
     trials = trials_state(output)
     assert sorted(t["status"] for t in trials.values()) == ["completed", "completed"]
-    return {"output": output, "trials": trials, "running": running, "past_two": past_two, "killed_at": killed_at, "stdout": resumed.stdout}
+    return {"output": output, "trials": trials, "running": running, "past_two": past_two, "killed_at": killed_at,
+            "stdout": resumed.stdout}
 
 
 @pytest.fixture(scope="module")

@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[ray_cifar] data: {dataset.source}; run {run_id}; resolved config: {output}/config.yaml", flush=True)
     if cfg.train.num_workers > 1:
         return cli.refusing_up_front(output, lambda: run_distributed(cfg, output, args.output or output))
+    if cfg.tune.tracking != "none":
+        print(f"[ray_cifar] tune.tracking={cfg.tune.tracking} is not used by a one-process run (no Tune "
+              f"recorder); its rows are in {output}/results.parquet", flush=True)
     rows = run_local(cfg, dataset, output, run_id)
     best = max(rows, key=lambda r: r["val_acc"])
     print(f"[ray_cifar] best val_acc {best['val_acc']:.4f} at epoch {best['epoch']}; "

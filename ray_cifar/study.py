@@ -225,6 +225,10 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
         storage.check_output_shared(output, ray_cluster.alive_nodes())
     max_concurrent = ray_cluster.concurrent_trials(cfg)
     ray_cluster.split_cpu_threads(cfg, max_concurrent)
+    if remote and not resume:
+        # config.yaml in the bucket now (past the up-front refusals), not a minute later: a head lost in the
+        # first minute leaves a study that a retried job (--resume-if-exists) can continue.
+        storage.sync_up(output, remote)
     print(_banner(cfg, output, max_concurrent, resume), flush=True)
     print(f"[ray_cifar] TensorBoard: tensorboard --logdir {os.path.join(output, 'tensorboard')}", flush=True)
     tuner, keys = _build_tuner(cfg, output, resume, max_concurrent, remote)

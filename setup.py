@@ -21,6 +21,7 @@ setup(
         "numpy",
         "pillow",
         "matplotlib",  # ray_cifar.report figures
+        "scipy>=1.10",  # t intervals and Welch's test over seed replicates (ray_cifar.results)
         # DALI is imported lazily, only by data.pipeline=dali; wheels exist for Linux x86_64 only.
         "nvidia-dali-cuda130; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],

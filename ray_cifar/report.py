@@ -4,10 +4,13 @@
     python -m ray_cifar.report out/sgd out/adam           # one comparison: out/sgd/compare-report.html
     python -m ray_cifar.report out/sgd out/adam --out cmp # ... or cmp/compare-report.html
 
-Figures: the trial ranking (by tune.metric and tune.mode; the test-evaluated trial marked), learning
-curves, where ASHA stopped each trial against its rungs, accuracy against each searched field (mean and
-std over train.seed replicates), images/s per trial, and each run beside its published figure (the
-`published:` entries of config.yaml). The HTML references the PNGs by relative path, so the folder
+Tables: the trials; per searched point, val_acc over its train.seed replicates with a Student-t 95%
+interval and, for the top points, Welch's t-test against the best ("within noise" or "worse"); each run
+beside its published figure (the `published:` entries of config.yaml; with tune.test all every
+finished trial has a test figure). Figures: the trial ranking (by tune.metric and tune.mode; the
+test-evaluated trials marked), learning curves, where ASHA stopped each trial against its rungs,
+accuracy against each searched field (mean and std over seeds), a heatmap of mean accuracy for each
+pair of searched fields, images/s per trial, and the published figures. The HTML references the PNGs by relative path, so the folder
 can be moved or copied whole. Runs on a finished output, or on one a killed study left behind.
 A comparison ranks every trial by the first output's tune.metric and tune.mode, and adds a
 "study" column (each output's folder name) to the searched fields.
@@ -25,10 +28,11 @@ from typing import Any
 
 import yaml
 
-from .results import (SEED_KEY, aggregate_over_seeds, metric_value, read_results, read_rows, searched_columns,
-                      summarize_trials)
+from .results import (CONFIDENCE, SEED_KEY, aggregate_over_seeds, metric_value, read_results, read_rows,
+                      searched_columns, summarize_trials, welch_p_value)
 
-FIGURES = ("ranking", "curves", "asha", "params", "throughput", "published")
+FIGURES = ("ranking", "curves", "asha", "params", "heatmap", "throughput", "published")
+MAX_HEATMAPS = 3  # pairs of searched fields drawn as heatmaps (the first fields' pairs first)
 STUDY_COLUMN = "study"  # the extra searched column of a comparison: which output a trial came from
 
 
@@ -118,11 +122,52 @@ def _mean_std(point: dict[str, Any], scale: float = 1.0) -> str:
     return f"{point['mean'] * scale:.2f}{std} (n={point['n']})"
 
 
+TOP_POINTS = 5  # the points after the best that Welch's test compares with it
+SIGNIFICANCE = 0.05  # two-sided p below this: the point differs from the best beyond the seed noise
+VERSUS_BEST = "vs best (Welch's t, two-sided)"
+NOISE_NOTE = (f"Intervals: Student-t {100 * CONFIDENCE:.0f}% confidence interval of the mean over the point's "
+              f"train.seed replicates (mean ± t·s/√n). \"{VERSUS_BEST}\": Welch's unequal-variance t-test of each of "
+              f"the {TOP_POINTS} points after the best against the best; p < {SIGNIFICANCE} says the gap is beyond the "
+              f"seed noise, otherwise the two are not told apart. One seed has neither (n=1).")
+TEST_ALL_NOTE = ("test_acc: every finished trial was evaluated once on the test split, at its best validation epoch "
+                 "(tune.test all), after the study; no test figure chose any trial, epoch or point.")
+
+
+def _interval(point: dict[str, Any], scale: float = 100.0) -> str:
+    if point["n"] == 0:
+        return "-"
+    if point["ci_low"] is None:
+        return "n=1: no interval"
+    return f"[{point['ci_low'] * scale:.2f}, {point['ci_high'] * scale:.2f}]"
+
+
+def _versus_best(point: dict[str, Any], best: dict[str, Any], place: int) -> str:
+    if place == 0:
+        return "best"
+    if place > TOP_POINTS:
+        return ""
+    p = welch_p_value(point["values"], best["values"])
+    if p is None:
+        return "n=1: no test"
+    return f"worse (p={p:.3g})" if p < SIGNIFICANCE else f"within noise (p={p:.2g})"
+
+
 def replicate_rows(trials: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
-    """val_acc at each trial's best epoch, as mean ± std (%) over the seeds of each searched point."""
+    """Per searched point, best mean first: val_acc at each trial's best epoch over the point's seeds as
+    mean ± std, its t interval, and (top points) whether it differs from the best; test_acc beside it
+    where more than one trial has one (tune.test all)."""
     points = aggregate_over_seeds(trials, keys, "val_acc")
     points.sort(key=lambda p: -(p["mean"] if p["mean"] is not None else -1))
-    return [{**{k: p.get(k) for k in keys}, "val_acc % (mean ± std)": _mean_std(p, 100.0)} for p in points]
+    tested = sum(t.get("test_acc") is not None for t in trials) > 1
+    test = {tuple(_fmt(p.get(k)) for k in keys): p for p in aggregate_over_seeds(trials, keys, "test_acc")}
+    rows = []
+    for place, p in enumerate(points):
+        row = {**{k: p.get(k) for k in keys}, "n": p["n"], "val_acc % (mean ± std)": _mean_std(p, 100.0),
+               f"{100 * CONFIDENCE:.0f}% CI (t)": _interval(p), VERSUS_BEST: _versus_best(p, points[0], place)}
+        if tested:
+            row["test_acc % (mean ± std)"] = _mean_std(test[tuple(_fmt(p.get(k)) for k in keys)], 100.0)
+        rows.append(row)
+    return rows
 
 
 # --- Published figures ---
@@ -315,6 +360,56 @@ def plot_params(trials, keys: list[str], path: str) -> str:
     return _save(fig, path)
 
 
+def varying_fields(trials, keys: list[str]) -> list[str]:
+    """The searched fields that take more than one value over the trials."""
+    return [k for k in keys if len({_fmt(t.get(k)) for t in trials}) > 1]
+
+
+def plot_heatmap(trials, keys: list[str], path: str) -> str:
+    """Mean val_acc (%) for each pair of values of two searched fields, averaged over seeds and over the
+    other fields; each cell says its n. Blank: no trial has that pair."""
+    import itertools
+
+    plt = _pyplot()
+    pairs = list(itertools.combinations(varying_fields(trials, keys), 2))[:MAX_HEATMAPS]
+    if not pairs:
+        fig, ax = plt.subplots(figsize=(6, 0.8))
+        ax.text(0.5, 0.5, "fewer than two searched fields vary: no pair to draw", ha="center", va="center", fontsize=9)
+        ax.set_axis_off()
+        return _save(fig, path)
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.8 * len(pairs), 4.2), squeeze=False)
+    for ax, (row_key, col_key) in zip(axes[0], pairs):
+        rows_, cols = _ordered_values(trials, row_key), _ordered_values(trials, col_key)
+        cells = {(_fmt(p[row_key]), _fmt(p[col_key])): p for p in aggregate_over_seeds(trials, [row_key, col_key], "val_acc")}
+        grid = [[100 * cells[(r, c)]["mean"] if cells.get((r, c), {}).get("mean") is not None else math.nan
+                 for c in cols] for r in rows_]
+        image = ax.imshow(grid, cmap="viridis", aspect="auto")
+        for i, r in enumerate(rows_):
+            for j, c in enumerate(cols):
+                cell = cells.get((r, c))
+                if cell and cell["mean"] is not None:
+                    ax.text(j, i, f"{100 * cell['mean']:.1f}\nn={cell['n']}", ha="center", va="center", fontsize=8,
+                            color="white" if grid[i][j] < _middle(grid) else "black")
+        ax.set_xticks(range(len(cols)), cols, rotation=20, fontsize=8)
+        ax.set_yticks(range(len(rows_)), rows_, fontsize=8)
+        ax.set_xlabel(col_key)
+        ax.set_ylabel(row_key)
+        fig.colorbar(image, ax=ax, label="mean val_acc %")
+    fig.suptitle("Mean val_acc % at the best epoch, two searched fields at a time (over seeds and the other fields)")
+    return _save(fig, path)
+
+
+def _ordered_values(trials, key: str) -> list[str]:
+    values = list({_fmt(t.get(key)): t.get(key) for t in trials}.items())
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for _, v in values)
+    return [label for label, v in sorted(values, key=lambda lv: lv[1] if numeric else lv[0])]
+
+
+def _middle(grid: list[list[float]]) -> float:
+    finite = [v for row in grid for v in row if not math.isnan(v)]
+    return (min(finite) + max(finite)) / 2 if finite else 0.0
+
+
 def plot_throughput(rows, trials, path: str) -> str:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(trials) + 1.5))
@@ -351,7 +446,7 @@ def plot_published(matches, path: str) -> str:
     low = max(0.0, min(values) - 10)  # the differences that matter are a few points
     for y, m in zip(ys, matches):
         ax.text(m["published %"], y - 0.2, f" {m['published %']:.2f}", va="center", fontsize=7)
-        ours = f" {m['ours %']:.2f}" if m["ours %"] is not None else " not measured (test: best trial only)"
+        ours = f" {m['ours %']:.2f}" if m["ours %"] is not None else " not measured (tune.test best: the best trial only)"
         ax.text(m["ours %"] if m["ours %"] is not None else low, y + 0.2, ours, va="center", fontsize=7)
     ax.set_xlim(low, 100)
     ax.set_xlabel("accuracy %")
@@ -406,6 +501,7 @@ def build(study: Study, out_dir: str, prefix: str = "") -> dict[str, Any]:
     plot_curves(study.rows, trials, p("curves"))
     plot_asha(trials, study.tune, max_t, p("asha"))
     plot_params(trials, keys, p("params"))
+    plot_heatmap(trials, keys, p("heatmap"))
     plot_throughput(study.rows, trials, p("throughput"))
     plot_published(matches, p("published"))
     columns = ["trial_id", *keys, SEED_KEY, "status", "epochs", "best_epoch", "best_metric", "val_acc", "test_acc"]
@@ -415,34 +511,76 @@ def build(study: Study, out_dir: str, prefix: str = "") -> dict[str, Any]:
 
 
 SECTIONS = (("ranking", "Trial ranking"), ("curves", "Learning curves"), ("asha", "Where the scheduler stopped each trial"),
-            ("params", "Accuracy against each searched field"), ("throughput", "Images/s per trial"),
+            ("params", "Accuracy against each searched field"),
+            ("heatmap", "Mean accuracy, two searched fields at a time"), ("throughput", "Images/s per trial"),
             ("published", "Beside the published figures"))
 
 
-def _markdown(study: Study, built: dict[str, Any]) -> str:
+@dataclass
+class TableSection:
+    """A titled table with its notes: what both report.md and report.html show, in order."""
+
+    title: str
+    notes: list[str]
+    rows: list[dict[str, Any]]
+    columns: list[str]
+
+
+def _headline(study: Study, built: dict[str, Any]) -> str:
     best = built["trials"][0] if built["trials"] else {}
-    lines = [f"# Study report: {study.name}", "",
-             f"Ranked by `{study.metric}` ({study.mode}); best trial `{best.get('trial_id', '-')}` "
-             f"({_fmt(best.get('best_metric'))} at epoch {_fmt(best.get('best_epoch'))}, test_acc {_fmt(best.get('test_acc'))}).",
-             "", markdown_table(built["trials"], built["columns"]), "",
-             "## Replicates (val_acc at the best epoch, mean ± std over train.seed)", "",
-             markdown_table(built["replicates"], list(built["replicates"][0]) if built["replicates"] else []), ""]
-    if built["matches"]:
-        lines += ["## Published figures", "", markdown_table(built["matches"], ["label", "metric", "published %", "ours %", "source"]), ""]
+    return (f"Ranked by `{study.metric}` ({study.mode}); best trial `{best.get('trial_id', '-')}` "
+            f"({_fmt(best.get('best_metric'))} at epoch {_fmt(best.get('best_epoch'))}, "
+            f"test_acc {_fmt(best.get('test_acc'))}).")
+
+
+def _tests_all(study: Study) -> bool:
+    return study.tune.get("test") == "all"
+
+
+def trials_section(study: Study, built: dict[str, Any]) -> TableSection:
+    return TableSection("Trials", [_headline(study, built)] + ([TEST_ALL_NOTE] if _tests_all(study) else []),
+                        built["trials"], built["columns"])
+
+
+def replicates_section(study: Study, built: dict[str, Any]) -> TableSection:
+    rows = built["replicates"]
+    return TableSection("Replicates (val_acc at the best epoch, over train.seed)", [NOISE_NOTE], rows,
+                        list(rows[0]) if rows else [])
+
+
+def published_section(study: Study, built: dict[str, Any]) -> TableSection | None:
+    if not built["matches"]:
+        return None
+    notes = [TEST_ALL_NOTE if _tests_all(study) else
+             "tune.test best: only the best trial has a test figure; tune.test all puts one beside every run."]
+    return TableSection("Published figures", notes, built["matches"],
+                        ["label", "metric", "published %", "ours %", "source"])
+
+
+# The tables, in order: each a function (study, built) -> TableSection or None (nothing to show).
+TABLE_SECTIONS = (trials_section, replicates_section, published_section)
+
+
+def table_sections(study: Study, built: dict[str, Any]) -> list[TableSection]:
+    return [t for t in (make(study, built) for make in TABLE_SECTIONS) if t is not None]
+
+
+def _markdown(study: Study, built: dict[str, Any]) -> str:
+    lines = [f"# Study report: {study.name}", ""]
+    for i, t in enumerate(table_sections(study, built)):
+        lines += ([] if i == 0 else [f"## {t.title}", ""]) + [n for note in t.notes for n in (note, "")]
+        lines += [markdown_table(t.rows, t.columns), ""]
     for name, title in SECTIONS:
         lines += [f"## {title}", "", f"![{title}]({built['figures'][name]})", ""]
     return "\n".join(lines)
 
 
 def _html(study: Study, built: dict[str, Any]) -> str:
-    md_head = _markdown(study, built).split("\n")[2]
-    parts = [f"<h1>Study report: {html.escape(study.name)}</h1>", f"<p>{html.escape(md_head).replace('`', '')}</p>",
-             html_table(built["trials"], built["columns"]),
-             "<h2>Replicates (val_acc at the best epoch, mean ± std over train.seed)</h2>",
-             html_table(built["replicates"], list(built["replicates"][0]) if built["replicates"] else [])]
-    if built["matches"]:
-        parts += ["<h2>Published figures</h2>",
-                  html_table(built["matches"], ["label", "metric", "published %", "ours %", "source"])]
+    parts = [f"<h1>Study report: {html.escape(study.name)}</h1>"]
+    for i, t in enumerate(table_sections(study, built)):
+        parts += ([] if i == 0 else [f"<h2>{html.escape(t.title)}</h2>"])
+        parts += [f"<p>{html.escape(note).replace('`', '')}</p>" for note in t.notes]
+        parts += [html_table(t.rows, t.columns)]
     for name, title in SECTIONS:
         parts += [f"<h2>{html.escape(title)}</h2>", f'<img src="{built["figures"][name]}" alt="{html.escape(title)}">']
     style = ("body{font-family:sans-serif;max-width:1200px;margin:1em auto;color:#222}"

@@ -3,14 +3,16 @@
 results.parquet  one row per trial per epoch: trial_id, epoch, each searched field as
                  its own column ("optim.name", ...), the epoch's metrics and timings.
 trials.parquet   one row per trial: status (completed / stopped / failed), epochs run,
-                 best val_acc, and test_acc for the study's best trial only.
+                 best val_acc, and test_acc for the study's best trial (tune.test best) or every
+                 finished trial (tune.test all).
 Both carry the provenance columns of `provenance()`. Files are replaced atomically,
 so a reader never sees half a file. During a study, epochs go to small part files under
 results.parts/ (`ResultsLog`), merged into results.parquet at the end; `read_results` reads both.
 
 Which trial and which epoch are best is decided here only (`best_epoch`, `rank_trials`,
 `summarize_trials`), by the study's tune.metric and tune.mode; replicates of one searched
-point (differing only in train.seed) are summarised by `aggregate_over_seeds`.
+point (differing only in train.seed) are summarised by `aggregate_over_seeds` (mean, std, a t-based
+95% interval), and two points compared by `welch_p_value`.
 """
 
 from __future__ import annotations
@@ -232,9 +234,47 @@ def searched_columns(rows: list[dict[str, Any]], with_seed: bool = False) -> lis
     return [c for c in columns if with_seed or c != SEED_KEY]
 
 
+# --- Noise: how sure a ranking is, from the train.seed replicates of each point ---
+
+CONFIDENCE = 0.95
+
+
+def t_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+    """Student-t confidence interval of the mean of `values` (mean +- t_{n-1} * s / sqrt(n), s the sample
+    std); None for fewer than two values: one run has no interval."""
+    from scipy.stats import t
+
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    s = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(t.ppf(0.5 + confidence / 2, n - 1)) * s / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def welch_p_value(a: list[float], b: list[float]) -> float | None:
+    """Two-sided p-value of Welch's t-test (unequal variances) that `a` and `b` have the same mean; None when
+    either has fewer than two values. Both without spread: 1.0 for equal means, else 0.0."""
+    from scipy.stats import t
+
+    if len(a) < 2 or len(b) < 2:
+        return None
+    mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
+    var_a = sum((v - mean_a) ** 2 for v in a) / (len(a) - 1) / len(a)  # squared standard errors
+    var_b = sum((v - mean_b) ** 2 for v in b) / (len(b) - 1) / len(b)
+    if var_a + var_b == 0:
+        return 1.0 if mean_a == mean_b else 0.0
+    stat = (mean_a - mean_b) / math.sqrt(var_a + var_b)
+    # Welch-Satterthwaite degrees of freedom
+    dof = (var_a + var_b) ** 2 / (var_a ** 2 / (len(a) - 1) + var_b ** 2 / (len(b) - 1))
+    return float(2 * t.sf(abs(stat), dof))
+
+
 def aggregate_over_seeds(rows: list[dict[str, Any]], keys: list[str], value: str) -> list[dict[str, Any]]:
-    """mean, std (sample, n-1; None for one value) and n of `value` per point of `keys` (train.seed is never
-    part of a point: replicates of a point differ only in it). Rows without a value are left out of n."""
+    """mean, std (sample, n-1; None for one value), n, the values, and the 95% t interval of the mean (ci_low,
+    ci_high; None for one value) of `value` per point of `keys` (train.seed is never part of a point:
+    replicates of a point differ only in it). Rows without a value are left out of n."""
     points: dict[tuple, list[float]] = {}
     first: dict[tuple, dict[str, Any]] = {}
     keys = [k for k in keys if k != SEED_KEY]
@@ -248,7 +288,9 @@ def aggregate_over_seeds(rows: list[dict[str, Any]], keys: list[str], value: str
         n = len(values)
         mean = sum(values) / n if n else None
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
-        out.append({**first[point], "mean": mean, "std": std, "n": n})
+        ci = t_interval(values)
+        out.append({**first[point], "mean": mean, "std": std, "n": n, "values": values,
+                    "ci_low": ci[0] if ci else None, "ci_high": ci[1] if ci else None})
     return out
 
 

@@ -5,12 +5,19 @@ started, so its rungs come back empty and a resumed study would keep trials that
 uninterrupted one stops. `RestorableASHA` refills the rungs from the study's recorded
 rows (ray_cifar.results) the first time it sees a trial, replaying the rows in the order
 they arrived, so the resumed study makes the same decisions.
+
+The knobs (tune.*): rungs at grace_period * reduction_factor^k below max_t, in epochs or,
+with time_attr "steps", optimizer steps; at each rung a trial goes on only if it is in the
+best 1/reduction_factor of the trials that reached that rung so far. With brackets > 1,
+bracket b's first rung is grace_period * reduction_factor^b, and each trial joins one bracket
+(chosen from its trial id, so a restored study puts it in the same one).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zlib
 from typing import Any, Callable
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
@@ -27,33 +34,52 @@ class _Recorded:
 
 
 class RestorableASHA(ASHAScheduler):
-    """ASHAScheduler(time_attr="epoch", ...) plus rungs rebuilt from `output`'s rows.
+    """ASHAScheduler plus rungs rebuilt from `output`'s rows, and a bracket per trial from its id.
 
     Args:
         output: the study's output folder, whose recorded rows rebuild the rungs after a restore.
         on_stop: called with a trial id whenever this scheduler stops that trial.
-        max_t, grace_period: in epochs; reduction_factor: keep the best 1/reduction_factor per rung.
+        time_attr: "epoch" or "steps" (optimizer steps so far, reported every epoch): the unit of
+            max_t and grace_period.
+        max_t, grace_period: in time_attr units; reduction_factor: keep the best 1/reduction_factor per
+            rung; brackets: how many (bracket b starts at grace_period * reduction_factor^b).
     """
 
-    def __init__(self, output: str, on_stop: Callable[[str], None] | None = None, **asha_args: Any):
-        super().__init__(time_attr="epoch", **asha_args)
+    def __init__(self, output: str, on_stop: Callable[[str], None] | None = None, time_attr: str = "epoch",
+                 **asha_args: Any):
+        super().__init__(time_attr=time_attr, **asha_args)
         self.output, self.on_stop = output, on_stop
         self._rebuilt = False
         self._stopped_before: set[str] = set()
 
+    def bracket_of(self, trial_id: str):
+        """The trial's bracket, with Ray's weights (brackets with more rungs more likely) but drawn from a
+        hash of the trial id instead of numpy's global random state, so a restore draws the same one."""
+        if len(self._brackets) == 1:
+            return self._brackets[0]
+        sizes = [len(b._rungs) for b in self._brackets]
+        weights = [2.718281828459045 ** (n - max(sizes)) for n in sizes]
+        u = zlib.crc32(str(trial_id).encode()) / 2**32 * sum(weights)
+        for bracket, w in zip(self._brackets, weights):
+            if u < w:
+                return bracket
+            u -= w
+        return self._brackets[-1]
+
     def rebuild_rungs(self, rows: list[dict[str, Any]]) -> None:
-        """Feed recorded (trial, epoch, metric) rows to the rungs, oldest first; decisions are discarded."""
-        bracket = self._brackets[0]  # ray_cifar uses one bracket (ASHAScheduler's default)
-        rows = [r for r in rows if r.get(self._metric) is not None]
+        """Feed recorded (trial, time, metric) rows to the rungs, oldest first; decisions are discarded."""
+        rows = [r for r in rows if r.get(self._metric) is not None and r.get(self._time_attr) is not None]
         for row in sorted(rows, key=lambda r: (r.get("time") or 0, r["epoch"])):
-            bracket.on_result(_Recorded(row["trial_id"]), row["epoch"], self._metric_op * row[self._metric])
+            self.bracket_of(row["trial_id"]).on_result(_Recorded(row["trial_id"]), row[self._time_attr],
+                                                       self._metric_op * row[self._metric])
 
     def on_trial_add(self, tune_controller, trial) -> None:
         if not self._rebuilt:
             self._rebuilt = True
             self.rebuild_rungs(ResultsLog(self.output).read())
             self._stopped_before = self._recorded_stops()
-        super().on_trial_add(tune_controller, trial)
+        super().on_trial_add(tune_controller, trial)  # checks metric/mode, draws a bracket at random ...
+        self._trial_info[trial.trial_id] = self.bracket_of(trial.trial_id)  # ... replaced by the trial id's
 
     def _recorded_stops(self) -> set[str]:
         """Trials this scheduler stopped before a restore. A driver that dies between the decision and
@@ -70,11 +96,16 @@ class RestorableASHA(ASHAScheduler):
             return TrialScheduler.STOP
         decision = super().on_trial_result(tune_controller, trial, result)
         # ASHA also says STOP at max_t, where the trial ends anyway: only a stop before the trial's
-        # own last epoch is the scheduler's doing.
-        last_epoch = min(self._max_t, result.get("epochs") or self._max_t)
-        if decision == TrialScheduler.STOP and result.get("epoch", last_epoch) < last_epoch and self.on_stop:
+        # own end is the scheduler's doing.
+        if decision == TrialScheduler.STOP and not self._at_end(result) and self.on_stop:
             self.on_stop(trial.trial_id)
         return decision
+
+    def _at_end(self, result: dict) -> bool:
+        epoch, epochs = result.get("epoch"), result.get("epochs")
+        if epoch is None or (epochs is not None and epoch >= epochs):
+            return True
+        return result.get(self._time_attr, 0) >= self._max_t
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -83,8 +114,8 @@ class RestorableASHA(ASHAScheduler):
 
 
 def create_scheduler(name: str, output: str, on_stop: Callable[[str], None], max_t: int, grace_period: int,
-                     reduction_factor: float) -> TrialScheduler:
+                     reduction_factor: float, brackets: int = 1, time_attr: str = "epoch") -> TrialScheduler:
     if name == "fifo":
         return FIFOScheduler()
-    return RestorableASHA(output, on_stop=on_stop, max_t=max_t, grace_period=grace_period,
-                          reduction_factor=reduction_factor)
+    return RestorableASHA(output, on_stop=on_stop, time_attr=time_attr, max_t=max_t, grace_period=grace_period,
+                          reduction_factor=reduction_factor, brackets=brackets)

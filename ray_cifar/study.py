@@ -7,7 +7,8 @@ OUTPUT holds config.yaml, results.parquet (+ results.parts/ while running), tria
 (the recorder's live state), trials.parquet and the report at the end, tensorboard/, and
 Ray's own files under ray/ (Tune's experiment in ray/tune, each trial's TorchTrainer run
 and checkpoints in ray/trial-<id>). The test split is evaluated once, for the best trial
-by tune.metric/tune.mode, at the end.
+by tune.metric/tune.mode, at the end (tune.test all: every finished trial, each at its best
+validation epoch, to stand beside published test figures; never used to choose).
 """
 
 from __future__ import annotations
@@ -102,9 +103,13 @@ def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, re
                                   resume_errored=True), keys
     # With train.max_steps the epochs per trial follow from the data and the batch size; without
     # tune.max_epochs ASHA then has no top rung and survivors run to their own end.
-    max_t = cfg.tune.max_epochs or (cfg.train.epochs if cfg.train.max_steps is None else 10**6)
+    if cfg.tune.time_attr == "steps":  # the top rung is the step budget (none without one)
+        max_t = cfg.train.max_steps or 10**12
+    else:
+        max_t = cfg.tune.max_epochs or (cfg.train.epochs if cfg.train.max_steps is None else 10**6)
     scheduler = create_scheduler(cfg.tune.scheduler, output, recorder.note_stopped, max_t=max_t,
-                                 grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
+                                 grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor,
+                                 brackets=cfg.tune.brackets, time_attr=cfg.tune.time_attr)
     return tune.Tuner(
         trainable,
         param_space=to_param_space(space),
@@ -252,12 +257,14 @@ def finish_study(cfg: Config, output: str, keys: list[str]) -> int:
         t.update(test_acc=None, test_loss=None)
     best = next((t for t in trials if t.get("best_checkpoint")), None)
     try:
-        if best is not None:
-            # The test split, once, for the trial chosen by validation alone.
-            test = trial.evaluate_checkpoint(best["best_checkpoint"], "test", cfg.train.use_gpu)
-            best.update(test_acc=test["test_acc"], test_loss=test["test_loss"])
-    except Exception as e:  # noqa: BLE001 - the trials' results matter more than the one test figure
-        print(f"[ray_cifar] test evaluation of {best['trial_id']} failed: {e}", flush=True)
+        # The test split, once per trial, for the trial chosen by validation alone (tune.test best), or
+        # for every finished trial at its best validation epoch (all): chosen before any test figure exists.
+        for t in test_evaluated(cfg, trials, best):
+            try:
+                test = trial.evaluate_checkpoint(t["best_checkpoint"], "test", cfg.train.use_gpu)
+                t.update(test_acc=test["test_acc"], test_loss=test["test_loss"])
+            except Exception as e:  # noqa: BLE001 - the trials' results matter more than a test figure
+                print(f"[ray_cifar] test evaluation of {t['trial_id']} failed: {e}", flush=True)
     finally:
         run_provenance = provenance()  # a git subprocess: once, not once per trial
         write_rows([{**t, **run_provenance} for t in trials], os.path.join(output, "trials.parquet"))
@@ -279,6 +286,17 @@ def finish_study(cfg: Config, output: str, keys: list[str]) -> int:
     with open(os.path.join(output, FINISHED), "w") as f:
         json.dump({"finished": time.time(), "failed": [t["trial_id"] for t in failed]}, f)
     return 1 if failed else 0
+
+
+def test_evaluated(cfg: Config, trials: list[dict[str, Any]], best: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The trials whose best checkpoint the test split evaluates: the best one (tune.test best), or every
+    finished trial with a checkpoint (all: completed, stopped and diverged; not failed), best first."""
+    if cfg.tune.test == "all":
+        todo = [t for t in trials if t.get("best_checkpoint") and t.get("status") != FAILED]
+        print(f"[ray_cifar] tune.test=all: evaluating {len(todo)} trial(s) on the test split, each once at its "
+              f"best {cfg.tune.metric} epoch (reported, never used to choose)", flush=True)
+        return todo
+    return [best] if best is not None else []
 
 
 def finish_and_sync(cfg: Config, output: str, keys: list[str], remote: str | None) -> int:

@@ -223,10 +223,18 @@ def _validate_tune(u: TuneConfig, t: TrainConfig) -> None:
     _check_name("tune.mode", u.mode, ["max", "min"])
     _check_name("tune.tracking", u.tracking, ["none", "mlflow", "wandb"])
     _check_name("tune.metric", u.metric, ["val_acc", "val_loss", "train_acc", "train_loss"])
-    _check(u.grace_period >= 1, "tune.grace_period", "must be >= 1 epoch", u.grace_period)
+    _check_name("tune.time_attr", u.time_attr, ["epoch", "steps"])
+    _check_name("tune.test", u.test, ["best", "all"])
+    _check(u.grace_period >= 1, "tune.grace_period", f"must be >= 1 {u.time_attr}", u.grace_period)
     _check(u.max_failures >= 0, "tune.max_failures", "must be >= 0", u.max_failures)
     _check(u.reduction_factor > 1, "tune.reduction_factor", "must be > 1", u.reduction_factor)
-    if t.max_steps is None:
+    _check(u.brackets >= 1, "tune.brackets", "must be >= 1", u.brackets)
+    if u.time_attr == "steps":
+        _check(u.max_epochs is None, "tune.max_epochs", "must be null with tune.time_attr steps "
+               "(the top rung is train.max_steps)", u.max_epochs)
+        _check(t.max_steps is None or u.grace_period <= t.max_steps, "tune.grace_period",
+               f"must be <= train.max_steps={t.max_steps} (time_attr steps)", u.grace_period)
+    elif t.max_steps is None:
         max_epochs = u.max_epochs if u.max_epochs is not None else t.epochs
         _check(1 <= max_epochs <= t.epochs, "tune.max_epochs", f"must be in [1, train.epochs={t.epochs}]", u.max_epochs)
         _check(u.grace_period <= max_epochs, "tune.grace_period", f"must be <= max epochs ({max_epochs})",

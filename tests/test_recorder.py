@@ -258,3 +258,67 @@ def test_progress_counts_trials_tune_has_not_created_yet_as_pending():
     assert "1 trial(s) done, 1 running, 4 pending" in line and "~9.0 min left at most" in line
     # Without the total, only what Tune has created counts (the old underestimate).
     assert "~1.0 min left at most" in progress_line(trials, summaries, elapsed=180.0)
+
+
+def test_brackets_come_from_the_trial_id_so_a_restore_rebuilds_each_trials_own_rungs(recorder, tmp_path):
+    asha_args = dict(metric="val_acc", mode="max", max_t=8, grace_period=1, reduction_factor=2, brackets=2)
+    original = RestorableASHA(str(tmp_path), on_stop=recorder.note_stopped, **asha_args)
+    ids = [f"t{i}" for i in range(40)]
+    chosen = [original._brackets.index(original.bracket_of(t)) for t in ids]
+    assert set(chosen) == {0, 1}  # both brackets get trials ...
+    again = RestorableASHA(str(tmp_path), **asha_args)
+    assert [again._brackets.index(again.bracket_of(t)) for t in ids] == chosen  # ... the same ones every time
+    history = [(t, e, 0.3 + 0.01 * i + 0.05 * e) for i, t in enumerate(ids[:8]) for e in (1, 2)]
+    _run(original, history, recorder)
+    rebuilt = pickle.loads(pickle.dumps(RestorableASHA(str(tmp_path), **asha_args)))
+    restored = _run(rebuilt, [("t30", 1, 0.31), ("t30", 2, 0.36)])  # before the original notes its stop
+    assert _run(original, [("t30", 1, 0.31), ("t30", 2, 0.36)]) == restored
+    for bracket in original._brackets:  # the rebuilt rungs are the original's, bracket by bracket
+        twin = rebuilt._brackets[original._brackets.index(bracket)]
+        assert [sorted(r[1].items()) for r in twin._rungs] == [sorted(r[1].items()) for r in bracket._rungs]
+
+
+def test_asha_on_a_step_budget_decides_at_equal_steps_not_equal_epochs(recorder, tmp_path):
+    # Two batch sizes: "small" takes 50 steps an epoch, "large" 25. Rungs at 50, 100, 200 steps (max 400).
+    asha = RestorableASHA(str(tmp_path), on_stop=recorder.note_stopped, time_attr="steps", metric="val_acc",
+                          mode="max", max_t=400, grace_period=50, reduction_factor=2)
+
+    def report(trial_id, epoch, steps, acc):
+        return asha.on_trial_result(None, FakeTrial(trial_id), {**result(epoch, acc), "epochs": 16, "steps": steps})
+
+    asha.on_trial_add(None, FakeTrial("small"))
+    asha.on_trial_add(None, FakeTrial("large"))
+    assert report("small", 1, 50, 0.60) == TrialScheduler.CONTINUE  # first at the 50-step rung
+    # After one epoch the large batch has taken 25 steps: below the first rung, nothing is decided ...
+    assert report("large", 1, 25, 0.30) == TrialScheduler.CONTINUE
+    # ... at 50 steps (epoch 2) it is compared with the small batch at the 50-step rung, and stopped.
+    assert report("large", 2, 50, 0.40) == TrialScheduler.STOP
+    assert recorder.trials["large"]["status"] == "stopped"
+    assert report("small", 8, 400, 0.70) == TrialScheduler.STOP  # the step budget: its end, not a stop
+    assert recorder.trials.get("small", {}).get("status") != "stopped"
+
+
+def test_tune_test_all_evaluates_every_finished_trial_once_at_its_best_epoch(tmp_path, monkeypatch, capsys):
+    from ray_cifar import trial as trial_mod
+    from ray_cifar.validation import load_config
+
+    rec = StudyRecorder(str(tmp_path), lr_params, "val_acc", "max", tensorboard=False)
+    for tid, accs in (("a", (0.5, 0.7, 0.6)), ("b", (0.4,)), ("c", (0.3,))):
+        for epoch, acc in enumerate(accs, 1):
+            rec.on_trial_result(0, [], FakeTrial(tid), {"epoch": epoch, "epochs": 3, "val_acc": acc,
+                                                        "checkpoint_path": f"/ckpt/{tid}/{epoch}"})
+    rec.note_stopped("b")
+    for tid in ("a", "b"):
+        rec.on_trial_complete(0, [], FakeTrial(tid))
+    rec.on_trial_error(0, [], FakeTrial("c"))  # failed: not a finished trial, no test figure
+    evaluated = []
+    monkeypatch.setattr(trial_mod, "evaluate_checkpoint", lambda path, split, use_gpu: evaluated.append(path)
+                        or {"test_acc": 0.1 * len(evaluated), "test_loss": 1.0})
+    assert study.finish_study(load_config(None, ["tune.test=all", "train.use_gpu=false"]), str(tmp_path),
+                              ["optim.lr"]) == 1  # c failed
+    assert evaluated == ["/ckpt/a/2", "/ckpt/b/1"]  # best first, each at its best epoch, once
+    import pyarrow.parquet as pq
+    by_id = {t["trial_id"]: t for t in pq.read_table(tmp_path / "trials.parquet").to_pylist()}
+    assert by_id["a"]["test_acc"] == pytest.approx(0.1) and by_id["b"]["test_acc"] == pytest.approx(0.2)
+    assert by_id["c"]["test_acc"] is None
+    assert "never used to choose" in capsys.readouterr().out

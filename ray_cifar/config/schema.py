@@ -131,9 +131,12 @@ class TuneConfig:
     scheduler: str = "asha"  # asha (early stopping) | fifo (every trial runs to the end)
     metric: str = "val_acc"  # what ASHA and "best trial" compare (reported every epoch)
     mode: str = "max"  # max | min, for metric
-    grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped
-    reduction_factor: float = 2.0  # ASHA: keep the best 1/reduction_factor at each rung
-    max_epochs: int | None = None  # ASHA max_t in epochs; None: train.epochs
+    time_attr: str = "epoch"  # ASHA's clock: epoch | steps (optimizer steps so far: trials of different batch sizes compared at equal steps, not equal epochs); the unit of grace_period
+    grace_period: int = 1  # ASHA: epochs (time_attr steps: optimizer steps) every trial runs before it can be stopped (larger: fewer early, noisy verdicts; costs more)
+    reduction_factor: float = 2.0  # ASHA: keep the best 1/reduction_factor at each rung; rungs at grace_period * reduction_factor^k (larger: stops more, sooner)
+    brackets: int = 1  # ASHA brackets: bracket b's first rung is grace_period * reduction_factor^b; each trial joins one (Hyperband's hedge against a too-short grace period)
+    max_epochs: int | None = None  # ASHA max_t in epochs; None: train.epochs; with time_attr steps it must be null: the top rung is train.max_steps (null: none)
+    test: str = "best"  # test-split evaluations at the end: best (the trial chosen by validation, once) | all (every finished trial at its best validation epoch, to stand beside published test figures; never used to choose)
     num_samples: int = 1  # samples of the search space (each grid point is run num_samples times)
     max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs/GPUs fit; a local Ray is sized to fit this many
     max_failures: int = 1  # times Tune runs a failed trial again (it resumes from its last checkpoint); 0 = never

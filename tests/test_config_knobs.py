@@ -128,3 +128,15 @@ def test_max_steps_relaxes_the_asha_epoch_checks():
     load_config(None, ["train.max_steps=32000", "train.epochs=1", "tune.grace_period=5"])
     with pytest.raises(ConfigError, match="tune.grace_period"):
         load_config(None, ["train.epochs=1", "tune.grace_period=5"])
+
+
+def test_asha_knobs_and_tune_test_are_checked():
+    cfg = load_config(None, ["tune.brackets=3", "tune.test=all", "tune.time_attr=steps", "train.max_steps=500",
+                             "tune.grace_period=50"])
+    assert (cfg.tune.brackets, cfg.tune.test, cfg.tune.time_attr) == (3, "all", "steps")
+    for sets, key in ((["tune.test=some"], "tune.test"), (["tune.brackets=0"], "tune.brackets"),
+                      (["tune.time_attr=seconds"], "tune.time_attr"),
+                      (["tune.time_attr=steps", "tune.max_epochs=3"], "tune.max_epochs"),
+                      (["tune.time_attr=steps", "train.max_steps=40", "tune.grace_period=50"], "tune.grace_period")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(None, sets)

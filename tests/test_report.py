@@ -196,3 +196,26 @@ def test_report_of_a_real_smoke_study_has_every_figure(tmp_path, synthetic_parqu
         assert f'src="figures/{name}.png"' in page
     ranked = summaries(load_study(str(output)))
     assert len(ranked) == 2 and ranked[0]["optim.lr"] == 0.05 and ranked[0]["test_acc"] is not None
+
+
+def test_replicate_table_has_intervals_and_a_welch_column_checked_against_scipy():
+    from scipy import stats
+
+    from ray_cifar.report import NOISE_NOTE, VERSUS_BEST, replicate_rows
+
+    # Synthetic trial summaries: four points, one of them with a single seed.
+    points = {0.1: [0.912, 0.905, 0.921, 0.899, 0.915], 0.2: [0.903, 0.889, 0.911], 0.05: [0.870, 0.874, 0.869, 0.880],
+              0.3: [0.850]}
+    trials = [{"optim.lr": lr, "train.seed": s, "val_acc": v} for lr, vs in points.items() for s, v in enumerate(vs)]
+    rows = {r["optim.lr"]: r for r in replicate_rows(trials, ["optim.lr"])}
+    assert list(rows) == [0.1, 0.2, 0.05, 0.3]  # best mean first
+    low, high = stats.t.interval(0.95, 4, loc=sum(points[0.1]) / 5, scale=stats.sem(points[0.1]))
+    assert rows[0.1]["95% CI (t)"] == f"[{100 * low:.2f}, {100 * high:.2f}]"
+    assert rows[0.1][VERSUS_BEST] == "best"
+    p_close = stats.ttest_ind(points[0.2], points[0.1], equal_var=False).pvalue
+    p_far = stats.ttest_ind(points[0.05], points[0.1], equal_var=False).pvalue
+    assert p_close > 0.05 > p_far
+    assert rows[0.2][VERSUS_BEST] == f"within noise (p={p_close:.2g})"
+    assert rows[0.05][VERSUS_BEST] == f"worse (p={p_far:.3g})"
+    assert rows[0.3]["95% CI (t)"] == "n=1: no interval" and rows[0.3][VERSUS_BEST] == "n=1: no test"
+    assert rows[0.3]["n"] == 1 and "Welch" in NOISE_NOTE and "Student-t" in NOISE_NOTE

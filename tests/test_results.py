@@ -116,3 +116,45 @@ def test_aggregate_over_seeds_groups_replicates_of_one_point():
     assert math.isclose(points[0.1]["std"], 0.02)  # sample std of 0.90, 0.92, 0.94
     assert (points[0.01]["n"], points[0.01]["mean"], points[0.01]["std"]) == (1, 0.80, None)
     assert "train.seed" not in points[0.1]
+
+
+# The noise of a ranking: checked against scipy.stats' own t interval and Welch test (a separate code
+# path from ray_cifar's: scipy.stats.t.interval with the standard error, and ttest_ind(equal_var=False)).
+SEED_ROWS = {
+    "a": [0.912, 0.905, 0.921, 0.899, 0.915],
+    "b": [0.903, 0.889, 0.911],
+    "c": [0.870, 0.874, 0.869, 0.880],
+    "d": [0.850],
+}
+
+
+def test_t_interval_and_welch_test_match_scipy_on_synthetic_seed_rows():
+    import numpy as np
+    from scipy import stats
+
+    from ray_cifar.results import t_interval, welch_p_value
+
+    for values in SEED_ROWS.values():
+        if len(values) < 2:
+            assert t_interval(values) is None
+            continue
+        low, high = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+        assert t_interval(values) == (pytest.approx(low, rel=1e-12), pytest.approx(high, rel=1e-12))
+    for a, b in (("a", "b"), ("a", "c"), ("b", "c"), ("c", "a")):
+        reference = stats.ttest_ind(SEED_ROWS[a], SEED_ROWS[b], equal_var=False).pvalue
+        assert welch_p_value(SEED_ROWS[a], SEED_ROWS[b]) == pytest.approx(reference, rel=1e-9)
+    assert welch_p_value(SEED_ROWS["a"], SEED_ROWS["c"]) < 0.001 < 0.05 < welch_p_value(SEED_ROWS["a"], SEED_ROWS["b"])
+    assert welch_p_value(SEED_ROWS["a"], SEED_ROWS["d"]) is None  # one seed: no test
+    assert welch_p_value([0.5, 0.5], [0.5, 0.5]) == 1.0 and welch_p_value([0.5, 0.5], [0.4, 0.4]) == 0.0
+
+
+def test_aggregate_over_seeds_carries_the_interval():
+    from scipy import stats
+
+    rows = [{"optim.lr": lr, "train.seed": s, "val_acc": v} for lr, values in (("a", SEED_ROWS["a"]), ("d", SEED_ROWS["d"]))
+            for s, v in enumerate(values)]
+    points = {p["optim.lr"]: p for p in aggregate_over_seeds(rows, ["optim.lr", "train.seed"], "val_acc")}
+    low, high = stats.t.interval(0.95, 4, loc=sum(SEED_ROWS["a"]) / 5, scale=stats.sem(SEED_ROWS["a"]))
+    assert (points["a"]["ci_low"], points["a"]["ci_high"]) == (pytest.approx(low), pytest.approx(high))
+    assert points["a"]["values"] == SEED_ROWS["a"]
+    assert (points["d"]["ci_low"], points["d"]["ci_high"], points["d"]["n"]) == (None, None, 1)

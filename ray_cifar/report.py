@@ -254,7 +254,7 @@ def plot_ranking(trials, metric: str, mode: str, path: str) -> str:
     for i, t in enumerate(trials):
         note = _fmt(t["best_metric"]) + (f"  test_acc {t['test_acc']:.4f}" if t.get("test_acc") is not None else "")
         ax.text(values[i], i, " " + note, va="center", fontsize=8)
-    ax.set_xlabel(f"best {metric} ({mode}); orange: the trial evaluated on test")
+    ax.set_xlabel(f"best {metric} ({mode}); orange: evaluated on test (after the ranking, never choosing)")
     ax.set_title("Trial ranking, best first")
     ax.margins(x=0.3)
     return _save(fig, path)
@@ -290,8 +290,9 @@ def plot_curves(rows, trials, path: str) -> str:
 
 
 def asha_rungs(tune: dict[str, Any], max_t: float) -> list[float]:
-    """Where ASHA decides: grace_period * reduction_factor^k, below max_t (empty for other schedulers)."""
-    if tune.get("scheduler", "asha") != "asha":
+    """Where ASHA decides, in epochs: grace_period * reduction_factor^k, below max_t (empty for other
+    schedulers, and for rungs in optimizer steps, tune.time_attr steps, which this epoch axis cannot show)."""
+    if tune.get("scheduler", "asha") != "asha" or tune.get("time_attr", "epoch") != "epoch":
         return []
     grace, factor = float(tune.get("grace_period") or 1), float(tune.get("reduction_factor") or 4)
     rungs, rung = [], grace
@@ -320,8 +321,15 @@ def plot_asha(trials, tune: dict[str, Any], max_t: float, path: str) -> str:
     ax.legend(handles=handles, fontsize=8, loc="lower right")
     ax.set_xlabel("epochs run (dashed: ASHA rungs; solid: max)")
     scheduler = tune.get("scheduler", "?")
-    detail = (f"grace {tune.get('grace_period')}, reduction {tune.get('reduction_factor')}, "
-              f"rungs at {', '.join(f'{r:g}' for r in rungs)}, max {max_t:g}" if scheduler == "asha" else "no rungs")
+    if scheduler != "asha":
+        detail = "no rungs"
+    elif tune.get("time_attr", "epoch") != "epoch":
+        detail = f"rungs every x{tune.get('reduction_factor')} from {tune.get('grace_period')} optimizer steps"
+    else:
+        detail = (f"grace {tune.get('grace_period')}, reduction {tune.get('reduction_factor')}, "
+                  f"rungs at {', '.join(f'{r:g}' for r in rungs)}, max {max_t:g}")
+    if (tune.get("brackets") or 1) > 1:
+        detail += f"; {tune['brackets']} brackets (drawn: the first's)"
     ax.set_title(f"Where each trial stopped ({scheduler}: {detail})", fontsize=10)
     return _save(fig, path)
 

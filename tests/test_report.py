@@ -118,6 +118,8 @@ def test_asha_rungs_and_max_epochs_come_from_the_config():
     assert asha_rungs({"scheduler": "asha", "grace_period": 1, "reduction_factor": 2}, 6) == [1, 2, 4]
     assert asha_rungs({"scheduler": "asha", "grace_period": 5, "reduction_factor": 3}, 50) == [5, 15, 45]
     assert asha_rungs({"scheduler": "fifo", "grace_period": 1, "reduction_factor": 2}, 6) == []
+    # rungs in optimizer steps have no place on an epoch axis
+    assert asha_rungs({"scheduler": "asha", "grace_period": 50, "reduction_factor": 2, "time_attr": "steps"}, 6) == []
     trials = [{"epochs": 7}]
     assert study_max_epochs(Study("s", {"train": {"epochs": 6}, "tune": {}}, []), trials) == 6
     assert study_max_epochs(Study("s", {"train": {"epochs": 6}, "tune": {"max_epochs": 4}}, []), trials) == 4

@@ -145,7 +145,7 @@ def _versus_best(point: dict[str, Any], best: dict[str, Any], place: int) -> str
     if place == 0:
         return "best"
     if place > TOP_POINTS:
-        return ""
+        return f"(not compared: below the top {TOP_POINTS + 1})"
     p = welch_p_value(point["values"], best["values"])
     if p is None:
         return "n=1: no test"
@@ -373,16 +373,32 @@ def varying_fields(trials, keys: list[str]) -> list[str]:
     return [k for k in keys if len({_fmt(t.get(k)) for t in trials}) > 1]
 
 
+def heatmap_pairs(trials, keys: list[str]) -> list[tuple[str, str]]:
+    """Pairs of searched fields worth a heatmap, the most cells first (at most MAX_HEATMAPS): a field that is a
+    relabelling of an earlier one (optim.weight_decay set with each optim.name) is left out, and so is a pair
+    where one field fixes the other (a lr searched per optimizer: no cross to show)."""
+    import itertools
+
+    values = lambda k: [_fmt(t.get(k)) for t in trials]  # noqa: E731
+    fields: list[str] = []
+    for key in varying_fields(trials, keys):
+        combos = lambda other: len(set(zip(values(other), values(key))))  # noqa: E731
+        if not any(combos(f) == len(set(values(f))) == len(set(values(key))) for f in fields):
+            fields.append(key)
+    pairs = [(a, b, len(set(zip(values(a), values(b))))) for a, b in itertools.combinations(fields, 2)]
+    pairs = [p for p in pairs if p[2] > max(len(set(values(p[0]))), len(set(values(p[1]))))]
+    return [(a, b) for a, b, _ in sorted(pairs, key=lambda p: -p[2])][:MAX_HEATMAPS]
+
+
 def plot_heatmap(trials, keys: list[str], path: str) -> str:
     """Mean val_acc (%) for each pair of values of two searched fields, averaged over seeds and over the
     other fields; each cell says its n. Blank: no trial has that pair."""
-    import itertools
-
     plt = _pyplot()
-    pairs = list(itertools.combinations(varying_fields(trials, keys), 2))[:MAX_HEATMAPS]
+    pairs = heatmap_pairs(trials, keys)
     if not pairs:
         fig, ax = plt.subplots(figsize=(6, 0.8))
-        ax.text(0.5, 0.5, "fewer than two searched fields vary: no pair to draw", ha="center", va="center", fontsize=9)
+        ax.text(0.5, 0.5, "no two searched fields cross each other: no pair to draw", ha="center", va="center",
+                fontsize=9)
         ax.set_axis_off()
         return _save(fig, path)
     fig, axes = plt.subplots(1, len(pairs), figsize=(4.8 * len(pairs), 4.2), squeeze=False)

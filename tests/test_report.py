@@ -221,3 +221,16 @@ def test_replicate_table_has_intervals_and_a_welch_column_checked_against_scipy(
     assert rows[0.05][VERSUS_BEST] == f"worse (p={p_far:.3g})"
     assert rows[0.3]["95% CI (t)"] == "n=1: no interval" and rows[0.3][VERSUS_BEST] == "n=1: no test"
     assert rows[0.3]["n"] == 1 and "Welch" in NOISE_NOTE and "Student-t" in NOISE_NOTE
+
+
+def test_heatmap_pairs_skip_relabelled_fields_and_pairs_without_a_cross():
+    from ray_cifar.report import heatmap_pairs
+
+    # optim bundles (name, lr, weight_decay) x batch: weight_decay relabels name; each lr has one optimizer
+    bundles = [("sgd", 0.05, 5e-4), ("sgd", 0.2, 5e-4), ("adam", 0.001, 0.0), ("adam", 0.01, 0.0)]
+    trials = [{"optim.name": n, "optim.lr": lr, "optim.weight_decay": wd, "train.global_batch_size": b}
+              for n, lr, wd in bundles for b in (64, 256)]
+    keys = ["optim.name", "optim.lr", "optim.weight_decay", "train.global_batch_size"]
+    assert heatmap_pairs(trials, keys) == [("optim.lr", "train.global_batch_size"),
+                                           ("optim.name", "train.global_batch_size")]
+    assert heatmap_pairs(trials, ["optim.lr"]) == []

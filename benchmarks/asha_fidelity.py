@@ -19,6 +19,10 @@ Both runs are real studies (`python -m ray_cifar.tune`, one subprocess each, the
 - regret: the trials ASHA stopped that finished in the grid's top k, where it stopped them;
 - cost: epochs trained and wall time of the ASHA run as a fraction of the grid's.
 
+Also: the same two correlations over every trial (ASHA's figure when it stopped a trial against the
+grid's final figure: how well what ASHA judged on predicts the end). `--reanalyse OUT/<name>.json`
+recomputes the comparison and the PNG from the runs it names, without training.
+
 Writes OUT/<name>.json and OUT/<name>.png (each trial's grid figure, best first, coloured by ASHA's
 decision) and keeps both studies under OUT/<name>-runs/ (grid/, asha/, each with its report).
 """
@@ -65,7 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="a tiny net, 3 epochs, 1-rank trials: seconds, for tests")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="folder of the JSON, PNG and the runs")
     p.add_argument("--name", default=None, help="results file name (default asha_fidelity_cpu, or _smoke)")
+    p.add_argument("--reanalyse", metavar="JSON", help="recompute the comparison of a results file's runs (no training)")
     args = p.parse_args(argv)
+    if args.reanalyse:
+        return args
     if not args.data:
         p.error("--data DIR (or $RAY_CIFAR_DATA) is required")
     args.config = os.path.abspath(args.config)
@@ -192,6 +199,10 @@ def compare(grid_dir: str, asha_dir: str, top_k: int) -> dict[str, Any]:
             "what": "Spearman rho and Kendall tau-b (scipy.stats) of ASHA's figure vs the grid's, over the trials "
                     "ASHA ran to the end",
             "max_abs_difference_same_trial": max(same_run) if same_run else None},
+        "rank_correlation_all_trials": {
+            **rank_correlation([asha[x]["best_metric"] for x in grid], [grid[x]["best_metric"] for x in grid]),
+            "what": "the same over every trial: ASHA's figure when it stopped the trial (or at its end) vs the grid's "
+                    "at the end, i.e. how well what ASHA judged on predicts the final ranking"},
         "regret": {"stopped_in_grid_top_k": regret, "count": len(regret),
                    "grid_best_trial_stopped": grid_rank[0] in stopped},
         "cost": {"grid_epochs": grid_epochs, "asha_epochs": asha_epochs,
@@ -227,25 +238,55 @@ def plot(result: dict[str, Any], path: str) -> str:
         what = "ran to the end" if t["asha_status"] == "completed" else f"stopped after epoch {t['asha_epochs']}"
         pick = "  <- ASHA's best" if t["asha_rank"] == 1 else ""
         ax.text(values[i], i, f" {values[i]:.1f}  ASHA: {what} (rank {t['asha_rank']}){pick}", va="center", fontsize=7)
+    judged = [(100 * t["asha_value"], i) for i, t in enumerate(trials) if t["asha_value"] is not None]
+    if judged:
+        ax.scatter(*zip(*judged), marker="|", s=120, color="black", zorder=3)
     k = result["comparison"]["top_k"]["k"]
+    low = max(0.0, min(values + [v for v, _ in judged]) - 5) if values else 0
     ax.axhline(k - 0.5, color="tab:red", ls="--", lw=1)
-    ax.text(min(values) if values else 0, k - 0.5, f" grid top {k}", color="tab:red", fontsize=8, va="bottom")
-    ax.set_xlim(max(0.0, min(values) - 10) if values else 0, max(values) * 1.35 if values else 1)
+    ax.text(low, k - 0.5, f" grid top {k} above", color="tab:red", fontsize=8, va="center",
+            bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+    ax.set_xlim(low, max(values) * 1.4 if values else 1)
     c = result["comparison"]
     ax.set_xlabel(f"grid: best {c['metric']} % of each trial run to the end (best first)")
-    ax.set_title(f"ASHA vs the full grid: same best point {c['best']['same_point']}, top-{k} overlap "
+    ax.set_title(f"ASHA vs the full grid: {'the same' if c['best']['same_point'] else 'a different'} best point, "
+                 f"top-{k} overlap "
                  f"{c['top_k']['overlap']}/{k}, {100 * c['cost']['epochs_fraction']:.0f}% of the epochs, "
                  f"{100 * result['wall_fraction']:.0f}% of the wall time", fontsize=9)
+    from matplotlib.lines import Line2D
+
     ax.legend(handles=[Patch(color="tab:green", label="ASHA ran it to the end"),
-                       Patch(color="tab:gray", label="ASHA stopped it")], fontsize=8, loc="lower right")
+                       Patch(color="tab:gray", label="ASHA stopped it"),
+                       Line2D([], [], marker="|", ls="", color="black", markersize=10,
+                              label="ASHA's figure: when it stopped, or at the end")], fontsize=8, loc="upper center",
+              bbox_to_anchor=(0.5, -0.06 - 1.0 / (len(trials) + 6)), ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
+def reanalyse(path: str, top_k: int) -> int:
+    """The comparison and PNG again from the runs a results file names (its wall times and loads kept)."""
+    import json
+
+    with open(path) as f:
+        result = json.load(f)
+    folder = os.path.dirname(os.path.abspath(path))
+    runs = {name: os.path.join(folder, run["output"]) for name, run in result["runs"].items()}
+    comparison = compare(runs["grid"], runs["asha"], top_k)
+    comparison["cost"]["wall_fraction"] = result["wall_fraction"]
+    result["comparison"] = comparison
+    write_json(result, folder, os.path.basename(path))
+    plot(result, path[: -len(".json")] + ".png")
+    print(f"rewrote {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.reanalyse:
+        return reanalyse(args.reanalyse, args.top_k)
     runs_dir = os.path.join(os.path.abspath(args.out), f"{args.name}-runs")
     if os.path.exists(runs_dir):
         sys.exit(f"asha_fidelity: {runs_dir} exists; remove it or pick another --name")

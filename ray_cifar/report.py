@@ -10,8 +10,8 @@ beside its published figure (the `published:` entries of config.yaml; with tune.
 finished trial has a test figure). Figures: the trial ranking (by tune.metric and tune.mode; the
 test-evaluated trials marked), learning curves, where ASHA stopped each trial against its rungs,
 accuracy against each searched field (mean and std over seeds), a heatmap of mean accuracy for each
-pair of searched fields, images/s per trial, and the published figures. The HTML references the PNGs by relative path, so the folder
-can be moved or copied whole. Runs on a finished output, or on one a killed study left behind.
+pair of searched fields, images/s per trial, and the published figures. The HTML references the
+PNGs by relative path, so the folder can be moved or copied whole. Runs on a finished output, or on one a killed study left behind.
 A comparison ranks every trial by the first output's tune.metric and tune.mode, and adds a
 "study" column (each output's folder name) to the searched fields.
 """
@@ -32,7 +32,7 @@ from .results import (CONFIDENCE, SEED_KEY, aggregate_over_seeds, metric_value, 
                       searched_columns, summarize_trials, welch_p_value)
 
 FIGURES = ("ranking", "curves", "asha", "params", "heatmap", "throughput", "published")
-MAX_HEATMAPS = 3  # pairs of searched fields drawn as heatmaps (the first fields' pairs first)
+MAX_HEATMAPS = 3  # pairs of searched fields drawn as heatmaps (those with the most cells)
 STUDY_COLUMN = "study"  # the extra searched column of a comparison: which output a trial came from
 
 

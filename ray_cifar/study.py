@@ -248,7 +248,8 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
 
 
 def finish_study(cfg: Config, output: str, keys: list[str]) -> int:
-    """Rank trials by tune.metric/mode, evaluate the best on test once, write trials.parquet, the table."""
+    """Rank trials by tune.metric/mode, evaluate the best (tune.test all: every finished trial) on test
+    once, write trials.parquet, the table."""
     from . import trial
 
     with open(os.path.join(output, TRIALS_STATE)) as f:
@@ -259,12 +260,10 @@ def finish_study(cfg: Config, output: str, keys: list[str]) -> int:
     try:
         # The test split, once per trial, for the trial chosen by validation alone (tune.test best), or
         # for every finished trial at its best validation epoch (all): chosen before any test figure exists.
-        for t in test_evaluated(cfg, trials, best):
-            try:
-                test = trial.evaluate_checkpoint(t["best_checkpoint"], "test", cfg.train.use_gpu)
-                t.update(test_acc=test["test_acc"], test_loss=test["test_loss"])
-            except Exception as e:  # noqa: BLE001 - the trials' results matter more than a test figure
-                print(f"[ray_cifar] test evaluation of {t['trial_id']} failed: {e}", flush=True)
+        todo = test_evaluated(cfg, trials, best)
+        found = trial.evaluate_checkpoints([t["best_checkpoint"] for t in todo], "test", cfg.train.use_gpu)
+        for t, test in zip(todo, found):
+            t.update(_test_figures(t, test))
     finally:
         run_provenance = provenance()  # a git subprocess: once, not once per trial
         write_rows([{**t, **run_provenance} for t in trials], os.path.join(output, "trials.parquet"))
@@ -286,6 +285,13 @@ def finish_study(cfg: Config, output: str, keys: list[str]) -> int:
     with open(os.path.join(output, FINISHED), "w") as f:
         json.dump({"finished": time.time(), "failed": [t["trial_id"] for t in failed]}, f)
     return 1 if failed else 0
+
+
+def _test_figures(t: dict[str, Any], test: dict[str, float] | Exception) -> dict[str, Any]:
+    if isinstance(test, Exception):  # the trials' results matter more than one test figure
+        print(f"[ray_cifar] test evaluation of {t['trial_id']} failed: {test}", flush=True)
+        return {}
+    return {"test_acc": test["test_acc"], "test_loss": test["test_loss"]}
 
 
 def test_evaluated(cfg: Config, trials: list[dict[str, Any]], best: dict[str, Any] | None) -> list[dict[str, Any]]:

@@ -251,6 +251,29 @@ def _evaluate(checkpoint_path: str, split_name: str) -> dict[str, float]:
     return evaluate_split(cfg, model, getattr(splits, split_name), device, prefix=split_name)
 
 
+def evaluate_checkpoints(checkpoint_paths: list[str], split_name: str, use_gpu: bool) -> list[dict[str, float] | Exception]:
+    """evaluate_checkpoint for several checkpoints (tune.test all), each result or the exception it raised,
+    in order. With GPUs every evaluation is submitted at once, so Ray runs them side by side on the free
+    GPUs; on CPU they run one after another in this process (the cores are the limit either way)."""
+    if not use_gpu:
+        out: list[dict[str, float] | Exception] = []
+        for path in checkpoint_paths:
+            try:
+                out.append(evaluate_checkpoint(path, split_name, use_gpu))
+            except Exception as e:  # noqa: BLE001 - one damaged checkpoint must not cost the others
+                out.append(e)
+        return out
+    task = ray.remote(_evaluate).options(num_gpus=1, num_cpus=1)
+    pending = [task.remote(path, split_name) for path in checkpoint_paths]
+    results: list[dict[str, float] | Exception] = []
+    for ref in pending:
+        try:
+            results.append(ray.get(ref))
+        except Exception as e:  # noqa: BLE001
+            results.append(e)
+    return results
+
+
 def evaluate_checkpoint(checkpoint_path: str, split_name: str, use_gpu: bool) -> dict[str, float]:
     """Evaluate a trial checkpoint on a split: as a Ray task on a GPU when the study used GPUs (the
     driver's machine may have none); on CPU right here, where a fresh Ray worker process would spend

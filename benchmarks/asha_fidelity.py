@@ -53,6 +53,12 @@ SMOKE_SETS = ["model.name=resnet", "model.blocks=[1,1]", "model.widths=[8,16]", 
               "train.num_workers=1", "train.eval_batch_size=500", "tune.grace_period=1", "tune.reduction_factor=2"]
 
 
+def fail(message: str) -> None:
+    """A user's mistake: one line on stderr, exit status 2."""
+    print(f"asha_fidelity: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=CPU_SPACE, help="the study file whose space is compared (default: the CPU space)")
@@ -109,7 +115,8 @@ def run_study(args: argparse.Namespace, scheduler: str, output: str) -> dict[str
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(HERE)).returncode
     wall = time.time() - start
     if rc != 0:
-        sys.exit(f"asha_fidelity: the {scheduler} study failed (exit {rc}); see {output}.log")
+        print(f"asha_fidelity: the {scheduler} study failed (exit {rc}); see {output}.log", file=sys.stderr)
+        sys.exit(1)
     print(f"[asha_fidelity] {scheduler}: {wall:.0f} s", flush=True)
     return {"output": output, "wall_seconds": round(wall, 1), "load_average_1min_before": round(load_before, 2),
             "load_average_1min_after": round(os.getloadavg()[0], 2)}
@@ -159,7 +166,7 @@ def compare(grid_dir: str, asha_dir: str, top_k: int) -> dict[str, Any]:
     grid, keys = trials_by_key(grid_study)
     asha, _ = trials_by_key(asha_study)
     if set(grid) != set(asha):
-        raise SystemExit(f"asha_fidelity: the two runs have different trials: {sorted(set(grid) ^ set(asha))}")
+        fail(f"the two runs have different trials: {sorted(set(grid) ^ set(asha))}")
     grid_rank, asha_rank = ranked_keys(grid, mode), ranked_keys(asha, mode)
     points = point_values(grid)
     means = {p: sum(v) / len(v) for p, v in points.items()}
@@ -270,10 +277,17 @@ def reanalyse(path: str, top_k: int) -> int:
     """The comparison and PNG again from the runs a results file names (its wall times and loads kept)."""
     import json
 
-    with open(path) as f:
-        result = json.load(f)
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"--reanalyse {path}: not a results file ({e})")
     folder = os.path.dirname(os.path.abspath(path))
     runs = {name: os.path.join(folder, run["output"]) for name, run in result["runs"].items()}
+    missing = [r for r in runs.values() if not os.path.isfile(os.path.join(r, "config.yaml"))]
+    if missing:
+        fail(f"--reanalyse: the runs it names are not there ({', '.join(missing)}); the committed results "
+             f"keep only the JSON and PNG")
     comparison = compare(runs["grid"], runs["asha"], top_k)
     comparison["cost"]["wall_fraction"] = result["wall_fraction"]
     result["comparison"] = comparison
@@ -288,8 +302,10 @@ def main(argv=None) -> int:
     if args.reanalyse:
         return reanalyse(args.reanalyse, args.top_k)
     runs_dir = os.path.join(os.path.abspath(args.out), f"{args.name}-runs")
+    if not os.path.isfile(args.config):
+        fail(f"--config {args.config}: no such file")
     if os.path.exists(runs_dir):
-        sys.exit(f"asha_fidelity: {runs_dir} exists; remove it or pick another --name")
+        fail(f"{runs_dir} exists; remove it or pick another --name")
     os.makedirs(runs_dir)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     grid = run_study(args, "fifo", os.path.join(runs_dir, "grid"))

@@ -128,7 +128,8 @@ VERSUS_BEST = "vs best (Welch's t, two-sided)"
 NOISE_NOTE = (f"Intervals: Student-t {100 * CONFIDENCE:.0f}% confidence interval of the mean over the point's "
               f"train.seed replicates (mean ± t·s/√n). \"{VERSUS_BEST}\": Welch's unequal-variance t-test of each of "
               f"the {TOP_POINTS} points after the best against the best; p < {SIGNIFICANCE} says the gap is beyond the "
-              f"seed noise, otherwise the two are not told apart. One seed has neither (n=1).")
+              f"seed noise, otherwise the two are not told apart (no correction for the several tests). One seed has "
+              f"neither (n=1).")
 TEST_ALL_NOTE = ("test_acc: every finished trial was evaluated once on the test split, at its best validation epoch "
                  "(tune.test all), after the study; no test figure chose any trial, epoch or point.")
 

@@ -1,6 +1,7 @@
 """benchmarks/asha_fidelity.py --smoke on a real (tiny) replicated two-field study, run once for the module:
 the comparison JSON and PNG, tune.test all's test figure on every finished trial beside its published
-figure, and the report's intervals, significance column and heatmap."""
+figure, and the report's intervals, significance column and heatmap; and the comparison alone on two
+hand-made outputs, figure by figure."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-pytestmark = pytest.mark.integration
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two searched fields (lr x batch), two seeds a point; lr 1e-7 learns nothing, so ASHA has clear losers.
@@ -46,6 +46,7 @@ def smoke(tmp_path_factory, synthetic_parquet_dir):
             "stdout": result.stdout}
 
 
+@pytest.mark.integration
 def test_the_comparison_has_every_figure_the_issue_asks_for(smoke):
     c = smoke["json"]["comparison"]
     assert (c["points"], c["trials"], c["seeds_per_point"]) == (4, 8, [2])
@@ -72,6 +73,7 @@ def test_the_comparison_has_every_figure_the_issue_asks_for(smoke):
     assert "top-2 overlap" in smoke["stdout"]
 
 
+@pytest.mark.integration
 def test_tune_test_all_puts_a_test_figure_on_every_finished_trial_beside_its_published_one(smoke):
     for run in ("grid", "asha"):  # ASHA's stopped trials are finished too: each at its best epoch so far
         trials = pq.read_table(smoke[run] / "trials.parquet").to_pylist()
@@ -85,6 +87,7 @@ def test_tune_test_all_puts_a_test_figure_on_every_finished_trial_beside_its_pub
     assert "no test figure chose any trial" in md
 
 
+@pytest.mark.integration
 def test_the_report_of_a_replicated_two_field_study_has_intervals_significance_and_a_heatmap(smoke):
     from ray_cifar.report import NOISE_NOTE, VERSUS_BEST
 
@@ -101,3 +104,65 @@ def test_the_report_of_a_replicated_two_field_study_has_intervals_significance_a
         img.verify()
         assert img.size[1] > 200  # a drawn grid, not the one-line "no pair" placeholder
     assert 'src="figures/heatmap.png"' in (smoke["grid"] / "report.html").read_text()
+
+
+# --- The comparison alone, on two hand-made outputs (no training): exact figures ---
+
+def _output(folder, curves: dict, stopped: set) -> str:
+    """A study output: config.yaml, results (one row per epoch of each trial) and trials.parquet."""
+    import yaml
+
+    from ray_cifar.results import ResultsLog, write_rows
+
+    os.makedirs(folder)
+    with open(os.path.join(folder, "config.yaml"), "w") as f:
+        yaml.safe_dump({"tune": {"metric": "val_acc", "mode": "max", "scheduler": "asha"}}, f)
+    rows, trials = [], []
+    for i, ((lr, seed), curve) in enumerate(curves.items()):
+        rows += [{"trial_id": f"t{i}", "epoch": e, "optim.lr": lr, "train.seed": seed, "val_acc": v}
+                 for e, v in enumerate(curve, 1)]
+        trials.append({"trial_id": f"t{i}", "optim.lr": lr, "train.seed": seed, "epochs": len(curve),
+                       "status": "stopped" if (lr, seed) in stopped else "completed"})
+    ResultsLog(folder).append(rows)
+    write_rows(trials, os.path.join(folder, "trials.parquet"))
+    return folder
+
+
+def test_compare_counts_best_top_k_regret_correlation_and_cost_exactly(tmp_path):
+    from scipy import stats
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from asha_fidelity import compare
+
+    grid = {(0.1, 0): [0.50, 0.70, 0.80], (0.1, 1): [0.40, 0.60, 0.78],   # the best point, mean 0.79
+            (0.2, 0): [0.60, 0.70, 0.76], (0.2, 1): [0.55, 0.65, 0.74],   # mean 0.75, ASHA's pick below
+            (0.3, 0): [0.30, 0.40, 0.50], (0.3, 1): [0.35, 0.45, 0.52]}
+    stopped = {(0.1, 1), (0.3, 0), (0.3, 1)}  # ASHA stops the slow starter of the best point, and lr 0.3
+    asha = {k: (v[:1] if k in stopped else v) for k, v in grid.items()}
+    c = compare(_output(str(tmp_path / "grid"), grid, set()), _output(str(tmp_path / "asha"), asha, stopped), 2)
+    best = c["best"]
+    assert best["grid_best_point"] == "lr=0.1" and best["asha_best_trial"] == "lr=0.1 seed=0"
+    assert best["same_point"] and best["same_trial"]
+    assert c["top_k"]["grid_top"] == ["lr=0.1 seed=0", "lr=0.1 seed=1"]
+    assert c["top_k"]["asha_top"] == ["lr=0.1 seed=0", "lr=0.2 seed=0"] and c["top_k"]["overlap"] == 1
+    assert c["regret"]["stopped_in_grid_top_k"] == [
+        {"trial": "lr=0.1 seed=1", "grid_rank": 2, "grid_value": 0.78, "asha_stopped_after_epoch": 1,
+         "asha_value_when_stopped": 0.40}]
+    assert c["cost"] == {"grid_epochs": 18, "asha_epochs": 12, "epochs_fraction": round(12 / 18, 4),
+                         "asha_ran_to_end": 3, "asha_stopped": 3}
+    ended = c["rank_correlation_ran_to_end"]
+    assert (ended["n"], ended["spearman_rho"], ended["max_abs_difference_same_trial"]) == (3, 1.0, 0.0)
+    every = c["rank_correlation_all_trials"]
+    keys = sorted(grid)
+    asha_figures, grid_figures = [max(asha[k]) for k in keys], [max(grid[k]) for k in keys]
+    assert every["spearman_rho"] == pytest.approx(stats.spearmanr(asha_figures, grid_figures).statistic, abs=1e-4)
+    assert every["kendall_tau_b"] == pytest.approx(stats.kendalltau(asha_figures, grid_figures).statistic, abs=1e-4)
+
+    # ASHA picking a different point: its gap to the grid's best is judged on the grid's seed replicates
+    asha[(0.1, 0)] = [0.50]
+    stopped.add((0.1, 0))
+    c = compare(str(tmp_path / "grid"), _output(str(tmp_path / "asha2"), asha, stopped), 2)
+    assert c["best"]["asha_pick_point"] == "lr=0.2" and not c["best"]["same_point"]
+    p = stats.ttest_ind([0.76, 0.74], [0.80, 0.78], equal_var=False).pvalue
+    assert c["best"]["welch_p"] == pytest.approx(p) and c["best"]["within_noise"] == (p >= 0.05)
+    assert c["regret"]["grid_best_trial_stopped"] is True

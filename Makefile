@@ -3,8 +3,10 @@
 # make test  : the same set-up plus the test and tracking extras, then the test suite (what CI runs).
 # Variables: DATA=<CIFAR-10 folder> (default $RAY_CIFAR_DATA, else ../shared/data/cifar10 when present),
 #            ARGS="--set train.epochs=5 ..." passed to the study, PYTHON=<interpreter for the venv>.
-# make gpu-bench : the GPU suite (benchmarks/gpu_suite.sh: CUDA tests, data pipeline, training throughput
-#              with MFU, DDP scaling, a short ResNet-18 study); under 20 min on one H100; needs DATA.
+# make gpu-check STAGE=core|ray|dali [DRY_RUN=1] [RESULTS=DIR] [PY=python3] [DATA=DIR] [CAP=seconds]
+#              : one stage of the GPU check (benchmarks/gpu_check.py; core <= 5 min, ray <= 4, dali <= 3 on one
+#              H100/H200), results in RESULTS/gpu_<stage>.json (default benchmarks/results). DRY_RUN=1: every part
+#              CPU-sized, no GPU needed. It installs nothing: PY is .venv/bin/python when present, else python3.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -13,7 +15,7 @@ DATA   ?= $(or $(RAY_CIFAR_DATA),$(wildcard ../shared/data/cifar10))
 DATA_ARG := $(if $(DATA),--data $(DATA))
 ARGS   ?=
 
-.PHONY: run test install clean gpu-bench
+.PHONY: run test install clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +39,13 @@ run: install
 test: install
 	RAY_CIFAR_DATA=$(DATA) $(PY) -m pytest tests
 
-gpu-bench: install
-	benchmarks/gpu_suite.sh "$(DATA)" $(PY)
+# Not `install`: the GPU machine has no network. PY given on the command line wins, else the venv, else python3.
+STAGE   ?= core
+RESULTS ?= benchmarks/results
+CHECK_PY := $(if $(filter command line environment,$(origin PY)),$(PY),$(if $(wildcard $(PY)),$(PY),python3))
+gpu-check:
+	$(CHECK_PY) benchmarks/gpu_check.py $(STAGE) --results $(RESULTS) $(DATA_ARG) \
+		$(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(if $(CAP),--cap $(CAP))
 
 clean:
 	rm -rf $(VENV) results *.egg-info

@@ -72,8 +72,9 @@ def endless(make_epoch):
         epoch += 1
 
 
-def time_batches(batches, seconds: float, device: torch.device, step=None) -> float:
-    """Images per second delivered (and, with `step`, trained on) after one warm-up batch."""
+def time_batches(batches, seconds: float, device: torch.device, step=None, images: int | None = None) -> float:
+    """Images per second delivered (and, with `step`, trained on) after one warm-up batch, over `seconds`
+    or, with `images`, until that many were delivered (e.g. one epoch)."""
     it = iter(batches)
     x, y = next(it)
     if step:
@@ -81,7 +82,7 @@ def time_batches(batches, seconds: float, device: torch.device, step=None) -> fl
     if device.type == "cuda":
         torch.cuda.synchronize()
     count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    while count < images if images else time.perf_counter() - start < seconds:
         x, y = next(it)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if step:
@@ -96,10 +97,12 @@ def time_batches(batches, seconds: float, device: torch.device, step=None) -> fl
     return count / (time.perf_counter() - start)
 
 
-def resnet18_step(device: torch.device, amp: str = "bf16"):
-    from ray_cifar.models import create_model
+def training_step(device: torch.device, amp: str = "bf16", model_overrides=("model.name=resnet18",)):
+    """One SGD step of a model (ResNet-18 unless `model_overrides` say otherwise), bf16/fp16 autocast, channels_last."""
+    from ray_cifar.models import create_model_from_config
 
-    model = create_model("resnet18", num_classes=10).to(device).to(memory_format=torch.channels_last)
+    model = create_model_from_config(load_config(None, list(model_overrides)).model).to(device)
+    model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     loss_fn = torch.nn.CrossEntropyLoss()
 
@@ -148,8 +151,10 @@ class Recorder:
         return ips
 
 
-def feeds(set_name: str, args: argparse.Namespace, split: Split, images_np, labels_np, device: torch.device):
-    """(path name, a maker of endless batches) for each loader of one augmentation set."""
+def feeds(set_name: str, args: argparse.Namespace, split: Split, images_np, labels_np, device: torch.device,
+          dali: bool = True):
+    """(path name, a maker of endless batches) for each loader of one augmentation set; DALI's only with
+    `dali` and where it is installed (never looked up without `dali`)."""
     cfg = load_config(None, SETS[set_name]).data
     dtype = input_dtype("bf16")
     workers = os.cpu_count() or 1
@@ -160,7 +165,7 @@ def feeds(set_name: str, args: argparse.Namespace, split: Split, images_np, labe
 
     yield "torchvision-dataloader", torchvision_batches
     yield "torch-batch", lambda: endless(TrainLoader(split, cfg, args.batch_size, 0, 1, seed=0, dtype=dtype).epoch)
-    if dali_available():
+    if dali and dali_available():
         from ray_cifar.dali_pipeline import DaliTrainLoader
 
         name = f"dali-{'gpu' if device.type == 'cuda' else 'cpu'}"
@@ -182,45 +187,70 @@ def timed_builds(feeds_of_set, device: torch.device):
         yield path, make, time.perf_counter() - start
 
 
-def measure_training(record: Recorder, make_feeds, args: argparse.Namespace, device: torch.device) -> dict:
-    """On a GPU: ResNet-18 steps fed from GPU memory, then by each loader; returns the fed / resident ratios."""
+def measure_loaders(record: Recorder, make_feeds, args: argparse.Namespace, device: torch.device,
+                    deadline: float | None = None, on_figure=None) -> None:
+    """Every loader of every set: images/s delivered (median of the repeats) and its build seconds.
+    Stops between figures once time.monotonic() passes `deadline`; calls `on_figure()` after each."""
+    for set_name in SETS:
+        for path, make, build_seconds in timed_builds(make_feeds(set_name), device):
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            batches = make()
+            record(set_name, path, lambda: time_batches(batches, args.seconds, device),
+                   build_seconds=round(build_seconds, 3))
+            if on_figure:
+                on_figure()
+
+
+def measure_training(record: Recorder, make_feeds, args: argparse.Namespace, device: torch.device,
+                     step=None, images: int | None = None, deadline: float | None = None, on_figure=None) -> dict:
+    """On a GPU: model steps (ResNet-18 unless `step` is given) fed from GPU memory, then by each loader,
+    for --seconds or, with `images`, one pass over that many (an epoch); returns the fed / resident ratios."""
     ratios = {}
-    step = resnet18_step(device)
+    step = step or training_step(device)
     x = torch.randn(args.batch_size, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
     resident = record("training", "resnet18-from-gpu-memory",
-                      lambda: time_batches(iter(lambda: (x, y), None), args.seconds, device, step))
+                      lambda: time_batches(iter(lambda: (x, y), None), args.seconds, device, step, images))
     for set_name in SETS:
         for path, make in make_feeds(set_name):
+            if deadline is not None and time.monotonic() > deadline:
+                return ratios
             batches = make()
-            ips = record(set_name, f"resnet18-fed-by-{path}", lambda: time_batches(batches, args.seconds, device, step))
+            ips = record(set_name, f"resnet18-fed-by-{path}",
+                         lambda: time_batches(batches, args.seconds, device, step, images))
             record.results[-1]["fraction_of_resident"] = round(ips / resident, 3)
             ratios[f"{set_name}: resnet18 fed by {path} / from gpu memory"] = round(ips / resident, 3)
+            if on_figure:
+                on_figure()
     return ratios
 
 
 def loader_ratios(results: list[dict], device: torch.device) -> dict:
+    """DALI / DataLoader, DALI / torch path and torch path / DataLoader per set, of the figures measured."""
     by = {(r["set"], r["path"]): r["images_per_second"] for r in results}
     dali_name = f"dali-{'gpu' if device.type == 'cuda' else 'cpu'}"
-    ratios = {}
-    for set_name in SETS:
-        if (set_name, dali_name) in by:
-            ratios[f"{set_name}: {dali_name} / torchvision-dataloader"] = round(
-                by[(set_name, dali_name)] / by[(set_name, "torchvision-dataloader")], 2)
-            ratios[f"{set_name}: {dali_name} / torch-batch"] = round(
-                by[(set_name, dali_name)] / by[(set_name, "torch-batch")], 2)
-        ratios[f"{set_name}: torch-batch / torchvision-dataloader"] = round(
-            by[(set_name, "torch-batch")] / by[(set_name, "torchvision-dataloader")], 2)
-    return ratios
+    pairs = [(dali_name, "torchvision-dataloader"), (dali_name, "torch-batch"), ("torch-batch", "torchvision-dataloader")]
+    return {f"{set_name}: {a} / {b}": round(by[(set_name, a)] / by[(set_name, b)], 2)
+            for set_name in SETS for a, b in pairs if (set_name, a) in by and (set_name, b) in by}
 
 
-def write_results(args: argparse.Namespace, out: dict, device: torch.device) -> str:
-    try:
+def results_document(args: argparse.Namespace, device: torch.device, source: str, images: int, results: list[dict],
+                     ratios: dict) -> dict:
+    """What data_pipeline_<device>.json holds (the file data.pipeline=auto reads)."""
+    out = {"device": device_name(device), "device_type": device.type, "batch_size": args.batch_size,
+           "seconds_per_measurement": args.seconds, "dataloader_workers": os.cpu_count() or 1,
+           # No machine path in a committed file: the source kind and DIR.
+           "images": images, "data": source.split(":")[0] + ":DIR", "torch": torch.__version__,
+           "time": datetime.datetime.now().isoformat(), "results": results, "ratios": ratios}
+    if dali_available():
         import nvidia.dali
 
         out["dali"] = nvidia.dali.__version__
-    except ImportError:
-        pass
+    return out
+
+
+def write_results(args: argparse.Namespace, out: dict, device: torch.device) -> str:
     return write_json(out, args.output, f"data_pipeline_{device.type}.json")
 
 
@@ -244,21 +274,13 @@ def main(argv=None) -> int:
     def make_feeds(set_name):
         return feeds(set_name, args, split, images_np, labels_np, device)
 
-    for set_name in SETS:
-        for path, make, build_seconds in timed_builds(make_feeds(set_name), device):
-            batches = make()
-            record(set_name, path, lambda: time_batches(batches, args.seconds, device),
-                   build_seconds=round(build_seconds, 3))
+    measure_loaders(record, make_feeds, args, device)
     ratios = measure_training(record, make_feeds, args, device) if device.type == "cuda" else {}
     ratios.update(loader_ratios(record.results, device))
     for k, v in ratios.items():
         print(f"{k}: {v}x")
 
-    out = {"device": device_name(device), "device_type": device.type, "batch_size": args.batch_size,
-           "seconds_per_measurement": args.seconds, "dataloader_workers": os.cpu_count() or 1,
-           # No machine path in a committed file: the source kind and DIR.
-           "images": len(images_np), "data": dataset.source.split(":")[0] + ":DIR", "torch": torch.__version__,
-           "time": datetime.datetime.now().isoformat(), "results": record.results, "ratios": ratios}
+    out = results_document(args, device, dataset.source, len(images_np), record.results, ratios)
     print(f"wrote {write_results(args, out, device)}")
     return 0
 

@@ -14,7 +14,9 @@ Variants, all on the same model, data, batch size and augmentation (crop pad 4 +
 Each figure is images trained per second over --steps steps after --warmup steps; the variants are
 measured round-robin --repeats times (so a burst of load from other jobs hits all of them) and the
 median is kept. On cuda, MFU = images/s x FLOPs per image (forward + backward, counted by
-torch.utils.flop_counter) / the device's dense bf16 peak. Writes results/train_throughput_<device>.json.
+torch.utils.flop_counter) / the device's bf16 peak: `mfu` against the data-sheet dense peak (table
+below), `mfu_of_measured_peak` against the bf16 matmul rate measured on this device in the same run.
+Writes results/train_throughput_<device>.json.
 """
 
 from __future__ import annotations
@@ -51,6 +53,27 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 
 
 def peak_flops(name: str) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def measured_matmul_flops(device: torch.device, size: int = 8192, iters: int = 20) -> float:
+    """The device's bf16 matmul rate as measured here (FLOP/s): the best of three timed runs of `iters`
+    square size x size products, after a warm-up; the "peak" MFU is measured against on this device."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    best = 0.0
+    for attempt in range(4):  # the first is the warm-up (cuBLAS picks its kernel)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(iters):
+            c = a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        else:
+            float(c[0, 0])
+        if attempt:
+            best = max(best, 2 * size**3 * iters / (time.perf_counter() - start))
+    return best
 
 
 def load_images(data: str | None, n: int) -> tuple[np.ndarray, np.ndarray, str]:
@@ -118,11 +141,14 @@ class RayCifarStep:
     """ray_cifar's loader (batch tensors on the device) and engine.train_step."""
 
     def __init__(self, model: nn.Module, split: Split, cfg, batch_size: int, device: torch.device, amp: str,
-                 channels_last: bool, compile: bool):
+                 channels_last: bool, compile: bool, compile_backend: str | None = None):
         from ray_cifar.optim import create_optimizer, create_scheduler
 
-        self.model = engine.prepare_model(model.to(memory_format=torch.channels_last) if channels_last else model,
-                                          device, compile)
+        model_in = model.to(memory_format=torch.channels_last) if channels_last else model
+        if compile and compile_backend:  # another torch.compile backend than Inductor (gpu_check's dry run)
+            self.model = torch.compile(engine.prepare_model(model_in, device), backend=compile_backend)
+        else:
+            self.model = engine.prepare_model(model_in, device, compile)
         self.batches = endless(TrainLoader(split, cfg.data, batch_size, 0, 1, seed=0).epoch)
         self.optimizer = create_optimizer(model, cfg.optim)
         self.scheduler = create_scheduler(self.optimizer, cfg.schedule, cfg.optim.lr, 10**6, 10**7)
@@ -204,8 +230,8 @@ def make_runners(args: argparse.Namespace, cfg, device: torch.device) -> tuple[d
                "ray_cifar-bf16-channels_last": RayCifarStep(new_model(), split, cfg, args.batch_size, device, bf16,
                                                             True, False)}
     if not args.no_compile:
-        runners["ray_cifar-bf16-channels_last-compile"] = RayCifarStep(new_model(), split, cfg, args.batch_size,
-                                                                       device, bf16, True, True)
+        runners["ray_cifar-bf16-channels_last-compile"] = RayCifarStep(
+            new_model(), split, cfg, args.batch_size, device, bf16, True, True, getattr(args, "compile_backend", None))
     return runners, source, len(images_np)
 
 
@@ -225,25 +251,45 @@ def warm_up(runners: dict, steps: int, device: torch.device) -> tuple[dict, dict
     return warmup_seconds, failed
 
 
-def measure_all(runners: dict, args: argparse.Namespace, device: torch.device, warmup_seconds: dict) -> list[dict]:
-    """Round-robin repeats (so a noisy neighbour hits every variant alike); medians against plain PyTorch."""
+def measure_all(runners: dict, args: argparse.Namespace, device: torch.device, warmup_seconds: dict,
+                measured_peak: float | None = None, deadline: float | None = None, on_run=None) -> list[dict]:
+    """Round-robin repeats (so a noisy neighbour hits every variant alike); medians against plain PyTorch.
+    With `measured_peak` (FLOP/s), MFU against it too. Once time.monotonic() passes `deadline` no new repeat
+    starts (the first always runs); `on_run(rows)` gets the rows so far after every measurement."""
     runs = {name: [] for name in runners}
+    flops = train_flops_per_image(MODELS[args.model], device)
+    peak = peak_flops(device_name(device)) if device.type == "cuda" else None
+
+    def rows() -> list[dict]:
+        measured = {name: values for name, values in runs.items() if values}
+        baseline = float(np.median(measured["plain-pytorch-fp32"])) if "plain-pytorch-fp32" in measured else None
+        results = []
+        for name, values in measured.items():
+            ips = float(np.median(values))
+            row = {"variant": name, "images_per_second": round(ips, 1), "runs": [round(v, 1) for v in values],
+                   "vs_plain_pytorch": round(ips / baseline, 3) if baseline else None,
+                   "warmup_seconds": warmup_seconds[name]}
+            if peak:
+                row["mfu"] = round(ips * flops / peak, 4)
+            if measured_peak:
+                row["mfu_of_measured_peak"] = round(ips * flops / measured_peak, 4)
+            results.append(row)
+        return results
+
     for repeat in range(args.repeats):
+        if repeat and deadline is not None and time.monotonic() > deadline:
+            break
         for name, runner in runners.items():
             runs[name].append(measure(runner, args.steps, device))
             print(f"repeat {repeat}: {name:40s} {runs[name][-1]:9.0f} img/s", flush=True)
-    flops = train_flops_per_image(MODELS[args.model], device)
-    peak = peak_flops(device_name(device)) if device.type == "cuda" else None
-    baseline = float(np.median(runs["plain-pytorch-fp32"]))
-    results = []
-    for name, values in runs.items():
-        ips = float(np.median(values))
-        row = {"variant": name, "images_per_second": round(ips, 1), "runs": [round(v, 1) for v in values],
-               "vs_plain_pytorch": round(ips / baseline, 3), "warmup_seconds": warmup_seconds[name]}
-        if peak:
-            row["mfu"] = round(ips * flops / peak, 4)
-        results.append(row)
-        print(f"{name:40s} {ips:9.0f} img/s  {ips / baseline:5.2f}x plain" + (f"  MFU {row['mfu']:.1%}" if peak else ""))
+            if on_run:
+                on_run(rows())
+    results = rows()
+    for row in results:
+        ratio = f"  {row['vs_plain_pytorch']:5.2f}x plain" if row["vs_plain_pytorch"] else ""
+        print(f"{row['variant']:40s} {row['images_per_second']:9.0f} img/s{ratio}"
+              + (f"  MFU {row['mfu']:.1%}" if "mfu" in row else "")
+              + (f"  ({row['mfu_of_measured_peak']:.1%} of the measured peak)" if "mfu_of_measured_peak" in row else ""))
     return results
 
 
@@ -253,7 +299,8 @@ def main(argv=None) -> int:
     cfg = load_config(None, MODELS[args.model] + AUGMENT)
     runners, source, images = make_runners(args, cfg, device)
     warmup_seconds, failed = warm_up(runners, args.warmup, device)
-    results = measure_all(runners, args, device, warmup_seconds)
+    measured_peak = measured_matmul_flops(device) if device.type == "cuda" else None
+    results = measure_all(runners, args, device, warmup_seconds, measured_peak)
     out = {"device": device_name(device), "device_type": device.type, "cpu_cores_visible": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "load_average_at_end": os.getloadavg(),
            "model": args.model, "model_overrides": MODELS[args.model], "augmentation": AUGMENT,
@@ -261,6 +308,7 @@ def main(argv=None) -> int:
            "repeats": args.repeats, "data": source, "images": images,
            "train_flops_per_image": train_flops_per_image(MODELS[args.model], device),
            "peak_bf16_flops": peak_flops(device_name(device)) if device.type == "cuda" else None,
+           "measured_bf16_matmul_flops": measured_peak,
            "torch": torch.__version__, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
            "results": results, "failed": failed}
     print(f"wrote {write_json(out, args.output, f'train_throughput_{device.type}.json')}")

@@ -6,7 +6,8 @@
 
 With train.num_workers == 1 the run is one plain process (no Ray), checkpointed every
 epoch into OUTPUT/checkpoints/ (latest.pt's folder `latest/` and the best by tune.metric
-in `best/`). With more ranks it is a study of one trial (a Ray Train TorchTrainer, no
+in `best/`), and at its end the best epoch's weights are evaluated once on the test split
+(OUTPUT/test.json), as a study does for its best trial. With more ranks it is a study of one trial (a Ray Train TorchTrainer, no
 search), with a study's files. Either way OUTPUT/results.parquet gets one row per epoch
 through the same route (results.epoch_row -> results.ResultsLog). The search space is ignored.
 With train.gpus_per_worker < 1 the process keeps to that share of the GPU's memory, as a packed
@@ -52,7 +53,27 @@ def run_local(cfg: Config, dataset: Cifar10, output: str, run_id: str) -> list[d
 
     run_training(cfg, train_loader_for(cfg, splits.train, device, log=print), splits.val, device, on_epoch=record)
     log.compact()
+    evaluate_best_on_test(cfg, os.path.join(folder, "best"), splits.test, device, output)
     return log.read()
+
+
+def evaluate_best_on_test(cfg: Config, best_folder: str, test_split, device: torch.device, output: str) -> None:
+    """The test split, once, for the best epoch's weights (chosen by tune.metric on validation alone):
+    printed and written to OUTPUT/test.json."""
+    import json
+
+    from .loop import build_model, evaluate_split
+
+    if not os.path.isdir(best_folder):  # no epoch was ever best (e.g. diverged at once): nothing to evaluate
+        return
+    state = checkpoint.load_state(best_folder)
+    model = build_model(cfg, device)
+    model.load_state_dict(state["model"])
+    test = {"best_epoch": state["best"]["epoch"], **evaluate_split(cfg, model, test_split, device, prefix="test")}
+    with open(os.path.join(output, "test.json"), "w") as f:
+        json.dump(test, f, indent=1)
+    print(f"[ray_cifar] test_acc {test['test_acc']:.4f} of epoch {test['best_epoch']}'s weights "
+          f"(the best by {cfg.tune.metric}; evaluated once): {output}/test.json", flush=True)
 
 
 def run_distributed(cfg: Config, output: str, location: str) -> int:

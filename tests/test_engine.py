@@ -73,3 +73,19 @@ def test_gpu_amp_channels_last_training(amp):
     run_training(cfg, train_loader_for(cfg, splits.train, device), splits.val, device, on_epoch=lambda m, model: history.append(m), log=None)
     assert history[-1]["amp"] == amp and history[-1]["device"] == "cuda"
     assert history[-1]["val_acc"] > 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_rank_with_half_a_gpu_cannot_allocate_more_than_half():
+    device = torch.device("cuda", 0)
+    total = torch.cuda.get_device_properties(0).total_memory
+    try:
+        message = engine.cap_gpu_memory(device, 0.5)
+        assert message.startswith("0.5 of GPU 0, memory capped to ")
+        assert torch.cuda.get_per_process_memory_fraction(device) == pytest.approx(0.5)
+        with pytest.raises(torch.cuda.OutOfMemoryError):  # refused by the allocator's cap, never allocated
+            torch.empty(int(0.6 * total), dtype=torch.uint8, device=device)
+        torch.empty(2**30, dtype=torch.uint8, device=device)  # well within the share
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)  # the rest of the session gets the whole GPU

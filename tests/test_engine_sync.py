@@ -98,3 +98,28 @@ def test_augmented_training_steps_do_not_sync_with_the_host():
         torch.cuda.set_sync_debug_mode("default")
     assert sums[2].item() == 8 * 32
     assert torch.isfinite(sums).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_compiled_model_trains_on_cuda_like_the_eager_one():
+    """train.compile on CUDA: Inductor's kernels give the eager model's logits (bf16 tolerance), and its
+    steps stay free of host syncs after the compile."""
+    device = torch.device("cuda")
+    _, model, optimizer, scheduler, loss_fn = setup(device, "bf16")
+    _, eager, _, _, _ = setup(device, "bf16")  # the same seeded initial weights
+    compiled = engine.prepare_model(model, device, compile=True)
+    batches = fixed_batches(device, steps=6)
+    with engine.autocast(device, "bf16"):
+        assert torch.allclose(compiled(batches[0][0]).float(), eager(batches[0][0]).float(), atol=0.05, rtol=0.05)
+    sums = torch.zeros(3, device=device, dtype=torch.float64)
+    sums += engine.train_step(compiled, *batches[0], optimizer, scheduler, loss_fn, device, "bf16")  # compiles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for images, labels in batches[1:]:
+            sums += engine.train_step(compiled, images, labels, optimizer, scheduler, loss_fn, device, "bf16")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert sums[2].item() == 6 * 32 and torch.isfinite(sums).all()
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), eager.parameters()))  # it trained

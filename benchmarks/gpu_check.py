@@ -1,0 +1,818 @@
+"""The GPU check, in three stages that each fit one short lend of a one-GPU machine.
+
+    make gpu-check STAGE=core DATA=DIR               # = python benchmarks/gpu_check.py core --data DIR
+    make gpu-check STAGE=ray DATA=DIR RESULTS=OUT    # Ray importable; DALI not needed
+    make gpu-check STAGE=dali DATA=DIR               # DALI importable; Ray not needed
+    make gpu-check STAGE=core DRY_RUN=1 RESULTS=DIR  # every part CPU-sized, on a machine without a GPU
+    python3 benchmarks/gpu_check.py core --data /root/data --results "$OUT"   # where make is missing
+
+Each stage runs its parts in order of value (the most important figure first), each under its own cap,
+the whole stage under a hard wall-clock cap (--cap; the defaults fit an H100/H200 lend). The estimates
+below are seconds on one H100/H200, from ResNet-18's FLOPs (0.56 GFLOP forward, ~3.3 GFLOP a
+training image) and known ResNet-18 speeds; the cap of each part stands beside it:
+
+core (cap 300 s; torch, torchvision and the GPU machine's own packages only: no Ray, no DALI)
+  train_step  ~80 s, cap 120: ResNet-18 training step, plain PyTorch (torchvision DataLoader, fp32) vs
+              ray_cifar fp32 NCHW vs bf16 channels_last vs + torch.compile, round-robin in one run; MFU
+              against the bf16 matmul rate measured on the device (and the data-sheet peak)
+  seed000     ~120 s, cap 170: seed study 000's first table: studies/resnet18_lr_schedule_wd.yaml's
+              15-epoch lr sweep (SGD, constant lr 0.1 / 0.01 / 0.001, batch 128), three
+              `python -m ray_cifar.train` processes at once on the one GPU; test accuracy beside the
+              published 83.73 / 87.54 / 82.91, and wall time
+  cuda_tests  ~35 s, cap 60: `pytest -m gpu` of the tests that need neither Ray nor DALI (no host sync
+              per step, AMP bf16/fp16 + channels_last, compile, the packed rank's memory cap)
+  augment     ~20 s, cap 35: the torch augmentation path on CUDA vs the torchvision DataLoader
+ray (cap 240 s; Ray importable, the torch pipeline)
+  asha        ~50 s, cap 90: a one-GPU ASHA study of ResNet-18 (4 trials, 2 epochs), one trial at a time
+  packed      ~45 s, cap 80: the same study packed four to the GPU (train.gpus_per_worker=0.25)
+  kill_resume ~45 s, cap 70: a one-rank GPU trial whose process is SIGKILLed after epoch 1; Tune runs it
+              again from its checkpoint and it finishes
+dali (cap 180 s; DALI importable, Ray not needed)
+  dali_tests  ~20 s, cap 45: `pytest -m gpu tests/test_dali.py`
+  loaders     ~35 s, cap 60: DALI GPU vs the torch path vs the torchvision DataLoader on CUDA (images/s,
+              build seconds); on a GPU it also writes ray_cifar/measurements/data_pipeline_cuda.json,
+              which data.pipeline=auto reads
+  fed_epoch   ~30 s, cap 50: one ResNet-18 epoch fed by each loader, and from GPU memory
+
+RESULTS/gpu_<stage>.json is rewritten after every part and every measurement (device, torch / CUDA /
+cuDNN versions, every figure and ratio of this run, each part's status, seconds, estimate and cap,
+"dry_run"), so a stage stopped by its cap or a crash keeps what it measured; the logs of the
+subprocess parts go to RESULTS/gpu_<stage>/. The last line printed is a one-line summary.
+A part's cap stops a subprocess part at once and an in-process part between measurements; the stage
+cap is hard: a watchdog ends the stage, its child processes included, when it runs out.
+Exit status: 0 every part ok, 1 a part failed, 3 the cap cut a part, 2 a usage mistake (one line).
+"""
+
+from __future__ import annotations
+
+import time
+
+STARTED = time.monotonic()  # the stage's clock starts before torch's import, which takes seconds
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import gc  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import traceback  # noqa: E402
+import xml.etree.ElementTree as ElementTree  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Callable  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+sys.path.append(os.path.join(ROOT, "tests"))  # processes.py: the by-pid process helpers the fault tests use
+
+import torch  # noqa: E402
+
+import data_pipeline as pipeline_bench  # noqa: E402
+import train_throughput as step_bench  # noqa: E402
+from processes import cmdline, descendants, end_tree  # noqa: E402
+from ray_cifar.results import ResultsLog, git_sha  # noqa: E402
+from ray_cifar.validation import load_config  # noqa: E402
+
+STUDY = os.path.join("studies", "resnet18_lr_schedule_wd.yaml")
+# The tests' tiny ResNet (tests/conftest.py TINY_MODEL): what a dry run trains instead of ResNet-18.
+TINY_MODEL = ["model.name=resnet", "model.blocks=[1,1]", "model.widths=[8,16]", "model.stem_width=8"]
+CORE_GPU_TESTS = ["tests/test_engine.py", "tests/test_engine_sync.py"]  # their imports: no Ray, no DALI
+DALI_GPU_TESTS = ["tests/test_dali.py"]
+STOP_GRACE_S = 5.0  # a stopped subprocess gets this long after SIGINT before its whole tree is SIGKILLed
+
+
+class CapReached(Exception):
+    """A part's own cap, or the stage's, ran out while the part ran."""
+
+
+@dataclass
+class Part:
+    name: str
+    estimate_s: float  # seconds on one H100/H200 (the module docstring says how each was estimated)
+    cap_s: float  # the part's own cap; the stage cap still applies
+    run: Callable[["Check"], None]
+    what: str
+
+
+class Check:
+    """One stage's run: its clock and caps, its JSON (rewritten after every change), its child processes."""
+
+    def __init__(self, stage: str, parts: list[Part], args: argparse.Namespace, device: torch.device):
+        self.stage, self.parts, self.args, self.device = stage, parts, args, device
+        self.dry_run = args.dry_run
+        self.cap_s = args.cap if args.cap is not None else STAGES[stage][0]
+        self.deadline = STARTED + self.cap_s  # hard: the watchdog's
+        # A stopped child gets stop_grace seconds after SIGINT: the parts' own checks stop in time for that.
+        self.stop_grace = min(STOP_GRACE_S, 0.2 * self.cap_s)
+        self.soft_stage_deadline = self.deadline - self.stop_grace - 0.5
+        self.part_deadline = self.deadline
+        self.results_dir = os.path.abspath(args.results)
+        self.logs = os.path.join(self.results_dir, f"gpu_{stage}")
+        os.makedirs(self.logs, exist_ok=True)
+        self.path = os.path.join(self.results_dir, f"gpu_{stage}.json")
+        self.work = args.work or tempfile.mkdtemp(prefix=f"gpu_check_{stage}_")
+        self.lock = threading.RLock()
+        self.children: list[subprocess.Popen] = []
+        self.finished = False
+        self.current: dict | None = None
+        self.doc = {"stage": stage, "dry_run": self.dry_run, "status": "running", **environment(device),
+                    "cap_seconds": self.cap_s, "seconds": 0.0, "data": "DIR" if args.data else None,
+                    "parts": [{"name": p.name, "what": p.what, "status": "not run", "estimate_seconds": p.estimate_s,
+                               "cap_seconds": p.cap_s} for p in parts],
+                    "summary": None}
+
+    # --- sizes and time -------------------------------------------------------------------------------
+    def pick(self, gpu, dry):
+        """A size: `gpu` on the GPU, `dry` in a dry run (same code path, CPU-sized)."""
+        return dry if self.dry_run else gpu
+
+    def soft_deadline(self) -> float:
+        """The time.monotonic() after which a part starts nothing new and stops its children."""
+        return min(self.part_deadline, self.soft_stage_deadline)
+
+    def which_cap(self) -> str:
+        which = "the part's cap" if self.part_deadline <= self.soft_stage_deadline else "the stage cap"
+        return f"{which} after {time.monotonic() - self.part_started:.0f} s"
+
+    def cut_short(self, done: int, planned: int, what: str) -> None:
+        """An in-process part that stopped at its deadline with `done` of `planned` measurements says so."""
+        if done < planned:
+            self.current["status_override"] = f"cut: {self.which_cap()}, {done} of {planned} {what}"
+
+    def left(self) -> float:
+        """Seconds until the part's cap or the stage's, whichever comes first."""
+        return self.soft_deadline() - time.monotonic()
+
+    # --- the JSON ----------------------------------------------------------------------------------------
+    @property
+    def figures(self) -> dict:
+        return self.current.setdefault("figures", {})
+
+    def save(self) -> None:
+        with self.lock:
+            self.doc["seconds"] = round(time.monotonic() - STARTED, 1)
+            tmp = f"{self.path}.tmp-{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(self.doc, f, indent=1, default=str)
+            os.replace(tmp, self.path)
+
+    # --- child processes ---------------------------------------------------------------------------------
+    def log_path(self, name: str) -> str:
+        return os.path.join(self.logs, f"{name}.log")
+
+    def start(self, argv: list[str], log_name: str) -> subprocess.Popen:
+        """A child in its own session (so a stop reaches its whole tree), output to RESULTS/gpu_<stage>/<log>.log,
+        the project on its PYTHONPATH (the GPU machine has it as a plain checkout, not installed)."""
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        with open(self.log_path(log_name), "w") as log:
+            log.write("$ " + " ".join(argv) + "\n")
+            log.flush()
+            proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        with self.lock:
+            self.children.append(proc)
+        return proc
+
+    def wait(self, procs: list[subprocess.Popen], poll: Callable[[], None] | None = None) -> None:
+        """Until every proc ends; calls poll() every 0.2 s; raises CapReached (after stopping them) at the cap."""
+        while any(p.poll() is None for p in procs):
+            if self.left() <= 0:
+                for p in procs:
+                    stop_tree(p, self.stop_grace)
+                raise CapReached(self.which_cap())
+            if poll:
+                poll()
+            time.sleep(0.2)
+
+    def run_command(self, argv: list[str], log_name: str) -> int:
+        proc = self.start(argv, log_name)
+        self.wait([proc])
+        return proc.returncode
+
+    # --- the stage -----------------------------------------------------------------------------------------
+    def run(self) -> int:
+        print(f"gpu-check {self.stage}: {'DRY RUN (CPU-sized) ' if self.dry_run else ''}on {self.doc['device']}, "
+              f"torch {torch.__version__}, CUDA {torch.version.cuda}; cap {self.cap_s:.0f} s; "
+              f"results {self.path}", flush=True)
+        self.save()
+        watchdog = threading.Thread(target=self._watchdog, daemon=True)
+        watchdog.start()
+        for part, entry in zip(self.parts, self.doc["parts"]):
+            if self.args.parts and part.name not in self.args.parts:
+                entry["status"] = "skipped (--parts)"
+                continue
+            if time.monotonic() >= self.soft_stage_deadline:
+                entry["status"] = "cut: stage cap reached before it started"
+                continue
+            self._run_part(part, entry)
+        return self._finish()
+
+    def _run_part(self, part: Part, entry: dict) -> None:
+        with self.lock:
+            self.current = entry
+            self.part_started = time.monotonic()
+            self.part_deadline = self.part_started + part.cap_s
+            entry["status"] = "running"
+        print(f"== {part.name} (estimate {part.estimate_s:.0f} s, cap {part.cap_s:.0f} s, "
+              f"{self.deadline - time.monotonic():.0f} s left in the stage): {part.what}", flush=True)
+        self.save()
+        try:
+            part.run(self)
+            status = entry.get("status_override") or "ok"
+        except CapReached as e:
+            status = f"cut: {e}"
+        except Exception as e:  # noqa: BLE001 - one broken part must not cost the others' figures
+            status = "failed"
+            entry["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            with open(self.log_path(part.name), "a") as log:
+                log.write(traceback.format_exc())
+            print(traceback.format_exc()[-2000:], flush=True)
+        with self.lock:
+            entry.pop("status_override", None)
+            entry["status"] = status
+            entry["seconds"] = round(time.monotonic() - self.part_started, 1)
+            self.save()
+        print(f"   {part.name}: {status} in {entry['seconds']:.0f} s"
+              + (f"; {entry['summary']}" if entry.get("summary") else "")
+              + (f"; {entry['error']}" if entry.get("error") else ""), flush=True)
+
+    def _finish(self, cut_by_watchdog: bool = False) -> int:
+        with self.lock:
+            if self.finished:
+                return 3
+            self.finished = True
+            statuses = [p["status"] for p in self.doc["parts"]]
+            ran = [p for p in self.doc["parts"] if p["status"] not in ("not run", "skipped (--parts)")]
+            failed = any(s == "failed" for s in statuses)
+            cut = cut_by_watchdog or any(s.startswith("cut") for s in statuses)
+            self.doc["status"] = "failed" if failed else "cut" if cut else "ok"
+            ok = sum(s == "ok" for s in statuses)
+            figures = "; ".join(p["summary"] for p in self.doc["parts"] if p.get("summary"))
+            self.doc["summary"] = (f"gpu-check {self.stage}{' (dry run)' if self.dry_run else ''}: "
+                                   f"{ok}/{len(ran)} parts ok"
+                                   + (f", {sum(s.startswith('cut') for s in statuses)} cut by the cap" if cut else "")
+                                   + (", FAILED: " + ", ".join(p["name"] for p in ran if p["status"] == "failed")
+                                      if failed else "")
+                                   + f" in {time.monotonic() - STARTED:.0f} s on {self.doc['device']}"
+                                   + (f" | {figures}" if figures else "") + f" -> {self.path}")
+            self.save()
+        if not self.args.work and not self.args.keep_work:
+            shutil.rmtree(self.work, ignore_errors=True)
+        print(self.doc["summary"], flush=True)
+        return 1 if failed else 3 if cut else 0
+
+    def _watchdog(self) -> None:
+        """The hard stage cap: whatever runs when it ends is stopped, its JSON written, the process ended."""
+        while time.monotonic() < self.deadline:
+            time.sleep(0.1)
+            if self.finished:
+                return
+        with self.lock:
+            if self.finished:
+                return
+            for proc in self.children:
+                stop_tree(proc, grace=0)
+            if self.current is not None and self.current["status"] == "running":
+                self.current["status"] = "cut: stage cap (the watchdog stopped it)"
+                self.current["seconds"] = round(time.monotonic() - self.part_started, 1)
+            code = self._finish(cut_by_watchdog=True)
+        sys.stdout.flush()
+        os._exit(code)
+
+
+def stop_tree(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
+    """SIGINT a child (a study then records that it was interrupted), then SIGKILL all that is left of its tree."""
+    if proc.poll() is not None:
+        return
+    tree = descendants(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout=grace) if grace else None
+    except subprocess.TimeoutExpired:
+        pass
+    tree = sorted(set(tree + descendants(proc.pid) + [proc.pid]))
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    end_tree(tree)
+    proc.poll()
+
+
+def environment(device: torch.device) -> dict:
+    """Where the figures come from: device, versions, the machine."""
+    env = {"device": pipeline_bench.device_name(device), "device_type": device.type, "torch": torch.__version__,
+           "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available()
+           else None, "python": platform.python_version(), "cpu_cores": os.cpu_count(), "git_sha": git_sha(),
+           "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    from importlib import metadata
+
+    try:
+        env["torchvision"] = metadata.version("torchvision")  # not imported: seconds that no part may need
+    except metadata.PackageNotFoundError:
+        env["torchvision"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu_memory_gib=round(props.total_memory / 2**30, 1), gpus_visible=torch.cuda.device_count(),
+                   compute_capability=f"{props.major}.{props.minor}")
+    for name, module in (("ray", "ray"), ("dali", "nvidia.dali")):
+        env[name] = installed_version(module)
+    return env
+
+
+def installed_version(module: str) -> str | None:
+    """A package's version without importing it into this process (a core stage never imports Ray or DALI)."""
+    from importlib import metadata
+
+    dist = {"ray": "ray", "nvidia.dali": None}[module]
+    try:
+        if dist:
+            return metadata.version(dist)
+        return next((d.version for d in metadata.distributions()
+                     if (d.metadata["Name"] or "").lower().startswith("nvidia-dali")), None)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# ==================================================================================================== core
+def train_step(check: Check) -> None:
+    """train_throughput.py's variants and their round-robin median, in one run, with MFU."""
+    device = check.device
+    args = argparse.Namespace(data=check.args.data, images=check.pick(50_000, 512), batch_size=check.pick(512, 32),
+                              steps=check.pick(50, 3), warmup=check.pick(20, 2), repeats=check.pick(3, 2),
+                              model=check.pick("resnet18", "small"), no_compile=False,
+                              # A dry run compiles with Dynamo + AOTAutograd but not Inductor: Inductor's CPU code
+                              # (C++ through gcc) is not what a GPU runs, and takes minutes on 2 loaded cores.
+                              compile_backend=check.pick(None, "aot_eager"))
+    figures = check.figures
+    figures.update(model=args.model, batch_size=args.batch_size, steps_per_measurement=args.steps,
+                   warmup_steps=args.warmup, repeats=args.repeats, compile_backend=args.compile_backend or "inductor")
+    peak = step_bench.measured_matmul_flops(device, size=check.pick(8192, 256), iters=check.pick(20, 2))
+    figures.update(measured_bf16_matmul_tflops=round(peak / 1e12, 2),
+                   datasheet_bf16_tflops=(step_bench.peak_flops(check.doc["device"]) or 0) / 1e12 or None,
+                   train_flops_per_image=step_bench.train_flops_per_image(step_bench.MODELS[args.model], device))
+    check.save()
+    cfg = load_config(None, step_bench.MODELS[args.model] + step_bench.AUGMENT)
+    runners, source, images = step_bench.make_runners(args, cfg, device)
+    figures.update(images=images, data=source)
+    try:
+        warmup_seconds, failed = step_bench.warm_up(runners, args.warmup, device)
+        figures.update(warmup_seconds=warmup_seconds, failed_variants=failed)
+        check.save()
+
+        def on_run(rows: list[dict]) -> None:
+            figures["variants"] = rows
+            figures["ratios"] = step_ratios(rows)
+            check.save()
+
+        rows = step_bench.measure_all(runners, args, device, warmup_seconds, peak, deadline=check.soft_deadline(),
+                                      on_run=on_run)
+        on_run(rows)
+    finally:
+        del runners
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    check.cut_short(min((len(r["runs"]) for r in rows), default=0), args.repeats, "repeats")
+    if failed:
+        check.current["status_override"] = "failed"
+        check.current["error"] = "; ".join(f"{k}: {v}" for k, v in failed.items())
+    by = {r["variant"]: r for r in rows}
+    best = by.get("ray_cifar-bf16-channels_last-compile") or by.get("ray_cifar-bf16-channels_last")
+    if best:
+        mfu = best.get("mfu_of_measured_peak")
+        check.current["summary"] = (f"{best['variant'].removeprefix('ray_cifar-')} {best['images_per_second']:,.0f} img/s"
+                                    f" = {best['vs_plain_pytorch']:.2f}x plain PyTorch"
+                                    + (f", MFU {mfu:.1%} of the measured {peak / 1e12:.0f} TFLOP/s" if mfu else ""))
+
+
+def step_ratios(rows: list[dict]) -> dict:
+    by = {r["variant"]: r["images_per_second"] for r in rows}
+    pairs = {"bf16_channels_last_compile / plain_pytorch": ("ray_cifar-bf16-channels_last-compile", "plain-pytorch-fp32"),
+             "bf16_channels_last / plain_pytorch": ("ray_cifar-bf16-channels_last", "plain-pytorch-fp32"),
+             "fp32_nchw / plain_pytorch": ("ray_cifar-fp32-nchw", "plain-pytorch-fp32"),
+             "bf16_channels_last / fp32_nchw": ("ray_cifar-bf16-channels_last", "ray_cifar-fp32-nchw"),
+             "compile / bf16_channels_last": ("ray_cifar-bf16-channels_last-compile", "ray_cifar-bf16-channels_last")}
+    return {k: round(by[a] / by[b], 3) for k, (a, b) in pairs.items() if a in by and b in by}
+
+
+def seed000(check: Check) -> None:
+    """The published 15-epoch lr sweep, three one-process runs at once, each through `python -m ray_cifar.train`."""
+    published = [p for p in load_config(os.path.join(ROOT, STUDY), []).published
+                 if p["where"].get("train.epochs") == 15]
+    sizes = check.pick([], TINY_MODEL + ["train.epochs=2", "data.train_subset=400", "data.val_size=100",
+                                         "train.global_batch_size=64", "train.torch_threads=1"])
+    runs = []
+    for entry in published:
+        lr = entry["where"]["optim.lr"]
+        output = os.path.join(check.work, f"seed000_lr{lr:g}")
+        sets = [f"{k}={v}" for k, v in entry["where"].items()] + ["data.pipeline=torch"] + sizes
+        argv = [sys.executable, "-m", "ray_cifar.train", "--config", STUDY, "--output", output]
+        argv += (["--data", check.args.data] if check.args.data else []) + [a for s in sets for a in ("--set", s)]
+        runs.append({"lr": lr, "published_test_acc": entry["value"], "output": output, "started": time.monotonic(),
+                     "proc": check.start(argv, f"seed000_lr{lr:g}")})
+    check.figures.update(study=STUDY, runs_at_once=len(runs), overrides=sizes,
+                         note="val = 5,000 held-out train images; test_acc of the best epoch by val_acc, evaluated once")
+
+    def progress() -> None:
+        check.figures["runs"] = [seed_run_figures(r) for r in runs]
+
+    last_save = [0.0]
+
+    def poll() -> None:
+        for r in runs:
+            if "seconds" not in r and r["proc"].poll() is not None:
+                r["seconds"] = round(time.monotonic() - r["started"], 1)
+        if time.monotonic() - last_save[0] > 10:
+            last_save[0] = time.monotonic()
+            progress()
+            check.save()
+
+    try:
+        check.wait([r["proc"] for r in runs], poll)
+    finally:
+        poll()
+        progress()
+        check.save()
+    failed = [r for r in runs if r["proc"].returncode != 0]
+    if failed:
+        logs = ", ".join(check.log_path("seed000_lr%g" % r["lr"]) for r in failed)
+        raise RuntimeError(f"{len(failed)} run(s) failed (exit {[r['proc'].returncode for r in failed]}); logs: {logs}")
+    figures = check.figures["runs"]
+    check.current["summary"] = ("seed000 test_acc " + " / ".join(f"{f['test_acc']:.2f}" for f in figures)
+                                + " (published " + " / ".join(f"{f['published_test_acc']}" for f in figures) + ")"
+                                + f", {max(f['wall_seconds'] for f in figures):.0f} s")
+
+
+def seed_run_figures(run: dict) -> dict:
+    rows = sorted(ResultsLog(run["output"]).read(), key=lambda r: r["epoch"])
+    figures = {"lr": run["lr"], "published_test_acc": run["published_test_acc"], "test_acc": None,
+               "epochs_done": len(rows), "wall_seconds": run.get("seconds", round(time.monotonic() - run["started"], 1))}
+    if rows:
+        figures.update(last_val_acc=round(100 * rows[-1]["val_acc"], 2),
+                       best_val_acc=round(100 * max(r["val_acc"] for r in rows), 2),
+                       median_images_per_second=round(sorted(r["images_per_second"] for r in rows)[len(rows) // 2]),
+                       train_seconds=round(sum(r["epoch_seconds"] + r["eval_seconds"] for r in rows), 1))
+    test = os.path.join(run["output"], "test.json")
+    if os.path.exists(test):
+        with open(test) as f:
+            measured = json.load(f)
+        figures.update(test_acc=round(100 * measured["test_acc"], 2), best_epoch=measured["best_epoch"],
+                       vs_published=round(100 * measured["test_acc"] - run["published_test_acc"], 2))
+    return figures
+
+
+def pytest_part(check: Check, files: list[str], log_name: str) -> None:
+    """`pytest -m gpu FILES` (skipped one by one without a GPU); counts and failures from its JUnit XML."""
+    xml = os.path.join(check.logs, f"{log_name}.xml")
+    rc = check.run_command([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+                            "--junitxml", xml, *files], log_name)
+    counts = junit_counts(xml)
+    check.figures.update(files=files, exit_status=rc, **counts)
+    passed = counts.get("tests", 0) - sum(counts.get(k, 0) for k in ("failures", "errors", "skipped"))
+    check.current["summary"] = (f"{log_name}: {passed} passed, {counts.get('failures', 0) + counts.get('errors', 0)} "
+                                f"failed, {counts.get('skipped', 0)} skipped")
+    if rc != 0:
+        raise RuntimeError(f"pytest exit {rc}: {', '.join(counts.get('failed', [])) or 'see ' + check.log_path(log_name)}")
+
+
+def junit_counts(path: str) -> dict:
+    try:
+        root = ElementTree.parse(path).getroot()
+    except (OSError, ElementTree.ParseError):
+        return {}
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    counts["failed"] = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
+                        if case.find("failure") is not None or case.find("error") is not None]
+    return counts
+
+
+def cuda_tests(check: Check) -> None:
+    pytest_part(check, CORE_GPU_TESTS, "cuda_tests")
+
+
+def loader_args(check: Check, seconds: float) -> argparse.Namespace:
+    """data_pipeline.py's arguments: `seconds` per measurement on the GPU, 3 repeats, all 50,000 train images."""
+    return argparse.Namespace(batch_size=check.pick(512, 64), seconds=check.pick(seconds, 0.2), repeats=check.pick(3, 1),
+                              images=check.pick(50_000, 512))
+
+
+def loaders_on_device(check: Check, args: argparse.Namespace, dali: bool):
+    """The train images on the device and a maker of each set's loaders (data_pipeline.feeds)."""
+    from ray_cifar.data import Split
+    from ray_cifar.data_source import load_cifar10
+
+    dataset = load_cifar10(check.args.data, None, log=lambda m: None)
+    images_np, labels_np = dataset.train_images[: args.images], dataset.train_labels[: args.images]
+    device = check.device
+    split = Split(torch.from_numpy(images_np).to(device), torch.from_numpy(labels_np).to(device))
+
+    def make_feeds(set_name):
+        return pipeline_bench.feeds(set_name, args, split, images_np, labels_np, device, dali=dali)
+
+    return dataset, make_feeds
+
+
+def measure_loaders(check: Check, dali: bool, seconds: float) -> tuple[pipeline_bench.Recorder, dict, object]:
+    args = loader_args(check, seconds)
+    dataset, make_feeds = loaders_on_device(check, args, dali)
+    record = pipeline_bench.Recorder(args.repeats)
+
+    def on_figure() -> None:
+        check.figures.update(results=record.results, ratios=pipeline_bench.loader_ratios(record.results, check.device))
+        check.save()
+
+    check.figures.update(batch_size=args.batch_size, seconds_per_measurement=args.seconds, repeats=args.repeats,
+                         images=args.images, dataloader_workers=os.cpu_count())
+    pipeline_bench.measure_loaders(record, make_feeds, args, check.device, deadline=check.soft_deadline(),
+                                   on_figure=on_figure)
+    on_figure()
+    loaders = 3 if dali else 2  # torchvision-dataloader, torch-batch (, dali-*)
+    check.cut_short(len(record.results), loaders * len(pipeline_bench.SETS), "loader figures")
+    return record, args, dataset
+
+
+def augment(check: Check) -> None:
+    measure_loaders(check, dali=False, seconds=1.0)  # 2 sets x 2 loaders x 3 repeats x 1 s + 2 worker starts
+    ratios = check.figures["ratios"]
+    check.current["summary"] = "torch path / DataLoader " + ", ".join(
+        f"{k.split(':')[0]} {v:.1f}x" for k, v in ratios.items() if k.endswith("torch-batch / torchvision-dataloader"))
+
+
+# ===================================================================================================== ray
+def study_sets(check: Check, *extra: str) -> list[str]:
+    sizes = check.pick(["model.name=resnet18", "train.global_batch_size=512"],
+                       TINY_MODEL + ["data.train_subset=400", "data.val_size=100", "train.global_batch_size=64",
+                                     "train.torch_threads=1"])
+    return ["train.num_workers=1", "data.pipeline=torch", *sizes, *extra]
+
+
+ASHA = ["tune.scheduler=asha", "tune.grace_period=1", "tune.reduction_factor=2", "train.epochs=2",
+        "tune.search_space={optim.lr: {grid: [0.4, 0.2, 0.1, 0.05]}}"]
+
+
+def run_study(check: Check, name: str, sets: list[str], poll=None) -> tuple[str, float, int]:
+    """`python -m ray_cifar.tune` with `sets`: (output folder, wall seconds, exit status)."""
+    output = os.path.join(check.work, name)
+    argv = [sys.executable, "-m", "ray_cifar.tune", "--output", output]
+    argv += (["--data", check.args.data] if check.args.data else []) + [a for s in sets for a in ("--set", s)]
+    started = time.monotonic()
+    proc = check.start(argv, name)
+    check.wait([proc], (lambda: poll(proc, output)) if poll else None)
+    return output, round(time.monotonic() - started, 1), proc.returncode
+
+
+def study_figures(output: str, wall: float) -> dict:
+    import pyarrow.parquet as pq
+
+    rows = ResultsLog(output).read()
+    trials_file = os.path.join(output, "trials.parquet")
+    trials = pq.read_table(trials_file).to_pylist() if os.path.exists(trials_file) else []
+    images = sum(r.get("train_images") or 0 for r in rows)
+    statuses: dict[str, int] = {}
+    for t in trials:
+        statuses[t["status"]] = statuses.get(t["status"], 0) + 1
+    startups = sorted(r["startup_seconds"] for r in rows if r.get("startup_seconds") is not None)
+    epoch_ips = sorted(r["images_per_second"] for r in rows if r.get("images_per_second"))
+    best = next((t for t in trials if t.get("test_acc") is not None), None)
+    return {"wall_seconds": wall, "trials": len(trials), "trial_statuses": statuses, "trial_epochs": len(rows),
+            "train_images": images, "study_images_per_second": round(images / wall, 1) if wall else None,
+            "median_epoch_images_per_second": epoch_ips[len(epoch_ips) // 2] if epoch_ips else None,
+            "study_vs_epoch_images_per_second": round(images / wall / epoch_ips[len(epoch_ips) // 2], 3)
+            if epoch_ips and wall else None,
+            "median_startup_seconds": startups[len(startups) // 2] if startups else None,
+            "best_trial_test_acc": round(100 * best["test_acc"], 2) if best else None}
+
+
+def asha(check: Check) -> None:
+    output, wall, rc = run_study(check, "asha", study_sets(check, *ASHA, "tune.max_concurrent_trials=1"))
+    check.figures.update(study_figures(output, wall), exit_status=rc)
+    if rc != 0:
+        raise RuntimeError(f"the study exited {rc}: see {check.log_path('asha')}")
+    f = check.figures
+    check.current["summary"] = (f"ASHA 4 trials one at a time {wall:.0f} s ({f['trial_epochs']} trial-epochs, "
+                                f"{f['study_vs_epoch_images_per_second']} of one epoch's img/s)")
+
+
+def packed(check: Check) -> None:
+    at_once = check.pick(4, 2)  # the dry run's 2 CPU cores fit two tiny trials
+    output, wall, rc = run_study(check, "packed", study_sets(check, *ASHA, "train.gpus_per_worker=0.25",
+                                                             f"tune.max_concurrent_trials={at_once}"))
+    figures = check.figures
+    figures.update(study_figures(output, wall), exit_status=rc, trials_at_once=at_once)
+    one_at_a_time = next((p.get("figures") for p in check.doc["parts"] if p["name"] == "asha"), None)
+    if one_at_a_time and one_at_a_time.get("study_images_per_second") and figures["study_images_per_second"]:
+        figures["packing_speedup"] = round(figures["study_images_per_second"]
+                                           / one_at_a_time["study_images_per_second"], 2)  # images/s, same run
+        figures["wall_ratio"] = round(one_at_a_time["wall_seconds"] / wall, 2)
+    if rc != 0:
+        raise RuntimeError(f"the study exited {rc}: see {check.log_path('packed')}")
+    check.current["summary"] = (f"packed {at_once} a GPU {wall:.0f} s"
+                                + (f", {figures['packing_speedup']}x the study img/s of one at a time"
+                                   if "packing_speedup" in figures else ""))
+
+
+def kill_resume(check: Check) -> None:
+    """One one-rank trial (it trains in its Tune trial process): SIGKILL that process once epoch 1 is recorded;
+    Tune runs the trial again (tune.max_failures) from its latest checkpoint, and it must finish."""
+    epochs = check.pick(4, 6)
+    sets = study_sets(check, "tune.scheduler=fifo", "tune.search_space={}", f"train.epochs={epochs}",
+                      "tune.max_failures=1")
+    killed: dict = {}
+
+    def poll(proc: subprocess.Popen, output: str) -> None:
+        if killed:
+            return
+        rows = ResultsLog(output).read()
+        if not any(r["epoch"] >= 1 for r in rows):
+            return
+        trial_processes = [p for p in descendants(proc.pid) if "ray::ImplicitFunc" in cmdline(p)]
+        if trial_processes:
+            os.kill(trial_processes[-1], signal.SIGKILL)
+            killed.update(after_epoch=max(r["epoch"] for r in rows), at=time.monotonic())
+
+    output, wall, rc = run_study(check, "kill_resume", sets, poll)
+    rows = sorted(ResultsLog(output).read(), key=lambda r: r["epoch"])
+    figures = check.figures
+    try:
+        with open(os.path.join(output, "trials.json")) as f:
+            status = next(iter(json.load(f).values()))["status"]
+    except (OSError, ValueError, StopIteration):
+        status = "unknown (no trials.json)"
+    resumed = [r for r in rows if r.get("resumed_from_epoch")]
+    figures.update(exit_status=rc, wall_seconds=wall, epochs=[r["epoch"] for r in rows], trial_status=status,
+                   killed_after_epoch=killed.get("after_epoch"),
+                   resumed_from_epoch=resumed[0]["resumed_from_epoch"] if resumed else None,
+                   train_loss=[round(r["train_loss"], 4) for r in rows], val_acc=[round(r["val_acc"], 4) for r in rows])
+    problems = []
+    if not killed:
+        problems.append("the trial ended before its process could be killed")
+    if rc != 0 or status != "completed":
+        problems.append(f"the study exited {rc}, trial {status}")
+    if [r["epoch"] for r in rows] != list(range(1, epochs + 1)):
+        problems.append(f"epochs recorded {[r['epoch'] for r in rows]}, not 1..{epochs} once each")
+    if killed and not resumed:
+        problems.append("no epoch says it resumed from a checkpoint")
+    if resumed and resumed[0]["train_loss"] >= rows[0]["train_loss"]:
+        problems.append("the first epoch after the restart has a train loss no lower than epoch 1's: "
+                        "it did not continue from the checkpoint")
+    if problems:
+        raise RuntimeError("; ".join(problems) + f" (log {check.log_path('kill_resume')})")
+    after = resumed[0]
+    check.current["summary"] = (f"killed after epoch {killed['after_epoch']}, resumed from epoch "
+                                f"{after['resumed_from_epoch']}, all {epochs} epochs once, completed")
+
+
+# ==================================================================================================== dali
+def dali_tests(check: Check) -> None:
+    pytest_part(check, DALI_GPU_TESTS, "dali_tests")
+
+
+def loaders(check: Check) -> None:
+    """DALI GPU vs torch path vs DataLoader: the measurement data.pipeline=auto reads for this device type."""
+    record, args, dataset = measure_loaders(check, dali=True, seconds=1.5)  # 2 sets x 3 loaders x 3 x 1.5 s + builds
+    out = pipeline_bench.results_document(args, check.device, dataset.source, args.images, record.results,
+                                          pipeline_bench.loader_ratios(record.results, check.device))
+    name = f"data_pipeline_{check.device.type}.json"
+    check.figures["measurement_file"] = pipeline_bench.write_json(out, check.results_dir, name)
+    if not check.dry_run:  # a dry run never replaces the package's committed measurement
+        from ray_cifar.pipelines import BENCHMARK_RESULTS
+
+        check.figures["package_measurement"] = pipeline_bench.write_json(out, BENCHMARK_RESULTS, name)
+    ratios = check.figures["ratios"]
+    dali_name = f"dali-{'gpu' if check.device.type == 'cuda' else 'cpu'}"
+    check.current["summary"] = f"{dali_name} / DataLoader " + ", ".join(
+        f"{k.split(':')[0]} {v:.1f}x" for k, v in ratios.items() if k.endswith(f"{dali_name} / torchvision-dataloader"))
+
+
+def fed_epoch(check: Check) -> None:
+    args = loader_args(check, seconds=0)  # an epoch of `images` each, not a time
+    _, make_feeds = loaders_on_device(check, args, dali=True)
+    record = pipeline_bench.Recorder(1)
+    step = pipeline_bench.training_step(check.device, "bf16", check.pick(["model.name=resnet18"], TINY_MODEL))
+
+    def on_figure() -> None:
+        check.figures["results"] = record.results
+        check.save()
+
+    check.figures.update(images_per_epoch=args.images, batch_size=args.batch_size,
+                         model=check.pick("resnet18", "tiny ResNet (dry run)"))
+    ratios = pipeline_bench.measure_training(record, make_feeds, args, check.device, step=step, images=args.images,
+                                             deadline=check.soft_deadline(), on_figure=on_figure)
+    check.figures.update(results=record.results, ratios=ratios)
+    check.save()
+    check.cut_short(len(ratios), 3 * len(pipeline_bench.SETS), "fed epochs")
+    check.current["summary"] = "epoch fed / from GPU memory: " + ", ".join(
+        f"{k.split(': resnet18 fed by ')[1].split(' /')[0]} ({k.split(':')[0]}) {v:.2f}" for k, v in ratios.items())
+
+
+# ================================================================================================= stages
+# Estimates on one H100/H200 (ResNet-18 on 32x32 images: 0.56 GFLOP forward, ~3.3 GFLOP a training image;
+# eager bf16 channels_last at batch 512 ~20-30k img/s, i.e. MFU ~8-10% of a measured ~750 TFLOP/s; batch 128
+# is bound by kernel launches, ~8-10k img/s a process), Python + torch + CUDA start ~10 s a process.
+STAGES: dict[str, tuple[float, list[Part]]] = {
+    "core": (300, [
+        # 4 warm-ups (the compile one ~45 s of Inductor for forward + backward on 16 cores) + 3 rounds x 4 variants x
+        # 50 steps x 512 images (~1-2 s each; the DataLoader one is bound by 16 PIL workers) + a bf16 matmul ~2 s
+        Part("train_step", 80, 120, train_step, "ResNet-18 step: plain PyTorch vs fp32 NCHW vs bf16 channels_last "
+             "vs + compile, MFU against the measured bf16 matmul peak"),
+        # 3 runs x 15 epochs x 45,000 images = 2.0M images at batch 128; the three at once share the GPU (each
+        # ~8k img/s: ~85 s) + 15 evaluations of 5,000 + start ~15 s + the test evaluation
+        Part("seed000", 120, 170, seed000, "seed study 000's first table: ResNet-18, SGD, constant lr 0.1/0.01/0.001, "
+             "15 epochs, batch 128, via python -m ray_cifar.train"),
+        # pytest start + collection ~8 s; 5 tests on the tiny ResNet, the compile one ~20 s of it
+        Part("cuda_tests", 35, 60, cuda_tests, "pytest -m gpu " + " ".join(CORE_GPU_TESTS)),
+        # 2 sets x 2 loaders x 3 repeats x 1 s + 2 DataLoader worker starts
+        Part("augment", 20, 35, augment, "the torch augmentation path on the device vs the torchvision DataLoader"),
+    ]),
+    "ray": (240, [
+        # Ray start ~8 s; 4 trials x epoch 1 + ~2 trials x epoch 2 (ASHA) x 45,000 images at ~25k img/s ~11 s;
+        # trial processes reused (~1 s each, the first ~8 s); test evaluation in a GPU task ~8 s; report + exit ~8 s
+        Part("asha", 50, 90, asha, "a one-GPU ASHA study of ResNet-18, 4 trials x 2 epochs, one at a time"),
+        # the same work four at once: starts overlap, the GPU is shared
+        Part("packed", 45, 80, packed, "the same study packed four to the GPU (train.gpus_per_worker=0.25)"),
+        # Ray start ~8 s; 4 epochs x 45,000 images ~8 s; the killed trial's new process + resume ~15 s; exit ~8 s
+        Part("kill_resume", 45, 70, kill_resume, "a one-rank GPU trial SIGKILLed after epoch 1, resumed by Tune"),
+    ]),
+    "dali": (180, [
+        # pytest start + DALI import ~10 s; the GPU pipeline's build and one epoch of 400 images
+        Part("dali_tests", 20, 45, dali_tests, "pytest -m gpu " + " ".join(DALI_GPU_TESTS)),
+        # 2 sets x 3 loaders x 3 repeats x 1.5 s + builds (DALI's first imports it: ~3 s)
+        Part("loaders", 35, 60, loaders, "DALI GPU vs the torch path vs the torchvision DataLoader (images/s, build s)"),
+        # 7 epochs of 50,000 images (resident, 2 sets x 3 loaders) at ~25k img/s; the full-set DataLoader slower
+        Part("fed_epoch", 30, 50, fed_epoch, "one ResNet-18 epoch fed by each loader and from GPU memory"),
+    ]),
+}
+NEEDS = {"ray": ("ray", "Ray"), "dali": ("nvidia.dali", "NVIDIA DALI")}
+
+
+def fail(message: str) -> None:
+    print(f"gpu_check: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="benchmarks/gpu_check.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=sorted(STAGES))
+    parser.add_argument("--data", default=os.environ.get("RAY_CIFAR_DATA"),
+                        help="CIFAR-10 folder (train/test.parquet); default $RAY_CIFAR_DATA")
+    parser.add_argument("--results", default=os.path.join(HERE, "results"),
+                        help="folder of gpu_<stage>.json and gpu_<stage>/ logs (default benchmarks/results)")
+    parser.add_argument("--dry-run", action="store_true", help="every part CPU-sized on the CPU (no GPU needed)")
+    parser.add_argument("--cap", type=float, default=None, help="the stage's wall-clock cap in seconds "
+                        f"(default {', '.join(f'{k} {v[0]:.0f}' for k, v in STAGES.items())})")
+    parser.add_argument("--parts", type=lambda s: [p for p in s.split(",") if p], default=None,
+                        help="run only these parts (comma-separated), e.g. --parts seed000")
+    parser.add_argument("--work", default=None, help="scratch folder for runs and checkpoints (default: a temporary "
+                        "folder, removed at the end; never under RESULTS, which a lend carries back)")
+    parser.add_argument("--keep-work", action="store_true", help="keep the temporary scratch folder")
+    args = parser.parse_args(argv)
+    names = [p.name for p in STAGES[args.stage][1]]
+    unknown = [p for p in args.parts or [] if p not in names]
+    if unknown:
+        fail(f"--parts: {', '.join(unknown)} not in stage {args.stage} (its parts: {', '.join(names)})")
+    if args.cap is not None and args.cap <= 0:
+        fail(f"--cap: must be > 0 seconds (got {args.cap:g})")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.data:
+        fail("no CIFAR-10 folder: pass --data DIR (make: DATA=DIR) or set RAY_CIFAR_DATA")
+    if not os.path.isdir(args.data):
+        fail(f"--data {args.data}: no such folder")
+    args.data = os.path.abspath(args.data)
+    if not args.dry_run and not torch.cuda.is_available():
+        fail(f"torch {torch.__version__} sees no CUDA GPU here: the check needs one; "
+             "DRY_RUN=1 (--dry-run) runs every part CPU-sized instead")
+    if args.stage in NEEDS and importlib.util.find_spec(NEEDS[args.stage][0].split(".")[0]) is None or (
+            args.stage == "dali" and importlib.util.find_spec("nvidia.dali") is None):
+        module, name = NEEDS[args.stage]
+        fail(f"stage {args.stage} needs {name} ({module}) importable: unpack its pack and run the export line "
+             "unpack.sh prints (see benchmarks/README.md, GPU check)")
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    if args.dry_run:
+        # One intra-op thread: a 2-thread OpenMP region on a shared machine can wait 100x longer than it computes.
+        torch.set_num_threads(1)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # and in every child
+    cap, parts = STAGES[args.stage]
+    return Check(args.stage, parts, args, device).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

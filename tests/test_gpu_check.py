@@ -1,0 +1,234 @@
+"""The GPU check (benchmarks/gpu_check.py, `make gpu-check`) dry-run on CPU through the same code as on a GPU:
+core with Ray and DALI unimportable (as on the GPU machine), ray on a local Ray, dali on DALI's CPU pipeline;
+then each stage stopped by a tiny cap, cleanly, with its JSON written. Real processes, real Ray, real DALI.
+Data: the first rows of $RAY_CIFAR_DATA's Parquet files when it is set (real images, a few seconds to decode
+rather than a minute), else the synthetic Parquet folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from processes import descendants, end_tree
+
+pytestmark = pytest.mark.integration
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECK = os.path.join(ROOT, "benchmarks", "gpu_check.py")
+
+# A sitecustomize that makes Ray and DALI unimportable in every process that starts with it on its
+# PYTHONPATH (the stage and all its children), as on the GPU machine; it logs that it loaded and every
+# import it refused, so the test knows it was in force.
+BLOCKER = '''
+import os
+import sys
+
+_LOG = os.environ.get("GPU_CHECK_BLOCK_LOG")
+
+
+def _note(line):
+    if _LOG:
+        with open(_LOG, "a") as f:
+            f.write(line + "\\n")
+
+
+class _Unimportable:
+    def find_spec(self, name, path=None, target=None):
+        if any(name == b or name.startswith(b + ".") for b in ("ray", "nvidia.dali")):
+            _note(f"refused {name} in {os.getpid()}")
+            raise ModuleNotFoundError(f"No module named {name!r} (not on the GPU machine)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _Unimportable())
+_note(f"loaded in {os.getpid()}")
+'''
+
+
+@pytest.fixture(scope="module")
+def data_dir(synthetic_parquet_dir, tmp_path_factory) -> str:
+    real = os.environ.get("RAY_CIFAR_DATA")
+    if not real:
+        return synthetic_parquet_dir
+    import pyarrow.parquet as pq
+
+    folder = tmp_path_factory.mktemp("cifar_head")
+    for split, rows in (("train", 1000), ("test", 200)):
+        pq.write_table(pq.read_table(os.path.join(real, f"{split}.parquet")).slice(0, rows), folder / f"{split}.parquet")
+    return str(folder)
+
+
+def run_check(stage: str, results, data: str, *extra: str, env: dict | None = None, timeout: float = 300):
+    """Run one stage as `make gpu-check` does; returns (exit status, output, its JSON, seconds). Every process of
+    its tree seen while it ran must be gone when it returns."""
+    argv = [sys.executable, CHECK, stage, "--dry-run", "--results", str(results), "--data", data, *extra]
+    start = time.monotonic()
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+    seen: set[int] = set()
+    try:
+        while proc.poll() is None and time.monotonic() - start < timeout:
+            seen.update(descendants(proc.pid))
+            time.sleep(0.3)
+        out, _ = proc.communicate(timeout=5)
+    finally:
+        if proc.poll() is None:
+            end_tree(descendants(proc.pid) + [proc.pid])
+    seconds = time.monotonic() - start
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") and not _zombie(p) for p in seen):
+        time.sleep(0.2)
+    left = [p for p in seen if os.path.exists(f"/proc/{p}") and not _zombie(p)]
+    end_tree(left)
+    assert not left, f"processes of the stage outlived it: {left}\n{out[-3000:]}"
+    with open(os.path.join(results, f"gpu_{stage}.json")) as f:
+        doc = json.load(f)
+    return proc.returncode, out, doc, seconds
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def parts(doc: dict) -> dict:
+    return {p["name"]: p for p in doc["parts"]}
+
+
+def assert_complete(rc: int, out: str, doc: dict, stage: str) -> dict:
+    assert rc == 0, out[-4000:]
+    assert doc["stage"] == stage and doc["dry_run"] is True and doc["status"] == "ok"
+    assert doc["device_type"] == "cpu" and doc["torch"] == torch.__version__ and "device" in doc
+    assert all(p["status"] == "ok" for p in doc["parts"]), [(p["name"], p["status"], p.get("error")) for p in doc["parts"]]
+    assert all(p["estimate_seconds"] <= p["cap_seconds"] for p in doc["parts"])
+    assert out.rstrip().splitlines()[-1] == doc["summary"]  # the one-line summary comes last
+    assert doc["summary"].startswith(f"gpu-check {stage} (dry run): {len(doc['parts'])}/{len(doc['parts'])} parts ok")
+    return parts(doc)
+
+
+def test_core_dry_run_needs_neither_ray_nor_dali(tmp_path, data_dir):
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCKER)
+    log = tmp_path / "blocked.log"
+    env = {"PYTHONPATH": os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           "GPU_CHECK_BLOCK_LOG": str(log)}
+    rc, out, doc, _ = run_check("core", tmp_path / "results", data_dir, env=env)
+    lines = log.read_text().splitlines()
+    # In force in the stage, its three training runs and pytest: a hard import of either would have failed a part.
+    assert sum(line.startswith("loaded in") for line in lines) >= 5, lines
+    got = assert_complete(rc, out, doc, "core")
+    assert list(got) == ["train_step", "seed000", "cuda_tests", "augment"]  # by value
+
+    step = got["train_step"]["figures"]
+    variants = {v["variant"]: v for v in step["variants"]}
+    assert set(variants) == {"plain-pytorch-fp32", "ray_cifar-fp32-nchw", "ray_cifar-bf16-channels_last",
+                             "ray_cifar-bf16-channels_last-compile"}
+    assert all(v["images_per_second"] > 0 and 0 < v["mfu_of_measured_peak"] for v in variants.values())
+    assert step["measured_bf16_matmul_tflops"] > 0 and step["failed_variants"] == {}
+    assert step["ratios"]["bf16_channels_last_compile / plain_pytorch"] == pytest.approx(
+        variants["ray_cifar-bf16-channels_last-compile"]["images_per_second"]
+        / variants["plain-pytorch-fp32"]["images_per_second"], rel=1e-2)
+
+    runs = got["seed000"]["figures"]["runs"]
+    assert [(r["lr"], r["published_test_acc"]) for r in runs] == [(0.1, 83.73), (0.01, 87.54), (0.001, 82.91)]
+    assert all(r["epochs_done"] == 2 and 0 <= r["test_acc"] <= 100 and r["wall_seconds"] > 0 for r in runs)
+    assert "seed000 test_acc" in doc["summary"]
+
+    tests = got["cuda_tests"]["figures"]
+    assert tests["exit_status"] == 0 and tests["tests"] >= 5 and tests["skipped"] == tests["tests"]  # no CUDA here
+    assert "torch-batch / torchvision-dataloader" in " ".join(got["augment"]["figures"]["ratios"])
+    assert not any(r["path"].startswith("dali") for r in got["augment"]["figures"]["results"])
+
+
+def test_ray_dry_run(tmp_path, data_dir):
+    pytest.importorskip("ray")
+    rc, out, doc, _ = run_check("ray", tmp_path / "results", data_dir)
+    got = assert_complete(rc, out, doc, "ray")
+    asha = got["asha"]["figures"]
+    assert asha["trials"] == 4 and asha["exit_status"] == 0 and 4 <= asha["trial_epochs"] <= 8
+    assert asha["best_trial_test_acc"] is not None and asha["study_images_per_second"] > 0
+    packed = got["packed"]["figures"]
+    assert packed["trials"] == 4 and packed["packing_speedup"] > 0 and packed["wall_ratio"] > 0
+    kill = got["kill_resume"]["figures"]
+    assert kill["trial_status"] == "completed" and kill["epochs"] == list(range(1, 7))
+    assert kill["killed_after_epoch"] >= 1 and kill["resumed_from_epoch"] >= 1
+
+
+def test_dali_dry_run_writes_the_measurement_auto_reads(tmp_path, data_dir, monkeypatch):
+    pytest.importorskip("nvidia.dali")
+    from ray_cifar import pipelines
+
+    committed = os.path.join(pipelines.BENCHMARK_RESULTS, "data_pipeline_cpu.json")
+    before = hashlib.sha256(open(committed, "rb").read()).hexdigest()
+    results = tmp_path / "results"
+    rc, out, doc, _ = run_check("dali", results, data_dir)
+    got = assert_complete(rc, out, doc, "dali")
+    assert got["dali_tests"]["figures"]["exit_status"] == 0 and got["dali_tests"]["figures"]["tests"] >= 1
+    rows = got["loaders"]["figures"]["results"]
+    assert {r["path"] for r in rows} == {"torchvision-dataloader", "torch-batch", "dali-cpu"}
+    assert all(r["build_seconds"] >= 0 and r["images_per_second"] > 0 for r in rows)
+    fed = {r["path"] for r in got["fed_epoch"]["figures"]["results"]}
+    assert {"resnet18-from-gpu-memory", "resnet18-fed-by-dali-cpu", "resnet18-fed-by-torch-batch"} <= fed
+    # A dry run leaves the package's committed measurement alone; its own file is the one auto reads.
+    assert hashlib.sha256(open(committed, "rb").read()).hexdigest() == before
+    assert got["loaders"]["figures"]["measurement_file"] == str(results / "data_pipeline_cpu.json")
+    monkeypatch.setattr(pipelines, "BENCHMARK_RESULTS", str(results))
+    monkeypatch.setattr(pipelines, "dali_available", lambda: True)
+    from ray_cifar.validation import load_config
+
+    logs = []
+    cfg = load_config(None, ["data.crop_padding=4", "data.flip_p=0.5"]).data
+    choice = pipelines.resolve_pipeline(cfg, torch.device("cpu"), logs.append)
+    by = {r["path"]: r["images_per_second"] for r in rows if r["set"] == "crop+flip"}
+    assert choice == ("dali" if by["dali-cpu"] >= by["torch-batch"] else "torch")
+    assert "data_pipeline_cpu.json" in logs[-1]
+
+
+@pytest.mark.parametrize("stage, cap, how", [
+    ("core", 6, "the watchdog ends an in-process part"),
+    ("ray", 10, "a Ray study's process tree is stopped"),
+    ("dali", 6, "a pytest subprocess is stopped"),
+])
+def test_a_tiny_cap_stops_the_stage_cleanly_with_its_json(tmp_path, data_dir, stage, cap, how):
+    if stage == "ray":
+        pytest.importorskip("ray")
+    if stage == "dali":
+        pytest.importorskip("nvidia.dali")
+    rc, out, doc, seconds = run_check(stage, tmp_path / "results", data_dir, "--cap", str(cap))
+    assert rc == 3, out[-3000:]
+    assert seconds <= cap + 4, f"{how}: the stage took {seconds:.1f} s under a {cap} s cap"
+    statuses = [p["status"] for p in doc["parts"]]
+    assert doc["status"] == "cut" and statuses[0].startswith("cut"), statuses
+    assert all(s in ("not run", "cut: stage cap reached before it started") for s in statuses[1:]), statuses
+    assert doc["dry_run"] is True and doc["cap_seconds"] == cap and doc["seconds"] <= cap + 1
+    assert out.rstrip().splitlines()[-1] == doc["summary"] and "cut by the cap" in doc["summary"]
+
+
+def test_usage_mistakes_are_one_line(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = subprocess.run([sys.executable, CHECK, "core", "--data", str(tmp_path), "--results", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("gpu_check: error: torch ")
+    assert "DRY_RUN=1" in proc.stderr
+
+
+def test_make_gpu_check_installs_nothing_and_passes_the_stage_on():
+    """The GPU machine has no network: the target must not depend on `install`; PY on the command line wins."""
+    proc = subprocess.run(["make", "-n", "gpu-check", "STAGE=ray", "DRY_RUN=1", "RESULTS=somewhere", "PY=python3.12",
+                           "DATA=DIR", "CAP=9"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    command = " ".join(proc.stdout.replace("\\\n", " ").split())
+    assert command == "python3.12 benchmarks/gpu_check.py ray --results somewhere --data DIR --dry-run --cap 9"

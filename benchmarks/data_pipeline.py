@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -187,6 +188,14 @@ def timed_builds(feeds_of_set, device: torch.device):
         yield path, make, time.perf_counter() - start
 
 
+def release(batches) -> None:
+    """Free a loader now (its DALI pipeline's threads, its DataLoader workers): a DataLoader that forks its
+    workers while a DALI pipeline still runs threads in this process gets workers that die or hang."""
+    batches.close()
+    del batches
+    gc.collect()
+
+
 def measure_loaders(record: Recorder, make_feeds, args: argparse.Namespace, device: torch.device,
                     deadline: float | None = None, on_figure=None) -> None:
     """Every loader of every set: images/s delivered (median of the repeats) and its build seconds.
@@ -198,6 +207,7 @@ def measure_loaders(record: Recorder, make_feeds, args: argparse.Namespace, devi
             batches = make()
             record(set_name, path, lambda: time_batches(batches, args.seconds, device),
                    build_seconds=round(build_seconds, 3))
+            release(batches)
             if on_figure:
                 on_figure()
 
@@ -221,6 +231,7 @@ def measure_training(record: Recorder, make_feeds, args: argparse.Namespace, dev
                          lambda: time_batches(batches, args.seconds, device, step, images))
             record.results[-1]["fraction_of_resident"] = round(ips / resident, 3)
             ratios[f"{set_name}: resnet18 fed by {path} / from gpu memory"] = round(ips / resident, 3)
+            release(batches)
             if on_figure:
                 on_figure()
     return ratios

@@ -12,7 +12,7 @@ below are seconds on one H100/H200, from ResNet-18's FLOPs (0.56 GFLOP forward, 
 training image) and known ResNet-18 speeds; the cap of each part stands beside it:
 
 core (cap 300 s; torch, torchvision and the GPU machine's own packages only: no Ray, no DALI)
-  train_step  ~80 s, cap 120: ResNet-18 training step, plain PyTorch (torchvision DataLoader, fp32) vs
+  train_step  ~90 s, cap 130: ResNet-18 training step, plain PyTorch (torchvision DataLoader, fp32) vs
               ray_cifar fp32 NCHW vs bf16 channels_last vs + torch.compile, round-robin in one run; MFU
               against the bf16 matmul rate measured on the device (and the data-sheet peak)
   seed000     ~120 s, cap 170: seed study 000's first table: studies/resnet18_lr_schedule_wd.yaml's
@@ -725,9 +725,10 @@ def fed_epoch(check: Check) -> None:
 # is bound by kernel launches, ~8-10k img/s a process), Python + torch + CUDA start ~10 s a process.
 STAGES: dict[str, tuple[float, list[Part]]] = {
     "core": (300, [
-        # 4 warm-ups (the compile one ~45 s of Inductor for forward + backward on 16 cores) + 3 rounds x 4 variants x
-        # 50 steps x 512 images (~1-2 s each; the DataLoader one is bound by 16 PIL workers) + a bf16 matmul ~2 s
-        Part("train_step", 80, 120, train_step, "ResNet-18 step: plain PyTorch vs fp32 NCHW vs bf16 channels_last "
+        # the first decode of CIFAR-10 into the cache (~10 s; later parts and calls reuse it) + 4 warm-ups (the compile
+        # one ~45 s of Inductor for forward + backward on 16 cores) + 3 rounds x 4 variants x 50 steps x 512 images
+        # (~1-2 s each; the DataLoader one is bound by 16 PIL workers) + a bf16 matmul ~2 s
+        Part("train_step", 90, 130, train_step, "ResNet-18 step: plain PyTorch vs fp32 NCHW vs bf16 channels_last "
              "vs + compile, MFU against the measured bf16 matmul peak"),
         # 3 runs x 15 epochs x 45,000 images = 2.0M images at batch 128; the three at once share the GPU (each
         # ~8k img/s: ~85 s) + 15 evaluations of 5,000 + start ~15 s + the test evaluation

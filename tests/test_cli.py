@@ -5,6 +5,7 @@ Also one real single-process run of `python -m ray_cifar.train` on synthetic Par
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -116,6 +117,10 @@ def test_single_process_train_writes_per_epoch_rows(tmp_path, synthetic_parquet_
     assert rows[-1]["val_acc"] > 0.5  # colour-coded classes: far above the 0.1 of chance
     assert rows[0]["lr"] == pytest.approx(0.05)  # cosine starts at the peak
     assert os.path.exists(output / "config.yaml")
+    # The test split, once, for the best epoch's weights (what a study does for its best trial).
+    test = json.loads((output / "test.json").read_text())
+    best = max(rows, key=lambda r: r["val_acc"])["epoch"]
+    assert test["best_epoch"] == best and test["test_acc"] > 0.5 and f"test_acc {test['test_acc']:.4f}" in result.stdout
 
 
 # ---------------------------------------------------------------------------

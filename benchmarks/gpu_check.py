@@ -285,6 +285,7 @@ class Check:
                 self.current["status"] = "cut: stage cap (the watchdog stopped it)"
                 self.current["seconds"] = round(time.monotonic() - self.part_started, 1)
             code = self._finish(cut_by_watchdog=True)
+        end_tree(descendants(os.getpid()))  # e.g. an in-process part's DataLoader workers
         sys.stdout.flush()
         os._exit(code)
 

@@ -76,12 +76,12 @@ def run_check(stage: str, results, data: str, *extra: str, env: dict | None = No
     try:
         while proc.poll() is None and time.monotonic() - start < timeout:
             seen.update(descendants(proc.pid))
-            time.sleep(0.3)
-        out, _ = proc.communicate(timeout=5)
+            time.sleep(0.2)
+        seconds = time.monotonic() - start  # the stage's own exit (its output may close later)
+        out, _ = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             end_tree(descendants(proc.pid) + [proc.pid])
-    seconds = time.monotonic() - start
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") and not _zombie(p) for p in seen):
         time.sleep(0.2)

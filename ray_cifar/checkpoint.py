@@ -8,17 +8,33 @@ travel inside its optimizer state dict.
 
 Files are loaded with `torch.load(..., weights_only=True)`: a checkpoint holds tensors,
 numbers, strings, lists and dicts only, never pickled code.
+
+Damage: beside state.pt lies state.pt.sha256, its checksum. A file whose bytes do not match
+(truncated, zeroed, overwritten) is `CheckpointDamaged`: an older checkpoint may be loaded
+instead (`newest_loadable`). A file whose bytes match but that torch cannot load was written
+by another version of the format (`CheckpointFormatError`): an older one would not load either.
+A checkpoint without a checksum (older ray_cifar) that does not load counts as damaged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 STATE_FILE = "state.pt"
+CHECKSUM_FILE = STATE_FILE + ".sha256"
+
+
+class CheckpointDamaged(Exception):
+    """A state file that is missing, truncated or whose bytes are not the ones written."""
+
+
+class CheckpointFormatError(Exception):
+    """A state file whose bytes are intact but that cannot be loaded: another version's format."""
 
 
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler, *, epoch: int, step: int,
@@ -37,18 +53,115 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
     }
 
 
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _replace_atomically(tmp: str, path: str) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old file or the whole new one
+    os.replace(tmp, path)
+
+
 def save_state(state: dict[str, Any], directory: str) -> str:
-    """Write `state` into `directory` (atomically: a reader never sees half a file)."""
+    """Write `state` and its checksum into `directory` (atomically: a reader never sees half a file).
+
+    The state is read back (its checksum recomputed from disk) before it replaces the previous one,
+    so a full disk or a short write leaves the previous state in place and raises OSError."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, STATE_FILE)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    tmp, tmp_sum = f"{path}.tmp-{os.getpid()}", os.path.join(directory, f"{CHECKSUM_FILE}.tmp-{os.getpid()}")
+    try:
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as e:  # torch's zip writer reports a failed write (ENOSPC, EIO) as RuntimeError
+            raise _write_error(e, tmp) from None
+        digest = file_sha256(tmp)
+        with open(tmp_sum, "w") as f:
+            f.write(digest + "\n")
+        _replace_atomically(tmp, path)
+        _replace_atomically(tmp_sum, os.path.join(directory, CHECKSUM_FILE))
+    finally:
+        for leftover in (tmp, tmp_sum):
+            if os.path.exists(leftover):
+                os.remove(leftover)
     return path
 
 
+def _write_error(e: RuntimeError, path: str) -> OSError:
+    """torch.save's RuntimeError as the OSError it was (ENOSPC when the disk is full)."""
+    import errno
+    import shutil
+
+    try:
+        full = shutil.disk_usage(os.path.dirname(path) or ".").free < (1 << 20)
+    except OSError:
+        full = False
+    code = errno.ENOSPC if full or "No space" in str(e) else errno.EIO
+    return OSError(code, os.strerror(code), path)
+
+
+def verify(directory: str) -> None:
+    """Raise CheckpointDamaged unless `directory` holds a state file whose bytes match its checksum
+    (a state file without a checksum passes here: load_state decides)."""
+    path = os.path.join(directory, STATE_FILE)
+    try:
+        actual = file_sha256(path)
+    except OSError as e:
+        raise CheckpointDamaged(f"{path}: {e.strerror or e}") from None
+    try:
+        with open(os.path.join(directory, CHECKSUM_FILE), "rb") as f:
+            expected = f.read(200).decode("ascii", errors="replace").strip()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise CheckpointDamaged(f"{path}: its checksum cannot be read ({e.strerror or e})") from None
+    if actual != expected:
+        raise CheckpointDamaged(f"{path}: damaged (its bytes do not match {CHECKSUM_FILE})")
+
+
 def load_state(directory: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(os.path.join(directory, STATE_FILE), map_location=map_location, weights_only=True)
+    """The state in `directory`; CheckpointDamaged or CheckpointFormatError when it cannot be used."""
+    verify(directory)
+    path = os.path.join(directory, STATE_FILE)
+    checked = os.path.exists(os.path.join(directory, CHECKSUM_FILE))
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if checked:
+            raise CheckpointFormatError(f"{path}: intact but not loadable by this version ({message})") from None
+        raise CheckpointDamaged(f"{path}: cannot be loaded ({message})") from None
+    if not isinstance(state, dict) or "epoch" not in state:
+        raise (CheckpointFormatError if checked else CheckpointDamaged)(f"{path}: not a training state")
+    return state
+
+
+def newest_loadable(candidates: Iterable[tuple[str, Callable[[], dict[str, Any]]]],
+                    warn: Callable[[str], None] = print) -> tuple[str, dict[str, Any]] | None:
+    """The first of `candidates` (name, load), newest first, that loads: (name, state), or None if none does.
+
+    Each damaged one is passed over with one warning line; a format error is raised (an older
+    checkpoint of the same run has the same format)."""
+    damaged = []
+    for name, load in candidates:
+        try:
+            state = load()
+        except CheckpointDamaged as e:
+            damaged.append(name)
+            warn(f"[ray_cifar] warning: checkpoint {e}; trying an older one")
+            continue
+        if damaged:
+            warn(f"[ray_cifar] warning: resuming from {name} (epoch {state['epoch']}), the newest checkpoint "
+                 f"that loads; {len(damaged)} damaged one(s) skipped")
+        return name, state
+    if damaged:
+        warn(f"[ray_cifar] warning: no checkpoint of this run loads ({len(damaged)} damaged); starting over")
+    return None
 
 
 def restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler) -> None:

@@ -5,13 +5,18 @@ controller and worker group to keep its checkpoints; this store does what
 `CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=tune.metric)` does for them:
 
     LOCATION/checkpoint_000003/state.pt    the latest finished epoch (3)
-    LOCATION/checkpoint_000002/state.pt    the best epoch so far by tune.metric, when not the latest
+    LOCATION/checkpoint_000002/state.pt    the one before it (kept so a damaged latest leaves a state to load)
+    LOCATION/checkpoint_000001/state.pt    the best epoch so far by tune.metric, when not one of those
 
 LOCATION is `storage_path/trial-<trial_id>` (a path or an s3:// gs:// file:// URI), the same
 folder name a DDP trial's TorchTrainer run has, so a Tune retry or a `--resume` of the study
 finds the latest state by the trial id alone. A checkpoint folder appears only complete: it is
 written under a temporary name and renamed (locally), or its one file is uploaded last (URIs,
-where an object appears whole). No Ray, no torch beyond `checkpoint.load_state`.
+where an object appears whole), and read back before older ones are dropped.
+
+`newest_loadable_state(location)` is how both trial paths resume: the newest checkpoint under
+LOCATION that loads (Ray Train's `checkpoint_<time>` folders or this store's `checkpoint_<epoch>`),
+passing over damaged ones with a warning. No Ray, no torch beyond ray_cifar.checkpoint.
 """
 
 from __future__ import annotations
@@ -28,6 +33,34 @@ import pyarrow.fs as pafs
 from . import checkpoint, storage
 
 _NAME = re.compile(r"^checkpoint_(\d{6})$")
+_ANY_CHECKPOINT = re.compile(r"^checkpoint_[0-9][0-9_.-]*$")  # ours (epoch) and Ray Train's (time): both sort by age
+
+
+def _load_folder(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
+    """The training state in checkpoint folder `path` of `fs`: read in place when local, else copied here first."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return checkpoint.load_state(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in (checkpoint.STATE_FILE, checkpoint.CHECKSUM_FILE):
+            try:
+                pafs.copy_files(posixpath.join(path, name), os.path.join(tmp, name), source_filesystem=fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+            except (OSError, FileNotFoundError):
+                if name == checkpoint.STATE_FILE:
+                    raise checkpoint.CheckpointDamaged(f"{path}/{name}: missing") from None
+        return checkpoint.load_state(tmp)
+
+
+def newest_loadable_state(location: str, warn=print) -> tuple[str, dict[str, Any]] | None:
+    """(checkpoint folder as path or URI, its state) of the newest checkpoint under `location` that loads,
+    else None (none there, or every one damaged: the caller starts over). See checkpoint.newest_loadable."""
+    fs, path = storage.filesystem(location)
+    selector = pafs.FileSelector(path, allow_not_found=True)
+    names = sorted((posixpath.basename(i.path) for i in fs.get_file_info(selector)
+                    if i.type == pafs.FileType.Directory and _ANY_CHECKPOINT.match(posixpath.basename(i.path))),
+                   reverse=True)
+    candidates = ((storage.join(location, n), lambda n=n: _load_folder(fs, posixpath.join(path, n))) for n in names)
+    return checkpoint.newest_loadable(candidates, warn)
 
 
 class CheckpointStore:
@@ -53,34 +86,34 @@ class CheckpointStore:
         """The checkpoint folder of `epoch` as its user sees it (path or URI): what rows record."""
         return storage.join(self.location, f"checkpoint_{epoch:06d}")
 
-    def latest(self) -> dict[str, Any] | None:
-        """The training state of the latest complete checkpoint, or None before the first."""
-        epochs = self._epochs()
-        if not epochs:
-            return None
-        local = storage.local_path(self.location)
-        if local is not None:
-            return checkpoint.load_state(os.path.join(local, f"checkpoint_{epochs[-1]:06d}"))
-        with tempfile.TemporaryDirectory() as tmp:
-            pafs.copy_files(self._file(epochs[-1]), os.path.join(tmp, checkpoint.STATE_FILE),
-                            source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
-            return checkpoint.load_state(tmp)
+    def latest(self, warn=print) -> dict[str, Any] | None:
+        """The training state of the newest checkpoint that loads, or None before the first (or if none loads)."""
+        found = newest_loadable_state(self.location, warn)
+        return found[1] if found else None
 
     def save(self, directory: str, epoch: int, best_epoch: int | None) -> str:
-        """Store the checkpoint folder `directory` of `epoch`; drop every other epoch but `best_epoch`.
-        Returns the stored checkpoint's path or URI."""
+        """Store the checkpoint folder `directory` of `epoch`; once it reads back whole, drop every other
+        epoch but the previous latest and `best_epoch`. Returns the stored checkpoint's path or URI."""
+        previous = [e for e in self._epochs() if e < epoch][-1:]
         local = storage.local_path(self.location)
         if local is not None:
             os.makedirs(local, exist_ok=True)
             staging = tempfile.mkdtemp(prefix=".saving-", dir=local)
-            shutil.copytree(directory, staging, dirs_exist_ok=True)
+            try:
+                shutil.copytree(directory, staging, dirs_exist_ok=True)
+                checkpoint.verify(staging)  # what landed on disk is what was written
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)  # a full disk: the older checkpoints stay as they were
+                raise
             shutil.rmtree(self._dir(epoch), ignore_errors=True)  # a retry that reached this epoch again
             os.replace(staging, self._dir(epoch))
         else:
             self.fs.create_dir(self._dir(epoch), recursive=True)
-            pafs.copy_files(os.path.join(directory, checkpoint.STATE_FILE), self._file(epoch),
-                            source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+            # The checksum first, the state last: a state file there is a whole one.
+            for name in (checkpoint.CHECKSUM_FILE, checkpoint.STATE_FILE):
+                pafs.copy_files(os.path.join(directory, name), posixpath.join(self._dir(epoch), name),
+                                source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
         for old in self._epochs():
-            if old not in (epoch, best_epoch):
+            if old not in (epoch, best_epoch, *previous):
                 self.fs.delete_dir(self._dir(old))
         return self.uri(epoch)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import hashlib
 import os
 import shutil
@@ -16,7 +17,7 @@ import sys
 import yaml
 
 from . import storage
-from .config import Config, ConfigError, describe
+from .config import Config, ConfigError, describe, parse_set, search_keys
 from .data_source import Cifar10, DataError, default_cache_dir, load_cifar10, resolve_data_dir
 from .validation import check_against_data, check_resources, config_from_dict, load_config
 
@@ -76,17 +77,60 @@ def output_uri(output: str | None) -> str | None:
 
 
 def load_resolved_config(output: str) -> Config:
-    """The config a study in `output` was started with (its config.yaml); exit 2 when it does not load."""
+    """The config a study in `output` was started with (its config.yaml); exit 2 (one line) when it does not load."""
+    path = os.path.join(output, "config.yaml")
     try:
-        with open(os.path.join(output, "config.yaml")) as f:
-            return config_from_dict(yaml.safe_load(f))
-    except (OSError, ConfigError, yaml.YAMLError) as e:
-        fail(f"{output}/config.yaml: {e}")
+        with open(path, "rb") as f:
+            resolved = yaml.safe_load(f.read().decode("utf-8"))
+        if not isinstance(resolved, dict):
+            raise ConfigError(f"expected a mapping of sections, got {type(resolved).__name__}")
+        return config_from_dict(resolved)
+    except OSError as e:
+        fail(f"{path}: cannot read it ({e.strerror or e})")
+    except (ConfigError, yaml.YAMLError, ValueError) as e:  # ValueError: not UTF-8
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        fail(f"{path} is damaged ({reason}); it is the study's resolved config: restore it from a backup, "
+             f"or write it again from the command that started the study with --output elsewhere")
 
 
-def fail(message: str) -> None:
+def fail(message: str, status: int = 2) -> None:
     print(f"ray_cifar: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
+
+
+def warn_sets_searched(cfg: Config, sets: list[str]) -> None:
+    """A --set of a field the study searches is replaced by each trial's sampled value: say so, one line
+    each, before anything runs (a warning, not a refusal: the value is still the fixed default the config
+    file records, and a study file plus a quick --set must stay usable; the user sees it and can Ctrl-C)."""
+    searched = search_keys(cfg.tune.search_space)
+    for assignment in sets:
+        key = parse_set(assignment)[0]
+        hit = [k for k in searched if k == key or k.startswith(key + ".")]
+        if hit and not key.startswith("tune.search_space"):
+            print(f"[ray_cifar] warning: --set {assignment} has no effect: the study searches {hit[0]} "
+                  f"(tune.search_space overrides it); change the search instead (e.g. {hit[0]}: {{grid: [...]}} "
+                  f"under tune.search_space in the study file), or drop it with --set tune.search_space={{}}",
+                  flush=True)
+
+
+def create_output(output: str) -> None:
+    """The output folder, created now (before any work): one line and exit 2 when it cannot be."""
+    try:
+        os.makedirs(output, exist_ok=True)
+        probe = os.path.join(output, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason = "the disk is full"
+        elif e.errno == errno.EROFS:
+            reason = "it is on a read-only file system"
+        elif e.errno in (errno.ENOTDIR, errno.EEXIST):
+            reason = "a file is in the way"
+        else:
+            reason = e.strerror or str(e)
+        fail(f"--output {output}: cannot create it ({reason}: {e.filename or output})")
 
 
 def default_output(kind: str, config_path: str | None) -> str:
@@ -131,22 +175,34 @@ def prepare(args: argparse.Namespace, kind: str) -> tuple[Config, Cifar10, str]:
                 storage.local_path(args.output or "") is None and not storage.is_empty(args.output)):
             raise UsageError(f"output folder {args.output or output} already exists and is not empty: "
                              f"choose a new --output")
+        if kind == "tune":
+            warn_sets_searched(cfg, args.sets)
         check_before_trials(cfg, len(dataset.train_labels), searched=kind == "tune")
     except (ConfigError, DataError, UsageError, storage.StorageError) as e:
         fail(str(e))
-    os.makedirs(output, exist_ok=True)
-    with open(os.path.join(output, "config.yaml"), "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    create_output(output)
+    try:
+        with open(os.path.join(output, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    except OSError as e:
+        fail(f"--output {output}: cannot write config.yaml ({e.strerror or e})", status=1)
     return cfg, dataset, output
 
 
 def refusing_up_front(output: str | None, run) -> int:
     """Run a study; a ConfigError raised before any trial started (e.g. a trial larger than the cluster,
-    seen only once Ray is up) is one line and exit 2, and the new output folder is removed again."""
+    seen only once Ray is up) is one line and exit 2, and the new output folder is removed again.
+    A full disk is one line and exit 1 (the study stays resumable); a Ctrl-C or SIGTERM before the study
+    started (Tune's own handler stops a running one gracefully) exits 130."""
     try:
         return run()
     except (ConfigError, storage.StorageError) as e:
         if output is not None and set(os.listdir(output)) <= {"config.yaml", "driver.json"}:
             shutil.rmtree(output)
         fail(str(e))
+    except storage.DiskFull as e:
+        fail(str(e), status=1)
+    except KeyboardInterrupt:
+        print("\n[ray_cifar] stopped before the study started", file=sys.stderr, flush=True)
+        return 130
     return 2

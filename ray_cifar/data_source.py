@@ -24,6 +24,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -106,16 +107,20 @@ def _find_source(path: str) -> tuple[str, str, list[str]]:
                     f"or cifar-10-batches-py; {HINT}")
 
 
-def source_checksum(files: list[str], cache_dir: str) -> str:
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def source_checksum(files: list[str], cache_dir: str, log: Log = print) -> str:
     """file_checksum, remembered in cache_dir under the files' (path, size, mtime) so that the
     ranks of every trial skip re-reading ~57 MB; a rewritten file changes its mtime, so is hashed again."""
     stats = [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
     memo = os.path.join(cache_dir, f"cifar10-checksum-{hashlib.sha256(repr(stats).encode()).hexdigest()[:16]}.txt")
     with contextlib.suppress(OSError):
-        with open(memo) as fh:
-            known = fh.read().strip()
-        if len(known) == 64:
+        with open(memo, "rb") as fh:  # bytes: a damaged memo must not raise UnicodeDecodeError
+            known = fh.read(100).decode("ascii", errors="replace").strip()
+        if _SHA256.match(known):
             return known
+        log(f"cifar10: warning: {memo} is damaged; hashing the source again and rewriting it")
     checksum = file_checksum(files)
     with contextlib.suppress(OSError):  # a read-only cache dir: hash again next time
         os.makedirs(cache_dir, exist_ok=True)
@@ -271,18 +276,32 @@ def _cache_file(cache_dir: str, kind: str, checksum: str) -> str:
     return os.path.join(cache_dir, f"cifar10-{kind}-v{CACHE_VERSION}-{checksum[:16]}.npz")
 
 
-def _load_cache(file: str) -> dict[str, np.ndarray] | None:
+def _load_cache(file: str, log: Log = print) -> dict[str, np.ndarray] | None:
     """The cached arrays; the train images memory-mapped, read-only (a smoke trial touches a few
-    thousand of 50,000, and every rank of every trial shares the page cache instead of a copy)."""
+    thousand of 50,000, and every rank of every trial shares the page cache instead of a copy).
+    None when there is none, or when it is damaged (then decoded again and rewritten, with a warning)."""
     if not os.path.isfile(file):
         return None
     try:
         arrays = _mmap_npz(file)
         arrays = {k: arrays[k] if k == "train_images" else np.array(arrays[k])
                   for k in ("train_images", "train_labels", "test_images", "test_labels")}
+        _check_cached(arrays, file)
         return arrays
-    except Exception:  # truncated/corrupt cache: just decode again and overwrite it
+    except Exception as e:  # noqa: BLE001 - truncated/corrupt cache (zipfile, numpy, ValueError...): decode again
+        log(f"cifar10: warning: cache {file} is damaged ({_one_line(e)}); decoding the source again")
         return None
+
+
+def _check_cached(arrays: dict[str, np.ndarray], file: str) -> None:
+    """The shapes and labels a decode writes: a cache whose headers survived but whose bytes did not is caught
+    where it shows (labels out of 0..9) without reading every image."""
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.shape[1:] != IMAGE_SHAPE or images.dtype != np.uint8 or labels.shape != images.shape[:1]:
+            raise ValueError(f"{split} arrays of the wrong shape or type")
+        if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+            raise ValueError(f"{split} labels outside 0..{NUM_CLASSES - 1}")
 
 
 def _mmap_npz(file: str) -> dict[str, np.ndarray]:
@@ -353,14 +372,14 @@ def load_cifar10(path: str | None, cache_dir: str | None = None, download: bool 
     else:
         kind, folder, files = _find_source(os.path.abspath(path))
     source = f"{kind}:{folder}"
-    checksum = source_checksum(files, cache_dir)
+    checksum = source_checksum(files, cache_dir, log)
 
     cache = _cache_file(cache_dir, kind, checksum)
-    arrays = _load_cache(cache)
+    arrays = _load_cache(cache, log)
     if arrays is None:
         # Workers that start together queue here: one decodes, the rest then hit its cache.
         with _cache_lock(cache):
-            arrays = _load_cache(cache)
+            arrays = _load_cache(cache, lambda msg: None)  # said once above
             if arrays is None:
                 return Cifar10(**_decode(kind, files, source, cache, log), source=source, checksum=checksum)
     log(f"cifar10: using cache {cache} for {source}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import time
 from typing import Any, Callable
 
@@ -70,18 +71,53 @@ class StudyRecorder(Callback):
     # -- state on disk -----------------------------------------------------------------
 
     def _load(self) -> None:
-        self.log = ResultsLog(self.output)
-        self.seen = {(r["trial_id"], r["epoch"]) for r in self.log.read()}
-        path = os.path.join(self.output, TRIALS_STATE)
-        self.trials: dict[str, dict[str, Any]] = {}
-        if os.path.exists(path):
-            with open(path) as f:
-                self.trials = json.load(f)
+        # A damaged part is set aside (one warning) and its rows recovered from the trials' checkpoints.
+        self.log = ResultsLog(self.output, set_aside_damaged=True)
+        rows = self.log.read()
+        self.seen = {(r["trial_id"], r["epoch"]) for r in rows}
+        self.trials = self._read_trials(rows)
+        if self.log.damaged:
+            self._recover_rows()
         self.started = time.time()
         self.last_progress = self.started
         self.writers: dict[str, Any] = {}
         self.tracker = None  # made at the first row: a study that does not track never imports mlflow/wandb
         self.tracked: set[str] = set()  # trials whose tracker run this driver has caught up with the rows
+
+    def _read_trials(self, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """trials.json; when damaged, set aside and rebuilt from the rows (statuses follow from Tune's at the end)."""
+        path = os.path.join(self.output, TRIALS_STATE)
+        try:
+            with open(path, "rb") as f:
+                trials = json.loads(f.read().decode("utf-8"))
+            if isinstance(trials, dict) and all(isinstance(t, dict) and "status" in t for t in trials.values()):
+                return trials
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):  # ValueError: JSON and UTF-8 decoding errors
+            pass
+        os.replace(path, path + ".damaged")
+        print(f"[ray_cifar] warning: {path} is damaged; set aside as {TRIALS_STATE}.damaged and rebuilt from "
+              f"the results rows", flush=True)
+        return _trials_from_rows(rows, self.metric, self.mode)
+
+    def _recover_rows(self) -> None:
+        """Rows of damaged parts, from each trial's newest loadable checkpoint (its history of epoch metrics)."""
+        from .checkpoint_store import newest_loadable_state
+
+        recovered = []
+        for trial_id, summary in self.trials.items():
+            where = summary.get("latest_checkpoint") or summary.get("best_checkpoint")
+            found = newest_loadable_state(posixpath.dirname(where.rstrip("/"))) if where else None
+            params = {k: v for k, v in summary.items() if "." in k}
+            for metrics in found[1]["history"] if found else []:
+                if (trial_id, int(metrics["epoch"])) not in self.seen:
+                    self.seen.add((trial_id, int(metrics["epoch"])))
+                    recovered.append(epoch_row(trial_id, params, metrics, {"time": time.time(), **self.provenance}))
+        if recovered:
+            self.log.append(recovered)
+        print(f"[ray_cifar] recovered {len(recovered)} row(s) from checkpoints; the rows of epochs after a trial's "
+              f"newest checkpoint come again when it resumes", flush=True)
 
     def __getstate__(self):
         # Pickled into tuner.pkl: keep configuration only; the state is re-read from disk.
@@ -172,6 +208,17 @@ class StudyRecorder(Callback):
         self._save_trials()
         self._track_end(trial)
 
+    def on_experiment_end(self, trials, **info):
+        # A summary rebuilt from rows (trials.json was damaged) learns here how Tune ended its trial.
+        changed = False
+        for t in trials:
+            summary = self.trials.get(t.trial_id)
+            if summary is not None and summary["status"] == RUNNING and str(t.status) in ("TERMINATED", "ERROR"):
+                summary["status"] = COMPLETED if str(t.status) == "TERMINATED" else FAILED
+                changed = True
+        if changed:
+            self._save_trials()
+
     def on_trial_error(self, iteration, trials, trial, **info):
         self._summary(trial).update(status=FAILED, error=error_line(trial))
         self._close_writer(trial.trial_id)
@@ -250,6 +297,27 @@ class StudyRecorder(Callback):
         writer = self.writers.pop(trial_id, None)
         if writer is not None:
             writer.close()
+
+
+def _trials_from_rows(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, dict[str, Any]]:
+    """Trial summaries as _summary/_record build them, from epoch rows alone (status: running until Tune says)."""
+    from .results import best_epoch
+
+    by_trial: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_trial.setdefault(r["trial_id"], []).append(r)
+    trials = {}
+    for trial_id, trial_rows in by_trial.items():
+        trial_rows.sort(key=lambda r: r["epoch"])
+        best = best_epoch(trial_rows, metric, mode) or {}
+        trials[trial_id] = {
+            "trial_id": trial_id, **{k: v for k, v in trial_rows[-1].items() if "." in k},
+            "epochs": trial_rows[-1]["epoch"], "planned_epochs": None, "best_metric": best.get(metric),
+            "best_epoch": best.get("epoch"), "best_val_acc": best.get("val_acc"),
+            "best_checkpoint": best.get("checkpoint_path"), "latest_checkpoint": trial_rows[-1].get("checkpoint_path"),
+            "error": None, "startup_seconds": trial_rows[0].get("startup_seconds"),
+            "status": DIVERGED if any(r.get("diverged") for r in trial_rows) else RUNNING}
+    return trials
 
 
 def progress_line(trials: list, summaries: dict[str, dict[str, Any]], elapsed: float,

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from .results import (CONFIDENCE, SEED_KEY, aggregate_over_seeds, metric_value, read_results, read_rows,
+from .results import (CONFIDENCE, SEED_KEY, DamagedFile, aggregate_over_seeds, metric_value, read_results, read_rows,
                       searched_columns, summarize_trials, welch_p_value)
 
 FIGURES = ("ranking", "curves", "asha", "params", "heatmap", "throughput", "published")
@@ -68,8 +68,13 @@ def load_study(output: str) -> Study:
         os.path.join(output, "results.parts"))
     if not os.path.isfile(config_path) or not has_results:
         raise NotAStudyOutput(f"{output} is not a study output (needs config.yaml and results.parquet)")
-    with open(config_path) as f:
-        config = yaml.safe_load(f) or {}
+    try:
+        with open(config_path, "rb") as f:
+            config = yaml.safe_load(f.read().decode("utf-8")) or {}
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: not UTF-8
+        raise NotAStudyOutput(f"{config_path} is damaged ({(str(e).strip().splitlines() or ['?'])[0]})") from None
+    if not isinstance(config, dict):
+        raise NotAStudyOutput(f"{config_path} is damaged (not a mapping of sections)")
     trials_path = os.path.join(output, "trials.parquet")
     trials = read_rows(trials_path) if os.path.exists(trials_path) else []
     name = os.path.basename(os.path.normpath(os.path.abspath(output)))
@@ -640,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = write_report(args.outputs, args.out)
-    except NotAStudyOutput as e:
+    except (NotAStudyOutput, DamagedFile) as e:  # DamagedFile names the file that cannot be read
         print(f"ray_cifar.report: error: {e}", file=sys.stderr)
         return 2
     print(f"[ray_cifar] report: {path}")

@@ -95,8 +95,19 @@ def write_rows(rows: Iterable[dict[str, Any]], path: str) -> None:
     os.replace(tmp, path)
 
 
+class DamagedFile(ValueError):
+    """A results file that cannot be read (truncated, zero-length, overwritten); the message is one line."""
+
+
 def read_rows(path: str) -> list[dict[str, Any]]:
-    return pq.read_table(path).to_pylist()
+    """The rows of a Parquet file; DamagedFile (one line naming it) when it cannot be read."""
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DamagedFile(f"{path} is damaged and cannot be read ({reason})") from None
 
 
 class ResultsLog:
@@ -107,13 +118,18 @@ class ResultsLog:
     read() sees both, so a study killed between compactions loses no reported epoch. A row is keyed by
     (trial_id, epoch): a later row for the same key replaces the earlier one (a resumed trial's epochs).
     One writer (the study driver) at a time.
+
+    A damaged file (part or merged) makes read() raise DamagedFile, unless the log was opened with
+    `set_aside_damaged`: then each one is renamed to NAME.damaged with a one-line warning and listed in
+    `damaged`, so the study can go on and recover those rows from the trials' checkpoints.
     """
 
     PARTS = "results.parts"
 
-    def __init__(self, output: str, name: str = "results.parquet"):
+    def __init__(self, output: str, name: str = "results.parquet", set_aside_damaged: bool = False, warn=print):
         self.path = os.path.join(output, name)
         self.parts_dir = os.path.join(output, self.PARTS)
+        self.set_aside_damaged, self.warn, self.damaged = set_aside_damaged, warn, []
         self._next_part = 1 + max((_part_number(p) for p in self._parts()), default=-1)
 
     def _parts(self) -> list[str]:
@@ -139,10 +155,22 @@ class ResultsLog:
         files = ([self.path] if os.path.exists(self.path) else []) + parts
         latest: dict[tuple[Any, Any], dict[str, Any]] = {}
         for f in files:
-            for row in read_rows(f):
+            for row in self._rows(f):
                 latest.pop((row.get("trial_id"), row.get("epoch")), None)  # the later row, in its later place
                 latest[(row.get("trial_id"), row.get("epoch"))] = row
         return list(latest.values())
+
+    def _rows(self, path: str) -> list[dict[str, Any]]:
+        try:
+            return read_rows(path)
+        except DamagedFile as e:
+            if not self.set_aside_damaged:
+                raise
+            os.replace(path, path + ".damaged")  # out of the way of every later read and compaction
+            self.damaged.append(path)
+            self.warn(f"[ray_cifar] warning: {e}; set aside as {os.path.basename(path)}.damaged, "
+                      f"its rows are recovered from the trials' checkpoints")
+            return []
 
     def compact(self) -> str:
         """Merge the parts into results.parquet (written even with no rows); returns its path."""

@@ -14,6 +14,7 @@ No Ray here: this module is usable (and tested) alone.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import posixpath
@@ -30,6 +31,20 @@ _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 class StorageError(Exception):
     """A location that cannot be used as asked; the message is one line for the user."""
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(Exception):
+    """A write failed for want of space; the message (one line) names the path and how to go on."""
+
+
+def disk_full_message(e: OSError, output: str, resume_command: str | None = None) -> str:
+    where = e.filename or output
+    then = f", then: {resume_command}" if resume_command else ""
+    return f"the disk is full: could not write {where} ({e.strerror}); everything written before is intact; " \
+           f"free space{then}"
 
 
 def is_uri(location: str) -> bool:

@@ -13,10 +13,13 @@ validation epoch, to stand beside published test figures; never used to choose).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import signal
+import sys
 import time
 from typing import Any
 
@@ -236,15 +239,63 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
         storage.sync_up(output, remote)
     print(_banner(cfg, output, max_concurrent, resume), flush=True)
     print(f"[ray_cifar] TensorBoard: tensorboard --logdir {os.path.join(output, 'tensorboard')}", flush=True)
-    tuner, keys = _build_tuner(cfg, output, resume, max_concurrent, remote)
-    tuner.fit()
+    resume_command = f"python -m ray_cifar.tune --resume {remote or output}"
+    with polite_sigterm():
+        try:
+            tuner, keys = _build_tuner(cfg, output, resume, max_concurrent, remote)
+            tuner.fit()
+        except OSError as e:
+            if e.errno not in storage.DISK_FULL:
+                raise
+            raise storage.DiskFull(storage.disk_full_message(e, output, resume_command)) from None
     if remote:
         storage.sync_up(output, remote)
+    full = disk_full_trials(output)
+    if full:
+        raise storage.DiskFull(f"the disk is full: trial {full[0]['trial_id']} could not write ({full[0]['error']}); "
+                       f"free space under {output}, then: {resume_command}")
     if unfinished_trials(output, remote):
         print(f"\n[ray_cifar] study interrupted; nothing reported is lost. Continue it with:\n"
-              f"  python -m ray_cifar.tune --resume {output}", flush=True)
+              f"  {resume_command}", flush=True)
         return 130
     return finish_and_sync(cfg, output, keys, remote)
+
+
+def disk_full_trials(output: str) -> list[dict[str, Any]]:
+    """Failed trials whose error was a full disk (Errno 28/122): the study stops resumable, not finished."""
+    try:
+        with open(os.path.join(output, TRIALS_STATE)) as f:
+            trials = json.load(f)
+    except (OSError, ValueError):
+        return []
+    return [t for t in trials.values() if t.get("status") == FAILED and t.get("error")
+            and ("No space left on device" in t["error"] or "Disk quota exceeded" in t["error"])]
+
+
+@contextlib.contextmanager
+def polite_sigterm():
+    """SIGTERM (what spot instances, Kubernetes, Slurm and `kill` send first) stops the study as the first
+    Ctrl-C does: Tune's SIGINT handler, in place while the study runs, ends it gracefully (trials saved, the
+    experiment resumable) and the --resume command is printed. A second SIGTERM ends the driver at once."""
+    received = []
+
+    def on_sigterm(signum, frame):
+        received.append(signum)
+        if len(received) > 1:
+            print("[ray_cifar] second SIGTERM: stopping now", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)
+        print("\n[ray_cifar] SIGTERM: stopping the study gracefully (send it again to stop at once)", flush=True)
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler) and handler is not signal.default_int_handler:
+            handler(signal.SIGINT, frame)  # Tune's: stop after the current step, save the experiment
+        else:
+            raise KeyboardInterrupt  # before Tune runs: nothing started yet to stop gracefully
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def finish_study(cfg: Config, output: str, keys: list[str]) -> int:

@@ -10,6 +10,8 @@ in `best/`), and at its end the best epoch's weights are evaluated once on the t
 (OUTPUT/test.json), as a study does for its best trial. With more ranks it is a study of one trial (a Ray Train TorchTrainer, no
 search), with a study's files. Either way OUTPUT/results.parquet gets one row per epoch
 through the same route (results.epoch_row -> results.ResultsLog). The search space is ignored.
+SIGTERM or Ctrl-C stops a one-process run at once (its checkpoints and rows are per epoch; what
+was written stays readable); a full disk is one line naming the path, exit 1.
 With train.gpus_per_worker < 1 the process keeps to that share of the GPU's memory, as a packed
 trial's rank does, so several runs can share one GPU.
 """
@@ -17,6 +19,7 @@ trial's rank does, so several runs can share one GPU.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import uuid
 
@@ -84,6 +87,32 @@ def run_distributed(cfg: Config, output: str, location: str) -> int:
     return study.run_study(cfg, output, remote=cli.output_uri(location), shared=storage.is_uri(location))
 
 
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # the same polite stop as Ctrl-C
+
+
+def run_local_politely(cfg: Config, dataset: Cifar10, output: str, run_id: str) -> list[dict] | int:
+    """run_local, where SIGTERM / Ctrl-C end it with a line saying what was kept (exit 130) and a full disk
+    with one line naming the path (exit 1); every epoch written before stays readable."""
+    from .storage import DISK_FULL, disk_full_message
+
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        return run_local(cfg, dataset, output, run_id)
+    except KeyboardInterrupt:
+        ResultsLog(output).compact()
+        print(f"\n[ray_cifar] stopped; the epochs finished so far are in {output}/results.parquet and "
+              f"{output}/checkpoints/", flush=True)
+        return 130
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        cli.fail(disk_full_message(e, output), status=1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = cli.parse_args("python -m ray_cifar.train", __doc__, argv)
     cfg, dataset, output = cli.prepare(args, "train")
@@ -94,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.tune.tracking != "none":
         print(f"[ray_cifar] tune.tracking={cfg.tune.tracking} is not used by a one-process run (no Tune "
               f"recorder); its rows are in {output}/results.parquet", flush=True)
-    rows = run_local(cfg, dataset, output, run_id)
+    rows = run_local_politely(cfg, dataset, output, run_id)
+    if isinstance(rows, int):
+        return rows
     best = max(rows, key=lambda r: r["val_acc"])
     print(f"[ray_cifar] best val_acc {best['val_acc']:.4f} at epoch {best['epoch']}; "
           f"per-epoch rows: {output}/results.parquet; checkpoints: {output}/checkpoints/")

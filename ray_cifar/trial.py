@@ -22,7 +22,9 @@ Fault tolerance, from the inside out:
 
 from __future__ import annotations
 
+import functools
 import logging
+import posixpath
 import tempfile
 import time
 from dataclasses import dataclass
@@ -47,10 +49,31 @@ from .validation import config_from_dict, trial_config
 
 
 def _latest_state() -> dict | None:
+    """The state to resume from: Ray Train's latest checkpoint, or when that one is damaged the newest
+    older one of the run that loads (its folder: storage_path/trial-<id>/checkpoint_<time>)."""
     found = ray.train.get_checkpoint()
     if found is None:
         return None
-    with found.as_directory() as directory:
+    fs, latest = found.filesystem, found.path.rstrip("/")
+    run_folder = posixpath.dirname(latest)
+    names = [latest] + [posixpath.join(run_folder, n) for n in _checkpoint_names(fs, run_folder)
+                        if posixpath.join(run_folder, n) != latest]
+    warn = print if ray.train.get_context().get_world_rank() == 0 else (lambda msg: None)
+    loaded = checkpoint.newest_loadable(((p, functools.partial(_load_ray_checkpoint, fs, p)) for p in names), warn)
+    return loaded[1] if loaded else None
+
+
+def _checkpoint_names(fs, folder: str) -> list[str]:
+    """Ray Train's checkpoint folders of a run, newest first (checkpoint_<time> sorts by age)."""
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    return sorted((posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory
+                   and posixpath.basename(i.path).startswith("checkpoint_")), reverse=True)
+
+
+def _load_ray_checkpoint(fs, path: str) -> dict:
+    with ray.train.Checkpoint(path, filesystem=fs).as_directory() as directory:
         return checkpoint.load_state(directory)
 
 
@@ -213,8 +236,9 @@ def make_trainer(cfg: Config, storage_path: str, name: str, callbacks: list | No
         run_config=RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks or [],
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            # Keeps the best by the study's metric and, beside it, always the latest (to resume from).
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=cfg.tune.metric,
+            # Keeps the best two by the study's metric and, beside them, always the latest (to resume from):
+            # at least one older state to fall back on when the latest is damaged.
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=cfg.tune.metric,
                                                checkpoint_score_order=cfg.tune.mode)),
     )
 

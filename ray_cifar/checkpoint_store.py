@@ -100,7 +100,8 @@ class CheckpointStore:
             os.makedirs(local, exist_ok=True)
             staging = tempfile.mkdtemp(prefix=".saving-", dir=local)
             try:
-                shutil.copytree(directory, staging, dirs_exist_ok=True)
+                for name in os.listdir(directory):  # file by file: an OSError (ENOSPC) as itself, not shutil.Error
+                    shutil.copyfile(os.path.join(directory, name), os.path.join(staging, name))
                 checkpoint.verify(staging)  # what landed on disk is what was written
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)  # a full disk: the older checkpoints stay as they were

@@ -15,9 +15,12 @@ Status comes from Tune's own events, not from epoch counts:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import posixpath
+import signal
 import time
 from typing import Any, Callable
 
@@ -30,6 +33,41 @@ from .results import ResultsLog, epoch_row
 RUNNING, COMPLETED, STOPPED, DIVERGED, FAILED = "running", "completed", "stopped", "diverged", "failed"
 TRIALS_STATE = "trials.json"
 PROGRESS_EVERY_SECONDS = 60.0
+DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
+
+# What stopped this driver's study for want of disk space (a line each); ray_cifar.study reads it after fit().
+# Module state, not the callback's: Tuner.restore runs an unpickled copy of the callback.
+FULL_DISK: list[str] = []
+
+
+def stop_for_full_disk(message: str) -> None:
+    """Stop the study as the first Ctrl-C does (Tune's SIGINT handler: trials end unfinished, the experiment
+    is saved and resumable): retrying trials or writing more rows cannot succeed until space is freed."""
+    if not FULL_DISK:
+        os.kill(os.getpid(), signal.SIGINT)
+    FULL_DISK.append(message)
+
+
+class QuietFullDiskFailures(logging.Filter):
+    """Tune and Ray log a failed trial task, a failed experiment-state save, an unhandled task error, each with
+    its whole traceback; for a full disk the study says it in one line instead (the trial's traceback stays in
+    its error.txt). So: records about a full disk, and once the study is stopping for one, its errors."""
+
+    LOGGERS = ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state", "ray.tune.tune",
+               "ray._private.worker")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if FULL_DISK and record.levelno >= logging.WARNING:
+            return False
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        return not any(t in text for t in DISK_FULL_TEXT)
+
+    @classmethod
+    def install(cls) -> None:
+        for name in cls.LOGGERS:
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, cls) for f in logger.filters):
+                logger.addFilter(cls())
 
 
 def error_line(trial) -> str:
@@ -137,9 +175,26 @@ class StudyRecorder(Callback):
     def _save_trials(self) -> None:
         path = os.path.join(self.output, TRIALS_STATE)
         tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.trials, f)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.trials, f)
+            os.replace(tmp, path)  # the previous trials.json stays whole until the new one is
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            if e.errno in storage.DISK_FULL:
+                stop_for_full_disk(storage.disk_full_message(e, self.output))
+                return
+            raise
+
+    @contextlib.contextmanager
+    def _full_disk_stops_study(self):
+        try:
+            yield
+        except OSError as e:
+            if e.errno not in storage.DISK_FULL and not any(t in str(e) for t in DISK_FULL_TEXT):
+                raise
+            stop_for_full_disk(storage.disk_full_message(e, self.output))
 
     # -- one trial -----------------------------------------------------------------------
 
@@ -187,8 +242,9 @@ class StudyRecorder(Callback):
         rows.append(self._record(trial, result))
         rows = [r for r in rows if r is not None]
         if rows:
-            self.log.append(rows)
-            self._save_trials()
+            with self._full_disk_stops_study():
+                self.log.append(rows)
+                self._save_trials()
             self._track(trial, rows)
 
     def note_stopped(self, trial_id: str) -> None:
@@ -219,8 +275,14 @@ class StudyRecorder(Callback):
         if changed:
             self._save_trials()
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._stop_if_disk_full(trial, error_line(trial))
+
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._summary(trial).update(status=FAILED, error=error_line(trial))
+        error = error_line(trial)
+        if self._stop_if_disk_full(trial, error):
+            return  # not failed: resumed like any unfinished trial once space is freed
+        self._summary(trial).update(status=FAILED, error=error)
         self._close_writer(trial.trial_id)
         self._save_trials()
         self._track_end(trial)
@@ -268,6 +330,12 @@ class StudyRecorder(Callback):
         self._tracker_call("end of trial", self.tracker.end_trial, trial.trial_id, self.params(trial.config),
                            summary["status"])
         self.tracked.discard(trial.trial_id)
+
+    def _stop_if_disk_full(self, trial, error: str) -> bool:
+        if not any(text in error for text in DISK_FULL_TEXT):
+            return False
+        stop_for_full_disk(f"the disk is full: trial {trial.trial_id} could not write its checkpoint ({error[:300]})")
+        return True
 
     # -- progress and TensorBoard ----------------------------------------------------------
 

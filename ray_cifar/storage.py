@@ -40,11 +40,9 @@ class DiskFull(Exception):
     """A write failed for want of space; the message (one line) names the path and how to go on."""
 
 
-def disk_full_message(e: OSError, output: str, resume_command: str | None = None) -> str:
-    where = e.filename or output
-    then = f", then: {resume_command}" if resume_command else ""
-    return f"the disk is full: could not write {where} ({e.strerror}); everything written before is intact; " \
-           f"free space{then}"
+def disk_full_message(e: OSError, output: str) -> str:
+    """One line: the disk is full, and the file that could not be written (else the output folder)."""
+    return f"the disk is full: could not write {e.filename or output} ({e.strerror or e})"
 
 
 def is_uri(location: str) -> bool:

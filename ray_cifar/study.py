@@ -18,14 +18,18 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
 from typing import Any
 
+from ray.tune import Callback
+
 from . import storage
 from .config import Config, flatten, grid_size, search_keys
-from .recorder import FAILED, TRIALS_STATE, StudyRecorder
+
+from .recorder import FAILED, FULL_DISK, TRIALS_STATE, QuietFullDiskFailures, StudyRecorder
 from .results import ResultsLog, format_table, provenance, rank_trials, write_rows
 from .validation import trial_config
 
@@ -102,6 +106,7 @@ def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, re
     trainable = tune.with_resources(trainable, lambda sampled: ray_cluster.trial_resources(trial_config(base, sampled)))
     if resume:
         # tuner.pkl brings back the scheduler and the recorder (copies that re-read their state from disk).
+        TuneStateBackup(output, remote).restore()
         return tune.Tuner.restore(experiment_dir(output, remote), trainable=trainable, resume_unfinished=True,
                                   resume_errored=True), keys
     # With train.max_steps the epochs per trial follow from the data and the batch size; without
@@ -119,7 +124,7 @@ def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, re
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler,
                                     num_samples=num_samples, max_concurrent_trials=max_concurrent,
                                     reuse_actors=ray_cluster.reuse_trial_processes(cfg)),
-        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=ray_storage, callbacks=[recorder],
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=ray_storage, callbacks=[recorder, TuneStateBackup(output, remote)],
                                   failure_config=tune.FailureConfig(max_failures=ray_cluster.max_failures(cfg))),
     ), keys
 
@@ -166,6 +171,81 @@ def _devices(cfg: Config) -> str:
     if not cfg.train.use_gpu:
         return "CPU"
     return "GPU" if cfg.train.gpus_per_worker == 1 else f"{cfg.train.gpus_per_worker:g} of a GPU each"
+
+
+TUNE_STATE_BACKUP = "tune-state-backup"
+
+
+def _json_files(folder: str) -> list[str]:
+    """Tune's experiment state files (JSON; its searcher state beside them is a pickle, rewritten far less)."""
+    try:
+        return sorted(n for n in os.listdir(folder) if n.startswith("experiment_state-") and n.endswith(".json"))
+    except OSError:
+        return []
+
+
+def _parses(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            json.loads(f.read().decode("utf-8"))
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+class TuneStateBackup(Callback):
+    """Tune rewrites its experiment state (ray/tune/experiment_state-*.json) in place; a full disk leaves it truncated, and Tune's restore then silently starts the study over. This keeps,
+    in OUTPUT/tune-state-backup/, the last copy of each that read back whole (local storage only)."""
+
+    def __init__(self, output: str, remote: str | None, every_seconds: float = 5.0):
+        self.experiment = storage.local_path(experiment_dir(output, remote)) if not remote else None
+        self.backup = os.path.join(output, TUNE_STATE_BACKUP)
+        self.every_seconds, self.last, self.copied = every_seconds, 0.0, {}
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.time() - self.last >= self.every_seconds:
+            self.save()
+
+    def on_experiment_end(self, trials, **info):
+        self.save()
+
+    def save(self) -> None:
+        self.last = time.time()
+        if self.experiment is None:
+            return
+        for name in _json_files(self.experiment):
+            source = os.path.join(self.experiment, name)
+            try:
+                stamp = os.stat(source).st_mtime_ns
+                if self.copied.get(name) == stamp or not _parses(source):
+                    continue
+                os.makedirs(self.backup, exist_ok=True)
+                with open(source, "rb") as f:
+                    data = f.read()
+                tmp = os.path.join(self.backup, f".{name}.tmp")
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, os.path.join(self.backup, name))
+                self.copied[name] = stamp
+            except OSError:
+                return  # a full disk: the last whole copy stays
+
+    def restore(self) -> None:
+        """Before a --resume: each damaged Tune state file back from its last whole copy (one warning line each);
+        one line and exit 2 when there is none (Tune would otherwise start the study over)."""
+        from .config import ConfigError
+
+        if self.experiment is None:
+            return
+        for name in _json_files(self.experiment):
+            path, copy = os.path.join(self.experiment, name), os.path.join(self.backup, name)
+            if _parses(path):
+                continue
+            if not _parses(copy):
+                raise ConfigError(f"{path} is damaged and has no whole copy in {self.backup}; Tune cannot resume "
+                                  f"this study")
+            shutil.copyfile(copy, path)
+            print(f"[ray_cifar] warning: {path} was damaged (a full disk?); restored from {copy}", flush=True)
 
 
 def unfinished_trials(output: str, remote: str | None = None) -> int:
@@ -225,6 +305,7 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
     from .tracking import check_installed
 
     check_installed(cfg.tune.tracking)  # one line naming the extra, before Ray starts
+    QuietFullDiskFailures.install()
     hold_driver_lock(output)
     ray_cluster.init_ray(cfg)
     ray_cluster.check_fits(cfg)  # before use_gpu is resolved: it refuses a GPU share only where use_gpu was false
@@ -244,32 +325,22 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
         try:
             tuner, keys = _build_tuner(cfg, output, resume, max_concurrent, remote)
             tuner.fit()
-        except OSError as e:
-            if e.errno not in storage.DISK_FULL:
+        except Exception as e:
+            # Tune reading back its own files from a full disk fails in many ways (an empty error.pkl, ...).
+            if isinstance(e, OSError) and e.errno in storage.DISK_FULL and not FULL_DISK:
+                FULL_DISK.append(storage.disk_full_message(e, output))
+            if not FULL_DISK:
                 raise
-            raise storage.DiskFull(storage.disk_full_message(e, output, resume_command)) from None
     if remote:
         storage.sync_up(output, remote)
-    full = disk_full_trials(output)
-    if full:
-        raise storage.DiskFull(f"the disk is full: trial {full[0]['trial_id']} could not write ({full[0]['error']}); "
-                       f"free space under {output}, then: {resume_command}")
+    if FULL_DISK:
+        raise storage.DiskFull(f"{FULL_DISK[0]}; everything written before is intact; free space, then: "
+                               f"{resume_command}")
     if unfinished_trials(output, remote):
         print(f"\n[ray_cifar] study interrupted; nothing reported is lost. Continue it with:\n"
               f"  {resume_command}", flush=True)
         return 130
     return finish_and_sync(cfg, output, keys, remote)
-
-
-def disk_full_trials(output: str) -> list[dict[str, Any]]:
-    """Failed trials whose error was a full disk (Errno 28/122): the study stops resumable, not finished."""
-    try:
-        with open(os.path.join(output, TRIALS_STATE)) as f:
-            trials = json.load(f)
-    except (OSError, ValueError):
-        return []
-    return [t for t in trials.values() if t.get("status") == FAILED and t.get("error")
-            and ("No space left on device" in t["error"] or "Disk quota exceeded" in t["error"])]
 
 
 @contextlib.contextmanager

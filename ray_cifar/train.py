@@ -107,7 +107,8 @@ def run_local_politely(cfg: Config, dataset: Cifar10, output: str, run_id: str) 
     except OSError as e:
         if e.errno not in DISK_FULL:
             raise
-        cli.fail(disk_full_message(e, output), status=1)
+        cli.fail(f"{disk_full_message(e, output)}; the epochs finished before are in {output}/results.parquet "
+                 f"and {output}/checkpoints/", status=1)
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 1

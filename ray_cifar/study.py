@@ -269,9 +269,11 @@ def hold_driver_lock(output: str) -> None:
 
     path, me = os.path.join(output, DRIVER_LOCK), {"pid": os.getpid(), "host": socket.gethostname()}
     try:
-        with open(path) as f:
-            other = json.load(f)
-    except (OSError, ValueError):
+        with open(path, "rb") as f:
+            other = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):  # none yet, or damaged: a damaged lock names no live driver
+        other = None
+    if not isinstance(other, dict):
         other = None
     if other and other.get("host") == me["host"] and other.get("pid") != me["pid"] and _alive(other.get("pid")):
         raise ConfigError(f"--resume: another driver (pid {other['pid']}) is running the study in {output}; "

@@ -278,6 +278,8 @@ def _validate_published(published: list[dict]) -> None:
 
 def _validate_search_space(cfg: Config) -> None:
     for key, spec in cfg.tune.search_space.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"tune.search_space: keys are 'section.field' names, got {key!r}")
         where = f"tune.search_space.{key}"
         if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SEARCH_KINDS):
             raise ConfigError(f"{where}: expected one of {{{', '.join(SEARCH_KINDS)}}}: [...] (got {spec!r})")
@@ -286,7 +288,9 @@ def _validate_search_space(cfg: Config) -> None:
         kind, values = next(iter(spec.items()))
         _check(isinstance(values, list) and len(values) >= 1, where, f"{kind} needs a non-empty list", values)
         if kind not in ("grid", "choice"):
-            _check(len(values) == 2 and values[0] < values[1], where, f"{kind} needs [low, high] with low < high", values)
+            numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            _check(len(values) == 2 and numbers and values[0] < values[1], where,
+                   f"{kind} needs [low, high], two numbers with low < high", values)
             _check(kind != "loguniform" or values[0] > 0, where, "loguniform needs low > 0", values)
         for value in values:  # every listed value; for a range, both ends
             trial = copy.deepcopy(cfg)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import types
 import typing
@@ -80,7 +81,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 
 def _hints(section_obj: Any) -> dict[str, Any]:
-    return typing.get_type_hints(type(section_obj))
+    return _class_hints(type(section_obj))
+
+
+@functools.lru_cache(maxsize=None)
+def _class_hints(cls: type) -> dict[str, Any]:
+    # get_type_hints compiles every annotation string on each call: most of a config's load time, cached.
+    return typing.get_type_hints(cls)
 
 
 def set_value(cfg: Config, key: str, value: Any) -> None:

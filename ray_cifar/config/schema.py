@@ -17,7 +17,11 @@ from typing import Any
 
 
 class ConfigError(ValueError):
-    """A config problem, phrased as one line that names the key."""
+    """A config problem, phrased as one line that names the key (a newline in a quoted key or value is shown
+    as \\n, so the message stays one line whatever the input)."""
+
+    def __str__(self) -> str:
+        return super().__str__().replace("\r", "\\r").replace("\n", "\\n")
 
 
 @dataclass

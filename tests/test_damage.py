@@ -1,0 +1,217 @@
+"""Every file ray_cifar reads back, damaged three ways (truncated, zero-length, random bytes): the outcome each
+one has by design. Unit-sized (no Ray started); the real-run cases are in test_stops.py."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from ray_cifar import checkpoint, cli, report, study
+from ray_cifar.checkpoint_store import CheckpointStore, newest_loadable_state
+from ray_cifar.data_source import load_cifar10
+from ray_cifar.results import DamagedFile, ResultsLog, write_rows
+
+DAMAGE = ["truncated", "zero-length", "random bytes"]
+
+
+def damage(path, how: str) -> None:
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        if how == "truncated":
+            f.truncate(size // 2)
+        elif how == "zero-length":
+            f.truncate(0)
+        else:
+            f.write(os.urandom(size))  # the same length, other bytes
+
+
+def state(epoch: int) -> dict:
+    return {"epoch": epoch, "weights": torch.full((64,), float(epoch)), "history": [{"epoch": e} for e in range(1, epoch + 1)]}
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_checkpoint_is_told_from_a_format_change(tmp_path, how):
+    checkpoint.save_state(state(1), str(tmp_path / "a"))
+    assert checkpoint.load_state(str(tmp_path / "a"))["epoch"] == 1
+    damage(tmp_path / "a" / checkpoint.STATE_FILE, how)
+    with pytest.raises(checkpoint.CheckpointDamaged, match="damaged"):
+        checkpoint.load_state(str(tmp_path / "a"))
+    # Intact bytes (the checksum matches) that torch cannot load: another version's format, not damage.
+    os.makedirs(tmp_path / "b")
+    (tmp_path / "b" / checkpoint.STATE_FILE).write_bytes(b"not a torch file")
+    (tmp_path / "b" / checkpoint.CHECKSUM_FILE).write_text(checkpoint.file_sha256(tmp_path / "b" / checkpoint.STATE_FILE))
+    with pytest.raises(checkpoint.CheckpointFormatError, match="intact but not loadable"):
+        checkpoint.load_state(str(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_checkpoint_store_falls_back_to_the_newest_that_loads(tmp_path, how):
+    store = CheckpointStore(str(tmp_path / "trial-x"))
+    for epoch in (1, 2, 3, 4):
+        checkpoint.save_state(state(epoch), str(tmp_path / "tmp"))
+        store.save(str(tmp_path / "tmp"), epoch, best_epoch=1)
+    # The latest, the one before it (so a damaged latest leaves a state) and the best.
+    assert sorted(os.listdir(tmp_path / "trial-x")) == ["checkpoint_000001", "checkpoint_000003", "checkpoint_000004"]
+    damage(tmp_path / "trial-x" / "checkpoint_000004" / checkpoint.STATE_FILE, how)
+    warnings = []
+    assert store.latest(warnings.append)["epoch"] == 3
+    assert len(warnings) == 2 and "checkpoint_000004" in warnings[0] and "epoch 3" in warnings[1], warnings
+    damage(tmp_path / "trial-x" / "checkpoint_000003" / checkpoint.STATE_FILE, how)
+    damage(tmp_path / "trial-x" / "checkpoint_000001" / checkpoint.STATE_FILE, how)
+    warnings.clear()
+    assert store.latest(warnings.append) is None  # none loads: the trial starts over, said in one line
+    assert "starting over" in warnings[-1]
+
+
+def test_ray_train_checkpoint_folders_fall_back_too(tmp_path):
+    """A DDP trial's folders are Ray Train's checkpoint_<time>; newest_loadable_state orders them by name (time)."""
+    run = tmp_path / "trial-y"
+    for epoch, stamp in ((1, "2026-12-01_01-00-00.000001"), (2, "2026-12-01_01-00-09.000002")):
+        checkpoint.save_state(state(epoch), str(run / f"checkpoint_{stamp}"))
+    damage(run / "checkpoint_2026-12-01_01-00-09.000002" / checkpoint.STATE_FILE, "truncated")
+    where, loaded = newest_loadable_state(str(run), warn=lambda m: None)
+    assert loaded["epoch"] == 1 and where.endswith("checkpoint_2026-12-01_01-00-00.000001")
+
+
+def test_a_failed_save_leaves_the_previous_state(tmp_path, monkeypatch):
+    checkpoint.save_state(state(1), str(tmp_path))
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("file write failed")))
+    with pytest.raises(OSError):
+        checkpoint.save_state(state(2), str(tmp_path))
+    assert checkpoint.load_state(str(tmp_path))["epoch"] == 1
+    assert sorted(os.listdir(tmp_path)) == [checkpoint.STATE_FILE, checkpoint.CHECKSUM_FILE]
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_results_part_is_one_line_or_set_aside(tmp_path, how):
+    log = ResultsLog(str(tmp_path))
+    log.append([{"trial_id": "a", "epoch": 1, "val_acc": 0.1}])
+    damaged = log.append([{"trial_id": "a", "epoch": 2, "val_acc": 0.2}])
+    damage(damaged, how)
+    with pytest.raises(DamagedFile, match="part-000001.parquet is damaged"):
+        ResultsLog(str(tmp_path)).read()
+    warnings = []
+    tolerant = ResultsLog(str(tmp_path), set_aside_damaged=True, warn=warnings.append)
+    assert [r["epoch"] for r in tolerant.read()] == [1]
+    assert tolerant.damaged == [damaged] and os.path.exists(damaged + ".damaged") and len(warnings) == 1
+    tolerant.compact()  # the set-aside part is out of every later read
+    assert [r["epoch"] for r in ResultsLog(str(tmp_path)).read()] == [1]
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_report_of_a_damaged_results_file_is_one_line_exit_2(tmp_path, capsys, how):
+    (tmp_path / "config.yaml").write_text("tune: {metric: val_acc, mode: max}\n")
+    write_rows([{"trial_id": "a", "epoch": 1, "val_acc": 0.5}], str(tmp_path / "results.parquet"))
+    damage(tmp_path / "results.parquet", how)
+    assert report.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "results.parquet is damaged" in err[0], err
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_config_yaml_under_resume_is_one_line_exit_2(tmp_path, capsys, how):
+    (tmp_path / "config.yaml").write_text("train:\n  epochs: 3\n" + "# padding\n" * 20)
+    damage(tmp_path / "config.yaml", how)
+    if how == "truncated":
+        (tmp_path / "config.yaml").write_text("train: {epochs: [3\n  lr: 0.1")  # cut inside a flow mapping
+    with pytest.raises(SystemExit) as stop:
+        cli.load_resolved_config(str(tmp_path))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "config.yaml" in err[0], err
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_the_decode_cache_and_its_checksum_are_rebuilt(tmp_path, synthetic_parquet_dir, how):
+    cache = str(tmp_path / "cache")
+    first = load_cifar10(synthetic_parquet_dir, cache, log=lambda m: None)
+    for name in os.listdir(cache):
+        if name.endswith((".txt", ".npz")):
+            damage(os.path.join(cache, name), how)
+    lines = []
+    again = load_cifar10(synthetic_parquet_dir, cache, log=lines.append)
+    assert again.checksum == first.checksum and (again.train_labels == first.train_labels).all()
+    assert any("checksum" in line and "damaged" in line for line in lines), lines
+    if how != "zero-length":  # a zero-length npz is no cache at all
+        assert any("cache" in line and "is damaged" in line for line in lines), lines
+    lines.clear()
+    load_cifar10(synthetic_parquet_dir, cache, log=lines.append)
+    assert any("using cache" in line for line in lines) and not any("damaged" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_trials_json_is_rebuilt_from_the_rows(tmp_path, how):
+    from ray_cifar.recorder import StudyRecorder
+
+    ResultsLog(str(tmp_path)).append([{"trial_id": "a", "epoch": e, "val_acc": e / 10, "optim.lr": 0.1,
+                                       "checkpoint_path": f"/x/checkpoint_00000{e}"} for e in (1, 2)])
+    (tmp_path / "trials.json").write_text(json.dumps({"a": {"trial_id": "a", "status": "completed", "pad": "x" * 50}}))
+    damage(tmp_path / "trials.json", how)
+    recorder = StudyRecorder(str(tmp_path), lambda config: {}, "val_acc", "max", tensorboard=False)
+    trial = recorder.trials["a"]
+    assert trial["epochs"] == 2 and trial["best_epoch"] == 2 and trial["optim.lr"] == 0.1
+    assert trial["latest_checkpoint"] == "/x/checkpoint_000002" and (tmp_path / "trials.json.damaged").exists()
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_driver_lock_names_no_driver(tmp_path, how):
+    (tmp_path / study.DRIVER_LOCK).write_text(json.dumps({"pid": 1, "host": "h", "pad": "x" * 20}))
+    damage(tmp_path / study.DRIVER_LOCK, how)
+    study.hold_driver_lock(str(tmp_path))
+    assert json.loads((tmp_path / study.DRIVER_LOCK).read_text())["pid"] == os.getpid()
+
+
+def test_a_damaged_tune_experiment_state_comes_back_from_its_copy(tmp_path, capsys):
+    experiment = tmp_path / "ray" / "tune"
+    experiment.mkdir(parents=True)
+    (experiment / "experiment_state-1.json").write_text(json.dumps({"trials": [1, 2]}))
+    backup = study.TuneStateBackup(str(tmp_path), None, every_seconds=0)
+    backup.save()
+    damage(experiment / "experiment_state-1.json", "truncated")
+    backup.restore()
+    assert json.loads((experiment / "experiment_state-1.json").read_text()) == {"trials": [1, 2]}
+    assert "restored from" in capsys.readouterr().out
+    damage(experiment / "experiment_state-1.json", "random bytes")
+    os.remove(tmp_path / study.TUNE_STATE_BACKUP / "experiment_state-1.json")
+    with pytest.raises(cli.ConfigError, match="no whole copy"):
+        backup.restore()
+
+
+def test_output_that_cannot_be_created_is_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "file").write_text("in the way")
+    for output in (tmp_path / "file", tmp_path / "file" / "below"):
+        with pytest.raises(SystemExit) as stop:
+            cli.create_output(str(output))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and len(err) == 1 and "a file is in the way" in err[0], err
+
+
+def test_output_on_a_read_only_file_system_is_one_line_exit_2(tmp_path, capsys):
+    """Root ignores permission bits: "read-only" is a read-only mount here."""
+    import subprocess
+
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        with pytest.raises(SystemExit) as stop:
+            cli.create_output(str(mount / "study"))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and len(err) == 1 and "read-only file system" in err[0], err
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_set_of_a_searched_field_says_the_search_overrides_it(capsys):
+    from ray_cifar.validation import load_config
+
+    sets = ["train.global_batch_size=100000", "train.epochs=3",
+            "tune.search_space={train.global_batch_size: {grid: [128, 256]}}"]
+    cli.warn_sets_searched(load_config(None, sets), sets)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "--set train.global_batch_size=100000 has no effect" in out[0], out
+    assert "tune.search_space overrides it" in out[0] and "change the search instead" in out[0]

@@ -54,7 +54,7 @@ class QuietFullDiskFailures(logging.Filter):
     its error.txt). So: records about a full disk, and once the study is stopping for one, its errors."""
 
     LOGGERS = ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state", "ray.tune.tune",
-               "ray._private.worker")
+               "ray._private.worker", "ray.train._internal.syncer")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if FULL_DISK and record.levelno >= logging.WARNING:

@@ -1,0 +1,166 @@
+"""Polite stops and full disks on real runs (a local Ray on loopback, real processes, a real tmpfs).
+
+One two-trial study on a small tmpfs serves three cases in turn:
+  1. SIGTERM to the driver mid-study: gone within 60 s, having printed the exact --resume command;
+  2. --resume on the still-small disk: it fills; one line naming the path and that the disk is full,
+     exit 1, no traceback, everything written before still readable, and no trial ended `failed`;
+  3. both trials' latest checkpoints damaged (truncated, zero-length), a results part overwritten, the
+     decode cache and its checksum damaged, space freed: --resume finishes the study, every trial
+     `completed`, (trial, epoch) unique, every epoch 1..N there, no epoch resumed from before the
+     SIGTERM's latest checkpoint (nothing run twice).
+And `python -m ray_cifar.train` on a full tmpfs: one line, exit 1, the epochs before readable.
+Mounting needs root (CI and this machine are): the tests skip with the reason where it is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import TINY_MODEL
+from processes import descendants, end_tree
+from ray_cifar import checkpoint
+from ray_cifar.results import ResultsLog, read_rows
+
+pytestmark = pytest.mark.integration
+
+EPOCHS = 8
+SETS = TINY_MODEL + ["train.epochs=8", "data.val_size=100", "train.global_batch_size=100", "data.pipeline=torch",
+                     "tune.scheduler=fifo", "tune.max_concurrent_trials=2", "train.torch_threads=1",
+                     "tune.search_space={optim.lr: {grid: [0.05, 0.1]}}"]
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    mounted = []
+
+    def mount(size: str):
+        folder = tmp_path / f"tmpfs{len(mounted)}"
+        folder.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"mounting a tmpfs is not permitted here: {result.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def command(module: str, data: str, output, sets=SETS) -> list[str]:
+    return [sys.executable, "-m", module, "--data", data, "--output", str(output)] + [a for s in sets for a in ("--set", s)]
+
+
+def run(args, env, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def rows(output) -> list[dict]:
+    return ResultsLog(str(output)).read()
+
+
+def assert_no_traceback(result, driver_only: bool = False) -> None:
+    text = result.stdout + result.stderr
+    if driver_only:  # a trial process Tune ends on a stop may print Ray's SystemExit as it goes (known, not ours)
+        text = "\n".join(line for line in text.splitlines() if "(tune_trial pid=" not in line)
+    assert "Traceback" not in text, text[-3000:]
+
+
+def error_line(result) -> str:
+    """The one `ray_cifar: error:` line, last on stderr (Ray's own start-up notices may come before it)."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ray_cifar: error:")]
+    assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], result.stderr[-3000:]
+    return errors[0]
+
+
+def test_sigterm_full_disk_and_damaged_checkpoints_then_resume(tmpfs, synthetic_parquet_dir, tmp_path):
+    disk = tmpfs("600k")  # room for a few epochs of two trials, not for eight
+    output = disk / "study"
+    env = {**os.environ, "RAY_CIFAR_CACHE": str(tmp_path / "cache")}
+    resume = [sys.executable, "-m", "ray_cifar.tune", "--resume", str(output)]
+
+    # 1. SIGTERM once both trials have reported an epoch.
+    driver = subprocess.Popen(command("ray_cifar.tune", synthetic_parquet_dir, output), env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while len({r["trial_id"] for r in rows(output)} if output.exists() else ()) < 2:
+            assert driver.poll() is None and time.time() < deadline, "the study ended or stalled before SIGTERM"
+            time.sleep(0.5)
+        before = {(r["trial_id"], r["epoch"]) for r in rows(output)}
+        sent = time.time()
+        driver.send_signal(signal.SIGTERM)
+        out, _ = driver.communicate(timeout=60)
+        assert time.time() - sent < 60
+    finally:
+        if driver.poll() is None:
+            end_tree([driver.pid, *descendants(driver.pid)])
+    assert driver.returncode == 130, out[-3000:]
+    assert f"python -m ray_cifar.tune --resume {output}" in out and "SIGTERM" in out
+    assert_no_traceback(subprocess.CompletedProcess([], 0, out, ""), driver_only=True)
+    stopped_at = {}
+    for trial, epoch in before:
+        stopped_at[trial] = max(stopped_at.get(trial, 0), epoch)
+
+    # 2. --resume on the small disk: it fills.
+    full = run(resume, env)
+    assert full.returncode == 1, (full.stdout + full.stderr)[-3000:]
+    err = error_line(full)
+    assert err.startswith("ray_cifar: error: the disk is full") and str(output) in err and f"--resume {output}" in err
+    assert_no_traceback(full)
+    assert before <= {(r["trial_id"], r["epoch"]) for r in rows(output)}  # all written before still reads
+    for folder in (output / "ray").glob("trial-*/checkpoint_*"):
+        checkpoint.load_state(str(folder))  # no half-written checkpoint left where a reader could take it for whole
+
+    # 3. Damage, free space, resume.
+    latest = {t: sorted((output / "ray" / f"trial-{t}").glob("checkpoint_*"))[-1] for t in stopped_at}
+    first, second = sorted(latest)
+    with open(latest[first] / checkpoint.STATE_FILE, "r+b") as f:
+        f.truncate(os.path.getsize(latest[first] / checkpoint.STATE_FILE) // 2)
+    open(latest[second] / checkpoint.STATE_FILE, "wb").close()
+    part = sorted((output / "results.parts").glob("part-*.parquet"))[0]
+    part.write_bytes(os.urandom(part.stat().st_size))
+    for cached in (tmp_path / "cache").glob("cifar10-*"):
+        if cached.suffix in (".txt", ".npz"):
+            cached.write_bytes(os.urandom(200))
+    subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+    done = run(resume, env)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert_no_traceback(done)
+    assert done.stdout.count("the newest checkpoint that loads") >= 2, done.stdout[-3000:]
+    assert "part-000000.parquet is damaged" in done.stdout and "recovered" in done.stdout
+    final = read_rows(str(output / "results.parquet"))
+    keys = [(r["trial_id"], r["epoch"]) for r in final]
+    assert len(keys) == len(set(keys))
+    trials = read_rows(str(output / "trials.parquet"))
+    assert {t["status"] for t in trials} == {"completed"} and len(trials) == 2
+    for t in trials:
+        epochs = sorted(r["epoch"] for r in final if r["trial_id"] == t["trial_id"])
+        assert epochs == list(range(1, EPOCHS + 1)), (t["trial_id"], epochs)
+    # Nothing run twice after the SIGTERM: the resume after it started each trial at its latest checkpoint.
+    resumed = [r for r in final if r["trial_id"] in stopped_at and r["epoch"] == stopped_at[r["trial_id"]] + 1]
+    assert all((r["resumed_from_epoch"] or 0) >= stopped_at[r["trial_id"]] for r in resumed), resumed
+
+
+def test_train_on_a_full_disk_is_one_line(tmpfs, synthetic_parquet_dir, tmp_path):
+    disk = tmpfs("160k")  # config + two ~66 KB checkpoints; the next save does not fit
+    env = {**os.environ, "RAY_CIFAR_CACHE": str(tmp_path / "cache")}
+    sets = TINY_MODEL + ["train.epochs=6", "data.val_size=100", "train.global_batch_size=100", "data.pipeline=torch",
+                         "train.torch_threads=1"]
+    result = run(command("ray_cifar.train", synthetic_parquet_dir, disk / "run", sets), env, timeout=240)
+    assert result.returncode == 1, (result.stdout + result.stderr)[-3000:]
+    err = error_line(result)
+    assert err.startswith("ray_cifar: error: the disk is full") and str(disk) in err, err
+    assert_no_traceback(result)
+    written = rows(disk / "run")
+    assert written and all(r["epoch"] < 6 for r in written)
+    for name in ("latest", "best"):
+        if (disk / "run" / "checkpoints" / name).exists():
+            checkpoint.load_state(str(disk / "run" / "checkpoints" / name))

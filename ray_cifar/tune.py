@@ -11,8 +11,9 @@ Writes OUTPUT/config.yaml (resolved), OUTPUT/results.parquet (a row per trial pe
 epoch), OUTPUT/trials.parquet (a row per trial), OUTPUT/tensorboard/, and Ray's own
 files (checkpoints included) under OUTPUT/ray. The test split is evaluated once, for the
 best trial by tune.metric/tune.mode, at the end (--set tune.test=all: every finished trial,
-each at its best validation epoch). The first Ctrl-C stops the study
-gracefully and prints the --resume command; exit status 1 when any trial failed.
+each at its best validation epoch). The first Ctrl-C (or SIGTERM) stops the study gracefully
+and prints the --resume command (exit 130; a second one stops at once); a full disk stops it
+the same way with one line (exit 1); exit status 1 when any trial failed.
 """
 
 from __future__ import annotations

@@ -164,3 +164,25 @@ def test_train_on_a_full_disk_is_one_line(tmpfs, synthetic_parquet_dir, tmp_path
     for name in ("latest", "best"):
         if (disk / "run" / "checkpoints" / name).exists():
             checkpoint.load_state(str(disk / "run" / "checkpoints" / name))
+
+
+def test_train_stops_politely_on_sigterm(synthetic_parquet_dir, tmp_path):
+    env = {**os.environ, "RAY_CIFAR_CACHE": str(tmp_path / "cache")}
+    sets = TINY_MODEL + ["train.epochs=200", "data.val_size=100", "train.global_batch_size=100", "data.pipeline=torch",
+                         "train.torch_threads=1"]
+    output = tmp_path / "run"
+    proc = subprocess.Popen(command("ray_cifar.train", synthetic_parquet_dir, output, sets), env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not (output.exists() and rows(output)):
+            assert proc.poll() is None and time.time() < deadline, "train ended or stalled before its first epoch"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            end_tree([proc.pid])
+    assert proc.returncode == 130 and "stopped" in out and "Traceback" not in out + err, (out + err)[-3000:]
+    written = read_rows(str(output / "results.parquet"))  # compacted on the way out
+    assert written and checkpoint.load_state(str(output / "checkpoints" / "latest"))["epoch"] >= len(written) - 1

@@ -124,7 +124,8 @@ def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, re
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler,
                                     num_samples=num_samples, max_concurrent_trials=max_concurrent,
                                     reuse_actors=ray_cluster.reuse_trial_processes(cfg)),
-        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=ray_storage, callbacks=[recorder, TuneStateBackup(output, remote)],
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=ray_storage,
+                                  callbacks=[recorder, TuneStateBackup(output, remote)],
                                   failure_config=tune.FailureConfig(max_failures=ray_cluster.max_failures(cfg))),
     ), keys
 

@@ -232,21 +232,28 @@ class TuneStateBackup(Callback):
                 return  # a full disk: the last whole copy stays
 
     def restore(self) -> None:
-        """Before a --resume: each damaged Tune state file back from its last whole copy (one warning line each);
-        one line and exit 2 when there is none (Tune would otherwise start the study over)."""
+        """Before a --resume: the newest experiment state that loads. A damaged one comes back from its last
+        whole copy, else it is set aside (NAME.damaged) and Tune resumes from the one before it (the trials'
+        own checkpoints and the recorded rows are found by trial id either way); one warning line each. One
+        line and exit 2 when none loads (Tune would otherwise start the study over)."""
         from .config import ConfigError
 
         if self.experiment is None:
             return
-        for name in _json_files(self.experiment):
+        for name in reversed(_json_files(self.experiment)):  # newest first: the one Tune reads
             path, copy = os.path.join(self.experiment, name), os.path.join(self.backup, name)
             if _parses(path):
-                continue
-            if not _parses(copy):
-                raise ConfigError(f"{path} is damaged and has no whole copy in {self.backup}; Tune cannot resume "
-                                  f"this study")
-            shutil.copyfile(copy, path)
-            print(f"[ray_cifar] warning: {path} was damaged (a full disk?); restored from {copy}", flush=True)
+                return
+            if _parses(copy):
+                shutil.copyfile(copy, path)
+                print(f"[ray_cifar] warning: {path} was damaged (a full disk?); restored from {copy}", flush=True)
+                return
+            os.replace(path, path + ".damaged")
+            print(f"[ray_cifar] warning: {path} is damaged and has no whole copy; set aside, resuming from the "
+                  f"experiment state before it", flush=True)
+        if _json_files(self.experiment) or any(n.endswith(".json.damaged") for n in os.listdir(self.experiment)):
+            raise ConfigError(f"no experiment state in {self.experiment} loads (each is damaged, without a whole "
+                              f"copy in {self.backup}); Tune cannot resume this study")
 
 
 def unfinished_trials(output: str, remote: str | None = None) -> int:

@@ -166,16 +166,22 @@ def test_a_damaged_driver_lock_names_no_driver(tmp_path, how):
 def test_a_damaged_tune_experiment_state_comes_back_from_its_copy(tmp_path, capsys):
     experiment = tmp_path / "ray" / "tune"
     experiment.mkdir(parents=True)
-    (experiment / "experiment_state-1.json").write_text(json.dumps({"trials": [1, 2]}))
+    (experiment / "experiment_state-1.json").write_text(json.dumps({"trials": [1]}))
+    (experiment / "experiment_state-2.json").write_text(json.dumps({"trials": [1, 2]}))
     backup = study.TuneStateBackup(str(tmp_path), None, every_seconds=0)
     backup.save()
-    damage(experiment / "experiment_state-1.json", "truncated")
+    damage(experiment / "experiment_state-2.json", "truncated")
     backup.restore()
-    assert json.loads((experiment / "experiment_state-1.json").read_text()) == {"trials": [1, 2]}
+    assert json.loads((experiment / "experiment_state-2.json").read_text()) == {"trials": [1, 2]}
     assert "restored from" in capsys.readouterr().out
-    damage(experiment / "experiment_state-1.json", "random bytes")
+    # No whole copy of the newest: set aside, Tune resumes from the one before it.
+    damage(experiment / "experiment_state-2.json", "random bytes")
+    os.remove(tmp_path / study.TUNE_STATE_BACKUP / "experiment_state-2.json")
+    backup.restore()
+    assert sorted(os.listdir(experiment)) == ["experiment_state-1.json", "experiment_state-2.json.damaged"]
+    damage(experiment / "experiment_state-1.json", "zero-length")
     os.remove(tmp_path / study.TUNE_STATE_BACKUP / "experiment_state-1.json")
-    with pytest.raises(cli.ConfigError, match="no whole copy"):
+    with pytest.raises(cli.ConfigError, match="no experiment state"):
         backup.restore()
 
 

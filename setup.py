@@ -30,6 +30,8 @@ setup(
         # tune.tracking=mlflow | wandb; imported only by a study that tracks. mlflow-skinny is MLflow's client;
         # sqlalchemy + alembic give it the sqlite store a study keeps under OUTPUT by default.
         "tracking": ["mlflow-skinny>=3.0", "sqlalchemy>=2", "alembic", "wandb>=0.19"],
+        # tune.search optuna | hyperopt | bohb, tune.scheduler pb2 (PB2's Gaussian process)
+        "search": ["optuna>=3", "hyperopt>=0.2.7", "hpbandster>=0.7", "ConfigSpace>=0.7", "scikit-learn>=1.0"],
     },
     entry_points={"console_scripts": ["ray-cifar=ray_cifar.__main__:main"]},
 )

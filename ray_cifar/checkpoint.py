@@ -165,9 +165,22 @@ def newest_loadable(candidates: Iterable[tuple[str, Callable[[], dict[str, Any]]
 
 
 def restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler) -> None:
-    """Load a training state into freshly built objects (same config, same device)."""
+    """Load a training state into freshly built objects (same device).
+
+    The objects' own hyper-parameters win over the state's: torch's load_state_dict would put back the
+    saved lr, weight decay and momentum of every param group and the schedule's base lr, but the state
+    may come from another run with other values (PBT's exploit: the donor's state, this trial's values).
+    The schedule goes on at the state's step, scaled to this config's peak lr. Resuming a run of the
+    same config changes nothing."""
+    fresh_groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in optimizer.param_groups]
+    fresh_base_lrs = list(scheduler.base_lrs)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])
+    scheduler.base_lrs = fresh_base_lrs
+    for group, hyper, base_lr, multiplier in zip(optimizer.param_groups, fresh_groups, fresh_base_lrs,
+                                                  scheduler.lr_lambdas):
+        group.update(hyper, initial_lr=base_lr, lr=base_lr * multiplier(scheduler.last_epoch))
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

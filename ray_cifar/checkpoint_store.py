@@ -118,3 +118,45 @@ class CheckpointStore:
             if old not in (epoch, best_epoch, *previous):
                 self.fs.delete_dir(self._dir(old))
         return self.uri(epoch)
+
+
+def copy_latest_state(source: str, destination: str, attempts: int = 5) -> bool:
+    """Copy the newest complete checkpoint under `source` (a trial's run folder: CheckpointStore's
+    checkpoint_000003, or Ray Train's checkpoint_<date>) to `destination`/state.pt. False if it has none.
+
+    `source` belongs to another trial that keeps training (PBT's donor): the checkpoint listed may be
+    deleted before it is read, when the donor saves its next epoch; the listing is then read again."""
+    fs, path = storage.filesystem(source)
+    dest_fs, dest_path = storage.filesystem(destination)
+    for _ in range(attempts):
+        selector = pafs.FileSelector(path, allow_not_found=True)
+        names = sorted(posixpath.basename(i.path) for i in fs.get_file_info(selector)
+                       if i.type == pafs.FileType.Directory and posixpath.basename(i.path).startswith("checkpoint_"))
+        files = [posixpath.join(path, name, checkpoint.STATE_FILE) for name in reversed(names)]
+        found = [f for f, info in zip(files, fs.get_file_info(files)) if info.type == pafs.FileType.File]
+        if not found:
+            return False
+        dest_fs.create_dir(dest_path, recursive=True)
+        target = posixpath.join(dest_path, checkpoint.STATE_FILE)
+        try:
+            pafs.copy_files(found[0], target + ".tmp", source_filesystem=fs, destination_filesystem=dest_fs)
+        except (FileNotFoundError, OSError):
+            continue  # deleted under us: list again
+        dest_fs.move(target + ".tmp", target)
+        return True
+    return False
+
+
+def load_state_at(location: str) -> dict[str, Any] | None:
+    """The training state in `location`/state.pt (a path or URI; copy_latest_state's destination), or None."""
+    local = storage.local_path(location)
+    if local is not None:
+        return checkpoint.load_state(local) if os.path.exists(os.path.join(local, checkpoint.STATE_FILE)) else None
+    fs, path = storage.filesystem(location)
+    source = posixpath.join(path, checkpoint.STATE_FILE)
+    if fs.get_file_info(source).type != pafs.FileType.File:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        pafs.copy_files(source, os.path.join(tmp, checkpoint.STATE_FILE), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return checkpoint.load_state(tmp)

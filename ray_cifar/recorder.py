@@ -28,7 +28,7 @@ from ray.tune import Callback
 
 from . import storage
 from .config import improves
-from .results import ResultsLog, epoch_row
+from .results import LINEAGE_COLUMNS, ResultsLog, epoch_row
 
 RUNNING, COMPLETED, STOPPED, DIVERGED, FAILED = "running", "completed", "stopped", "diverged", "failed"
 TRIALS_STATE = "trials.json"
@@ -214,8 +214,12 @@ class StudyRecorder(Callback):
             return None
         self.seen.add(key)
         summary = self._summary(trial)
-        row = epoch_row(trial.trial_id, self.params(trial.config), metrics,
+        # The values the trial ran with: Tune puts the trial's config in each result; trial.config may
+        # already hold the next values (PBT changes it on the result that leads to an exploit).
+        row = epoch_row(trial.trial_id, self.params(metrics.get("config") or trial.config), metrics,
                         {"time": time.time(), **self.provenance})
+        if row["epoch"] >= summary["epochs"]:  # the values it trained with last (PBT changes them on exploit)
+            summary.update(self.params(metrics.get("config") or trial.config))
         summary["epochs"] = max(summary["epochs"], row["epoch"])
         summary["planned_epochs"] = metrics.get("epochs")
         if improves(metrics.get(self.metric), summary["best_metric"], self.mode):
@@ -227,6 +231,8 @@ class StudyRecorder(Callback):
             summary["startup_seconds"] = metrics["startup_seconds"]
         if metrics.get("diverged"):
             summary["status"] = DIVERGED
+        if "pbt_generation" in metrics:  # PBT: a trial's generation is the number of exploits it made
+            summary["exploits"] = max(summary.get("exploits") or 0, int(metrics["pbt_generation"]))
         self._tensorboard(trial.trial_id, row)
         return row
 
@@ -236,9 +242,12 @@ class StudyRecorder(Callback):
         rows = []
         # After a resume the first report carries the checkpoint's history: rows of epochs the
         # trial finished (and checkpointed) whose reports died with the old driver.
+        # The history is this run's own (a PBT generation starts its own), so the result's config and
+        # lineage are theirs too.
+        same_run = {k: result[k] for k in ("config", *LINEAGE_COLUMNS) if k in result}
         for old in result.get("history") or []:
             if old.get("epoch", result["epoch"]) < result["epoch"]:
-                rows.append(self._record(trial, old))
+                rows.append(self._record(trial, {**old, **same_run}))
         rows.append(self._record(trial, result))
         rows = [r for r in rows if r is not None]
         if rows:

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 EPOCH_METRICS = ("steps", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "eval_seconds",
                  "images_per_second", "num_workers", "train_images", "data_pipeline", "amp", "device", "nodes",
                  "diverged", "resumed_from_epoch", "startup_seconds", "checkpoint_path")
+LINEAGE_COLUMNS = ("pbt_generation", "pbt_parent")  # PBT studies only (ray_cifar.pbt): exploits so far, last donor
 TIMING_PREFIX = "timing_"  # timing_<phase>_seconds: where a trial's start-up went
 
 
@@ -59,6 +60,7 @@ def epoch_row(trial_id: str, params: dict[str, Any], metrics: dict[str, Any], ex
     row = {"trial_id": trial_id, "epoch": int(metrics["epoch"])}
     row.update(params)
     row.update({k: metrics.get(k) for k in EPOCH_METRICS})
+    row.update({k: metrics[k] for k in LINEAGE_COLUMNS if k in metrics})
     # Start-up phases (trial.PhaseClock: a trial's first row) and the checkpoint save (every row).
     row.update({k: v for k, v in metrics.items() if k.startswith(TIMING_PREFIX)})
     row.update(extra)

@@ -20,7 +20,7 @@ import os
 import zlib
 from typing import Any, Callable
 
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandForBOHB, TrialScheduler
 
 from .recorder import STOPPED, TRIALS_STATE
 from .results import ResultsLog
@@ -113,8 +113,30 @@ class RestorableASHA(ASHAScheduler):
         return state
 
 
+class BOHBHyperBand(HyperBandForBOHB):
+    """HyperBandForBOHB(time_attr="epoch", ...) that tells the recorder which trials it stopped.
+
+    HyperBand pauses a trial at a rung and starts it again if it is promoted: the trial function
+    runs again and resumes its own latest checkpoint. After `Tuner.restore` its brackets start empty
+    (as Ray's ASHA rungs do); the restored trials fill new ones."""
+
+    def __init__(self, on_stop: Callable[[str], None] | None = None, **hyperband_args: Any):
+        super().__init__(time_attr="epoch", **hyperband_args)
+        self.on_stop = on_stop
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        last_epoch = min(self._max_t_attr, result.get("epochs") or self._max_t_attr)
+        if decision == TrialScheduler.STOP and result.get("epoch", last_epoch) < last_epoch and self.on_stop:
+            self.on_stop(trial.trial_id)
+        return decision
+
+
 def create_scheduler(name: str, output: str, on_stop: Callable[[str], None], max_t: int, grace_period: int,
-                     reduction_factor: float, brackets: int = 1, time_attr: str = "epoch") -> TrialScheduler:
+                     reduction_factor: float, brackets: int = 1, time_attr: str = "epoch",
+                     search: str = "grid") -> TrialScheduler:
+    if search == "bohb":  # BOHB's searcher needs its HyperBand: it learns from the budgets the brackets give
+        return BOHBHyperBand(on_stop=on_stop, max_t=max_t, reduction_factor=reduction_factor)
     if name == "fifo":
         return FIFOScheduler()
     return RestorableASHA(output, on_stop=on_stop, time_attr=time_attr, max_t=max_t, grace_period=grace_period,

@@ -65,19 +65,23 @@ def replicate_seeds(cfg: Config) -> tuple[dict[str, Any], int]:
     are reproducible and named by their seed. With random dimensions each sample draws its seed.
     A study that searches train.seed itself keeps it."""
     n = cfg.tune.num_samples
-    if n == 1 or SEED in search_keys(cfg.tune.search_space):
-        return {}, n
-    if all(kind == "grid" for spec in cfg.tune.search_space.values() for kind in spec):
+    if n == 1 or SEED in search_keys(cfg.tune.search_space) or cfg.tune.search in ("optuna", "hyperopt", "bohb"):
+        return {}, n  # a model-based searcher's num_samples is its trial budget; each trial uses train.seed
+    if cfg.tune.search == "grid" and all(kind == "grid" for spec in cfg.tune.search_space.values() for kind in spec):
         return {SEED: {"grid": [cfg.train.seed + i for i in range(n)]}}, 1
     return {SEED: {"randint": [0, 2**31 - 2]}}, n
 
 
 def to_param_space(search_space: dict[str, Any]) -> dict[str, Any]:
-    from ray import tune
+    """Tune's param_space of a grid study (tune.search grid)."""
+    from .searchers import param_space
 
-    makers = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v),
-              "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(v[0], v[1] + 1)}
-    return {key: makers[kind](values) for key, spec in search_space.items() for kind, values in spec.items()}
+    return param_space(search_space)
+
+
+def total_trials(cfg: Config) -> int:
+    """Trials the study runs: grid points x num_samples, or num_samples where the grid is drawn from (tune.search)."""
+    return (grid_size(cfg) if cfg.tune.search == "grid" else 1) * cfg.tune.num_samples
 
 
 def searched_params(base: dict[str, Any], keys: list[str], sampled: dict[str, Any]) -> dict[str, Any]:
@@ -89,7 +93,8 @@ def searched_params(base: dict[str, Any], keys: list[str], sampled: dict[str, An
 def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, remote: str | None):
     from ray import tune
 
-    from . import ray_cluster, trial
+    from . import ray_cluster, searchers, trial
+    from .pbt import create_pbt
     from .scheduler import create_scheduler
 
     base = cfg.to_dict()
@@ -98,7 +103,7 @@ def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, re
     space = {**cfg.tune.search_space, **seeds}
     keys = search_keys(space) + ([SEED] if SEED not in search_keys(space) else [])
     recorder = StudyRecorder(output, functools.partial(searched_params, base, keys), cfg.tune.metric, cfg.tune.mode,
-                             provenance(), mirror_to=remote, total_trials=grid_size(cfg) * cfg.tune.num_samples,
+                             provenance(), mirror_to=remote, total_trials=total_trials(cfg),
                              tracking=tracking_settings(cfg, output, remote))
     ray_storage = storage_path(output, remote)
     trainable = tune.with_parameters(trial.tune_trial, base_config=base, storage_path=ray_storage)
@@ -115,13 +120,17 @@ def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, re
         max_t = cfg.train.max_steps or 10**12
     else:
         max_t = cfg.tune.max_epochs or (cfg.train.epochs if cfg.train.max_steps is None else 10**6)
-    scheduler = create_scheduler(cfg.tune.scheduler, output, recorder.note_stopped, max_t=max_t,
-                                 grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor,
-                                 brackets=cfg.tune.brackets, time_attr=cfg.tune.time_attr)
+    if cfg.tune.scheduler in ("pbt", "pb2"):
+        scheduler = create_pbt(cfg, output)
+    else:
+        scheduler = create_scheduler(cfg.tune.scheduler, output, recorder.note_stopped, max_t=max_t,
+                                     grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor,
+                                     brackets=cfg.tune.brackets, time_attr=cfg.tune.time_attr, search=cfg.tune.search)
     return tune.Tuner(
         trainable,
-        param_space=to_param_space(space),
+        param_space=searchers.param_space(space, cfg.tune.search),
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler,
+                                    search_alg=searchers.create_search_alg(cfg),
                                     num_samples=num_samples, max_concurrent_trials=max_concurrent,
                                     reuse_actors=ray_cluster.reuse_trial_processes(cfg)),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=ray_storage,
@@ -162,10 +171,12 @@ def attach_to_tracker(cfg: Config, output: str, remote: str | None) -> None:
 def _banner(cfg: Config, output: str, max_concurrent: int, resume: bool) -> str:
     max_t = cfg.tune.max_epochs or cfg.train.epochs
     length = f"max {max_t} epochs" if cfg.train.max_steps is None else f"{cfg.train.max_steps} steps per trial"
-    return (f"[ray_cifar] {'resuming ' if resume else ''}study: {grid_size(cfg)} grid point(s) x "
-            f"{cfg.tune.num_samples} sample(s), {cfg.train.num_workers} DDP rank(s) per trial "
+    trials = (f"{grid_size(cfg)} grid point(s) x {cfg.tune.num_samples} sample(s)" if cfg.tune.search == "grid"
+              else f"{cfg.tune.num_samples} trial(s) by {cfg.tune.search} search")
+    scheduler = "hyperband (BOHB)" if cfg.tune.search == "bohb" else cfg.tune.scheduler
+    return (f"[ray_cifar] {'resuming ' if resume else ''}study: {trials}, {cfg.train.num_workers} DDP rank(s) per trial "
             f"({_devices(cfg)}), {max_concurrent} trial(s) at once, scheduler "
-            f"{cfg.tune.scheduler} on {cfg.tune.metric} ({cfg.tune.mode}), {length}; results in {output}")
+            f"{scheduler} on {cfg.tune.metric} ({cfg.tune.mode}), {length}; results in {output}")
 
 
 def _devices(cfg: Config) -> str:

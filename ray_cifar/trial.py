@@ -18,6 +18,13 @@ Fault tolerance, from the inside out:
   under the study's storage, finds its own latest checkpoint;
 - a dead driver: `Tuner.restore` (ray_cifar.study) runs unfinished trials' `tune_trial` again,
   which resumes the same way.
+
+Population based training (ray_cifar.pbt): an exploit restarts the trial with a new config that
+carries its lineage (generation n, the donor's trial id and generation). Generation n trains in a
+run of its own, `trial-<id>-g<n>` (so Train's resume, and CheckpointStore, never reload the
+trial's pre-exploit state), which starts from a copy of the donor's latest checkpoint
+(`trial-<id>-g<n>.donor/state.pt`, taken once: the donor keeps training and deletes old epochs);
+a retry or `--resume` of generation n finds that run's own latest checkpoint first.
 """
 
 from __future__ import annotations
@@ -38,8 +45,8 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from . import checkpoint, engine, storage
-from .checkpoint_store import CheckpointStore
-from .config import Config
+from .checkpoint_store import CheckpointStore, copy_latest_state, load_state_at
+from .config import Config, split_sampled
 from .data import make_splits
 from .data_source import load_cifar10
 from .loop import build_model, evaluate_split, run_training
@@ -75,6 +82,19 @@ def _checkpoint_names(fs, folder: str) -> list[str]:
 def _load_ray_checkpoint(fs, path: str) -> dict:
     with ray.train.Checkpoint(path, filesystem=fs).as_directory() as directory:
         return checkpoint.load_state(directory)
+
+
+def adopted_state(location: str | None) -> dict | None:
+    """The donor's training state copied for this generation (None without one), as this trial's start:
+    its model, optimizer, schedule, scaler, epoch and step; not the donor's history of rows or best epoch."""
+    state = load_state_at(location) if location else None
+    if state is not None:
+        state.update(history=[], best={"value": None, "epoch": None})
+    return state
+
+
+def own_or_adopted(own: Callable[[], dict | None], donor: str | None) -> Callable[[], dict | None]:
+    return lambda: own() or adopted_state(donor)
 
 
 def _rank_nodes(world_size: int) -> str:
@@ -138,8 +158,10 @@ class Rank:
     report: Callable[[dict, str | None, int, int | None], None]
 
 
-def run_rank(cfg: Config, where: Rank, clock: PhaseClock, started: float | None) -> None:
-    """One rank of a trial, resumed from the latest checkpoint if there is one: the same on both paths."""
+def run_rank(cfg: Config, where: Rank, clock: PhaseClock, started: float | None,
+             columns: dict[str, Any] | None = None) -> None:
+    """One rank of a trial, resumed from the latest checkpoint if there is one: the same on both paths.
+    `columns` go into every epoch's metrics (PBT's lineage)."""
     rank, world_size, device = where.rank, where.world_size, where.device
     log = print if rank == 0 else (lambda msg: None)
     capped = engine.cap_gpu_memory(device, cfg.train.gpus_per_worker)  # before the data goes to the GPU
@@ -151,7 +173,7 @@ def run_rank(cfg: Config, where: Rank, clock: PhaseClock, started: float | None)
     clock.lap("data_load")
     splits = make_splits(dataset, cfg.data, device)
     clock.lap("splits")
-    extra = {"nodes": _rank_nodes(world_size), "resumed_from_epoch": resume["epoch"] if resume else 0}
+    extra = {"nodes": _rank_nodes(world_size), "resumed_from_epoch": resume["epoch"] if resume else 0, **(columns or {})}
     clock.lap("rank_nodes")
     first = {"report": True}
 
@@ -196,11 +218,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     where = Rank(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_world_size(),
                  ray.train.torch.get_device(),  # the rank's own (visible) GPU, or cpu
-                 _latest_state, _train_report)
-    run_rank(config_from_dict(loop_config["config"]), where, clock, loop_config.get("started"))
+                 own_or_adopted(_latest_state, loop_config.get("donor")), _train_report)
+    run_rank(config_from_dict(loop_config["config"]), where, clock, loop_config.get("started"),
+             loop_config.get("columns"))
 
 
-def train_in_trial_process(cfg: Config, storage_path: str, trial_id: str, started: float) -> None:
+def train_in_trial_process(cfg: Config, storage_path: str, name: str, started: float, donor: str | None = None,
+                           columns: dict[str, Any] | None = None) -> None:
     """A one-rank trial, trained right here in its Tune trial process: no Train controller, no worker
     processes to start (most of a short trial's start-up), the same loop, checkpoints and resume.
 
@@ -208,7 +232,7 @@ def train_in_trial_process(cfg: Config, storage_path: str, trial_id: str, starte
     the latest and the best), so a Tune retry or `--resume` continues from the latest finished epoch."""
     from ray import tune
 
-    store = CheckpointStore(storage.join(storage_path, trainer_name(trial_id)))
+    store = CheckpointStore(storage.join(storage_path, name))
 
     def report(metrics: dict, directory: str | None, epoch: int, best_epoch: int | None) -> None:
         metrics["checkpoint_path"] = store.save(directory, epoch, best_epoch)
@@ -217,18 +241,19 @@ def train_in_trial_process(cfg: Config, storage_path: str, trial_id: str, starte
     # Tune gave this process the trial's GPU (CUDA_VISIBLE_DEVICES), if it asked for one.
     device = torch.device("cuda", 0) if cfg.train.use_gpu else torch.device("cpu")
     clock = PhaseClock(started)
-    run_rank(cfg, Rank(0, 1, 1, device, store.latest, report), clock, started)
+    run_rank(cfg, Rank(0, 1, 1, device, own_or_adopted(store.latest, donor), report), clock, started, columns)
 
 
 def make_trainer(cfg: Config, storage_path: str, name: str, callbacks: list | None = None,
-                 started: float | None = None) -> TorchTrainer:
+                 started: float | None = None, donor: str | None = None,
+                 columns: dict[str, Any] | None = None) -> TorchTrainer:
     use_gpu = bool(cfg.train.use_gpu)
     # Each rank's GPU (train.gpus_per_worker: 1 here in practice, since a share of a GPU is only allowed
     # for one rank, and a one-rank trial trains in its Tune process without a TorchTrainer).
     gpus = {"GPU": cfg.train.gpus_per_worker} if use_gpu else {}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "started": started},
+        train_loop_config={"config": cfg.to_dict(), "started": started, "donor": donor, "columns": columns},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker, **gpus},
                                      placement_strategy=cfg.train.placement_strategy),
@@ -243,9 +268,35 @@ def make_trainer(cfg: Config, storage_path: str, name: str, callbacks: list | No
     )
 
 
-def trainer_name(trial_id: str) -> str:
-    """A trial's TorchTrainer run name: stable across Tune retries and `--resume` (trial ids are kept)."""
-    return f"trial-{trial_id}"
+def trainer_name(trial_id: str, generation: int = 0) -> str:
+    """A trial's TorchTrainer run name: stable across Tune retries and `--resume` (trial ids are kept);
+    a PBT trial's generation n > 0 (after its n-th exploit) is a run of its own."""
+    return f"trial-{trial_id}" + (f"-g{generation}" if generation else "")
+
+
+def donor_copy(storage_path: str, name: str, lineage: dict[str, Any]) -> str | None:
+    """Where this generation's starting state is: a copy of the donor's latest checkpoint, made once.
+    None for generation 0, or when neither the donor nor this trial's previous generation has a checkpoint."""
+    if not lineage.get("generation"):
+        return None
+    location = storage.join(storage_path, f"{name}.donor")
+    if load_state_at(location) is not None:
+        return location  # copied by an earlier attempt of this generation
+    sources = [trainer_name(lineage["parent"], lineage.get("parent_generation", 0)),
+               # A donor without a checkpoint (cannot happen with checkpoints every epoch, but a store can be
+               # damaged): this trial goes on from its own last state, with the new values.
+               trainer_name(lineage["trial_id"], lineage["generation"] - 1)]
+    for source in sources:
+        if copy_latest_state(storage.join(storage_path, source), location):
+            return location
+    return None
+
+
+def lineage_columns(cfg: Config, lineage: dict[str, Any]) -> dict[str, Any] | None:
+    """pbt_generation and pbt_parent (the donor's trial id; empty before the first exploit), for PBT studies only."""
+    if cfg.tune.scheduler not in ("pbt", "pb2"):
+        return None
+    return {"pbt_generation": int(lineage.get("generation", 0)), "pbt_parent": lineage.get("parent", "")}
 
 
 def tune_trial(sampled: dict[str, Any], base_config: dict[str, Any], storage_path: str) -> None:
@@ -256,11 +307,14 @@ def tune_trial(sampled: dict[str, Any], base_config: dict[str, Any], storage_pat
     started = time.time()
     cfg = trial_config(base_config, sampled)
     trial_id = tune.get_context().get_trial_id()
+    lineage = split_sampled(sampled)[1]
+    name = trainer_name(trial_id, int(lineage.get("generation", 0)))
+    donor, columns = donor_copy(storage_path, name, {**lineage, "trial_id": trial_id}), lineage_columns(cfg, lineage)
     if runs_in_trial_process(cfg.train.num_workers):
-        train_in_trial_process(cfg, storage_path, trial_id, started)
+        train_in_trial_process(cfg, storage_path, name, started, donor, columns)
         return
-    make_trainer(cfg, storage_path, name=trainer_name(trial_id), callbacks=[TuneReportCallback()],
-                 started=started).fit()
+    make_trainer(cfg, storage_path, name=name, callbacks=[TuneReportCallback()], started=started, donor=donor,
+                 columns=columns).fit()
 
 
 def _evaluate(checkpoint_path: str, split_name: str) -> dict[str, float]:

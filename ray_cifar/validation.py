@@ -18,7 +18,7 @@ from typing import Any, Callable
 from .config import loading, presets
 from .config.schema import (PUBLISHED_METRICS, SEARCH_KINDS, Config, ConfigError, DataConfig, ModelConfig,
                             OptimConfig, ScheduleConfig, TrainConfig, TuneConfig)
-from .config.search import apply_searched, sampled_config, search_keys, trial_configs
+from .config.search import MODEL_BASED_SEARCHERS, apply_searched, pbt_mutated_keys, sampled_config, search_keys, trial_configs
 
 
 def load_config(path: str | None = None, sets: list[str] = (), smoke_test: bool = False,
@@ -219,7 +219,11 @@ def _validate_gpu_share(t: TrainConfig) -> None:
 
 
 def _validate_tune(u: TuneConfig, t: TrainConfig) -> None:
-    _check_name("tune.scheduler", u.scheduler, ["asha", "fifo"])
+    _check_name("tune.scheduler", u.scheduler, ["asha", "fifo", "pbt", "pb2"])
+    _check_name("tune.search", u.search, ["grid", "random", "optuna", "hyperopt", "bohb"])
+    _check(u.perturbation_interval >= 1, "tune.perturbation_interval", "must be >= 1 epoch", u.perturbation_interval)
+    _check(0 < u.pbt_quantile <= 0.5, "tune.pbt_quantile", "must be in (0, 0.5]", u.pbt_quantile)
+    _check(0 <= u.pbt_resample_p <= 1, "tune.pbt_resample_p", "must be a probability in [0, 1]", u.pbt_resample_p)
     _check_name("tune.mode", u.mode, ["max", "min"])
     _check_name("tune.tracking", u.tracking, ["none", "mlflow", "wandb"])
     _check_name("tune.metric", u.metric, ["val_acc", "val_loss", "train_acc", "train_loss"])
@@ -277,6 +281,7 @@ def _validate_published(published: list[dict]) -> None:
 
 
 def _validate_search_space(cfg: Config) -> None:
+    _validate_search_kinds(cfg)
     for key, spec in cfg.tune.search_space.items():
         if not isinstance(key, str):
             raise ConfigError(f"tune.search_space: keys are 'section.field' names, got {key!r}")
@@ -304,6 +309,34 @@ def _validate_search_space(cfg: Config) -> None:
     # (built only where the two are searched: it costs milliseconds a trial).
     if GPU_SHARE_KEYS & set(search_keys(cfg.tune.search_space)):
         for_each_trial(cfg, lambda trial: _validate_gpu_share(trial.train))
+
+
+def _check_search(cfg: Config) -> None:
+    """What tune.search cannot express with this study, as one ConfigError line (no Ray, no searcher needed)."""
+    search, scheduler = cfg.tune.search, cfg.tune.scheduler
+    if search in MODEL_BASED_SEARCHERS and "train.seed" in cfg.tune.search_space:
+        raise ConfigError(f"tune.search_space.train.seed: tune.search {search} would tune the seed as a "
+                          f"hyper-parameter; remove it (every trial uses train.seed), or use tune.search grid for "
+                          f"replicates")
+    if search in MODEL_BASED_SEARCHERS and scheduler in ("pbt", "pb2"):
+        raise ConfigError(f"tune.scheduler: {scheduler} evolves one population; it does not take trials from "
+                          f"tune.search {search} (use tune.search grid or random with it)")
+
+
+def _validate_search_kinds(cfg: Config) -> None:
+    """What tune.search and tune.scheduler pbt/pb2 cannot do with this search space, in one line. A trial's
+    own config (its search space emptied) has nothing to check."""
+    if not cfg.tune.search_space:
+        return
+    _check_search(cfg)
+    if cfg.tune.scheduler in ("pbt", "pb2"):
+        pbt_mutated_keys(cfg)
+        if cfg.tune.scheduler == "pb2":
+            for key in pbt_mutated_keys(cfg):
+                kind = next(iter(cfg.tune.search_space[key]))
+                _check(kind in ("uniform", "loguniform", "randint"), f"tune.search_space.{key}",
+                       f"PB2 perturbs ranges only (uniform, loguniform, randint), not a {kind} list; use "
+                       f"tune.scheduler pbt, or give it a range", cfg.tune.search_space[key])
 
 
 # ---------------------------------------------------------------------------

@@ -169,7 +169,7 @@ def test_a_one_rank_trial_in_its_tune_process_caps_its_gpu_memory_too(tmp_path, 
     monkeypatch.setattr(trial, "load_cifar10", lambda *a, **k: pytest.fail("data loaded before the cap"))
     cfg = load_config(None, ["train.use_gpu=true", "train.gpus_per_worker=0.25", NO_SEARCH])
     with pytest.raises(Capped):
-        trial.train_in_trial_process(cfg, str(tmp_path), "t1", started=None)
+        trial.train_in_trial_process(cfg, str(tmp_path), trial.trainer_name("t1"), started=None)
     assert cap_calls == [(torch.device("cuda", 0), 0.25)]
 
 

@@ -17,11 +17,11 @@ from .loading import EXTENDS, apply_overrides, flatten, parse_set, read_config_c
 from .presets import LENGTH_KEYS, SMOKE_OVERRIDES, apply_budget_scale, apply_smoke
 from .schema import (METADATA, PUBLISHED_METRICS, SEARCH_KINDS, SECTIONS, VARIANTS, Config, ConfigError, DataConfig,
                      ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TuneConfig, improves)
-from .search import (apply_searched, grid_size, map_searched, sampled_config, search_keys, search_points,
-                     trial_configs)
+from .search import (LINEAGE, MODEL_BASED_SEARCHERS, PBT_MUTABLE, apply_searched, encode_choice, grid_size, map_searched, pbt_mutated_keys,
+                     sampled_config, search_keys, search_points, split_sampled, trial_configs)
 
 __all__ = [
-    "EXTENDS", "LENGTH_KEYS", "METADATA", "PUBLISHED_METRICS", "SEARCH_KINDS", "SECTIONS", "SMOKE_OVERRIDES",
+    "EXTENDS", "LENGTH_KEYS", "LINEAGE", "MODEL_BASED_SEARCHERS", "PBT_MUTABLE", "pbt_mutated_keys", "encode_choice", "split_sampled", "METADATA", "PUBLISHED_METRICS", "SEARCH_KINDS", "SECTIONS", "SMOKE_OVERRIDES",
     "VARIANTS", "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "TrainConfig",
     "TuneConfig", "apply_budget_scale", "apply_overrides", "apply_searched", "apply_smoke", "describe", "field_docs",
     "flatten", "grid_size", "improves", "map_searched", "parse_set", "read_config_chain", "sampled_config", "search_keys",

@@ -132,7 +132,8 @@ def improves(value: float | None, than: float | None, mode: str) -> bool:
 
 @dataclass
 class TuneConfig:
-    scheduler: str = "asha"  # asha (early stopping) | fifo (every trial runs to the end)
+    scheduler: str = "asha"  # asha (early stopping) | fifo (every trial runs to the end) | pbt | pb2 (population based training: the weak copy the strong's full training state and perturb their values; see pbt_*); tune.search bohb brings its own HyperBand
+    search: str = "grid"  # how trials get their values: grid (every grid point x num_samples; choices and ranges drawn at random) | random (the same, named for studies without grids) | optuna (TPE) | hyperopt (TPE) | bohb (with its HyperBand scheduler); model-based searchers treat a grid as a choice and take num_samples as the trial budget
     metric: str = "val_acc"  # what ASHA and "best trial" compare (reported every epoch)
     mode: str = "max"  # max | min, for metric
     time_attr: str = "epoch"  # ASHA's clock: epoch | steps (optimizer steps so far: trials of different batch sizes compared at equal steps, not equal epochs); the unit of grace_period
@@ -141,7 +142,11 @@ class TuneConfig:
     brackets: int = 1  # ASHA brackets: bracket b's first rung is grace_period * reduction_factor^b; each trial joins one (Hyperband's hedge against a too-short grace period)
     max_epochs: int | None = None  # ASHA max_t in epochs; None: train.epochs; with time_attr steps it must be null: the top rung is train.max_steps (null: none)
     test: str = "best"  # test-split evaluations at the end: best (the trial chosen by validation, once) | all (every finished trial at its best validation epoch, to stand beside published test figures; never used to choose)
-    num_samples: int = 1  # samples of the search space (each grid point is run num_samples times)
+    perturbation_interval: int = 2  # PBT/PB2: epochs between a trial's exploit/explore decisions (never at its last epoch)
+    pbt_mutate: list[str] | None = None  # PBT/PB2: the search-space keys perturbed on explore; null: every searched field that can change mid-run (optim lr/weight_decay/momentum, train.label_smoothing, model.dropout, data augmentation strengths); a perturbed optim.lr replaces the schedule's peak: the schedule goes on at its step, scaled to the new peak
+    pbt_quantile: float = 0.25  # PBT/PB2: the bottom fraction copies a trial of the top fraction (at least one of each with 2+ members; <= 0.5)
+    pbt_resample_p: float = 0.25  # PBT: probability that an explored value is drawn afresh from its search-space entry instead of the donor's value x 0.8 or x 1.2 (a list: one step left or right), clipped to its range
+    num_samples: int = 1  # samples of the search space (each grid point is run num_samples times); with optuna/hyperopt/bohb: the number of trials
     max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs/GPUs fit; a local Ray is sized to fit this many
     max_failures: int = 1  # times Tune runs a failed trial again (it resumes from its last checkpoint); 0 = never
     trial_driver_cpus: float = 0.25  # logical CPUs of each DDP trial's driver (it only watches its workers); a 1-rank trial has none: its rank is its Tune process

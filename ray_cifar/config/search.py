@@ -8,6 +8,7 @@ Checking each value needs the registries: that is ray_cifar.validation's job.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from typing import Any, Callable, Iterator
 
@@ -46,11 +47,40 @@ def apply_searched(cfg: Config, key: str, value: Any) -> None:
         set_value(cfg, k, v)
 
 
+# A trial's Tune config may carry, beside its sampled values, its PBT lineage (ray_cifar.pbt writes it on
+# exploit) and choices that a model-based searcher only takes as text (ray_cifar.searchers encodes them).
+LINEAGE = "pbt_lineage"
+MODEL_BASED_SEARCHERS = ("optuna", "hyperopt", "bohb")  # tune.search values that draw trials from the results so far
+ENCODED = "json:"
+
+
+def encode_choice(value: Any) -> Any:
+    """A choice as every model-based searcher can hold it: numbers and strings as they are, else (lists, dicts,
+    booleans, None) JSON text."""
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        return value
+    return ENCODED + json.dumps(value, sort_keys=True)
+
+
+def split_sampled(sampled: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the sampled values, decoded; the PBT lineage or {}) of a trial's Tune config."""
+    values = {k: _decode(v) for k, v in sampled.items() if k != LINEAGE}
+    return values, dict(sampled.get(LINEAGE) or {})
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, str):
+        return json.loads(value[len(ENCODED):]) if value.startswith(ENCODED) else str(value)
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return value.item()  # a searcher's numpy scalar (BOHB's), as the plain number a field takes
+    return value
+
+
 def sampled_config(base: dict[str, Any], sampled: dict[str, Any]) -> Config:
     """A trial's config, unchecked: the study's resolved config plus its sampled values, no search space."""
     cfg = Config()
     apply_overrides(cfg, base)
-    for key, value in sampled.items():
+    for key, value in split_sampled(sampled)[0].items():
         apply_searched(cfg, key, value)
     cfg.tune.search_space = {}
     return cfg
@@ -102,3 +132,37 @@ def trial_configs(cfg: Config) -> Iterator[tuple[dict[str, Any], Config]]:
     base["tune"]["search_space"] = {}
     for sampled in search_points(cfg.tune.search_space):
         yield sampled, sampled_config(base, sampled)
+
+
+# Fields whose new value can take effect in a running training state from the next epoch: the optimizer's
+# (checkpoint.restore keeps them over the donor's), the loss's, the model's dropout (no weights), and the
+# augmentation strengths (the loader is built from the config). Architecture, batch size, schedule shape
+# and length are not: the donor's state would not fit them.
+PBT_MUTABLE = frozenset({
+    "optim.lr", "optim.weight_decay", "optim.momentum", "optim.lookahead_alpha", "train.label_smoothing",
+    "model.dropout", "data.flip_p", "data.crop_padding", "data.erasing_p", "data.cutout_size", "data.cutout_p",
+    "data.mixup_alpha", "data.mixup_p", "data.cutmix_alpha", "data.cutmix_p", "data.jitter_brightness",
+    "data.jitter_contrast", "data.jitter_saturation", "data.jitter_hue", "data.rotation_degrees", "data.autoaugment",
+})
+
+
+def pbt_mutated_keys(cfg: Config) -> list[str]:
+    """tune.pbt_mutate, or every mutable searched field; ConfigError (one line) for what cannot be perturbed."""
+    space = cfg.tune.search_space
+    if cfg.tune.pbt_mutate is None:
+        keys = [k for k in space if k in PBT_MUTABLE]
+        if not keys:
+            raise ConfigError(f"tune.scheduler: {cfg.tune.scheduler} needs a searched field it can perturb "
+                              f"(one of {', '.join(sorted(PBT_MUTABLE))}) in tune.search_space, or tune.pbt_mutate")
+        return keys
+    for key in cfg.tune.pbt_mutate:
+        if key not in space:
+            raise ConfigError(f"tune.pbt_mutate: {key!r} is not a key of tune.search_space (its entry gives the "
+                              f"values explored)")
+        if key not in PBT_MUTABLE:
+            raise ConfigError(f"tune.pbt_mutate: {key!r} cannot change in a running training state (the donor's "
+                              f"weights, optimizer and schedule would not fit it); perturbable: "
+                              f"{', '.join(sorted(PBT_MUTABLE))}")
+    if not cfg.tune.pbt_mutate:
+        raise ConfigError("tune.pbt_mutate: empty; null perturbs every mutable searched field")
+    return list(cfg.tune.pbt_mutate)

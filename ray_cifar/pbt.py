@@ -1,0 +1,194 @@
+"""Population based training (PBT, PB2) on ray_cifar's own checkpoints, surviving a driver restart.
+
+Ray's PopulationBasedTraining exploits through Tune checkpoints: it hands the donor's
+checkpoint to the weak trial, which a function trainable reads back with `tune.get_checkpoint()`.
+ray_cifar's trials keep their state in their own run folders instead (CheckpointStore for one
+rank, Ray Train's run for DDP, which only forwards a checkpoint *path* to Tune), so here an
+exploit is a new config and nothing else: the donor's values, explored, plus the lineage
+(`pbt_lineage`: generation, donor trial id and generation). Tune pauses the trial and starts it
+again with that config; the trial (ray_cifar.trial) trains generation n in a run of its own,
+started from a copy of the donor's latest checkpoint, and `checkpoint.restore` keeps the new
+values over the donor's (lr, weight decay, momentum; the loader and loss are built from them).
+
+Decisions (Ray's): every `perturbation_interval` epochs a trial in the bottom `quantile` of the
+population's latest scores copies one of the top `quantile`. Added here:
+- a donor must have reached the trial's epoch (a trial never trains an epoch twice, so its rows
+  stay one per epoch), and no decision at a trial's last epoch (nothing left to train);
+- the trial keeps its own train.seed (its data order and augmentation draws stay its own);
+- explored values stay inside their search-space entry (x 0.8 / x 1.2 clipped to the range);
+- after `Tuner.restore`, each trial's latest score and decision epoch come back from the rows
+  (Ray's scheduler state does not survive a restore; the lineage does, in the trials' configs).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
+from ray.tune.schedulers.pb2 import PB2
+
+from .config import LINEAGE, Config, ConfigError, pbt_mutated_keys as mutated_keys
+from .results import ResultsLog
+
+SEED = "train.seed"
+RANGES = ("uniform", "loguniform", "randint")
+
+
+def mutations(cfg: Config) -> dict[str, Any]:
+    """PBT's hyperparam_mutations: a list for grid/choice entries (explore steps to a neighbour), a Tune
+    domain for ranges (explore multiplies by 0.8 or 1.2, or resamples)."""
+    makers = {"uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
+              "randint": lambda v: tune.randint(v[0], v[1] + 1)}
+    out = {}
+    for key in mutated_keys(cfg):
+        kind, values = next(iter(cfg.tune.search_space[key].items()))
+        out[key] = list(values) if kind in ("grid", "choice") else makers[kind](values)
+    return out
+
+
+def bounds(cfg: Config) -> dict[str, tuple[float, float]]:
+    """[low, high] of every perturbed range entry: explored values are clipped into it."""
+    out = {}
+    for key in mutated_keys(cfg):
+        kind, values = next(iter(cfg.tune.search_space[key].items()))
+        if kind in RANGES:
+            out[key] = (values[0], values[1])
+    return out
+
+
+def pb2_bounds(cfg: Config) -> dict[str, list[float]]:
+    """PB2's hyperparam_bounds: PB2 models values on a continuous range, so every perturbed entry must be one."""
+    for key in mutated_keys(cfg):
+        kind = next(iter(cfg.tune.search_space[key]))
+        if kind not in RANGES:
+            raise ConfigError(f"tune.search_space.{key}: PB2 perturbs ranges only ({', '.join(RANGES)}), not a "
+                              f"{kind} list; use tune.scheduler pbt, or give {key} a range")
+    return {key: list(b) for key, b in bounds(cfg).items()}
+
+
+def clip(config: dict[str, Any], limits: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """The explored config with every ranged value inside [low, high] (integers stay integers)."""
+    for key, (low, high) in limits.items():
+        if key in config:
+            value = min(max(config[key], low), high)
+            config[key] = int(round(value)) if isinstance(config[key], int) else value
+    return config
+
+
+class _Lineage:
+    """What ray_cifar's PBT and PB2 add to Ray's (see the module docstring): mix in before the Ray class."""
+
+    def _setup(self, output: str, limits: dict[str, tuple[float, float]]) -> None:
+        self.output, self.limits = output, limits
+        self._rebuilt = False
+        self._recorded: dict[str, dict[str, Any]] = {}
+
+    # -- restore ------------------------------------------------------------------------------
+
+    def _latest_rows(self) -> dict[str, dict[str, Any]]:
+        latest: dict[str, dict[str, Any]] = {}
+        for row in ResultsLog(self.output).read():
+            if row.get(self._metric) is not None and row["epoch"] >= latest.get(row["trial_id"], {}).get("epoch", 0):
+                latest[row["trial_id"]] = row
+        return latest
+
+    def on_trial_add(self, tune_controller, trial: Trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        if not self._rebuilt:
+            self._rebuilt = True
+            self._recorded = self._latest_rows()
+        row = self._recorded.get(trial.trial_id)
+        if row is not None:  # a restored study: the trial's last recorded epoch is its last result
+            state = self._trial_state[trial]
+            state.last_score = self._metric_op * row[self._metric]
+            state.last_train_time = row["epoch"]
+            state.last_perturbation_time = row["epoch"] // self._perturbation_interval * self._perturbation_interval
+            state.last_result = {self._metric: row[self._metric], self._time_attr: row["epoch"]}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_rebuilt"] = False  # a restored copy rebuilds from the rows
+        return state
+
+    # -- decisions ------------------------------------------------------------------------------
+
+    def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
+        if result.get("epochs") is not None and result.get(self._time_attr, 0) >= result["epochs"]:
+            return TrialScheduler.CONTINUE  # its last epoch: an exploit would restart a finished trial
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def _checkpoint_or_exploit(self, trial: Trial, tune_controller, upper_quantile: list, lower_quantile: list) -> None:
+        # No Tune checkpoint to schedule: every trial checkpoints every epoch in its own run folder.
+        if trial not in lower_quantile:
+            return
+        epoch = self._trial_state[trial].last_train_time
+        donors = [t for t in upper_quantile if t is not trial and (t.last_result or {}).get(self._time_attr, 0) >= epoch]
+        if donors:
+            self._exploit(tune_controller, trial, random.choice(donors))
+
+    def _exploit(self, tune_controller, trial: Trial, trial_to_clone: Trial) -> None:
+        state, donor_state = self._trial_state[trial], self._trial_state[trial_to_clone]
+        new_config, _ = self._get_new_config(trial, trial_to_clone)
+        new_config = clip(new_config, self.limits)
+        if SEED in trial.config:
+            new_config[SEED] = trial.config[SEED]
+        generation = int((trial.config.get(LINEAGE) or {}).get("generation", 0)) + 1
+        new_config[LINEAGE] = {"generation": generation, "parent": trial_to_clone.trial_id,
+                               "parent_generation": int((trial_to_clone.config.get(LINEAGE) or {}).get("generation", 0))}
+        changes = ", ".join(f"{k} {trial_to_clone.config.get(k)!r} -> {new_config.get(k)!r}"
+                            for k in self._hyperparam_mutations)
+        print(f"[ray_cifar] {self.label}: trial {trial.trial_id} ({self._metric} "
+              f"{self._metric_op * state.last_score:.4f} at epoch {state.last_train_time}) copies "
+              f"{trial_to_clone.trial_id} ({self._metric_op * donor_state.last_score:.4f}); generation {generation}: "
+              f"{changes}", flush=True)
+        tune_controller.pause_trial(trial, should_checkpoint=False)
+        trial.set_config(new_config)
+        self._num_perturbations += 1
+        state.last_perturbation_time = donor_state.last_perturbation_time
+        state.last_train_time = donor_state.last_train_time
+        save = getattr(tune_controller, "checkpoint", None)
+        if callable(save):
+            save(force=True)  # the new lineage on disk now: a driver that dies next resumes generation n
+
+
+class RestorablePBT(_Lineage, PopulationBasedTraining):
+    """PopulationBasedTraining(time_attr="epoch") over ray_cifar's checkpoints, restorable (module docstring).
+
+    Args:
+        output: the study's folder (its rows rebuild each trial's last score after a restore).
+        hyperparam_mutations: `mutations(cfg)`; limits: `bounds(cfg)` (explored values are clipped into them).
+        perturbation_interval: epochs; quantile_fraction, resample_probability: as Ray's.
+    """
+
+    label = "pbt"
+
+    def __init__(self, output: str, limits: dict[str, tuple[float, float]], **pbt_args: Any):
+        super().__init__(time_attr="epoch", log_config=False, **pbt_args)
+        self._setup(output, limits)
+
+
+class RestorablePB2(_Lineage, PB2):
+    """PB2(time_attr="epoch") (a GP bandit picks the explored values within `hyperparam_bounds`), the same way."""
+
+    label = "pb2"
+
+    def __init__(self, output: str, limits: dict[str, tuple[float, float]], **pb2_args: Any):
+        super().__init__(time_attr="epoch", log_config=False, **pb2_args)
+        self._setup(output, limits)
+
+
+def create_pbt(cfg: Config, output: str) -> PopulationBasedTraining:
+    """The scheduler of tune.scheduler pbt or pb2; metric and mode come from the TuneConfig."""
+    common = dict(perturbation_interval=cfg.tune.perturbation_interval, quantile_fraction=cfg.tune.pbt_quantile)
+    if cfg.tune.scheduler == "pb2":
+        try:
+            import sklearn  # noqa: F401 - PB2's Gaussian process
+        except ImportError:
+            raise ConfigError("tune.scheduler: pb2 needs scikit-learn: pip install 'ray_cifar[search]'") from None
+        limits = pb2_bounds(cfg)
+        return RestorablePB2(output, {k: tuple(v) for k, v in limits.items()}, hyperparam_bounds=limits, **common)
+    return RestorablePBT(output, bounds(cfg), hyperparam_mutations=mutations(cfg),
+                         resample_probability=cfg.tune.pbt_resample_p, **common)

@@ -1,0 +1,270 @@
+"""PBT/PB2 decisions, explore bounds, restore, the lineage a trial starts from, and the search-space
+translation for each tune.search: fake trials and synthetic results, no training (as Ray tests its
+schedulers), plus the real searcher libraries asked for a suggestion."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import random
+
+import pytest
+import torch
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import TrialScheduler
+
+from conftest import TINY_MODEL
+from ray_cifar import checkpoint, pbt, searchers
+from ray_cifar.config import LINEAGE, ConfigError, encode_choice, split_sampled
+from ray_cifar.results import ResultsLog
+from ray_cifar.validation import load_config, trial_config
+
+SPACE = ("tune.search_space={optim.lr: {grid: [0.00001, 0.05]}, optim.weight_decay: {loguniform: [0.0001, 0.001]}, "
+         "optim.momentum: {choice: [0.8, 0.9, 0.95]}, train.seed: {grid: [0, 1]}}")
+
+
+def pbt_config(*sets: str):
+    return load_config(None, [*TINY_MODEL, "tune.scheduler=pbt", SPACE, "train.epochs=6", *sets])
+
+
+class FakeController:
+    """What PBT asks of Tune's controller: the trials, pausing one, saving the experiment."""
+
+    search_alg = None
+
+    def __init__(self, trials):
+        self.trials, self.paused, self.saved = trials, [], 0
+
+    def get_trials(self):
+        return self.trials
+
+    def get_live_trials(self):
+        return [t for t in self.trials if not t.is_finished()]
+
+    def pause_trial(self, trial, should_checkpoint=True):
+        assert not should_checkpoint  # trials checkpoint themselves every epoch
+        self.paused.append(trial.trial_id)
+        trial.set_status(Trial.PAUSED)
+
+    def checkpoint(self, force=False, wait=False):
+        self.saved += 1
+
+
+def make_population(cfg, output, n=4):
+    scheduler = pbt.create_pbt(cfg, str(output))
+    scheduler.set_search_properties("val_acc", "max")
+    trials = []
+    for i in range(n):
+        t = Trial("__fake", config={"optim.lr": 0.05, "optim.weight_decay": 5e-4, "optim.momentum": 0.9,
+                                    "train.seed": i}, stub=True, trial_id=f"t{i}")
+        t.set_status(Trial.RUNNING)
+        trials.append(t)
+    controller = FakeController(trials)
+    for t in trials:
+        scheduler.on_trial_add(controller, t)
+    return scheduler, controller, trials
+
+
+def report(scheduler, controller, trial, epoch, val_acc, epochs=6):
+    result = {"epoch": epoch, "epochs": epochs, "val_acc": val_acc, "training_iteration": epoch}
+    decision = scheduler.on_trial_result(controller, trial, result)
+    trial.run_metadata.last_result = result
+    return decision
+
+
+def test_the_bottom_trial_copies_a_top_one_and_explores_within_bounds(tmp_path):
+    random.seed(0)
+    cfg = pbt_config("tune.perturbation_interval=2", "tune.pbt_mutate=[optim.weight_decay, optim.momentum]")
+    scheduler, controller, trials = make_population(cfg, tmp_path)
+    trials[2].config["optim.lr"] = 0.02
+    for t, acc in zip(trials, (0.5, 0.6, 0.7, 0.1)):
+        assert report(scheduler, controller, t, 1, acc) == TrialScheduler.CONTINUE  # before the interval
+    for t, acc in zip(trials, (0.5, 0.6, 0.7)):
+        report(scheduler, controller, t, 2, acc)
+    report(scheduler, controller, trials[3], 2, 0.1)
+    assert controller.paused == ["t3"] and controller.saved == 1
+    weak, donor = trials[3], trials[2]
+    lineage = weak.config[LINEAGE]
+    assert lineage == {"generation": 1, "parent": "t2", "parent_generation": 0}
+    assert weak.config["train.seed"] == 3  # its own seed, not the donor's
+    assert 1e-4 <= weak.config["optim.weight_decay"] <= 1e-3
+    assert weak.config["optim.momentum"] in (0.8, 0.9, 0.95)
+    assert weak.config["optim.lr"] == donor.config["optim.lr"] == 0.02  # not mutated: the donor's value
+    # The new config is a trial config ray_cifar accepts: the lineage is not a field.
+    cfg = trial_config(load_config(None, TINY_MODEL).to_dict(), weak.config)
+    assert cfg.optim.weight_decay == weak.config["optim.weight_decay"]
+    assert split_sampled(weak.config)[1]["parent"] == "t2"
+
+
+def test_no_exploit_from_a_donor_behind_nor_at_the_last_epoch(tmp_path):
+    scheduler, controller, trials = make_population(pbt_config("tune.perturbation_interval=1",
+                                                               "tune.pbt_quantile=0.5"), tmp_path)
+    report(scheduler, controller, trials[0], 1, 0.9)
+    report(scheduler, controller, trials[0], 2, 0.9)
+    report(scheduler, controller, trials[2], 3, 0.1)  # the top trial is at epoch 2: no donor has epoch 3
+    assert controller.paused == []
+    report(scheduler, controller, trials[1], 6, 0.0)  # its last epoch: nothing left to train
+    assert controller.paused == []
+    report(scheduler, controller, trials[3], 2, 0.05)  # a donor at its epoch: it exploits
+    assert controller.paused == ["t3"]
+
+
+def test_explore_keeps_every_value_in_its_range():
+    cfg = pbt_config("tune.pbt_resample_p=0.3", "tune.search_space={optim.weight_decay: {uniform: [0.0001, 0.001]}, "
+                     "data.cutout_size: {randint: [0, 8]}, data.erasing_p: {uniform: [0.0, 1.0]}}")
+    limits = pbt.bounds(cfg)
+    assert limits == {"optim.weight_decay": (1e-4, 1e-3), "data.cutout_size": (0, 8), "data.erasing_p": (0.0, 1.0)}
+    from ray.tune.schedulers.pbt import _explore
+
+    random.seed(0)
+    config = {"optim.weight_decay": 1e-3, "data.cutout_size": 8, "data.erasing_p": 0.95}
+    for _ in range(300):
+        config = pbt.clip(_explore(config, pbt.mutations(cfg), 0.3, (1.2, 0.8), None)[0], limits)
+        assert 1e-4 <= config["optim.weight_decay"] <= 1e-3 and 0 <= config["data.erasing_p"] <= 1
+        assert isinstance(config["data.cutout_size"], int) and 0 <= config["data.cutout_size"] <= 8
+
+
+def test_a_restored_scheduler_takes_each_trials_last_score_from_the_rows(tmp_path):
+    log = ResultsLog(str(tmp_path))
+    log.append([{"trial_id": f"t{i}", "epoch": e, "val_acc": 0.1 * i + 0.01 * e, "time": e}
+                for i in range(4) for e in (1, 2, 3)])
+    cfg = pbt_config("tune.perturbation_interval=2")
+    restored = pickle.loads(pickle.dumps(pbt.create_pbt(cfg, str(tmp_path))))
+    restored.set_search_properties("val_acc", "max")
+    trials = [Trial("__fake", config={"train.seed": i, "optim.lr": 0.05, "optim.weight_decay": 5e-4,
+                                      "optim.momentum": 0.9}, stub=True, trial_id=f"t{i}") for i in range(4)]
+    controller = FakeController(trials)
+    for t in trials:
+        t.set_status(Trial.RUNNING)
+        restored.on_trial_add(controller, t)
+    state = restored._trial_state[trials[1]]
+    assert math.isclose(state.last_score, 0.13) and state.last_train_time == 3 and state.last_perturbation_time == 2
+    # At once a population to compare with: the weakest exploits at its next decision epoch.
+    for t in trials[1:]:
+        t.run_metadata.last_result = {"epoch": 4}
+    report(restored, controller, trials[0], 4, 0.0)
+    assert controller.paused == ["t0"] and trials[0].config[LINEAGE]["parent"] == "t3"
+
+
+def test_pb2_takes_ranges_only_and_pbt_refuses_what_cannot_change_mid_run():
+    with pytest.raises(ConfigError, match="PB2 perturbs ranges only"):
+        pbt_config("tune.scheduler=pb2")
+    cfg = pbt_config("tune.scheduler=pb2", "tune.pbt_mutate=[optim.weight_decay]")
+    assert pbt.pb2_bounds(cfg) == {"optim.weight_decay": [1e-4, 1e-3]}
+    with pytest.raises(ConfigError, match="cannot change in a running training state"):
+        load_config(None, [*TINY_MODEL, "tune.scheduler=pbt", "tune.pbt_mutate=[model.widths]",
+                           "tune.search_space={model.widths: {grid: [[8, 16], [16, 32]]}}"])
+    with pytest.raises(ConfigError, match="needs a searched field it can perturb"):
+        load_config(None, [*TINY_MODEL, "tune.scheduler=pbt", "tune.search_space={train.global_batch_size: "
+                                                                  "{grid: [50, 100]}}"])
+    with pytest.raises(ConfigError, match="evolves one population"):
+        pbt_config("tune.search=optuna", "tune.search_space={optim.lr: {loguniform: [0.001, 0.1]}}")
+
+
+def test_restore_keeps_the_configs_hyperparameters_over_the_donors_state():
+    """PBT's exploit: the donor's weights, optimizer moments, Lookahead slow weights and schedule step; this
+    trial's lr (the schedule's new peak), weight decay and momentum from the next step on."""
+    from ray_cifar.loop import build_model
+    from ray_cifar.optim import create_optimizer, create_scheduler
+
+    def run(*sets):
+        cfg = load_config(None, [*TINY_MODEL, "optim.lookahead_k=2", "schedule.name=cosine", *sets])
+        model = build_model(cfg, torch.device("cpu"))
+        optimizer = create_optimizer(model, cfg.optim)
+        return cfg, model, optimizer, create_scheduler(optimizer, cfg.schedule, cfg.optim.lr, 10, 100)
+
+    _, model, optimizer, scheduler = run("optim.lr=0.1", "optim.weight_decay=0.0005", "optim.momentum=0.9")
+    for _ in range(7):
+        model(torch.randn(4, 3, 32, 32)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+    donor = checkpoint.training_state(model, optimizer, scheduler, None, epoch=1, step=7, best={}, history=[],
+                                      config={})
+    cfg, model2, optimizer2, scheduler2 = run("optim.lr=0.4", "optim.weight_decay=0.001", "optim.momentum=0.8",
+                                              "train.seed=5")
+    checkpoint.restore(donor, model2, optimizer2, scheduler2, None)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    group = optimizer2.param_groups[0]
+    assert (group["weight_decay"], group["momentum"]) == (0.001, 0.8)
+    assert scheduler2.last_epoch == 7
+    multiplier = scheduler.lr_lambdas[0](7)
+    assert math.isclose(group["lr"], 0.4 * multiplier) and math.isclose(scheduler2.get_last_lr()[0], 0.4 * multiplier)
+    slow = optimizer.state_dict()["slow"]
+    assert all(torch.equal(a, b) for a, b in zip(slow, optimizer2.state_dict()["slow"]))
+    scheduler2.step()
+    assert math.isclose(optimizer2.param_groups[0]["lr"], 0.4 * scheduler.lr_lambdas[0](8))
+
+
+def test_a_generation_starts_from_the_donors_newest_checkpoint(tmp_path):
+    from ray_cifar import trial
+
+    def save(run, folder, epoch):
+        checkpoint.save_state({"epoch": epoch, "history": [{"epoch": epoch}], "best": {"value": 1, "epoch": epoch}},
+                              str(tmp_path / run / folder))
+
+    save("trial-d-g1", "checkpoint_000002", 2)
+    save("trial-d-g1", "checkpoint_000003", 3)
+    save("trial-e", "checkpoint_2026-01-01_10-00-00.000001", 1)  # Ray Train's names (a DDP donor)
+    save("trial-e", "checkpoint_2026-01-01_10-05-00.000001", 2)
+    lineage = {"trial_id": "t", "generation": 1, "parent": "d", "parent_generation": 1}
+    location = trial.donor_copy(str(tmp_path), trial.trainer_name("t", 1), lineage)
+    assert location.endswith("trial-t-g1.donor")
+    state = trial.adopted_state(location)
+    assert state["epoch"] == 3 and state["history"] == [] and state["best"] == {"value": None, "epoch": None}
+    # Made once: a retry of this generation starts from the same copy, though the donor moved on.
+    save("trial-d-g1", "checkpoint_000004", 4)
+    assert trial.adopted_state(trial.donor_copy(str(tmp_path), trial.trainer_name("t", 1), lineage))["epoch"] == 3
+    ddp = {"trial_id": "u", "generation": 2, "parent": "e", "parent_generation": 0}
+    assert trial.adopted_state(trial.donor_copy(str(tmp_path), trial.trainer_name("u", 2), ddp))["epoch"] == 2
+    assert trial.donor_copy(str(tmp_path), trial.trainer_name("v"), {"trial_id": "v"}) is None
+
+
+# -- search-space translation -------------------------------------------------------------------
+
+SEARCHED = ("tune.search_space={optim: {grid: [{name: sgd, lr: 0.1}, {name: adam, lr: 0.001}]}, "
+            "train.global_batch_size: {grid: [50, 100]}, optim.weight_decay: {loguniform: [0.00001, 0.001]}, "
+            "data.cutout_size: {randint: [0, 8]}, model.norm: {choice: [batch, group]}}")
+
+
+def test_each_search_maps_the_search_space_language():
+    from ray import tune
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    cfg = load_config(None, [*TINY_MODEL, SEARCHED])
+    grid = searchers.param_space(cfg.tune.search_space, "grid")
+    assert grid["train.global_batch_size"] == tune.grid_search([50, 100])
+    random_space = searchers.param_space(cfg.tune.search_space, "random")
+    assert isinstance(random_space["train.global_batch_size"], Categorical)
+    assert random_space["optim"].categories[0] == {"name": "sgd", "lr": 0.1}  # Tune's generator takes dicts
+    model_based = searchers.param_space(cfg.tune.search_space, "optuna")
+    assert model_based["optim"].categories == [encode_choice({"name": "sgd", "lr": 0.1}),
+                                               encode_choice({"name": "adam", "lr": 0.001})]
+    assert all(isinstance(c, str) for c in model_based["optim"].categories)
+    assert isinstance(model_based["optim.weight_decay"], Float) and isinstance(model_based["data.cutout_size"], Integer)
+    assert model_based["data.cutout_size"].upper == 9  # randint [0, 8] is inclusive; Tune's upper bound is not
+    values, lineage = split_sampled({"optim": model_based["optim"].categories[1], LINEAGE: {"generation": 2}})
+    assert values == {"optim": {"name": "adam", "lr": 0.001}} and lineage == {"generation": 2}
+
+
+@pytest.mark.parametrize("search", ["optuna", "hyperopt", "bohb"])
+def test_each_searcher_suggests_configs_ray_cifar_accepts(search):
+    cfg = load_config(None, [*TINY_MODEL, SEARCHED, f"tune.search={search}", "tune.num_samples=5"])
+    searcher = searchers.create_search_alg(cfg)
+    space = searchers.param_space(cfg.tune.search_space, search)
+    assert searcher.set_search_properties("val_acc", "max", space)
+    base = cfg.to_dict()
+    base["tune"]["search_space"] = {}
+    for i in range(5):
+        suggested = searcher.suggest(f"s{i}")
+        trial = trial_config(base, suggested)  # decoded and valid
+        assert trial.optim.name in ("sgd", "adam") and 1e-5 <= trial.optim.weight_decay <= 1e-3
+        assert trial.train.global_batch_size in (50, 100) and 0 <= trial.data.cutout_size <= 8
+        assert type(trial.data.cutout_size) is int
+        searcher.on_trial_complete(f"s{i}", {"val_acc": 0.1 * i, "epoch": 1, "training_iteration": 1})
+
+
+def test_what_a_searcher_cannot_mean_is_one_line():
+    with pytest.raises(ConfigError, match="would tune the seed"):
+        load_config(None, [*TINY_MODEL, "tune.search=optuna", "tune.search_space={train.seed: {grid: [0, 1]}}"])
+    with pytest.raises(ConfigError, match="tune.search: unknown 'smac'"):
+        load_config(None, [*TINY_MODEL, "tune.search=smac"])

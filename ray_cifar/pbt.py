@@ -81,8 +81,9 @@ def clip(config: dict[str, Any], limits: dict[str, tuple[float, float]]) -> dict
 class _Lineage:
     """What ray_cifar's PBT and PB2 add to Ray's (see the module docstring): mix in before the Ray class."""
 
-    def _setup(self, output: str, limits: dict[str, tuple[float, float]]) -> None:
-        self.output, self.limits = output, limits
+    def _setup(self, output: str, limits: dict[str, tuple[float, float]], storage_path: str | None,
+               all_at_once: bool) -> None:
+        self.output, self.limits, self.storage_path, self.all_at_once = output, limits, storage_path, all_at_once
         self._rebuilt = False
         self._recorded: dict[str, dict[str, Any]] = {}
 
@@ -116,18 +117,51 @@ class _Lineage:
     # -- decisions ------------------------------------------------------------------------------
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
+        if result.get(self._metric) is not None and trial in self._trial_state:
+            # Every member's latest score, not the one at its last decision epoch (Ray's): a member at its
+            # decision epoch compares with the population as it is now.
+            self._trial_state[trial].last_score = self._metric_op * result[self._metric]
         if result.get("epochs") is not None and result.get(self._time_attr, 0) >= result["epochs"]:
             return TrialScheduler.CONTINUE  # its last epoch: an exploit would restart a finished trial
-        return super().on_trial_result(tune_controller, trial, result)
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.PAUSE and self.all_at_once:
+            # Ray pauses members while others wait, to share a cluster too small for the population; when
+            # every member runs at once the only one waiting is an exploiting member restarting: no reason
+            # to stop (and restart) the others.
+            return TrialScheduler.CONTINUE
+        return decision
 
     def _checkpoint_or_exploit(self, trial: Trial, tune_controller, upper_quantile: list, lower_quantile: list) -> None:
         # No Tune checkpoint to schedule: every trial checkpoints every epoch in its own run folder.
         if trial not in lower_quantile:
             return
         epoch = self._trial_state[trial].last_train_time
-        donors = [t for t in upper_quantile if t is not trial and (t.last_result or {}).get(self._time_attr, 0) >= epoch]
-        if donors:
-            self._exploit(tune_controller, trial, random.choice(donors))
+        donors = [t for t in upper_quantile if t is not trial and self._can_give(t, epoch)]
+        random.shuffle(donors)
+        for donor in donors:
+            if self._copy_donor(trial, donor):
+                self._exploit(tune_controller, trial, donor)
+                return
+
+    def _can_give(self, donor: Trial, epoch: int) -> bool:
+        """A donor has reached the trial's epoch and has epochs left (copying a finished state trains nothing)."""
+        last = donor.last_result or {}
+        return last.get(self._time_attr, 0) >= epoch and last.get(self._time_attr, 0) < (last.get("epochs") or 1e9)
+
+    def _copy_donor(self, trial: Trial, donor: Trial) -> bool:
+        """The donor's latest checkpoint, copied now for the trial's next generation: the donor keeps training
+        and deleting older epochs, and its state when the trial restarts may be its last (nothing to train)."""
+        if self.storage_path is None:  # unit tests of the decisions alone
+            return True
+        from .trial import copy_donor_state
+
+        return copy_donor_state(self.storage_path, trial.trial_id, self._lineage(trial, donor))
+
+    @staticmethod
+    def _lineage(trial: Trial, donor: Trial) -> dict[str, Any]:
+        return {"generation": int((trial.config.get(LINEAGE) or {}).get("generation", 0)) + 1,
+                "parent": donor.trial_id,
+                "parent_generation": int((donor.config.get(LINEAGE) or {}).get("generation", 0))}
 
     def _exploit(self, tune_controller, trial: Trial, trial_to_clone: Trial) -> None:
         state, donor_state = self._trial_state[trial], self._trial_state[trial_to_clone]
@@ -135,9 +169,8 @@ class _Lineage:
         new_config = clip(new_config, self.limits)
         if SEED in trial.config:
             new_config[SEED] = trial.config[SEED]
-        generation = int((trial.config.get(LINEAGE) or {}).get("generation", 0)) + 1
-        new_config[LINEAGE] = {"generation": generation, "parent": trial_to_clone.trial_id,
-                               "parent_generation": int((trial_to_clone.config.get(LINEAGE) or {}).get("generation", 0))}
+        new_config[LINEAGE] = self._lineage(trial, trial_to_clone)
+        generation = new_config[LINEAGE]["generation"]
         changes = ", ".join(f"{k} {trial_to_clone.config.get(k)!r} -> {new_config.get(k)!r}"
                             for k in self._hyperparam_mutations)
         print(f"[ray_cifar] {self.label}: trial {trial.trial_id} ({self._metric} "
@@ -165,9 +198,10 @@ class RestorablePBT(_Lineage, PopulationBasedTraining):
 
     label = "pbt"
 
-    def __init__(self, output: str, limits: dict[str, tuple[float, float]], **pbt_args: Any):
+    def __init__(self, output: str, limits: dict[str, tuple[float, float]], storage_path: str | None = None,
+                 all_at_once: bool = False, **pbt_args: Any):
         super().__init__(time_attr="epoch", log_config=False, **pbt_args)
-        self._setup(output, limits)
+        self._setup(output, limits, storage_path, all_at_once)
 
 
 class RestorablePB2(_Lineage, PB2):
@@ -175,14 +209,18 @@ class RestorablePB2(_Lineage, PB2):
 
     label = "pb2"
 
-    def __init__(self, output: str, limits: dict[str, tuple[float, float]], **pb2_args: Any):
+    def __init__(self, output: str, limits: dict[str, tuple[float, float]], storage_path: str | None = None,
+                 all_at_once: bool = False, **pb2_args: Any):
         super().__init__(time_attr="epoch", log_config=False, **pb2_args)
-        self._setup(output, limits)
+        self._setup(output, limits, storage_path, all_at_once)
 
 
-def create_pbt(cfg: Config, output: str) -> PopulationBasedTraining:
-    """The scheduler of tune.scheduler pbt or pb2; metric and mode come from the TuneConfig."""
-    common = dict(perturbation_interval=cfg.tune.perturbation_interval, quantile_fraction=cfg.tune.pbt_quantile)
+def create_pbt(cfg: Config, output: str, storage_path: str | None = None, all_at_once: bool = False
+               ) -> PopulationBasedTraining:
+    """The scheduler of tune.scheduler pbt or pb2; metric and mode come from the TuneConfig. `storage_path`: the
+    trials' run folders (None: decisions only, for tests); `all_at_once`: every member runs concurrently."""
+    common = dict(perturbation_interval=cfg.tune.perturbation_interval, quantile_fraction=cfg.tune.pbt_quantile,
+                  storage_path=storage_path, all_at_once=all_at_once)
     if cfg.tune.scheduler == "pb2":
         try:
             import sklearn  # noqa: F401 - PB2's Gaussian process

@@ -274,14 +274,26 @@ def trainer_name(trial_id: str, generation: int = 0) -> str:
     return f"trial-{trial_id}" + (f"-g{generation}" if generation else "")
 
 
+def donor_location(storage_path: str, trial_id: str, generation: int) -> str:
+    return storage.join(storage_path, f"{trainer_name(trial_id, generation)}.donor")
+
+
+def copy_donor_state(storage_path: str, trial_id: str, lineage: dict[str, Any]) -> bool:
+    """Copy the donor's latest checkpoint as the start of the trial's generation lineage["generation"]
+    (ray_cifar.pbt, in the driver, when it decides the exploit). False if the donor has none."""
+    source = storage.join(storage_path, trainer_name(lineage["parent"], lineage.get("parent_generation", 0)))
+    return copy_latest_state(source, donor_location(storage_path, trial_id, lineage["generation"]))
+
+
 def donor_copy(storage_path: str, name: str, lineage: dict[str, Any]) -> str | None:
-    """Where this generation's starting state is: a copy of the donor's latest checkpoint, made once.
-    None for generation 0, or when neither the donor nor this trial's previous generation has a checkpoint."""
+    """Where this generation's starting state is: the copy of the donor's latest checkpoint made when the exploit
+    was decided (made here if it is missing). None for generation 0, or when neither the donor nor this
+    trial's previous generation has a checkpoint."""
     if not lineage.get("generation"):
         return None
     location = storage.join(storage_path, f"{name}.donor")
     if load_state_at(location) is not None:
-        return location  # copied by an earlier attempt of this generation
+        return location  # copied by the driver, or by an earlier attempt of this generation
     sources = [trainer_name(lineage["parent"], lineage.get("parent_generation", 0)),
                # A donor without a checkpoint (cannot happen with checkpoints every epoch, but a store can be
                # damaged): this trial goes on from its own last state, with the new values.

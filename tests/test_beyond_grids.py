@@ -1,0 +1,141 @@
+"""PBT and a model-based searcher on a real local Ray, each a tiny study whose driver is SIGKILLed and
+`--resume`d, checked for several things at once (these are the costliest studies of the suite).
+
+PBT: four one-rank members on real CIFAR-10 images ($RAY_CIFAR_DATA), two with a hopeless lr (1e-6;
+lr is searched, not perturbed, so an exploiting member takes its donor's lr), weight decay perturbed.
+Optuna: a budget of trials over a range and a choice, ASHA stopping the weak.
+Every process killed here is one this test started (the driver) or a descendant of it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import TINY_MODEL
+from processes import descendants, end_tree
+from ray_cifar import checkpoint
+from ray_cifar.results import ResultsLog
+from test_fault_tolerance import study_args, trials_state, wait_for
+
+pytestmark = pytest.mark.integration
+
+DATA = os.environ.get("RAY_CIFAR_DATA")
+EPOCHS = 4
+COMMON = TINY_MODEL + ["data.pipeline=torch", "train.torch_threads=1", "train.amp=fp32", "train.global_batch_size=50",
+                       "data.train_subset=500", "data.val_size=200", "schedule.name=constant",
+                       f"train.epochs={EPOCHS}", "tune.max_concurrent_trials=4"]
+PBT = COMMON + ["tune.scheduler=pbt", "tune.perturbation_interval=1", "tune.num_samples=2", "tune.pbt_quantile=0.5",
+                "tune.pbt_mutate=[optim.weight_decay]",
+                "tune.search_space={optim.lr: {grid: [0.000001, 0.1]}, optim.weight_decay: {uniform: [0.0001, 0.001]}}"]
+OPTUNA = COMMON + ["tune.search=optuna", "tune.num_samples=6", "tune.grace_period=1", "tune.max_concurrent_trials=2",
+                   "tune.search_space={optim.lr: {loguniform: [0.000001, 0.2]}, optim.momentum: {choice: [0.0, 0.9]}}"]
+
+
+def rows_now(output) -> list[dict]:
+    try:
+        return ResultsLog(str(output)).read()
+    except (OSError, ValueError):  # a part file compacted away while read (the study ended)
+        return []
+
+
+def killed_and_resumed(output, sets, ready) -> tuple[dict, str]:
+    """Start the study, SIGKILL its driver once ready(rows) holds, `--resume` it; the rows as they were at the kill."""
+    if DATA is None:
+        pytest.skip("needs real CIFAR-10: set RAY_CIFAR_DATA")
+    proc = subprocess.Popen(study_args(DATA, output, *sets), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        wait_for(lambda: ready(rows_now(output)), 600, "the moment to kill the driver", proc)
+        before = {(r["trial_id"], r["epoch"]): r["time"] for r in ResultsLog(str(output)).read()}
+        tree = descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        end_tree(descendants(proc.pid) + [proc.pid] if proc.poll() is None else [])
+    end_tree(tree)
+    resumed = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--resume", str(output)], capture_output=True,
+                             text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    assert "resuming study" in resumed.stdout
+    return before, resumed.stdout
+
+
+def assert_unique_and_kept(output, before) -> list[dict]:
+    rows = ResultsLog(str(output)).read()
+    keys = [(r["trial_id"], r["epoch"]) for r in rows]
+    assert len(keys) == len(set(keys)), "a (trial, epoch) recorded twice"
+    times = {(r["trial_id"], r["epoch"]): r["time"] for r in rows}
+    assert all(times[k] == t for k, t in before.items()), "a row written before the kill was lost or rewritten"
+    return rows
+
+
+@pytest.fixture(scope="module")
+def pbt_study(tmp_path_factory):
+    output = tmp_path_factory.mktemp("pbt") / "study"
+    # Killed after the first exploit's first epoch.
+    before, stdout = killed_and_resumed(output, PBT, lambda rows: any(r.get("pbt_generation") for r in rows))
+    return output, before, stdout
+
+
+def test_pbt_members_copy_the_strong_and_their_lineage_survives_a_dead_driver(pbt_study):
+    output, before, _ = pbt_study
+    rows = assert_unique_and_kept(output, before)
+    trials = trials_state(output)
+    assert len(trials) == 4 and all(t["status"] == "completed" and t["epochs"] == EPOCHS for t in trials.values())
+    by_trial: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: r["epoch"]):
+        by_trial.setdefault(r["trial_id"], []).append(r)
+    exploits = [(tid, i) for tid, rs in by_trial.items() for i in range(1, len(rs))
+                if rs[i]["pbt_generation"] > rs[i - 1]["pbt_generation"]]
+    assert exploits, "no member exploited another"
+    for tid, i in exploits:
+        row, own_before = by_trial[tid][i], by_trial[tid][i - 1]
+        parent = row["pbt_parent"]
+        assert parent in by_trial and parent != tid
+        # It started from the donor's state at the donor's latest epoch (a copy taken once).
+        gen = row["pbt_generation"]
+        copied = checkpoint.load_state(str(output / "ray" / f"trial-{tid}-g{gen}.donor"))
+        assert copied["epoch"] == row["resumed_from_epoch"] == row["epoch"] - 1 >= own_before["epoch"]
+        assert copied["config"]["train"]["seed"] == by_trial[parent][0]["train.seed"]
+        # ... with the donor's lr (searched, not perturbed) and its own seed; weight decay explored in range.
+        assert row["optim.lr"] == copied["config"]["optim"]["lr"] and row["train.seed"] == own_before["train.seed"]
+        assert 1e-4 <= row["optim.weight_decay"] <= 1e-3
+        if own_before["optim.lr"] < 1e-5 <= row["optim.lr"]:
+            # A hopeless member's loss continues from the donor's, not from its own.
+            donor_loss = next(r["train_loss"] for r in by_trial[parent] if r["epoch"] == copied["epoch"])
+            assert abs(row["train_loss"] - donor_loss) < abs(row["train_loss"] - own_before["train_loss"])
+    hopeless = [rs for rs in by_trial.values() if rs[0]["optim.lr"] < 1e-5]
+    assert any(rs[-1]["optim.lr"] == 0.1 for rs in hopeless), "no hopeless member took a good member's lr"
+    table = pq.read_table(output / "trials.parquet").to_pylist()
+    assert {t["trial_id"]: t["exploits"] for t in table} == {tid: rs[-1]["pbt_generation"]
+                                                            for tid, rs in by_trial.items()}
+    assert all(r["pbt_generation"] == 0 and r["pbt_parent"] == "" for rs in by_trial.values() for r in rs
+               if not any(e == (r["trial_id"], j) for e in exploits for j in range(1, e[1] + 1)) and r is rs[0])
+
+
+@pytest.fixture(scope="module")
+def optuna_study(tmp_path_factory):
+    output = tmp_path_factory.mktemp("optuna") / "study"
+    before, stdout = killed_and_resumed(output, OPTUNA, lambda rows: len({r["trial_id"] for r in rows}) >= 3)
+    return output, before, stdout
+
+
+def test_optuna_draws_off_grid_stops_the_weak_and_resumes_without_rerunning(optuna_study):
+    output, before, _ = optuna_study
+    rows = assert_unique_and_kept(output, before)
+    trials = trials_state(output)
+    assert len(trials) == 6, "the trial budget (tune.num_samples) is not what ran"
+    lrs = {t["optim.lr"] for t in trials.values()}
+    assert len(lrs) == 6 and all(1e-6 <= lr <= 0.2 for lr in lrs)  # drawn from the range, none twice
+    assert {t["optim.momentum"] for t in trials.values()} <= {0.0, 0.9}
+    assert any(t["status"] == "stopped" for t in trials.values()), "ASHA stopped no trial"
+    finished_before = {tid for (tid, epoch) in before if epoch == EPOCHS}
+    for tid in finished_before:  # not run again: no epoch of theirs was written after the kill
+        assert all((r["trial_id"], r["epoch"]) in before for r in rows if r["trial_id"] == tid)
+    assert os.path.exists(output / "ray" / "tune") and os.path.exists(output / "trials.parquet")

@@ -32,6 +32,7 @@ from ray.tune.schedulers.pb2 import PB2
 
 from .config import LINEAGE, Config, ConfigError, pbt_mutated_keys as mutated_keys
 from .results import ResultsLog
+from .scheduler import save_experiment
 
 SEED = "train.seed"
 RANGES = ("uniform", "loguniform", "randint")
@@ -108,6 +109,7 @@ class _Lineage:
             state.last_train_time = row["epoch"]
             state.last_perturbation_time = row["epoch"] // self._perturbation_interval * self._perturbation_interval
             state.last_result = {self._metric: row[self._metric], self._time_attr: row["epoch"]}
+        save_experiment(tune_controller, trial)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -182,9 +184,7 @@ class _Lineage:
         self._num_perturbations += 1
         state.last_perturbation_time = donor_state.last_perturbation_time
         state.last_train_time = donor_state.last_train_time
-        save = getattr(tune_controller, "checkpoint", None)
-        if callable(save):
-            save(force=True)  # the new lineage on disk now: a driver that dies next resumes generation n
+        save_experiment(tune_controller, trial)  # the lineage on disk now: a driver that dies next resumes it
 
 
 class RestorablePBT(_Lineage, PopulationBasedTraining):

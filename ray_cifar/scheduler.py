@@ -26,6 +26,31 @@ from .recorder import STOPPED, TRIALS_STATE
 from .results import ResultsLog
 
 
+def save_experiment(tune_controller, trial=None) -> None:
+    """Write Tune's experiment state (trials, their configs, the searcher's state) now, not at its next period.
+
+    Called when a trial is added and when PBT changes a trial's config: a driver that dies before Tune's
+    periodic save would otherwise resume without that trial (a searcher then suggests it again, and its
+    recorded rows belong to a trial Tune no longer knows) or with the trial's old config."""
+    controller = getattr(tune_controller, "_tune_controller", tune_controller)  # Tune hands schedulers a wrapper
+    save = getattr(controller, "checkpoint", None)
+    if not callable(save):
+        return
+    if trial is not None and hasattr(controller, "_mark_trial_to_checkpoint"):
+        # Tune marks a new trial for its state file only after the scheduler's on_trial_add: mark it now, or
+        # the searcher's state (which counted it) is saved without it.
+        controller._mark_trial_to_checkpoint(trial)
+    save(force=True, wait=True)
+
+
+class SavingFIFO(FIFOScheduler):
+    """FIFOScheduler that saves the experiment whenever a trial is added (see save_experiment)."""
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        save_experiment(tune_controller, trial)
+
+
 class _Recorded:
     """A stand-in for a Tune Trial: the rungs only key on trial_id."""
 
@@ -80,6 +105,7 @@ class RestorableASHA(ASHAScheduler):
             self._stopped_before = self._recorded_stops()
         super().on_trial_add(tune_controller, trial)  # checks metric/mode, draws a bracket at random ...
         self._trial_info[trial.trial_id] = self.bracket_of(trial.trial_id)  # ... replaced by the trial id's
+        save_experiment(tune_controller, trial)
 
     def _recorded_stops(self) -> set[str]:
         """Trials this scheduler stopped before a restore. A driver that dies between the decision and
@@ -124,6 +150,10 @@ class BOHBHyperBand(HyperBandForBOHB):
         super().__init__(time_attr="epoch", **hyperband_args)
         self.on_stop = on_stop
 
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        save_experiment(tune_controller, trial)
+
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
         last_epoch = min(self._max_t_attr, result.get("epochs") or self._max_t_attr)
@@ -138,6 +168,6 @@ def create_scheduler(name: str, output: str, on_stop: Callable[[str], None], max
     if search == "bohb":  # BOHB's searcher needs its HyperBand: it learns from the budgets the brackets give
         return BOHBHyperBand(on_stop=on_stop, max_t=max_t, reduction_factor=reduction_factor)
     if name == "fifo":
-        return FIFOScheduler()
+        return SavingFIFO()
     return RestorableASHA(output, on_stop=on_stop, time_attr=time_attr, max_t=max_t, grace_period=grace_period,
                           reduction_factor=reduction_factor, brackets=brackets)

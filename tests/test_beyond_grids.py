@@ -26,14 +26,14 @@ from test_fault_tolerance import study_args, trials_state, wait_for
 pytestmark = pytest.mark.integration
 
 DATA = os.environ.get("RAY_CIFAR_DATA")
-EPOCHS = 4
+EPOCHS = 3
 COMMON = TINY_MODEL + ["data.pipeline=torch", "train.torch_threads=1", "train.amp=fp32", "train.global_batch_size=50",
                        "data.train_subset=500", "data.val_size=200", "schedule.name=constant",
                        f"train.epochs={EPOCHS}", "tune.max_concurrent_trials=4"]
 PBT = COMMON + ["tune.scheduler=pbt", "tune.perturbation_interval=1", "tune.num_samples=2", "tune.pbt_quantile=0.5",
                 "tune.pbt_mutate=[optim.weight_decay]",
                 "tune.search_space={optim.lr: {grid: [0.000001, 0.1]}, optim.weight_decay: {uniform: [0.0001, 0.001]}}"]
-OPTUNA = COMMON + ["tune.search=optuna", "tune.num_samples=6", "tune.grace_period=1", "tune.max_concurrent_trials=2",
+OPTUNA = COMMON + ["tune.search=optuna", "tune.num_samples=4", "tune.grace_period=1", "tune.max_concurrent_trials=2",
                    "tune.search_space={optim.lr: {loguniform: [0.000001, 0.2]}, optim.momentum: {choice: [0.0, 0.9]}}"]
 
 
@@ -122,7 +122,7 @@ def test_pbt_members_copy_the_strong_and_their_lineage_survives_a_dead_driver(pb
 @pytest.fixture(scope="module")
 def optuna_study(tmp_path_factory):
     output = tmp_path_factory.mktemp("optuna") / "study"
-    before, stdout = killed_and_resumed(output, OPTUNA, lambda rows: len({r["trial_id"] for r in rows}) >= 3)
+    before, stdout = killed_and_resumed(output, OPTUNA, lambda rows: len({r["trial_id"] for r in rows}) >= 2)
     return output, before, stdout
 
 
@@ -130,9 +130,9 @@ def test_optuna_draws_off_grid_stops_the_weak_and_resumes_without_rerunning(optu
     output, before, _ = optuna_study
     rows = assert_unique_and_kept(output, before)
     trials = trials_state(output)
-    assert len(trials) == 6, "the trial budget (tune.num_samples) is not what ran"
+    assert len(trials) == 4, "the trial budget (tune.num_samples) is not what ran"
     lrs = {t["optim.lr"] for t in trials.values()}
-    assert len(lrs) == 6 and all(1e-6 <= lr <= 0.2 for lr in lrs)  # drawn from the range, none twice
+    assert len(lrs) == 4 and all(1e-6 <= lr <= 0.2 for lr in lrs)  # drawn from the range, none twice
     assert {t["optim.momentum"] for t in trials.values()} <= {0.0, 0.9}
     assert any(t["status"] == "stopped" for t in trials.values()), "ASHA stopped no trial"
     finished_before = {tid for (tid, epoch) in before if epoch == EPOCHS}

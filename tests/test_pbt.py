@@ -62,6 +62,8 @@ def make_population(cfg, output, n=4):
     controller = FakeController(trials)
     for t in trials:
         scheduler.on_trial_add(controller, t)
+    assert controller.saved == n  # each added trial is on disk at once
+    controller.saved = 0
     return scheduler, controller, trials
 
 

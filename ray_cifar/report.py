@@ -104,7 +104,8 @@ def summaries(study: Study) -> list[dict[str, Any]]:
     out = []
     for s in summarize_trials(study.rows, study.metric, study.mode):
         t = extra.get(s["trial_id"], {})
-        out.append({**s, **{k: t.get(k) for k in ("status", "test_acc", "test_loss", "startup_seconds") if k in t}})
+        joined = ("status", "test_acc", "test_loss", "startup_seconds", "exploits")
+        out.append({**s, **{k: t.get(k) for k in joined if k in t}})
     return out
 
 
@@ -487,6 +488,46 @@ def plot_published(matches, path: str) -> str:
 
 # --- The report ---
 
+def has_lineage(rows) -> bool:
+    return any(r.get("pbt_generation") is not None for r in rows)
+
+
+def plot_pbt(rows, keys: list[str], metric: str, path: str) -> str:
+    """PBT: each member's values over epochs (one panel per searched field that changed) and tune.metric,
+    with an arrow from the donor's epoch to the member's first epoch after each exploit: who copied whom."""
+    plt = _pyplot()
+    by_trial: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(rows, key=lambda r: r.get("epoch") or 0):
+        by_trial.setdefault(r["trial_id"], []).append(r)
+    changed = [k for k in keys if any(len({_fmt(r.get(k)) for r in rs}) > 1 for rs in by_trial.values())]
+    panels = changed + [metric]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.8 * len(panels)), sharex=True, squeeze=False)
+    colors = _colors(list(by_trial))
+    for ax, key in zip(axes[:, 0], panels):
+        numeric = all(isinstance(r.get(key), (int, float)) for rs in by_trial.values() for r in rs if r.get(key) is not None)
+        for tid, rs in by_trial.items():
+            points = [(r["epoch"], r.get(key)) for r in rs if r.get(key) is not None]
+            if not points or not numeric:
+                continue
+            draw = ax.plot if key == metric else (lambda *a, **k: ax.step(*a, where="post", **k))  # values hold an epoch
+            draw(*zip(*points), marker="o", ms=3, color=colors[tid], label=tid if key == panels[0] else None)
+            for prev, r in zip(rs, rs[1:]):
+                if (r.get("pbt_generation") or 0) > (prev.get("pbt_generation") or 0) and r.get(key) is not None:
+                    donor = {d["epoch"]: d for d in by_trial.get(r.get("pbt_parent"), [])}.get(r.get("resumed_from_epoch"))
+                    if donor is not None and donor.get(key) is not None:
+                        ax.annotate("", xy=(r["epoch"], r[key]), xytext=(donor["epoch"], donor[key]),
+                                    arrowprops={"arrowstyle": "->", "color": colors[tid], "lw": 1.2})
+        if numeric and key.startswith(("optim.lr", "optim.weight_decay")):
+            ax.set_yscale("log")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_title("Each member's values over epochs; arrows: an exploit, from the donor's epoch to the member")
+    axes[-1, 0].set_xlabel("epoch")
+    fig.legend(loc="lower center", ncol=min(4, max(1, len(by_trial))), fontsize=8, bbox_to_anchor=(0.5, -0.02))
+    fig.subplots_adjust(bottom=0.12)
+    return _save(fig, path)
+
+
 def _combine(studies: list[Study]) -> Study:
     """Several outputs as one study whose trials carry a 'study' column (the output's folder name)."""
     if len(studies) == 1:
@@ -534,16 +575,22 @@ def build(study: Study, out_dir: str, prefix: str = "") -> dict[str, Any]:
     plot_heatmap(trials, keys, p("heatmap"))
     plot_throughput(study.rows, trials, p("throughput"))
     plot_published(matches, p("published"))
-    columns = ["trial_id", *keys, SEED_KEY, "status", "epochs", "best_epoch", "best_metric", "val_acc", "test_acc"]
+    figures = {n: f"{prefix}figures/{n}.png" for n in FIGURES}
+    if has_lineage(study.rows):
+        plot_pbt(study.rows, keys, study.metric, p("pbt"))
+        figures["pbt"] = f"{prefix}figures/pbt.png"
+    columns = ["trial_id", *keys, SEED_KEY, "status", "epochs", "exploits", "best_epoch", "best_metric", "val_acc",
+               "test_acc"]
     columns = [c for c in dict.fromkeys(columns) if any(c in t for t in trials)]
     return {"trials": trials, "columns": columns, "keys": keys, "matches": matches,
-            "replicates": replicate_rows(trials, keys), "figures": {n: f"{prefix}figures/{n}.png" for n in FIGURES}}
+            "replicates": replicate_rows(trials, keys), "figures": figures}
 
 
 SECTIONS = (("ranking", "Trial ranking"), ("curves", "Learning curves"), ("asha", "Where the scheduler stopped each trial"),
             ("params", "Accuracy against each searched field"),
             ("heatmap", "Mean accuracy, two searched fields at a time"), ("throughput", "Images/s per trial"),
-            ("published", "Beside the published figures"))
+            ("published", "Beside the published figures"),
+            ("pbt", "Population based training: each member's schedule, and who copied whom"))
 
 
 @dataclass
@@ -600,7 +647,7 @@ def _markdown(study: Study, built: dict[str, Any]) -> str:
     for i, t in enumerate(table_sections(study, built)):
         lines += ([] if i == 0 else [f"## {t.title}", ""]) + [n for note in t.notes for n in (note, "")]
         lines += [markdown_table(t.rows, t.columns), ""]
-    for name, title in SECTIONS:
+    for name, title in [(n, t) for n, t in SECTIONS if n in built["figures"]]:
         lines += [f"## {title}", "", f"![{title}]({built['figures'][name]})", ""]
     return "\n".join(lines)
 
@@ -611,7 +658,7 @@ def _html(study: Study, built: dict[str, Any]) -> str:
         parts += ([] if i == 0 else [f"<h2>{html.escape(t.title)}</h2>"])
         parts += [f"<p>{html.escape(note).replace('`', '')}</p>" for note in t.notes]
         parts += [html_table(t.rows, t.columns)]
-    for name, title in SECTIONS:
+    for name, title in [(n, t) for n, t in SECTIONS if n in built["figures"]]:
         parts += [f"<h2>{html.escape(title)}</h2>", f'<img src="{built["figures"][name]}" alt="{html.escape(title)}">']
     style = ("body{font-family:sans-serif;max-width:1200px;margin:1em auto;color:#222}"
              "table{border-collapse:collapse;font-size:13px;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 6px}"

@@ -48,8 +48,13 @@ def test_study_loads_and_validates(path):
     assert cfg.tune.search_space, "a study searches something"
     smoke = load_config(path, smoke_test=True)
     assert smoke.model.widths == [16, 32, 64]
-    # The published hand-made grids run every trial to its end; the *_asha variants stop early.
-    assert cfg.tune.scheduler == ("asha" if path.endswith("_asha.yaml") else "fifo")
+    # The published hand-made grids run every trial to its end; the *_asha variants stop early; *_pbt is a
+    # population, *_bohb draws its trials (under its own HyperBand).
+    kind = os.path.basename(path).rsplit("_", 1)[-1].removesuffix(".yaml")
+    if kind == "bohb":
+        assert cfg.tune.search == "bohb" and cfg.tune.num_samples > 1
+    else:
+        assert cfg.tune.scheduler == {"asha": "asha", "pbt": "pbt"}.get(kind, "fifo")
 
 
 @pytest.mark.parametrize("path", STUDY_FILES, ids=STUDY_IDS)

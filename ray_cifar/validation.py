@@ -12,6 +12,7 @@ checks that need the dataset's size or the machine's CPUs/GPUs, over every trial
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 from typing import Any, Callable
 
@@ -314,6 +315,12 @@ def _validate_search_space(cfg: Config) -> None:
 def _check_search(cfg: Config) -> None:
     """What tune.search cannot express with this study, as one ConfigError line (no Ray, no searcher needed)."""
     search, scheduler = cfg.tune.search, cfg.tune.scheduler
+    needs = {"optuna": ["optuna"], "hyperopt": ["hyperopt"], "bohb": ["hpbandster", "ConfigSpace"]}.get(search, [])
+    key, needs = ("tune.scheduler", ["sklearn"]) if scheduler == "pb2" and not needs else ("tune.search", needs)
+    missing = [name for name in needs if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"{key}: {search if key == 'tune.search' else scheduler} needs {' and '.join(missing)}, "
+                          f"which is not installed: pip install 'ray_cifar[search]'")
     if search in MODEL_BASED_SEARCHERS and "train.seed" in cfg.tune.search_space:
         raise ConfigError(f"tune.search_space.train.seed: tune.search {search} would tune the seed as a "
                           f"hyper-parameter; remove it (every trial uses train.seed), or use tune.search grid for "

@@ -270,3 +270,16 @@ def test_what_a_searcher_cannot_mean_is_one_line():
         load_config(None, [*TINY_MODEL, "tune.search=optuna", "tune.search_space={train.seed: {grid: [0, 1]}}"])
     with pytest.raises(ConfigError, match="tune.search: unknown 'smac'"):
         load_config(None, [*TINY_MODEL, "tune.search=smac"])
+
+
+def test_a_missing_library_is_one_line_naming_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("hpbandster", "sklearn")
+                        else real(name, *a))
+    with pytest.raises(ConfigError, match=r"tune.search: bohb needs hpbandster, which is not installed: "
+                                          r"pip install 'ray_cifar\[search\]'"):
+        load_config(None, [*TINY_MODEL, "tune.search=bohb"])
+    with pytest.raises(ConfigError, match=r"tune.scheduler: pb2 needs sklearn"):
+        load_config(None, [*TINY_MODEL, "tune.scheduler=pb2", "tune.search_space={optim.lr: {loguniform: [0.01, 0.1]}}"])

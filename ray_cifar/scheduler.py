@@ -51,6 +51,16 @@ class SavingFIFO(FIFOScheduler):
         save_experiment(tune_controller, trial)
 
 
+def recorded_stops(output: str) -> set[str]:
+    """Trials the scheduler stopped before a restore. A driver that dies between the decision and the
+    trial's end leaves them unfinished, and Tune resumes them: they are stopped again at once."""
+    path = os.path.join(output, TRIALS_STATE)
+    if not os.path.exists(path):
+        return set()
+    with open(path) as f:
+        return {tid for tid, summary in json.load(f).items() if summary.get("status") == STOPPED}
+
+
 class _Recorded:
     """A stand-in for a Tune Trial: the rungs only key on trial_id."""
 
@@ -108,13 +118,7 @@ class RestorableASHA(ASHAScheduler):
         save_experiment(tune_controller, trial)
 
     def _recorded_stops(self) -> set[str]:
-        """Trials this scheduler stopped before a restore. A driver that dies between the decision and
-        the trial's end leaves them unfinished, and Tune resumes them: they are stopped again at once."""
-        path = os.path.join(self.output, TRIALS_STATE)
-        if not os.path.exists(path):
-            return set()
-        with open(path) as f:
-            return {tid for tid, summary in json.load(f).items() if summary.get("status") == STOPPED}
+        return recorded_stops(self.output)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if trial.trial_id in self._stopped_before:
@@ -139,34 +143,66 @@ class RestorableASHA(ASHAScheduler):
         return state
 
 
+class _NotingStops:
+    """Tune's controller as HyperBand sees it, telling `on_stop` of every paused trial HyperBand stops."""
+
+    def __init__(self, controller, on_stop: Callable[[str], None]):
+        self._controller, self._on_stop = controller, on_stop
+
+    def stop_trial(self, trial):
+        last = trial.last_result or {}
+        if last.get("epoch", 0) < (last.get("epochs") or float("inf")):  # not a trial already at its end
+            self._on_stop(trial.trial_id)
+        return self._controller.stop_trial(trial)
+
+    def __getattr__(self, name):
+        return getattr(self._controller, name)
+
+
 class BOHBHyperBand(HyperBandForBOHB):
     """HyperBandForBOHB(time_attr="epoch", ...) that tells the recorder which trials it stopped.
 
     HyperBand pauses a trial at a rung and starts it again if it is promoted: the trial function
     runs again and resumes its own latest checkpoint. After `Tuner.restore` its brackets start empty
-    (as Ray's ASHA rungs do); the restored trials fill new ones."""
+    (as Ray's ASHA rungs do) and the restored trials fill new ones; a trial it had stopped before the
+    driver died is stopped again at its first result."""
 
-    def __init__(self, on_stop: Callable[[str], None] | None = None, **hyperband_args: Any):
+    def __init__(self, output: str, on_stop: Callable[[str], None] | None = None, **hyperband_args: Any):
         super().__init__(time_attr="epoch", **hyperband_args)
-        self.on_stop = on_stop
+        self.output, self.on_stop = output, on_stop
+        self._stopped_before: set[str] | None = None
 
     def on_trial_add(self, tune_controller, trial) -> None:
+        if self._stopped_before is None:
+            self._stopped_before = recorded_stops(self.output)
         super().on_trial_add(tune_controller, trial)
         save_experiment(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if trial.trial_id in (self._stopped_before or set()):
+            self._stopped_before.discard(trial.trial_id)
+            return TrialScheduler.STOP
         decision = super().on_trial_result(tune_controller, trial, result)
         last_epoch = min(self._max_t_attr, result.get("epochs") or self._max_t_attr)
         if decision == TrialScheduler.STOP and result.get("epoch", last_epoch) < last_epoch and self.on_stop:
             self.on_stop(trial.trial_id)
         return decision
 
+    def _process_bracket(self, tune_controller, bracket) -> str:
+        controller = _NotingStops(tune_controller, self.on_stop) if self.on_stop else tune_controller
+        return super()._process_bracket(controller, bracket)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_stopped_before"] = None  # a restored copy reads them from disk
+        return state
+
 
 def create_scheduler(name: str, output: str, on_stop: Callable[[str], None], max_t: int, grace_period: int,
                      reduction_factor: float, brackets: int = 1, time_attr: str = "epoch",
                      search: str = "grid") -> TrialScheduler:
     if search == "bohb":  # BOHB's searcher needs its HyperBand: it learns from the budgets the brackets give
-        return BOHBHyperBand(on_stop=on_stop, max_t=max_t, reduction_factor=reduction_factor)
+        return BOHBHyperBand(output, on_stop=on_stop, max_t=max_t, reduction_factor=reduction_factor)
     if name == "fifo":
         return SavingFIFO()
     return RestorableASHA(output, on_stop=on_stop, time_attr=time_attr, max_t=max_t, grace_period=grace_period,

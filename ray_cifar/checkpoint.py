@@ -172,7 +172,8 @@ def restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Opti
     may come from another run with other values (PBT's exploit: the donor's state, this trial's values).
     The schedule goes on at the state's step, scaled to this config's peak lr. Resuming a run of the
     same config changes nothing."""
-    fresh_groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in optimizer.param_groups]
+    fresh_groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+                    for g in optimizer.param_groups]
     fresh_base_lrs = list(scheduler.base_lrs)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

@@ -3,7 +3,7 @@
     schema   the dataclasses (one per section, every field with its unit), ConfigError, constants
     loading  type coercion, set_value / apply_overrides, YAML files with `extends`, --set, flatten
     presets  --smoke-test and --budget-scale
-    search   the search space: searched keys, applying a sampled value, grid size
+    search   the search space: searched keys, applying a sampled value, grid size; PBT's mutable fields
     docs     field docs for --help-config
 
 Checks that need the model/optimizer registries, and the functions that return a checked
@@ -17,13 +17,14 @@ from .loading import EXTENDS, apply_overrides, flatten, parse_set, read_config_c
 from .presets import LENGTH_KEYS, SMOKE_OVERRIDES, apply_budget_scale, apply_smoke
 from .schema import (METADATA, PUBLISHED_METRICS, SEARCH_KINDS, SECTIONS, VARIANTS, Config, ConfigError, DataConfig,
                      ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TuneConfig, improves)
-from .search import (LINEAGE, MODEL_BASED_SEARCHERS, PBT_MUTABLE, apply_searched, encode_choice, grid_size, map_searched, pbt_mutated_keys,
-                     sampled_config, search_keys, search_points, split_sampled, trial_configs)
+from .search import (LINEAGE, MODEL_BASED_SEARCHERS, PBT_MUTABLE, apply_searched, encode_choice, grid_size,
+                     map_searched, pbt_mutated_keys, sampled_config, search_keys, search_points, split_sampled,
+                     trial_configs)
 
 __all__ = [
-    "EXTENDS", "LENGTH_KEYS", "LINEAGE", "MODEL_BASED_SEARCHERS", "PBT_MUTABLE", "pbt_mutated_keys", "encode_choice", "split_sampled", "METADATA", "PUBLISHED_METRICS", "SEARCH_KINDS", "SECTIONS", "SMOKE_OVERRIDES",
-    "VARIANTS", "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "TrainConfig",
+    "EXTENDS", "LENGTH_KEYS", "LINEAGE", "METADATA", "MODEL_BASED_SEARCHERS", "PBT_MUTABLE", "PUBLISHED_METRICS",
+    "SEARCH_KINDS", "SECTIONS", "SMOKE_OVERRIDES", "VARIANTS", "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "TrainConfig",
     "TuneConfig", "apply_budget_scale", "apply_overrides", "apply_searched", "apply_smoke", "describe", "field_docs",
     "flatten", "grid_size", "improves", "map_searched", "parse_set", "read_config_chain", "sampled_config", "search_keys",
-    "search_points", "set_value", "trial_configs",
+    "search_points", "set_value", "trial_configs", "encode_choice", "pbt_mutated_keys", "split_sampled",
 ]

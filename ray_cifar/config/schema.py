@@ -133,7 +133,7 @@ def improves(value: float | None, than: float | None, mode: str) -> bool:
 @dataclass
 class TuneConfig:
     scheduler: str = "asha"  # asha (early stopping) | fifo (every trial runs to the end) | pbt | pb2 (population based training: the weak copy the strong's full training state and perturb their values; see pbt_*); tune.search bohb brings its own HyperBand
-    search: str = "grid"  # how trials get their values: grid (every grid point x num_samples; choices and ranges drawn at random) | random (the same, named for studies without grids) | optuna (TPE) | hyperopt (TPE) | bohb (with its HyperBand scheduler); model-based searchers treat a grid as a choice and take num_samples as the trial budget
+    search: str = "grid"  # how trials get their values: grid (every grid point x num_samples; choices and ranges drawn at random) | random (every entry drawn at random, a grid as a choice; num_samples trials) | optuna (TPE) | hyperopt (TPE) | bohb (with its HyperBand scheduler); model-based searchers treat a grid as a choice and take num_samples as the trial budget
     metric: str = "val_acc"  # what ASHA and "best trial" compare (reported every epoch)
     mode: str = "max"  # max | min, for metric
     time_attr: str = "epoch"  # ASHA's clock: epoch | steps (optimizer steps so far: trials of different batch sizes compared at equal steps, not equal epochs); the unit of grace_period

@@ -229,6 +229,8 @@ def _validate_tune(u: TuneConfig, t: TrainConfig) -> None:
     _check_name("tune.tracking", u.tracking, ["none", "mlflow", "wandb"])
     _check_name("tune.metric", u.metric, ["val_acc", "val_loss", "train_acc", "train_loss"])
     _check_name("tune.time_attr", u.time_attr, ["epoch", "steps"])
+    _check(u.time_attr == "epoch" or (u.scheduler in ("asha", "fifo") and u.search != "bohb"), "tune.time_attr",
+           "steps is ASHA's clock; PBT/PB2 decide and BOHB's HyperBand counts in epochs", u.time_attr)
     _check_name("tune.test", u.test, ["best", "all"])
     _check(u.grace_period >= 1, "tune.grace_period", f"must be >= 1 {u.time_attr}", u.grace_period)
     _check(u.max_failures >= 0, "tune.max_failures", "must be >= 0", u.max_failures)

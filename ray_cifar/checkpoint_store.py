@@ -120,31 +120,26 @@ class CheckpointStore:
         return self.uri(epoch)
 
 
-def copy_latest_state(source: str, destination: str, attempts: int = 5) -> bool:
-    """Copy the newest complete checkpoint under `source` (a trial's run folder: CheckpointStore's
-    checkpoint_000003, or Ray Train's checkpoint_<date>) to `destination`/state.pt. False if it has none.
+def copy_latest_state(source: str, destination: str, warn=print) -> bool:
+    """Copy the newest checkpoint under `source` that loads (a trial's run folder: CheckpointStore's
+    checkpoint_000003 or Ray Train's checkpoint_<date>) to `destination`/state.pt. False if none loads.
 
-    `source` belongs to another trial that keeps training (PBT's donor): the checkpoint listed may be
-    deleted before it is read, when the donor saves its next epoch; the listing is then read again."""
-    fs, path = storage.filesystem(source)
-    dest_fs, dest_path = storage.filesystem(destination)
-    for _ in range(attempts):
-        selector = pafs.FileSelector(path, allow_not_found=True)
-        names = sorted(posixpath.basename(i.path) for i in fs.get_file_info(selector)
-                       if i.type == pafs.FileType.Directory and posixpath.basename(i.path).startswith("checkpoint_"))
-        files = [posixpath.join(path, name, checkpoint.STATE_FILE) for name in reversed(names)]
-        found = [f for f, info in zip(files, fs.get_file_info(files)) if info.type == pafs.FileType.File]
-        if not found:
-            return False
-        dest_fs.create_dir(dest_path, recursive=True)
-        target = posixpath.join(dest_path, checkpoint.STATE_FILE)
-        try:
-            pafs.copy_files(found[0], target + ".tmp", source_filesystem=fs, destination_filesystem=dest_fs)
-        except (FileNotFoundError, OSError):
-            continue  # deleted under us: list again
-        dest_fs.move(target + ".tmp", target)
+    `source` belongs to another trial that keeps training (PBT's donor): a checkpoint it deletes while
+    this reads it counts as one that does not load, and the next older one is taken."""
+    found = newest_loadable_state(source, warn)
+    if found is None:
+        return False
+    local = storage.local_path(destination)
+    if local is not None:
+        checkpoint.save_state(found[1], local)  # atomic: a reader never sees half a file
         return True
-    return False
+    fs, path = storage.filesystem(destination)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint.save_state(found[1], tmp)
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(os.path.join(tmp, checkpoint.STATE_FILE), posixpath.join(path, checkpoint.STATE_FILE),
+                        source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return True
 
 
 def load_state_at(location: str) -> dict[str, Any] | None:

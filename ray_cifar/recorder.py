@@ -121,6 +121,7 @@ class StudyRecorder(Callback):
         self.writers: dict[str, Any] = {}
         self.tracker = None  # made at the first row: a study that does not track never imports mlflow/wandb
         self.tracked: set[str] = set()  # trials whose tracker run this driver has caught up with the rows
+        self.track_ended: set[str] = set()  # trials whose end this driver has told the tracker
 
     def _read_trials(self, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """trials.json; when damaged, set aside and rebuilt from the rows (statuses follow from Tune's at the end)."""
@@ -283,6 +284,9 @@ class StudyRecorder(Callback):
                 changed = True
         if changed:
             self._save_trials()
+        self._catch_up_tracker(trials)
+        if self.tracker is not None:
+            self._tracker_call("close", self.tracker.close)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self._stop_if_disk_full(trial, error_line(trial))
@@ -295,10 +299,6 @@ class StudyRecorder(Callback):
         self._close_writer(trial.trial_id)
         self._save_trials()
         self._track_end(trial)
-
-    def on_experiment_end(self, trials, **info):
-        if self.tracker is not None:
-            self._tracker_call("close", self.tracker.close)
 
     # -- the experiment tracker (tune.tracking) ---------------------------------------------
 
@@ -339,6 +339,21 @@ class StudyRecorder(Callback):
         self._tracker_call("end of trial", self.tracker.end_trial, trial.trial_id, self.params(trial.config),
                            summary["status"])
         self.tracked.discard(trial.trial_id)
+        self.track_ended.add(trial.trial_id)
+
+    def _catch_up_tracker(self, trials) -> None:
+        """Trials that ended before this driver's life: a driver killed between a trial's last row in Parquet and
+        its tracker call (or before W&B flushed) lost those steps, and Tune never runs a finished trial again, so
+        no later row would bring them. Each gets its recorded rows (the tracker skips the steps it holds) and its end."""
+        if not self.tracking or self.tracking["tracking"] == "none":
+            return
+        recorded = {r["trial_id"] for r in self.log.read()}
+        for trial in trials:
+            if (trial.trial_id in recorded and trial.trial_id not in self.track_ended
+                    and self._summary(trial)["status"] != RUNNING):
+                self.tracked.discard(trial.trial_id)
+                self._track(trial, [])
+                self._track_end(trial)
 
     def _stop_if_disk_full(self, trial, error: str) -> bool:
         if not any(text in error for text in DISK_FULL_TEXT):

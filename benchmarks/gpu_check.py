@@ -193,6 +193,13 @@ class Check:
                 poll()
             time.sleep(0.2)
 
+    def say(self, line: str) -> None:
+        """Print a line, unless the summary is already out: it must stay the last line (the watchdog may print it
+        while the main thread is still finishing a part)."""
+        with self.lock:
+            if not self.finished:
+                print(line, flush=True)
+
     def run_command(self, argv: list[str], log_name: str) -> int:
         proc = self.start(argv, log_name)
         self.wait([proc])
@@ -222,8 +229,8 @@ class Check:
             self.part_started = time.monotonic()
             self.part_deadline = self.part_started + part.cap_s
             entry["status"] = "running"
-        print(f"== {part.name} (estimate {part.estimate_s:.0f} s, cap {part.cap_s:.0f} s, "
-              f"{self.deadline - time.monotonic():.0f} s left in the stage): {part.what}", flush=True)
+        self.say(f"== {part.name} (estimate {part.estimate_s:.0f} s, cap {part.cap_s:.0f} s, "
+                 f"{self.deadline - time.monotonic():.0f} s left in the stage): {part.what}")
         self.save()
         try:
             part.run(self)
@@ -235,15 +242,15 @@ class Check:
             entry["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
             with open(self.log_path(part.name), "a") as log:
                 log.write(traceback.format_exc())
-            print(traceback.format_exc()[-2000:], flush=True)
+            self.say(traceback.format_exc()[-2000:])
         with self.lock:
             entry.pop("status_override", None)
             entry["status"] = status
             entry["seconds"] = round(time.monotonic() - self.part_started, 1)
             self.save()
-        print(f"   {part.name}: {status} in {entry['seconds']:.0f} s"
-              + (f"; {entry['summary']}" if entry.get("summary") else "")
-              + (f"; {entry['error']}" if entry.get("error") else ""), flush=True)
+        self.say(f"   {part.name}: {status} in {entry['seconds']:.0f} s"
+                 + (f"; {entry['summary']}" if entry.get("summary") else "")
+                 + (f"; {entry['error']}" if entry.get("error") else ""))
 
     def _finish(self, cut_by_watchdog: bool = False) -> int:
         with self.lock:
@@ -285,8 +292,14 @@ class Check:
                 self.current["status"] = "cut: stage cap (the watchdog stopped it)"
                 self.current["seconds"] = round(time.monotonic() - self.part_started, 1)
             code = self._finish(cut_by_watchdog=True)
+            # The summary is out and must stay the last line: ending the DataLoader workers of an in-process part
+            # makes torch raise in the main thread, whose traceback would follow it. Nothing is said after this.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            quiet = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(quiet, 1)
+            os.dup2(quiet, 2)
         end_tree(descendants(os.getpid()))  # e.g. an in-process part's DataLoader workers
-        sys.stdout.flush()
         os._exit(code)
 
 

@@ -209,8 +209,12 @@ def test_a_tiny_cap_stops_the_stage_cleanly_with_its_json(tmp_path, data_dir, st
     assert rc == 3, out[-3000:]
     assert seconds <= cap + 4, f"{how}: the stage took {seconds:.1f} s under a {cap} s cap"
     statuses = [p["status"] for p in doc["parts"]]
-    assert doc["status"] == "cut" and statuses[0].startswith("cut"), statuses
-    assert all(s in ("not run", "cut: stage cap reached before it started") for s in statuses[1:]), statuses
+    assert doc["status"] == "cut", statuses
+    # The part running at the cap is cut (which one depends on the machine's speed); those before it ran to
+    # their end, none after it started.
+    cut_at = next(i for i, s in enumerate(statuses) if s.startswith("cut"))
+    assert all(s == "ok" for s in statuses[:cut_at]), statuses
+    assert all(s in ("not run", "cut: stage cap reached before it started") for s in statuses[cut_at + 1:]), statuses
     assert doc["dry_run"] is True and doc["cap_seconds"] == cap and doc["seconds"] <= cap + 1
     assert out.rstrip().splitlines()[-1] == doc["summary"] and "cut by the cap" in doc["summary"]
 
@@ -227,7 +231,8 @@ def test_usage_mistakes_are_one_line(tmp_path):
 
 def test_make_gpu_check_installs_nothing_and_passes_the_stage_on():
     """The GPU machine has no network: the target must not depend on `install`; PY on the command line wins."""
-    proc = subprocess.run(["make", "-n", "gpu-check", "STAGE=ray", "DRY_RUN=1", "RESULTS=somewhere", "PY=python3.12",
+    # --no-print-directory: under `make test` this make is a sub-make, which would say which folder it enters.
+    proc = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", "STAGE=ray", "DRY_RUN=1", "RESULTS=somewhere", "PY=python3.12",
                            "DATA=DIR", "CAP=9"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     command = " ".join(proc.stdout.replace("\\\n", " ").split())

@@ -96,7 +96,10 @@ def rank_processes(pid: int, ranks: int) -> list[int]:
 def test_killed_rank_resumes_from_its_checkpoint_and_continues_exactly(tmp_path, synthetic_parquet_dir, ranks):
     """2 ranks: Ray Train restarts the worker group. 1 rank: the trial trains in its Tune process, so the kill
     fails the trial and Tune runs it again (tune.max_failures), from its CheckpointStore's latest epoch."""
-    sets = SETS + [f"train.epochs={EPOCHS}", f"train.num_workers={ranks}"]
+    # A one-rank trial's epochs on this tiny data take a fraction of a second each: with only EPOCHS, a quiet
+    # machine can finish the trial between the test seeing epoch 2 and its kill.
+    epochs = EPOCHS if ranks > 1 else 3 * EPOCHS
+    sets = SETS + [f"train.epochs={epochs}", f"train.num_workers={ranks}"]
     undisturbed = subprocess.run(study_args(synthetic_parquet_dir, tmp_path / "a", *sets), capture_output=True,
                                  text=True, timeout=900)
     assert undisturbed.returncode == 0, undisturbed.stdout[-3000:] + undisturbed.stderr[-3000:]
@@ -116,7 +119,7 @@ def test_killed_rank_resumes_from_its_checkpoint_and_continues_exactly(tmp_path,
     trial = next(iter(trials_state(output).values()))
     assert trial["status"] == "completed"
     rows = sorted(ResultsLog(str(output)).read(), key=lambda r: r["epoch"])
-    assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))  # none lost, none twice
+    assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))  # none lost, none twice
     resumed = [r for r in rows if r["resumed_from_epoch"]]
     assert resumed, "no epoch ran after a restart: the kill did not take effect"
     assert resumed[0]["resumed_from_epoch"] >= 2 and resumed[0]["epoch"] == resumed[0]["resumed_from_epoch"] + 1

@@ -10,7 +10,6 @@ Every process killed here is one this test started (the driver) or a descendant 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 
@@ -18,10 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import TINY_MODEL
-from processes import descendants, end_tree
 from ray_cifar import checkpoint
 from ray_cifar.results import ResultsLog
-from test_fault_tolerance import study_args, trials_state, wait_for
+from test_fault_tolerance import kill_driver_when, study_args, trials_state
 
 pytestmark = pytest.mark.integration
 
@@ -53,15 +51,9 @@ def killed_and_resumed(output, sets, ready) -> tuple[dict, str]:
         pytest.skip("needs real CIFAR-10: set RAY_CIFAR_DATA")
     proc = subprocess.Popen(study_args(DATA, output, *sets), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
-    try:
-        wait_for(lambda: ready(rows_now(output)), 600, "the moment to kill the driver", proc)
-        before = {(r["trial_id"], r["epoch"]): r["time"] for r in ResultsLog(str(output)).read()}
-        tree = descendants(proc.pid)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        end_tree(descendants(proc.pid) + [proc.pid] if proc.poll() is None else [])
-    end_tree(tree)
+    before = kill_driver_when(proc, lambda: ready(rows_now(output)), "the moment to kill the driver",
+                              lambda: {(r["trial_id"], r["epoch"]): r["time"] for r in ResultsLog(str(output)).read()},
+                              timeout=600)
     resumed = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--resume", str(output)], capture_output=True,
                              text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]

@@ -56,6 +56,22 @@ def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+
+def kill_driver_when(proc: subprocess.Popen, ready, what: str, snapshot=None, timeout: float = 900):
+    """Wait until ready() holds (failing if the study ends first), take snapshot(), SIGKILL the study's driver
+    `proc`, and end whatever of its tree outlives it (Ray's processes fate-share with the driver; a straggler is
+    still ours). Returns the snapshot."""
+    try:
+        wait_for(ready, timeout, what, proc)
+        taken = snapshot() if snapshot else None
+        tree = descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        end_tree(descendants(proc.pid) + [proc.pid] if proc.poll() is None else [])
+    end_tree(tree)
+    return taken
+
 def trials_state(output) -> dict:
     try:
         with open(os.path.join(output, "trials.json")) as f:
@@ -137,20 +153,14 @@ def test_killed_driver_then_resume_finishes_the_study(tmp_path, synthetic_parque
     sets = SETS + ["train.epochs=4", "tune.search_space={optim.lr: {grid: [0.05, 1000000000.0, 0.03]}}"]
     proc = subprocess.Popen(study_args(synthetic_parquet_dir, output, *sets), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        def third_trial_running():
-            trials = sorted(trials_state(output).values(), key=lambda t: t["trial_id"])
-            return (len(trials) == 3 and [t["status"] for t in trials[:2]] == ["completed", "diverged"]
-                    and trials[2].get("epochs", 0) >= 1)
 
-        wait_for(third_trial_running, 900, "the third trial's first epoch", proc)
-        before = {(r["trial_id"], r["epoch"]): r["time"] for r in ResultsLog(str(output)).read()}
-        tree = descendants(proc.pid)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        end_tree(descendants(proc.pid) + [proc.pid] if proc.poll() is None else [])
-    end_tree(tree)  # Ray's processes fate-share with the driver; end any straggler we started
+    def third_trial_running():
+        trials = sorted(trials_state(output).values(), key=lambda t: t["trial_id"])
+        return (len(trials) == 3 and [t["status"] for t in trials[:2]] == ["completed", "diverged"]
+                and trials[2].get("epochs", 0) >= 1)
+
+    before = kill_driver_when(proc, third_trial_running, "the third trial's first epoch",
+                              lambda: {(r["trial_id"], r["epoch"]): r["time"] for r in ResultsLog(str(output)).read()})
 
     resumed = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--resume", str(output)], capture_output=True,
                              text=True, timeout=900)

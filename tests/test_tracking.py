@@ -12,7 +12,6 @@ Every process killed here is one this test started (the driver) or a descendant 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,6 @@ import time
 import pytest
 
 from conftest import TINY_MODEL
-from processes import descendants, end_tree
 from ray_cifar import tracking
 from ray_cifar.results import ResultsLog
 
@@ -40,28 +38,24 @@ def clean_env() -> dict[str, str]:
 def run_killed_and_resumed(data: str, output, tracker: str, as_a_retried_job: bool = False) -> dict:
     """`as_a_retried_job`: start and continue the study as cluster/kuberay-rayjob.yaml's entrypoint does, with
     the same command line and --resume-if-exists; else continue it with --resume OUTPUT."""
-    from test_fault_tolerance import study_args, trials_state, wait_for
+    from test_fault_tolerance import kill_driver_when, study_args, trials_state
 
     args = study_args(data, output, *SETS, f"tune.tracking={tracker}") + (["--resume-if-exists"] * as_a_retried_job)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env=clean_env())
-    try:
-        def a_trial_past_epoch_two():
-            # The recorder logs a row to the tracker before it takes the next result, so epoch 1 is in
-            # the tracker when epoch 2's row is written: the resumed driver must skip what is there.
-            return any(t.get("epochs", 0) >= 2 and t["status"] == "running" for t in trials_state(output).values())
 
-        wait_for(a_trial_past_epoch_two, 600, "a trial's second epoch", proc)
+    def a_trial_past_epoch_two():
+        # The recorder logs a row to the tracker before it takes the next result, so epoch 1 is in
+        # the tracker when epoch 2's row is written: the resumed driver must skip what is there.
+        return any(t.get("epochs", 0) >= 2 and t["status"] == "running" for t in trials_state(output).values())
+
+    def at_the_kill():
         state = trials_state(output).values()
-        running = [t["trial_id"] for t in state if t["status"] == "running"]
-        past_two = [t["trial_id"] for t in state if t["status"] == "running" and t.get("epochs", 0) >= 2]
-        tree = descendants(proc.pid)
-        killed_at = time.time()
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        end_tree(descendants(proc.pid) + [proc.pid] if proc.poll() is None else [])
-    end_tree(tree)
+        return ([t["trial_id"] for t in state if t["status"] == "running"],
+                [t["trial_id"] for t in state if t["status"] == "running" and t.get("epochs", 0) >= 2], time.time())
+
+    running, past_two, killed_at = kill_driver_when(proc, a_trial_past_epoch_two, "a trial's second epoch",
+                                                    at_the_kill, timeout=600)
     assert not os.path.exists(output / "study-finished.json"), "the study finished before the driver was killed"
     again = args if as_a_retried_job else [sys.executable, "-m", "ray_cifar.tune", "--resume", str(output)]
     resumed = subprocess.run(again, capture_output=True, text=True, timeout=900, env=clean_env())

@@ -164,6 +164,11 @@ def run_training(
             on_epoch(metrics, state)
         if metrics["diverged"]:
             break
+    if not seconds and progress["history"] and on_epoch is not None:
+        # Resumed at its end (a driver died after the last checkpoint; a PBT member copied a donor that had just
+        # finished): nothing to train, but whoever waits for this run's result gets its last epoch again (Tune
+        # requires the metric; the recorder drops a row it already holds).
+        on_epoch(dict(progress["history"][-1]), state)
     return run.model
 
 

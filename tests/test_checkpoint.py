@@ -57,6 +57,23 @@ def test_resume_after_epoch_2_continues_exactly(tmp_path, extra):
         assert torch.equal(a, b), name
 
 
+
+def test_a_run_resumed_at_its_end_reports_its_last_epoch_again(tmp_path):
+    """A state whose epoch is the run's last (a driver died after the final checkpoint; a PBT member copied a donor
+    that had just finished) trains nothing, but its result still arrives: Tune needs the metric of every run."""
+    cfg = load_config(None, SETS + ["train.epochs=2"])
+    splits = make_splits(synthetic_cifar(400, 50), cfg.data, "cpu")
+    cpu = torch.device("cpu")
+    loader = train_loader_for(cfg, splits.train, cpu, log=None)
+    states: list[dict] = []
+    run_training(cfg, loader, splits.val, cpu, on_epoch=lambda m, state: states.append(state()), log=None)
+    again: list[tuple[dict, dict]] = []
+    run_training(cfg, loader, splits.val, cpu, on_epoch=lambda m, state: again.append((m, state())), log=None,
+                 resume=states[-1])
+    assert len(again) == 1
+    metrics, state = again[0]
+    assert metrics == states[-1]["history"][-1] and metrics["epoch"] == 2 and state["epoch"] == 2
+
 def test_a_non_finite_loss_ends_the_run_as_diverged():
     cfg = load_config(None, SETS + ["optim.lr=1e9", "model.dropout=0"])
     splits = make_splits(synthetic_cifar(400, 50), cfg.data, "cpu")

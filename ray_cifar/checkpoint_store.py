@@ -1,6 +1,6 @@
 """A one-rank trial's checkpoints, kept the way Ray Train keeps a DDP trial's: the latest and the best.
 
-A trial of one rank trains inside its Tune trial process (ray_cifar.trial), with no Train
+A trial of one rank trains inside its Tune trial process (ray_cifar.tuning.trial), with no Train
 controller and worker group to keep its checkpoints; this store does what
 `CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=tune.metric)` does for them:
 

@@ -17,6 +17,7 @@ point (differing only in train.seed) are summarised by `aggregate_over_seeds` (m
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import pyarrow.parquet as pq
 EPOCH_METRICS = ("steps", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "eval_seconds",
                  "images_per_second", "num_workers", "train_images", "data_pipeline", "amp", "device", "nodes",
                  "diverged", "resumed_from_epoch", "startup_seconds", "checkpoint_path")
-LINEAGE_COLUMNS = ("pbt_generation", "pbt_parent")  # PBT studies only (ray_cifar.pbt): exploits so far, last donor
+LINEAGE_COLUMNS = ("pbt_generation", "pbt_parent")  # PBT studies only (ray_cifar.tuning.pbt): exploits so far, last donor
 TIMING_PREFIX = "timing_"  # timing_<phase>_seconds: where a trial's start-up went
 
 
@@ -46,10 +47,9 @@ def git_sha() -> str | None:
 def provenance() -> dict[str, Any]:
     import torch
 
-    try:
-        import ray
-        ray_version = ray.__version__
-    except ImportError:
+    try:  # the installed version, without importing Ray (seconds) into a process that does not use it
+        ray_version = importlib.metadata.version("ray")
+    except importlib.metadata.PackageNotFoundError:
         ray_version = None
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"git_sha": git_sha(), "torch_version": torch.__version__, "ray_version": ray_version,

@@ -80,7 +80,8 @@ def evaluate_best_on_test(cfg: Config, best_folder: str, test_split, device: tor
 
 
 def run_distributed(cfg: Config, output: str, location: str) -> int:
-    from . import storage, study
+    from . import storage
+    from .tuning import study
 
     cfg.tune.search_space = {}
     cfg.tune.scheduler, cfg.tune.num_samples = "fifo", 1

@@ -25,7 +25,8 @@ from . import cli
 
 
 def resume(location: str) -> int:
-    from . import storage, study
+    from . import storage
+    from .tuning import study
 
     remote = cli.output_uri(location)
     output = cli.local_output(location, None)
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[ray_cifar] --resume-if-exists: {args.output} holds a study: continuing it (its own config.yaml)",
                   flush=True)
             return resume(args.output)
-    from . import storage, study
+    from . import storage
+    from .tuning import study
 
     cfg, dataset, output = cli.prepare(args, "tune")
     print(f"[ray_cifar] data: {dataset.source}; resolved config: {output}/config.yaml", flush=True)

@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-from ray_cifar import checkpoint, cli, report, study
+from ray_cifar import checkpoint, cli, report
+from ray_cifar.tuning import study
 from ray_cifar.checkpoint_store import CheckpointStore, newest_loadable_state
 from ray_cifar.data_source import load_cifar10
 from ray_cifar.results import DamagedFile, ResultsLog, write_rows
@@ -143,7 +144,7 @@ def test_the_decode_cache_and_its_checksum_are_rebuilt(tmp_path, synthetic_parqu
 
 @pytest.mark.parametrize("how", DAMAGE)
 def test_a_damaged_trials_json_is_rebuilt_from_the_rows(tmp_path, how):
-    from ray_cifar.recorder import StudyRecorder
+    from ray_cifar.tuning.recorder import StudyRecorder
 
     ResultsLog(str(tmp_path)).append([{"trial_id": "a", "epoch": e, "val_acc": e / 10, "optim.lr": 0.1,
                                        "checkpoint_path": f"/x/checkpoint_00000{e}"} for e in (1, 2)])

@@ -139,3 +139,32 @@ def test_engine_loop_config_and_registries_import_without_ray_or_dali():
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "LEAKED []" in result.stdout, result.stdout
+
+
+RAY_LAYER = "ray_cifar.tuning"
+ENTRY_POINTS = {"ray_cifar.tune", "ray_cifar.train", "ray_cifar.__main__"}
+
+
+def imports_of(path: str) -> set[str]:
+    """Top-level names of the absolute imports anywhere in a file (inside functions too)."""
+    names = set()
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_only_the_ray_layer_and_the_entry_points_import_ray():
+    modules = module_names(PACKAGE_DIR, "ray_cifar")
+    assert any(name.startswith(RAY_LAYER + ".") for name in modules)
+    below = {name for name, path in modules.items() if "ray" in imports_of(path)
+             and not (name == RAY_LAYER or name.startswith(RAY_LAYER + ".") or name in ENTRY_POINTS)}
+    assert not below, f"these import Ray but sit below the Ray layer ({RAY_LAYER}): {sorted(below)}"
+    # The layer above may import the layers below it, never the reverse.
+    graph = import_graph(PACKAGE_DIR, "ray_cifar")
+    upward = {(name, target) for name, targets in graph.items() for target in targets
+              if (target == RAY_LAYER or target.startswith(RAY_LAYER + "."))
+              and not (name.startswith(RAY_LAYER) or name in ENTRY_POINTS)}
+    assert not upward, f"imports from below into the Ray layer: {sorted(upward)}"

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ray_cifar import engine, ray_cluster
+from ray_cifar import engine
+from ray_cifar.tuning import cluster as ray_cluster
 from ray_cifar.config import ConfigError
 from ray_cifar.validation import check_resources, load_config
 
@@ -113,7 +114,7 @@ def test_concurrent_trials_packs_shares_of_a_gpu(monkeypatch, sets, resources, c
                                                       (True, 1.0, {"CPU": 1.0, "GPU": 1.0}),
                                                       (False, 1.0, {"CPU": 1.0})])
 def test_the_trainer_asks_each_rank_for_its_share(tmp_path, use_gpu, share, expected):
-    from ray_cifar import trial
+    from ray_cifar.tuning import trial
 
     cfg = load_config(None, [f"train.use_gpu={str(use_gpu).lower()}", f"train.gpus_per_worker={share}", NO_SEARCH])
     scaling = trial.make_trainer(cfg, str(tmp_path), "trial-x").scaling_config  # built, never fit
@@ -141,7 +142,7 @@ def test_a_rank_caps_its_gpu_memory_before_loading_data(monkeypatch, cap_calls):
     """train_loop_per_worker with 0.5: the rank's device and share reach the cap first (Ray's context faked)."""
     import ray.train.torch
 
-    from ray_cifar import trial
+    from ray_cifar.tuning import trial
 
     class Context:
         def get_world_rank(self):
@@ -164,7 +165,7 @@ def test_a_rank_caps_its_gpu_memory_before_loading_data(monkeypatch, cap_calls):
 
 def test_a_one_rank_trial_in_its_tune_process_caps_its_gpu_memory_too(tmp_path, monkeypatch, cap_calls):
     """The packed case itself: a one-rank trial trains in its Tune trial process, on its share of cuda:0."""
-    from ray_cifar import trial
+    from ray_cifar.tuning import trial
 
     monkeypatch.setattr(trial, "load_cifar10", lambda *a, **k: pytest.fail("data loaded before the cap"))
     cfg = load_config(None, ["train.use_gpu=true", "train.gpus_per_worker=0.25", NO_SEARCH])

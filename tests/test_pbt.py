@@ -14,7 +14,8 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
 from conftest import TINY_MODEL
-from ray_cifar import checkpoint, pbt, searchers
+from ray_cifar import checkpoint
+from ray_cifar.tuning import pbt, searchers
 from ray_cifar.config import LINEAGE, ConfigError, encode_choice, split_sampled
 from ray_cifar.results import ResultsLog
 from ray_cifar.validation import load_config, trial_config
@@ -198,7 +199,7 @@ def test_restore_keeps_the_configs_hyperparameters_over_the_donors_state():
 
 
 def test_a_generation_starts_from_the_donors_newest_checkpoint(tmp_path):
-    from ray_cifar import trial
+    from ray_cifar.tuning import trial
 
     def save(run, folder, epoch):
         checkpoint.save_state({"epoch": epoch, "history": [{"epoch": epoch}], "best": {"value": 1, "epoch": epoch}},

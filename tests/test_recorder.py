@@ -10,10 +10,10 @@ import pickle
 import pytest
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from ray_cifar import study
-from ray_cifar.recorder import StudyRecorder
+from ray_cifar.tuning import study
+from ray_cifar.tuning.recorder import StudyRecorder
 from ray_cifar.results import ResultsLog
-from ray_cifar.scheduler import RestorableASHA
+from ray_cifar.tuning.scheduler import RestorableASHA
 
 
 class FakeTrial:
@@ -170,7 +170,7 @@ def test_replicates_get_their_own_seeds():
 
 
 def test_test_split_is_evaluated_for_the_best_trial_by_the_configured_metric(tmp_path, monkeypatch, capsys):
-    from ray_cifar import trial as trial_mod
+    from ray_cifar.tuning import trial as trial_mod
     from ray_cifar.validation import load_config
 
     rec = StudyRecorder(str(tmp_path), lr_params, "val_loss", "min", tensorboard=False)
@@ -192,7 +192,7 @@ def test_test_split_is_evaluated_for_the_best_trial_by_the_configured_metric(tmp
 
 
 def test_trials_parquet_is_written_even_if_the_test_evaluation_fails(tmp_path, recorder, monkeypatch):
-    from ray_cifar import trial as trial_mod
+    from ray_cifar.tuning import trial as trial_mod
     from ray_cifar.validation import load_config
 
     recorder.on_trial_result(0, [], FakeTrial("a"), result(1, 0.5, checkpoint_path="/gone"))
@@ -248,7 +248,7 @@ def test_progress_counts_trials_tune_has_not_created_yet_as_pending():
     """Tune creates trials lazily: 2 of a 6-trial study exist, one done after 2 epochs of 2, one running."""
     from types import SimpleNamespace
 
-    from ray_cifar.recorder import progress_line
+    from ray_cifar.tuning.recorder import progress_line
 
     trials = [SimpleNamespace(status="TERMINATED"), SimpleNamespace(status="RUNNING")]
     summaries = {"a": {"epochs": 2, "planned_epochs": 2, "status": "completed"},
@@ -299,7 +299,7 @@ def test_asha_on_a_step_budget_decides_at_equal_steps_not_equal_epochs(recorder,
 
 
 def test_tune_test_all_evaluates_every_finished_trial_once_at_its_best_epoch(tmp_path, monkeypatch, capsys):
-    from ray_cifar import trial as trial_mod
+    from ray_cifar.tuning import trial as trial_mod
     from ray_cifar.validation import load_config
 
     rec = StudyRecorder(str(tmp_path), lr_params, "val_acc", "max", tensorboard=False)

@@ -6,7 +6,7 @@ import pytest
 
 
 def test_phase_clock_columns_add_up_to_the_startup(monkeypatch):
-    import ray_cifar.trial as trial_mod
+    import ray_cifar.tuning.trial as trial_mod
 
     now = iter([103.0, 104.5, 110.0])
     monkeypatch.setattr(trial_mod.time, "time", lambda: next(now))
@@ -28,7 +28,7 @@ def test_epoch_row_keeps_timing_columns_only():
 
 @pytest.mark.parametrize("cores, ranks, concurrent, threads", [(2, 2, 1, 1), (16, 2, 1, 8), (16, 2, 4, 2), (2, 2, 2, 1)])
 def test_concurrent_trials_split_the_cores(monkeypatch, cores, ranks, concurrent, threads):
-    from ray_cifar import ray_cluster
+    from ray_cifar.tuning import cluster as ray_cluster
     from ray_cifar.config import Config
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -40,7 +40,7 @@ def test_concurrent_trials_split_the_cores(monkeypatch, cores, ranks, concurrent
 
 
 def test_thread_split_leaves_gpus_and_user_settings_alone(monkeypatch):
-    from ray_cifar import ray_cluster
+    from ray_cifar.tuning import cluster as ray_cluster
     from ray_cifar.config import Config
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

@@ -88,7 +88,7 @@ def _ray_tune_trials(search_space: dict, num_samples: int, seed: int) -> list[di
     """Ray Tune's own expansion (what BasicVariantGenerator(random_state=seed) feeds the trials); no cluster."""
     from ray.tune.search.variant_generator import generate_variants
 
-    from ray_cifar.study import to_param_space
+    from ray_cifar.tuning.study import to_param_space
 
     rng = np.random.default_rng(seed)  # one Generator for every sample, as BasicVariantGenerator keeps it
     return [config for _ in range(num_samples)
@@ -128,7 +128,7 @@ def _smoke_trials(path: str) -> tuple[Config, list[tuple[dict, Config]]]:
     """The study as the smoke run below runs it: (study config, [(sampled values, trial config)]), distinct configs."""
     cfg = load_config(path, smoke_test=True, sets=_smoke_sets(path))
     base = cfg.to_dict()
-    base["tune"]["search_space"] = {}  # as ray_cifar.study hands it to every trial
+    base["tune"]["search_space"] = {}  # as ray_cifar.tuning.study hands it to every trial
     trials, seen = [], set()
     for sampled in expand_trials(cfg.tune.search_space, cfg.tune.num_samples, seed=0):
         trial = trial_config(base, sampled)

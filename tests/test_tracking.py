@@ -19,7 +19,7 @@ import time
 import pytest
 
 from conftest import TINY_MODEL
-from ray_cifar import tracking
+from ray_cifar.tuning import tracking
 from ray_cifar.results import ResultsLog
 
 EPOCHS = 4
@@ -213,8 +213,8 @@ def test_a_missing_tracker_package_is_one_line_naming_the_extra(tmp_path, synthe
 
 def test_a_study_that_does_not_track_never_imports_mlflow_or_wandb(tmp_path):
     """`import mlflow` alone takes ~3 s and `import wandb` ~1 s: only a study that tracks pays for them."""
-    code = ("import sys, ray_cifar.tune, ray_cifar.study, ray_cifar.recorder, ray_cifar.tracking, ray_cifar.cli\n"
-            "from ray_cifar.recorder import StudyRecorder\n"
+    code = ("import sys, ray_cifar.tune, ray_cifar.tuning.study, ray_cifar.tuning.recorder, ray_cifar.tuning.tracking, ray_cifar.cli\n"
+            "from ray_cifar.tuning.recorder import StudyRecorder\n"
             "StudyRecorder(sys.argv[1], lambda config: {}, 'val_acc', 'max', tracking=None)\n"
             "print('LOADED', sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'wandb')))\n")
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ray_cifar import ray_cluster
+from ray_cifar.tuning import cluster as ray_cluster
 from ray_cifar.validation import load_config
 
 NO_SEARCH = "tune.search_space={}"

@@ -62,6 +62,6 @@ def _draw(kind: str, values: list, rng: np.random.Generator) -> Any:
         return float(rng.uniform(values[0], values[1], size=1)[0])
     if kind == "loguniform":
         return float(np.exp(rng.uniform(np.log(values[0]), np.log(values[1]), size=1))[0])
-    if kind == "randint":  # [low, high] inclusive, as ray_cifar.study.to_param_space passes high + 1 to Tune
+    if kind == "randint":  # [low, high] inclusive, as ray_cifar.tuning.study.to_param_space passes high + 1 to Tune
         return int(rng.integers(values[0], values[1] + 1, size=1)[0])
     raise ValueError(f"unknown search kind {kind!r}")

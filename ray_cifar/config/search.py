@@ -47,8 +47,8 @@ def apply_searched(cfg: Config, key: str, value: Any) -> None:
         set_value(cfg, k, v)
 
 
-# A trial's Tune config may carry, beside its sampled values, its PBT lineage (ray_cifar.pbt writes it on
-# exploit) and choices that a model-based searcher only takes as text (ray_cifar.searchers encodes them).
+# A trial's Tune config may carry, beside its sampled values, its PBT lineage (ray_cifar.tuning.pbt writes it on
+# exploit) and choices that a model-based searcher only takes as text (ray_cifar.tuning.searchers encodes them).
 LINEAGE = "pbt_lineage"
 MODEL_BASED_SEARCHERS = ("optuna", "hyperopt", "bohb")  # tune.search values that draw trials from the results so far
 ENCODED = "json:"

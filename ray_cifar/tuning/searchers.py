@@ -4,7 +4,7 @@
     random    every entry drawn at random (a grid is a choice), num_samples trials
     optuna    Optuna's TPE        \\
     hyperopt  HyperOpt's TPE       > the next trial's values from the results so far; num_samples trials
-    bohb      BOHB (TuneBOHB)     /  with its own scheduler, HyperBandForBOHB (ray_cifar.scheduler)
+    bohb      BOHB (TuneBOHB)     /  with its own scheduler, HyperBandForBOHB (ray_cifar.tuning.scheduler)
 
 The search-space language maps onto each: grid and choice become one categorical dimension (a
 value that is not a number or a string, e.g. a section's dict or a variant, travels as JSON text,
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import MODEL_BASED_SEARCHERS as MODEL_BASED
-from .config import Config, ConfigError, encode_choice
+from ..config import MODEL_BASED_SEARCHERS as MODEL_BASED
+from ..config import Config, ConfigError, encode_choice
 
 _PACKAGES = {"optuna": "optuna", "hyperopt": "hyperopt", "bohb": "hpbandster and ConfigSpace"}
 

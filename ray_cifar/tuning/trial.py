@@ -16,10 +16,10 @@ Fault tolerance, from the inside out:
 - a failed trial (a one-rank trial's dead rank among them): Tune runs `tune_trial` again
   (tune.max_failures); its TorchTrainer, or its CheckpointStore, named after the trial id
   under the study's storage, finds its own latest checkpoint;
-- a dead driver: `Tuner.restore` (ray_cifar.study) runs unfinished trials' `tune_trial` again,
+- a dead driver: `Tuner.restore` (ray_cifar.tuning.study) runs unfinished trials' `tune_trial` again,
   which resumes the same way.
 
-Population based training (ray_cifar.pbt): an exploit restarts the trial with a new config that
+Population based training (ray_cifar.tuning.pbt): an exploit restarts the trial with a new config that
 carries its lineage (generation n, the donor's trial id and generation). Generation n trains in a
 run of its own, `trial-<id>-g<n>` (so Train's resume, and CheckpointStore, never reload the
 trial's pre-exploit state), which starts from a copy of the donor's latest checkpoint
@@ -44,15 +44,15 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from . import checkpoint, engine, storage
-from .checkpoint_store import CheckpointStore, copy_latest_state, load_state_at
-from .config import Config, split_sampled
-from .data import make_splits
-from .data_source import load_cifar10
-from .loop import build_model, evaluate_split, run_training
-from .pipelines import train_loader_for
-from .ray_cluster import runs_in_trial_process
-from .validation import config_from_dict, trial_config
+from .. import checkpoint, engine, storage
+from ..checkpoint_store import CheckpointStore, copy_latest_state, load_state_at
+from ..config import Config, split_sampled
+from ..data import make_splits
+from ..data_source import load_cifar10
+from ..loop import build_model, evaluate_split, run_training
+from ..pipelines import train_loader_for
+from ..validation import config_from_dict, trial_config
+from .cluster import runs_in_trial_process
 
 
 def _latest_state() -> dict | None:
@@ -280,7 +280,7 @@ def donor_location(storage_path: str, trial_id: str, generation: int) -> str:
 
 def copy_donor_state(storage_path: str, trial_id: str, lineage: dict[str, Any]) -> bool:
     """Copy the donor's latest checkpoint as the start of the trial's generation lineage["generation"]
-    (ray_cifar.pbt, in the driver, when it decides the exploit). False if the donor has none."""
+    (ray_cifar.tuning.pbt, in the driver, when it decides the exploit). False if the donor has none."""
     source = storage.join(storage_path, trainer_name(lineage["parent"], lineage.get("parent_generation", 0)))
     return copy_latest_state(source, donor_location(storage_path, trial_id, lineage["generation"]))
 

@@ -13,7 +13,7 @@ import socket
 
 import ray
 
-from .config import Config, trial_configs
+from ..config import Config, trial_configs
 
 
 def runs_in_trial_process(num_workers: int) -> bool:
@@ -151,7 +151,7 @@ def check_fits(cfg: Config) -> None:
     """On a running cluster, refuse (ConfigError, one line) a trial larger than the cluster's CPUs/GPUs,
     its driver included, before any trial starts. A local Ray was checked against this machine's
     real cores before it started (cli.check_before_trials)."""
-    from .validation import check_resources
+    from ..validation import check_resources
 
     if cfg.tune.address or os.environ.get("RAY_ADDRESS"):
         resources = ray.cluster_resources()

@@ -8,7 +8,7 @@ driver died is lost, and a (trial_id, epoch) pair is written once.
 
 Status comes from Tune's own events, not from epoch counts:
   completed  the trial function returned (it trained to its end)
-  stopped    the scheduler stopped it (`note_stopped`, called by ray_cifar.scheduler)
+  stopped    the scheduler stopped it (`note_stopped`, called by ray_cifar.tuning.scheduler)
   diverged   it reported a non-finite train loss and ended itself
   failed     Tune gave up on it (after tune.max_failures retries); `error` is the exception's last line
 """
@@ -26,16 +26,16 @@ from typing import Any, Callable
 
 from ray.tune import Callback
 
-from . import storage
-from .config import improves
-from .results import LINEAGE_COLUMNS, ResultsLog, epoch_row
+from .. import storage
+from ..config import improves
+from ..results import LINEAGE_COLUMNS, ResultsLog, epoch_row
 
 RUNNING, COMPLETED, STOPPED, DIVERGED, FAILED = "running", "completed", "stopped", "diverged", "failed"
 TRIALS_STATE = "trials.json"
 PROGRESS_EVERY_SECONDS = 60.0
 DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
 
-# What stopped this driver's study for want of disk space (a line each); ray_cifar.study reads it after fit().
+# What stopped this driver's study for want of disk space (a line each); ray_cifar.tuning.study reads it after fit().
 # Module state, not the callback's: Tuner.restore runs an unpickled copy of the callback.
 FULL_DISK: list[str] = []
 
@@ -142,7 +142,7 @@ class StudyRecorder(Callback):
 
     def _recover_rows(self) -> None:
         """Rows of damaged parts, from each trial's newest loadable checkpoint (its history of epoch metrics)."""
-        from .checkpoint_store import newest_loadable_state
+        from ..checkpoint_store import newest_loadable_state
 
         recovered = []
         for trial_id, summary in self.trials.items():
@@ -393,7 +393,7 @@ class StudyRecorder(Callback):
 
 def _trials_from_rows(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, dict[str, Any]]:
     """Trial summaries as _summary/_record build them, from epoch rows alone (status: running until Tune says)."""
-    from .results import best_epoch
+    from ..results import best_epoch
 
     by_trial: dict[str, list[dict[str, Any]]] = {}
     for r in rows:

@@ -1,4 +1,4 @@
-"""A study: Ray Tune over trials (ray_cifar.trial), ASHA (ray_cifar.scheduler), rows (ray_cifar.recorder).
+"""A study: Ray Tune over trials (.trial), a scheduler (.scheduler, .pbt), a searcher (.searchers), rows (.recorder).
 
     rc = run_study(cfg, output)                 # a new study; OUTPUT must be empty
     rc = run_study(cfg, output, resume=True)    # continue one whose driver died (Tuner.restore)
@@ -26,12 +26,11 @@ from typing import Any
 
 from ray.tune import Callback
 
-from . import storage
-from .config import Config, flatten, grid_size, search_keys
-
+from .. import storage
+from ..config import Config, flatten, grid_size, search_keys
+from ..results import ResultsLog, format_table, provenance, rank_trials, write_rows
+from ..validation import trial_config
 from .recorder import FAILED, FULL_DISK, TRIALS_STATE, QuietFullDiskFailures, StudyRecorder
-from .results import ResultsLog, format_table, provenance, rank_trials, write_rows
-from .validation import trial_config
 
 EXPERIMENT = "tune"
 FINISHED = "study-finished.json"
@@ -93,7 +92,7 @@ def searched_params(base: dict[str, Any], keys: list[str], sampled: dict[str, An
 def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, remote: str | None):
     from ray import tune
 
-    from . import ray_cluster, searchers, trial
+    from . import cluster, searchers, trial
     from .pbt import create_pbt
     from .scheduler import create_scheduler
 
@@ -108,7 +107,7 @@ def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, re
     ray_storage = storage_path(output, remote)
     trainable = tune.with_parameters(trial.tune_trial, base_config=base, storage_path=ray_storage)
     # Per trial: a one-rank trial's process is its rank; a DDP trial's only drives its TorchTrainer.
-    trainable = tune.with_resources(trainable, lambda sampled: ray_cluster.trial_resources(trial_config(base, sampled)))
+    trainable = tune.with_resources(trainable, lambda sampled: cluster.trial_resources(trial_config(base, sampled)))
     if resume:
         # tuner.pkl brings back the scheduler and the recorder (copies that re-read their state from disk).
         TuneStateBackup(output, remote).restore()
@@ -132,10 +131,10 @@ def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, re
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler,
                                     search_alg=searchers.create_search_alg(cfg),
                                     num_samples=num_samples, max_concurrent_trials=max_concurrent,
-                                    reuse_actors=ray_cluster.reuse_trial_processes(cfg)),
+                                    reuse_actors=cluster.reuse_trial_processes(cfg)),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=ray_storage,
                                   callbacks=[recorder, TuneStateBackup(output, remote)],
-                                  failure_config=tune.FailureConfig(max_failures=ray_cluster.max_failures(cfg))),
+                                  failure_config=tune.FailureConfig(max_failures=cluster.max_failures(cfg))),
     ), keys
 
 
@@ -247,7 +246,7 @@ class TuneStateBackup(Callback):
         whole copy, else it is set aside (NAME.damaged) and Tune resumes from the one before it (the trials'
         own checkpoints and the recorded rows are found by trial id either way); one warning line each. One
         line and exit 2 when none loads (Tune would otherwise start the study over)."""
-        from .config import ConfigError
+        from ..config import ConfigError
 
         if self.experiment is None:
             return
@@ -284,7 +283,7 @@ def hold_driver_lock(output: str) -> None:
     Two drivers on one output would run the same trials twice over the same checkpoints."""
     import socket
 
-    from .config import ConfigError
+    from ..config import ConfigError
 
     path, me = os.path.join(output, DRIVER_LOCK), {"pid": os.getpid(), "host": socket.gethostname()}
     try:
@@ -315,7 +314,7 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
     `output` is the local folder of the study's files; `remote` the s3:// or gs:// URI they are copied
     up to (and Ray's checkpoints written to) when --output was one; `shared` says --output was a URI
     (storage every node shares), without which a multi-node cluster is refused."""
-    from . import ray_cluster
+    from . import cluster
 
     # Tune's default loggers write TensorBoard/CSV/JSON files keyed by training_iteration, which
     # restarts at 1 on restore; the recorder writes per-epoch TensorBoard files under OUTPUT instead.
@@ -328,13 +327,13 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
     check_installed(cfg.tune.tracking)  # one line naming the extra, before Ray starts
     QuietFullDiskFailures.install()
     hold_driver_lock(output)
-    ray_cluster.init_ray(cfg)
-    ray_cluster.check_fits(cfg)  # before use_gpu is resolved: it refuses a GPU share only where use_gpu was false
-    cfg.train.use_gpu = ray_cluster.resolve_use_gpu(cfg)
+    cluster.init_ray(cfg)
+    cluster.check_fits(cfg)  # before use_gpu is resolved: it refuses a GPU share only where use_gpu was false
+    cfg.train.use_gpu = cluster.resolve_use_gpu(cfg)
     if not shared:
-        storage.check_output_shared(output, ray_cluster.alive_nodes())
-    max_concurrent = ray_cluster.concurrent_trials(cfg)
-    ray_cluster.split_cpu_threads(cfg, max_concurrent)
+        storage.check_output_shared(output, cluster.alive_nodes())
+    max_concurrent = cluster.concurrent_trials(cfg)
+    cluster.split_cpu_threads(cfg, max_concurrent)
     if remote and not resume:
         # config.yaml in the bucket now (past the up-front refusals), not a minute later: a head lost in the
         # first minute leaves a study that a retried job (--resume-if-exists) can continue.
@@ -458,7 +457,7 @@ def finish_and_sync(cfg: Config, output: str, keys: list[str], remote: str | Non
 
 def write_study_report(output: str) -> None:
     """OUTPUT/report.html and report.md; a report that cannot be drawn never fails the study."""
-    from .report import write_report
+    from ..report import write_report
 
     try:
         print(f"[ray_cifar] report: {write_report([output])}", flush=True)

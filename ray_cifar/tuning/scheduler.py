@@ -22,8 +22,8 @@ from typing import Any, Callable
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandForBOHB, TrialScheduler
 
+from ..results import ResultsLog
 from .recorder import STOPPED, TRIALS_STATE
-from .results import ResultsLog
 
 
 def save_experiment(tune_controller, trial=None) -> None:

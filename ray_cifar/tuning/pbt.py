@@ -6,7 +6,7 @@ ray_cifar's trials keep their state in their own run folders instead (Checkpoint
 rank, Ray Train's run for DDP, which only forwards a checkpoint *path* to Tune), so here an
 exploit is a new config and nothing else: the donor's values, explored, plus the lineage
 (`pbt_lineage`: generation, donor trial id and generation). Tune pauses the trial and starts it
-again with that config; the trial (ray_cifar.trial) trains generation n in a run of its own,
+again with that config; the trial (ray_cifar.tuning.trial) trains generation n in a run of its own,
 started from a copy of the donor's latest checkpoint, and `checkpoint.restore` keeps the new
 values over the donor's (lr, weight decay, momentum; the loader and loss are built from them).
 
@@ -30,8 +30,8 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 from ray.tune.schedulers.pb2 import PB2
 
-from .config import LINEAGE, Config, ConfigError, pbt_mutated_keys as mutated_keys
-from .results import ResultsLog
+from ..config import LINEAGE, Config, ConfigError, pbt_mutated_keys as mutated_keys
+from ..results import ResultsLog
 from .scheduler import save_experiment
 
 SEED = "train.seed"

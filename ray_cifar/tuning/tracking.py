@@ -32,7 +32,7 @@ import struct
 import time
 from typing import Any, Iterable
 
-from .config import ConfigError
+from ..config import ConfigError
 
 TRACKERS = ("none", "mlflow", "wandb")
 EXTRA = "ray_cifar[tracking]"

@@ -1,0 +1,15 @@
+"""The Ray layer: a study is Ray Tune trials, each one rank in its Tune trial process or a DDP Ray Train run.
+
+    study      the driver: Tuner / Tuner.restore (--resume), replicate seeds, test evaluation, trials.parquet
+    trial      one trial: the per-rank function, the TorchTrainer of a DDP trial, the Tune trial function
+    cluster    Ray itself: connect or start, what a trial needs of it, how many fit at once
+    scheduler  ASHA and BOHB's HyperBand, rungs rebuilt from recorded rows after a restore
+    pbt        PBT / PB2 on ray_cifar's own per-epoch checkpoints
+    searchers  tune.search: random, Optuna, HyperOpt, BOHB, and the search-space translation
+    recorder   the Tune callback that writes rows and statuses (results.parquet, trials.json)
+    tracking   MLflow / W&B runs fed by the recorder
+
+Only this package and the entry points (tune, train) import Ray; everything below it (config, data,
+the engine and loop, checkpoints, results, report) runs without Ray. Nothing is imported here, so that
+a Ray worker importing `ray_cifar.tuning.trial` loads only what a trial needs.
+"""

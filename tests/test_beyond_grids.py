@@ -34,6 +34,10 @@ PBT = COMMON + [f"train.epochs={PBT_EPOCHS}", "tune.scheduler=pbt", "tune.pertur
                 # Ranked by train loss: 200 validation images rank a barely trained net by chance.
                 "tune.metric=train_loss", "tune.mode=min",
                 "tune.search_space={optim.lr: {grid: [0.000001, 0.1]}, optim.weight_decay: {uniform: [0.0001, 0.001]}}"]
+# BOHB: HyperBand over 3 epochs at reduction factor 3 fills a bracket of 3 trials judged at epoch 1 (one goes on to
+# epoch 3, two stop), then a bracket of one trial run to epoch 3; TuneBOHB draws each trial's values.
+BOHB = COMMON + ["tune.search=bohb", "tune.num_samples=4", "tune.reduction_factor=3", "tune.max_concurrent_trials=2",
+                 "tune.search_space={optim.lr: {loguniform: [0.000001, 0.2]}, optim.momentum: {choice: [0.0, 0.9]}}"]
 OPTUNA = COMMON + ["tune.search=optuna", "tune.num_samples=4", "tune.grace_period=1", "tune.max_concurrent_trials=2",
                    "tune.search_space={optim.lr: {loguniform: [0.000001, 0.2]}, optim.momentum: {choice: [0.0, 0.9]}}"]
 
@@ -56,6 +60,7 @@ def killed_and_resumed(output, sets, ready) -> tuple[dict, str]:
                               timeout=600)
     resumed = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--resume", str(output)], capture_output=True,
                              text=True, timeout=900)
+    (output.parent / "resumed.log").write_text(resumed.stdout + resumed.stderr)  # kept with the study, for a failure
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     assert "resuming study" in resumed.stdout
     return before, resumed.stdout
@@ -137,3 +142,37 @@ def test_optuna_draws_off_grid_stops_the_weak_and_resumes_without_rerunning(optu
     for tid in finished_before:  # not run again: no epoch of theirs was written after the kill
         assert all((r["trial_id"], r["epoch"]) in before for r in rows if r["trial_id"] == tid)
     assert os.path.exists(output / "ray" / "tune") and os.path.exists(output / "trials.parquet")
+
+
+@pytest.fixture(scope="module")
+def bohb_study(tmp_path_factory):
+    output = tmp_path_factory.mktemp("bohb") / "study"
+    # Killed once two trials have results: HyperBand has paused the first at its bracket's epoch-1 milestone.
+    before, stdout = killed_and_resumed(output, BOHB, lambda rows: len({r["trial_id"] for r in rows}) >= 2)
+    return output, before, stdout
+
+
+def test_bohb_draws_off_grid_stops_the_weak_and_resumes_without_rerunning(bohb_study):
+    output, before, stdout = bohb_study
+    rows = assert_unique_and_kept(output, before)
+    trials = trials_state(output)
+    assert len(trials) == 4, "the trial budget (tune.num_samples) is not what ran"
+    lrs = {t["optim.lr"] for t in trials.values()}
+    assert len(lrs) == 4 and all(1e-6 <= lr <= 0.2 for lr in lrs)  # drawn by BOHB from the range, none twice
+    assert {t["optim.momentum"] for t in trials.values()} <= {0.0, 0.9}
+    statuses = sorted(t["status"] for t in trials.values())
+    assert statuses.count("stopped") == 2 and statuses.count("completed") == 2, statuses  # HyperBand's brackets
+    for tid in {tid for (tid, epoch) in before if epoch == EPOCHS}:  # finished before the kill: not run again
+        assert all((r["trial_id"], r["epoch"]) in before for r in rows if r["trial_id"] == tid)
+    epochs = {tid: max(r["epoch"] for r in rows if r["trial_id"] == tid) for tid in trials}
+    # The stopped ones at their milestone: a trial that waited at it when the driver died is not trained on
+    # past it after --resume (Ray's restore alone makes it PENDING, and it would run an epoch more).
+    assert sorted(epochs.values()) == [1, 1, EPOCHS, EPOCHS], epochs
+    # BOHB's model kept what it had learnt: the two epoch-1 results before the kill (both trials paused there,
+    # which is when HyperBand hands the searcher an observation) are among its observations at the end.
+    import cloudpickle
+
+    state_file = sorted((output / "ray" / "tune").glob("searcher-state-*.pkl"))[-1]
+    with open(state_file, "rb") as f:
+        bohb_model = cloudpickle.load(f)["bohber"]
+    assert len(bohb_model.losses.get(1, [])) >= 2, bohb_model.losses

@@ -20,6 +20,7 @@ import os
 import zlib
 from typing import Any, Callable
 
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandForBOHB, TrialScheduler
 
 from ..results import ResultsLog
@@ -144,58 +145,155 @@ class RestorableASHA(ASHAScheduler):
 
 
 class _NotingStops:
-    """Tune's controller as HyperBand sees it, telling `on_stop` of every paused trial HyperBand stops."""
+    """Tune's controller as HyperBand sees it, telling `on_stop` of every paused trial HyperBand stops, and
+    saving the experiment after: Tune stores a trial's state only when it has a process to stop, so a paused
+    trial stopped would stay PAUSED on disk (a resumed study then never counts as finished)."""
 
-    def __init__(self, controller, on_stop: Callable[[str], None]):
+    def __init__(self, controller, on_stop: Callable[[str], None] | None):
         self._controller, self._on_stop = controller, on_stop
 
     def stop_trial(self, trial):
         last = trial.last_result or {}
-        if last.get("epoch", 0) < (last.get("epochs") or float("inf")):  # not a trial already at its end
+        if self._on_stop and last.get("epoch", 0) < (last.get("epochs") or float("inf")):  # not one at its end
             self._on_stop(trial.trial_id)
-        return self._controller.stop_trial(trial)
+        stopped = self._controller.stop_trial(trial)
+        save_experiment(self._controller, trial)
+        return stopped
 
     def __getattr__(self, name):
         return getattr(self._controller, name)
 
 
 class BOHBHyperBand(HyperBandForBOHB):
-    """HyperBandForBOHB(time_attr="epoch", ...) that tells the recorder which trials it stopped.
+    """HyperBandForBOHB(time_attr="epoch", ...) that tells the recorder which trials it stopped, and whose
+    brackets survive a driver restart.
 
-    HyperBand pauses a trial at a rung and starts it again if it is promoted: the trial function
-    runs again and resumes its own latest checkpoint. After `Tuner.restore` its brackets start empty
-    (as Ray's ASHA rungs do) and the restored trials fill new ones; a trial it had stopped before the
-    driver died is stopped again at its first result."""
+    HyperBand pauses a trial at its bracket's milestone until the bracket's other trials reach it, then
+    keeps the best 1/reduction_factor (promoted: the trial function runs again and resumes its own latest
+    checkpoint) and stops the rest. Ray's `Tuner.restore` brings this scheduler back with empty brackets,
+    re-adds the trials newest first (so they fill other brackets than before; the finished ones too, where
+    they hold a place that never empties) and makes every unfinished trial PENDING, which Tune starts
+    without asking the scheduler: a trial that waited at its milestone trains on past it. So after a
+    restore every unfinished trial is held (PAUSED) until `rebuild`: the brackets are filled again in the
+    trials' creation order (the number in Tune's experiment tag), as the first driver filled them, and
+    replayed from the recorded rows (each milestone's halving with the metric at that epoch); then a trial
+    that waits at a milestone stays paused, a promoted or unstarted one is unpaused, one the replay halves
+    away is stopped (and recorded so). The searcher's bookkeeping (running / paused) follows. Assumes no
+    trial ended early (failed, diverged) before its bracket was full, which would have let a later trial
+    into that bracket.
+
+    The searcher's state (its observations) is Tune's to save: it is saved right after each observation
+    (a trial's result at a milestone), so a dead driver loses none of them."""
 
     def __init__(self, output: str, on_stop: Callable[[str], None] | None = None, **hyperband_args: Any):
         super().__init__(time_attr="epoch", **hyperband_args)
         self.output, self.on_stop = output, on_stop
         self._stopped_before: set[str] | None = None
+        self._held: list | None = None  # trials added since a restore, until rebuild places them
+        self._save_next = False
 
     def on_trial_add(self, tune_controller, trial) -> None:
-        if self._stopped_before is None:
+        if self._stopped_before is None:  # the first trial this driver sees: a restore if rows were recorded
             self._stopped_before = recorded_stops(self.output)
-        super().on_trial_add(tune_controller, trial)
+            if os.path.exists(os.path.join(self.output, TRIALS_STATE)) or ResultsLog(self.output).read():
+                self._held = []
+        if self._held is not None:
+            if trial.status not in (Trial.TERMINATED, Trial.ERROR):
+                trial.set_status(Trial.PAUSED)  # before Tune files it: a PENDING trial would start at once
+            self._held.append(trial)
+        else:
+            super().on_trial_add(tune_controller, trial)
         save_experiment(tune_controller, trial)
+
+    def choose_trial_to_run(self, tune_controller, allow_recurse: bool = True):
+        if self._held is not None:  # Tune adds every restored trial before it first asks what to run
+            self.rebuild(tune_controller, ResultsLog(self.output).read())
+        if self._save_next:  # the searcher took the last result's observation after this scheduler's decision
+            self._save_next = False
+            save_experiment(tune_controller)
+        return super().choose_trial_to_run(tune_controller, allow_recurse)
+
+    def rebuild(self, tune_controller, rows: list[dict[str, Any]]) -> None:
+        """Brackets filled again in creation order and replayed from `rows` (see the class docstring)."""
+        held, self._held = self._held or [], None
+        self._hyperbands, self._state, self._trial_info = [[]], {"bracket": None, "band_idx": 0}, {}
+        for trial in sorted(held, key=_creation_order):
+            super().on_trial_add(tune_controller, trial)
+        by_trial: dict[str, list[dict[str, Any]]] = {}
+        for row in sorted(rows, key=lambda r: r["epoch"]):
+            if row.get(self._metric) is not None:
+                by_trial.setdefault(row["trial_id"], []).append(row)
+        controller = _NotingStops(tune_controller, self.on_stop)
+        for band in self._hyperbands:
+            for bracket in band:
+                if bracket is not None:
+                    self._replay(controller, bracket, by_trial)
+        searcher = getattr(getattr(tune_controller, "search_alg", None), "searcher", None)
+        for trial in held:
+            if trial.status in (Trial.TERMINATED, Trial.ERROR) and hasattr(searcher, "running"):
+                searcher.running.discard(trial.trial_id)
+                searcher.paused.discard(trial.trial_id)
+            elif trial.status == Trial.PAUSED and hasattr(searcher, "on_pause") and not any(
+                    trial in b.trials_to_unpause for band in self._hyperbands for b in band if b is not None):
+                searcher.on_pause(trial.trial_id)
+
+    def _replay(self, controller, bracket, by_trial: dict[str, list[dict[str, Any]]]) -> None:
+        def ended(t) -> bool:
+            return t.status in (Trial.TERMINATED, Trial.ERROR)
+
+        while True:
+            for t in list(bracket._live_trials):
+                reached = [r for r in by_trial.get(t.trial_id, []) if r["epoch"] <= bracket._cumul_r]
+                if reached and bracket._get_result_time(bracket._live_trials[t]) < reached[-1]["epoch"]:
+                    bracket.update_trial_stats(t, {self._time_attr: reached[-1]["epoch"],
+                                                   self._metric: reached[-1][self._metric]})
+                if ended(t) and bracket._get_result_time(bracket._live_trials[t]) < bracket._cumul_r:
+                    bracket.cleanup_trial(t)  # it ended before this milestone (Tune had removed it then)
+            if bracket.finished() or not bracket.filled() or not bracket._live_trials or not bracket.cur_iter_done():
+                break
+            good, bad = bracket.successive_halving(self._metric, self._metric_op)
+            bracket.is_being_processed = True  # as Ray marks a halved bracket: a stop below must not halve again
+            for t in bad:
+                bracket.cleanup_trial(t)
+                if not ended(t):  # the first driver died before it stopped this one
+                    controller.stop_trial(t)
+        for t in list(bracket._live_trials):
+            if ended(t):
+                bracket.cleanup_trial(t)
+            elif bracket.continue_trial(t):  # promoted, or not at its milestone yet: it runs
+                self._unpause_trial(controller, t)
+                bracket.trials_to_unpause.add(t)
+            elif bracket.finished():  # at the last milestone: nothing left to train
+                bracket.cleanup_trial(t)
+                controller.stop_trial(t)
+            # else: it waits at its milestone for the bracket's others, paused
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if trial.trial_id in (self._stopped_before or set()):
             self._stopped_before.discard(trial.trial_id)
             return TrialScheduler.STOP
         decision = super().on_trial_result(tune_controller, trial, result)
+        if "budget" in result.get("hyperband_info", {}):
+            self._save_next = True  # an observation for the searcher (see choose_trial_to_run)
         last_epoch = min(self._max_t_attr, result.get("epochs") or self._max_t_attr)
         if decision == TrialScheduler.STOP and result.get("epoch", last_epoch) < last_epoch and self.on_stop:
             self.on_stop(trial.trial_id)
         return decision
 
     def _process_bracket(self, tune_controller, bracket) -> str:
-        controller = _NotingStops(tune_controller, self.on_stop) if self.on_stop else tune_controller
+        controller = _NotingStops(tune_controller, self.on_stop)
         return super()._process_bracket(controller, bracket)
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_stopped_before"] = None  # a restored copy reads them from disk
+        state.update(_stopped_before=None, _held=None, _save_next=False)  # a restored copy reads them from disk
         return state
+
+
+def _creation_order(trial) -> tuple[int, str]:
+    """Tune's experiment tag starts with the trial's number in creation order ("3_optim.lr=..."), kept on restore."""
+    head = str(getattr(trial, "experiment_tag", "")).split("_", 1)[0]
+    return (int(head) if head.isdigit() else 10**9, trial.trial_id)
 
 
 def create_scheduler(name: str, output: str, on_stop: Callable[[str], None], max_t: int, grace_period: int,

@@ -176,3 +176,57 @@ def test_bohb_draws_off_grid_stops_the_weak_and_resumes_without_rerunning(bohb_s
     with open(state_file, "rb") as f:
         bohb_model = cloudpickle.load(f)["bohber"]
     assert len(bohb_model.losses.get(1, [])) >= 2, bohb_model.losses
+
+
+# PBT of 2-rank DDP trials: each generation is a TorchTrainer run of its own, whose start took 54-170 s on the
+# loaded 2-core machine (the whole study 6.5 min): too long for make test, so it runs only when asked
+# (RAY_CIFAR_LONG_TESTS=1); benchmarks/results/pbt_ddp_cpu.json holds a real run's rows. The smallest study that
+# shows an exploit: two members (one hopeless), three epochs, a decision each epoch.
+DDP_PBT = [s for s in PBT if not s.startswith(("tune.search_space", "tune.max_concurrent"))] + [
+    "train.epochs=3", "train.num_workers=2", "train.cpus_per_worker=0.25", "tune.trial_driver_cpus=0.25",
+    "data.train_subset=1000", "tune.num_samples=1", "tune.max_concurrent_trials=2",
+    "tune.search_space={optim.lr: {grid: [0.000001, 0.1]}, optim.weight_decay: {uniform: [0.0001, 0.001]}}"]
+
+
+@pytest.fixture(scope="module")
+def ddp_pbt_study(tmp_path_factory):
+    if DATA is None:
+        pytest.skip("needs real CIFAR-10: set RAY_CIFAR_DATA")
+    if os.environ.get("RAY_CIFAR_LONG_TESTS") != "1":
+        pytest.skip("a PBT study of 2-rank DDP trials takes minutes: set RAY_CIFAR_LONG_TESTS=1")
+    output = tmp_path_factory.mktemp("ddp_pbt") / "study"
+    done = subprocess.run(study_args(DATA, output, *DDP_PBT), capture_output=True, text=True, timeout=1500)
+    (output.parent / "study.log").write_text(done.stdout + done.stderr)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return output, done.stdout
+
+
+def test_ddp_pbt_member_continues_from_its_donors_weights(ddp_pbt_study):
+    output, stdout = ddp_pbt_study
+    rows = ResultsLog(str(output)).read()
+    keys = [(r["trial_id"], r["epoch"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 6, keys  # two members, three epochs each, none twice
+    assert all(len(r["nodes"].split(",")) == 2 for r in rows)  # every epoch trained by two DDP ranks
+    by_trial: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: r["epoch"]):
+        by_trial.setdefault(r["trial_id"], []).append(r)
+    hopeless = next(tid for tid, rs in by_trial.items() if rs[0]["optim.lr"] < 1e-3)
+    good = next(tid for tid in by_trial if tid != hopeless)
+    rs = by_trial[hopeless]
+    i = next((i for i in range(1, len(rs)) if rs[i]["pbt_generation"] > rs[i - 1]["pbt_generation"]), None)
+    assert i is not None, "the hopeless member never copied the good one"
+    row, own_before = rs[i], rs[i - 1]
+    assert row["pbt_parent"] == good and row["pbt_generation"] == 1 and "copies" in stdout
+    # Its first epoch after the exploit starts from the donor's state at the epoch before (a new Train run):
+    # the donor's lr, its own seed, an explored weight decay, and a train loss that goes on from the donor's.
+    donor_row = next(r for r in by_trial[good] if r["epoch"] == row["resumed_from_epoch"])
+    assert row["resumed_from_epoch"] == row["epoch"] - 1
+    assert row["optim.lr"] == donor_row["optim.lr"] == 0.1 and row["train.seed"] == own_before["train.seed"]
+    assert 1e-4 <= row["optim.weight_decay"] <= 1e-3
+    assert donor_row["train_loss"] < own_before["train_loss"] - 0.05
+    assert abs(row["train_loss"] - donor_row["train_loss"]) < abs(row["train_loss"] - own_before["train_loss"])
+    assert all(r["pbt_generation"] == 1 and r["pbt_parent"] == good for r in rs[i:])  # lineage on every later row
+    assert all(r["pbt_generation"] == 0 and r["pbt_parent"] == "" for r in by_trial[good])
+    table = {t["trial_id"]: t for t in pq.read_table(output / "trials.parquet").to_pylist()}
+    assert table[hopeless]["exploits"] == 1 and table[good]["exploits"] == 0
+    assert all(t["status"] == "completed" for t in table.values())

@@ -284,3 +284,43 @@ def test_a_missing_library_is_one_line_naming_the_extra(monkeypatch):
         load_config(None, [*TINY_MODEL, "tune.search=bohb"])
     with pytest.raises(ConfigError, match=r"tune.scheduler: pb2 needs sklearn"):
         load_config(None, [*TINY_MODEL, "tune.scheduler=pb2", "tune.search_space={optim.lr: {loguniform: [0.01, 0.1]}}"])
+
+
+def test_pb2s_data_comes_back_from_the_rows_after_a_restore(tmp_path):
+    """An uninterrupted PB2 over fake trials; each result recorded as the recorder writes it; a restored PB2
+    (Ray's restore: a fresh copy) rebuilt from those rows holds the same table its GP learns from."""
+    random.seed(0)
+    cfg = pbt_config("tune.scheduler=pb2", "tune.pbt_mutate=[optim.weight_decay]", "tune.perturbation_interval=1",
+                     "tune.pbt_quantile=0.25")
+    scheduler, controller, trials = make_population(cfg, tmp_path)
+    base = {t.trial_id: 0.1 * i for i, t in enumerate(trials)}
+    epoch, resumed, rows = {t.trial_id: 0 for t in trials}, {t.trial_id: 0 for t in trials}, []
+    for _ in range(5):
+        for t in reversed(trials):  # the strongest first: donors have reached the weak ones' epoch
+            tid, e = t.trial_id, epoch[t.trial_id] + 1
+            acc, lineage = base[tid] + 0.01 * e * (1 + int(tid[1:])), t.config.get(LINEAGE) or {}
+            rows.append({"trial_id": tid, "epoch": e, "epochs": 6, "val_acc": acc, "time": float(len(rows)),
+                         "optim.weight_decay": t.config["optim.weight_decay"], "resumed_from_epoch": resumed[tid],
+                         "pbt_generation": lineage.get("generation", 0), "pbt_parent": lineage.get("parent", "")})
+            exploits = len(controller.paused)
+            report(scheduler, controller, t, e, acc)
+            epoch[tid] = e
+            if len(controller.paused) > exploits:  # it copies its donor's state: it goes on from there
+                donor = t.config[LINEAGE]["parent"]
+                epoch[tid] = resumed[tid] = epoch[donor]
+                base[tid] = base[donor]
+                t.set_status(Trial.RUNNING)
+    assert len(controller.paused) >= 2 and len(scheduler.data) > len(rows) - 4  # exploits, and their entries
+    ResultsLog(str(tmp_path)).append(rows)
+    restored = pickle.loads(pickle.dumps(pbt.create_pbt(cfg, str(tmp_path))))
+    restored.set_search_properties("val_acc", "max")
+    assert restored.data.empty
+    for t in trials:
+        restored.on_trial_add(FakeController(trials), t)
+    restored.choose_trial_to_run(FakeController(trials))  # Tune's first question after adding them all
+
+    def table(data):
+        return sorted(tuple(round(v, 9) if isinstance(v, float) else v for v in row)
+                      for row in data[["Trial", "Time", "optim.weight_decay", "Reward"]].itertuples(index=False))
+
+    assert table(restored.data) == table(scheduler.data)

@@ -142,6 +142,20 @@ def copy_latest_state(source: str, destination: str, warn=print) -> bool:
     return True
 
 
+def has_checkpoint(location: str) -> bool:
+    """Whether a run folder holds any checkpoint folder (a listing: nothing is read)."""
+    fs, path = storage.filesystem(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return any(i.type == pafs.FileType.Directory and _ANY_CHECKPOINT.match(posixpath.basename(i.path)) for i in infos)
+
+
+def remove_state_at(location: str) -> None:
+    """Delete `location` (copy_latest_state's destination), if it is there."""
+    fs, path = storage.filesystem(location)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
 def load_state_at(location: str) -> dict[str, Any] | None:
     """The training state in `location`/state.pt (a path or URI; copy_latest_state's destination), or None."""
     local = storage.local_path(location)

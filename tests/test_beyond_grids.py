@@ -17,7 +17,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import TINY_MODEL
-from ray_cifar import checkpoint
 from ray_cifar.results import ResultsLog
 from test_fault_tolerance import kill_driver_when, study_args, trials_state
 
@@ -99,16 +98,17 @@ def test_pbt_members_copy_the_strong_and_their_lineage_survives_a_dead_driver(pb
         row, own_before = by_trial[tid][i], by_trial[tid][i - 1]
         parent = row["pbt_parent"]
         assert parent in by_trial and parent != tid
-        # It started from the donor's state at the donor's latest epoch (a copy taken once).
+        # It started from the donor's state at the donor's latest epoch (a copy taken once, deleted once the
+        # generation had a checkpoint of its own) ...
         gen = row["pbt_generation"]
-        copied = checkpoint.load_state(str(output / "ray" / f"trial-{tid}-g{gen}.donor"))
-        assert copied["epoch"] == row["resumed_from_epoch"] == row["epoch"] - 1 >= own_before["epoch"]
-        assert copied["config"]["train"]["seed"] == by_trial[parent][0]["train.seed"]
+        assert row["resumed_from_epoch"] == row["epoch"] - 1 >= own_before["epoch"]
+        assert not (output / "ray" / f"trial-{tid}-g{gen}.donor").exists()
+        donor_row = next(r for r in by_trial[parent] if r["epoch"] == row["resumed_from_epoch"])
         # ... with the donor's lr (searched, not perturbed) and its own seed; weight decay explored in range.
-        assert row["optim.lr"] == copied["config"]["optim"]["lr"] and row["train.seed"] == own_before["train.seed"]
+        assert row["optim.lr"] == donor_row["optim.lr"] and row["train.seed"] == own_before["train.seed"]
         assert 1e-4 <= row["optim.weight_decay"] <= 1e-3
-        donor_loss = next((r["train_loss"] for r in by_trial[parent] if r["epoch"] == copied["epoch"]), None)
-        if donor_loss is not None and donor_loss < own_before["train_loss"] - 0.1:
+        donor_loss = donor_row["train_loss"]
+        if donor_loss < own_before["train_loss"] - 0.1:
             # Copying a clearly better member (a hopeless one copying a good one): its loss goes on from the
             # donor's, not from its own.
             continued.append(tid)
@@ -221,6 +221,7 @@ def test_ddp_pbt_member_continues_from_its_donors_weights(ddp_pbt_study):
     # the donor's lr, its own seed, an explored weight decay, and a train loss that goes on from the donor's.
     donor_row = next(r for r in by_trial[good] if r["epoch"] == row["resumed_from_epoch"])
     assert row["resumed_from_epoch"] == row["epoch"] - 1
+    assert not (output / "ray" / f"trial-{hopeless}-g1.donor").exists()  # deleted: the generation has its own
     assert row["optim.lr"] == donor_row["optim.lr"] == 0.1 and row["train.seed"] == own_before["train.seed"]
     assert 1e-4 <= row["optim.weight_decay"] <= 1e-3
     assert donor_row["train_loss"] < own_before["train_loss"] - 0.05

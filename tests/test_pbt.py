@@ -220,6 +220,13 @@ def test_a_generation_starts_from_the_donors_newest_checkpoint(tmp_path):
     ddp = {"trial_id": "u", "generation": 2, "parent": "e", "parent_generation": 0}
     assert trial.adopted_state(trial.donor_copy(str(tmp_path), trial.trainer_name("u", 2), ddp))["epoch"] == 2
     assert trial.donor_copy(str(tmp_path), trial.trainer_name("v"), {"trial_id": "v"}) is None
+    # Once the generation has a checkpoint of its own (whose save deletes the copy), it resumes from that: no copy.
+    save("trial-t-g1", "checkpoint_000004", 4)
+    from ray_cifar.checkpoint_store import remove_state_at
+
+    remove_state_at(location)
+    assert trial.donor_copy(str(tmp_path), trial.trainer_name("t", 1), lineage) is None
+    assert not (tmp_path / "trial-t-g1.donor").exists()
 
 
 # -- search-space translation -------------------------------------------------------------------

@@ -155,7 +155,9 @@ class _Lineage:
 
     def _copy_donor(self, trial: Trial, donor: Trial) -> bool:
         """The donor's latest checkpoint, copied now for the trial's next generation: the donor keeps training
-        and deleting older epochs, and its state when the trial restarts may be its last (nothing to train)."""
+        and deleting older epochs, and its state when the trial restarts may be its last (nothing to train).
+        In the driver, synchronously: 0.9 s for a ResNet-18 state with Lookahead (128 MiB: read, verified,
+        written) on a loaded 2-core machine. The generation's first checkpoint of its own deletes the copy."""
         if self.storage_path is None:  # unit tests of the decisions alone
             return True
         from .trial import copy_donor_state

@@ -23,8 +23,9 @@ Population based training (ray_cifar.tuning.pbt): an exploit restarts the trial 
 carries its lineage (generation n, the donor's trial id and generation). Generation n trains in a
 run of its own, `trial-<id>-g<n>` (so Train's resume, and CheckpointStore, never reload the
 trial's pre-exploit state), which starts from a copy of the donor's latest checkpoint
-(`trial-<id>-g<n>.donor/state.pt`, taken once: the donor keeps training and deletes old epochs);
-a retry or `--resume` of generation n finds that run's own latest checkpoint first.
+(`trial-<id>-g<n>.donor/state.pt`, taken once: the donor keeps training and deletes old epochs,
+and deleted once generation n has a checkpoint of its own); a retry or `--resume` of generation n
+finds that run's own latest checkpoint first.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from .. import checkpoint, engine, storage
-from ..checkpoint_store import CheckpointStore, copy_latest_state, load_state_at
+from ..checkpoint_store import CheckpointStore, copy_latest_state, has_checkpoint, load_state_at, remove_state_at
 from ..config import Config, split_sampled
 from ..data import make_splits
 from ..data_source import load_cifar10
@@ -205,9 +206,23 @@ def run_rank(cfg: Config, where: Rank, clock: PhaseClock, started: float | None,
                  local_world_size=where.local_world_size, log=log, resume=resume)
 
 
-def _train_report(metrics: dict, directory: str | None, epoch: int, best_epoch: int | None) -> None:
+def _train_report(metrics: dict, directory: str | None, epoch: int, best_epoch: int | None,
+                  after_checkpoint: Callable[[], None] = lambda: None) -> None:
     # A barrier: every rank calls it each epoch; Ray keeps the latest and the best checkpoint.
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
+    if directory:  # rank 0, its checkpoint persisted (report uploads it before it returns)
+        after_checkpoint()
+
+
+def _once(action: Callable[[], None]) -> Callable[[], None]:
+    done = []
+
+    def run() -> None:
+        if not done:
+            done.append(True)
+            action()
+
+    return run
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -216,9 +231,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     clock = PhaseClock(loop_config.get("started"))
     clock.lap("worker_group")  # Tune trial start -> this rank runs: Train controller, workers, process group
     ctx = ray.train.get_context()
+    donor = loop_config.get("donor")
+    # The generation's first checkpoint of its own replaces its donor's copy (a retry resumes from its own).
+    drop_donor_copy = _once(lambda: remove_state_at(donor) if donor else None)
+    report = functools.partial(_train_report, after_checkpoint=drop_donor_copy)
     where = Rank(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_world_size(),
                  ray.train.torch.get_device(),  # the rank's own (visible) GPU, or cpu
-                 own_or_adopted(_latest_state, loop_config.get("donor")), _train_report)
+                 own_or_adopted(_latest_state, donor), report)
     run_rank(config_from_dict(loop_config["config"]), where, clock, loop_config.get("started"),
              loop_config.get("columns"))
 
@@ -234,8 +253,12 @@ def train_in_trial_process(cfg: Config, storage_path: str, name: str, started: f
 
     store = CheckpointStore(storage.join(storage_path, name))
 
+    # The generation's first checkpoint of its own replaces its donor's copy (a retry resumes from its own).
+    drop_donor_copy = _once(lambda: remove_state_at(donor) if donor else None)
+
     def report(metrics: dict, directory: str | None, epoch: int, best_epoch: int | None) -> None:
         metrics["checkpoint_path"] = store.save(directory, epoch, best_epoch)
+        drop_donor_copy()
         tune.report(metrics)
 
     # Tune gave this process the trial's GPU (CUDA_VISIBLE_DEVICES), if it asked for one.
@@ -287,10 +310,11 @@ def copy_donor_state(storage_path: str, trial_id: str, lineage: dict[str, Any]) 
 
 def donor_copy(storage_path: str, name: str, lineage: dict[str, Any]) -> str | None:
     """Where this generation's starting state is: the copy of the donor's latest checkpoint made when the exploit
-    was decided (made here if it is missing). None for generation 0, or when neither the donor nor this
-    trial's previous generation has a checkpoint."""
-    if not lineage.get("generation"):
-        return None
+    was decided (made here if it is missing). None for generation 0, for a generation that has a checkpoint of
+    its own (its first one deletes the copy), or when neither the donor nor this trial's previous generation
+    has a checkpoint."""
+    if not lineage.get("generation") or has_checkpoint(storage.join(storage_path, name)):
+        return None  # generation 0, or one with a checkpoint of its own: it resumes from that
     location = storage.join(storage_path, f"{name}.donor")
     if load_state_at(location) is not None:
         return location  # copied by the driver, or by an earlier attempt of this generation

@@ -8,6 +8,7 @@ import os
 import pickle
 
 import pytest
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from ray_cifar.tuning import study
@@ -322,3 +323,80 @@ def test_tune_test_all_evaluates_every_finished_trial_once_at_its_best_epoch(tmp
     assert by_id["a"]["test_acc"] == pytest.approx(0.1) and by_id["b"]["test_acc"] == pytest.approx(0.2)
     assert by_id["c"]["test_acc"] is None
     assert "never used to choose" in capsys.readouterr().out
+
+
+class _FakeSearcher:
+    def __init__(self):
+        self.running, self.paused = set(), set()
+
+    def on_pause(self, trial_id):
+        self.paused.add(trial_id)
+        self.running.discard(trial_id)
+
+    def on_unpause(self, trial_id):
+        self.paused.discard(trial_id)
+        self.running.add(trial_id)
+
+
+class _FakeHyperBandController:
+    """What HyperBand asks of Tune's controller after a restore: the trials, stopping one, saving, the searcher."""
+
+    def __init__(self, trials):
+        self.trials, self.stopped, self.saved = trials, [], 0
+        self.search_alg = type("SearchAlg", (), {"searcher": _FakeSearcher()})()
+
+    def get_trials(self):
+        return self.trials
+
+    def stop_trial(self, trial):
+        self.stopped.append(trial.trial_id)
+        trial.set_status(Trial.TERMINATED)
+
+    def checkpoint(self, force=False, wait=False):
+        self.saved += 1
+
+
+def _restored_bohb(tmp_path, rows, statuses):
+    """A BOHB HyperBand (max 3 epochs, reduction 3: a bracket of 3 trials judged at epoch 1, then one of 2) as
+    Ray's restore hands it the trials: a fresh copy, the trials newest first, the unfinished ones PENDING."""
+    from ray_cifar.scheduler import create_scheduler
+
+    ResultsLog(str(tmp_path)).append(rows)
+    stops = []
+    # tuner.pkl holds the scheduler as the study started it: a fresh one is the same.
+    scheduler = create_scheduler("asha", str(tmp_path), stops.append, max_t=3, grace_period=1, reduction_factor=3,
+                                 search="bohb")
+    scheduler.set_search_properties("val_acc", "max")
+    trials = [Trial("__fake", config={}, stub=True, trial_id=f"t{i}", experiment_tag=f"{i + 1}_x") for i in range(3)]
+    for t, status in zip(trials, statuses):
+        t.set_status(status)
+    controller = _FakeHyperBandController(trials)
+    for t in reversed(trials):
+        scheduler.on_trial_add(controller, t)
+    return scheduler, controller, trials, stops
+
+
+def test_bohb_brackets_come_back_and_a_trial_waiting_at_its_milestone_stays_paused(tmp_path):
+    rows = [{"trial_id": tid, "epoch": 1, "epochs": 3, "val_acc": acc, "time": n}
+            for n, (tid, acc) in enumerate([("t0", 0.5), ("t1", 0.6)])]
+    scheduler, controller, trials, stops = _restored_bohb(tmp_path, rows, [Trial.PENDING] * 3)
+    assert all(t.status == Trial.PAUSED for t in trials)  # held: Tune starts a PENDING trial without asking
+    assert scheduler.choose_trial_to_run(controller) is trials[2]  # the one that has not reached epoch 1
+    assert trials[0].status == trials[1].status == Trial.PAUSED  # waiting at the milestone, not run on
+    assert controller.search_alg.searcher.paused == {"t0", "t1"}
+    bracket = scheduler._trial_info[trials[0]][0]
+    assert bracket is scheduler._trial_info[trials[2]][0] and len(bracket._live_trials) == 3  # one bracket, as before
+    trials[2].set_status(Trial.RUNNING)
+    decision = scheduler.on_trial_result(controller, trials[2], {"epoch": 1, "epochs": 3, "val_acc": 0.7})
+    assert decision == TrialScheduler.CONTINUE and sorted(controller.stopped) == ["t0", "t1"] == sorted(stops)
+
+
+def test_bohb_replays_a_halving_made_before_the_driver_died(tmp_path):
+    rows = [{"trial_id": tid, "epoch": e, "epochs": 3, "val_acc": acc, "time": n}
+            for n, (tid, e, acc) in enumerate([("t0", 1, 0.5), ("t1", 1, 0.6), ("t2", 1, 0.7), ("t2", 2, 0.72)])]
+    scheduler, controller, trials, stops = _restored_bohb(tmp_path, rows, [Trial.TERMINATED, Trial.TERMINATED,
+                                                                          Trial.PENDING])
+    assert scheduler.choose_trial_to_run(controller) is trials[2]  # promoted at epoch 1, goes on to epoch 3
+    bracket = scheduler._trial_info[trials[2]][0]
+    assert list(bracket._live_trials) == [trials[2]] and bracket._cumul_r == 3  # the stopped ones are out
+    assert controller.stopped == [] and stops == []  # stopped before the kill: nothing to stop again

@@ -53,8 +53,11 @@ def test_study_loads_and_validates(path):
     kind = os.path.basename(path).rsplit("_", 1)[-1].removesuffix(".yaml")
     if kind == "bohb":
         assert cfg.tune.search == "bohb" and cfg.tune.num_samples > 1
+        assert smoke.tune.num_samples == 4  # a smoke run that draws trials and stops some, not one trial
     else:
         assert cfg.tune.scheduler == {"asha": "asha", "pbt": "pbt"}.get(kind, "fifo")
+    if kind == "pbt":
+        assert grid_size(smoke) * smoke.tune.num_samples >= 2  # a population to exploit in the smoke run
 
 
 @pytest.mark.parametrize("path", STUDY_FILES, ids=STUDY_IDS)

@@ -7,7 +7,7 @@ from typing import Any
 
 from .loading import apply_overrides, flatten
 from .schema import Config, ConfigError
-from .search import map_searched
+from .search import MODEL_BASED_SEARCHERS, map_searched
 
 # What --smoke-test changes: a study that finishes on 2 CPU cores in minutes and
 # still shows ASHA stopping trials. Search-space lists are cut to two values each.
@@ -20,6 +20,10 @@ SMOKE_OVERRIDES = {
 SMOKE_VALUES_PER_KEY = 2
 SMOKE_MAX_BATCH = 256  # searched batch sizes above this are cut to it (a smoke run has a few thousand images)
 SMOKE_MAX_STEPS = 300  # a train.max_steps study (fixed or searched) runs at most this many steps
+# num_samples 1 is one trial per grid point; where num_samples is the whole study it would be one trial: a
+# population of one exploits nothing, and one drawn trial searches nothing (nor does BOHB's HyperBand stop any).
+SMOKE_POPULATION = 2  # PBT/PB2 members (at most the study's own)
+SMOKE_SEARCH_TRIALS = 4  # trials of tune.search random or a model-based searcher (at most the study's own)
 
 # Every training length, for --budget-scale: (key, is an integer count).
 LENGTH_KEYS = {
@@ -31,8 +35,12 @@ LENGTH_KEYS = {
 
 def apply_smoke(cfg: Config) -> None:
     """--smoke-test: SMOKE_OVERRIDES, also inside the search space, and two values per searched key."""
-    val_fraction = cfg.data.val_fraction
+    val_fraction, num_samples = cfg.data.val_fraction, cfg.tune.num_samples
     apply_overrides(cfg, SMOKE_OVERRIDES)
+    if cfg.tune.scheduler in ("pbt", "pb2"):
+        cfg.tune.num_samples = min(num_samples, SMOKE_POPULATION)
+    elif cfg.tune.search in ("random", *MODEL_BASED_SEARCHERS):
+        cfg.tune.num_samples = min(num_samples, SMOKE_SEARCH_TRIALS)
     if val_fraction is not None:  # a study split by fraction keeps its fraction
         cfg.data.val_size = None
     if cfg.train.max_steps is not None:

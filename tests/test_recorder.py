@@ -359,7 +359,7 @@ class _FakeHyperBandController:
 def _restored_bohb(tmp_path, rows, statuses):
     """A BOHB HyperBand (max 3 epochs, reduction 3: a bracket of 3 trials judged at epoch 1, then one of 2) as
     Ray's restore hands it the trials: a fresh copy, the trials newest first, the unfinished ones PENDING."""
-    from ray_cifar.scheduler import create_scheduler
+    from ray_cifar.tuning.scheduler import create_scheduler
 
     ResultsLog(str(tmp_path)).append(rows)
     stops = []

@@ -249,6 +249,9 @@ def _validate_tune(u: TuneConfig, t: TrainConfig) -> None:
     else:  # the epochs follow from max_steps and the data, known only when training starts
         _check(u.max_epochs is None or u.max_epochs >= u.grace_period, "tune.max_epochs",
                f"must be >= tune.grace_period={u.grace_period}", u.max_epochs)
+        _check(u.max_epochs is not None or u.search != "bohb", "tune.max_epochs",
+               "must be set for tune.search bohb with train.max_steps (its HyperBand's budget, in epochs)",
+               u.max_epochs)
     _check(u.num_samples >= 1, "tune.num_samples", "must be >= 1", u.num_samples)
     _check(u.max_concurrent_trials is None or u.max_concurrent_trials >= 1, "tune.max_concurrent_trials",
            "must be >= 1 or null", u.max_concurrent_trials)

@@ -35,10 +35,13 @@ LENGTH_KEYS = {
 
 def apply_smoke(cfg: Config) -> None:
     """--smoke-test: SMOKE_OVERRIDES, also inside the search space, and two values per searched key."""
-    val_fraction, num_samples = cfg.data.val_fraction, cfg.tune.num_samples
+    val_fraction, num_samples, max_epochs = cfg.data.val_fraction, cfg.tune.num_samples, cfg.tune.max_epochs
     apply_overrides(cfg, SMOKE_OVERRIDES)
+    if cfg.tune.search == "bohb":  # its HyperBand's budget, in epochs: the smoke run's
+        cfg.tune.max_epochs = min(max_epochs or cfg.train.epochs, cfg.train.epochs)
     if cfg.tune.scheduler in ("pbt", "pb2"):
         cfg.tune.num_samples = min(num_samples, SMOKE_POPULATION)
+        cfg.tune.max_concurrent_trials = SMOKE_POPULATION  # members side by side, not taking turns (a restart each)
     elif cfg.tune.search in ("random", *MODEL_BASED_SEARCHERS):
         cfg.tune.num_samples = min(num_samples, SMOKE_SEARCH_TRIALS)
     if val_fraction is not None:  # a study split by fraction keeps its fraction

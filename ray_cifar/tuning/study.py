@@ -130,12 +130,19 @@ def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, re
         param_space=searchers.param_space(space, cfg.tune.search),
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler,
                                     search_alg=searchers.create_search_alg(cfg),
-                                    num_samples=num_samples, max_concurrent_trials=max_concurrent,
+                                    num_samples=num_samples, max_concurrent_trials=_trials_at_once(cfg, max_concurrent),
                                     reuse_actors=cluster.reuse_trial_processes(cfg)),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=ray_storage,
                                   callbacks=[recorder, TuneStateBackup(output, remote)],
                                   failure_config=tune.FailureConfig(max_failures=cluster.max_failures(cfg))),
     ), keys
+
+
+def _trials_at_once(cfg: Config, max_concurrent: int) -> int | None:
+    """Tune's max_concurrent_trials. Not for a population: Tune would create a member only when one before it
+    ended, so the first would train alone to its end, nothing to exploit; every member is created, the cluster
+    runs what fits and PBT takes turns (it pauses a member at its decision epoch while others wait)."""
+    return None if cfg.tune.scheduler in ("pbt", "pb2") else max_concurrent
 
 
 def tracking_settings(cfg: Config, output: str, remote: str | None) -> dict[str, Any] | None:

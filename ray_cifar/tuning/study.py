@@ -139,10 +139,12 @@ def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, re
 
 
 def _trials_at_once(cfg: Config, max_concurrent: int) -> int | None:
-    """Tune's max_concurrent_trials. Not for a population: Tune would create a member only when one before it
-    ended, so the first would train alone to its end, nothing to exploit; every member is created, the cluster
-    runs what fits and PBT takes turns (it pauses a member at its decision epoch while others wait)."""
-    return None if cfg.tune.scheduler in ("pbt", "pb2") else max_concurrent
+    """Tune's max_concurrent_trials. Not for a population larger than that: Tune would create a member only when
+    one before it ended, so the first would train alone to its end, nothing to exploit; every member is created,
+    the cluster runs what fits and PBT takes turns (it pauses a member at its decision epoch while others wait)."""
+    if cfg.tune.scheduler in ("pbt", "pb2") and max_concurrent < total_trials(cfg):
+        return None
+    return max_concurrent
 
 
 def tracking_settings(cfg: Config, output: str, remote: str | None) -> dict[str, Any] | None:

@@ -331,3 +331,15 @@ def test_pb2s_data_comes_back_from_the_rows_after_a_restore(tmp_path):
                       for row in data[["Trial", "Time", "optim.weight_decay", "Reward"]].itertuples(index=False))
 
     assert table(restored.data) == table(scheduler.data)
+
+
+def test_a_population_larger_than_the_trials_at_once_is_created_whole_and_bohb_on_steps_needs_its_budget():
+    from ray_cifar.tuning.study import _trials_at_once
+
+    cfg = pbt_config()  # 2 grid points x 2 seeds: 4 members
+    assert _trials_at_once(cfg, 4) == 4
+    assert _trials_at_once(cfg, 2) is None  # Tune would start the 3rd member only when one had ended
+    assert _trials_at_once(load_config(None, [*TINY_MODEL, "tune.scheduler=asha"]), 2) == 2
+    with pytest.raises(ConfigError, match=r"^tune.max_epochs: must be set for tune.search bohb with train.max_steps"):
+        load_config(None, [*TINY_MODEL, "tune.search=bohb", "train.max_steps=100",
+                           "tune.search_space={optim.lr: {loguniform: [0.001, 0.1]}}"])

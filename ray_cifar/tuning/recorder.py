@@ -302,6 +302,11 @@ class StudyRecorder(Callback):
 
     # -- the experiment tracker (tune.tracking) ---------------------------------------------
 
+    @property
+    def tracks(self) -> bool:
+        """Whether this study feeds an experiment tracker (tune.tracking other than none)."""
+        return bool(self.tracking) and self.tracking["tracking"] != "none"
+
     def _tracker_call(self, what: str, call, *args) -> bool:
         """A tracker that fails (a server down) never stops the study: the rows are in results.parquet, and
         the trial's run catches up with them at its next row or --resume."""
@@ -319,7 +324,7 @@ class StudyRecorder(Callback):
             return False
 
     def _track(self, trial, rows: list[dict[str, Any]]) -> None:
-        if not self.tracking or self.tracking["tracking"] == "none" or not self._tracker_call("setup", None):
+        if not self.tracks or not self._tracker_call("setup", None):
             return
         trial_id = trial.trial_id
         if trial_id not in self.tracked:
@@ -333,7 +338,7 @@ class StudyRecorder(Callback):
             self.tracked.discard(trial_id)  # the next row sends the trial's recorded rows again
 
     def _track_end(self, trial) -> None:
-        if not self.tracking or self.tracking["tracking"] == "none" or not self._tracker_call("setup", None):
+        if not self.tracks or not self._tracker_call("setup", None):
             return
         summary = self._summary(trial)
         self._tracker_call("end of trial", self.tracker.end_trial, trial.trial_id, self.params(trial.config),
@@ -345,7 +350,7 @@ class StudyRecorder(Callback):
         """Trials that ended before this driver's life: a driver killed between a trial's last row in Parquet and
         its tracker call (or before W&B flushed) lost those steps, and Tune never runs a finished trial again, so
         no later row would bring them. Each gets its recorded rows (the tracker skips the steps it holds) and its end."""
-        if not self.tracking or self.tracking["tracking"] == "none":
+        if not self.tracks:
             return
         recorded = {r["trial_id"] for r in self.log.read()}
         for trial in trials:

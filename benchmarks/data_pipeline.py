@@ -30,11 +30,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ray_cifar.augment import MEAN, STD  # noqa: E402
-from ray_cifar.data import Split, TrainLoader, input_dtype  # noqa: E402
-from ray_cifar.data_source import load_cifar10  # noqa: E402
-from ray_cifar.pipelines import BENCHMARK_RESULTS as RESULTS_DIR  # noqa: E402
-from ray_cifar.pipelines import dali_available  # noqa: E402
+from ray_cifar.data.augment import MEAN, STD  # noqa: E402
+from ray_cifar.data.loader import Split, TrainLoader, input_dtype  # noqa: E402
+from ray_cifar.data.source import load_cifar10  # noqa: E402
+from ray_cifar.data.pipelines import BENCHMARK_RESULTS as RESULTS_DIR  # noqa: E402
+from ray_cifar.data.pipelines import dali_available  # noqa: E402
 from ray_cifar.validation import load_config  # noqa: E402
 
 SETS = {
@@ -167,7 +167,7 @@ def feeds(set_name: str, args: argparse.Namespace, split: Split, images_np, labe
     yield "torchvision-dataloader", torchvision_batches
     yield "torch-batch", lambda: endless(TrainLoader(split, cfg, args.batch_size, 0, 1, seed=0, dtype=dtype).epoch)
     if dali and dali_available():
-        from ray_cifar.dali_pipeline import DaliTrainLoader
+        from ray_cifar.data.dali import DaliTrainLoader
 
         name = f"dali-{'gpu' if device.type == 'cuda' else 'cpu'}"
         yield name, lambda: endless(DaliTrainLoader(split, cfg, args.batch_size, 0, 1, 0, device, dtype).epoch)

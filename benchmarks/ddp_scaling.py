@@ -44,7 +44,7 @@ def free_port() -> int:
 def rank_main(rank: int, world_size: int, port: int, args, images: np.ndarray, labels: np.ndarray, queue) -> None:
     from ray_cifar import engine
     from ray_cifar.validation import load_config
-    from ray_cifar.data import Split, TrainLoader
+    from ray_cifar.data.loader import Split, TrainLoader
     from ray_cifar.models import create_model_from_config
     from ray_cifar.optim import create_optimizer, create_scheduler
 

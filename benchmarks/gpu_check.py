@@ -526,8 +526,8 @@ def loader_args(check: Check, seconds: float) -> argparse.Namespace:
 
 def loaders_on_device(check: Check, args: argparse.Namespace, dali: bool):
     """The train images on the device and a maker of each set's loaders (data_pipeline.feeds)."""
-    from ray_cifar.data import Split
-    from ray_cifar.data_source import load_cifar10
+    from ray_cifar.data.loader import Split
+    from ray_cifar.data.source import load_cifar10
 
     dataset = load_cifar10(check.args.data, None, log=lambda m: None)
     images_np, labels_np = dataset.train_images[: args.images], dataset.train_labels[: args.images]
@@ -703,7 +703,7 @@ def loaders(check: Check) -> None:
     name = f"data_pipeline_{check.device.type}.json"
     check.figures["measurement_file"] = pipeline_bench.write_json(out, check.results_dir, name)
     if not check.dry_run:  # a dry run never replaces the package's committed measurement
-        from ray_cifar.pipelines import BENCHMARK_RESULTS
+        from ray_cifar.data.pipelines import BENCHMARK_RESULTS
 
         check.figures["package_measurement"] = pipeline_bench.write_json(out, BENCHMARK_RESULTS, name)
     ratios = check.figures["ratios"]

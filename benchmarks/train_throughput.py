@@ -36,9 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from data_pipeline import device_name, endless, write_json  # noqa: E402
 from ray_cifar import engine  # noqa: E402
-from ray_cifar.augment import MEAN, STD  # noqa: E402
+from ray_cifar.data.augment import MEAN, STD  # noqa: E402
 from ray_cifar.validation import load_config  # noqa: E402
-from ray_cifar.data import Split, TrainLoader  # noqa: E402
+from ray_cifar.data.loader import Split, TrainLoader  # noqa: E402
 from ray_cifar.models import create_model_from_config  # noqa: E402
 
 AUGMENT = ["data.crop_padding=4", "data.flip_p=0.5"]
@@ -78,7 +78,7 @@ def measured_matmul_flops(device: torch.device, size: int = 8192, iters: int = 2
 
 def load_images(data: str | None, n: int) -> tuple[np.ndarray, np.ndarray, str]:
     if data:
-        from ray_cifar.data_source import load_cifar10
+        from ray_cifar.data.source import load_cifar10
 
         dataset = load_cifar10(data, None, log=lambda m: None)
         # The source without its folder: results files name no machine path.

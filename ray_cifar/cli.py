@@ -18,7 +18,7 @@ import yaml
 
 from . import storage
 from .config import Config, ConfigError, describe, parse_set, search_keys
-from .data_source import Cifar10, DataError, default_cache_dir, load_cifar10, resolve_data_dir
+from .data.source import Cifar10, DataError, default_cache_dir, load_cifar10, resolve_data_dir
 from .validation import check_against_data, check_resources, config_from_dict, load_config
 
 

@@ -1,6 +1,6 @@
 """The one training loop: a config, a train loader, the validation split and a device in; per-epoch metrics out.
 
-Imports neither Ray nor DALI: the caller builds the train loader (ray_cifar.pipelines picks
+Imports neither Ray nor DALI: the caller builds the train loader (ray_cifar.data.pipelines picks
 torch or DALI) and hands it in. The same function runs as a single process
 (`python -m ray_cifar.train`), as each DDP rank of a Ray Train worker group, and
 as each rank of the torch.multiprocessing DDP test. The caller owns the process
@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint, engine
 from .config.schema import Config, improves
-from .data import Split, TrainBatches, eval_batches
+from .data.loader import Split, TrainBatches, eval_batches
 from .models import create_model_from_config
 from .optim import create_optimizer, create_scheduler
 

@@ -27,15 +27,15 @@ import torch
 
 from . import checkpoint, cli
 from .config import Config
-from .data_source import Cifar10
+from .data.source import Cifar10
 from .results import ResultsLog, epoch_row, provenance
 
 
 def run_local(cfg: Config, dataset: Cifar10, output: str, run_id: str) -> list[dict]:
     from . import engine
-    from .data import make_splits
+    from .data.loader import make_splits
     from .loop import run_training
-    from .pipelines import train_loader_for
+    from .data.pipelines import train_loader_for
 
     use_gpu = torch.cuda.is_available() if cfg.train.use_gpu is None else cfg.train.use_gpu
     device = torch.device("cuda" if use_gpu else "cpu")

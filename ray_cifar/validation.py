@@ -355,11 +355,6 @@ def _validate_search_kinds(cfg: Config) -> None:
 # Up-front checks that need the data or the machine: every trial of the study, before any trial runs.
 
 
-def val_count(d: DataConfig, num_train_images: int) -> int:
-    """Validation images: data.val_size, or data.val_fraction of the train images (rounded)."""
-    return d.val_size if d.val_fraction is None else round(d.val_fraction * num_train_images)
-
-
 def check_against_data(cfg: Config, num_train_images: int, searched: bool = True) -> None:
     """The split sizes against the dataset (`num_train_images` before the validation split), for the
     fixed config and, with `searched`, for every trial of the search space."""
@@ -368,7 +363,7 @@ def check_against_data(cfg: Config, num_train_images: int, searched: bool = True
 
 def _check_data(cfg: Config, n: int) -> None:
     d, batch = cfg.data, cfg.train.global_batch_size
-    val = val_count(d, n)
+    val = d.val_count(n)
     if d.val_fraction is None:
         _check(val < n, "data.val_size", f"must be less than the {n} train images", d.val_size)
     else:

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from ray_cifar.data_source import Cifar10
+from ray_cifar.data.source import Cifar10
 
 TINY_MODEL = ["model.name=resnet", "model.blocks=[1,1]", "model.widths=[8,16]", "model.stem_width=8"]
 

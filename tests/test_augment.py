@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-from ray_cifar import augment as A
+from ray_cifar.data import augment as A
 from ray_cifar.config import ConfigError
 from ray_cifar.validation import load_config
-from ray_cifar.data import Split, TrainLoader
+from ray_cifar.data.loader import Split, TrainLoader
 
 
 def data_cfg(*sets: str):
@@ -337,7 +337,7 @@ def test_auto_on_cpu_follows_the_committed_cpu_benchmark(monkeypatch):
     import json
     import os
 
-    from ray_cifar import pipelines as data
+    from ray_cifar.data import pipelines as data
 
     path = os.path.join(data.BENCHMARK_RESULTS, "data_pipeline_cpu.json")
     assert os.path.exists(path), "the CPU benchmark results must be committed"
@@ -354,7 +354,7 @@ def test_auto_on_cpu_follows_the_committed_cpu_benchmark(monkeypatch):
 def test_auto_pipeline_follows_the_measurement_of_the_matching_set(tmp_path, monkeypatch):
     import json
 
-    from ray_cifar import pipelines as data
+    from ray_cifar.data import pipelines as data
 
     monkeypatch.setattr(data, "dali_available", lambda: True)
     monkeypatch.setattr(data, "BENCHMARK_RESULTS", str(tmp_path))
@@ -381,7 +381,7 @@ def test_the_benchmark_auto_reads_is_package_data():
     import os
 
     import ray_cifar
-    from ray_cifar import pipelines
+    from ray_cifar.data import pipelines
 
     package = os.path.dirname(os.path.abspath(ray_cifar.__file__))
     assert os.path.commonpath([package, os.path.abspath(pipelines.BENCHMARK_RESULTS)]) == package
@@ -395,7 +395,7 @@ def test_auto_pipeline_weighs_the_build_against_the_images_a_run_draws(tmp_path,
     """DALI a little faster per image but slower to build: a short run takes the torch path, a long one DALI."""
     import json
 
-    from ray_cifar import pipelines as data
+    from ray_cifar.data import pipelines as data
 
     monkeypatch.setattr(data, "dali_available", lambda: True)
     monkeypatch.setattr(data, "BENCHMARK_RESULTS", str(tmp_path))
@@ -413,7 +413,7 @@ def test_auto_pipeline_weighs_the_build_against_the_images_a_run_draws(tmp_path,
 
 
 def test_run_images_counts_what_one_rank_draws():
-    from ray_cifar.pipelines import run_images
+    from ray_cifar.data.pipelines import run_images
     from ray_cifar.validation import load_config
 
     assert run_images(load_config(None, ["train.epochs=6"]), 8000, 2) == 24_000

@@ -10,8 +10,8 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from ray_cifar import augment as A  # noqa: E402
-from ray_cifar.dali_pipeline import dali_cifar10_policy, policy_table  # noqa: E402
+from ray_cifar.data import augment as A  # noqa: E402
+from ray_cifar.data.dali import dali_cifar10_policy, policy_table  # noqa: E402
 
 POLICY = dali_cifar10_policy()
 DALI_OPS = {}  # op name (as the torch policy spells it) -> DALI's augmentation object in the policy

@@ -14,9 +14,9 @@ import torch
 from conftest import TINY_MODEL, synthetic_cifar
 from ray_cifar import checkpoint
 from ray_cifar.validation import load_config
-from ray_cifar.data import make_splits
+from ray_cifar.data.loader import make_splits
 from ray_cifar.loop import run_training
-from ray_cifar.pipelines import train_loader_for
+from ray_cifar.data.pipelines import train_loader_for
 
 SETS = TINY_MODEL + ["train.epochs=4", "train.global_batch_size=50", "data.val_size=100", "data.pipeline=torch",
                      "train.amp=fp32", "model.dropout=0.2", "train.torch_threads=1", "data.autoaugment=cifar10"]

@@ -9,7 +9,7 @@ import torch
 from conftest import synthetic_cifar
 from ray_cifar.config import ConfigError, field_docs, search_keys
 from ray_cifar.validation import load_config, trial_config
-from ray_cifar.data import TrainLoader, make_splits
+from ray_cifar.data.loader import TrainLoader, make_splits
 
 
 def test_every_new_field_has_a_one_line_doc():

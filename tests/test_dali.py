@@ -13,11 +13,11 @@ import torch
 
 dali = pytest.importorskip("nvidia.dali", reason="nvidia.dali is not installed: the DALI path cannot be tested")
 
-from ray_cifar import augment as A  # noqa: E402
+from ray_cifar.data import augment as A  # noqa: E402
 from ray_cifar.validation import load_config  # noqa: E402
-from ray_cifar.dali_pipeline import DaliTrainLoader, dali_cifar10_policy, policy_table  # noqa: E402
-from ray_cifar.data import Split, TrainLoader  # noqa: E402
-from ray_cifar.pipelines import create_train_loader  # noqa: E402
+from ray_cifar.data.dali import DaliTrainLoader, dali_cifar10_policy, policy_table  # noqa: E402
+from ray_cifar.data.loader import Split, TrainLoader  # noqa: E402
+from ray_cifar.data.pipelines import create_train_loader  # noqa: E402
 from test_augment import (FULL, IDENTITY_ON_LOW_CONTRAST, assert_rate, coordinate_images, crop_offsets,  # noqa: E402
                           erased_boxes, expected_unchanged_rate, low_contrast_images)
 

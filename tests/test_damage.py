@@ -12,7 +12,7 @@ import torch
 from ray_cifar import checkpoint, cli, report
 from ray_cifar.tuning import study
 from ray_cifar.checkpoint_store import CheckpointStore, newest_loadable_state
-from ray_cifar.data_source import load_cifar10
+from ray_cifar.data.source import load_cifar10
 from ray_cifar.results import DamagedFile, ResultsLog, write_rows
 
 DAMAGE = ["truncated", "zero-length", "random bytes"]

@@ -1,4 +1,4 @@
-"""Tests for ray_cifar.data_source on small synthetic copies of each format (no network).
+"""Tests for ray_cifar.data.source on small synthetic copies of each format (no network).
 
 The last test reads the real CIFAR-10 when RAY_CIFAR_DATA points at it, else skips.
 """
@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ray_cifar import data_source as ds
-from ray_cifar.data_source import (CLASSES, Cifar10, DataError, load_cifar10, resolve_data_dir,
+from ray_cifar.data import source as ds
+from ray_cifar.data.source import (CLASSES, Cifar10, DataError, load_cifar10, resolve_data_dir,
                                    stratified_split, subset_indices)
 
 

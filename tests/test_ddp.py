@@ -18,9 +18,9 @@ import torch.multiprocessing as mp
 
 from conftest import TINY_MODEL, synthetic_cifar
 from ray_cifar.validation import load_config
-from ray_cifar.data import make_splits
+from ray_cifar.data.loader import make_splits
 from ray_cifar.loop import run_training
-from ray_cifar.pipelines import train_loader_for
+from ray_cifar.data.pipelines import train_loader_for
 
 pytestmark = pytest.mark.integration
 
@@ -75,7 +75,7 @@ def test_two_gloo_ranks_match_each_other_and_one_process(tmp_path):
 
 
 def test_ranks_cover_each_epoch_exactly_once():
-    from ray_cifar.data import TrainLoader
+    from ray_cifar.data.loader import TrainLoader
 
     cfg = _config(2)
     splits = make_splits(synthetic_cifar(400, 50), cfg.data, "cpu")

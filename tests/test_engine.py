@@ -8,10 +8,10 @@ import torch
 from conftest import TINY_MODEL, synthetic_cifar
 from ray_cifar import engine
 from ray_cifar.validation import load_config
-from ray_cifar.data import TrainLoader, make_splits, to_model_input
+from ray_cifar.data.loader import TrainLoader, make_splits, to_model_input
 from ray_cifar.models import count_parameters, create_model
 from ray_cifar.loop import build_model, run_training
-from ray_cifar.pipelines import train_loader_for
+from ray_cifar.data.pipelines import train_loader_for
 
 
 def test_resnet18_has_the_published_parameter_count():
@@ -44,7 +44,7 @@ def test_evaluate_counts_every_image_once():
     cfg = load_config(None, TINY_MODEL)
     model = build_model(cfg, torch.device("cpu"))
     splits = make_splits(synthetic_cifar(200, 37), cfg.data.__class__(val_size=0), "cpu")
-    from ray_cifar.data import eval_batches
+    from ray_cifar.data.loader import eval_batches
 
     m = engine.evaluate(model, eval_batches(splits.test, 10, 0, 1), torch.device("cpu"))
     # Accuracy is a count over 37 images: a multiple of 1/37.

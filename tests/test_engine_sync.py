@@ -8,8 +8,8 @@ from torch import nn
 
 from conftest import TINY_MODEL, synthetic_cifar
 from ray_cifar import engine
-from ray_cifar.augment import BatchMixer, create_augment
-from ray_cifar.data import to_model_input
+from ray_cifar.data.augment import BatchMixer, create_augment
+from ray_cifar.data.loader import to_model_input
 from ray_cifar.loop import build_model
 from ray_cifar.optim import create_optimizer, create_scheduler
 from ray_cifar.validation import load_config

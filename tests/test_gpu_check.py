@@ -167,7 +167,7 @@ def test_ray_dry_run(tmp_path, data_dir):
 
 def test_dali_dry_run_writes_the_measurement_auto_reads(tmp_path, data_dir, monkeypatch):
     pytest.importorskip("nvidia.dali")
-    from ray_cifar import pipelines
+    from ray_cifar.data import pipelines
 
     committed = os.path.join(pipelines.BENCHMARK_RESULTS, "data_pipeline_cpu.json")
     before = hashlib.sha256(open(committed, "rb").read()).hexdigest()

@@ -127,7 +127,7 @@ class Block(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Block())
 import ray_cifar.engine, ray_cifar.loop, ray_cifar.models, ray_cifar.optim, ray_cifar.config, ray_cifar.validation
-import ray_cifar.data, ray_cifar.pipelines
+import ray_cifar.data.loader, ray_cifar.data.pipelines
 leaked = sorted(m for m in sys.modules if m.split(".")[0] == "ray" or m.startswith("nvidia.dali"))
 print("LEAKED", leaked)
 """

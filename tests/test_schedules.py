@@ -125,9 +125,9 @@ def test_cosine_after_warmup_spans_the_rest_of_the_run():
 
 
 def _run(sets):
-    from ray_cifar.data import make_splits
+    from ray_cifar.data.loader import make_splits
     from ray_cifar.loop import run_training
-    from ray_cifar.pipelines import train_loader_for
+    from ray_cifar.data.pipelines import train_loader_for
 
     cfg = load_config(None, TINY_MODEL + ["train.amp=fp32", "train.global_batch_size=50", "data.val_size=50",
                                           "train.torch_threads=1", "optim.lr=0.1"] + sets)

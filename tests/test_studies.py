@@ -18,9 +18,9 @@ import torch
 from conftest import synthetic_cifar
 from ray_cifar import loop
 from ray_cifar.config import VARIANTS, Config, flatten
-from ray_cifar.data import make_splits
+from ray_cifar.data.loader import make_splits
 from ray_cifar.optim import create_optimizer
-from ray_cifar.pipelines import train_loader_for
+from ray_cifar.data.pipelines import train_loader_for
 from ray_cifar.config import grid_size
 from ray_cifar.validation import load_config, trial_config
 from trial_expansion import expand_trials, searched_fields

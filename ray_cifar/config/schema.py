@@ -54,6 +54,10 @@ class DataConfig:
     cutmix_alpha: float = 1.0  # cutmix: box area fraction ~ Beta(alpha, alpha), one box per batch
     cutmix_p: float = 0.0  # cutmix: probability per batch (mixup_p + cutmix_p <= 1; never both on one batch); 0 = off
 
+    def val_count(self, num_train_images: int) -> int:
+        """Validation images: val_size, or val_fraction of the train images (rounded)."""
+        return self.val_size if self.val_fraction is None else round(self.val_fraction * num_train_images)
+
 
 @dataclass
 class ModelConfig:

@@ -48,10 +48,10 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from .. import checkpoint, engine, storage
 from ..checkpoint_store import CheckpointStore, copy_latest_state, has_checkpoint, load_state_at, remove_state_at
 from ..config import Config, split_sampled
-from ..data import make_splits
-from ..data_source import load_cifar10
+from ..data.loader import make_splits
+from ..data.source import load_cifar10
 from ..loop import build_model, evaluate_split, run_training
-from ..pipelines import train_loader_for
+from ..data.pipelines import train_loader_for
 from ..validation import config_from_dict, trial_config
 from .cluster import runs_in_trial_process
 

@@ -1,10 +1,10 @@
 """From decoded CIFAR-10 arrays to the batches a rank trains on: the torch path.
 
 The whole uint8 dataset is put on the rank's device once (150 MB for all of
-CIFAR-10); which images a rank takes each step is ray_cifar.sampler's job, shared
-with the DALI path (ray_cifar.dali_pipeline). Here: the splits, the torch batch-tensor
-train loader (augmentations from ray_cifar.augment), mixup/cutmix over any loader, and
-evaluation batches. Which pipeline a run uses is ray_cifar.pipelines' choice.
+CIFAR-10); which images a rank takes each step is ray_cifar.data.sampler's job, shared
+with the DALI path (ray_cifar.data.dali). Here: the splits, the torch batch-tensor
+train loader (augmentations from ray_cifar.data.augment), mixup/cutmix over any loader, and
+evaluation batches. Which pipeline a run uses is ray_cifar.data.pipelines' choice.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
+from ..config.schema import DataConfig
 from .augment import MEAN, STD, BatchMixer, create_augment, device_constant
-from .config.schema import DataConfig
-from .data_source import Cifar10, stratified_split, subset_indices
 from .sampler import GlobalBatchSampler
-from .validation import val_count
+from .source import Cifar10, stratified_split, subset_indices
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
@@ -41,7 +40,7 @@ class Splits:
 
 
 def make_splits(dataset: Cifar10, cfg: DataConfig, device: torch.device | str) -> Splits:
-    val_size = val_count(cfg, len(dataset.train_labels))
+    val_size = cfg.val_count(len(dataset.train_labels))
     train_idx, val_idx = stratified_split(dataset.train_labels, val_size, cfg.split_seed)
     train_idx = subset_indices(dataset.train_labels, train_idx, cfg.train_subset, cfg.split_seed)
 

@@ -1,6 +1,6 @@
 """Which pipeline feeds a run's training (data.pipeline), and the factory that builds its train loader.
 
-Above both pipelines: the torch path (ray_cifar.data) and DALI (ray_cifar.dali_pipeline,
+Above both pipelines: the torch path (ray_cifar.data.loader) and DALI (ray_cifar.data.dali,
 imported only when chosen). `data.pipeline=auto` follows the committed benchmark of this
 device type (ray_cifar/measurements/, written by benchmarks/data_pipeline.py). The loop is
 handed the loader this module builds; it never picks a pipeline itself.
@@ -15,15 +15,16 @@ from typing import Callable
 
 import torch
 
+from ..config.schema import Config, DataConfig
+from ..engine import resolve_amp
 from .augment import BatchMixer, active_augmentations
-from .config.schema import Config, DataConfig
-from .data import MixedLoader, Split, TrainBatches, TrainLoader, input_dtype
-from .engine import resolve_amp
+from .loader import MixedLoader, Split, TrainBatches, TrainLoader, input_dtype
 
 # What `data.pipeline=auto` reads: benchmarks/data_pipeline.py's figures for this device type,
 # committed inside the package (package data), so an installed copy finds them too.
 # Without them: DALI where it is installed (the product's premise).
-BENCHMARK_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "measurements")
+# ray_cifar/measurements/ (package data beside the package root, where the benchmarks write)
+BENCHMARK_RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "measurements")
 
 
 def dali_available() -> bool:
@@ -94,7 +95,7 @@ def create_train_loader(split: Split, cfg: DataConfig, global_batch_size: int, r
     """
     pipeline = resolve_pipeline(cfg, device, log, images)
     if pipeline == "dali":
-        from .dali_pipeline import DaliTrainLoader
+        from .dali import DaliTrainLoader
 
         loader = DaliTrainLoader(split, cfg, global_batch_size, rank, world_size, seed, device, input_dtype(amp))
     else:

@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import storage
+from .. import storage
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 NUM_CLASSES = len(CLASSES)

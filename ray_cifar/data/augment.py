@@ -4,7 +4,7 @@ No per-sample Python and no host sync: every random draw is one tensor op with a
 explicit generator, so the same seed gives the same batches on any rank layout.
 
 AUGMENTATIONS is the registry, in the order they are applied (the DALI pipeline in
-ray_cifar.dali_pipeline has one graph builder per name, with the same meaning):
+ray_cifar.data.dali has one graph builder per name, with the same meaning):
 
     crop -> flip -> autoaugment -> color_jitter -> rotation -> erasing -> cutout
 
@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config.schema import DataConfig
+from ..config.schema import DataConfig
 
 # Per-channel statistics of the CIFAR-10 train split (RGB, 0..1).
 MEAN = (0.4914, 0.4822, 0.4465)

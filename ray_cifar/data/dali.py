@@ -1,11 +1,11 @@
 """The DALI training pipeline of one DDP rank. Imported only when data.pipeline resolves to dali.
 
-The sampler is the torch path's (ray_cifar.sampler: one seeded permutation per epoch shared
+The sampler is the torch path's (ray_cifar.data.sampler: one seeded permutation per epoch shared
 by all ranks, each global batch cut into equal per-rank slices, the last partial global
 batch dropped), so both paths cover exactly the same images. Each step,
 `fn.external_source` gathers the rank's slice from the resident uint8 split (on the GPU
 when the split is there, with no host round trip) and DALI runs the augmentation graph,
-one builder per name of ray_cifar.augment.AUGMENTATIONS, with the same meaning:
+one builder per name of ray_cifar.data.augment.AUGMENTATIONS, with the same meaning:
 
     crop -> flip -> autoaugment -> color_jitter -> rotation -> erasing -> cutout -> normalize
 
@@ -29,10 +29,10 @@ from nvidia.dali.auto_aug import auto_augment
 from nvidia.dali.pipeline import Pipeline, pipeline_def
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
+from ..config.schema import DataConfig
 from .augment import (AUGMENTATIONS, AUTOAUG_FILL, AUTOAUG_MAX_TRANSLATE, GRAY, MEAN, STD,
                       active_augmentations, cutout_boxes, erasing_boxes)
-from .config.schema import DataConfig
-from .data import Batches, Split
+from .loader import Batches, Split
 from .sampler import GlobalBatchSampler
 
 DALI_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}
@@ -45,7 +45,7 @@ def dali_cifar10_policy():
 
 
 def policy_table(policy) -> list[list[tuple[str, float, int | None]]]:
-    """A DALI Policy as ray_cifar.augment.CIFAR10_POLICY's (name, probability, bin) lists."""
+    """A DALI Policy as ray_cifar.data.augment.CIFAR10_POLICY's (name, probability, bin) lists."""
     return [[(aug.name.split(".")[-1].removesuffix("_no_shape"), p, bin_) for aug, p, bin_ in sub_policy]
             for sub_policy in policy.sub_policies]
 

@@ -145,23 +145,27 @@ def newest_loadable(candidates: Iterable[tuple[str, Callable[[], dict[str, Any]]
                     warn: Callable[[str], None] = print) -> tuple[str, dict[str, Any]] | None:
     """The first of `candidates` (name, load), newest first, that loads: (name, state), or None if none does.
 
-    Each damaged one is passed over with one warning line; a format error is raised (an older
-    checkpoint of the same run has the same format)."""
-    damaged = []
+    Damaged ones are passed over, said in one warning line (which, and where the run goes on from);
+    a format error is raised (an older checkpoint of the same run has the same format)."""
+    damaged: list[str] = []
     for name, load in candidates:
         try:
             state = load()
         except CheckpointDamaged as e:
-            damaged.append(name)
-            warn(f"[ray_cifar] warning: checkpoint {e}; trying an older one")
+            damaged.append(str(e))
             continue
         if damaged:
-            warn(f"[ray_cifar] warning: resuming from {name} (epoch {state['epoch']}), the newest checkpoint "
-                 f"that loads; {len(damaged)} damaged one(s) skipped")
+            warn(f"[ray_cifar] warning: checkpoint {_damaged(damaged)}; resuming from {name} "
+                 f"(epoch {state['epoch']}), the newest checkpoint that loads")
         return name, state
     if damaged:
-        warn(f"[ray_cifar] warning: no checkpoint of this run loads ({len(damaged)} damaged); starting over")
+        warn(f"[ray_cifar] warning: no checkpoint of this run loads (checkpoint {_damaged(damaged)}); starting over")
     return None
+
+
+def _damaged(reasons: list[str]) -> str:
+    """The newest damaged checkpoint's reason, and how many older ones were damaged too."""
+    return reasons[0] + (f", and {len(reasons) - 1} older one(s) damaged too" if len(reasons) > 1 else "")
 
 
 def restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler) -> None:

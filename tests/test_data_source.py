@@ -170,8 +170,12 @@ def test_second_load_hits_cache(parquet_dir, tmp_path, monkeypatch):
     logs = Logs()
     first = load_cifar10(str(d), cache_dir=str(cache), log=logs)
     assert logs.has("decoding") and not logs.has("using cache")
-    files = [f for f in os.listdir(cache) if not f.endswith(".lock") and not f.startswith("cifar10-checksum-")]
+    files = [f for f in os.listdir(cache) if not f.endswith((".lock", ".sha256", ".verified"))
+             and not f.startswith("cifar10-checksum-")]
     assert len(files) == 1 and files[0].endswith(".npz")  # and no temp file left behind
+    assert sorted(os.listdir(cache)) == sorted([files[0], files[0] + ".lock", files[0] + ".sha256",
+                                                files[0] + ".verified", *[f for f in os.listdir(cache)
+                                                                          if f.startswith("cifar10-checksum-")]])
     assert first.checksum[:16] in files[0]
 
     def no_decoding(*_):
@@ -208,6 +212,51 @@ def test_corrupt_cache_is_rebuilt(parquet_dir, tmp_path):
     logs = Logs()
     np.testing.assert_array_equal(load_cifar10(str(d), cache_dir=str(cache), log=logs).train_images, x)
     assert logs.has("decoding")
+
+
+def test_damage_inside_the_cached_image_bytes_is_found_and_rebuilt(parquet_dir, tmp_path, monkeypatch):
+    """Bytes changed inside the train images (headers, shapes and labels intact: only the checksum can tell)."""
+    d, (x, _), _ = parquet_dir
+    cache = tmp_path / "cache"
+    load_cifar10(str(d), cache_dir=str(cache), log=Logs())
+    (npz,) = cache.glob("*.npz")
+    offset = ds._mmap_npz(str(npz))["train_images"].offset + 5 * 32 * 32 * 3  # image 5
+    with open(npz, "r+b") as f:
+        f.seek(offset)
+        inverted = bytes(255 - b for b in f.read(64))
+        f.seek(offset)
+        f.write(inverted)
+    assert not (ds._mmap_npz(str(npz))["train_images"][5] == x[5]).all()
+    logs = Logs()
+    np.testing.assert_array_equal(load_cifar10(str(d), cache_dir=str(cache), log=logs).train_images, x)
+    damaged = [line for line in logs if "damaged" in line]
+    assert len(damaged) == 1 and "do not match" in damaged[0] and str(npz) in damaged[0], list(logs)
+    assert logs.has("decoding")
+
+    # Verified once after each change: an unchanged cache is not hashed again; a touched one is, and passes.
+    def no_hashing(path):
+        raise AssertionError("an unchanged cache hashed again")
+
+    with monkeypatch.context() as m:
+        m.setattr(ds, "_file_sha256", no_hashing)
+        logs = Logs()
+        load_cifar10(str(d), cache_dir=str(cache), log=logs)
+        assert logs.has("using cache") and not logs.has("damaged"), list(logs)
+    os.utime(npz)
+    logs = Logs()
+    load_cifar10(str(d), cache_dir=str(cache), log=logs)
+    assert logs.has("using cache") and not logs.has("damaged"), list(logs)
+
+
+def test_a_cache_without_its_checksum_is_decoded_again(parquet_dir, tmp_path):
+    d, (x, _), _ = parquet_dir
+    cache = tmp_path / "cache"
+    load_cifar10(str(d), cache_dir=str(cache), log=Logs())
+    (npz,) = cache.glob("*.npz")
+    os.remove(str(npz) + ".sha256")  # as an older ray_cifar left it
+    logs = Logs()
+    np.testing.assert_array_equal(load_cifar10(str(d), cache_dir=str(cache), log=logs).train_images, x)
+    assert logs.has("has no checksum") and logs.has("decoding") and os.path.exists(str(npz) + ".sha256")
 
 
 # -----------------------------------------------------------------------------

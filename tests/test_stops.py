@@ -59,7 +59,11 @@ def command(module: str, data: str, output, sets=SETS) -> list[str]:
 
 
 def run(args, env, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as e:  # what it had printed says where it hung
+        text = "".join(s.decode(errors="replace") if isinstance(s, bytes) else s or "" for s in (e.stdout, e.stderr))
+        raise AssertionError(f"{' '.join(args[2:4])} did not end within {timeout} s:\n{text[-5000:]}") from None
 
 
 def rows(output) -> list[dict]:

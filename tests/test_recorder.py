@@ -400,3 +400,14 @@ def test_bohb_replays_a_halving_made_before_the_driver_died(tmp_path):
     bracket = scheduler._trial_info[trials[2]][0]
     assert list(bracket._live_trials) == [trials[2]] and bracket._cumul_r == 3  # the stopped ones are out
     assert controller.stopped == [] and stops == []  # stopped before the kill: nothing to stop again
+
+
+def test_a_stopped_study_closes_its_tensorboard_files(tmp_path):
+    """Trials stopped unfinished (Ctrl-C, SIGTERM, a full disk) never reach on_trial_complete: their event files
+    are closed at the experiment's end, not by tensorboardX's exit hook (whose failed flush on a full disk is a
+    traceback at exit)."""
+    rec = StudyRecorder(str(tmp_path), lr_params, "val_acc", "max")
+    rec.on_trial_result(0, [], FakeTrial("t"), result(1, 0.5))
+    writer = rec.writers["t"]
+    rec.on_experiment_end([])
+    assert rec.writers == {} and writer.all_writers is None  # closed

@@ -285,6 +285,8 @@ class StudyRecorder(Callback):
         if changed:
             self._save_trials()
         self._catch_up_tracker(trials)
+        for trial_id in list(self.writers):  # trials stopped unfinished (Ctrl-C, SIGTERM, a full disk)
+            self._close_writer(trial_id)
         if self.tracker is not None:
             self._tracker_call("close", self.tracker.close)
 
@@ -380,20 +382,35 @@ class StudyRecorder(Callback):
     def _tensorboard(self, trial_id: str, row: dict[str, Any]) -> None:
         if not self.tensorboard:
             return
-        if trial_id not in self.writers:
-            from tensorboardX import SummaryWriter
+        try:
+            if trial_id not in self.writers:
+                from tensorboardX import SummaryWriter
 
-            self.writers[trial_id] = SummaryWriter(os.path.join(self.output, "tensorboard", trial_id))
-        writer = self.writers[trial_id]
-        for key, value in row.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "time"):
-                writer.add_scalar(key, value, global_step=row["epoch"])
-        writer.flush()
+                self.writers[trial_id] = SummaryWriter(os.path.join(self.output, "tensorboard", trial_id))
+            writer = self.writers[trial_id]
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "time"):
+                    writer.add_scalar(key, value, global_step=row["epoch"])
+            writer.flush()
+        except OSError as e:  # TensorBoard's files are a view of the rows: only a full disk stops the study
+            self._close_writer(trial_id)
+            if e.errno in storage.DISK_FULL:
+                stop_for_full_disk(storage.disk_full_message(e, self.output))
 
     def _close_writer(self, trial_id: str) -> None:
         writer = self.writers.pop(trial_id, None)
-        if writer is not None:
+        if writer is None:
+            return
+        event_writers = [w.event_writer for w in (writer.all_writers or {}).values()]
+        try:
             writer.close()
+        except OSError:
+            # A full disk: the event file loses its last scalars (the rows hold them). Marked closed, else
+            # tensorboardX's exit hook flushes again and prints the same error as a traceback at exit.
+            for events in event_writers:
+                with contextlib.suppress(Exception):
+                    events._worker.stop()
+                events._closed = True
 
 
 def _trials_from_rows(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, dict[str, Any]]:

@@ -8,8 +8,9 @@
         the undisturbed run's (fp32, GroupNorm, one thread per rank: CPU float results repeat
         bit for bit; tolerance 1e-6 absolute only guards against reduction-order noise).
 (b)+(d) A three-trial study (one absurd lr) has its driver SIGKILLed while the third trial runs;
-        `--resume` finishes it: the finished trials are not run again, rows are complete and unique,
-        the absurd trial is `diverged`, the others `completed`.
+        its Ray Train checkpoints but the oldest are then truncated; `--resume` finishes it: the third
+        trial resumes from the oldest with one warning line, the finished trials are not run
+        again, rows are complete and unique, the absurd trial is `diverged`, the others `completed`.
 Every process killed here is one this test started (the driver) or a descendant of it.
 """
 
@@ -92,6 +93,14 @@ def final_state(output) -> dict:
         return checkpoint.load_state(d)
 
 
+def loads(folder) -> bool:
+    try:
+        checkpoint.load_state(str(folder))
+    except checkpoint.CheckpointDamaged:
+        return False
+    return True
+
+
 def trial_processes(pid: int) -> list[int]:
     """Tune's trial processes below `pid`: where a one-rank trial trains."""
     return [p for p in descendants(pid) if "ray::ImplicitFunc" in cmdline(p)]
@@ -150,22 +159,37 @@ def test_killed_rank_resumes_from_its_checkpoint_and_continues_exactly(tmp_path,
 
 def test_killed_driver_then_resume_finishes_the_study(tmp_path, synthetic_parquet_dir):
     output = tmp_path / "study"
-    sets = SETS + ["train.epochs=4", "tune.search_space={optim.lr: {grid: [0.05, 1000000000.0, 0.03]}}"]
+    epochs = 5  # the third trial is killed after epoch 2: three epochs' margin before it could end by itself
+    sets = SETS + [f"train.epochs={epochs}", "tune.search_space={optim.lr: {grid: [0.05, 1000000000.0, 0.03]}}"]
     proc = subprocess.Popen(study_args(synthetic_parquet_dir, output, *sets), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
     def third_trial_running():
         trials = sorted(trials_state(output).values(), key=lambda t: t["trial_id"])
         return (len(trials) == 3 and [t["status"] for t in trials[:2]] == ["completed", "diverged"]
-                and trials[2].get("epochs", 0) >= 1)
+                and trials[2].get("epochs", 0) >= 2)
 
-    before = kill_driver_when(proc, third_trial_running, "the third trial's first epoch",
+    before = kill_driver_when(proc, third_trial_running, "the third trial's second epoch",
                               lambda: {(r["trial_id"], r["epoch"]): r["time"] for r in ResultsLog(str(output)).read()})
+    # The third (DDP) trial's checkpoints damaged while nothing runs, all but its oldest: whichever Ray hands the
+    # resumed ranks as the latest (the one its run snapshot names; workers outlive a killed driver for a moment
+    # and may have written newer ones that Ray never registered) is damaged, and the fallback is known.
+    third = sorted(trials_state(output))[2]
+    recorded = {(r["trial_id"], r["epoch"]) for r in ResultsLog(str(output)).read()}  # when the driver died
+    folders = [f for f in sorted((output / "ray" / f"trial-{third}").glob("checkpoint_*")) if loads(f)]
+    assert len(folders) >= 2, folders  # (a folder the kill cut short is not one)
+    for folder in folders[1:]:
+        with open(folder / checkpoint.STATE_FILE, "r+b") as f:
+            f.truncate(os.path.getsize(folder / checkpoint.STATE_FILE) // 2)
+    fallback = checkpoint.load_state(str(folders[0]))["epoch"]
 
     resumed = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--resume", str(output)], capture_output=True,
                              text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     assert "resuming study" in resumed.stdout
+    warnings = [line for line in resumed.stdout.splitlines() if "warning: checkpoint" in line]
+    assert len(warnings) == 1 and "damaged" in warnings[0] and f"{folders[0].name} (epoch {fallback})" in warnings[0], \
+        warnings
 
     trials = sorted(trials_state(output).values(), key=lambda t: t["trial_id"])
     assert [t["status"] for t in trials] == ["completed", "diverged", "completed"]
@@ -173,13 +197,15 @@ def test_killed_driver_then_resume_finishes_the_study(tmp_path, synthetic_parque
     keys = [(r["trial_id"], r["epoch"]) for r in rows]
     assert len(keys) == len(set(keys))
     by_trial = {t["trial_id"]: sorted(e for tid, e in keys if tid == t["trial_id"]) for t in trials}
-    assert by_trial[trials[0]["trial_id"]] == [1, 2, 3, 4] and by_trial[trials[2]["trial_id"]] == [1, 2, 3, 4]
+    assert by_trial[trials[0]["trial_id"]] == by_trial[third] == list(range(1, epochs + 1))
     assert by_trial[trials[1]["trial_id"]] == [1]
     # The finished trials were not run again: their rows are the very rows written before the kill.
     for r in rows:
-        if r["trial_id"] != trials[2]["trial_id"]:
+        if r["trial_id"] != third:
             assert before[(r["trial_id"], r["epoch"])] == r["time"]
-    assert any(r["resumed_from_epoch"] for r in rows if r["trial_id"] == trials[2]["trial_id"])
+    # The third trial went on from the oldest checkpoint (the epochs after it trained again, their rows kept once).
+    assert {r["resumed_from_epoch"] for r in rows if r["trial_id"] == third and (third, r["epoch"]) not in recorded} \
+        == {fallback}
     assert os.path.exists(output / "trials.parquet")
 
     again = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--resume", str(output)], capture_output=True,

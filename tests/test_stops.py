@@ -198,3 +198,28 @@ def test_train_stops_politely_on_sigterm(synthetic_parquet_dir, tmp_path):
     assert proc.returncode == 130 and "stopped" in out and "Traceback" not in out + err, (out + err)[-3000:]
     written = read_rows(str(output / "results.parquet"))  # compacted on the way out
     assert written and checkpoint.load_state(str(output / "checkpoints" / "latest"))["epoch"] >= len(written) - 1
+
+
+FINISH_INTERRUPTED = """
+import os, signal, time
+from ray_cifar.tuning.study import finish_politely
+
+def finish():  # the last phase, stopped by a SIGTERM as it runs
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+    return 0
+
+rc = finish_politely(finish, "python -m ray_cifar.tune --resume OUT")
+print("rc", rc, "handler restored", signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+"""
+
+
+def test_sigterm_while_the_study_finishes_prints_the_resume_command():
+    """After Tune's graceful-stop handler is gone (test evaluation, trials.parquet, report), SIGTERM is still
+    one line with the --resume command that runs the last phase again, exit 130, not a signal death."""
+    result = subprocess.run([sys.executable, "-c", FINISH_INTERRUPTED], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "stopped while finishing the study" in result.stdout
+    assert "python -m ray_cifar.tune --resume OUT" in result.stdout
+    assert "rc 130 handler restored True" in result.stdout
+    assert "Traceback" not in result.stderr

@@ -22,7 +22,7 @@ import shutil
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from ray.tune import Callback
 
@@ -369,7 +369,26 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
         print(f"\n[ray_cifar] study interrupted; nothing reported is lost. Continue it with:\n"
               f"  {resume_command}", flush=True)
         return 130
-    return finish_and_sync(cfg, output, keys, remote)
+    return finish_politely(lambda: finish_and_sync(cfg, output, keys, remote), resume_command)
+
+
+def finish_politely(finish: Callable[[], int], resume_command: str) -> int:
+    """The study's last phase (test evaluation, trials.parquet, report) after every trial is done: Tune's handler
+    is gone, so SIGTERM or Ctrl-C here end it at once, with the --resume command that runs this phase again
+    (exit 130), not a bare signal death."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        return finish()
+    except KeyboardInterrupt:
+        print(f"\n[ray_cifar] stopped while finishing the study: every trial is done and recorded; the test "
+              f"evaluation and the report run again with:\n  {resume_command}", flush=True)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

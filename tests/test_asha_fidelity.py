@@ -1,6 +1,6 @@
 """benchmarks/asha_fidelity.py --smoke on a real (tiny) replicated two-field study, run once for the module:
 the comparison JSON and PNG, tune.test all's test figure on every finished trial beside its published
-figure, and the report's intervals, significance column and heatmap; and the comparison alone on two
+figure, and the report's intervals, significance column, heatmap and every other figure; and the comparison alone on two
 hand-made outputs, figure by figure."""
 
 from __future__ import annotations
@@ -104,6 +104,14 @@ def test_the_report_of_a_replicated_two_field_study_has_intervals_significance_a
         img.verify()
         assert img.size[1] > 200  # a drawn grid, not the one-line "no pair" placeholder
     assert 'src="figures/heatmap.png"' in (smoke["grid"] / "report.html").read_text()
+    # The report the study wrote at its end (ASHA's run: stopped trials, rungs) has every figure, each on its page.
+    from ray_cifar.report import FIGURES
+
+    page = (smoke["asha"] / "report.html").read_text()
+    for name in FIGURES:
+        with Image.open(smoke["asha"] / "figures" / f"{name}.png") as img:
+            img.verify()
+        assert f'src="figures/{name}.png"' in page, name
 
 
 # --- The comparison alone, on two hand-made outputs (no training): exact figures ---

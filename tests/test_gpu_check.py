@@ -156,10 +156,10 @@ def test_ray_dry_run(tmp_path, data_dir):
     rc, out, doc, _ = run_check("ray", tmp_path / "results", data_dir)
     got = assert_complete(rc, out, doc, "ray")
     asha = got["asha"]["figures"]
-    assert asha["trials"] == 4 and asha["exit_status"] == 0 and 4 <= asha["trial_epochs"] <= 8
+    assert asha["trials"] == 2 and asha["exit_status"] == 0 and 3 <= asha["trial_epochs"] <= 4  # two in a dry run
     assert asha["best_trial_test_acc"] is not None and asha["study_images_per_second"] > 0
     packed = got["packed"]["figures"]
-    assert packed["trials"] == 4 and packed["packing_speedup"] > 0 and packed["wall_ratio"] > 0
+    assert packed["trials"] == 2 and packed["packing_speedup"] > 0 and packed["wall_ratio"] > 0
     kill = got["kill_resume"]["figures"]
     assert kill["trial_status"] == "completed" and kill["epochs"] == list(range(1, 7))
     assert kill["killed_after_epoch"] >= 1 and kill["resumed_from_epoch"] >= 1

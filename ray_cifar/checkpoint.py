@@ -142,17 +142,21 @@ def load_state(directory: str, map_location: str | torch.device = "cpu") -> dict
 
 
 def newest_loadable(candidates: Iterable[tuple[str, Callable[[], dict[str, Any]]]],
-                    warn: Callable[[str], None] = print) -> tuple[str, dict[str, Any]] | None:
+                    warn: Callable[[str], None] = print,
+                    before_epoch: int | None = None) -> tuple[str, dict[str, Any]] | None:
     """The first of `candidates` (name, load), newest first, that loads: (name, state), or None if none does.
 
     Damaged ones are passed over, said in one warning line (which, and where the run goes on from);
-    a format error is raised (an older checkpoint of the same run has the same format)."""
+    a format error is raised (an older checkpoint of the same run has the same format). With `before_epoch`,
+    states at that epoch or later are passed over too (PBT's donor: a copy must leave epochs to train)."""
     damaged: list[str] = []
     for name, load in candidates:
         try:
             state = load()
         except CheckpointDamaged as e:
             damaged.append(str(e))
+            continue
+        if before_epoch is not None and state["epoch"] >= before_epoch:
             continue
         if damaged:
             warn(f"[ray_cifar] warning: checkpoint {_damaged(damaged)}; resuming from {name} "

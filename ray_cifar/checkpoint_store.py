@@ -51,16 +51,17 @@ def _load_folder(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
         return checkpoint.load_state(tmp)
 
 
-def newest_loadable_state(location: str, warn=print) -> tuple[str, dict[str, Any]] | None:
-    """(checkpoint folder as path or URI, its state) of the newest checkpoint under `location` that loads,
-    else None (none there, or every one damaged: the caller starts over). See checkpoint.newest_loadable."""
+def newest_loadable_state(location: str, warn=print, before_epoch: int | None = None) -> tuple[str, dict[str, Any]] | None:
+    """(checkpoint folder as path or URI, its state) of the newest checkpoint under `location` that loads
+    (and, with `before_epoch`, is of an earlier epoch), else None (none there, or every one damaged: the
+    caller starts over). See checkpoint.newest_loadable."""
     fs, path = storage.filesystem(location)
     selector = pafs.FileSelector(path, allow_not_found=True)
     names = sorted((posixpath.basename(i.path) for i in fs.get_file_info(selector)
                     if i.type == pafs.FileType.Directory and _ANY_CHECKPOINT.match(posixpath.basename(i.path))),
                    reverse=True)
     candidates = ((storage.join(location, n), lambda n=n: _load_folder(fs, posixpath.join(path, n))) for n in names)
-    return checkpoint.newest_loadable(candidates, warn)
+    return checkpoint.newest_loadable(candidates, warn, before_epoch)
 
 
 class CheckpointStore:
@@ -120,13 +121,15 @@ class CheckpointStore:
         return self.uri(epoch)
 
 
-def copy_latest_state(source: str, destination: str, warn=print) -> bool:
+def copy_latest_state(source: str, destination: str, warn=print, before_epoch: int | None = None) -> bool:
     """Copy the newest checkpoint under `source` that loads (a trial's run folder: CheckpointStore's
     checkpoint_000003 or Ray Train's checkpoint_<date>) to `destination`/state.pt. False if none loads.
 
     `source` belongs to another trial that keeps training (PBT's donor): a checkpoint it deletes while
-    this reads it counts as one that does not load, and the next older one is taken."""
-    found = newest_loadable_state(source, warn)
+    this reads it counts as one that does not load, and the next older one is taken. The donor may also
+    be epochs past the result that made it a donor (its results reach the driver late): `before_epoch`
+    (its last epoch) passes over a finished state, which would leave the copy nothing to train."""
+    found = newest_loadable_state(source, warn, before_epoch)
     if found is None:
         return False
     local = storage.local_path(destination)

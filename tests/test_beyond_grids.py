@@ -205,7 +205,7 @@ def test_ddp_pbt_member_continues_from_its_donors_weights(ddp_pbt_study):
     output, stdout = ddp_pbt_study
     rows = ResultsLog(str(output)).read()
     keys = [(r["trial_id"], r["epoch"]) for r in rows]
-    assert len(keys) == len(set(keys)) == 6, keys  # two members, three epochs each, none twice
+    assert len(keys) == len(set(keys)), keys  # none twice
     assert all(len(r["nodes"].split(",")) == 2 for r in rows)  # every epoch trained by two DDP ranks
     by_trial: dict[str, list[dict]] = {}
     for r in sorted(rows, key=lambda r: r["epoch"]):
@@ -227,6 +227,11 @@ def test_ddp_pbt_member_continues_from_its_donors_weights(ddp_pbt_study):
     assert donor_row["train_loss"] < own_before["train_loss"] - 0.05
     assert abs(row["train_loss"] - donor_row["train_loss"]) < abs(row["train_loss"] - own_before["train_loss"])
     assert all(r["pbt_generation"] == 1 and r["pbt_parent"] == good for r in rs[i:])  # lineage on every later row
+    # Epochs as the member lived them: its own up to the exploit, then the donor's copied epochs (trained by the
+    # donor: a fast donor may be epochs ahead when the copy is made, and the copy is its newest state with epochs
+    # left), then its own again to the end. The donor trained all three.
+    assert [r["epoch"] for r in rs] == [*range(1, own_before["epoch"] + 1), *range(row["epoch"], 4)]
+    assert [r["epoch"] for r in by_trial[good]] == [1, 2, 3]
     assert all(r["pbt_generation"] == 0 and r["pbt_parent"] == "" for r in by_trial[good])
     table = {t["trial_id"]: t for t in pq.read_table(output / "trials.parquet").to_pylist()}
     assert table[hopeless]["exploits"] == 1 and table[good]["exploits"] == 0

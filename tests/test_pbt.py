@@ -198,6 +198,23 @@ def test_restore_keeps_the_configs_hyperparameters_over_the_donors_state():
     assert math.isclose(optimizer2.param_groups[0]["lr"], 0.4 * scheduler.lr_lambdas[0](8))
 
 
+def test_the_donor_copy_leaves_epochs_to_train(tmp_path):
+    """The donor's results reach the driver late: when the exploit is decided the donor may be at its last epoch
+    on disk (seen with fast 2-rank DDP members: the copy was its finished state, and the member trained nothing
+    more). The copy is the donor's newest state before its last epoch; none there, no copy (no exploit)."""
+    from ray_cifar.tuning import trial
+
+    for epoch, stamp in ((2, "10-00-00"), (3, "10-05-00")):  # a DDP donor of 3 epochs, finished on disk
+        checkpoint.save_state({"epoch": epoch, "history": [], "best": {"value": 1, "epoch": epoch}},
+                              str(tmp_path / "trial-e" / f"checkpoint_2026-01-01_{stamp}.000001"))
+    lineage = {"trial_id": "t", "generation": 1, "parent": "e", "parent_generation": 0}
+    assert trial.copy_donor_state(str(tmp_path), "t", lineage, epochs=3)
+    assert trial.adopted_state(trial.donor_location(str(tmp_path), "t", 1))["epoch"] == 2
+    assert trial.copy_donor_state(str(tmp_path), "u", {**lineage, "trial_id": "u"}, epochs=None)  # no bound: newest
+    assert trial.adopted_state(trial.donor_location(str(tmp_path), "u", 1))["epoch"] == 3
+    assert not trial.copy_donor_state(str(tmp_path), "v", {**lineage, "trial_id": "v"}, epochs=2)  # only finished
+
+
 def test_a_generation_starts_from_the_donors_newest_checkpoint(tmp_path):
     from ray_cifar.tuning import trial
 

@@ -162,7 +162,9 @@ class _Lineage:
             return True
         from .trial import copy_donor_state
 
-        return copy_donor_state(self.storage_path, trial.trial_id, self._lineage(trial, donor))
+        # The donor's results reach the driver late: on disk it may be epochs on, even at its end.
+        return copy_donor_state(self.storage_path, trial.trial_id, self._lineage(trial, donor),
+                                epochs=(donor.last_result or {}).get("epochs"))
 
     @staticmethod
     def _lineage(trial: Trial, donor: Trial) -> dict[str, Any]:

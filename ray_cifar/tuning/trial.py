@@ -301,11 +301,13 @@ def donor_location(storage_path: str, trial_id: str, generation: int) -> str:
     return storage.join(storage_path, f"{trainer_name(trial_id, generation)}.donor")
 
 
-def copy_donor_state(storage_path: str, trial_id: str, lineage: dict[str, Any]) -> bool:
-    """Copy the donor's latest checkpoint as the start of the trial's generation lineage["generation"]
-    (ray_cifar.tuning.pbt, in the driver, when it decides the exploit). False if the donor has none."""
+def copy_donor_state(storage_path: str, trial_id: str, lineage: dict[str, Any], epochs: int | None = None) -> bool:
+    """Copy the donor's latest checkpoint with epochs left (before `epochs`, the run's last) as the start of
+    the trial's generation lineage["generation"] (ray_cifar.tuning.pbt, in the driver, when it decides the
+    exploit). False if the donor has none."""
     source = storage.join(storage_path, trainer_name(lineage["parent"], lineage.get("parent_generation", 0)))
-    return copy_latest_state(source, donor_location(storage_path, trial_id, lineage["generation"]))
+    return copy_latest_state(source, donor_location(storage_path, trial_id, lineage["generation"]),
+                             before_epoch=epochs)
 
 
 def donor_copy(storage_path: str, name: str, lineage: dict[str, Any]) -> str | None:

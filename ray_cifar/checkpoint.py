@@ -18,12 +18,13 @@ A checkpoint without a checksum (older ray_cifar) that does not load counts as d
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+
+from . import storage
 
 STATE_FILE = "state.pt"
 CHECKSUM_FILE = STATE_FILE + ".sha256"
@@ -53,14 +54,6 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
     }
 
 
-def file_sha256(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _replace_atomically(tmp: str, path: str) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old file or the whole new one
@@ -80,7 +73,7 @@ def save_state(state: dict[str, Any], directory: str) -> str:
             torch.save(state, tmp)
         except RuntimeError as e:  # torch's zip writer reports a failed write (ENOSPC, EIO) as RuntimeError
             raise _write_error(e, tmp) from None
-        digest = file_sha256(tmp)
+        digest = storage.file_sha256(tmp)
         with open(tmp_sum, "w") as f:
             f.write(digest + "\n")
         _replace_atomically(tmp, path)
@@ -110,7 +103,7 @@ def verify(directory: str) -> None:
     (a state file without a checksum passes here: load_state decides)."""
     path = os.path.join(directory, STATE_FILE)
     try:
-        actual = file_sha256(path)
+        actual = storage.file_sha256(path)
     except OSError as e:
         raise CheckpointDamaged(f"{path}: {e.strerror or e}") from None
     try:

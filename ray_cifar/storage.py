@@ -45,6 +45,12 @@ def disk_full_message(e: OSError, output: str) -> str:
     return f"the disk is full: could not write {e.filename or output} ({e.strerror or e})"
 
 
+def file_sha256(path: str) -> str:
+    """sha256 hex of a local file's bytes (a checkpoint's state file, the decode cache)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def is_uri(location: str) -> bool:
     """`s3://b/x`, `gs://b/x`, `file:///x`: True; `/x`, `x`, `C:\\x`: False."""
     return bool(_URI.match(location))

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from ray_cifar import checkpoint, cli, report
+from ray_cifar import checkpoint, cli, report, storage
 from ray_cifar.tuning import study
 from ray_cifar.checkpoint_store import CheckpointStore, newest_loadable_state
 from ray_cifar.data.source import load_cifar10
@@ -43,7 +43,7 @@ def test_a_damaged_checkpoint_is_told_from_a_format_change(tmp_path, how):
     # Intact bytes (the checksum matches) that torch cannot load: another version's format, not damage.
     os.makedirs(tmp_path / "b")
     (tmp_path / "b" / checkpoint.STATE_FILE).write_bytes(b"not a torch file")
-    (tmp_path / "b" / checkpoint.CHECKSUM_FILE).write_text(checkpoint.file_sha256(tmp_path / "b" / checkpoint.STATE_FILE))
+    (tmp_path / "b" / checkpoint.CHECKSUM_FILE).write_text(storage.file_sha256(tmp_path / "b" / checkpoint.STATE_FILE))
     with pytest.raises(checkpoint.CheckpointFormatError, match="intact but not loadable"):
         checkpoint.load_state(str(tmp_path / "b"))
 

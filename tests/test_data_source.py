@@ -238,7 +238,7 @@ def test_damage_inside_the_cached_image_bytes_is_found_and_rebuilt(parquet_dir, 
         raise AssertionError("an unchanged cache hashed again")
 
     with monkeypatch.context() as m:
-        m.setattr(ds, "_file_sha256", no_hashing)
+        m.setattr(ds.storage, "file_sha256", no_hashing)
         logs = Logs()
         load_cifar10(str(d), cache_dir=str(cache), log=logs)
         assert logs.has("using cache") and not logs.has("damaged"), list(logs)

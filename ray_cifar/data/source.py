@@ -120,20 +120,15 @@ def source_checksum(files: list[str], cache_dir: str, log: Log = print) -> str:
     ranks of every trial skip re-reading ~57 MB; a rewritten file changes its mtime, so is hashed again."""
     stats = [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
     memo = os.path.join(cache_dir, f"cifar10-checksum-{hashlib.sha256(repr(stats).encode()).hexdigest()[:16]}.txt")
-    with contextlib.suppress(OSError):
-        with open(memo, "rb") as fh:  # bytes: a damaged memo must not raise UnicodeDecodeError
-            known = fh.read(100).decode("ascii", errors="replace").strip()
+    known = _read_small(memo)
+    if known is not None:
         if _SHA256.match(known):
             return known
         log(f"cifar10: warning: {memo} is damaged; hashing the source again and rewriting it")
     checksum = file_checksum(files)
     with contextlib.suppress(OSError):  # a read-only cache dir: hash again next time
         os.makedirs(cache_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=".txt")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(checksum)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, memo)
+        _write_atomically(memo, checksum)
     return checksum
 
 
@@ -320,11 +315,6 @@ def _read_small(path: str) -> str | None:
         return None
 
 
-def _file_sha256(path: str) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def _check_cache_bytes(file: str) -> None:
     """Raise ValueError unless the cache's bytes are the ones written (NAME.sha256), _Unchecked without it.
 
@@ -339,7 +329,7 @@ def _check_cache_bytes(file: str) -> None:
     verified = f"{expected} {_stat_stamp(file)}"
     if _read_small(file + ".verified") == verified:
         return
-    if _file_sha256(file) != expected:
+    if storage.file_sha256(file) != expected:
         raise ValueError(f"its bytes do not match {os.path.basename(file)}.sha256")
     with contextlib.suppress(OSError):  # a read-only or full cache dir: hashed again next time
         _write_atomically(file + ".verified", verified)
@@ -407,7 +397,7 @@ def _save_cache(file: str, arrays: dict[str, np.ndarray], log: Log) -> None:
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, **arrays)  # uncompressed: loading is then just a read
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the cache may be shared
-        digest = _file_sha256(tmp)
+        digest = storage.file_sha256(tmp)
         _write_atomically(file + ".sha256", digest)
         os.replace(tmp, file)
         tmp = None

@@ -122,6 +122,21 @@ def test_pbt_members_copy_the_strong_and_their_lineage_survives_a_dead_driver(pb
     assert all(rs[0]["pbt_generation"] == 0 and rs[0]["pbt_parent"] == "" for rs in by_trial.values())
 
 
+def assert_drawn_and_not_rerun(output, before) -> tuple[list[dict], dict]:
+    """What a model-based searcher's killed and resumed study must show (Optuna's and BOHB's, over the same
+    space): rows unique and kept, the trial budget run, every value drawn from its range or choices (none
+    twice), and a trial finished before the kill not run again. (rows, trials)."""
+    rows = assert_unique_and_kept(output, before)
+    trials = trials_state(output)
+    assert len(trials) == 4, "the trial budget (tune.num_samples) is not what ran"
+    lrs = {t["optim.lr"] for t in trials.values()}
+    assert len(lrs) == 4 and all(1e-6 <= lr <= 0.2 for lr in lrs)  # drawn from the range, none twice
+    assert {t["optim.momentum"] for t in trials.values()} <= {0.0, 0.9}
+    for tid in {tid for (tid, epoch) in before if epoch == EPOCHS}:  # not run again: no epoch of theirs was
+        assert all((r["trial_id"], r["epoch"]) in before for r in rows if r["trial_id"] == tid)  # written after
+    return rows, trials
+
+
 @pytest.fixture(scope="module")
 def optuna_study(tmp_path_factory):
     output = tmp_path_factory.mktemp("optuna") / "study"
@@ -131,16 +146,8 @@ def optuna_study(tmp_path_factory):
 
 def test_optuna_draws_off_grid_stops_the_weak_and_resumes_without_rerunning(optuna_study):
     output, before, _ = optuna_study
-    rows = assert_unique_and_kept(output, before)
-    trials = trials_state(output)
-    assert len(trials) == 4, "the trial budget (tune.num_samples) is not what ran"
-    lrs = {t["optim.lr"] for t in trials.values()}
-    assert len(lrs) == 4 and all(1e-6 <= lr <= 0.2 for lr in lrs)  # drawn from the range, none twice
-    assert {t["optim.momentum"] for t in trials.values()} <= {0.0, 0.9}
+    _, trials = assert_drawn_and_not_rerun(output, before)
     assert any(t["status"] == "stopped" for t in trials.values()), "ASHA stopped no trial"
-    finished_before = {tid for (tid, epoch) in before if epoch == EPOCHS}
-    for tid in finished_before:  # not run again: no epoch of theirs was written after the kill
-        assert all((r["trial_id"], r["epoch"]) in before for r in rows if r["trial_id"] == tid)
     assert os.path.exists(output / "ray" / "tune") and os.path.exists(output / "trials.parquet")
 
 
@@ -154,16 +161,9 @@ def bohb_study(tmp_path_factory):
 
 def test_bohb_draws_off_grid_stops_the_weak_and_resumes_without_rerunning(bohb_study):
     output, before, stdout = bohb_study
-    rows = assert_unique_and_kept(output, before)
-    trials = trials_state(output)
-    assert len(trials) == 4, "the trial budget (tune.num_samples) is not what ran"
-    lrs = {t["optim.lr"] for t in trials.values()}
-    assert len(lrs) == 4 and all(1e-6 <= lr <= 0.2 for lr in lrs)  # drawn by BOHB from the range, none twice
-    assert {t["optim.momentum"] for t in trials.values()} <= {0.0, 0.9}
+    rows, trials = assert_drawn_and_not_rerun(output, before)
     statuses = sorted(t["status"] for t in trials.values())
     assert statuses.count("stopped") == 2 and statuses.count("completed") == 2, statuses  # HyperBand's brackets
-    for tid in {tid for (tid, epoch) in before if epoch == EPOCHS}:  # finished before the kill: not run again
-        assert all((r["trial_id"], r["epoch"]) in before for r in rows if r["trial_id"] == tid)
     epochs = {tid: max(r["epoch"] for r in rows if r["trial_id"] == tid) for tid in trials}
     # The stopped ones at their milestone: a trial that waited at it when the driver died is not trained on
     # past it after --resume (Ray's restore alone makes it PENDING, and it would run an epoch more).

@@ -409,7 +409,7 @@ def train_step(check: Check) -> None:
         mfu = best.get("mfu_of_measured_peak")
         check.current["summary"] = (f"{best['variant'].removeprefix('ray_cifar-')} {best['images_per_second']:,.0f} img/s"
                                     f" = {best['vs_plain_pytorch']:.2f}x plain PyTorch"
-                                    + (f", MFU {mfu:.1%} of the measured {peak / 1e12:.0f} TFLOP/s" if mfu else ""))
+                                    + (f", MFU {mfu:.1%} of the measured {peak / 1e12:.3g} TFLOP/s" if mfu else ""))
 
 
 def step_ratios(rows: list[dict]) -> dict:
@@ -620,8 +620,11 @@ def asha(check: Check) -> None:
     if rc != 0:
         raise RuntimeError(f"the study exited {rc}: see {check.log_path('asha')}")
     f = check.figures
+    # The study's img/s over its wall time against an epoch's own: what Tune, start-up and evaluation cost.
+    share = f["study_vs_epoch_images_per_second"]
     check.current["summary"] = (f"ASHA {f['trials']} trials one at a time {wall:.0f} s ({f['trial_epochs']} trial-epochs, "
-                                f"{f['study_vs_epoch_images_per_second']} of one epoch's img/s)")
+                                f"study img/s {share:.1%} of an epoch's)" if share is not None else
+                                f"ASHA {f['trials']} trials one at a time {wall:.0f} s ({f['trial_epochs']} trial-epochs)")
 
 
 def packed(check: Check) -> None:

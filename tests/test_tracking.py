@@ -184,6 +184,9 @@ def test_wandb_reopened_run_skips_the_steps_on_disk_and_reader_stops_at_a_torn_t
     assert first.log_epochs("t1", {"optim.lr": 0.1}, rows[:2]) == 2
     first.close()  # the driver stops with the trial unfinished
     wait_for_steps(tracking.offline_runs(str(tmp_path), "reopen-t1")[0], [1, 2])
+    # W&B names an offline run's folder by the second it starts: a run reopened within the same second writes
+    # into the first one's folder. A new driver comes seconds after the old one; here, the next second.
+    time.sleep(1.05 - time.time() % 1)
 
     second = tracking.create_tracker("wandb", str(tmp_path), "reopen")
     assert second.log_epochs("t1", {"optim.lr": 0.1}, rows) == 1  # epoch 3 only

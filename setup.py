@@ -26,7 +26,8 @@ setup(
         "nvidia-dali-cuda130; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3", "hypothesis==6.170.17"],
+        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3", "hypothesis==6.170.17",
+                 "moto[server]>=5"],  # an S3 server on loopback: a study whose --output is a bucket
         # tune.tracking=mlflow | wandb; imported only by a study that tracks. mlflow-skinny is MLflow's client;
         # sqlalchemy + alembic give it the sqlite store a study keeps under OUTPUT by default.
         "tracking": ["mlflow-skinny>=3.0", "sqlalchemy>=2", "alembic", "wandb>=0.19"],

@@ -152,6 +152,23 @@ def sync_up(local_dir: str, location: str) -> None:
     pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
+def upload(local_file: str, location: str, relative: str) -> None:
+    """Copy one local file to `location/relative` ('/'-separated); at a URI the object appears whole."""
+    fs, path = filesystem(location)
+    target = posixpath.join(path, relative)
+    fs.create_dir(posixpath.dirname(target), recursive=True)
+    pafs.copy_files(local_file, target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def prune(local_dir: str, location: str, folder: str) -> None:
+    """Delete the files of `location/folder` that `local_dir/folder` no longer has (results parts merged by
+    compaction: sync_up copies, it never deletes)."""
+    fs, path = filesystem(location)
+    for info in fs.get_file_info(pafs.FileSelector(posixpath.join(path, folder), allow_not_found=True)):
+        if info.type == pafs.FileType.File and not os.path.exists(os.path.join(local_dir, folder, info.base_name)):
+            fs.delete_file(info.path)
+
+
 def sync_down(location: str, local_dir: str, skip: tuple[str, ...] = ("ray",)) -> None:
     """Copy every file under `location` to `local_dir` (same relative paths), except the top-level
     folders in `skip` (Ray's own files stay where Ray reads them: at the URI)."""

@@ -35,7 +35,7 @@ def resume(location: str) -> int:
         storage.sync_down(remote, output)
     if not os.path.isdir(output) or not study.can_resume(output, remote):
         cli.fail(f"--resume {location}: not a ray_cifar study output (no config.yaml and Tune experiment in ray/tune)"
-                 + (" here: the local copy of a remote study is resumed on the machine that ran it" if remote else ""))
+                 + (f"; its copy on this machine is {output}" if remote else ""))
     if study.is_finished(output):
         print(f"[ray_cifar] the study in {output} has already finished: see {output}/trials.parquet")
         return 0

@@ -62,6 +62,22 @@ def test_history_of_a_resumed_trial_fills_rows_the_dead_driver_never_got(recorde
     assert sorted(r["epoch"] for r in ResultsLog(str(tmp_path)).read()) == [1, 2, 3]
 
 
+def test_a_finished_trial_gets_back_rows_the_dead_driver_never_wrote(recorder, tmp_path, capsys):
+    # Tune never runs a finished trial again: its last result, kept in Tune's state, is all that brings its last row.
+    trial, running = FakeTrial("t1"), FakeTrial("t2")
+    recorder.on_trial_result(0, [], trial, result(1, 0.3))
+    recorder.on_trial_result(0, [], trial, result(2, 0.5))
+    trial.status, trial.last_result = "TERMINATED", result(3, 0.6, checkpoint_path=str(tmp_path / "ckpt3"))
+    running.status, running.last_result = "PENDING", result(1, 0.2)  # resumes, and reports its history itself
+    restored = StudyRecorder(str(tmp_path), lr_params, "val_acc", "max", tensorboard=False)  # the next driver
+    restored.on_step_end(0, [trial, running])
+    restored.on_step_end(1, [trial, running])  # once per driver
+    rows = ResultsLog(str(tmp_path)).read()
+    assert sorted((r["trial_id"], r["epoch"]) for r in rows) == [("t1", 1), ("t1", 2), ("t1", 3)]
+    assert restored.trials["t1"]["best_checkpoint"] == str(tmp_path / "ckpt3")
+    assert capsys.readouterr().out.count("trial t1 finished with epoch 3 unrecorded: recovered") == 1
+
+
 def test_statuses_come_from_tune_events(recorder, tmp_path):
     done, stopped, diverged = FakeTrial("a"), FakeTrial("b"), FakeTrial("c")
     error_file = tmp_path / "error.txt"

@@ -135,3 +135,19 @@ def test_sync_down_restores_a_study_folder_but_leaves_rays_files(tmp_path):
     sync_down(str(remote), str(tmp_path / "local"))
     got = sorted(str(p.relative_to(tmp_path / "local")) for p in (tmp_path / "local").rglob("*") if p.is_file())
     assert got == ["config.yaml", "results.parts/part-000000.parquet"]
+
+
+def test_upload_one_file_and_prune_what_compaction_merged(tmp_path):
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    (local / "results.parts").mkdir(parents=True)
+    for n in (0, 1):
+        (local / "results.parts" / f"part-00000{n}.parquet").write_text(f"rows {n}")
+        storage.upload(str(local / "results.parts" / f"part-00000{n}.parquet"), remote.as_uri(),
+                       f"results.parts/part-00000{n}.parquet")
+    assert (remote / "results.parts" / "part-000001.parquet").read_text() == "rows 1"
+    (local / "results.parts" / "part-000000.parquet").unlink()  # merged into results.parquet
+    (remote / "other").mkdir()
+    (remote / "other" / "kept").write_text("x")
+    storage.prune(str(local), remote.as_uri(), "results.parts")
+    assert [p.name for p in (remote / "results.parts").iterdir()] == ["part-000001.parquet"]
+    assert (remote / "other" / "kept").exists()  # only the folder named is pruned

@@ -90,7 +90,8 @@ class StudyRecorder(Callback):
         metric, mode: what "best" means (tune.metric, tune.mode).
         provenance: columns added to every row (git SHA, versions).
         tensorboard: write per-trial TensorBoard scalars under OUTPUT/tensorboard/<trial_id> (step = epoch).
-        mirror_to: a remote --output (s3://, gs://) that OUTPUT is copied up to every minute.
+        mirror_to: a remote --output (s3://, gs://): each results part and trials.json is copied up to it as
+            written (a head lost with its disk loses no recorded row), the rest of OUTPUT every minute.
         tracking: create_tracker's arguments ({"tracking": "mlflow", "study": ..., "uri": ..., "project": ...}):
             every new row also goes to the trial's tracker run; None: no tracker.
     """
@@ -122,6 +123,8 @@ class StudyRecorder(Callback):
         self.tracker = None  # made at the first row: a study that does not track never imports mlflow/wandb
         self.tracked: set[str] = set()  # trials whose tracker run this driver has caught up with the rows
         self.track_ended: set[str] = set()  # trials whose end this driver has told the tracker
+        self.caught_up = False  # finished trials' rows recovered (once, at this driver's first step)
+        self.upload_failing = False  # a copy to mirror_to failed: warned once, retried with every later file
 
     def _read_trials(self, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """trials.json; when damaged, set aside and rebuilt from the rows (statuses follow from Tune's at the end)."""
@@ -180,6 +183,7 @@ class StudyRecorder(Callback):
             with open(tmp, "w") as f:
                 json.dump(self.trials, f)
             os.replace(tmp, path)  # the previous trials.json stays whole until the new one is
+            self._upload(path)
         except OSError as e:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -187,6 +191,21 @@ class StudyRecorder(Callback):
                 stop_for_full_disk(storage.disk_full_message(e, self.output))
                 return
             raise
+
+    def _upload(self, path: str | None) -> None:
+        """Copy one file just written under OUTPUT to the remote --output; a failure (the bucket unreachable) is one
+        warning, not a failed study: the minute's copy of OUTPUT and the one at the end retry it."""
+        if not self.mirror_to or path is None:
+            return
+        relative = os.path.relpath(path, self.output).replace(os.sep, "/")
+        try:
+            storage.upload(path, self.mirror_to, relative)
+            self.upload_failing = False
+        except (OSError, storage.StorageError) as e:
+            if not self.upload_failing:
+                print(f"[ray_cifar] warning: could not copy {relative} to {self.mirror_to} ({str(e)[:300]}); "
+                      f"retried with every later file and each minute", flush=True)
+            self.upload_failing = True
 
     @contextlib.contextmanager
     def _full_disk_stops_study(self):
@@ -253,7 +272,7 @@ class StudyRecorder(Callback):
         rows = [r for r in rows if r is not None]
         if rows:
             with self._full_disk_stops_study():
-                self.log.append(rows)
+                self._upload(self.log.append(rows))  # the rows first: trials.json never names an epoch not there
                 self._save_trials()
             self._track(trial, rows)
 
@@ -274,7 +293,34 @@ class StudyRecorder(Callback):
         self._save_trials()
         self._track_end(trial)
 
+    def _recover_finished(self, trials) -> None:
+        """Rows of trials that finished before this driver started but never reached OUTPUT: a driver killed
+        between a trial's last report and its row, or a head lost with its disk before the rows were copied to
+        the remote --output. Tune never runs a finished trial again, so nothing else would bring them: its last
+        result (in Tune's state) is the last row, and its newest checkpoint's history holds the epochs before."""
+        from ..checkpoint_store import newest_loadable_state
+
+        if self.caught_up:
+            return
+        self.caught_up = True
+        for trial in trials:
+            last = getattr(trial, "last_result", None) or {}
+            if str(trial.status) not in ("TERMINATED", "ERROR") or "epoch" not in last:
+                continue
+            recorded = max((epoch for tid, epoch in self.seen if tid == trial.trial_id), default=0)
+            if recorded >= int(last["epoch"]):
+                continue
+            history = []
+            if recorded < int(last["epoch"]) - 1 and last.get("checkpoint_path"):
+                found = newest_loadable_state(posixpath.dirname(last["checkpoint_path"].rstrip("/")))
+                history = found[1]["history"] if found else []
+            epochs = f"epochs {recorded + 1}-{last['epoch']}" if recorded + 1 < last["epoch"] else f"epoch {last['epoch']}"
+            print(f"[ray_cifar] trial {trial.trial_id} finished with {epochs} unrecorded: recovered from its last "
+                  f"result{' and checkpoint' if history else ''}", flush=True)
+            self.on_trial_result(None, trials, trial, {**last, "history": history})
+
     def on_experiment_end(self, trials, **info):
+        self._recover_finished(trials)  # a study whose every trial had finished runs no step
         # A summary rebuilt from rows (trials.json was damaged) learns here how Tune ended its trial.
         changed = False
         for t in trials:
@@ -371,6 +417,7 @@ class StudyRecorder(Callback):
     # -- progress and TensorBoard ----------------------------------------------------------
 
     def on_step_end(self, iteration, trials, **info):
+        self._recover_finished(trials)
         now = time.time()
         if now - self.last_progress >= self.progress_every:
             self.last_progress = now

@@ -480,6 +480,8 @@ def finish_and_sync(cfg: Config, output: str, keys: list[str], remote: str | Non
     attach_to_tracker(cfg, output, remote)
     if remote:
         storage.sync_up(output, remote)
+        storage.prune(output, remote, ResultsLog.PARTS)  # the parts compaction merged into results.parquet
+        print(f"[ray_cifar] the study's files are copied to {remote}", flush=True)
     return rc
 
 

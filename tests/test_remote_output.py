@@ -1,0 +1,128 @@
+"""A study whose data and --output are s3:// URIs, on a real S3 server on loopback (moto's, in this process), and
+the head lost with its disk: the driver SIGKILLed, its local copy of the output deleted, the study resumed from the
+URI alone (`--resume s3://...`, as a retried KubeRay RayJob does on a new head).
+
+Two 6-epoch one-rank trials, one after the other; the driver dies while the second trains. Checked: every row
+recorded before the kill was already at the URI (each results part is copied up as written, not a minute later);
+after the kill the finished trial's last rows are also deleted from the bucket, and the resumed study brings
+them back from Tune's last result and the trial's checkpoint, equal to the originals; the second trial resumes
+from its checkpoint; every epoch of both trials is recorded once; no merged part is left at the URI.
+Every process killed here is one this test started (the driver) or a descendant of it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import TINY_MODEL, synthetic_cifar, write_parquet_folder
+from ray_cifar import storage
+from ray_cifar.cli import local_output
+from ray_cifar.results import ResultsLog
+from test_fault_tolerance import kill_driver_when, study_args
+
+pytestmark = pytest.mark.integration
+
+EPOCHS = 6
+BUCKET = "study-bucket"
+SETS = TINY_MODEL + ["data.pipeline=torch", "train.amp=fp32", "train.torch_threads=1", f"train.epochs={EPOCHS}",
+                     "train.global_batch_size=50", "data.val_size=100", "schedule.name=constant",
+                     "tune.scheduler=fifo", "tune.max_concurrent_trials=1",
+                     "tune.search_space={optim.lr: {grid: [0.05, 0.1]}}"]
+COMPARED = ("train_loss", "train_acc", "val_loss", "val_acc")
+
+
+@pytest.fixture
+def s3(tmp_path, monkeypatch):
+    """An S3 endpoint with one bucket; the AWS_* variables that point pyarrow (here and in the study) at it."""
+    moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (the test extra)")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], allow_bucket_creation=True).create_dir(BUCKET)
+    yield env
+    server.stop()
+
+
+def part_files(fs: pafs.FileSystem, path: str) -> list[str]:
+    selector = pafs.FileSelector(f"{path}/results.parts", allow_not_found=True)
+    return sorted(i.path for i in fs.get_file_info(selector) if i.type == pafs.FileType.File)
+
+
+def keys(rows) -> set[tuple[str, int]]:
+    return {(r["trial_id"], r["epoch"]) for r in rows}
+
+
+def rows_at(uri: str) -> dict[tuple[str, int], dict]:
+    """The rows at a study URI (results.parquet and the parts not merged yet), by (trial, epoch)."""
+    fs, path = storage.filesystem(uri)
+    rows = {}
+    for f in [f"{path}/results.parquet", *part_files(fs, path)]:
+        try:
+            rows.update({(r["trial_id"], r["epoch"]): r for r in pq.read_table(f, filesystem=fs).to_pylist()})
+        except (OSError, FileNotFoundError):  # not there (yet), or merged away while listed
+            continue
+    return rows
+
+
+def test_a_study_on_s3_survives_its_head_and_disk(s3, tmp_path):
+    data = write_parquet_folder(str(tmp_path / "data"), synthetic_cifar(1000, 100))
+    for name in storage.DATA_FILES:
+        storage.upload(os.path.join(data, name), f"s3://{BUCKET}/cifar10", name)
+    output = f"s3://{BUCKET}/study"
+    cache = tmp_path / "head-cache"  # the head's disk: the data copy and the local copy of the output
+    env = {**os.environ, **s3, "RAY_CIFAR_CACHE": str(cache)}
+    local = local_output(output, str(cache))
+
+    proc = subprocess.Popen(study_args(f"s3://{BUCKET}/cifar10", output, *SETS), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
+    # Killed once the second trial's first row is at the URI (the first trial has finished).
+    kill_driver_when(proc, lambda: len({t for t, _ in rows_at(output)}) == 2, "the second trial's first row at the URI",
+                     timeout=600)
+    recorded_here = {(r["trial_id"], r["epoch"]): r for r in ResultsLog(local).read()}  # frozen: the driver is dead
+    at_kill = rows_at(output)
+    first, second = sorted({t for t, _ in at_kill})
+    assert {e for t, e in at_kill if t == first} == set(range(1, EPOCHS + 1))
+    assert len(recorded_here) < 2 * EPOCHS, "the study ended before its second trial's rows were at the URI"
+    # Rows reach the bucket as recorded: none of the head's is missing there, but for one whose copy the kill cut.
+    assert len(set(recorded_here) - set(at_kill)) <= 1, sorted(set(recorded_here) - set(at_kill))
+
+    # The disk goes with the head; and, in the bucket, the finished trial's rows of epochs 3-6 (as if their copy
+    # had been cut): only Tune's state and the trial's checkpoints at the URI know them.
+    fs, path = storage.filesystem(output)
+    dropped = {(first, e) for e in range(3, EPOCHS + 1)}
+    for part in part_files(fs, path):
+        if keys(pq.read_table(part, filesystem=fs).to_pylist()) & dropped:
+            fs.delete_file(part)
+    assert not dropped & set(rows_at(output))
+    shutil.rmtree(cache)
+
+    resumed = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--resume", output], capture_output=True,
+                             text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    assert f"trial {first} finished with epochs 3-{EPOCHS} unrecorded: recovered" in resumed.stdout
+
+    final = rows_at(output)
+    assert set(final) == {(t, e) for t in (first, second) for e in range(1, EPOCHS + 1)}
+    for key, row in at_kill.items():
+        if key in dropped:  # recovered: the same epoch's figures, from the checkpoint's history / Tune's last result
+            assert all(final[key][m] == pytest.approx(row[m], abs=1e-9) for m in COMPARED), key
+        else:  # kept as written before the kill
+            assert final[key]["time"] == row["time"], key
+    resumed_rows = [r for k, r in final.items() if k[0] == second and k not in at_kill]
+    # From its checkpoint in the bucket: the first epoch the new driver trained says where it resumed from.
+    assert resumed_rows and max(r["resumed_from_epoch"] or 0 for r in resumed_rows) >= 1, resumed_rows
+    trials = pq.read_table(f"{path}/trials.parquet", filesystem=fs).to_pylist()
+    assert {(t["trial_id"], t["status"], t["epochs"]) for t in trials} == {(first, "completed", EPOCHS),
+                                                                          (second, "completed", EPOCHS)}
+    assert not part_files(fs, path), "parts merged into results.parquet are still at the URI"

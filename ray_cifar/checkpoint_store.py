@@ -90,7 +90,7 @@ class CheckpointStore:
     def latest(self, warn=print) -> dict[str, Any] | None:
         """The training state of the newest checkpoint that loads, or None before the first (or if none loads)."""
         found = newest_loadable_state(self.location, warn)
-        return found[1] if found else None
+        return {**found[1], "loaded_from": found[0]} if found else None
 
     def save(self, directory: str, epoch: int, best_epoch: int | None) -> str:
         """Store the checkpoint folder `directory` of `epoch`; once it reads back whole, drop every other

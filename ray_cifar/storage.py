@@ -77,6 +77,20 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
         raise StorageError(f"cannot open {location}: {e}") from None
 
 
+_SCHEMES = {"s3": "s3", "gcs": "gs"}  # pyarrow filesystem type_name -> URI scheme
+
+
+def location_in(fs: pafs.FileSystem, path: str) -> str:
+    """A path inside pyarrow filesystem `fs` as a location ray_cifar opens: `s3://bkt/x` for `bkt/x` on S3 (Ray
+    Train's Checkpoint.path is such a path, without its scheme), the path itself on the local filesystem."""
+    if isinstance(fs, pafs.LocalFileSystem) or is_uri(path):
+        return path
+    scheme = _SCHEMES.get(fs.type_name)
+    if scheme is None:
+        raise StorageError(f"cannot name {path} of a {fs.type_name} filesystem as a URI (s3:// and gs:// are known)")
+    return f"{scheme}://{path}"
+
+
 def join(location: str, *parts: str) -> str:
     """`location/part/...` for a path or a URI (URIs always join with '/')."""
     return posixpath.join(location, *parts) if is_uri(location) else os.path.join(location, *parts)

@@ -208,6 +208,24 @@ def test_test_split_is_evaluated_for_the_best_trial_by_the_configured_metric(tmp
     assert ranked[0]["test_acc"] == 0.5 and ranked[1]["test_acc"] is None
 
 
+def test_a_best_trial_whose_best_checkpoint_is_unknown_is_not_replaced_by_another_on_test(tmp_path, recorder,
+                                                                                        monkeypatch, capsys):
+    # "best"'s best epoch came back as a history row without its checkpoint (a report lost with a driver).
+    from ray_cifar.tuning import trial as trial_mod
+    from ray_cifar.validation import load_config
+
+    recorder.on_trial_result(0, [], FakeTrial("best"), result(2, 0.9, history=[result(1, 0.95)]))
+    recorder.on_trial_result(0, [], FakeTrial("next"), result(1, 0.8, checkpoint_path="/ckpt/next"))
+    for tid in ("best", "next"):
+        recorder.on_trial_complete(0, [], FakeTrial(tid))
+    evaluated = []
+    monkeypatch.setattr(trial_mod, "evaluate_checkpoint",
+                        lambda path, split, use_gpu: evaluated.append(path) or {"test_acc": 0.5, "test_loss": 1.0})
+    study.finish_study(load_config(None, ["train.use_gpu=false"]), str(tmp_path), ["optim.lr"])
+    assert evaluated == []
+    assert "best trial best: the checkpoint of its best epoch (1) is not known" in capsys.readouterr().out
+
+
 def test_trials_parquet_is_written_even_if_the_test_evaluation_fails(tmp_path, recorder, monkeypatch):
     from ray_cifar.tuning import trial as trial_mod
     from ray_cifar.validation import load_config

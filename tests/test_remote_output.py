@@ -2,11 +2,14 @@
 the head lost with its disk: the driver SIGKILLed, its local copy of the output deleted, the study resumed from the
 URI alone (`--resume s3://...`, as a retried KubeRay RayJob does on a new head).
 
-Two 6-epoch one-rank trials, one after the other; the driver dies while the second trains. Checked: every row
+Two 6-epoch trials, one after the other, of one rank (trained in the Tune trial process, checkpoints by
+ray_cifar's store) and of two (DDP, a TorchTrainer, checkpoints by Ray Train); the driver dies while the second
+trains. Checked: every row
 recorded before the kill was already at the URI (each results part is copied up as written, not a minute later);
 after the kill the finished trial's last rows are also deleted from the bucket, and the resumed study brings
 them back from Tune's last result and the trial's checkpoint, equal to the originals; the second trial resumes
-from its checkpoint; every epoch of both trials is recorded once; no merged part is left at the URI.
+from its checkpoint; every epoch of both trials is recorded once; the best trial is evaluated on test from its
+checkpoint in the bucket (a DDP checkpoint's path there once lacked its s3://); no merged part is left at the URI.
 Every process killed here is one this test started (the driver) or a descendant of it.
 """
 
@@ -16,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -30,7 +34,6 @@ from test_fault_tolerance import kill_driver_when, study_args
 pytestmark = pytest.mark.integration
 
 EPOCHS = 6
-BUCKET = "study-bucket"
 SETS = TINY_MODEL + ["data.pipeline=torch", "train.amp=fp32", "train.torch_threads=1", f"train.epochs={EPOCHS}",
                      "train.global_batch_size=50", "data.val_size=100", "schedule.name=constant",
                      "tune.scheduler=fifo", "tune.max_concurrent_trials=1",
@@ -40,7 +43,8 @@ COMPARED = ("train_loss", "train_acc", "val_loss", "val_acc")
 
 @pytest.fixture
 def s3(tmp_path, monkeypatch):
-    """An S3 endpoint with one bucket; the AWS_* variables that point pyarrow (here and in the study) at it."""
+    """(AWS_* variables that point pyarrow, here and in the study, at an S3 endpoint; a new bucket there). moto keeps
+    its buckets per process, not per server: each test gets a bucket of its own."""
     moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (the test extra)")
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -49,8 +53,9 @@ def s3(tmp_path, monkeypatch):
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], allow_bucket_creation=True).create_dir(BUCKET)
-    yield env
+    bucket = f"study-{uuid.uuid4().hex[:12]}"
+    pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], allow_bucket_creation=True).create_dir(bucket)
+    yield env, bucket
     server.stop()
 
 
@@ -75,16 +80,20 @@ def rows_at(uri: str) -> dict[tuple[str, int], dict]:
     return rows
 
 
-def test_a_study_on_s3_survives_its_head_and_disk(s3, tmp_path):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_study_on_s3_survives_its_head_and_disk(s3, tmp_path, ranks):
+    s3, bucket = s3
     data = write_parquet_folder(str(tmp_path / "data"), synthetic_cifar(1000, 100))
     for name in storage.DATA_FILES:
-        storage.upload(os.path.join(data, name), f"s3://{BUCKET}/cifar10", name)
-    output = f"s3://{BUCKET}/study"
+        storage.upload(os.path.join(data, name), f"s3://{bucket}/cifar10", name)
+    output = f"s3://{bucket}/study"
     cache = tmp_path / "head-cache"  # the head's disk: the data copy and the local copy of the output
     env = {**os.environ, **s3, "RAY_CIFAR_CACHE": str(cache)}
     local = local_output(output, str(cache))
 
-    proc = subprocess.Popen(study_args(f"s3://{BUCKET}/cifar10", output, *SETS), stdout=subprocess.PIPE,
+    sets = SETS + ([f"train.num_workers={ranks}", "train.cpus_per_worker=0.5", "tune.trial_driver_cpus=0.5"]
+                   if ranks > 1 else [])
+    proc = subprocess.Popen(study_args(f"s3://{bucket}/cifar10", output, *sets), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
     # Killed once the second trial's first row is at the URI (the first trial has finished).
     kill_driver_when(proc, lambda: len({t for t, _ in rows_at(output)}) == 2, "the second trial's first row at the URI",
@@ -125,4 +134,6 @@ def test_a_study_on_s3_survives_its_head_and_disk(s3, tmp_path):
     trials = pq.read_table(f"{path}/trials.parquet", filesystem=fs).to_pylist()
     assert {(t["trial_id"], t["status"], t["epochs"]) for t in trials} == {(first, "completed", EPOCHS),
                                                                           (second, "completed", EPOCHS)}
+    assert all(t["best_checkpoint"].startswith(f"s3://{bucket}/study/ray/trial-") for t in trials)
+    assert [t["test_acc"] is not None for t in sorted(trials, key=lambda t: -t["best_val_acc"])] == [True, False]
     assert not part_files(fs, path), "parts merged into results.parquet are still at the URI"

@@ -151,3 +151,15 @@ def test_upload_one_file_and_prune_what_compaction_merged(tmp_path):
     storage.prune(str(local), remote.as_uri(), "results.parts")
     assert [p.name for p in (remote / "results.parts").iterdir()] == ["part-000001.parquet"]
     assert (remote / "other" / "kept").exists()  # only the folder named is pruned
+
+
+def test_a_path_inside_a_filesystem_becomes_a_location_ray_cifar_opens():
+    import pyarrow.fs as pafs
+
+    # Ray Train's Checkpoint.path on a bucket is 'bucket/...', without its scheme.
+    s3 = pafs.S3FileSystem(region="us-east-1", anonymous=True)
+    assert storage.location_in(s3, "bkt/study/ray/trial-1/checkpoint_x") == "s3://bkt/study/ray/trial-1/checkpoint_x"
+    assert storage.location_in(pafs.LocalFileSystem(), "/out/ray/trial-1") == "/out/ray/trial-1"
+    assert storage.location_in(s3, "s3://bkt/x") == "s3://bkt/x"
+    with pytest.raises(StorageError, match="as a URI"):
+        storage.location_in(pafs.SubTreeFileSystem("/tmp", pafs.LocalFileSystem()), "x")

@@ -426,7 +426,12 @@ def finish_study(cfg: Config, output: str, keys: list[str]) -> int:
         trials = rank_trials(list(json.load(f).values()), cfg.tune.metric, cfg.tune.mode)
     for t in trials:
         t.update(test_acc=None, test_loss=None)
-    best = next((t for t in trials if t.get("best_checkpoint")), None)
+    best = trials[0] if trials and trials[0].get("best_metric") is not None else None
+    if best is not None and not best.get("best_checkpoint"):
+        # Never another trial's test figure in its place: the best is the best by validation alone.
+        print(f"[ray_cifar] best trial {best['trial_id']}: the checkpoint of its best epoch ({best['best_epoch']}) "
+              f"is not known (its report died with a driver): not evaluated on test", flush=True)
+        best = None
     try:
         # The test split, once per trial, for the trial chosen by validation alone (tune.test best), or
         # for every finished trial at its best validation epoch (all): chosen before any test figure exists.

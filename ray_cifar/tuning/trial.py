@@ -2,8 +2,8 @@
 
 Ray 2.60 runs Train V2, where `Tuner(TorchTrainer(...))` is gone: a study is a Tune
 *function* trainable (`tune_trial`). A DDP trial (several ranks) builds a TorchTrainer and
-calls fit(); TuneReportCallback forwards rank 0's per-epoch metrics (and the checkpoint
-path) to Tune. A one-rank trial trains in the Tune trial process itself
+calls fit(); TuneReportCallback forwards rank 0's per-epoch metrics (and the checkpoint's
+location, as a URI on a bucket) to Tune. A one-rank trial trains in the Tune trial process itself
 (`train_in_trial_process`): starting a Train controller and a worker process was most of a
 short trial's start-up. Both paths run the same `run_rank`.
 
@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
 
 from .. import checkpoint, engine, storage
 from ..checkpoint_store import CheckpointStore, copy_latest_state, has_checkpoint, load_state_at, remove_state_at
@@ -68,7 +69,7 @@ def _latest_state() -> dict | None:
                         if posixpath.join(run_folder, n) != latest]
     warn = print if ray.train.get_context().get_world_rank() == 0 else (lambda msg: None)
     loaded = checkpoint.newest_loadable(((p, functools.partial(_load_ray_checkpoint, fs, p)) for p in names), warn)
-    return loaded[1] if loaded else None
+    return {**loaded[1], "loaded_from": storage.location_in(fs, loaded[0])} if loaded else None
 
 
 def _checkpoint_names(fs, folder: str) -> list[str]:
@@ -187,8 +188,11 @@ def run_rank(cfg: Config, where: Rank, clock: PhaseClock, started: float | None,
                 metrics["startup_seconds"] = time.time() - started - metrics["epoch_seconds"] - metrics["eval_seconds"]
                 metrics.update(clock.columns(metrics["startup_seconds"], metrics.get("setup_seconds")))
             if resume is not None:
-                # Epochs the checkpoint has seen: lets the driver recover rows it never received.
-                metrics["history"] = resume["history"]
+                # Epochs the checkpoint has seen: lets the driver recover rows it never received. The last one's
+                # checkpoint is the one resumed from (the driver may never have heard of it: it can be the best).
+                metrics["history"] = [dict(h) for h in resume["history"]]
+                if resume.get("loaded_from") and metrics["history"] and metrics["history"][-1]["epoch"] == resume["epoch"]:
+                    metrics["history"][-1]["checkpoint_path"] = resume["loaded_from"]
         metrics.pop("setup_seconds", None)
         with tempfile.TemporaryDirectory() as tmp:
             saved, epoch, best_epoch = None, int(metrics["epoch"]), None
@@ -340,7 +344,6 @@ def lineage_columns(cfg: Config, lineage: dict[str, Any]) -> dict[str, Any] | No
 def tune_trial(sampled: dict[str, Any], base_config: dict[str, Any], storage_path: str) -> None:
     """The Tune function trainable: this trial's config -> one TorchTrainer run (resumed if it ran before)."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     started = time.time()
     cfg = trial_config(base_config, sampled)
@@ -351,8 +354,20 @@ def tune_trial(sampled: dict[str, Any], base_config: dict[str, Any], storage_pat
     if runs_in_trial_process(cfg.train.num_workers):
         train_in_trial_process(cfg, storage_path, name, started, donor, columns)
         return
-    make_trainer(cfg, storage_path, name=name, callbacks=[TuneReportCallback()], started=started, donor=donor,
+    make_trainer(cfg, storage_path, name=name, callbacks=[_ReportCheckpointLocation()], started=started, donor=donor,
                  columns=columns).fit()
+
+
+class _ReportCheckpointLocation(TuneReportCallback):
+    """Ray's TuneReportCallback, with the checkpoint as a location the driver can open: Checkpoint.path is a path
+    inside the run's filesystem (`bucket/study/ray/trial-x/checkpoint_...` on a bucket, no scheme), which the test
+    evaluation, PBT's donor copy and the recovery of rows would read as a local path."""
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if checkpoint is not None:
+            located = storage.location_in(checkpoint.filesystem, checkpoint.path)
+            metrics = [{**metrics[0], "checkpoint_path": located}, *metrics[1:]]
+        super().after_report(run_context, metrics, None)
 
 
 def _evaluate(checkpoint_path: str, split_name: str) -> dict[str, float]:

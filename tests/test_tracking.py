@@ -22,7 +22,9 @@ from conftest import TINY_MODEL
 from ray_cifar.tuning import tracking
 from ray_cifar.results import ResultsLog
 
-EPOCHS = 4
+# Enough epochs that a trial stays running past epoch 2 for longer than the kill's poll (0.5 s) on a quiet machine:
+# at 4, a tiny epoch of ~0.2 s let the study end between two polls.
+EPOCHS = 8
 LRS = [0.05, 0.03]
 SETS = TINY_MODEL + ["data.pipeline=torch", "train.torch_threads=1", "train.num_workers=1",
                      "train.global_batch_size=50", "data.val_size=100", "tune.scheduler=fifo",

@@ -622,9 +622,8 @@ def asha(check: Check) -> None:
     f = check.figures
     # The study's img/s over its wall time against an epoch's own: what Tune, start-up and evaluation cost.
     share = f["study_vs_epoch_images_per_second"]
-    check.current["summary"] = (f"ASHA {f['trials']} trials one at a time {wall:.0f} s ({f['trial_epochs']} trial-epochs, "
-                                f"study img/s {share:.1%} of an epoch's)" if share is not None else
-                                f"ASHA {f['trials']} trials one at a time {wall:.0f} s ({f['trial_epochs']} trial-epochs)")
+    check.current["summary"] = (f"ASHA {f['trials']} trials one at a time {wall:.0f} s ({f['trial_epochs']} trial-epochs"
+                                + (f", study img/s {share:.1%} of an epoch's)" if share is not None else ")"))
 
 
 def packed(check: Check) -> None:

@@ -149,6 +149,16 @@ def test_optuna_draws_off_grid_stops_the_weak_and_resumes_without_rerunning(optu
     _, trials = assert_drawn_and_not_rerun(output, before)
     assert any(t["status"] == "stopped" for t in trials.values()), "ASHA stopped no trial"
     assert os.path.exists(output / "ray" / "tune") and os.path.exists(output / "trials.parquet")
+    # Optuna's study (what its sampler learns from) kept the trials drawn before the kill: at the end it holds
+    # every trial that ran, complete, the stopped ones included.
+    import cloudpickle
+
+    state_file = sorted((output / "ray" / "tune").glob("searcher-state-*.pkl"))[-1]
+    with open(state_file, "rb") as f:
+        optuna_trials = cloudpickle.load(f)["_ot_study"].trials
+    assert [t.state.name for t in optuna_trials] == ["COMPLETE"] * 4
+    drawn = sorted(t.params["optim.lr"] for t in optuna_trials)
+    assert drawn == pytest.approx(sorted(t["optim.lr"] for t in trials.values()))
 
 
 @pytest.fixture(scope="module")

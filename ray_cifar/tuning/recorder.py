@@ -314,7 +314,8 @@ class StudyRecorder(Callback):
             if recorded < int(last["epoch"]) - 1 and last.get("checkpoint_path"):
                 found = newest_loadable_state(posixpath.dirname(last["checkpoint_path"].rstrip("/")))
                 history = found[1]["history"] if found else []
-            epochs = f"epochs {recorded + 1}-{last['epoch']}" if recorded + 1 < last["epoch"] else f"epoch {last['epoch']}"
+            first, end = recorded + 1, int(last["epoch"])
+            epochs = f"epochs {first}-{end}" if first < end else f"epoch {end}"
             print(f"[ray_cifar] trial {trial.trial_id} finished with {epochs} unrecorded: recovered from its last "
                   f"result{' and checkpoint' if history else ''}", flush=True)
             self.on_trial_result(None, trials, trial, {**last, "history": history})

@@ -190,9 +190,9 @@ def run_rank(cfg: Config, where: Rank, clock: PhaseClock, started: float | None,
             if resume is not None:
                 # Epochs the checkpoint has seen: lets the driver recover rows it never received. The last one's
                 # checkpoint is the one resumed from (the driver may never have heard of it: it can be the best).
-                metrics["history"] = [dict(h) for h in resume["history"]]
-                if resume.get("loaded_from") and metrics["history"] and metrics["history"][-1]["epoch"] == resume["epoch"]:
-                    metrics["history"][-1]["checkpoint_path"] = resume["loaded_from"]
+                history = metrics["history"] = [dict(h) for h in resume["history"]]
+                if resume.get("loaded_from") and history and history[-1]["epoch"] == resume["epoch"]:
+                    history[-1]["checkpoint_path"] = resume["loaded_from"]
         metrics.pop("setup_seconds", None)
         with tempfile.TemporaryDirectory() as tmp:
             saved, epoch, best_epoch = None, int(metrics["epoch"]), None

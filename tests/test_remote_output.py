@@ -1,15 +1,16 @@
 """A study whose data and --output are s3:// URIs, on a real S3 server on loopback (moto's, in this process), and
 the head lost with its disk: the driver SIGKILLed, its local copy of the output deleted, the study resumed from the
-URI alone (`--resume s3://...`, as a retried KubeRay RayJob does on a new head).
+URI alone: `--resume s3://...`, or (the DDP study) the first command line with `--resume-if-exists`, as a retried
+KubeRay RayJob does on a new head.
 
 Two 6-epoch trials, one after the other, of one rank (trained in the Tune trial process, checkpoints by
 ray_cifar's store) and of two (DDP, a TorchTrainer, checkpoints by Ray Train); the driver dies while the second
-trains. Checked: every row
-recorded before the kill was already at the URI (each results part is copied up as written, not a minute later);
-after the kill the finished trial's last rows are also deleted from the bucket, and the resumed study brings
-them back from Tune's last result and the trial's checkpoint, equal to the originals; the second trial resumes
-from its checkpoint; every epoch of both trials is recorded once; the best trial is evaluated on test from its
-checkpoint in the bucket (a DDP checkpoint's path there once lacked its s3://); no merged part is left at the URI.
+trains. Checked: every row recorded before the kill was already at the URI (each results part is copied up as
+written, not a minute later); after the kill the finished trial's last rows are also deleted from the bucket, and
+the resumed study brings them back from Tune's last result and the trial's checkpoint, equal to the originals; the
+second trial resumes from its checkpoint; every epoch of both trials is recorded once; the best trial is evaluated
+on test from its checkpoint in the bucket (a DDP checkpoint's path there once lacked its s3://); no merged part is
+left at the URI.
 Every process killed here is one this test started (the driver) or a descendant of it.
 """
 
@@ -93,7 +94,8 @@ def test_a_study_on_s3_survives_its_head_and_disk(s3, tmp_path, ranks):
 
     sets = SETS + ([f"train.num_workers={ranks}", "train.cpus_per_worker=0.5", "tune.trial_driver_cpus=0.5"]
                    if ranks > 1 else [])
-    proc = subprocess.Popen(study_args(f"s3://{bucket}/cifar10", output, *sets), stdout=subprocess.PIPE,
+    args = study_args(f"s3://{bucket}/cifar10", output, *sets)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
     # Killed once the second trial's first row is at the URI (the first trial has finished).
     kill_driver_when(proc, lambda: len({t for t, _ in rows_at(output)}) == 2, "the second trial's first row at the URI",
@@ -116,8 +118,9 @@ def test_a_study_on_s3_survives_its_head_and_disk(s3, tmp_path, ranks):
     assert not dropped & set(rows_at(output))
     shutil.rmtree(cache)
 
-    resumed = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--resume", output], capture_output=True,
-                             text=True, timeout=600, env=env)
+    # The DDP study comes back as a retried KubeRay RayJob does: its first command line, --resume-if-exists.
+    again = args + ["--resume-if-exists"] if ranks > 1 else [sys.executable, "-m", "ray_cifar.tune", "--resume", output]
+    resumed = subprocess.run(again, capture_output=True, text=True, timeout=600, env=env)
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     assert f"trial {first} finished with epochs 3-{EPOCHS} unrecorded: recovered" in resumed.stdout
 

@@ -3,6 +3,7 @@
     python -m ray_cifar.report out/smoke                  # out/smoke/report.html, report.md, figures/*.png
     python -m ray_cifar.report out/sgd out/adam           # one comparison: out/sgd/compare-report.html
     python -m ray_cifar.report out/sgd out/adam --out cmp # ... or cmp/compare-report.html
+    python -m ray_cifar.report s3://B/studies/asha-1      # a study in a bucket: ./asha-1-report/report.html
 
 Tables: the trials; per searched point, val_acc over its train.seed replicates with a Student-t 95%
 interval and, for the top points, Welch's t-test against the best ("within noise" or "worse"); each run
@@ -23,11 +24,13 @@ import html
 import math
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from . import storage
 from .results import (CONFIDENCE, SEED_KEY, DamagedFile, aggregate_over_seeds, metric_value, read_results, read_rows,
                       searched_columns, summarize_trials, welch_p_value)
 
@@ -684,15 +687,30 @@ def write_report(outputs: list[str], out_dir: str | None = None) -> str:
     return html_path
 
 
+def _fetched(output: str, into: str) -> str:
+    """A study output as a local folder: a bucket's (s3://, gs://) files copied into `into`/NAME, Ray's own left
+    there (checkpoints: the report reads none); a folder as it is."""
+    if storage.local_path(output) is not None:
+        return output
+    local = os.path.join(into, str(len(os.listdir(into))), os.path.basename(output.rstrip("/")))
+    storage.sync_down(output, local)
+    return local
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ray_cifar.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("outputs", nargs="+", metavar="OUTPUT", help="a study's output folder (several: a comparison)")
-    parser.add_argument("--out", default=None, help="folder for the report (default: the first OUTPUT)")
+    parser.add_argument("outputs", nargs="+", metavar="OUTPUT",
+                        help="a study's output folder or s3:// gs:// URI (several: a comparison)")
+    parser.add_argument("--out", default=None, help="folder for the report (default: the first OUTPUT; for a URI, "
+                                                    "NAME-report in the current folder)")
     args = parser.parse_args(argv)
+    first = args.outputs[0]
+    out = args.out or (None if storage.local_path(first) is not None else os.path.basename(first.rstrip("/")) + "-report")
     try:
-        path = write_report(args.outputs, args.out)
-    except (NotAStudyOutput, DamagedFile) as e:  # DamagedFile names the file that cannot be read
+        with tempfile.TemporaryDirectory(prefix="ray_cifar-report-") as fetched:
+            path = write_report([_fetched(o, fetched) for o in args.outputs], out)
+    except (NotAStudyOutput, DamagedFile, storage.StorageError, OSError) as e:  # each names the file or location
         print(f"ray_cifar.report: error: {e}", file=sys.stderr)
         return 2
     print(f"[ray_cifar] report: {path}")

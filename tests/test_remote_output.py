@@ -82,7 +82,7 @@ def rows_at(uri: str) -> dict[tuple[str, int], dict]:
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_a_study_on_s3_survives_its_head_and_disk(s3, tmp_path, ranks):
+def test_a_study_on_s3_survives_its_head_and_disk(s3, tmp_path, ranks, monkeypatch):
     s3, bucket = s3
     data = write_parquet_folder(str(tmp_path / "data"), synthetic_cifar(1000, 100))
     for name in storage.DATA_FILES:
@@ -140,3 +140,10 @@ def test_a_study_on_s3_survives_its_head_and_disk(s3, tmp_path, ranks):
     assert all(t["best_checkpoint"].startswith(f"s3://{bucket}/study/ray/trial-") for t in trials)
     assert [t["test_acc"] is not None for t in sorted(trials, key=lambda t: -t["best_val_acc"])] == [True, False]
     assert not part_files(fs, path), "parts merged into results.parquet are still at the URI"
+
+    # Its report, straight from the bucket (into ./NAME-report by default).
+    from ray_cifar import report
+
+    monkeypatch.chdir(tmp_path)
+    assert report.main([output]) == 0
+    assert first in (tmp_path / "study-report" / "report.md").read_text()

@@ -159,6 +159,19 @@ def remove_state_at(location: str) -> None:
         fs.delete_dir(path)
 
 
+def keep_only(location: str, keep: str | None) -> None:
+    """Delete the run folder `location` (a path or URI), all but its checkpoint folder named `keep` (None: the
+    whole folder). What is not there is not an error."""
+    fs, path = storage.filesystem(location)
+    if keep is None:
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        return
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if posixpath.basename(info.path) != keep:
+            fs.delete_dir(info.path) if info.type == pafs.FileType.Directory else fs.delete_file(info.path)
+
+
 def load_state_at(location: str) -> dict[str, Any] | None:
     """The training state in `location`/state.pt (a path or URI; copy_latest_state's destination), or None."""
     local = storage.local_path(location)

@@ -120,6 +120,22 @@ def test_pbt_members_copy_the_strong_and_their_lineage_survives_a_dead_driver(pb
     assert {t["trial_id"]: t["exploits"] for t in table} == {tid: rs[-1]["pbt_generation"]
                                                             for tid, rs in by_trial.items()}
     assert all(rs[0]["pbt_generation"] == 0 and rs[0]["pbt_parent"] == "" for rs in by_trial.values())
+    # Old generations dropped by both drivers, the killed one and the resumed one:
+    assert_old_generations_hold_only_the_best(output, by_trial, table)
+
+
+def assert_old_generations_hold_only_the_best(output, by_trial: dict[str, list[dict]], table: list[dict]) -> None:
+    """A PBT member's earlier generations keep the checkpoint of its best epoch, if one of them has it, and nothing
+    else; the best trial's was evaluated on test."""
+    summaries = {t["trial_id"]: t for t in table}
+    for tid, rs in by_trial.items():
+        best = summaries[tid]["best_checkpoint"]
+        assert best and os.path.isdir(best), f"trial {tid}: its best epoch's checkpoint is gone"
+        for generation in range(rs[-1]["pbt_generation"]):
+            folder = output / "ray" / (f"trial-{tid}-g{generation}" if generation else f"trial-{tid}")
+            kept = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+            assert kept == ([os.path.basename(best)] if os.path.dirname(best) == str(folder) else []), (tid, kept)
+    assert sum(t["test_acc"] is not None for t in table) == 1  # tune.test best: one trial, at its best checkpoint
 
 
 def assert_drawn_and_not_rerun(output, before) -> tuple[list[dict], dict]:
@@ -243,6 +259,8 @@ def test_ddp_pbt_member_continues_from_its_donors_weights(ddp_pbt_study):
     assert [r["epoch"] for r in rs] == [*range(1, own_before["epoch"] + 1), *range(row["epoch"], 4)]
     assert [r["epoch"] for r in by_trial[good]] == [1, 2, 3]
     assert all(r["pbt_generation"] == 0 and r["pbt_parent"] == "" for r in by_trial[good])
-    table = {t["trial_id"]: t for t in pq.read_table(output / "trials.parquet").to_pylist()}
+    rows_of_table = pq.read_table(output / "trials.parquet").to_pylist()
+    table = {t["trial_id"]: t for t in rows_of_table}
     assert table[hopeless]["exploits"] == 1 and table[good]["exploits"] == 0
     assert all(t["status"] == "completed" for t in table.values())
+    assert_old_generations_hold_only_the_best(output, by_trial, rows_of_table)

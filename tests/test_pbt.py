@@ -149,6 +149,65 @@ def test_a_restored_scheduler_takes_each_trials_last_score_from_the_rows(tmp_pat
     assert controller.paused == ["t0"] and trials[0].config[LINEAGE]["parent"] == "t3"
 
 
+def test_a_members_old_generations_keep_only_its_best_checkpoint(tmp_path):
+    """Every exploit starts a run folder of its own; the ones before keep the checkpoint of the member's best
+    epoch (all generations, as the study ranks them) and nothing else, once the new generation has reported."""
+    storage = tmp_path / "ray"
+
+    def run(name, *epochs):
+        for e in epochs:
+            (storage / name / f"checkpoint_{e:06d}").mkdir(parents=True)
+            (storage / name / f"checkpoint_{e:06d}" / "state.pt").write_bytes(b"x")
+        (storage / name / "checkpoint_manager_snapshot.json").write_text("{}")  # a DDP run's own file
+        return {e: str(storage / name / f"checkpoint_{e:06d}") for e in epochs}
+
+    def left():
+        return {p.name: sorted(c.name for c in p.iterdir()) for p in storage.iterdir()}
+
+    def result(epoch, val_acc, generation, checkpoint_path, **more):
+        return {"epoch": epoch, "epochs": 9, "val_acc": val_acc, "training_iteration": epoch,
+                "pbt_generation": generation, "checkpoint_path": checkpoint_path, **more}
+
+    g0, g1, g2 = run("trial-t0", 1, 2), run("trial-t0-g1", 3, 4), run("trial-t0-g2", 5)
+    run("trial-t1", 1)  # another member: not this member's to delete
+    (storage / "trial-t0-g1.donor").mkdir()  # a stale copy: the generation has checkpoints of its own
+    cfg = pbt_config("tune.perturbation_interval=100")  # no decisions: the disk alone
+    scheduler = pbt.create_pbt(cfg, str(tmp_path), storage_path=str(storage))
+    scheduler.set_search_properties("val_acc", "max")
+    t0 = Trial("__fake", config={"train.seed": 0}, stub=True, trial_id="t0")
+    controller = FakeController([t0])
+    scheduler.on_trial_add(controller, t0)
+    t0.set_status(Trial.RUNNING)
+    for epoch, acc in ((1, 0.5), (2, 0.6)):
+        scheduler.on_trial_result(controller, t0, result(epoch, acc, 0, g0[epoch]))
+    assert len(left()) == 5  # generation 0 is the member's only one
+    scheduler.on_trial_result(controller, t0, result(3, 0.55, 1, g1[3]))
+    # Generation 1 reported: generation 0 keeps its epoch 2, the member's best so far, alone.
+    assert left()["trial-t0"] == ["checkpoint_000002"] and "trial-t0-g1.donor" in left()
+    scheduler.on_trial_result(controller, t0, result(4, 0.7, 1, g1[4]))  # the best moves to generation 1
+    assert "trial-t0" not in left()
+    scheduler.on_trial_result(controller, t0, result(5, 0.1, 2, g2[5]))
+    assert left()["trial-t0-g1"] == ["checkpoint_000004"] and "trial-t0-g1.donor" not in left()
+    assert len(left()["trial-t0-g2"]) == 2  # the member's current generation
+    assert left()["trial-t1"] == ["checkpoint_000001", "checkpoint_manager_snapshot.json"]
+
+    # A restored scheduler takes the best from the rows; a best whose checkpoint is unknown keeps its whole folder.
+    ResultsLog(str(tmp_path)).append([{"trial_id": "t0", "epoch": 4, "val_acc": 0.7, "time": 4, "pbt_generation": 1,
+                                       "checkpoint_path": None},
+                                      {"trial_id": "t0", "epoch": 5, "val_acc": 0.1, "time": 5, "pbt_generation": 2,
+                                       "checkpoint_path": g2[5]}])
+    run("trial-t0-g1", 3)
+    restored = pickle.loads(pickle.dumps(pbt.create_pbt(cfg, str(tmp_path), storage_path=str(storage))))
+    restored.set_search_properties("val_acc", "max")
+    restored.on_trial_add(controller, t0)
+    restored.on_trial_result(controller, t0, result(6, 0.2, 2, str(storage / "trial-t0-g2" / "checkpoint_000006")))
+    assert left()["trial-t0-g1"] == ["checkpoint_000003", "checkpoint_000004", "checkpoint_manager_snapshot.json"]
+    # A resumed run's first report carries its checkpoint's epochs (its own generation's): one is the best now.
+    history = [{"epoch": 6, "val_acc": 0.9}]
+    restored.on_trial_result(controller, t0, result(7, 0.2, 3, str(storage / "trial-t0-g3" / "ck"), history=history))
+    assert sorted(left()) == ["trial-t1"]
+
+
 def test_pb2_takes_ranges_only_and_pbt_refuses_what_cannot_change_mid_run():
     with pytest.raises(ConfigError, match="PB2 perturbs ranges only"):
         pbt_config("tune.scheduler=pb2")

@@ -147,3 +147,26 @@ def test_a_study_on_s3_survives_its_head_and_disk(s3, tmp_path, ranks, monkeypat
     monkeypatch.chdir(tmp_path)
     assert report.main([output]) == 0
     assert first in (tmp_path / "study-report" / "report.md").read_text()
+
+
+def test_an_old_pbt_generation_in_a_bucket_keeps_its_best_checkpoint_alone(s3):
+    """What PBT's driver does to a member's earlier generation (ray_cifar.tuning.pbt), with objects, not folders."""
+    from ray_cifar.checkpoint_store import keep_only
+
+    _, bucket = s3
+    fs, _ = storage.filesystem(f"s3://{bucket}")
+    run = f"{bucket}/study/ray/trial-a-g1"
+    for name in ("checkpoint_000001/state.pt", "checkpoint_000002/state.pt", "checkpoint_000002/state.pt.sha256",
+                 "checkpoint_manager_snapshot.json"):
+        with fs.open_output_stream(f"{run}/{name}") as f:
+            f.write(b"x")
+
+    def objects() -> list[str]:
+        found = fs.get_file_info(pafs.FileSelector(f"{bucket}/study", recursive=True, allow_not_found=True))
+        return sorted(i.path.removeprefix(f"{run}/") for i in found if i.type == pafs.FileType.File)
+
+    keep_only(f"s3://{run}", "checkpoint_000002")
+    assert objects() == ["checkpoint_000002/state.pt", "checkpoint_000002/state.pt.sha256"]
+    keep_only(f"s3://{run}", None)
+    assert objects() == []
+    keep_only(f"s3://{run}", None)  # gone already: not an error

@@ -104,7 +104,10 @@ class DamagedFile(ValueError):
 def read_rows(path: str) -> list[dict[str, Any]]:
     """The rows of a Parquet file; DamagedFile (one line naming it) when it cannot be read."""
     try:
-        return pq.read_table(path).to_pylist()
+        # One open file: by path, Parquet opens it twice (its footer, then its pages), and a file replaced whole in
+        # between (a compaction while the study runs) read as damaged.
+        with pa.OSFile(path) as f:
+            return pq.read_table(f).to_pylist()
     except (pa.ArrowException, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise
@@ -151,7 +154,19 @@ class ResultsLog:
         return path
 
     def read(self) -> list[dict[str, Any]]:
-        return self._read(self._parts())
+        for attempt in range(3):
+            try:
+                return self._read(self._parts())
+            except FileNotFoundError:
+                # A part listed here was merged into results.parquet and removed (a study's driver compacts
+                # while it runs): the merged file now has its rows, so read again.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def part_count(self) -> int:
+        """Parts not merged into results.parquet yet."""
+        return len(self._parts())
 
     def _read(self, parts: list[str]) -> list[dict[str, Any]]:
         files = ([self.path] if os.path.exists(self.path) else []) + parts
@@ -175,7 +190,8 @@ class ResultsLog:
             return []
 
     def compact(self) -> str:
-        """Merge the parts into results.parquet (written even with no rows); returns its path."""
+        """Merge the parts into results.parquet (written even with no rows); returns its path. A concurrent
+        read() sees every row: the merged file replaces the old one whole before a part goes."""
         parts = self._parts()
         write_rows(self._read(parts), self.path)
         for p in parts:  # only after the merged file is in place: a crash here leaves duplicates, which read() drops

@@ -33,6 +33,10 @@ from ..results import LINEAGE_COLUMNS, ResultsLog, epoch_row
 RUNNING, COMPLETED, STOPPED, DIVERGED, FAILED = "running", "completed", "stopped", "diverged", "failed"
 TRIALS_STATE = "trials.json"
 PROGRESS_EVERY_SECONDS = 60.0
+# Parts merged into results.parquet while the study runs, every this many. A read of the log (a --resume, the
+# report, a tracker's first row of each trial) costs ~2 ms a part: 5,000 rows left as parts until the study's end
+# took 9.7 s a read, 20,000 rows merged 0.13 s; merging 256 parts onto 20,000 rows takes 0.7 s (2-core machine).
+COMPACT_EVERY_PARTS = 256
 DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
 
 # What stopped this driver's study for want of disk space (a line each); ray_cifar.tuning.study reads it after fit().
@@ -99,8 +103,10 @@ class StudyRecorder(Callback):
     def __init__(self, output: str, params: Callable[[dict], dict[str, Any]], metric: str, mode: str,
                  provenance: dict[str, Any] | None = None, tensorboard: bool = True,
                  progress_every: float = PROGRESS_EVERY_SECONDS, mirror_to: str | None = None,
-                 total_trials: int | None = None, tracking: dict[str, Any] | None = None):
+                 total_trials: int | None = None, tracking: dict[str, Any] | None = None,
+                 compact_every: int = COMPACT_EVERY_PARTS):
         self.output, self.params, self.metric, self.mode = output, params, metric, mode
+        self.compact_every = compact_every
         self.tracking = tracking
         self.mirror_to, self.total_trials = mirror_to, total_trials
         self.provenance = provenance or {}
@@ -165,12 +171,12 @@ class StudyRecorder(Callback):
         # Pickled into tuner.pkl: keep configuration only; the state is re-read from disk.
         return {k: v for k, v in self.__dict__.items() if k in
                 ("output", "params", "metric", "mode", "provenance", "tensorboard", "progress_every",
-                      "mirror_to", "tracking")}
+                      "mirror_to", "tracking", "compact_every")}
 
     def __setstate__(self, state):
         # A tuner.pkl written by an older ray_cifar lacks newer settings: their defaults apply.
         self.__dict__.update({"tensorboard": True, "progress_every": PROGRESS_EVERY_SECONDS, "mirror_to": None,
-                              "provenance": {}, "tracking": None, **state})
+                              "provenance": {}, "tracking": None, "compact_every": COMPACT_EVERY_PARTS, **state})
         self._load()
 
     def setup(self, **info) -> None:
@@ -274,7 +280,20 @@ class StudyRecorder(Callback):
             with self._full_disk_stops_study():
                 self._upload(self.log.append(rows))  # the rows first: trials.json never names an epoch not there
                 self._save_trials()
+                if self.log.part_count() >= self.compact_every:
+                    self._compact()
             self._track(trial, rows)
+
+    def _compact(self) -> None:
+        """Merge the parts into results.parquet (COMPACT_EVERY_PARTS). With a remote --output the merged file is
+        copied up before the bucket's parts go: the bucket holds every row at each moment."""
+        self._upload(self.log.compact())
+        if self.mirror_to and not self.upload_failing:
+            try:
+                storage.prune(self.output, self.mirror_to, ResultsLog.PARTS)
+            except OSError as e:  # left for the end of the study (its duplicates are dropped on read)
+                print(f"[ray_cifar] warning: could not delete merged results parts at {self.mirror_to} "
+                      f"({str(e)[:300]})", flush=True)
 
     def note_stopped(self, trial_id: str) -> None:
         """Called by the scheduler when it decides to stop a trial."""

@@ -170,3 +170,28 @@ def test_an_old_pbt_generation_in_a_bucket_keeps_its_best_checkpoint_alone(s3):
     keep_only(f"s3://{run}", None)
     assert objects() == []
     keep_only(f"s3://{run}", None)  # gone already: not an error
+
+
+def test_merged_parts_leave_the_bucket_only_after_the_merged_file_is_there(s3, tmp_path):
+    """The driver merges results parts as the study runs (every 256; here 3): the bucket holds every recorded row at
+    each moment, and its merged parts are deleted."""
+    from ray_cifar.tuning.recorder import StudyRecorder
+
+    _, bucket = s3
+    uri = f"s3://{bucket}/study"
+    fs, path = storage.filesystem(uri)
+
+    class Trial:
+        def __init__(self, trial_id):
+            self.trial_id, self.config = trial_id, {"optim.lr": 0.1}
+
+    rec = StudyRecorder(str(tmp_path / "study"), lambda c: {"optim.lr": c["optim.lr"]}, "val_acc", "max",
+                        tensorboard=False, mirror_to=uri, compact_every=3)
+    recorded = set()
+    for epoch in range(1, 5):
+        for tid in ("a", "b"):
+            rec.on_trial_result(0, [], Trial(tid), {"epoch": epoch, "epochs": 4, "val_acc": epoch / 10})
+            recorded.add((tid, epoch))
+            assert set(rows_at(uri)) == recorded
+            assert len(part_files(fs, path)) < 3
+    assert fs.get_file_info(f"{path}/results.parquet").type == pafs.FileType.File

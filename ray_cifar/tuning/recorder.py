@@ -104,9 +104,9 @@ class StudyRecorder(Callback):
                  provenance: dict[str, Any] | None = None, tensorboard: bool = True,
                  progress_every: float = PROGRESS_EVERY_SECONDS, mirror_to: str | None = None,
                  total_trials: int | None = None, tracking: dict[str, Any] | None = None,
-                 compact_every: int = COMPACT_EVERY_PARTS):
+                 compact_every: int | None = None):
         self.output, self.params, self.metric, self.mode = output, params, metric, mode
-        self.compact_every = compact_every
+        self.compact_every = compact_every or COMPACT_EVERY_PARTS
         self.tracking = tracking
         self.mirror_to, self.total_trials = mirror_to, total_trials
         self.provenance = provenance or {}

@@ -14,7 +14,10 @@ No Ray here: this module is usable (and tested) alone.
 
 from __future__ import annotations
 
+import atexit
+import concurrent.futures
 import errno
+import functools
 import hashlib
 import os
 import posixpath
@@ -71,10 +74,27 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     path = local_path(location)
     if path is not None:
         return pafs.LocalFileSystem(), path
+    parsed = urllib.parse.urlparse(location)
     try:
-        return pafs.FileSystem.from_uri(location)
+        if parsed.scheme not in ("s3", "gs", "gcs") or not parsed.netloc:
+            return pafs.FileSystem.from_uri(location)
+        root = urllib.parse.urlunparse((parsed.scheme, parsed.netloc, "", "", parsed.query, ""))
+        credentials = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(("AWS_", "GOOGLE_", "GCS_"))))
+        fs = _remote_filesystem(root, credentials)
     except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
         raise StorageError(f"cannot open {location}: {e}") from None
+    return fs, (parsed.netloc + urllib.parse.unquote(parsed.path)).rstrip("/")  # as pyarrow's from_uri names it
+
+
+@functools.lru_cache(maxsize=16)
+def _remote_filesystem(root: str, credentials: tuple) -> pafs.FileSystem:
+    # One per bucket (and credentials): making one from a URI asks the bucket for its region, a round trip that
+    # every results row's copy paid.
+    fs = pafs.FileSystem.from_uri(root)[0]
+    # Let them go before pyarrow finalizes S3 at exit (registered after its own hook, so run before it): an S3
+    # filesystem alive then has hung interpreters' exits in some pyarrow releases.
+    atexit.register(_remote_filesystem.cache_clear)
+    return fs
 
 
 _SCHEMES = {"s3": "s3", "gcs": "gs"}  # pyarrow filesystem type_name -> URI scheme
@@ -157,20 +177,53 @@ def fetch_data(location: str, cache_dir: str) -> str:
     return target
 
 
-def sync_up(local_dir: str, location: str) -> None:
-    """Copy every file under `local_dir` to the same relative paths under `location` (overwriting)."""
+def sync_up(local_dir: str, location: str, copied: dict[str, tuple[int, int]] | None = None) -> None:
+    """Copy every file under `local_dir` to the same relative paths under `location` (overwriting).
+
+    With `copied` (a relative path -> the (mtime_ns, size) of the file when it was copied; updated here): only the
+    files new or changed since, so a study's copy each minute costs what changed (the running trials' TensorBoard
+    files, the newest rows), not the whole folder (every trial's TensorBoard file, all rows) every minute."""
     fs, path = filesystem(location)
     if isinstance(fs, pafs.LocalFileSystem) and os.path.abspath(local_dir) == os.path.abspath(path):
         return
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    if copied is None:
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        return
+    changed = {}
+    for root, _, names in os.walk(local_dir):
+        for name in names:
+            if name.endswith(".tmp") or ".tmp-" in name:
+                continue  # being written: its whole file comes under its own name
+            local_file = os.path.join(root, name)
+            try:
+                stat = os.stat(local_file)
+            except FileNotFoundError:
+                continue  # gone since it was listed (a results part merged away)
+            relative = os.path.relpath(local_file, local_dir).replace(os.sep, "/")
+            if copied.get(relative) != (stat.st_mtime_ns, stat.st_size):
+                changed[relative] = (local_file, (stat.st_mtime_ns, stat.st_size))
+
+    def copy(relative: str) -> None:
+        local_file, stamp = changed[relative]
+        try:
+            upload(local_file, location, relative)
+        except FileNotFoundError:
+            return
+        copied[relative] = stamp
+
+    # A few at a time: each copy is several round trips to the bucket (as pyarrow's copy of a whole folder does).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        for future in [pool.submit(copy, relative) for relative in sorted(changed)]:
+            future.result()
 
 
 def upload(local_file: str, location: str, relative: str) -> None:
     """Copy one local file to `location/relative` ('/'-separated); at a URI the object appears whole."""
     fs, path = filesystem(location)
     target = posixpath.join(path, relative)
-    fs.create_dir(posixpath.dirname(target), recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):  # a bucket has no folders (making their markers cost round trips)
+        fs.create_dir(posixpath.dirname(target), recursive=True)
     pafs.copy_files(local_file, target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 

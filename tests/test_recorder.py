@@ -57,6 +57,22 @@ def test_a_long_study_merges_its_parts_as_it_goes(tmp_path):
     assert len(ResultsLog(str(tmp_path)).read()) == 8 and len(pickle.loads(pickle.dumps(rec)).seen) == 8
 
 
+def test_a_bucket_that_cannot_be_written_is_one_warning_and_the_next_minute_copies_what_it_missed(tmp_path, capsys):
+    output, remote = tmp_path / "out", tmp_path / "bucket" / "study"
+    output.mkdir()
+    remote.parent.mkdir()
+    remote.write_text("a file where the study's folder should be")  # every copy to it fails
+    rec = StudyRecorder(str(output), lr_params, "val_acc", "max", tensorboard=False, progress_every=0,
+                        mirror_to=remote.as_uri())
+    for epoch in (1, 2):
+        rec.on_trial_result(0, [], FakeTrial("t1"), result(epoch, epoch / 10))
+        rec.on_step_end(0, [])
+    assert capsys.readouterr().out.count("warning: could not copy") == 1
+    remote.unlink()
+    rec.on_step_end(0, [])
+    assert len(ResultsLog(str(remote)).read()) == 2 and (remote / "trials.json").exists()
+
+
 def test_min_mode_picks_the_lowest_value(tmp_path):
     rec = StudyRecorder(str(tmp_path), lr_params, "train_loss", "min", tensorboard=False)
     for epoch in (1, 2, 3):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 
+import pyarrow.fs as pafs
 import pytest
 
 from ray_cifar import storage
@@ -99,6 +100,40 @@ def test_sync_up_copies_results_to_a_uri_and_overwrites(tmp_path):
     remote = tmp_path / "shared" / "study"
     assert (remote / "results.parquet").read_text() == "v2"
     assert (remote / "ray" / "state.json").read_text() == "{}"
+
+
+def test_sync_up_with_a_record_copies_only_what_changed_and_no_file_being_written(tmp_path):
+    local, remote = tmp_path / "local", tmp_path / "shared" / "study"
+    (local / "tb").mkdir(parents=True)
+    (local / "a.parquet").write_text("a1")
+    (local / "tb" / "events").write_text("e1")
+    (local / "trials.json.tmp").write_text("half")
+    (local / "part.parquet.tmp-123").write_text("half")
+    copied: dict = {}
+    storage.sync_up(str(local), remote.as_uri(), copied)
+    assert sorted(copied) == ["a.parquet", "tb/events"]
+    assert not (remote / "trials.json.tmp").exists() and not (remote / "part.parquet.tmp-123").exists()
+    (remote / "tb" / "events").write_text("copied before")  # a second copy of it would overwrite this
+    (local / "a.parquet").write_text("a2, longer")
+    (local / "b.parquet").write_text("b1")
+    storage.sync_up(str(local), remote.as_uri(), copied)
+    assert (remote / "a.parquet").read_text() == "a2, longer" and (remote / "b.parquet").read_text() == "b1"
+    assert (remote / "tb" / "events").read_text() == "copied before"
+
+
+def test_a_bucket_uri_names_the_path_pyarrow_does_with_one_filesystem_per_bucket(monkeypatch):
+    """filesystem() keeps one pyarrow filesystem per bucket (making one asks the bucket for its region) and names
+    the path in it itself: the same path pyarrow's from_uri gives."""
+    for k, v in {"AWS_ENDPOINT_URL": "http://127.0.0.1:1", "AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)  # nothing is asked of it: no bucket is read
+    uris = ["s3://bkt/study", "s3://bkt/study/", "s3://bkt", "s3://bkt/a%20b/c.parquet", "s3://bkt/x?region=eu-west-1"]
+    for uri in uris:
+        assert storage.filesystem(uri)[1] == pafs.FileSystem.from_uri(uri)[1]
+    first = storage.filesystem("s3://bkt/a")[0]
+    assert storage.filesystem("s3://bkt/b/c")[0] is first and storage.filesystem("s3://other/a")[0] is not first
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "someone else")  # other credentials: another filesystem
+    assert storage.filesystem("s3://bkt/a")[0] is not first
 
 
 def test_is_empty(tmp_path):

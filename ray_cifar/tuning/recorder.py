@@ -95,7 +95,7 @@ class StudyRecorder(Callback):
         provenance: columns added to every row (git SHA, versions).
         tensorboard: write per-trial TensorBoard scalars under OUTPUT/tensorboard/<trial_id> (step = epoch).
         mirror_to: a remote --output (s3://, gs://): each results part and trials.json is copied up to it as
-            written (a head lost with its disk loses no recorded row), the rest of OUTPUT every minute.
+            written (a head lost with its disk loses no recorded row), the rest of OUTPUT every minute (what changed).
         tracking: create_tracker's arguments ({"tracking": "mlflow", "study": ..., "uri": ..., "project": ...}):
             every new row also goes to the trial's tracker run; None: no tracker.
     """
@@ -131,6 +131,7 @@ class StudyRecorder(Callback):
         self.track_ended: set[str] = set()  # trials whose end this driver has told the tracker
         self.caught_up = False  # finished trials' rows recovered (once, at this driver's first step)
         self.upload_failing = False  # a copy to mirror_to failed: warned once, retried with every later file
+        self.synced: dict[str, tuple[int, int]] = {}  # what this driver copied to mirror_to, as storage.sync_up notes
 
     def _read_trials(self, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """trials.json; when damaged, set aside and rebuilt from the rows (statuses follow from Tune's at the end)."""
@@ -205,7 +206,9 @@ class StudyRecorder(Callback):
             return
         relative = os.path.relpath(path, self.output).replace(os.sep, "/")
         try:
+            stat = os.stat(path)
             storage.upload(path, self.mirror_to, relative)
+            self.synced[relative] = (stat.st_mtime_ns, stat.st_size)  # the minute's copy leaves it be
             self.upload_failing = False
         except (OSError, storage.StorageError) as e:
             if not self.upload_failing:
@@ -443,8 +446,21 @@ class StudyRecorder(Callback):
             self.last_progress = now
             print(progress_line(trials, self.trials, now - self.started, getattr(self, "total_trials", None)),
                   flush=True)
-            if self.mirror_to:
-                storage.sync_up(self.output, self.mirror_to)  # remote --output: a minute's rows at most at risk
+            self._sync()
+
+    def _sync(self) -> None:
+        """The minute's copy of OUTPUT to the remote --output: what changed since this driver's last copy (TensorBoard
+        files, rows whose own copy failed); a failure is the same one warning as a failed copy of one file."""
+        if not self.mirror_to:
+            return
+        try:
+            storage.sync_up(self.output, self.mirror_to, self.synced)
+            self.upload_failing = False
+        except (OSError, storage.StorageError) as e:
+            if not self.upload_failing:
+                print(f"[ray_cifar] warning: could not copy {self.output} to {self.mirror_to} ({str(e)[:300]}); "
+                      f"retried each minute", flush=True)
+            self.upload_failing = True
 
     def _tensorboard(self, trial_id: str, row: dict[str, Any]) -> None:
         if not self.tensorboard:

@@ -7,11 +7,13 @@ and exit status 2, before the output folder is created.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import errno
 import hashlib
 import os
 import shutil
+import signal
 import sys
 
 import yaml
@@ -206,3 +208,18 @@ def refusing_up_front(output: str | None, run) -> int:
         print("\n[ray_cifar] stopped before the study started", file=sys.stderr, flush=True)
         return 130
     return 2
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """Inside: SIGTERM (what `kill`, Slurm, Kubernetes and spot instances send first) raises KeyboardInterrupt, so
+    the caller's Ctrl-C clause ends it with its line saying what was kept; the previous handler comes back after."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -19,7 +19,6 @@ trial's rank does, so several runs can share one GPU.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import uuid
 
@@ -88,18 +87,14 @@ def run_distributed(cfg: Config, output: str, location: str) -> int:
     return study.run_study(cfg, output, remote=cli.output_uri(location), shared=storage.is_uri(location))
 
 
-def _stop_on_sigterm(signum, frame):
-    raise KeyboardInterrupt  # the same polite stop as Ctrl-C
-
-
 def run_local_politely(cfg: Config, dataset: Cifar10, output: str, run_id: str) -> list[dict] | int:
     """run_local, where SIGTERM / Ctrl-C end it with a line saying what was kept (exit 130) and a full disk
     with one line naming the path (exit 1); every epoch written before stays readable."""
     from .storage import DISK_FULL, disk_full_message
 
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
-        return run_local(cfg, dataset, output, run_id)
+        with cli.sigterm_as_ctrl_c():
+            return run_local(cfg, dataset, output, run_id)
     except KeyboardInterrupt:
         ResultsLog(output).compact()
         print(f"\n[ray_cifar] stopped; the epochs finished so far are in {output}/results.parquet and "
@@ -110,8 +105,6 @@ def run_local_politely(cfg: Config, dataset: Cifar10, output: str, run_id: str) 
             raise
         cli.fail(f"{disk_full_message(e, output)}; the epochs finished before are in {output}/results.parquet "
                  f"and {output}/checkpoints/", status=1)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     return 1
 
 

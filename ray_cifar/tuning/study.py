@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from ray.tune import Callback
 
-from .. import storage
+from .. import cli, storage
 from ..config import Config, flatten, grid_size, search_keys
 from ..results import ResultsLog, format_table, provenance, rank_trials, write_rows
 from ..validation import trial_config
@@ -376,19 +376,13 @@ def finish_politely(finish: Callable[[], int], resume_command: str) -> int:
     """The study's last phase (test evaluation, trials.parquet, report) after every trial is done: Tune's handler
     is gone, so SIGTERM or Ctrl-C here end it at once, with the --resume command that runs this phase again
     (exit 130), not a bare signal death."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        return finish()
+        with cli.sigterm_as_ctrl_c():
+            return finish()
     except KeyboardInterrupt:
         print(f"\n[ray_cifar] stopped while finishing the study: every trial is done and recorded; the test "
               f"evaluation and the report run again with:\n  {resume_command}", flush=True)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

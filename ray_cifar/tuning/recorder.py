@@ -200,19 +200,33 @@ class StudyRecorder(Callback):
             raise
 
     def _upload(self, path: str | None) -> None:
-        """Copy one file just written under OUTPUT to the remote --output; a failure (the bucket unreachable) is one
-        warning, not a failed study: the minute's copy of OUTPUT and the one at the end retry it."""
+        """Copy one file just written under OUTPUT to the remote --output (see _copy_up for a failure)."""
         if not self.mirror_to or path is None:
             return
         relative = os.path.relpath(path, self.output).replace(os.sep, "/")
-        try:
+
+        def copy():
             stat = os.stat(path)
             storage.upload(path, self.mirror_to, relative)
             self.synced[relative] = (stat.st_mtime_ns, stat.st_size)  # the minute's copy leaves it be
+
+        self._copy_up(relative, copy)
+
+    def _sync(self) -> None:
+        """The minute's copy of OUTPUT to the remote --output: what changed since this driver's last copy (TensorBoard
+        files, rows whose own copy failed)."""
+        if self.mirror_to:
+            self._copy_up(self.output, lambda: storage.sync_up(self.output, self.mirror_to, self.synced))
+
+    def _copy_up(self, what: str, copy: Callable[[], None]) -> None:
+        # A failure (the bucket unreachable) is one warning, not a failed study: every later copy retries it, and
+        # the minute's copy of OUTPUT and the one at the end take what was missed.
+        try:
+            copy()
             self.upload_failing = False
         except (OSError, storage.StorageError) as e:
             if not self.upload_failing:
-                print(f"[ray_cifar] warning: could not copy {relative} to {self.mirror_to} ({str(e)[:300]}); "
+                print(f"[ray_cifar] warning: could not copy {what} to {self.mirror_to} ({str(e)[:300]}); "
                       f"retried with every later file and each minute", flush=True)
             self.upload_failing = True
 
@@ -447,20 +461,6 @@ class StudyRecorder(Callback):
             print(progress_line(trials, self.trials, now - self.started, getattr(self, "total_trials", None)),
                   flush=True)
             self._sync()
-
-    def _sync(self) -> None:
-        """The minute's copy of OUTPUT to the remote --output: what changed since this driver's last copy (TensorBoard
-        files, rows whose own copy failed); a failure is the same one warning as a failed copy of one file."""
-        if not self.mirror_to:
-            return
-        try:
-            storage.sync_up(self.output, self.mirror_to, self.synced)
-            self.upload_failing = False
-        except (OSError, storage.StorageError) as e:
-            if not self.upload_failing:
-                print(f"[ray_cifar] warning: could not copy {self.output} to {self.mirror_to} ({str(e)[:300]}); "
-                      f"retried each minute", flush=True)
-            self.upload_failing = True
 
     def _tensorboard(self, trial_id: str, row: dict[str, Any]) -> None:
         if not self.tensorboard:

@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import subprocess
+import time
 from typing import Any, Iterable
 
 import pyarrow as pa
@@ -32,6 +33,7 @@ EPOCH_METRICS = ("steps", "train_loss", "train_acc", "val_loss", "val_acc", "lr"
                  "images_per_second", "num_workers", "train_images", "data_pipeline", "amp", "device", "nodes",
                  "diverged", "resumed_from_epoch", "startup_seconds", "checkpoint_path")
 LINEAGE_COLUMNS = ("pbt_generation", "pbt_parent")  # PBT studies only (ray_cifar.tuning.pbt): exploits so far, last donor
+READ_RETRY_SECONDS = 60.0  # a read that keeps meeting merges of its parts gives up after this
 TIMING_PREFIX = "timing_"  # timing_<phase>_seconds: where a trial's start-up went
 
 
@@ -154,15 +156,16 @@ class ResultsLog:
         return path
 
     def read(self) -> list[dict[str, Any]]:
-        for attempt in range(3):
+        deadline = time.monotonic() + READ_RETRY_SECONDS
+        while True:
             try:
                 return self._read(self._parts())
             except FileNotFoundError:
                 # A part listed here was merged into results.parquet and removed (a study's driver compacts
-                # while it runs): the merged file now has its rows, so read again.
-                if attempt == 2:
+                # while it runs): the merged file now has its rows, so read again. Not a count of tries: on a
+                # loaded machine a slow read can meet several merges in a row.
+                if time.monotonic() > deadline:
                     raise
-        raise AssertionError("unreachable")
 
     def part_count(self) -> int:
         """Parts not merged into results.parquet yet."""

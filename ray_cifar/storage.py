@@ -196,21 +196,18 @@ def sync_up(local_dir: str, location: str, copied: dict[str, tuple[int, int]] | 
             if name.endswith(".tmp") or ".tmp-" in name:
                 continue  # being written: its whole file comes under its own name
             local_file = os.path.join(root, name)
+            relative = os.path.relpath(local_file, local_dir).replace(os.sep, "/")
             try:
-                stat = os.stat(local_file)
+                if copied.get(relative) != _stamp(local_file):
+                    changed[relative] = local_file
             except FileNotFoundError:
                 continue  # gone since it was listed (a results part merged away)
-            relative = os.path.relpath(local_file, local_dir).replace(os.sep, "/")
-            if copied.get(relative) != (stat.st_mtime_ns, stat.st_size):
-                changed[relative] = (local_file, (stat.st_mtime_ns, stat.st_size))
 
     def copy(relative: str) -> None:
-        local_file, stamp = changed[relative]
         try:
-            upload(local_file, location, relative)
+            upload(changed[relative], location, relative, copied)
         except FileNotFoundError:
-            return
-        copied[relative] = stamp
+            pass  # merged away since
 
     # A few at a time: each copy is several round trips to the bucket (as pyarrow's copy of a whole folder does).
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
@@ -218,13 +215,23 @@ def sync_up(local_dir: str, location: str, copied: dict[str, tuple[int, int]] | 
             future.result()
 
 
-def upload(local_file: str, location: str, relative: str) -> None:
-    """Copy one local file to `location/relative` ('/'-separated); at a URI the object appears whole."""
+def upload(local_file: str, location: str, relative: str, copied: dict[str, tuple[int, int]] | None = None) -> None:
+    """Copy one local file to `location/relative` ('/'-separated); at a URI the object appears whole. With `copied`
+    (sync_up's record), note it there as copied in the state it had when its copy began."""
+    stamp = _stamp(local_file) if copied is not None else None
     fs, path = filesystem(location)
     target = posixpath.join(path, relative)
     if isinstance(fs, pafs.LocalFileSystem):  # a bucket has no folders (making their markers cost round trips)
         fs.create_dir(posixpath.dirname(target), recursive=True)
     pafs.copy_files(local_file, target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    if copied is not None:
+        copied[relative] = stamp
+
+
+def _stamp(local_file: str) -> tuple[int, int]:
+    """What tells a changed file from the one copied: (mtime in ns, size)."""
+    stat = os.stat(local_file)
+    return stat.st_mtime_ns, stat.st_size
 
 
 def prune(local_dir: str, location: str, folder: str) -> None:

@@ -204,13 +204,8 @@ class StudyRecorder(Callback):
         if not self.mirror_to or path is None:
             return
         relative = os.path.relpath(path, self.output).replace(os.sep, "/")
-
-        def copy():
-            stat = os.stat(path)
-            storage.upload(path, self.mirror_to, relative)
-            self.synced[relative] = (stat.st_mtime_ns, stat.st_size)  # the minute's copy leaves it be
-
-        self._copy_up(relative, copy)
+        # Noted in self.synced: the minute's copy leaves it be.
+        self._copy_up(relative, lambda: storage.upload(path, self.mirror_to, relative, self.synced))
 
     def _sync(self) -> None:
         """The minute's copy of OUTPUT to the remote --output: what changed since this driver's last copy (TensorBoard

@@ -27,7 +27,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3", "hypothesis==6.170.17",
-                 "moto[server]>=5"],  # an S3 server on loopback: a study whose --output is a bucket
+                 # S3 and GCS servers on loopback: a study whose --output is a bucket
+                 "moto[server]>=5", "gcp-storage-emulator>=2024.8"],
         # tune.tracking=mlflow | wandb; imported only by a study that tracks. mlflow-skinny is MLflow's client;
         # sqlalchemy + alembic give it the sqlite store a study keeps under OUTPUT by default.
         "tracking": ["mlflow-skinny>=3.0", "sqlalchemy>=2", "alembic", "wandb>=0.19"],

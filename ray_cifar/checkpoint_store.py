@@ -56,8 +56,7 @@ def newest_loadable_state(location: str, warn=print, before_epoch: int | None = 
     (and, with `before_epoch`, is of an earlier epoch), else None (none there, or every one damaged: the
     caller starts over). See checkpoint.newest_loadable."""
     fs, path = storage.filesystem(location)
-    selector = pafs.FileSelector(path, allow_not_found=True)
-    names = sorted((posixpath.basename(i.path) for i in fs.get_file_info(selector)
+    names = sorted((posixpath.basename(i.path) for i in storage.children(fs, path)
                     if i.type == pafs.FileType.Directory and _ANY_CHECKPOINT.match(posixpath.basename(i.path))),
                    reverse=True)
     candidates = ((storage.join(location, n), lambda n=n: _load_folder(fs, posixpath.join(path, n))) for n in names)
@@ -71,8 +70,8 @@ class CheckpointStore:
 
     def _epochs(self) -> list[int]:
         """Epochs with a complete checkpoint, oldest first."""
-        selector = pafs.FileSelector(self.path, allow_not_found=True)
-        names = [posixpath.basename(i.path) for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.Directory]
+        names = [posixpath.basename(i.path) for i in storage.children(self.fs, self.path)
+                 if i.type == pafs.FileType.Directory]
         epochs = sorted(int(m.group(1)) for m in map(_NAME.match, names) if m)
         files = self.fs.get_file_info([self._file(e) for e in epochs])
         return [e for e, info in zip(epochs, files) if info.type == pafs.FileType.File]
@@ -117,7 +116,7 @@ class CheckpointStore:
                                 source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
         for old in self._epochs():
             if old not in (epoch, best_epoch, *previous):
-                self.fs.delete_dir(self._dir(old))
+                storage.delete_folder(self.fs, self._dir(old))
         return self.uri(epoch)
 
 
@@ -148,15 +147,13 @@ def copy_latest_state(source: str, destination: str, warn=print, before_epoch: i
 def has_checkpoint(location: str) -> bool:
     """Whether a run folder holds any checkpoint folder (a listing: nothing is read)."""
     fs, path = storage.filesystem(location)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    infos = storage.children(fs, path)
     return any(i.type == pafs.FileType.Directory and _ANY_CHECKPOINT.match(posixpath.basename(i.path)) for i in infos)
 
 
 def remove_state_at(location: str) -> None:
     """Delete `location` (copy_latest_state's destination), if it is there."""
-    fs, path = storage.filesystem(location)
-    if fs.get_file_info(path).type == pafs.FileType.Directory:
-        fs.delete_dir(path)
+    storage.delete_folder(*storage.filesystem(location))
 
 
 def keep_only(location: str, keep: str | None) -> None:
@@ -164,12 +161,11 @@ def keep_only(location: str, keep: str | None) -> None:
     whole folder). What is not there is not an error."""
     fs, path = storage.filesystem(location)
     if keep is None:
-        if fs.get_file_info(path).type == pafs.FileType.Directory:
-            fs.delete_dir(path)
+        storage.delete_folder(fs, path)
         return
-    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+    for info in storage.children(fs, path):
         if posixpath.basename(info.path) != keep:
-            fs.delete_dir(info.path) if info.type == pafs.FileType.Directory else fs.delete_file(info.path)
+            storage.delete_folder(fs, info.path) if info.type == pafs.FileType.Directory else fs.delete_file(info.path)
 
 
 def load_state_at(location: str) -> dict[str, Any] | None:

@@ -30,6 +30,8 @@ import pyarrow.fs as pafs
 
 DATA_FILES = ("train.parquet", "test.parquet")
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+# What a bucket's filesystem is made from besides its URI (CLOUD_STORAGE_EMULATOR_ENDPOINT: a GCS server elsewhere).
+_CREDENTIALS = ("AWS_", "GOOGLE_", "GCS_", "CLOUD_STORAGE_")
 
 
 class StorageError(Exception):
@@ -79,7 +81,7 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
         if parsed.scheme not in ("s3", "gs", "gcs") or not parsed.netloc:
             return pafs.FileSystem.from_uri(location)
         root = urllib.parse.urlunparse((parsed.scheme, parsed.netloc, "", "", parsed.query, ""))
-        credentials = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(("AWS_", "GOOGLE_", "GCS_"))))
+        credentials = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_CREDENTIALS)))
         fs = _remote_filesystem(root, credentials)
     except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
         raise StorageError(f"cannot open {location}: {e}") from None
@@ -124,7 +126,36 @@ def is_empty(location: str) -> bool:
         return True
     if info.type != pafs.FileType.Directory:
         return False
-    return not fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return not children(fs, path)
+
+
+def children(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
+    """The files and folders directly in folder `path` of `fs` (none when it is not there).
+
+    A bucket has no folders: a folder is a prefix of object names, sometimes with a marker object of its own.
+    pyarrow lists a folder without a marker on S3, but not on GCS (its listing keeps objects and drops the
+    prefixes), where what ray_cifar uploads file by file has none: there, everything under `path` is listed and
+    its first level kept."""
+    if fs.type_name != "gcs":
+        return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    found: dict[str, pafs.FileInfo] = {}
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
+        name, _, below = info.path[len(path.rstrip("/")) + 1:].partition("/")
+        if below or info.type == pafs.FileType.Directory:
+            found[name] = pafs.FileInfo(posixpath.join(path, name), pafs.FileType.Directory)
+        else:
+            found[name] = info
+    return list(found.values())
+
+
+def delete_folder(fs: pafs.FileSystem, path: str) -> None:
+    """Delete folder `path` of `fs` and everything in it; not there is not an error."""
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:  # GCS: everything in it is deleted, then its marker object, which it may not have
+        pass
 
 
 def check_output_shared(output: str, num_nodes: int) -> None:

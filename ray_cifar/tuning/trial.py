@@ -76,7 +76,7 @@ def _checkpoint_names(fs, folder: str) -> list[str]:
     """Ray Train's checkpoint folders of a run, newest first (checkpoint_<time> sorts by age)."""
     import pyarrow.fs as pafs
 
-    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    infos = storage.children(fs, folder)
     return sorted((posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory
                    and posixpath.basename(i.path).startswith("checkpoint_")), reverse=True)
 

@@ -152,8 +152,11 @@ def run_training(
 
     seconds: list[float] = []
     setup_seconds = time.perf_counter() - setup_start  # model, DDP wrap, resume: part of the start-up
+    resumed_from = progress["epoch"]
     for epoch in range(progress["epoch"], run.epochs):
         metrics = _train_and_evaluate(cfg, run, loader, val_split, device, epoch, rank, world_size)
+        # In the history too: an epoch reported again after a restart says where its own run began.
+        metrics["resumed_from_epoch"] = resumed_from
         if not seconds:  # this run's first epoch
             metrics["setup_seconds"] = setup_seconds
         seconds.append(metrics["epoch_seconds"] + metrics["eval_seconds"])

@@ -50,6 +50,7 @@ def test_resume_after_epoch_2_continues_exactly(tmp_path, extra):
                                  resume=state)
 
     assert [m["epoch"] for m in resumed] == [3, 4]
+    assert [m["resumed_from_epoch"] for m in full + resumed] == [0, 0, 0, 0, 2, 2]
     for got, want in zip(resumed, full[2:]):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "steps"):
             assert got[key] == want[key], key
@@ -73,6 +74,16 @@ def test_a_run_resumed_at_its_end_reports_its_last_epoch_again(tmp_path):
     assert len(again) == 1
     metrics, state = again[0]
     assert metrics == states[-1]["history"][-1] and metrics["epoch"] == 2 and state["epoch"] == 2
+    # Reported again by a run that began at epoch 2, it still says where the run that trained it began (a PBT
+    # member's first epoch after an exploit: the donor's epoch, where the report draws the exploit from).
+    assert metrics["resumed_from_epoch"] == 0
+    again.clear()
+    run_training(cfg, loader, splits.val, cpu, on_epoch=lambda m, state: again.append((m, state())), log=None,
+                 resume={**states[0], "history": []})  # a copy of epoch 1, as PBT adopts it
+    assert [m["resumed_from_epoch"] for m, _ in again] == [1]
+    run_training(cfg, loader, splits.val, cpu, on_epoch=lambda m, state: again.append((m, state())), log=None,
+                 resume=again[-1][1])
+    assert [(m["epoch"], m["resumed_from_epoch"]) for m, _ in again] == [(2, 1), (2, 1)]
 
 def test_a_non_finite_loss_ends_the_run_as_diverged():
     cfg = load_config(None, SETS + ["optim.lr=1e9", "model.dropout=0"])

@@ -175,7 +175,7 @@ def run_rank(cfg: Config, where: Rank, clock: PhaseClock, started: float | None,
     clock.lap("data_load")
     splits = make_splits(dataset, cfg.data, device)
     clock.lap("splits")
-    extra = {"nodes": _rank_nodes(world_size), "resumed_from_epoch": resume["epoch"] if resume else 0, **(columns or {})}
+    extra = {"nodes": _rank_nodes(world_size), **(columns or {})}  # resumed_from_epoch: the loop's, per epoch
     clock.lap("rank_nodes")
     first = {"report": True}
 

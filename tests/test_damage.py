@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 
 import pytest
 import torch
 
 from ray_cifar import checkpoint, cli, report, storage
-from ray_cifar.tuning import study
+from ray_cifar.tuning import study, tune_state
+from ray_cifar.tuning.tune_state import TuneStateBackup
 from ray_cifar.checkpoint_store import CheckpointStore, newest_loadable_state
 from ray_cifar.data.source import load_cifar10
 from ray_cifar.results import DamagedFile, ResultsLog, write_rows
@@ -169,7 +171,7 @@ def test_a_damaged_tune_experiment_state_comes_back_from_its_copy(tmp_path, caps
     experiment.mkdir(parents=True)
     (experiment / "experiment_state-1.json").write_text(json.dumps({"trials": [1]}))
     (experiment / "experiment_state-2.json").write_text(json.dumps({"trials": [1, 2]}))
-    backup = study.TuneStateBackup(str(tmp_path), None, every_seconds=0)
+    backup = TuneStateBackup(str(tmp_path), str(experiment), every_seconds=0)
     backup.save()
     damage(experiment / "experiment_state-2.json", "truncated")
     backup.restore()
@@ -177,13 +179,40 @@ def test_a_damaged_tune_experiment_state_comes_back_from_its_copy(tmp_path, caps
     assert "restored from" in capsys.readouterr().out
     # No whole copy of the newest: set aside, Tune resumes from the one before it.
     damage(experiment / "experiment_state-2.json", "random bytes")
-    os.remove(tmp_path / study.TUNE_STATE_BACKUP / "experiment_state-2.json")
+    os.remove(tmp_path / tune_state.BACKUP / "experiment_state-2.json")
     backup.restore()
     assert sorted(os.listdir(experiment)) == ["experiment_state-1.json", "experiment_state-2.json.damaged"]
     damage(experiment / "experiment_state-1.json", "zero-length")
-    os.remove(tmp_path / study.TUNE_STATE_BACKUP / "experiment_state-1.json")
-    with pytest.raises(cli.ConfigError, match="no experiment state"):
-        backup.restore()
+    os.remove(tmp_path / tune_state.BACKUP / "experiment_state-1.json")
+    for _ in range(2):  # the same line on every --resume: the last one stays where it is
+        with pytest.raises(cli.ConfigError, match="no experiment_state"):
+            backup.restore()
+    assert (experiment / "experiment_state-1.json").exists()
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+@pytest.mark.parametrize("name", [tune_state.TUNER, "basic-variant-state-2026-12-02_10-00-00.json",
+                                  "searcher-state-2026-12-02_10-00-00.pkl"])
+def test_tunes_pickled_state_comes_back_from_its_copy(tmp_path, capsys, name, how):
+    """A resumed study's Tune copies tuner.pkl back into ray/tune at every snapshot: a full disk left it empty and
+    Tuner.restore failed with "EOFError: Ran out of input" (seen in CI). The searchers' states are pickles too."""
+    experiment = tmp_path / "ray" / "tune"
+    experiment.mkdir(parents=True)
+    state = {"name": name, "space": {"optim.lr": [0.05, 0.1]}, "pad": list(range(200))}
+    (experiment / name).write_bytes(pickle.dumps(state, protocol=5))
+    backup = TuneStateBackup(str(tmp_path), str(experiment), every_seconds=0)
+    backup.save()
+    damage(experiment / name, how)
+    assert not tune_state.is_whole(str(experiment / name), "pickle")
+    backup.restore()
+    assert pickle.loads((experiment / name).read_bytes()) == state
+    assert "restored from" in capsys.readouterr().out
+    # Without a whole copy: one line naming the kind, on every --resume.
+    damage(experiment / name, how)
+    os.remove(tmp_path / tune_state.BACKUP / name)
+    for _ in range(2):
+        with pytest.raises(cli.ConfigError, match="no .* loads"):
+            backup.restore()
 
 
 def test_output_that_cannot_be_created_is_one_line_exit_2(tmp_path, capsys):

@@ -7,6 +7,7 @@
     pbt        PBT / PB2 on ray_cifar's own per-epoch checkpoints
     searchers  tune.search: random, Optuna, HyperOpt, BOHB, and the search-space translation
     recorder   the Tune callback that writes rows and statuses (results.parquet, trials.json)
+    tune_state the Tune callback that keeps a whole copy of Tune's own state files (tuner.pkl, ...)
     tracking   MLflow / W&B runs fed by the recorder
 
 Only this package and the entry points (tune, train) import Ray; everything below it (config, data,

@@ -18,19 +18,17 @@ import functools
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import time
 from typing import Any, Callable
-
-from ray.tune import Callback
 
 from .. import cli, storage
 from ..config import Config, flatten, grid_size, search_keys
 from ..results import ResultsLog, format_table, provenance, rank_trials, write_rows
 from ..validation import trial_config
 from .recorder import FAILED, FULL_DISK, TRIALS_STATE, QuietFullDiskFailures, StudyRecorder
+from .tune_state import TuneStateBackup
 
 EXPERIMENT = "tune"
 FINISHED = "study-finished.json"
@@ -110,7 +108,7 @@ def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, re
     trainable = tune.with_resources(trainable, lambda sampled: cluster.trial_resources(trial_config(base, sampled)))
     if resume:
         # tuner.pkl brings back the scheduler and the recorder (copies that re-read their state from disk).
-        TuneStateBackup(output, remote).restore()
+        _state_backup(output, remote).restore()
         return tune.Tuner.restore(experiment_dir(output, remote), trainable=trainable, resume_unfinished=True,
                                   resume_errored=True), keys
     # With train.max_steps the epochs per trial follow from the data and the batch size; without
@@ -133,7 +131,7 @@ def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, re
                                     num_samples=num_samples, max_concurrent_trials=_trials_at_once(cfg, max_concurrent),
                                     reuse_actors=cluster.reuse_trial_processes(cfg)),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=ray_storage,
-                                  callbacks=[recorder, TuneStateBackup(output, remote)],
+                                  callbacks=[recorder, _state_backup(output, remote)],
                                   failure_config=tune.FailureConfig(max_failures=cluster.max_failures(cfg))),
     ), keys
 
@@ -193,86 +191,8 @@ def _devices(cfg: Config) -> str:
     return "GPU" if cfg.train.gpus_per_worker == 1 else f"{cfg.train.gpus_per_worker:g} of a GPU each"
 
 
-TUNE_STATE_BACKUP = "tune-state-backup"
-
-
-def _json_files(folder: str) -> list[str]:
-    """Tune's experiment state files (JSON; its searcher state beside them is a pickle, rewritten far less)."""
-    try:
-        return sorted(n for n in os.listdir(folder) if n.startswith("experiment_state-") and n.endswith(".json"))
-    except OSError:
-        return []
-
-
-def _parses(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            json.loads(f.read().decode("utf-8"))
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-class TuneStateBackup(Callback):
-    """Tune rewrites its experiment state (ray/tune/experiment_state-*.json) in place; a full disk leaves it truncated, and Tune's restore then silently starts the study over. This keeps,
-    in OUTPUT/tune-state-backup/, the last copy of each that read back whole (local storage only)."""
-
-    def __init__(self, output: str, remote: str | None, every_seconds: float = 5.0):
-        self.experiment = storage.local_path(experiment_dir(output, remote)) if not remote else None
-        self.backup = os.path.join(output, TUNE_STATE_BACKUP)
-        self.every_seconds, self.last, self.copied = every_seconds, 0.0, {}
-
-    def on_step_end(self, iteration, trials, **info):
-        if time.time() - self.last >= self.every_seconds:
-            self.save()
-
-    def on_experiment_end(self, trials, **info):
-        self.save()
-
-    def save(self) -> None:
-        self.last = time.time()
-        if self.experiment is None:
-            return
-        for name in _json_files(self.experiment):
-            source = os.path.join(self.experiment, name)
-            try:
-                stamp = os.stat(source).st_mtime_ns
-                if self.copied.get(name) == stamp or not _parses(source):
-                    continue
-                os.makedirs(self.backup, exist_ok=True)
-                with open(source, "rb") as f:
-                    data = f.read()
-                tmp = os.path.join(self.backup, f".{name}.tmp")
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, os.path.join(self.backup, name))
-                self.copied[name] = stamp
-            except OSError:
-                return  # a full disk: the last whole copy stays
-
-    def restore(self) -> None:
-        """Before a --resume: the newest experiment state that loads. A damaged one comes back from its last
-        whole copy, else it is set aside (NAME.damaged) and Tune resumes from the one before it (the trials'
-        own checkpoints and the recorded rows are found by trial id either way); one warning line each. One
-        line and exit 2 when none loads (Tune would otherwise start the study over)."""
-        from ..config import ConfigError
-
-        if self.experiment is None:
-            return
-        for name in reversed(_json_files(self.experiment)):  # newest first: the one Tune reads
-            path, copy = os.path.join(self.experiment, name), os.path.join(self.backup, name)
-            if _parses(path):
-                return
-            if _parses(copy):
-                shutil.copyfile(copy, path)
-                print(f"[ray_cifar] warning: {path} was damaged (a full disk?); restored from {copy}", flush=True)
-                return
-            os.replace(path, path + ".damaged")
-            print(f"[ray_cifar] warning: {path} is damaged and has no whole copy; set aside, resuming from the "
-                  f"experiment state before it", flush=True)
-        if _json_files(self.experiment) or any(n.endswith(".json.damaged") for n in os.listdir(self.experiment)):
-            raise ConfigError(f"no experiment state in {self.experiment} loads (each is damaged, without a whole "
-                              f"copy in {self.backup}); Tune cannot resume this study")
+def _state_backup(output: str, remote: str | None) -> TuneStateBackup:
+    return TuneStateBackup(output, None if remote else experiment_dir(output))
 
 
 def unfinished_trials(output: str, remote: str | None = None) -> int:

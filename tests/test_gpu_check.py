@@ -65,9 +65,10 @@ def data_dir(synthetic_parquet_dir, tmp_path_factory) -> str:
     return str(folder)
 
 
-def run_check(stage: str, results, data: str, *extra: str, env: dict | None = None, timeout: float = 300):
+def run_check(stage: str, results, data: str, *extra: str, env: dict | None = None, timeout: float = 780):
     """Run one stage as `make gpu-check` does; returns (exit status, output, its JSON, seconds). Every process of
-    its tree seen while it ran must be gone when it returns."""
+    its tree seen while it ran must be gone when it returns. TIMEOUT is above the longest dry-run stage cap (ray:
+    240 s x 3) and under pytest's per-test timeout: a stage that overruns its own cap fails here."""
     argv = [sys.executable, CHECK, stage, "--dry-run", "--results", str(results), "--data", data, *extra]
     start = time.monotonic()
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -131,10 +131,14 @@ class Check:
         self.doc = {"stage": stage, "dry_run": self.dry_run, "status": "running", **environment(device),
                     "cap_seconds": self.cap_s, "seconds": 0.0, "data": "DIR" if args.data else None,
                     "parts": [{"name": p.name, "what": p.what, "status": "not run", "estimate_seconds": p.estimate_s,
-                               "cap_seconds": p.cap_s * self.cap_scale} for p in parts],
+                               "cap_seconds": self.part_cap(p)} for p in parts],
                     "summary": None}
 
     # --- sizes and time -------------------------------------------------------------------------------
+    def part_cap(self, part: Part) -> float:
+        """A part's own cap in this run (a dry run's is the GPU's x DRY_RUN_CAP_SCALE)."""
+        return part.cap_s * self.cap_scale
+
     def pick(self, gpu, dry):
         """A size: `gpu` on the GPU, `dry` in a dry run (same code path, CPU-sized)."""
         return dry if self.dry_run else gpu
@@ -232,9 +236,9 @@ class Check:
         with self.lock:
             self.current = entry
             self.part_started = time.monotonic()
-            self.part_deadline = self.part_started + part.cap_s * self.cap_scale
+            self.part_deadline = self.part_started + self.part_cap(part)
             entry["status"] = "running"
-        self.say(f"== {part.name} (estimate {part.estimate_s:.0f} s, cap {part.cap_s * self.cap_scale:.0f} s, "
+        self.say(f"== {part.name} (estimate {part.estimate_s:.0f} s, cap {self.part_cap(part):.0f} s, "
                  f"{self.deadline - time.monotonic():.0f} s left in the stage): {part.what}")
         self.save()
         try:

@@ -229,7 +229,7 @@ def sync_up(local_dir: str, location: str, copied: dict[str, tuple[int, int]] | 
             local_file = os.path.join(root, name)
             relative = os.path.relpath(local_file, local_dir).replace(os.sep, "/")
             try:
-                if copied.get(relative) != _stamp(local_file):
+                if copied.get(relative) != stamp(local_file):
                     changed[relative] = local_file
             except FileNotFoundError:
                 continue  # gone since it was listed (a results part merged away)
@@ -249,17 +249,17 @@ def sync_up(local_dir: str, location: str, copied: dict[str, tuple[int, int]] | 
 def upload(local_file: str, location: str, relative: str, copied: dict[str, tuple[int, int]] | None = None) -> None:
     """Copy one local file to `location/relative` ('/'-separated); at a URI the object appears whole. With `copied`
     (sync_up's record), note it there as copied in the state it had when its copy began."""
-    stamp = _stamp(local_file) if copied is not None else None
+    before = stamp(local_file) if copied is not None else None
     fs, path = filesystem(location)
     target = posixpath.join(path, relative)
     if isinstance(fs, pafs.LocalFileSystem):  # a bucket has no folders (making their markers cost round trips)
         fs.create_dir(posixpath.dirname(target), recursive=True)
     pafs.copy_files(local_file, target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     if copied is not None:
-        copied[relative] = stamp
+        copied[relative] = before
 
 
-def _stamp(local_file: str) -> tuple[int, int]:
+def stamp(local_file: str) -> tuple[int, int]:
     """What tells a changed file from the one copied: (mtime in ns, size)."""
     stat = os.stat(local_file)
     return stat.st_mtime_ns, stat.st_size

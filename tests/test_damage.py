@@ -215,6 +215,24 @@ def test_tunes_pickled_state_comes_back_from_its_copy(tmp_path, capsys, name, ho
             backup.restore()
 
 
+def test_a_state_file_gone_since_the_listing_does_not_stop_the_copies(tmp_path, monkeypatch):
+    """Tune rewrites its folder while the copies are taken: a file listed but gone is skipped, the rest copied."""
+    experiment = tmp_path / "ray" / "tune"
+    experiment.mkdir(parents=True)
+    (experiment / "experiment_state-1.json").write_text(json.dumps({"trials": [1]}))
+    (experiment / tune_state.TUNER).write_bytes(pickle.dumps({"tuner": 1}))
+    stamp = storage.stamp
+
+    def gone(path):
+        if path.endswith(".json"):
+            raise FileNotFoundError(path)
+        return stamp(path)
+
+    monkeypatch.setattr(storage, "stamp", gone)
+    TuneStateBackup(str(tmp_path), str(experiment), every_seconds=0).save()
+    assert sorted(os.listdir(tmp_path / tune_state.BACKUP)) == [tune_state.TUNER]
+
+
 def test_output_that_cannot_be_created_is_one_line_exit_2(tmp_path, capsys):
     (tmp_path / "file").write_text("in the way")
     for output in (tmp_path / "file", tmp_path / "file" / "below"):

@@ -57,9 +57,9 @@ def is_whole(path: str, kind: str) -> bool:
             json.loads(data.decode("utf-8"))
             return True
         *_, last = pickletools.genops(data)
-    except (OSError, ValueError):  # unreadable, not JSON / not UTF-8, an unknown opcode, ends before STOP
-        return False
-    except Exception:  # noqa: BLE001 - random bytes can break pickletools' argument readers in other ways
+    # Unreadable, not JSON or UTF-8, an unknown opcode, ends before STOP; random bytes can break pickletools'
+    # argument readers in other ways too.
+    except Exception:  # noqa: BLE001
         return False
     opcode, _, position = last
     return opcode.name == "STOP" and position == len(data) - 1
@@ -88,20 +88,22 @@ class TuneStateBackup(Callback):
             return
         for pattern, kind in PATTERNS.items():
             for name in state_files(self.experiment, pattern):
-                source = os.path.join(self.experiment, name)
+                source, tmp = os.path.join(self.experiment, name), os.path.join(self.backup, f".{name}.tmp")
                 try:
-                    stamp = os.stat(source).st_mtime_ns
-                    if self.copied.get(name) == stamp or not is_whole(source, kind):
-                        continue
+                    stamp = storage.stamp(source)
+                except OSError:  # gone since the listing: Tune's next snapshot writes it again
+                    continue
+                if self.copied.get(name) == stamp or not is_whole(source, kind):
+                    continue
+                try:
                     os.makedirs(self.backup, exist_ok=True)
-                    tmp = os.path.join(self.backup, f".{name}.tmp")
                     shutil.copyfile(source, tmp)
                     os.replace(tmp, os.path.join(self.backup, name))
-                    self.copied[name] = stamp
                 except OSError:  # a full disk: the last whole copies stay
                     with contextlib.suppress(OSError):
                         os.remove(tmp)
                     return
+                self.copied[name] = stamp
 
     def restore(self) -> None:
         """Before a --resume, for each kind of state file, the newest that loads. A damaged one comes back from

@@ -51,14 +51,19 @@ def _load_folder(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
         return checkpoint.load_state(tmp)
 
 
+def checkpoint_folder_names(fs: pafs.FileSystem, path: str) -> list[str]:
+    """The checkpoint folders in `path` of `fs`, ours (checkpoint_<epoch>) and Ray Train's (checkpoint_<time>),
+    newest first: both names sort by age."""
+    names = (posixpath.basename(i.path) for i in storage.children(fs, path) if i.type == pafs.FileType.Directory)
+    return sorted((n for n in names if _ANY_CHECKPOINT.match(n)), reverse=True)
+
+
 def newest_loadable_state(location: str, warn=print, before_epoch: int | None = None) -> tuple[str, dict[str, Any]] | None:
     """(checkpoint folder as path or URI, its state) of the newest checkpoint under `location` that loads
     (and, with `before_epoch`, is of an earlier epoch), else None (none there, or every one damaged: the
     caller starts over). See checkpoint.newest_loadable."""
     fs, path = storage.filesystem(location)
-    names = sorted((posixpath.basename(i.path) for i in storage.children(fs, path)
-                    if i.type == pafs.FileType.Directory and _ANY_CHECKPOINT.match(posixpath.basename(i.path))),
-                   reverse=True)
+    names = checkpoint_folder_names(fs, path)
     candidates = ((storage.join(location, n), lambda n=n: _load_folder(fs, posixpath.join(path, n))) for n in names)
     return checkpoint.newest_loadable(candidates, warn, before_epoch)
 

@@ -47,7 +47,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from .. import checkpoint, engine, storage
-from ..checkpoint_store import CheckpointStore, copy_latest_state, has_checkpoint, load_state_at, remove_state_at
+from ..checkpoint_store import (CheckpointStore, checkpoint_folder_names, copy_latest_state, has_checkpoint, load_state_at,
+                                remove_state_at)
 from ..config import Config, split_sampled
 from ..data.loader import make_splits
 from ..data.source import load_cifar10
@@ -65,20 +66,11 @@ def _latest_state() -> dict | None:
         return None
     fs, latest = found.filesystem, found.path.rstrip("/")
     run_folder = posixpath.dirname(latest)
-    names = [latest] + [posixpath.join(run_folder, n) for n in _checkpoint_names(fs, run_folder)
+    names = [latest] + [posixpath.join(run_folder, n) for n in checkpoint_folder_names(fs, run_folder)
                         if posixpath.join(run_folder, n) != latest]
     warn = print if ray.train.get_context().get_world_rank() == 0 else (lambda msg: None)
     loaded = checkpoint.newest_loadable(((p, functools.partial(_load_ray_checkpoint, fs, p)) for p in names), warn)
     return {**loaded[1], "loaded_from": storage.location_in(fs, loaded[0])} if loaded else None
-
-
-def _checkpoint_names(fs, folder: str) -> list[str]:
-    """Ray Train's checkpoint folders of a run, newest first (checkpoint_<time> sorts by age)."""
-    import pyarrow.fs as pafs
-
-    infos = storage.children(fs, folder)
-    return sorted((posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory
-                   and posixpath.basename(i.path).startswith("checkpoint_")), reverse=True)
 
 
 def _load_ray_checkpoint(fs, path: str) -> dict:

@@ -50,3 +50,18 @@ def test_thread_split_leaves_gpus_and_user_settings_alone(monkeypatch):
     for cfg in (gpu, user):
         ray_cluster.split_cpu_threads(cfg, 4)
     assert gpu.train.torch_threads is None and user.train.torch_threads == 3
+
+
+def test_ray_train_polls_the_ranks_often_unless_the_user_set_it(monkeypatch):
+    from ray.train.v2._internal import constants as train_constants
+
+    from ray_cifar.tuning.cluster import job_env_vars
+
+    name = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    # Ray's own contract: it reads this variable and carries it from the trial process to its controller.
+    assert train_constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR == name
+    assert name in train_constants.ENV_VARS_TO_PROPAGATE
+    monkeypatch.delenv(name, raising=False)
+    assert 0 < float(job_env_vars()[name]) < train_constants.DEFAULT_HEALTH_CHECK_INTERVAL_S
+    monkeypatch.setenv(name, "3")
+    assert job_env_vars()[name] == "3"

@@ -52,11 +52,13 @@ def killed_and_resumed(output, sets, ready) -> tuple[dict, str]:
     """Start the study, SIGKILL its driver once ready(rows) holds, `--resume` it; the rows as they were at the kill."""
     if DATA is None:
         pytest.skip("needs real CIFAR-10: set RAY_CIFAR_DATA")
-    proc = subprocess.Popen(study_args(DATA, output, *sets), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    before = kill_driver_when(proc, lambda: ready(rows_now(output)), "the moment to kill the driver",
-                              lambda: {(r["trial_id"], r["epoch"]): r["time"] for r in ResultsLog(str(output)).read()},
-                              timeout=600)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output.parent / "killed.log", "w") as log:  # a file, not a pipe no one reads: kept for a failure
+        proc = subprocess.Popen(study_args(DATA, output, *sets), stdout=log, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        before = kill_driver_when(proc, lambda: ready(rows_now(output)), "the moment to kill the driver",
+                                  lambda: {(r["trial_id"], r["epoch"]): r["time"]
+                                           for r in ResultsLog(str(output)).read()}, timeout=600)
     resumed = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--resume", str(output)], capture_output=True,
                              text=True, timeout=900)
     (output.parent / "resumed.log").write_text(resumed.stdout + resumed.stderr)  # kept with the study, for a failure

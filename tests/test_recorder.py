@@ -26,6 +26,10 @@ def lr_params(config: dict) -> dict:
     return {"optim.lr": config["optim.lr"]}
 
 
+def no_params(config: dict) -> dict:
+    return {}
+
+
 def result(epoch: int, val_acc: float, **extra) -> dict:
     return {"epoch": epoch, "epochs": 4, "val_acc": val_acc, "train_loss": 1.0 / epoch, **extra}
 
@@ -461,6 +465,33 @@ def test_bohb_replays_a_halving_made_before_the_driver_died(tmp_path):
     bracket = scheduler._trial_info[trials[2]][0]
     assert list(bracket._live_trials) == [trials[2]] and bracket._cumul_r == 3  # the stopped ones are out
     assert controller.stopped == [] and stops == []  # stopped before the kill: nothing to stop again
+
+
+def test_bohb_judges_a_trial_whose_milestone_report_died_with_the_driver_by_its_checkpoint(tmp_path, capsys):
+    """The driver died after t2 checkpointed epoch 1 but before its report: no row. Read from the checkpoint
+    before HyperBand rebuilds, t2 is at its milestone with the others and judged on its epoch 1; without it, t2
+    resumed, trained epoch 2 and was judged on that against the others' epoch 1 (stopped at epoch 2, in CI)."""
+    from ray_cifar import checkpoint
+    from ray_cifar.checkpoint_store import CheckpointStore
+
+    storage_path = tmp_path / "ray"
+    rows = [{"trial_id": tid, "epoch": 1, "epochs": 3, "val_acc": acc, "time": n}
+            for n, (tid, acc) in enumerate([("t0", 0.5), ("t1", 0.6)])]
+    checkpoint.save_state({"epoch": 1, "history": [{"epoch": 1, "epochs": 3, "val_acc": 0.55}]}, str(tmp_path / "s"))
+    CheckpointStore(str(storage_path / "trial-t2")).save(str(tmp_path / "s"), 1, best_epoch=1)
+    output = tmp_path / "study"
+    scheduler, controller, trials, stops = _restored_bohb(output, rows, [Trial.PENDING] * 3)
+    restored = StudyRecorder(str(output), no_params, "val_acc", "max", tensorboard=False,
+                             storage_path=str(storage_path))
+    restored = pickle.loads(pickle.dumps(restored))  # as tuner.pkl brings it back
+    for step in range(2):  # Tune's step: callbacks first, then the scheduler picks what runs
+        restored.on_step_begin(step, trials)
+    assert capsys.readouterr().out.count("trial t2: epoch(s) up to 1 checkpointed but unrecorded") == 1
+    assert sorted((r["trial_id"], r["epoch"]) for r in ResultsLog(str(output)).read()) == [("t0", 1), ("t1", 1),
+                                                                                          ("t2", 1)]
+    assert restored.trials["t2"]["latest_checkpoint"].endswith("trial-t2/checkpoint_000001")
+    assert scheduler.choose_trial_to_run(controller) is trials[1]  # the best at epoch 1 goes on
+    assert sorted(controller.stopped) == ["t0", "t2"] == sorted(stops)  # at their milestone: none trained past it
 
 
 def test_a_stopped_study_closes_its_tensorboard_files(tmp_path):

@@ -110,8 +110,10 @@ def test_sigterm_full_disk_and_damaged_checkpoints_then_resume(tmpfs, synthetic_
     assert_no_traceback(subprocess.CompletedProcess([], 0, out, ""), driver_only=True)
     # What the stopped study left: its rows (those of epochs that ended during the graceful stop too: trials
     # run on until Tune stops them) and each trial's latest checkpoint, the state a resume must start from.
-    before = {(r["trial_id"], r["epoch"]) for r in rows(output)}
+    before_rows = sorted(rows(output), key=lambda r: r["epoch"])
+    before = {(r["trial_id"], r["epoch"]) for r in before_rows}
     stopped_at = {t: max(e for trial, e in before if trial == t) for t, _ in before}
+    run_began = {r["trial_id"]: r["resumed_from_epoch"] for r in before_rows}  # where each one's last run began
     checkpointed = {t: checkpoint.load_state(str(max((output / "ray" / f"trial-{t}").glob("checkpoint_*"))))["epoch"]
                     for t in stopped_at}
     assert all(checkpointed[t] >= stopped_at[t] for t in stopped_at), (checkpointed, stopped_at)  # saved, then reported
@@ -126,9 +128,11 @@ def test_sigterm_full_disk_and_damaged_checkpoints_then_resume(tmpfs, synthetic_
     # Nothing run twice after the SIGTERM: the resume started each trial at its latest checkpoint.
     after_sigterm = [r for r in rows(output) if (r["trial_id"], r["epoch"]) not in before]
     # (Empty when the disk filled before the resumed trials finished an epoch: then step 3 covers the rest.)
-    # A row of an epoch the trial checkpointed as it was stopped comes back from that checkpoint's history
-    # (resumed_from_epoch None: not trained again); every trained row resumed at or after that checkpoint.
-    assert all(r["resumed_from_epoch"] is None or r["resumed_from_epoch"] >= checkpointed[r["trial_id"]]
+    # A row of an epoch the trial checkpointed as it was stopped comes back from that checkpoint's history (the
+    # run that trained it began where the rows before say: not trained again); every row trained now resumed at
+    # or after that checkpoint.
+    assert all(r["resumed_from_epoch"] >= checkpointed[r["trial_id"]]
+               or (r["epoch"] <= checkpointed[r["trial_id"]] and r["resumed_from_epoch"] == run_began[r["trial_id"]])
                for r in after_sigterm), after_sigterm
     assert "warning: checkpoint" not in full.stdout and "starting over" not in full.stdout, full.stdout[-3000:]
     for folder in (output / "ray").glob("trial-*/checkpoint_*"):

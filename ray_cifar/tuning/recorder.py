@@ -98,17 +98,19 @@ class StudyRecorder(Callback):
             written (a head lost with its disk loses no recorded row), the rest of OUTPUT every minute (what changed).
         tracking: create_tracker's arguments ({"tracking": "mlflow", "study": ..., "uri": ..., "project": ...}):
             every new row also goes to the trial's tracker run; None: no tracker.
+        storage_path: where Ray keeps the trials' checkpoints (storage_path/trial-<id>): after a restore,
+            epochs a trial checkpointed but never reported are recovered from there; None: not looked for.
     """
 
     def __init__(self, output: str, params: Callable[[dict], dict[str, Any]], metric: str, mode: str,
                  provenance: dict[str, Any] | None = None, tensorboard: bool = True,
                  progress_every: float = PROGRESS_EVERY_SECONDS, mirror_to: str | None = None,
                  total_trials: int | None = None, tracking: dict[str, Any] | None = None,
-                 compact_every: int | None = None):
+                 compact_every: int | None = None, storage_path: str | None = None):
         self.output, self.params, self.metric, self.mode = output, params, metric, mode
         self.compact_every = compact_every or COMPACT_EVERY_PARTS
         self.tracking = tracking
-        self.mirror_to, self.total_trials = mirror_to, total_trials
+        self.mirror_to, self.total_trials, self.storage_path = mirror_to, total_trials, storage_path
         self.provenance = provenance or {}
         self.tensorboard, self.progress_every = tensorboard, progress_every
         self._load()
@@ -130,6 +132,7 @@ class StudyRecorder(Callback):
         self.tracked: set[str] = set()  # trials whose tracker run this driver has caught up with the rows
         self.track_ended: set[str] = set()  # trials whose end this driver has told the tracker
         self.caught_up = False  # finished trials' rows recovered (once, at this driver's first step)
+        self.unfinished_caught_up = False  # and unfinished trials' checkpointed but unreported epochs
         self.upload_failing = False  # a copy to mirror_to failed: warned once, retried with every later file
         self.synced: dict[str, tuple[int, int]] = {}  # what this driver copied to mirror_to, as storage.sync_up notes
 
@@ -172,12 +175,13 @@ class StudyRecorder(Callback):
         # Pickled into tuner.pkl: keep configuration only; the state is re-read from disk.
         return {k: v for k, v in self.__dict__.items() if k in
                 ("output", "params", "metric", "mode", "provenance", "tensorboard", "progress_every",
-                      "mirror_to", "tracking", "compact_every")}
+                      "mirror_to", "tracking", "compact_every", "storage_path")}
 
     def __setstate__(self, state):
         # A tuner.pkl written by an older ray_cifar lacks newer settings: their defaults apply.
         self.__dict__.update({"tensorboard": True, "progress_every": PROGRESS_EVERY_SECONDS, "mirror_to": None,
-                              "provenance": {}, "tracking": None, "compact_every": COMPACT_EVERY_PARTS, **state})
+                              "provenance": {}, "tracking": None, "compact_every": COMPACT_EVERY_PARTS,
+                              "storage_path": None, **state})
         self._load()
 
     def setup(self, **info) -> None:
@@ -350,6 +354,37 @@ class StudyRecorder(Callback):
             print(f"[ray_cifar] trial {trial.trial_id} finished with {epochs} unrecorded: recovered from its last "
                   f"result{' and checkpoint' if history else ''}", flush=True)
             self.on_trial_result(None, trials, trial, {**last, "history": history})
+
+    def _recover_unfinished(self, trials) -> None:
+        """Rows of epochs a restored, unfinished trial finished and checkpointed whose reports died with the
+        old driver (killed between a trial's checkpoint and its report), from its newest checkpoint's history.
+        At this driver's first step, before its scheduler's first decision: BOHB's HyperBand, which rebuilds its
+        brackets from the rows then, would otherwise take such a trial for one short of its milestone, let it
+        resume, and judge it on its next epoch against the others' milestone epoch (and stop it past its
+        milestone). The trial's own next report would carry the same history; `seen` keeps each row once."""
+        from ..checkpoint_store import newest_loadable_state
+        from .trial import trainer_name
+
+        if self.unfinished_caught_up or not self.storage_path:
+            return
+        self.unfinished_caught_up = True
+        for trial in trials:
+            last = getattr(trial, "last_result", None) or {}
+            if str(trial.status) not in ("PENDING", "PAUSED") or last.get("pbt_generation"):
+                continue  # a PBT member past an exploit trains in a run of its own (its generation's folder)
+            # Quiet: a damaged checkpoint is the trial's to report, once, when it resumes.
+            found = newest_loadable_state(storage.join(self.storage_path, trainer_name(trial.trial_id)),
+                                          warn=lambda message: None)
+            history = [h for h in (found[1].get("history") or []) if "epoch" in h] if found else []
+            if not history or all((trial.trial_id, int(h["epoch"])) in self.seen for h in history):
+                continue
+            print(f"[ray_cifar] trial {trial.trial_id}: epoch(s) up to {int(history[-1]['epoch'])} checkpointed but "
+                  f"unrecorded: recovered from its checkpoint", flush=True)
+            self.on_trial_result(None, trials, trial, {**history[-1], "checkpoint_path": found[0],
+                                                       "history": history[:-1]})
+
+    def on_step_begin(self, iteration, trials, **info):
+        self._recover_unfinished(trials)
 
     def on_experiment_end(self, trials, **info):
         self._recover_finished(trials)  # a study whose every trial had finished runs no step

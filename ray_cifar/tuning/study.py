@@ -99,10 +99,10 @@ def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, re
     seeds, num_samples = replicate_seeds(cfg)
     space = {**cfg.tune.search_space, **seeds}
     keys = search_keys(space) + ([SEED] if SEED not in search_keys(space) else [])
+    ray_storage = storage_path(output, remote)
     recorder = StudyRecorder(output, functools.partial(searched_params, base, keys), cfg.tune.metric, cfg.tune.mode,
                              provenance(), mirror_to=remote, total_trials=total_trials(cfg),
-                             tracking=tracking_settings(cfg, output, remote))
-    ray_storage = storage_path(output, remote)
+                             tracking=tracking_settings(cfg, output, remote), storage_path=ray_storage)
     trainable = tune.with_parameters(trial.tune_trial, base_config=base, storage_path=ray_storage)
     # Per trial: a one-rank trial's process is its rank; a DDP trial's only drives its TorchTrainer.
     trainable = tune.with_resources(trainable, lambda sampled: cluster.trial_resources(trial_config(base, sampled)))

@@ -1,8 +1,8 @@
 """A real ASHA study on a local Ray cluster: 2-rank gloo DDP trials, a tiny ResNet, synthetic data.
 
-The search space mixes learning rates that learn the colour-coded classes within an
-epoch with ones too small to move off chance, and trials run one at a time in grid
-order, so ASHA's first rung must stop the hopeless ones.
+The search space sets a learning rate that learns the colour-coded classes within an epoch
+before one too small to move off chance, and trials run one at a time in grid order, so
+ASHA's first rung must stop the hopeless one.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def test_asha_study_stops_weak_trials_and_writes_results(tmp_path, synthetic_par
     args = cli_sets(*TINY_MODEL, f"train.epochs={EPOCHS}", "train.num_workers=2", "train.global_batch_size=50",
                     "data.val_size=100", "schedule.name=constant", "tune.grace_period=1", "tune.reduction_factor=2",
                     "tune.max_concurrent_trials=1",
-                    "tune.search_space={optim.lr: {grid: [0.05, 0.000001, 0.0000001]}}")
+                    "tune.search_space={optim.lr: {grid: [0.05, 0.0000001]}}")
     result = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--data", synthetic_parquet_dir,
                              "--output", str(output), *args], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -37,12 +37,11 @@ def test_asha_study_stops_weak_trials_and_writes_results(tmp_path, synthetic_par
 
     trials = pq.read_table(output / "trials.parquet").to_pylist()
     rows = pq.read_table(output / "results.parquet").to_pylist()
-    assert len(trials) == 3
+    assert len(trials) == 2
     by_lr = {t["optim.lr"]: t for t in trials}
     assert by_lr[0.05]["status"] == "completed" and by_lr[0.05]["epochs"] == EPOCHS
-    stopped = [t for t in trials if t["status"] == "stopped"]
-    assert stopped and all(t["epochs"] < EPOCHS for t in stopped)
-    assert {t["optim.lr"] for t in stopped} >= {0.0000001}
+    # Two DDP trials are enough: at the first rung (reduction factor 2) the second is judged against the first.
+    assert by_lr[0.0000001]["status"] == "stopped" and by_lr[0.0000001]["epochs"] < EPOCHS
 
     # One row per trial per epoch, searched field as a column, metrics present.
     assert len(rows) == sum(t["epochs"] for t in trials)

@@ -98,8 +98,11 @@ class StudyRecorder(Callback):
             written (a head lost with its disk loses no recorded row), the rest of OUTPUT every minute (what changed).
         tracking: create_tracker's arguments ({"tracking": "mlflow", "study": ..., "uri": ..., "project": ...}):
             every new row also goes to the trial's tracker run; None: no tracker.
-        storage_path: where Ray keeps the trials' checkpoints (storage_path/trial-<id>): after a restore,
-            epochs a trial checkpointed but never reported are recovered from there; None: not looked for.
+        storage_path: where one-rank trials keep their checkpoints (storage_path/trial-<id>): after a restore,
+            epochs a trial checkpointed but never reported are recovered from there; None: not looked for (a
+            study with DDP trials: a TorchTrainer resumes from the checkpoint Ray Train registered, which can be
+            older than the newest on disk, and its first report carries that one's history; PBT: a member's
+            generations are runs of their own, and its reports give their rows the lineage).
     """
 
     def __init__(self, output: str, params: Callable[[dict], dict[str, Any]], metric: str, mode: str,
@@ -361,7 +364,8 @@ class StudyRecorder(Callback):
         At this driver's first step, before its scheduler's first decision: BOHB's HyperBand, which rebuilds its
         brackets from the rows then, would otherwise take such a trial for one short of its milestone, let it
         resume, and judge it on its next epoch against the others' milestone epoch (and stop it past its
-        milestone). The trial's own next report would carry the same history; `seen` keeps each row once."""
+        milestone). The trial's own next report would carry the same history (it resumes from the same newest
+        loadable checkpoint); `seen` keeps each row once."""
         from ..checkpoint_store import newest_loadable_state
         from .trial import trainer_name
 
@@ -370,8 +374,8 @@ class StudyRecorder(Callback):
         self.unfinished_caught_up = True
         for trial in trials:
             last = getattr(trial, "last_result", None) or {}
-            if str(trial.status) not in ("PENDING", "PAUSED") or last.get("pbt_generation"):
-                continue  # a PBT member past an exploit trains in a run of its own (its generation's folder)
+            if str(trial.status) not in ("PENDING", "PAUSED"):
+                continue
             # Quiet: a damaged checkpoint is the trial's to report, once, when it resumes.
             found = newest_loadable_state(storage.join(self.storage_path, trainer_name(trial.trial_id)),
                                           warn=lambda message: None)

@@ -100,9 +100,13 @@ def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, re
     space = {**cfg.tune.search_space, **seeds}
     keys = search_keys(space) + ([SEED] if SEED not in search_keys(space) else [])
     ray_storage = storage_path(output, remote)
+    # Every trial keeps a CheckpointStore (one rank), in one run folder (not PBT: a member's generations are
+    # runs of their own, and its rows carry the lineage of its reports).
+    one_run_each = cluster.runs_in_trial_process(cluster.max_workers(cfg)) and cfg.tune.scheduler not in ("pbt", "pb2")
     recorder = StudyRecorder(output, functools.partial(searched_params, base, keys), cfg.tune.metric, cfg.tune.mode,
                              provenance(), mirror_to=remote, total_trials=total_trials(cfg),
-                             tracking=tracking_settings(cfg, output, remote), storage_path=ray_storage)
+                             tracking=tracking_settings(cfg, output, remote),
+                             storage_path=ray_storage if one_run_each else None)
     trainable = tune.with_parameters(trial.tune_trial, base_config=base, storage_path=ray_storage)
     # Per trial: a one-rank trial's process is its rank; a DDP trial's only drives its TorchTrainer.
     trainable = tune.with_resources(trainable, lambda sampled: cluster.trial_resources(trial_config(base, sampled)))

@@ -1,9 +1,9 @@
 """A real two-node Ray cluster on loopback (`ray start --head`, `ray start --address`).
 
-One study, two 2-rank trials one after the other, data and output given as file:// URIs, the
-ranks spread over the nodes (train.placement_strategy=SPREAD):
-- the first trial finishes with one rank on each node: its rows name both nodes;
-- during the second, every process of the second node is SIGKILLed (the node is lost): Ray Train
+One study of one 2-rank trial, data and output given as file:// URIs, the ranks spread over the
+nodes (train.placement_strategy=SPREAD):
+- its epochs before the loss have one rank on each node: their rows name both nodes;
+- after its second epoch every process of the second node is SIGKILLed (the node is lost): Ray Train
   restarts the worker group on what is left (SPREAD is a preference, not a rule) from the last
   checkpoint, and the study still finishes with no epoch lost or recorded twice.
 Both nodes are `ray start --block` processes this test starts; it ends them, and only them, by pid.
@@ -77,19 +77,19 @@ def test_study_across_two_nodes_survives_losing_one(tmp_path, two_nodes, synthet
     output = tmp_path / "study"
     sets = TINY_MODEL + ["train.epochs=4", "train.num_workers=2", "train.cpus_per_worker=1",
                          "train.placement_strategy=SPREAD", "train.global_batch_size=50", "data.val_size=100",
-                         "data.pipeline=torch", "train.amp=fp32", "tune.scheduler=fifo", "tune.max_concurrent_trials=1",
-                         "tune.search_space={optim.lr: {grid: [0.05, 0.03]}}"]
+                         "data.pipeline=torch", "train.amp=fp32", "tune.scheduler=fifo", "optim.lr=0.05",
+                         "tune.search_space={}"]
     env = {**ENV, "RAY_ADDRESS": two_nodes["address"],
            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{two_nodes['dashboard']}"}
     proc = subprocess.Popen([sys.executable, "-m", "ray_cifar.tune", "--data", f"file://{synthetic_parquet_dir}",
                              "--output", f"file://{output}", *[a for s in sets for a in ("--set", s)]],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        def second_trial_at_epoch_2():
-            trials = sorted(trials_state(output).values(), key=lambda t: t["trial_id"])
-            return len(trials) == 2 and trials[0]["status"] == "completed" and trials[1].get("epochs", 0) >= 2
+        def at_epoch_2():
+            trials = list(trials_state(output).values())
+            return len(trials) == 1 and trials[0].get("epochs", 0) >= 2
 
-        wait_for(second_trial_at_epoch_2, 900, "the second trial's epoch 2", proc)
+        wait_for(at_epoch_2, 900, "the trial's epoch 2", proc)
         end_tree(node_pids(two_nodes["second"]))  # the node is lost: every process of it at once
         out, _ = proc.communicate(timeout=900)
     finally:
@@ -97,14 +97,12 @@ def test_study_across_two_nodes_survives_losing_one(tmp_path, two_nodes, synthet
             end_tree(descendants(proc.pid) + [proc.pid])
     assert proc.returncode == 0, out[-4000:]
 
-    trials = sorted(trials_state(output).values(), key=lambda t: t["trial_id"])
-    assert [t["status"] for t in trials] == ["completed", "completed"]
-    rows = ResultsLog(str(output)).read()
-    keys = [(r["trial_id"], r["epoch"]) for r in rows]
-    assert len(keys) == len(set(keys)) == 8  # two trials x 4 epochs, none lost, none twice
-    first = [r for r in rows if r["trial_id"] == trials[0]["trial_id"]]
-    assert all(len(set(r["nodes"].split(","))) == 2 for r in first)  # one rank on each node
-    second = sorted((r for r in rows if r["trial_id"] == trials[1]["trial_id"]), key=lambda r: r["epoch"])
-    after = [r for r in second if r["resumed_from_epoch"]]
+    trials = list(trials_state(output).values())
+    assert [t["status"] for t in trials] == ["completed"]
+    rows = sorted(ResultsLog(str(output)).read(), key=lambda r: r["epoch"])
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]  # none lost, none twice
+    before = [r for r in rows if not r["resumed_from_epoch"]]
+    assert len(before) >= 2 and all(len(set(r["nodes"].split(","))) == 2 for r in before)  # a rank on each node
+    after = [r for r in rows if r["resumed_from_epoch"]]
     assert after and after[0]["resumed_from_epoch"] >= 2  # resumed from its checkpoint, not from scratch
     assert len(set(after[-1]["nodes"].split(","))) == 1  # on the node that is left

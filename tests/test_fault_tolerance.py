@@ -159,7 +159,7 @@ def test_killed_rank_resumes_from_its_checkpoint_and_continues_exactly(tmp_path,
 
 def test_killed_driver_then_resume_finishes_the_study(tmp_path, synthetic_parquet_dir):
     output = tmp_path / "study"
-    epochs = 5  # the third trial is killed after epoch 2: three epochs' margin before it could end by itself
+    epochs = 8  # the third trial is killed after epoch 2: six epochs' margin (one is ~0.5 s) before it ends by itself
     sets = SETS + [f"train.epochs={epochs}", "tune.search_space={optim.lr: {grid: [0.05, 1000000000.0, 0.03]}}"]
     proc = subprocess.Popen(study_args(synthetic_parquet_dir, output, *sets), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -73,7 +73,7 @@ class CheckpointStore:
         self.location = location
         self.fs, self.path = storage.filesystem(location)
 
-    def _epochs(self) -> list[int]:
+    def epochs(self) -> list[int]:
         """Epochs with a complete checkpoint, oldest first."""
         names = [posixpath.basename(i.path) for i in storage.children(self.fs, self.path)
                  if i.type == pafs.FileType.Directory]
@@ -99,7 +99,7 @@ class CheckpointStore:
     def save(self, directory: str, epoch: int, best_epoch: int | None) -> str:
         """Store the checkpoint folder `directory` of `epoch`; once it reads back whole, drop every other
         epoch but the previous latest and `best_epoch`. Returns the stored checkpoint's path or URI."""
-        previous = [e for e in self._epochs() if e < epoch][-1:]
+        previous = [e for e in self.epochs() if e < epoch][-1:]
         local = storage.local_path(self.location)
         if local is not None:
             os.makedirs(local, exist_ok=True)
@@ -119,7 +119,7 @@ class CheckpointStore:
             for name in (checkpoint.CHECKSUM_FILE, checkpoint.STATE_FILE):
                 pafs.copy_files(os.path.join(directory, name), posixpath.join(self._dir(epoch), name),
                                 source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
-        for old in self._epochs():
+        for old in self.epochs():
             if old not in (epoch, best_epoch, *previous):
                 storage.delete_folder(self.fs, self._dir(old))
         return self.uri(epoch)

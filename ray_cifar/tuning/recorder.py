@@ -366,25 +366,28 @@ class StudyRecorder(Callback):
         resume, and judge it on its next epoch against the others' milestone epoch (and stop it past its
         milestone). The trial's own next report would carry the same history (it resumes from the same newest
         loadable checkpoint); `seen` keeps each row once."""
-        from ..checkpoint_store import newest_loadable_state
+        from ..checkpoint_store import CheckpointStore
         from .trial import trainer_name
 
         if self.unfinished_caught_up or not self.storage_path:
             return
         self.unfinished_caught_up = True
         for trial in trials:
-            last = getattr(trial, "last_result", None) or {}
             if str(trial.status) not in ("PENDING", "PAUSED"):
                 continue
-            # Quiet: a damaged checkpoint is the trial's to report, once, when it resumes.
-            found = newest_loadable_state(storage.join(self.storage_path, trainer_name(trial.trial_id)),
-                                          warn=lambda message: None)
-            history = [h for h in (found[1].get("history") or []) if "epoch" in h] if found else []
+            # The store a one-rank trial resumes from. Its folder names give the epochs: a state is read (a whole
+            # model, from a bucket too) only where the newest checkpointed epoch has no row.
+            store = CheckpointStore(storage.join(self.storage_path, trainer_name(trial.trial_id)))
+            recorded = max((epoch for tid, epoch in self.seen if tid == trial.trial_id), default=0)
+            if max(store.epochs(), default=0) <= recorded:
+                continue
+            state = store.latest(warn=lambda message: None)  # a damaged one is the trial's to report, when it resumes
+            history = [h for h in (state.get("history") or []) if "epoch" in h] if state else []
             if not history or all((trial.trial_id, int(h["epoch"])) in self.seen for h in history):
                 continue
             print(f"[ray_cifar] trial {trial.trial_id}: epoch(s) up to {int(history[-1]['epoch'])} checkpointed but "
                   f"unrecorded: recovered from its checkpoint", flush=True)
-            self.on_trial_result(None, trials, trial, {**history[-1], "checkpoint_path": found[0],
+            self.on_trial_result(None, trials, trial, {**history[-1], "checkpoint_path": state["loaded_from"],
                                                        "history": history[:-1]})
 
     def on_step_begin(self, iteration, trials, **info):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 import pickle
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from ray.tune.schedulers import TrialScheduler
 
 from conftest import TINY_MODEL
 from ray_cifar import checkpoint
-from ray_cifar.tuning import pbt, searchers
+from ray_cifar.tuning import lineage, pbt, searchers
 from ray_cifar.config import LINEAGE, ConfigError, encode_choice, split_sampled
 from ray_cifar.results import ResultsLog
 from ray_cifar.validation import load_config, trial_config
@@ -122,7 +124,7 @@ def test_explore_keeps_every_value_in_its_range():
     random.seed(0)
     config = {"optim.weight_decay": 1e-3, "data.cutout_size": 8, "data.erasing_p": 0.95}
     for _ in range(300):
-        config = pbt.clip(_explore(config, pbt.mutations(cfg), 0.3, (1.2, 0.8), None)[0], limits)
+        config = lineage.clip(_explore(config, pbt.mutations(cfg), 0.3, (1.2, 0.8), None)[0], limits)
         assert 1e-4 <= config["optim.weight_decay"] <= 1e-3 and 0 <= config["data.erasing_p"] <= 1
         assert isinstance(config["data.cutout_size"], int) and 0 <= config["data.cutout_size"] <= 8
 
@@ -407,6 +409,22 @@ def test_pb2s_data_comes_back_from_the_rows_after_a_restore(tmp_path):
                       for row in data[["Trial", "Time", "optim.weight_decay", "Reward"]].itertuples(index=False))
 
     assert table(restored.data) == table(scheduler.data)
+
+    # A study saved when RestorablePB2 lived in ray_cifar.tuning.pbt still unpickles (the names have one length).
+    saved = pickle.dumps(pbt.create_pbt(cfg, str(tmp_path)))
+    assert b"ray_cifar.tuning.pb2" in saved
+    assert type(pickle.loads(saved.replace(b"ray_cifar.tuning.pb2", b"ray_cifar.tuning.pbt"))).label == "pb2"
+
+
+def test_a_driver_imports_scikit_learn_only_for_pb2():
+    """Ray's PB2 module imports scikit-learn and SciPy (~1 s of a driver's start): only a PB2 study loads it."""
+    code = ("import sys; from ray_cifar.tuning import study, pbt; from ray_cifar.validation import load_config; "
+            f"cfg = load_config(None, {TINY_MODEL!r} + ['tune.scheduler=pbt', "
+            "'tune.search_space={optim.lr: {loguniform: [0.01, 0.1]}}']); pbt.create_pbt(cfg, '.'); "
+            "assert 'sklearn' not in sys.modules, 'pbt'; cfg.tune.scheduler = 'pb2'; pbt.create_pbt(cfg, '.'); "
+            "assert 'sklearn' in sys.modules, 'pb2'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_a_population_larger_than_the_trials_at_once_is_created_whole_and_bohb_on_steps_needs_its_budget():

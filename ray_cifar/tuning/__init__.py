@@ -5,6 +5,8 @@
     cluster    Ray itself: connect or start, what a trial needs of it, how many fit at once
     scheduler  ASHA and BOHB's HyperBand, rungs rebuilt from recorded rows after a restore
     pbt        PBT / PB2 on ray_cifar's own per-epoch checkpoints
+    lineage    what PBT and PB2 add to Ray's: restore from the rows, lineage, old generations dropped
+    pb2        PB2's scheduler class (its own module: Ray's PB2 imports scikit-learn)
     searchers  tune.search: random, Optuna, HyperOpt, BOHB, and the search-space translation
     recorder   the Tune callback that writes rows and statuses (results.parquet, trials.json)
     tune_state the Tune callback that keeps a whole copy of Tune's own state files (tuner.pkl, ...)

@@ -35,5 +35,5 @@ setup(
         # tune.search optuna | hyperopt | bohb, tune.scheduler pb2 (PB2's Gaussian process)
         "search": ["optuna>=3", "hyperopt>=0.2.7", "hpbandster>=0.7", "ConfigSpace>=0.7", "scikit-learn>=1.0"],
     },
-    entry_points={"console_scripts": ["ray-cifar=ray_cifar.__main__:main"]},
+    entry_points={"console_scripts": ["ray-cifar=ray_cifar.__main__:console"]},
 )

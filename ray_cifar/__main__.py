@@ -27,5 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     return run(rest)
 
 
+def console() -> None:
+    """The `ray-cifar` console script."""
+    from .cli import exit_after
+
+    exit_after(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -7,6 +7,7 @@ and exit status 2, before the output folder is created.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import datetime
 import errno
@@ -15,6 +16,8 @@ import os
 import shutil
 import signal
 import sys
+import threading
+from typing import Callable, NoReturn
 
 import yaml
 
@@ -223,3 +226,27 @@ def sigterm_as_ctrl_c():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def exit_after(main: Callable[[], int | None]) -> NoReturn:
+    """Run an entry point's `main` and end the process as a normal exit does, less Python's teardown of its
+    modules: 3-4 s of CPU after a study (torch, Ray, pyarrow and matplotlib loaded) that every command ran
+    before its prompt came back. What a normal exit does that matters still happens, in its order: the
+    non-daemon threads are waited for, every atexit hook runs (ray.shutdown, logging, tensorboardX, pyarrow's
+    S3), stdout and stderr are flushed; the exit status is the same. An exception other than SystemExit takes
+    the normal way out (its traceback)."""
+    try:
+        status = main()
+    except SystemExit as e:
+        status = e.code
+    if status is not None and not isinstance(status, int):
+        print(status, file=sys.stderr)  # what SystemExit("message") prints
+        status = 1
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status or 0)

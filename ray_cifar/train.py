@@ -19,7 +19,6 @@ trial's rank does, so several runs can share one GPU.
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 
 import torch
@@ -128,4 +127,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_after(main)

@@ -19,7 +19,6 @@ the same way with one line (exit 1); exit status 1 when any trial failed.
 from __future__ import annotations
 
 import os
-import sys
 
 from . import cli
 
@@ -76,4 +75,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_after(main)

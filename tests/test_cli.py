@@ -214,3 +214,47 @@ def test_searched_data_and_resource_mistakes_stop_the_study_before_any_trial(cas
                       *[a for s in sets for a in ("--set", s)])
     assert_one_line_exit_2(result, message, output)
     assert "tune.search_space: the trial with " in result.stderr
+
+
+EXIT_AFTER = """
+import atexit, sys, threading, time
+from ray_cifar.cli import exit_after
+
+def main():
+    atexit.register(lambda: open(sys.argv[1], "a").write("atexit ran\\n"))
+    # A non-daemon thread still writing when main returns: a normal exit waits for it, and so must this one.
+    threading.Thread(target=lambda: (time.sleep(0.5), open(sys.argv[1], "a").write("thread ended\\n"))).start()
+    sys.stdout.write("no newline, not flushed")
+    case = sys.argv[2]
+    if case == "return":
+        return 3
+    if case == "fail":
+        sys.exit("exit_after: a message")
+    if case == "none":
+        return None
+    raise RuntimeError("an exception takes the normal way out")
+
+exit_after(main)
+"""
+
+
+@pytest.mark.parametrize("case, status", [("return", 3), ("fail", 1), ("none", 0), ("raise", 1)])
+def test_exit_after_keeps_what_a_normal_exit_does(tmp_path, case, status):
+    """The entry points end with cli.exit_after (no teardown of the modules): the same status, output flushed,
+    non-daemon threads waited for and atexit hooks run, in that order."""
+    log = tmp_path / "log"
+    proc = subprocess.run([sys.executable, "-c", EXIT_AFTER, str(log), case], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == status, proc.stderr
+    assert proc.stdout == "no newline, not flushed"
+    assert log.read_text() == "thread ended\natexit ran\n"
+    expected_stderr = {"fail": "exit_after: a message\n", "raise": "RuntimeError: an exception"}
+    assert expected_stderr.get(case, "") in proc.stderr and (case in expected_stderr or proc.stderr == "")
+
+
+def test_entry_points_end_through_exit_after():
+    for module in ("tune", "train", "__main__"):
+        source = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ray_cifar",
+                                   f"{module}.py")).read()
+        tail = source[source.index('if __name__ == "__main__":'):]
+        assert "exit_after" in tail or "console()" in tail, module

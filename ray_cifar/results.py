@@ -291,11 +291,10 @@ CONFIDENCE = 0.95
 def t_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float] | None:
     """Student-t confidence interval of the mean of `values` (mean +- t_{n-1} * s / sqrt(n), s the sample
     std); None for fewer than two values: one run has no interval."""
-    from scipy.stats import t
-
     n = len(values)
     if n < 2:
         return None
+    from scipy.stats import t  # here: ~1 s to import, and a study of one seed a point never needs it
     mean = sum(values) / n
     s = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = float(t.ppf(0.5 + confidence / 2, n - 1)) * s / math.sqrt(n)
@@ -305,10 +304,9 @@ def t_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[flo
 def welch_p_value(a: list[float], b: list[float]) -> float | None:
     """Two-sided p-value of Welch's t-test (unequal variances) that `a` and `b` have the same mean; None when
     either has fewer than two values. Both without spread: 1.0 for equal means, else 0.0."""
-    from scipy.stats import t
-
     if len(a) < 2 or len(b) < 2:
         return None
+    from scipy.stats import t
     mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
     var_a = sum((v - mean_a) ** 2 for v in a) / (len(a) - 1) / len(a)  # squared standard errors
     var_b = sum((v - mean_b) ** 2 for v in b) / (len(b) - 1) / len(b)

@@ -208,3 +208,16 @@ def test_heatmap_pairs_skip_relabelled_fields_and_pairs_without_a_cross():
     assert heatmap_pairs(trials, keys) == [("optim.lr", "train.global_batch_size"),
                                            ("optim.name", "train.global_batch_size")]
     assert heatmap_pairs(trials, ["optim.lr"]) == []
+
+
+def test_a_report_of_one_seed_a_point_does_not_import_scipy(tmp_path):
+    """SciPy (~1 s to import at the end of every study) only for intervals and tests, which need two seeds."""
+    import subprocess
+    import sys
+
+    output = make_output(tmp_path / "one_seed", seeds=(0,))
+    code = ("import sys; from ray_cifar.report import write_report; write_report([sys.argv[1]]); "
+            "assert 'scipy.stats' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code, output], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert os.path.exists(os.path.join(output, "report.html"))

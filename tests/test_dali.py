@@ -206,3 +206,32 @@ def test_dali_gpu_pipeline_matches_cpu_sharding():
     # fp16 output: within one grey level of the input after undoing the normalization.
     assert (got.int() - images[indices].int()).abs().max() <= 1
     assert not math.isnan(float(got.float().mean()))
+
+
+def test_building_a_pipeline_leaves_no_generated_sources_in_the_temp_folder(tmp_path):
+    """DALI's conditionals (AutoAugment) write the modules they make to the temp folder, once a process, and delete
+    them only at a normal exit, which a Ray trial process never has; the loader deletes them once its pipeline is
+    built. A fresh process (DALI converts a function once a process), its temp folder TMPDIR."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import os, sys, tempfile, torch
+from ray_cifar.data.dali import DaliTrainLoader
+from ray_cifar.data.loader import Split
+from ray_cifar.validation import load_config
+cfg = load_config(None, ["data.autoaugment=cifar10"]).data
+images = torch.randint(0, 256, (40, 32, 32, 3), dtype=torch.uint8)
+loader = DaliTrainLoader(Split(images, torch.arange(40) % 10), cfg, 20, 0, 1, 0, torch.device("cpu"), num_threads=1)
+assert len(list(loader.epoch(0))) == 2
+converted = [m for m in sys.modules if m.startswith("__autograph_generated_file")]
+print(len(converted), sorted(os.listdir(tempfile.gettempdir())))
+os._exit(0)  # as a Ray worker ends: no atexit hooks
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    converted, listed = proc.stdout.strip().split(" ", 1)
+    assert int(converted) > 0, "DALI converted nothing: the test does not see what it checks"
+    assert listed == "[]" and list(tmp_path.iterdir()) == []

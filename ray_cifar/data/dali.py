@@ -20,7 +20,9 @@ Random erasing and cutout rectangles are drawn on the host with the torch path's
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 
 import numpy as np
 import torch
@@ -37,6 +39,7 @@ from .sampler import GlobalBatchSampler
 
 DALI_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}
 PREFETCH_DEPTH = 2  # batches DALI computes ahead of the one being trained on
+GENERATED_PREFIX = "__autograph_generated_file"  # DALI's conditionals: the modules they convert the pipeline into
 
 
 def dali_cifar10_policy():
@@ -129,6 +132,18 @@ def pipeline_threads(world_size: int) -> int:
     return max(1, min(4, (os.cpu_count() or 1) // world_size))
 
 
+def remove_generated_sources(loaded_before: set[str]) -> None:
+    """Delete the files of the modules DALI's conditionals wrote (to the temp folder) since `loaded_before`.
+
+    DALI removes them only at a normal interpreter exit, which a Ray trial process never has: every pipeline a
+    trial built left ~20 files in /tmp for good. They have done their work once the pipeline is built (they
+    traced its graph; DALI runs the graph, not them), and a rebuilt pipeline converts again."""
+    for name in set(sys.modules) - loaded_before:
+        if name.startswith(GENERATED_PREFIX):
+            with contextlib.suppress(OSError, TypeError):
+                os.remove(sys.modules[name].__file__)
+
+
 class DaliTrainLoader:
     """One rank's train batches from a DALI pipeline (GPU when `device` is CUDA, else CPU)."""
 
@@ -197,10 +212,12 @@ class DaliTrainLoader:
             return fn.crop_mirror_normalize(images, dtype=DALI_DTYPES[self._buffer.dtype], output_layout="HWC",
                                             mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD])
 
+        loaded = set(sys.modules)
         pipe = train_pipeline(batch_size=self.local_batch_size, num_threads=num_threads, device_id=self.device_id,
                               seed=(self.seed * 1_000_003 + self.rank * 7919 + 17) % 2**31,
                               prefetch_queue_depth=PREFETCH_DEPTH)
         pipe.build()
+        remove_generated_sources(loaded)
         return pipe
 
     def _rewind(self) -> None:

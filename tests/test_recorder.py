@@ -306,8 +306,32 @@ def test_a_stop_decided_just_before_the_driver_died_holds_after_the_restore(reco
     assert _run(original, HISTORY + NEXT, recorder)["t4"] == TrialScheduler.STOP
     # The driver died before Tune ended t4: the restored study resumes it at its next epoch.
     restored = pickle.loads(pickle.dumps(RestorableASHA(str(tmp_path), **asha_args)))
-    restored.on_trial_add(None, FakeTrial("t5"))  # the first trial Tune adds triggers the rebuild
+    restored.on_trial_add(None, FakeTrial("t5"))  # the first trial Tune adds reads the recorded stops
     assert restored.on_trial_result(None, FakeTrial("t4"), result(3, 0.9)) == TrialScheduler.STOP
+
+
+def test_asha_rungs_hold_the_epochs_recovered_at_the_first_step(recorder, tmp_path):
+    """A restored trial's milestone epoch, checkpointed but never reported (its report died with the driver), is
+    recorded by the recorder at the new driver's first step: after Tune added the restored trials, before its
+    first question to the scheduler. ASHA's rungs, rebuilt at that question, hold it with its own score; rebuilt
+    when the trials were added, they lacked it, and the trial met that rung on its next epoch's score."""
+    asha_args = dict(metric="val_acc", mode="max", max_t=8, grace_period=1, reduction_factor=2)
+    _run(RestorableASHA(str(tmp_path), on_stop=recorder.note_stopped, **asha_args), HISTORY[:4], recorder)
+    restored = pickle.loads(pickle.dumps(RestorableASHA(str(tmp_path), **asha_args)))
+    for trial_id in ("t1", "t2", "t3"):
+        restored.on_trial_add(None, FakeTrial(trial_id))
+    recorder.on_trial_result(0, [], FakeTrial("t3"), result(1, 0.55))  # what the first step recovers
+
+    class Controller:
+        def get_trials(self):
+            return []
+
+    restored.choose_trial_to_run(Controller())
+    rungs = dict(restored.bracket_of("t3")._rungs)
+    assert rungs[1] == {"t1": 0.50, "t2": 0.40, "t3": 0.55}
+    assert "t3" not in rungs[2]
+    restored.on_trial_result(None, FakeTrial("t3"), result(2, 0.65))  # its next epoch: judged at milestone 2
+    assert dict(restored.bracket_of("t3")._rungs)[1]["t3"] == 0.55 and rungs[2]["t3"] == 0.65
 
 
 def test_progress_counts_trials_tune_has_not_created_yet_as_pending():

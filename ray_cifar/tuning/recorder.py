@@ -364,7 +364,7 @@ class StudyRecorder(Callback):
         At this driver's first step, before its scheduler's first decision: BOHB's HyperBand, which rebuilds its
         brackets from the rows then, would otherwise take such a trial for one short of its milestone, let it
         resume, and judge it on its next epoch against the others' milestone epoch (and stop it past its
-        milestone). The trial's own next report would carry the same history (it resumes from the same newest
+        milestone); ASHA, which rebuilds its rungs then too, would judge it at that rung on its next epoch's score. The trial's own next report would carry the same history (it resumes from the same newest
         loadable checkpoint); `seen` keeps each row once."""
         from ..checkpoint_store import CheckpointStore
         from .trial import trainer_name

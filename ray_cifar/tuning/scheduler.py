@@ -85,7 +85,7 @@ class RestorableASHA(ASHAScheduler):
                  **asha_args: Any):
         super().__init__(time_attr=time_attr, **asha_args)
         self.output, self.on_stop = output, on_stop
-        self._rebuilt = False
+        self._rebuilt = self._stops_read = False
         self._stopped_before: set[str] = set()
 
     def bracket_of(self, trial_id: str):
@@ -110,18 +110,31 @@ class RestorableASHA(ASHAScheduler):
                                                        self._metric_op * row[self._metric])
 
     def on_trial_add(self, tune_controller, trial) -> None:
-        if not self._rebuilt:
-            self._rebuilt = True
-            self.rebuild_rungs(ResultsLog(self.output).read())
+        if not self._stops_read:
+            self._stops_read = True
             self._stopped_before = self._recorded_stops()
         super().on_trial_add(tune_controller, trial)  # checks metric/mode, draws a bracket at random ...
         self._trial_info[trial.trial_id] = self.bracket_of(trial.trial_id)  # ... replaced by the trial id's
         save_experiment(tune_controller, trial)
 
+    def _rebuild_once(self) -> None:
+        # At the first question or result, not when Tune adds the restored trials: the recorder's first step
+        # (before Tune's first question) adds the rows of epochs a trial checkpointed but never reported, and
+        # a trial whose milestone epoch is among them must meet that rung with that epoch's score, not be
+        # judged there on the next epoch's.
+        if not self._rebuilt:
+            self._rebuilt = True
+            self.rebuild_rungs(ResultsLog(self.output).read())
+
+    def choose_trial_to_run(self, tune_controller):
+        self._rebuild_once()
+        return super().choose_trial_to_run(tune_controller)
+
     def _recorded_stops(self) -> set[str]:
         return recorded_stops(self.output)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        self._rebuild_once()
         if trial.trial_id in self._stopped_before:
             self._stopped_before.discard(trial.trial_id)
             return TrialScheduler.STOP
@@ -140,7 +153,7 @@ class RestorableASHA(ASHAScheduler):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_rebuilt"] = False  # a restored copy rebuilds from disk
+        state["_rebuilt"] = state["_stops_read"] = False  # a restored copy rebuilds from disk
         return state
 
 

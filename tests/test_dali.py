@@ -211,7 +211,8 @@ def test_dali_gpu_pipeline_matches_cpu_sharding():
 def test_building_a_pipeline_leaves_no_generated_sources_in_the_temp_folder(tmp_path):
     """DALI's conditionals (AutoAugment) write the modules they make to the temp folder, once a process, and delete
     them only at a normal exit, which a Ray trial process never has; the loader deletes them once its pipeline is
-    built. A fresh process (DALI converts a function once a process), its temp folder TMPDIR."""
+    built and its source callbacks (erasing, cutout, indices) have run. A fresh process (DALI converts a function
+    once a process), its temp folder TMPDIR."""
     import os
     import subprocess
     import sys
@@ -221,7 +222,7 @@ import os, sys, tempfile, torch
 from ray_cifar.data.dali import DaliTrainLoader
 from ray_cifar.data.loader import Split
 from ray_cifar.validation import load_config
-cfg = load_config(None, ["data.autoaugment=cifar10"]).data
+cfg = load_config(None, ["data.autoaugment=cifar10", "data.erasing_p=0.5", "data.cutout_size=8"]).data
 images = torch.randint(0, 256, (40, 32, 32, 3), dtype=torch.uint8)
 loader = DaliTrainLoader(Split(images, torch.arange(40) % 10), cfg, 20, 0, 1, 0, torch.device("cpu"), num_threads=1)
 assert len(list(loader.epoch(0))) == 2

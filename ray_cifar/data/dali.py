@@ -136,8 +136,9 @@ def remove_generated_sources(loaded_before: set[str]) -> None:
     """Delete the files of the modules DALI's conditionals wrote (to the temp folder) since `loaded_before`.
 
     DALI removes them only at a normal interpreter exit, which a Ray trial process never has: every pipeline a
-    trial built left ~20 files in /tmp for good. They have done their work once the pipeline is built (they
-    traced its graph; DALI runs the graph, not them), and a rebuilt pipeline converts again."""
+    trial built left ~20 files in /tmp for good. Each has done its work once loaded (the pipeline function's traced
+    the graph at the build; a source callback's is the function DALI calls), and DALI converts a function once a
+    process: after the build and after the first batch, nothing is written again."""
     for name in set(sys.modules) - loaded_before:
         if name.startswith(GENERATED_PREFIX):
             with contextlib.suppress(OSError, TypeError):
@@ -212,7 +213,7 @@ class DaliTrainLoader:
             return fn.crop_mirror_normalize(images, dtype=DALI_DTYPES[self._buffer.dtype], output_layout="HWC",
                                             mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD])
 
-        loaded = set(sys.modules)
+        self._loaded_before_build = loaded = set(sys.modules)
         pipe = train_pipeline(batch_size=self.local_batch_size, num_threads=num_threads, device_id=self.device_id,
                               seed=(self.seed * 1_000_003 + self.rank * 7919 + 17) % 2**31,
                               prefetch_queue_depth=PREFETCH_DEPTH)
@@ -242,6 +243,11 @@ class DaliTrainLoader:
             # As DALIGenericIterator: wait for this step's DALI output (computed PREFETCH_DEPTH steps
             # ahead, so normally ready), never for the training stream; the copy below is asynchronous.
             (out,) = self.pipe.run()
+            if self._loaded_before_build is not None:
+                # The source callbacks (sample indices, erasing and cutout boxes) are converted when DALI first
+                # calls them, for the first batches it prefetches: done once the first output is out.
+                remove_generated_sources(self._loaded_before_build)
+                self._loaded_before_build = None
             # Into the preallocated HWC buffer on torch's stream (ordered after the previous step's use
             # of it); NOTE the next step overwrites it: clone a batch to keep it.
             feed_ndarray(out.as_tensor(), self._buffer, cuda_stream=stream)

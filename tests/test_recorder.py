@@ -430,9 +430,10 @@ class _FakeSearcher:
 class _FakeHyperBandController:
     """What HyperBand asks of Tune's controller after a restore: the trials, stopping one, saving, the searcher."""
 
-    def __init__(self, trials):
+    def __init__(self, trials, search_finished: bool = True):
         self.trials, self.stopped, self.saved = trials, [], 0
-        self.search_alg = type("SearchAlg", (), {"searcher": _FakeSearcher()})()
+        self.search_alg = type("SearchAlg", (), {"searcher": _FakeSearcher(),
+                                                 "is_finished": lambda _: search_finished})()
 
     def get_trials(self):
         return self.trials
@@ -445,9 +446,10 @@ class _FakeHyperBandController:
         self.saved += 1
 
 
-def _restored_bohb(tmp_path, rows, statuses):
+def _restored_bohb(tmp_path, rows, statuses, search_finished: bool = True):
     """A BOHB HyperBand (max 3 epochs, reduction 3: a bracket of 3 trials judged at epoch 1, then one of 2) as
-    Ray's restore hands it the trials: a fresh copy, the trials newest first, the unfinished ones PENDING."""
+    Ray's restore hands it the trials: a fresh copy, the trials newest first, the unfinished ones PENDING
+    (one trial a status given)."""
     from ray_cifar.tuning.scheduler import create_scheduler
 
     ResultsLog(str(tmp_path)).append(rows)
@@ -456,10 +458,11 @@ def _restored_bohb(tmp_path, rows, statuses):
     scheduler = create_scheduler("asha", str(tmp_path), stops.append, max_t=3, grace_period=1, reduction_factor=3,
                                  search="bohb")
     scheduler.set_search_properties("val_acc", "max")
-    trials = [Trial("__fake", config={}, stub=True, trial_id=f"t{i}", experiment_tag=f"{i + 1}_x") for i in range(3)]
+    trials = [Trial("__fake", config={}, stub=True, trial_id=f"t{i}", experiment_tag=f"{i + 1}_x")
+              for i in range(len(statuses))]
     for t, status in zip(trials, statuses):
         t.set_status(status)
-    controller = _FakeHyperBandController(trials)
+    controller = _FakeHyperBandController(trials, search_finished)
     for t in reversed(trials):
         scheduler.on_trial_add(controller, t)
     return scheduler, controller, trials, stops
@@ -489,6 +492,31 @@ def test_bohb_replays_a_halving_made_before_the_driver_died(tmp_path):
     bracket = scheduler._trial_info[trials[2]][0]
     assert list(bracket._live_trials) == [trials[2]] and bracket._cumul_r == 3  # the stopped ones are out
     assert controller.stopped == [] and stops == []  # stopped before the kill: nothing to stop again
+
+
+def test_bohb_waits_for_the_searchers_next_trial_before_judging_a_bracket_that_is_not_full(tmp_path):
+    """The driver died after two trials of a three-trial bracket paused at epoch 1, before the searcher made the
+    third (its saved state still counts the two as running). Ray judges a bracket whose trials are all paused
+    when none runs, full or not: it halved the two (one stopped, one promoted), and the third and fourth went to
+    the next bracket, run to epoch 3: 3 trials completed and 1 stopped, in CI. Held until the search is over."""
+    rows = [{"trial_id": tid, "epoch": 1, "epochs": 3, "val_acc": acc, "time": n}
+            for n, (tid, acc) in enumerate([("t0", 0.5), ("t1", 0.6)])]
+    scheduler, controller, trials, stops = _restored_bohb(tmp_path, rows, [Trial.PENDING] * 2, search_finished=False)
+    searcher = controller.search_alg.searcher
+    searcher.running = {"t0", "t1", "lost"}  # as saved before the pauses, and a trial Tune never saved
+    assert scheduler.choose_trial_to_run(controller) is None  # nothing to run until the searcher's next trial
+    assert controller.stopped == [] and [t.status for t in trials] == [Trial.PAUSED] * 2
+    assert searcher.running == set()  # so that the searcher suggests the third (it stops at max_concurrent)
+    third = Trial("__fake", config={}, stub=True, trial_id="t2", experiment_tag="3_x")
+    controller.trials.append(third)
+    scheduler.on_trial_add(controller, third)
+    assert scheduler.choose_trial_to_run(controller) is third
+    bracket = scheduler._trial_info[third][0]
+    assert bracket is scheduler._trial_info[trials[0]][0] and len(bracket._live_trials) == 3
+    third.set_status(Trial.RUNNING)
+    assert scheduler.on_trial_result(controller, third, {"epoch": 1, "epochs": 3, "val_acc": 0.4}) == \
+        TrialScheduler.STOP  # the worst of three
+    assert controller.stopped == ["t0"] and sorted(stops) == ["t0", "t2"]
 
 
 def test_bohb_judges_a_trial_whose_milestone_report_died_with_the_driver_by_its_checkpoint(tmp_path, capsys):

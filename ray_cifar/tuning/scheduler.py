@@ -183,7 +183,8 @@ class BOHBHyperBand(HyperBandForBOHB):
 
     HyperBand pauses a trial at its bracket's milestone until the bracket's other trials reach it, then
     keeps the best 1/reduction_factor (promoted: the trial function runs again and resumes its own latest
-    checkpoint) and stops the rest. Ray's `Tuner.restore` brings this scheduler back with empty brackets,
+    checkpoint) and stops the rest. A bracket not yet full is judged only once the searcher has made all its
+    trials (Ray's also judges one whenever no trial runs: see `choose_trial_to_run`). Ray's `Tuner.restore` brings this scheduler back with empty brackets,
     re-adds the trials newest first (so they fill other brackets than before; the finished ones too, where
     they hold a place that never empties) and makes every unfinished trial PENDING, which Tune starts
     without asking the scheduler: a trial that waited at its milestone trains on past it. So after a
@@ -224,7 +225,24 @@ class BOHBHyperBand(HyperBandForBOHB):
         if self._save_next:  # the searcher took the last result's observation after this scheduler's decision
             self._save_next = False
             save_experiment(tune_controller)
+        if not tune_controller.search_alg.is_finished():
+            # Ray judges a bracket whose trials are all paused whenever none runs, full or not (so that a search
+            # that makes no more trials ends). While trials are still to come that moment is only the gap before
+            # the searcher's next one (a step away, or the first step after a restore): judged there, a bracket
+            # of three halved two of them and the brackets after it were filled with the wrong trials.
+            return self._paused_or_pending_to_run()
         return super().choose_trial_to_run(tune_controller, allow_recurse)
+
+    def _paused_or_pending_to_run(self):
+        """Ray's choice when trials run (HyperBandForBOHB.choose_trial_to_run's first part): the first trial a
+        bracket promoted, or a new one."""
+        for band in self._hyperbands:
+            for bracket in band:
+                for trial in bracket.current_trials() if bracket is not None else ():
+                    if trial.status == Trial.PENDING or (trial.status == Trial.PAUSED
+                                                         and trial in bracket.trials_to_unpause):
+                        return trial
+        return None
 
     def rebuild(self, tune_controller, rows: list[dict[str, Any]]) -> None:
         """Brackets filled again in creation order and replayed from `rows` (see the class docstring)."""
@@ -236,12 +254,14 @@ class BOHBHyperBand(HyperBandForBOHB):
         for row in sorted(rows, key=lambda r: r["epoch"]):
             if row.get(self._metric) is not None:
                 by_trial.setdefault(row["trial_id"], []).append(row)
+        searcher = getattr(getattr(tune_controller, "search_alg", None), "searcher", None)
+        if hasattr(searcher, "running"):  # as saved before the driver died: the replay adds the trials it unpauses
+            searcher.running.clear()  # (the searcher makes no new trial while it counts max_concurrent running)
         controller = _NotingStops(tune_controller, self.on_stop)
         for band in self._hyperbands:
             for bracket in band:
                 if bracket is not None:
                     self._replay(controller, bracket, by_trial)
-        searcher = getattr(getattr(tune_controller, "search_alg", None), "searcher", None)
         for trial in held:
             if trial.status in (Trial.TERMINATED, Trial.ERROR) and hasattr(searcher, "running"):
                 searcher.running.discard(trial.trial_id)

@@ -25,8 +25,9 @@ pytestmark = pytest.mark.integration
 DATA = os.environ.get("RAY_CIFAR_DATA")
 EPOCHS = 3
 # Decisions at epochs 1-5. Members start seconds apart on a loaded machine (an epoch here is ~0.5 s), and a donor
-# must have reached the member's epoch and have epochs left: at 4 epochs a hopeless member that started first and
-# one scored in the middle of the population could both finish without a donor (seen once in the suite).
+# must have reached the member's epoch and have epochs left: a hopeless member that started first could finish
+# all its epochs before any donor had one (twice in the suite, at 4 and at 6 epochs). So the grid puts the good lr
+# first: Tune makes and starts the members in grid order, and each hopeless one starts after a good one.
 PBT_EPOCHS = 6
 COMMON = TINY_MODEL + ["data.pipeline=torch", "train.torch_threads=1", "train.amp=fp32", "train.global_batch_size=50",
                        "data.train_subset=500", "data.val_size=200", "schedule.name=constant",
@@ -35,7 +36,7 @@ PBT = COMMON + [f"train.epochs={PBT_EPOCHS}", "tune.scheduler=pbt", "tune.pertur
                 "tune.num_samples=2", "tune.pbt_quantile=0.5", "tune.pbt_mutate=[optim.weight_decay]",
                 # Ranked by train loss: 200 validation images rank a barely trained net by chance.
                 "tune.metric=train_loss", "tune.mode=min",
-                "tune.search_space={optim.lr: {grid: [0.000001, 0.1]}, optim.weight_decay: {uniform: [0.0001, 0.001]}}"]
+                "tune.search_space={optim.lr: {grid: [0.1, 0.000001]}, optim.weight_decay: {uniform: [0.0001, 0.001]}}"]
 # BOHB: HyperBand over 3 epochs at reduction factor 3 fills a bracket of 3 trials judged at epoch 1 (one goes on to
 # epoch 3, two stop), then a bracket of one trial run to epoch 3; TuneBOHB draws each trial's values.
 BOHB = COMMON + ["tune.search=bohb", "tune.num_samples=4", "tune.reduction_factor=3", "tune.max_concurrent_trials=2",

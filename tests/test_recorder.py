@@ -519,6 +519,16 @@ def test_bohb_waits_for_the_searchers_next_trial_before_judging_a_bracket_that_i
     assert controller.stopped == ["t0"] and sorted(stops) == ["t0", "t2"]
 
 
+def test_bohb_judges_a_bracket_that_is_not_full_once_the_search_has_made_all_its_trials(tmp_path):
+    """The other side of the wait above: with no trial to come and none running, the bracket's paused trials are
+    judged as they are (else the study would wait for ever)."""
+    rows = [{"trial_id": tid, "epoch": 1, "epochs": 3, "val_acc": acc, "time": n}
+            for n, (tid, acc) in enumerate([("t0", 0.5), ("t1", 0.6)])]
+    scheduler, controller, trials, stops = _restored_bohb(tmp_path, rows, [Trial.PENDING] * 2, search_finished=True)
+    assert scheduler.choose_trial_to_run(controller) is trials[1]  # the better one goes on
+    assert controller.stopped == ["t0"] == stops
+
+
 def test_bohb_judges_a_trial_whose_milestone_report_died_with_the_driver_by_its_checkpoint(tmp_path, capsys):
     """The driver died after t2 checkpointed epoch 1 but before its report: no row. Read from the checkpoint
     before HyperBand rebuilds, t2 is at its milestone with the others and judged on its epoch 1; without it, t2

@@ -184,9 +184,11 @@ class BOHBHyperBand(HyperBandForBOHB):
     HyperBand pauses a trial at its bracket's milestone until the bracket's other trials reach it, then
     keeps the best 1/reduction_factor (promoted: the trial function runs again and resumes its own latest
     checkpoint) and stops the rest. A bracket not yet full is judged only once the searcher has made all its
-    trials (Ray's also judges one whenever no trial runs: see `choose_trial_to_run`). Ray's `Tuner.restore` brings this scheduler back with empty brackets,
-    re-adds the trials newest first (so they fill other brackets than before; the finished ones too, where
-    they hold a place that never empties) and makes every unfinished trial PENDING, which Tune starts
+    trials (Ray's also judges one whenever no trial runs: see `choose_trial_to_run`).
+
+    Ray's `Tuner.restore` brings this scheduler back with empty brackets, re-adds the trials newest first
+    (so they fill other brackets than before; the finished ones too, where they hold a place that never
+    empties) and makes every unfinished trial PENDING, which Tune starts
     without asking the scheduler: a trial that waited at its milestone trains on past it. So after a
     restore every unfinished trial is held (PAUSED) until `rebuild`: the brackets are filled again in the
     trials' creation order (the number in Tune's experiment tag), as the first driver filled them, and

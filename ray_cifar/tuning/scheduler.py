@@ -186,17 +186,16 @@ class BOHBHyperBand(HyperBandForBOHB):
     checkpoint) and stops the rest. A bracket not yet full is judged only once the searcher has made all its
     trials (Ray's also judges one whenever no trial runs: see `choose_trial_to_run`).
 
-    Ray's `Tuner.restore` brings this scheduler back with empty brackets, re-adds the trials newest first
-    (so they fill other brackets than before; the finished ones too, where they hold a place that never
-    empties) and makes every unfinished trial PENDING, which Tune starts
-    without asking the scheduler: a trial that waited at its milestone trains on past it. So after a
-    restore every unfinished trial is held (PAUSED) until `rebuild`: the brackets are filled again in the
-    trials' creation order (the number in Tune's experiment tag), as the first driver filled them, and
-    replayed from the recorded rows (each milestone's halving with the metric at that epoch); then a trial
-    that waits at a milestone stays paused, a promoted or unstarted one is unpaused, one the replay halves
-    away is stopped (and recorded so). The searcher's bookkeeping (running / paused) follows. Assumes no
-    trial ended early (failed, diverged) before its bracket was full, which would have let a later trial
-    into that bracket.
+    Ray's `Tuner.restore` brings this scheduler back with empty brackets, re-adds the trials newest first (so
+    they fill other brackets than before; the finished ones too, where they hold a place that never empties)
+    and makes every unfinished trial PENDING, which Tune starts without asking the scheduler: a trial that
+    waited at its milestone trains on past it. So after a restore every unfinished trial is held (PAUSED) until
+    `rebuild`: the brackets are filled again in the trials' creation order (the number in Tune's experiment
+    tag), as the first driver filled them, and replayed from the recorded rows (each milestone's halving with
+    the metric at that epoch); then a trial that waits at a milestone stays paused, a promoted or unstarted one
+    is unpaused, one the replay halves away is stopped (and recorded so). The searcher's bookkeeping (running /
+    paused) follows. Assumes no trial ended early (failed, diverged) before its bracket was full, which would
+    have let a later trial into that bracket.
 
     The searcher's state (its observations) is Tune's to save: it is saved right after each observation
     (a trial's result at a milestone), so a dead driver loses none of them."""

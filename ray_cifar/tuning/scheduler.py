@@ -264,9 +264,8 @@ class BOHBHyperBand(HyperBandForBOHB):
                 if bracket is not None:
                     self._replay(controller, bracket, by_trial)
         for trial in held:
-            if trial.status in (Trial.TERMINATED, Trial.ERROR) and hasattr(searcher, "running"):
-                searcher.running.discard(trial.trial_id)
-                searcher.paused.discard(trial.trial_id)
+            if trial.status in (Trial.TERMINATED, Trial.ERROR) and hasattr(searcher, "paused"):
+                searcher.paused.discard(trial.trial_id)  # (not running: cleared above, and the replay unpauses none)
             elif trial.status == Trial.PAUSED and hasattr(searcher, "on_pause") and not any(
                     trial in b.trials_to_unpause for band in self._hyperbands for b in band if b is not None):
                 searcher.on_pause(trial.trial_id)

@@ -38,7 +38,8 @@ PBT = COMMON + [f"train.epochs={PBT_EPOCHS}", "tune.scheduler=pbt", "tune.pertur
                 "tune.metric=train_loss", "tune.mode=min",
                 "tune.search_space={optim.lr: {grid: [0.1, 0.000001]}, optim.weight_decay: {uniform: [0.0001, 0.001]}}"]
 # BOHB: HyperBand over 3 epochs at reduction factor 3 fills a bracket of 3 trials judged at epoch 1 (one goes on to
-# epoch 3, two stop), then a bracket of one trial run to epoch 3; TuneBOHB draws each trial's values.
+# epoch 3, two stop), then a bracket of two run to epoch 3 that the fourth trial has alone; TuneBOHB draws each
+# trial's values.
 BOHB = COMMON + ["tune.search=bohb", "tune.num_samples=4", "tune.reduction_factor=3", "tune.max_concurrent_trials=2",
                  "tune.search_space={optim.lr: {loguniform: [0.000001, 0.2]}, optim.momentum: {choice: [0.0, 0.9]}}"]
 OPTUNA = COMMON + ["tune.search=optuna", "tune.num_samples=4", "tune.grace_period=1", "tune.max_concurrent_trials=2",

@@ -86,8 +86,8 @@ _TRIAL_LINE = re.compile(r"^(?:\x1b\[\d+m)?\(tune_trial pid=(\d+)\)(?:\x1b\[0m)?
 def without_rays_sigterm_exits(text: str) -> str:
     """`text` less each trial process's "Exception ignored" report of Ray's SIGTERM exit (seen once in CI, after a
     study that ended well); any other traceback of a trial process stays."""
-    lines, kept, open_block = text.splitlines(), [], {}
-    for line in lines:
+    kept, open_block = [], {}
+    for line in text.splitlines():
         match = _TRIAL_LINE.match(line)
         if not match:
             kept.append(line)
@@ -106,7 +106,6 @@ def without_rays_sigterm_exits(text: str) -> str:
     for block in open_block.values():
         kept.extend(block)
     return "\n".join(kept)
-
 
 
 def test_only_rays_sigterm_exit_of_a_trial_process_is_not_counted_as_a_traceback():
@@ -128,6 +127,7 @@ def test_only_rays_sigterm_exit_of_a_trial_process_is_not_counted_as_a_traceback
     assert "Traceback" in without_rays_sigterm_exits("Traceback (most recent call last):\nKeyError: 1")
     other_exit = [line.replace("sigterm_handler", "main") for line in sigterm_exit]
     assert "Traceback" in without_rays_sigterm_exits("\n".join(other_exit))
+
 
 def error_line(result) -> str:
     """The one `ray_cifar: error:` line, last on stderr (Ray's own start-up notices may come before it)."""

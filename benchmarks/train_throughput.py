@@ -8,7 +8,8 @@ Variants, all on the same model, data, batch size and augmentation (crop pad 4 +
   worker per core), fp32 NCHW, `loss.item()` every step. The baseline of every ratio.
 - ray_cifar-fp32-nchw: ray_cifar's batch-tensor loader on the device and `engine.train_step`, fp32,
   contiguous NCHW model and input.
-- ray_cifar-bf16-channels_last: the same with bf16 autocast and channels_last (ray_cifar's default).
+- ray_cifar-bf16-channels_last: the same with bf16 autocast and channels_last (ray_cifar's default on a GPU;
+  train.amp auto is fp32 on CPU: this row says what bf16 would cost there).
 - ray_cifar-bf16-channels_last-compile: the same after `engine.prepare_model(compile=True)`.
 
 Each figure is images trained per second over --steps steps after --warmup steps; the variants are
@@ -302,6 +303,8 @@ def main(argv=None) -> int:
     measured_peak = measured_matmul_flops(device) if device.type == "cuda" else None
     results = measure_all(runners, args, device, warmup_seconds, measured_peak)
     out = {"device": device_name(device), "device_type": device.type, "cpu_cores_visible": os.cpu_count(),
+           # AVX2 or AVX512: whether bf16 runs on vector units made for it or is emulated (the bf16 rows' cost)
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "torch_threads": torch.get_num_threads(), "load_average_at_end": os.getloadavg(),
            "model": args.model, "model_overrides": MODELS[args.model], "augmentation": AUGMENT,
            "batch_size": args.batch_size, "steps_per_measurement": args.steps, "warmup_steps": args.warmup,

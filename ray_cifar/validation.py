@@ -196,7 +196,7 @@ def _validate_train(t: TrainConfig) -> None:
            f"must be divisible by train.num_workers={t.num_workers} (each rank gets an equal share)", t.global_batch_size)
     _check(t.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0", t.cpus_per_worker)
     _validate_gpu_share(t)
-    _check_name("train.amp", t.amp, ["bf16", "fp16", "fp32"])
+    _check_name("train.amp", t.amp, ["auto", "bf16", "fp16", "fp32"])
     _check(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)", t.label_smoothing)
     _check(t.torch_threads is None or t.torch_threads >= 1, "train.torch_threads", "must be >= 1", t.torch_threads)
     _check(t.max_failures >= 0, "train.max_failures", "must be >= 0", t.max_failures)

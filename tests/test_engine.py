@@ -26,10 +26,10 @@ def test_model_input_is_channels_last_and_normalized():
     assert torch.allclose(x[1, 2, 5, 7], (images[1, 5, 7, 2].float() / 255 - 0.4465) / 0.2616, atol=1e-5)
 
 
-@pytest.mark.parametrize("amp", ["bf16", "fp32"])
+@pytest.mark.parametrize("amp", ["bf16", "fp32", None])  # None: the default, auto
 def test_a_few_epochs_learn_the_synthetic_classes(amp):
     cfg = load_config(None, TINY_MODEL + ["train.epochs=3", "train.global_batch_size=50", "data.val_size=100",
-                                          f"train.amp={amp}", "optim.lr=0.05"])
+                                          "optim.lr=0.05"] + ([f"train.amp={amp}"] if amp else []))
     splits = make_splits(synthetic_cifar(500, 50), cfg.data, "cpu")
     history = []
     run_training(cfg, train_loader_for(cfg, splits.train, torch.device("cpu")), splits.val, torch.device("cpu"), on_epoch=lambda m, model: history.append(m), log=None)
@@ -37,7 +37,17 @@ def test_a_few_epochs_learn_the_synthetic_classes(amp):
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["val_acc"] > 0.5
     assert history[0]["train_images"] == len(splits.train) // 50 * 50  # last partial batch dropped
-    assert history[0]["amp"] == amp
+    assert history[0]["amp"] == (amp or "fp32")  # auto is fp32 on CPU; an explicit bf16 is kept
+
+
+def test_auto_amp_is_bf16_on_a_gpu_and_fp32_on_cpu():
+    assert load_config(None, []).train.amp == "auto"
+    assert engine.resolve_amp(torch.device("cpu"), "auto") == "fp32"
+    assert engine.resolve_amp(torch.device("cpu"), "bf16") == "bf16"  # asked for: kept (CPU autocast works)
+    assert engine.resolve_amp(torch.device("cpu"), "fp16") == "bf16"  # the grad scaler needs CUDA
+    if torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported()
+        assert engine.resolve_amp(torch.device("cuda"), "auto") == ("bf16" if bf16 else "fp16")
 
 
 def test_evaluate_counts_every_image_once():

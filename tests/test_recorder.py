@@ -430,9 +430,9 @@ class _FakeSearcher:
 class _FakeHyperBandController:
     """What HyperBand asks of Tune's controller after a restore: the trials, stopping one, saving, the searcher."""
 
-    def __init__(self, trials, search_finished: bool = True):
+    def __init__(self, trials, search_finished: bool = True, searcher=None):
         self.trials, self.stopped, self.saved = trials, [], 0
-        self.search_alg = type("SearchAlg", (), {"searcher": _FakeSearcher(),
+        self.search_alg = type("SearchAlg", (), {"searcher": searcher or _FakeSearcher(),
                                                  "is_finished": lambda _: search_finished})()
 
     def get_trials(self):
@@ -446,7 +446,7 @@ class _FakeHyperBandController:
         self.saved += 1
 
 
-def _restored_bohb(tmp_path, rows, statuses, search_finished: bool = True):
+def _restored_bohb(tmp_path, rows, statuses, search_finished: bool = True, searcher=None):
     """A BOHB HyperBand (max 3 epochs, reduction 3: a bracket of 3 trials judged at epoch 1, then one of 2) as
     Ray's restore hands it the trials: a fresh copy, the trials newest first, the unfinished ones PENDING
     (one trial a status given)."""
@@ -462,7 +462,7 @@ def _restored_bohb(tmp_path, rows, statuses, search_finished: bool = True):
               for i in range(len(statuses))]
     for t, status in zip(trials, statuses):
         t.set_status(status)
-    controller = _FakeHyperBandController(trials, search_finished)
+    controller = _FakeHyperBandController(trials, search_finished, searcher)
     for t in reversed(trials):
         scheduler.on_trial_add(controller, t)
     return scheduler, controller, trials, stops
@@ -527,6 +527,28 @@ def test_bohb_judges_a_bracket_that_is_not_full_once_the_search_has_made_all_its
     scheduler, controller, trials, stops = _restored_bohb(tmp_path, rows, [Trial.PENDING] * 2, search_finished=True)
     assert scheduler.choose_trial_to_run(controller) is trials[1]  # the better one goes on
     assert controller.stopped == ["t0"] == stops
+
+
+def test_bohb_gives_its_model_a_milestone_result_the_dead_driver_had_not_saved(tmp_path):
+    """t1 wrote its epoch-1 row and the driver died before it saw the result: the saved TuneBOHB knows t0's
+    observation only (in the suite once: one epoch-1 loss in the model at the end). The rebuild hands it t1's,
+    once; t0's is not counted twice, and the searcher's running set stays the rebuild's own."""
+    pytest.importorskip("hpbandster")
+    from ray import tune
+    from ray.tune.search.bohb import TuneBOHB
+
+    space = TuneBOHB.convert_search_space({"optim.lr": tune.loguniform(1e-6, 0.2)})
+    searcher = TuneBOHB(space=space, metric="val_acc", mode="max", seed=0)
+    for tid in ("t0", "t1", "t2"):
+        searcher.suggest(tid)
+    searcher.on_trial_result("t0", {"val_acc": 0.5, "hyperband_info": {"budget": 1}})
+    searcher.on_pause("t0")
+    rows = [{"trial_id": tid, "epoch": 1, "epochs": 3, "val_acc": acc, "time": n}
+            for n, (tid, acc) in enumerate([("t0", 0.5), ("t1", 0.6)])]
+    scheduler, controller, trials, _ = _restored_bohb(tmp_path, rows, [Trial.PENDING] * 3, searcher=searcher)
+    assert scheduler.choose_trial_to_run(controller) is trials[2]
+    assert sorted(searcher.bohber.losses[1]) == [-0.6, -0.5] and len(searcher.bohber.configs[1]) == 2
+    assert searcher.paused == {"t0", "t1"} and searcher.running == {"t2"}
 
 
 def test_bohb_judges_a_trial_whose_milestone_report_died_with_the_driver_by_its_checkpoint(tmp_path, capsys):

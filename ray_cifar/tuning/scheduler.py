@@ -198,7 +198,9 @@ class BOHBHyperBand(HyperBandForBOHB):
     have let a later trial into that bracket.
 
     The searcher's state (its observations) is Tune's to save: it is saved right after each observation
-    (a trial's result at a milestone), so a dead driver loses none of them."""
+    (a trial's result at a milestone). A trial writes its row before the driver sees the result, so a driver
+    that dies in between loses that observation (the trial, paused at the milestone, never reports it again):
+    the replay gives the searcher's model every milestone result of an unfinished trial that it lacks."""
 
     def __init__(self, output: str, on_stop: Callable[[str], None] | None = None, **hyperband_args: Any):
         super().__init__(time_attr="epoch", **hyperband_args)
@@ -259,10 +261,12 @@ class BOHBHyperBand(HyperBandForBOHB):
         if hasattr(searcher, "running"):  # as saved before the driver died: the replay adds the trials it unpauses
             searcher.running.clear()  # (the searcher makes no new trial while it counts max_concurrent running)
         controller = _NotingStops(tune_controller, self.on_stop)
+        reached: list[tuple[str, float, float]] = []  # (trial id, milestone, metric there)
         for band in self._hyperbands:
             for bracket in band:
                 if bracket is not None:
-                    self._replay(controller, bracket, by_trial)
+                    self._replay(controller, bracket, by_trial, reached)
+        _observe_missing(searcher, reached, self._metric)
         for trial in held:
             if trial.status in (Trial.TERMINATED, Trial.ERROR) and hasattr(searcher, "paused"):
                 searcher.paused.discard(trial.trial_id)  # (not running: cleared above, and the replay unpauses none)
@@ -270,7 +274,8 @@ class BOHBHyperBand(HyperBandForBOHB):
                     trial in b.trials_to_unpause for band in self._hyperbands for b in band if b is not None):
                 searcher.on_pause(trial.trial_id)
 
-    def _replay(self, controller, bracket, by_trial: dict[str, list[dict[str, Any]]]) -> None:
+    def _replay(self, controller, bracket, by_trial: dict[str, list[dict[str, Any]]],
+                milestones: list[tuple[str, float, float]]) -> None:
         def ended(t) -> bool:
             return t.status in (Trial.TERMINATED, Trial.ERROR)
 
@@ -280,6 +285,8 @@ class BOHBHyperBand(HyperBandForBOHB):
                 if reached and bracket._get_result_time(bracket._live_trials[t]) < reached[-1]["epoch"]:
                     bracket.update_trial_stats(t, {self._time_attr: reached[-1]["epoch"],
                                                    self._metric: reached[-1][self._metric]})
+                    if reached[-1]["epoch"] == bracket._cumul_r:
+                        milestones.append((t.trial_id, bracket._cumul_r, reached[-1][self._metric]))
                 if ended(t) and bracket._get_result_time(bracket._live_trials[t]) < bracket._cumul_r:
                     bracket.cleanup_trial(t)  # it ended before this milestone (Tune had removed it then)
             if bracket.finished() or not bracket.filled() or not bracket._live_trials or not bracket.cur_iter_done():
@@ -321,6 +328,25 @@ class BOHBHyperBand(HyperBandForBOHB):
         state = dict(self.__dict__)
         state.update(_stopped_before=None, _held=None, _save_next=False)  # a restored copy reads them from disk
         return state
+
+
+def _observe_missing(searcher, milestones: list[tuple[str, float, float]], metric: str) -> None:
+    """Give TuneBOHB's model (hpbandster's BOHB: configs and losses by budget) each milestone result it lacks,
+    as Ray hands it one (TuneBOHB.on_trial_result with the budget). Only trials the searcher still holds the values of:
+    an unfinished one, as a trial waiting at its milestone when the driver died is."""
+    model, params = getattr(searcher, "bohber", None), getattr(searcher, "trial_to_params", None)
+    if model is None or params is None:
+        return
+    import ConfigSpace
+    import numpy as np
+
+    for trial_id, budget, value in milestones:
+        if trial_id not in params:
+            continue
+        vector = ConfigSpace.Configuration(model.configspace, params[trial_id]).get_array()
+        if not any(np.array_equal(vector, seen, equal_nan=True) for seen in model.configs.get(budget, [])):
+            # (not searcher.on_trial_result: that also counts the trial running, which the rebuild decides)
+            model.new_result(searcher.to_wrapper(trial_id, {metric: value, "hyperband_info": {"budget": budget}}))
 
 
 def _creation_order(trial) -> tuple[int, str]:

@@ -26,9 +26,9 @@ def autocast(device: torch.device, amp: str):
 
 def resolve_amp(device: torch.device, amp: str) -> str:
     """The autocast dtype a run uses. auto: bf16 on a GPU, fp32 on CPU, where autocast costs more than it saves (a
-    CPU without bf16 units emulates it: training steps 7-9x slower on an AVX2 EPYC; one with AVX-512 was no faster,
-    0.94x, benchmarks/README). bf16 where the device supports it; fp16 is a CUDA-only choice (the grad scaler needs
-    CUDA)."""
+    CPU without bf16 units emulates it: training steps 5.9x slower on an AVX2 EPYC; one with AVX-512 was no faster,
+    0.94x; benchmarks/README). bf16 where the device supports it; fp16 is a CUDA-only choice (the grad scaler needs
+    CUDA): bf16 on CPU."""
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "fp32"
     if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():

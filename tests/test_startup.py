@@ -65,3 +65,27 @@ def test_ray_train_polls_the_ranks_often_unless_the_user_set_it(monkeypatch):
     assert 0 < float(job_env_vars()[name]) < train_constants.DEFAULT_HEALTH_CHECK_INTERVAL_S
     monkeypatch.setenv(name, "3")
     assert job_env_vars()[name] == "3"
+
+
+CENSUS = """
+import sys
+from ray import tune
+from ray.air._internal import usage
+from ray_cifar.tuning import cluster
+cluster.skip_unsent_callback_census()
+usage.tag_callbacks([tune.Callback()])  # what Tune.run does with the study's callbacks
+print(sorted(m for m in ("ray.air.integrations.mlflow", "ray.air.integrations.wandb") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("stats, imported", [("0", "[]"), ("1", "['ray.air.integrations.mlflow', "
+                                                                 "'ray.air.integrations.wandb']")])
+def test_callback_census_imports_the_trackers_only_where_usage_stats_are_sent(stats, imported):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": stats}
+    out = subprocess.run([sys.executable, "-c", CENSUS], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == imported

@@ -267,6 +267,7 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
         storage.check_output_shared(output, cluster.alive_nodes())
     max_concurrent = cluster.concurrent_trials(cfg)
     cluster.split_cpu_threads(cfg, max_concurrent)
+    cluster.skip_unsent_callback_census()
     if remote and not resume:
         # config.yaml in the bucket now (past the up-front refusals), not a minute later: a head lost in the
         # first minute leaves a study that a retried job (--resume-if-exists) can continue.

@@ -44,9 +44,10 @@ run: install
 # Two workers, whole files each (module fixtures stay in one process): the integration tests spend most of
 # their time waiting on Ray and process starts, so two at a time on 2 cores cut the suite's wall time. Files go
 # out longest first, the order tests/conftest.py gives them (--no-loadscope-reorder: xdist's own puts them last).
+# Tests send Ray no usage statistics (CI machines have no internet; the driver's start skips their census too).
 TEST_WORKERS ?= 2
 test: install
-	RAY_CIFAR_DATA=$(DATA) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
+	RAY_USAGE_STATS_ENABLED=0 RAY_CIFAR_DATA=$(DATA) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # Not `install`: the GPU machine has no network. PY given on the command line wins, else the venv, else python3.
 STAGE   ?= core

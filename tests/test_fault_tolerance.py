@@ -1,12 +1,13 @@
 """Fault tolerance with real processes on a real local Ray cluster.
 
-(a)+(c) One 2-rank DDP trial runs twice with the same config: once undisturbed, once with one rank's worker
-        process SIGKILLed after epoch 2 was reported. Ray Train restarts the worker group from the last
-        checkpoint (a one-rank trial, which trains in its Tune trial process: Tune runs the trial again from its
-        latest checkpoint; its undisturbed run is the plain one-process `python -m ray_cifar.train`); the trial
-        completes, no epoch is recorded twice, and the torch pipeline continues *exactly*: every later epoch's
-        metrics and the final weights equal the undisturbed run's (fp32, GroupNorm, one thread per rank: CPU
-        float results repeat bit for bit; tolerance 1e-6 absolute only guards against reduction-order noise).
+(a)+(c) One 2-rank DDP trial runs twice with the same config: once undisturbed (`python -m ray_cifar.train`'s DDP
+        path, a study of one TorchTrainer trial), once as a study with one rank's worker process SIGKILLed after
+        epoch 2 was reported. Ray Train restarts the worker group from the last checkpoint. The same with one rank:
+        its undisturbed run is one plain process without Ray, and its trial trains in its Tune trial process, so
+        Tune runs the trial again from its latest checkpoint. Either way the trial completes, no epoch is recorded
+        twice, and the torch pipeline continues *exactly*: every later epoch's metrics and the final weights equal
+        the undisturbed run's (fp32, GroupNorm, one thread per rank: CPU float results repeat bit for bit;
+        tolerance 1e-6 absolute only guards against reduction-order noise).
 (b)+(d) A three-trial study (one absurd lr) has its driver SIGKILLed while the third trial runs;
         its Ray Train checkpoints but the oldest are then truncated; `--resume` finishes it: the third
         trial resumes from the oldest with one warning line, the finished trials are not run
@@ -125,11 +126,11 @@ def test_killed_rank_resumes_from_its_checkpoint_and_continues_exactly(tmp_path,
     # machine can finish the trial between the test seeing epoch 2 and its kill.
     epochs = EPOCHS if ranks > 1 else 3 * EPOCHS
     sets = SETS + [f"train.epochs={epochs}", f"train.num_workers={ranks}"]
-    # The undisturbed run of one rank is `python -m ray_cifar.train`, one process without Ray: the same loop, so
-    # the killed Tune trial must equal the plain run (and the suite is spared a Ray start).
+    # The undisturbed run is `python -m ray_cifar.train`: of one rank, one process without Ray (the same loop, so
+    # the killed Tune trial must equal the plain run, and the suite is spared a Ray start); of two, its DDP path,
+    # a study of one TorchTrainer trial.
     reference = study_args(synthetic_parquet_dir, tmp_path / "a", *sets)
-    if ranks == 1:
-        reference[reference.index("ray_cifar.tune")] = "ray_cifar.train"
+    reference[reference.index("ray_cifar.tune")] = "ray_cifar.train"
     undisturbed = subprocess.run(reference, capture_output=True, text=True, timeout=900)
     assert undisturbed.returncode == 0, undisturbed.stdout[-3000:] + undisturbed.stderr[-3000:]
 
@@ -154,6 +155,7 @@ def test_killed_rank_resumes_from_its_checkpoint_and_continues_exactly(tmp_path,
     assert resumed[0]["resumed_from_epoch"] >= 2 and resumed[0]["epoch"] == resumed[0]["resumed_from_epoch"] + 1
 
     expected = sorted(ResultsLog(str(tmp_path / "a")).read(), key=lambda r: r["epoch"])
+    assert [(r["epoch"], r["num_workers"]) for r in expected] == [(e, ranks) for e in range(1, epochs + 1)]
     for got, want in zip(rows, expected):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
             assert abs(got[key] - want[key]) <= TOLERANCE, (got["epoch"], key, got[key], want[key])

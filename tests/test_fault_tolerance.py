@@ -8,7 +8,8 @@
         twice, and the torch pipeline continues *exactly*: every later epoch's metrics and the final weights equal
         the undisturbed run's (fp32, GroupNorm, one thread per rank: CPU float results repeat bit for bit;
         tolerance 1e-6 absolute only guards against reduction-order noise).
-(b)+(d) A three-trial study (one absurd lr) has its driver SIGKILLed while the third trial runs;
+(b)+(d) A three-trial study (two of one rank, one with an absurd lr, then a 2-rank DDP trial) has its driver
+        SIGKILLed while the third trial runs;
         its Ray Train checkpoints but the oldest are then truncated; `--resume` finishes it: the third
         trial resumes from the oldest with one warning line, the finished trials are not run
         again, rows are complete and unique, the absurd trial is `diverged`, the others `completed`.
@@ -168,7 +169,11 @@ def test_killed_rank_resumes_from_its_checkpoint_and_continues_exactly(tmp_path,
 def test_killed_driver_then_resume_finishes_the_study(tmp_path, synthetic_parquet_dir):
     output = tmp_path / "study"
     epochs = 8  # the third trial is killed after epoch 2: six epochs' margin (one is ~0.5 s) before it ends by itself
-    sets = SETS + [f"train.epochs={epochs}", "tune.search_space={optim.lr: {grid: [0.05, 1000000000.0, 0.03]}}"]
+    # Hand-picked trials: two of one rank (they train in their Tune trial processes), one finished and one that
+    # diverges, then the DDP trial whose Ray Train checkpoints are damaged below. A study of mixed rank counts.
+    trials = ("[{optim.lr: 0.05, train.num_workers: 1}, {optim.lr: 1000000000.0, train.num_workers: 1}, "
+              "{optim.lr: 0.03, train.num_workers: 2}]")
+    sets = SETS + [f"train.epochs={epochs}", f"tune.search_space={{variants: {{grid: {trials}}}}}"]
     proc = subprocess.Popen(study_args(synthetic_parquet_dir, output, *sets), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -207,6 +212,8 @@ def test_killed_driver_then_resume_finishes_the_study(tmp_path, synthetic_parque
     by_trial = {t["trial_id"]: sorted(e for tid, e in keys if tid == t["trial_id"]) for t in trials}
     assert by_trial[trials[0]["trial_id"]] == by_trial[third] == list(range(1, epochs + 1))
     assert by_trial[trials[1]["trial_id"]] == [1]
+    assert {r["trial_id"]: r["num_workers"] for r in rows} == {trials[0]["trial_id"]: 1, trials[1]["trial_id"]: 1,
+                                                               third: 2}
     # The finished trials were not run again: their rows are the very rows written before the kill.
     for r in rows:
         if r["trial_id"] != third:

@@ -89,3 +89,28 @@ def test_callback_census_imports_the_trackers_only_where_usage_stats_are_sent(st
     out = subprocess.run([sys.executable, "-c", CENSUS], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == imported
+
+
+def test_worker_setup_drops_only_the_routine_placement_group_cleanup_line():
+    """The job's worker setup hook, run as Ray runs it (by its module path), in a logger like the cleaner's."""
+    import logging
+
+    from ray._common.utils import load_class  # what a Ray worker loads the hook with
+    from ray_cifar.tuning import cluster, worker_setup
+
+    hook = cluster.job_runtime_env({})["worker_process_setup_hook"]
+    load_class(hook)()
+    load_class(hook)()  # a worker that runs it twice keeps one filter
+    logger = logging.getLogger(worker_setup.CLEANER_LOGGER)
+    assert logger.filters.count(worker_setup.not_routine_cleanup) == 1
+
+    def shown(message: str) -> bool:
+        return bool(logger.filter(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, message, (), None)))
+
+    try:
+        assert not shown("Detected that the Ray Train controller actor (ab12) is dead. Cleaning up placement group "
+                         "= [PlacementGroupID(cd34)] created by this run.")
+        assert shown("Failed to clean up placement group: the GCS is gone")
+        assert shown("Failed to query placement group table: timeout. Assuming placement group is not removed.")
+    finally:
+        logger.removeFilter(worker_setup.not_routine_cleanup)

@@ -14,6 +14,7 @@ import socket
 import ray
 
 from ..config import Config, trial_configs
+from . import worker_setup
 
 
 def runs_in_trial_process(num_workers: int) -> bool:
@@ -107,6 +108,13 @@ def job_env_vars() -> dict[str, str]:
     }
 
 
+def job_runtime_env(env_vars: dict[str, str]) -> dict:
+    """The study's Ray job: its environment variables, and the first thing every worker process runs (by module
+    path: the workers import it, nothing is pickled)."""
+    hook = f"{worker_setup.__name__}.{worker_setup.quiet_routine_ray_lines.__name__}"
+    return {"env_vars": env_vars, "worker_process_setup_hook": hook}
+
+
 def init_ray(cfg: Config) -> None:
     """Connect to a cluster (tune.address / $RAY_ADDRESS) or start a local Ray sized for one trial at least."""
     env_vars = job_env_vars()
@@ -116,7 +124,7 @@ def init_ray(cfg: Config) -> None:
             # The cluster's dashboard, named by the user where several Ray clusters share a machine
             # (see below); Train's controller reads it in its own process.
             env_vars["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"]
-        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env_vars})
+        ray.init(address=address, log_to_driver=True, runtime_env=job_runtime_env(env_vars))
         return
     # On a small machine declare enough logical CPUs for one trial's driver plus all its
     # ranks (times tune.max_concurrent_trials, when asked for), or trials would wait forever;
@@ -129,7 +137,7 @@ def init_ray(cfg: Config) -> None:
     dashboard_port = _free_port()
     env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     ray.init(num_cpus=cfg.tune.num_cpus or max(os.cpu_count() or 1, need), dashboard_port=dashboard_port,
-             runtime_env={"env_vars": env_vars})
+             runtime_env=job_runtime_env(env_vars))
 
 
 def skip_unsent_callback_census() -> None:

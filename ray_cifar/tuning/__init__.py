@@ -11,6 +11,7 @@
     recorder   the Tune callback that writes rows and statuses (results.parquet, trials.json)
     tune_state the Tune callback that keeps a whole copy of Tune's own state files (tuner.pkl, ...)
     tracking   MLflow / W&B runs fed by the recorder
+    worker_setup  what every Ray worker process of a study runs first (Ray's setup hook)
 
 Only this package and the entry points (tune, train) import Ray; everything below it (config, data,
 the engine and loop, checkpoints, results, report) runs without Ray. Nothing is imported here, so that

@@ -109,10 +109,13 @@ def job_env_vars() -> dict[str, str]:
 
 
 def job_runtime_env(env_vars: dict[str, str]) -> dict:
-    """The study's Ray job: its environment variables, and the first thing every worker process runs (by module
-    path: the workers import it, nothing is pickled)."""
-    hook = f"{worker_setup.__name__}.{worker_setup.quiet_routine_ray_lines.__name__}"
-    return {"env_vars": env_vars, "worker_process_setup_hook": hook}
+    """The study's Ray job: its environment variables, and the first thing every worker process runs.
+
+    The hook goes to the workers pickled by value, not as a module path: a worker runs it before it puts the
+    driver's directory on its sys.path, so in a checkout that is not installed (`python -m ray_cifar.tune` run
+    from its root, as on the GPU machine) `import ray_cifar` would fail there and every worker would die."""
+    ray.cloudpickle.register_pickle_by_value(worker_setup)
+    return {"env_vars": env_vars, "worker_process_setup_hook": worker_setup.quiet_routine_ray_lines}
 
 
 def init_ray(cfg: Config) -> None:

@@ -1,5 +1,6 @@
-"""What every Ray worker process of a study runs before its first task (Ray's worker_process_setup_hook, named
-by module path in the job's runtime_env). Standard library only: every worker process pays for its imports.
+"""What every Ray worker process of a study runs before its first task: Ray's worker_process_setup_hook, sent in
+the job's runtime_env pickled by value (cluster.job_runtime_env), so a worker needs no `import ray_cifar` for it.
+Standard library only: every worker process pays for its imports.
 
 It hides two of Ray's own reports that read as failures in a study that ran well, and nothing else.
 """

@@ -91,22 +91,25 @@ def test_callback_census_imports_the_trackers_only_where_usage_stats_are_sent(st
     assert out.stdout.strip().splitlines()[-1] == imported
 
 
-def test_worker_setup_drops_only_the_routine_placement_group_cleanup_line():
-    """The job's worker setup hook, in a logger like the cleaner's."""
+def test_worker_setup_drops_only_the_routine_placement_group_cleanup_line(monkeypatch):
+    """The job's worker setup hook, in a logger like the cleaner's; this process's logger and unraisable hook are
+    put back afterwards (the hook sets both, as it would in a worker)."""
     import logging
+    import sys
 
     from ray_cifar.tuning import cluster, worker_setup
 
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored at teardown
     hook = cluster.job_runtime_env({})["worker_process_setup_hook"]
-    hook()
-    hook()  # a worker that runs it twice keeps one filter
     logger = logging.getLogger(worker_setup.CLEANER_LOGGER)
-    assert logger.filters.count(worker_setup.not_routine_cleanup) == 1
 
     def shown(message: str) -> bool:
         return bool(logger.filter(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, message, (), None)))
 
     try:
+        hook()
+        hook()  # a worker that runs it twice keeps one filter
+        assert logger.filters.count(worker_setup.not_routine_cleanup) == 1
         assert not shown("Detected that the Ray Train controller actor (ab12) is dead. Cleaning up placement group "
                          "= [PlacementGroupID(cd34)] created by this run.")
         assert shown("Failed to clean up placement group: the GCS is gone")

@@ -46,11 +46,13 @@ def run_local(cfg: Config, dataset: Cifar10, output: str, run_id: str) -> list[d
     folder = os.path.join(output, "checkpoints")
 
     def record(metrics: dict, state) -> None:
-        log.append([epoch_row(run_id, {}, metrics, extra)])
+        # The checkpoints first, then the row (as a study's trial saves before it reports): a stop or a full disk
+        # between them leaves no row whose epoch has no checkpoint, so "the epochs finished so far" are in both.
         saved = state()
         checkpoint.save_state(saved, os.path.join(folder, "latest"))
         if saved["best"]["epoch"] == metrics["epoch"]:
             checkpoint.save_state(saved, os.path.join(folder, "best"))
+        log.append([epoch_row(run_id, {}, metrics, extra)])
 
     run_training(cfg, train_loader_for(cfg, splits.train, device, log=print), splits.val, device, on_epoch=record)
     log.compact()

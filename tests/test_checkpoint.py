@@ -124,3 +124,29 @@ def test_checkpoint_store_keeps_the_latest_and_the_best_and_resumes_from_the_lat
     store.save(str(tmp_path / "again"), 4, 3)
     assert torch.equal(store.latest()["weights"], torch.zeros(2))
     assert (tmp_path / "trial-x" / "checkpoint_000003" / checkpoint.STATE_FILE).exists()
+
+
+def test_a_one_process_run_stopped_while_it_saves_has_no_row_without_its_checkpoint(tmp_path, monkeypatch):
+    """python -m ray_cifar.train saves an epoch's checkpoints before its row: a stop (SIGTERM is a
+    KeyboardInterrupt there) in the middle of epoch 2's save leaves epoch 1's row and checkpoint, and no row of
+    epoch 2. Seen in CI: stopped during epoch 1's save, the run had a row and no checkpoint at all."""
+    from ray_cifar import train
+    from ray_cifar.results import ResultsLog
+
+    saves = []
+    real_save = checkpoint.save_state
+
+    def save_state(state, directory):
+        saves.append(state["epoch"])
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt  # what the signal raises, here at the save
+        return real_save(state, directory)
+
+    monkeypatch.setattr(checkpoint, "save_state", save_state)
+    cfg = load_config(None, TINY_MODEL + ["train.epochs=3", "data.val_size=100", "train.global_batch_size=100",
+                                          "data.pipeline=torch", "train.torch_threads=1"])
+    with pytest.raises(KeyboardInterrupt):
+        train.run_local(cfg, synthetic_cifar(), str(tmp_path), run_id="r")
+    assert saves[-1] == 2
+    assert [r["epoch"] for r in ResultsLog(str(tmp_path)).read()] == [1]
+    assert checkpoint.load_state(str(tmp_path / "checkpoints" / "latest"))["epoch"] == 1

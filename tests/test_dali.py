@@ -7,6 +7,7 @@ device="gpu"; test_dali_gpu_pipeline_matches_cpu_sharding runs it where a GPU ex
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ dali = pytest.importorskip("nvidia.dali", reason="nvidia.dali is not installed: 
 
 from ray_cifar.data import augment as A  # noqa: E402
 from ray_cifar.validation import load_config  # noqa: E402
-from ray_cifar.data.dali import DaliTrainLoader, dali_cifar10_policy, policy_table  # noqa: E402
+from ray_cifar.data.dali import (DaliTrainLoader, dali_cifar10_policy, policy_table,  # noqa: E402
+                                without_dalis_own_deprecations)
 from ray_cifar.data.loader import Split, TrainLoader  # noqa: E402
 from ray_cifar.data.pipelines import create_train_loader  # noqa: E402
 from test_augment import (FULL, IDENTITY_ON_LOW_CONTRAST, assert_rate, coordinate_images, crop_offsets,  # noqa: E402
@@ -134,6 +136,31 @@ def test_dali_autoaugment_is_the_cifar10_policy_at_its_rate():
     out = dali_epoch(images, data_cfg("autoaugment=cifar10", "shuffle=false"), global_batch=1000)
     unchanged = (out == images).flatten(1).all(1).float().mean().item()
     assert_rate(unchanged, expected_unchanged_rate(A.CIFAR10_POLICY, IDENTITY_ON_LOW_CONTRAST), n)
+
+
+def test_autoaugment_shows_no_deprecation_of_dalis_own_aliases():
+    """DALI's auto_aug calls fn.experimental.filter/equalize, which DALI deprecates and warns about whatever the
+    filters say; a rank built a pipeline with AutoAugment and printed those lines, about DALI's code."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dali_epoch(low_contrast_images(8, seed=0), data_cfg("autoaugment=cifar10"))
+    assert not [str(w.message) for w in caught if "fn.experimental" in str(w.message)]
+
+
+def test_only_dalis_own_deprecations_are_dropped():
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with without_dalis_own_deprecations():
+            warnings.warn("WARNING: `nvidia.dali.fn.experimental.equalize` is now deprecated. Use `nvidia.dali.fn."
+                          "equalize` instead.", DeprecationWarning)
+            warnings.warn("WARNING: `nvidia.dali.fn.experimental.filter` is now deprecated.", DeprecationWarning)
+            warnings.warn("WARNING: `nvidia.dali.fn.experimental.equalize` is now deprecated.", UserWarning)
+            warnings.warn("WARNING: `nvidia.dali.fn.old_op` is now deprecated.", DeprecationWarning)
+            warnings.warn("something else", RuntimeWarning)
+    assert [(w.category, str(w.message)) for w in shown] == [
+        (UserWarning, "WARNING: `nvidia.dali.fn.experimental.equalize` is now deprecated."),
+        (DeprecationWarning, "WARNING: `nvidia.dali.fn.old_op` is now deprecated."),
+        (RuntimeWarning, "something else")]
 
 
 def quantiles(x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -40,11 +42,27 @@ from .sampler import GlobalBatchSampler
 DALI_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}
 PREFETCH_DEPTH = 2  # batches DALI computes ahead of the one being trained on
 GENERATED_PREFIX = "__autograph_generated_file"  # DALI's conditionals: the modules they convert the pipeline into
+# DALI's own auto_aug calls two operators by aliases DALI has since deprecated (fn.experimental.filter, .equalize).
+DALIS_OWN_DEPRECATIONS = re.compile(r"`nvidia\.dali\.fn\.experimental\.(filter|equalize)` is now deprecated")
 
 
 def dali_cifar10_policy():
     """DALI's CIFAR-10 AutoAugment policy, with translations bounded as the torch path's."""
     return auto_augment.get_reduced_cifar10_policy(max_translate_abs=AUTOAUG_MAX_TRANSLATE)
+
+
+@contextlib.contextmanager
+def without_dalis_own_deprecations():
+    """Drop the deprecation warnings of DALI's auto_aug about DALI's own aliases; show every other warning.
+
+    DALI shows them whatever the caller's filters say (it sets "default" around its warn call): three lines in
+    every rank's output at every build of a pipeline with AutoAugment, about DALI's code, nothing a user can act
+    on. So they are caught with the rest and only the others shown again, under the filters that caught them."""
+    with warnings.catch_warnings(record=True) as caught:
+        yield
+    for w in caught:
+        if not (issubclass(w.category, DeprecationWarning) and DALIS_OWN_DEPRECATIONS.search(str(w.message))):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
 
 
 def policy_table(policy) -> list[list[tuple[str, float, int | None]]]:
@@ -74,8 +92,9 @@ class DaliGraph:
         return fn.flip(images, horizontal=fn.random.coin_flip(probability=self.cfg.flip_p))
 
     def autoaugment(self, images):
-        return auto_augment.apply_auto_augment(dali_cifar10_policy(), images, fill_value=AUTOAUG_FILL,
-                                               interp_type=types.INTERP_LINEAR)
+        with without_dalis_own_deprecations():
+            return auto_augment.apply_auto_augment(dali_cifar10_policy(), images, fill_value=AUTOAUG_FILL,
+                                                   interp_type=types.INTERP_LINEAR)
 
     def color_jitter(self, images):
         c, x = self.cfg, images

@@ -21,7 +21,7 @@ from typing import Callable, NoReturn
 
 import yaml
 
-from . import storage
+from . import console, storage
 from .config import Config, ConfigError, describe, parse_set, search_keys
 from .data.source import Cifar10, DataError, default_cache_dir, load_cifar10, resolve_data_dir
 from .validation import check_against_data, check_resources, config_from_dict, load_config
@@ -202,7 +202,7 @@ def refusing_up_front(output: str | None, run) -> int:
     try:
         return run()
     except (ConfigError, storage.StorageError) as e:
-        if output is not None and set(os.listdir(output)) <= {"config.yaml", "driver.json"}:
+        if output is not None and set(os.listdir(output)) <= {"config.yaml", "driver.json", console.LOGS}:
             shutil.rmtree(output)
         fail(str(e))
     except storage.DiskFull as e:

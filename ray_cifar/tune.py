@@ -19,11 +19,15 @@ the same way with one line (exit 1); exit status 1 when any trial failed.
 from __future__ import annotations
 
 import os
+import sys
 
 from . import cli
+from .console import logged_to
+
+COMMAND = "python -m ray_cifar.tune"
 
 
-def resume(location: str) -> int:
+def resume(location: str, arguments: list[str]) -> int:
     from . import storage
     from .tuning import study
 
@@ -39,8 +43,9 @@ def resume(location: str) -> int:
         print(f"[ray_cifar] the study in {output} has already finished: see {output}/trials.parquet")
         return 0
     cfg = cli.load_resolved_config(output)
-    return cli.refusing_up_front(None, lambda: study.run_study(cfg, output, resume=True, remote=remote,
-                                                               shared=storage.is_uri(location)))
+    with logged_to(output, COMMAND, arguments):
+        return cli.refusing_up_front(None, lambda: study.run_study(cfg, output, resume=True, remote=remote,
+                                                                   shared=storage.is_uri(location)))
 
 
 def holds_study(location: str) -> bool:
@@ -54,24 +59,26 @@ def holds_study(location: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cli.parse_args("python -m ray_cifar.tune", __doc__, argv, resume=True)
+    args = cli.parse_args(COMMAND, __doc__, argv, resume=True)
+    arguments = sys.argv[1:] if argv is None else argv  # the study's log names them
     if args.resume:
-        return resume(args.resume)
+        return resume(args.resume, arguments)
     if args.resume_if_exists:
         if not args.output:
             cli.fail("--resume-if-exists needs --output: the folder or URI a retried run finds its study in")
         if holds_study(args.output):
             print(f"[ray_cifar] --resume-if-exists: {args.output} holds a study: continuing it (its own config.yaml)",
                   flush=True)
-            return resume(args.output)
+            return resume(args.output, arguments)
     from . import storage
     from .tuning import study
 
     cfg, dataset, output = cli.prepare(args, "tune")
-    print(f"[ray_cifar] data: {dataset.source}; resolved config: {output}/config.yaml", flush=True)
     location = args.output or output
-    return cli.refusing_up_front(output, lambda: study.run_study(cfg, output, remote=cli.output_uri(location),
-                                                                 shared=storage.is_uri(location)))
+    with logged_to(output, COMMAND, arguments):
+        print(f"[ray_cifar] data: {dataset.source}; resolved config: {output}/config.yaml", flush=True)
+        return cli.refusing_up_front(output, lambda: study.run_study(cfg, output, remote=cli.output_uri(location),
+                                                                     shared=storage.is_uri(location)))
 
 
 if __name__ == "__main__":

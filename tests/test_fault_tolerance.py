@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -29,7 +30,7 @@ import pytest
 
 from conftest import TINY_MODEL
 from processes import cmdline, descendants, end_tree
-from ray_cifar import checkpoint
+from ray_cifar import checkpoint, console
 from ray_cifar.results import ResultsLog
 
 pytestmark = pytest.mark.integration
@@ -222,6 +223,13 @@ def test_killed_driver_then_resume_finishes_the_study(tmp_path, synthetic_parque
     assert {r["resumed_from_epoch"] for r in rows if r["trial_id"] == third and (third, r["epoch"]) not in recorded} \
         == {fallback}
     assert os.path.exists(output / "trials.parquet")
+    # Each driver session's console has its own log in OUTPUT/logs; the killed one's holds what it printed.
+    killed, resumed_log = (p.read_text() for p in sorted((output / console.LOGS).glob("driver-*.log")))
+    assert killed.splitlines()[0].endswith(
+        "python -m ray_cifar.tune " + shlex.join(study_args(synthetic_parquet_dir, output, *sets)[3:]))
+    assert "(tune_trial pid=" in killed and f"epoch {epochs}/{epochs}" in killed  # the first trial's last epoch
+    assert "resuming study" not in killed and resumed_log.splitlines()[0].endswith(f"--resume {output}")
+    assert console.ANSI.sub("", warnings[0]) in resumed_log.splitlines() and "best trial" in resumed_log
 
     again = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--resume", str(output)], capture_output=True,
                            text=True, timeout=120)

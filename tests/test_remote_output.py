@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import posixpath
+import shlex
 import shutil
 import subprocess
 import sys
@@ -32,7 +33,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import TINY_MODEL, synthetic_cifar, write_parquet_folder
-from ray_cifar import storage
+from ray_cifar import console, storage
 from ray_cifar.cli import local_output
 from ray_cifar.results import ResultsLog
 from test_fault_tolerance import kill_driver_when, study_args
@@ -188,6 +189,13 @@ def test_a_study_in_a_bucket_survives_its_head_and_disk(bucket, tmp_path, ranks,
     assert all(t["best_checkpoint"].startswith(f"{output}/ray/trial-") for t in trials)
     assert [t["test_acc"] is not None for t in sorted(trials, key=lambda t: -t["best_val_acc"])] == [True, False]
     assert not part_files(fs, path), "parts merged into results.parquet are still at the URI"
+    # The lost head's console log came back with the study's files, and the new session's went up beside it.
+    logs = sorted(i.path for i in storage.children(fs, f"{path}/{console.LOGS}") if i.type == pafs.FileType.File)
+    assert len(logs) == 2, logs
+    with fs.open_input_stream(logs[0]) as f:
+        assert f.read().decode().splitlines()[0].endswith("python -m ray_cifar.tune " + shlex.join(args[3:]))
+    with fs.open_input_stream(logs[1]) as f:
+        assert "best trial" in f.read().decode()
 
     # Its report, straight from the bucket (into ./NAME-report by default).
     from ray_cifar import report

@@ -7,6 +7,7 @@ ASHA's first rung must stop the hopeless one.
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import TINY_MODEL
+from ray_cifar import console
 from ray_cifar.tuning import worker_setup
 
 pytestmark = pytest.mark.integration
@@ -62,3 +64,15 @@ def test_asha_study_stops_weak_trials_and_writes_results(tmp_path, synthetic_par
     assert all(t["test_acc"] is None for t in trials[1:])
     assert "best trial" in result.stdout
 
+    # The driver's console, kept in OUTPUT/logs, without colour codes: every line it printed up to the report's
+    # (the ranks' forwarded lines included; not the data line printed before the output folder exists; what Ray
+    # prints as the process exits may come after the log's end), and Ray's logger's lines.
+    (log,) = (output / console.LOGS).iterdir()
+    first, *lines = log.read_text().splitlines()
+    assert first.endswith(" python -m ray_cifar.tune " + shlex.join(["--data", synthetic_parquet_dir, "--output",
+                                                                      str(output), *args]))
+    shown = console.ANSI.sub("", result.stdout).splitlines()
+    shown = shown[:next(i for i, line in enumerate(shown) if line.startswith("[ray_cifar] report:")) + 1]
+    assert [line for line in shown if line not in set(lines)] == [line for line in shown if line.startswith("cifar10:")]
+    assert any("(RayTrainWorker pid=" in line and f"epoch {EPOCHS}/{EPOCHS}" in line for line in lines)
+    assert any("Started a local Ray instance" in line for line in lines) and "\x1b" not in "".join(lines)

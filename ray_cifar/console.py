@@ -1,0 +1,148 @@
+"""A study driver's console, kept in OUTPUT/logs/: for after the terminal, the ssh session or the head is gone.
+
+Everything the driver prints goes there as it goes to the screen: ray_cifar's lines, Tune's tables, the trials'
+output that Ray forwards to the driver (all through sys.stdout and sys.stderr), and the records of Ray's logger
+(its handler holds the stderr of Ray's import, so a handler of ours is added beside it). What bypasses Python
+(a C++ library writing to the file descriptor) reaches the screen only. Ray keeps the same lines under its
+session folder in /tmp, on the head: lost with it.
+
+One file per driver session (`driver-<start>-001.log`; a --resume starts the next session's), in parts of about
+PART_BYTES (`-002.log`, ...), so that the minute's copy of a bucket study's folder uploads the part being written
+rather than a days-long history every minute. Colour codes are dropped. A log that cannot be written (a full
+disk) stops with one line on the screen: a study never fails for its log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shlex
+import socket
+import sys
+import threading
+import time
+from typing import Iterator, TextIO
+
+LOGS = "logs"  # the folder under OUTPUT
+PART_BYTES = 4 * 2**20
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+RAY_LOGGER = "ray"  # Ray's and Tune's loggers propagate to it, and it not to the root
+RAY_FORMAT = "%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"  # Ray's own, as on the screen
+
+
+class SessionLog:
+    """The parts of one driver session's log; write() is safe from any thread and never raises."""
+
+    def __init__(self, folder: str, stem: str, part_bytes: int = PART_BYTES):
+        self.folder, self.stem, self.part_bytes = folder, stem, part_bytes
+        self.lock = threading.Lock()
+        self.file: TextIO | None = None
+        self.part = 0
+        self.size = 0
+        self.stopped = False  # closed, or broken
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.folder, f"{self.stem}-{self.part:03d}.log")
+
+    def write(self, text: str) -> None:
+        if self.stopped or not text:
+            return
+        text = ANSI.sub("", text)
+        with self.lock:
+            if self.stopped:
+                return
+            try:
+                if self.file is None or self.size >= self.part_bytes:
+                    self._next_part()
+                self.file.write(text)
+                self.size += len(text)
+            except (OSError, ValueError) as e:  # a full disk, a folder removed under it
+                self._stop()
+                with contextlib.suppress(Exception):
+                    sys.__stderr__.write(f"[ray_cifar] warning: the console log {self.path} stopped "
+                                         f"({getattr(e, 'strerror', None) or e}); the study goes on\n")
+                    sys.__stderr__.flush()
+
+    def _next_part(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.part += 1
+        os.makedirs(self.folder, exist_ok=True)
+        # Line-buffered: every whole line is in the file when the driver is killed.
+        self.file = open(self.path, "a", buffering=1, encoding="utf-8", errors="replace")
+        self.size = 0
+
+    def flush(self) -> None:
+        with self.lock, contextlib.suppress(OSError, ValueError):
+            if self.file is not None and not self.stopped:
+                self.file.flush()
+
+    def _stop(self) -> None:
+        self.stopped = True
+        if self.file is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.file.close()
+
+    def close(self) -> None:
+        with self.lock:
+            self._stop()
+
+
+class Tee:
+    """A text stream that writes to `stream` and to `log`; everything else (isatty, fileno, encoding) is
+    `stream`'s, so what checks the terminal sees the same terminal."""
+
+    def __init__(self, stream: TextIO, log: SessionLog):
+        self._stream, self._log = stream, log
+
+    def write(self, text: str) -> int:
+        self._log.write(text)  # first: a console that is gone (a closed pipe) still leaves the line in the log
+        return self._stream.write(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        self._log.flush()
+        self._stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+class LogHandler(logging.Handler):
+    """Log records into a SessionLog only (the logger's own handlers put them on the screen)."""
+
+    def __init__(self, log: SessionLog):
+        super().__init__()
+        self.log = log
+        self.setFormatter(logging.Formatter(RAY_FORMAT))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.log.write(self.format(record) + "\n")
+        except Exception:  # noqa: BLE001 - logging's own rule: a handler never raises
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def logged_to(output: str, command: str, arguments: list[str]) -> Iterator[SessionLog]:
+    """Inside: sys.stdout and sys.stderr also go to OUTPUT/logs/driver-<start>-NNN.log, which begins with a line
+    naming the time, the process and the command line (`command`, the program, and its `arguments`)."""
+    log = SessionLog(os.path.join(output, LOGS), "driver-" + time.strftime("%Y%m%d-%H%M%S"))
+    log.write(f"[ray_cifar] {time.strftime('%Y-%m-%d %H:%M:%S %z')}, pid {os.getpid()} on {socket.gethostname()}: "
+              + " ".join([command, *map(shlex.quote, arguments)]) + "\n")
+    previous = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = Tee(sys.stdout, log), Tee(sys.stderr, log)
+    handler = LogHandler(log)
+    logging.getLogger(RAY_LOGGER).addHandler(handler)
+    try:
+        yield log
+    finally:
+        logging.getLogger(RAY_LOGGER).removeHandler(handler)
+        sys.stdout, sys.stderr = previous
+        log.close()

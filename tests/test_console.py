@@ -1,0 +1,105 @@
+"""The study driver's console kept in OUTPUT/logs/ (ray_cifar.console): a copy of what reaches the screen, in
+parts, without colour codes; a log that cannot be written stops with one line and never fails the caller."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import sys
+
+import pytest
+
+from ray_cifar import console
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def read_parts(folder) -> list[str]:
+    return [open(os.path.join(folder, n), encoding="utf-8").read() for n in sorted(os.listdir(folder))]
+
+
+def test_the_tee_copies_to_the_log_without_colour_and_is_the_terminal_otherwise(tmp_path):
+    screen = Terminal()
+    log = console.SessionLog(str(tmp_path / "logs"), "driver-x")
+    tee = console.Tee(screen, log)
+    print("\x1b[36m(RayTrainWorker pid=1)\x1b[0m epoch 1/2", file=tee)
+    tee.writelines(["a\n", "b\n"])
+    tee.flush()
+    assert screen.getvalue() == "\x1b[36m(RayTrainWorker pid=1)\x1b[0m epoch 1/2\na\nb\n"  # the screen: as printed
+    assert tee.isatty() and tee.getvalue() == screen.getvalue()  # what checks the terminal sees the terminal
+    log.close()
+    assert read_parts(tmp_path / "logs") == ["(RayTrainWorker pid=1) epoch 1/2\na\nb\n"]
+    tee.write("after the close\n")  # a thread still holding the tee: the screen only
+    assert read_parts(tmp_path / "logs") == ["(RayTrainWorker pid=1) epoch 1/2\na\nb\n"]
+
+
+def test_a_long_session_is_written_in_parts(tmp_path):
+    log = console.SessionLog(str(tmp_path), "driver-x", part_bytes=100)
+    lines = [f"line {i:04d} " + "x" * 29 + "\n" for i in range(20)]  # 40 characters each
+    for line in lines:
+        log.write(line)
+    log.close()
+    assert sorted(os.listdir(tmp_path)) == [f"driver-x-{n:03d}.log" for n in range(1, 8)]
+    parts = read_parts(tmp_path)
+    assert "".join(parts) == "".join(lines)  # nothing lost or repeated across parts, every line whole
+    assert all(len(p) == 120 for p in parts[:-1])  # a new part once one reaches part_bytes
+
+
+def test_a_full_disk_stops_the_log_with_one_line_and_never_raises(tmp_path, capfd):
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    os.symlink("/dev/full", folder / "driver-x-001.log")  # every write there fails: ENOSPC
+    screen = io.StringIO()
+    log = console.SessionLog(str(folder), "driver-x")
+    tee = console.Tee(screen, log)
+    for i in range(3):
+        print(f"epoch {i}", file=tee)
+    assert screen.getvalue() == "epoch 0\nepoch 1\nepoch 2\n"  # the screen has every line
+    warnings = capfd.readouterr().err.splitlines()
+    assert len(warnings) == 1 and warnings[0].startswith("[ray_cifar] warning: the console log ")
+    assert "No space left on device" in warnings[0] and warnings[0].endswith("the study goes on")
+
+
+def test_logged_to_keeps_prints_and_rays_log_records_then_puts_everything_back(tmp_path, capsys):
+    before = sys.stdout, sys.stderr, list(logging.getLogger(console.RAY_LOGGER).handlers)
+    with console.logged_to(str(tmp_path), "python -m ray_cifar.tune", ["--set", "tune.search_space={lr: 1}"]):
+        print("[ray_cifar] study: 2 grid point(s)")
+        print("[ray_cifar] warning: something", file=sys.stderr)
+        logging.getLogger("ray.tune.tune").warning("Wrote the experiment state")  # Ray's own logger
+    assert (sys.stdout, sys.stderr, logging.getLogger(console.RAY_LOGGER).handlers) == before
+    out, err = capsys.readouterr()
+    assert out == "[ray_cifar] study: 2 grid point(s)\n" and "[ray_cifar] warning: something" in err
+    (text,) = read_parts(tmp_path / console.LOGS)
+    first, *rest = text.splitlines()
+    assert first.startswith("[ray_cifar] ") and first.endswith(": python -m ray_cifar.tune --set 'tune.search_space={lr: 1}'")
+    assert rest[:2] == ["[ray_cifar] study: 2 grid point(s)", "[ray_cifar] warning: something"]
+    assert "\tWARNING test_console.py:" in rest[2] and rest[2].endswith(" -- Wrote the experiment state")  # Ray's format
+    assert len(rest) == 3
+
+
+def test_each_session_has_its_own_log(tmp_path, monkeypatch):
+    stamps = iter(["20261205-100000", "20261205-110000"])
+    monkeypatch.setattr(console.time, "strftime", lambda fmt, *a: next(stamps) if fmt == "%Y%m%d-%H%M%S" else "T")
+    for session in ("first", "resumed"):
+        with console.logged_to(str(tmp_path), "python -m ray_cifar.tune", []):
+            print(session)
+    assert sorted(os.listdir(tmp_path / console.LOGS)) == ["driver-20261205-100000-001.log",
+                                                           "driver-20261205-110000-001.log"]
+    assert [p.splitlines()[1] for p in read_parts(tmp_path / console.LOGS)] == ["first", "resumed"]
+
+
+def test_a_console_that_is_gone_still_leaves_the_line_in_the_log(tmp_path):
+    class Gone(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    log = console.SessionLog(str(tmp_path), "driver-x")
+    tee = console.Tee(Gone(), log)
+    with pytest.raises(BrokenPipeError):  # as it would without the log
+        tee.write("last words\n")
+    log.close()
+    assert read_parts(tmp_path) == ["last words\n"]

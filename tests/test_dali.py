@@ -161,6 +161,12 @@ def test_only_dalis_own_deprecations_are_dropped():
         (UserWarning, "WARNING: `nvidia.dali.fn.experimental.equalize` is now deprecated."),
         (DeprecationWarning, "WARNING: `nvidia.dali.fn.old_op` is now deprecated."),
         (RuntimeWarning, "something else")]
+    with warnings.catch_warnings(record=True) as shown, pytest.raises(ValueError):
+        warnings.simplefilter("always")
+        with without_dalis_own_deprecations():
+            warnings.warn("before the error", RuntimeWarning)
+            raise ValueError
+    assert [str(w.message) for w in shown] == ["before the error"]
 
 
 def quantiles(x: torch.Tensor) -> torch.Tensor:

@@ -58,11 +58,14 @@ def without_dalis_own_deprecations():
     DALI shows them whatever the caller's filters say (it sets "default" around its warn call): three lines in
     every rank's output at every build of a pipeline with AutoAugment, about DALI's code, nothing a user can act
     on. So they are caught with the rest and only the others shown again, under the filters that caught them."""
-    with warnings.catch_warnings(record=True) as caught:
-        yield
-    for w in caught:
-        if not (issubclass(w.category, DeprecationWarning) and DALIS_OWN_DEPRECATIONS.search(str(w.message))):
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield
+    finally:  # an exception inside still shows the warnings that came before it
+        for w in caught:
+            if not (issubclass(w.category, DeprecationWarning) and DALIS_OWN_DEPRECATIONS.search(str(w.message))):
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
 
 
 def policy_table(policy) -> list[list[tuple[str, float, int | None]]]:

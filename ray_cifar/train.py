@@ -9,7 +9,8 @@ epoch into OUTPUT/checkpoints/ (latest.pt's folder `latest/` and the best by tun
 in `best/`), and at its end the best epoch's weights are evaluated once on the test split
 (OUTPUT/test.json), as a study does for its best trial. With more ranks it is a study of one trial (a Ray Train TorchTrainer, no
 search), with a study's files. Either way OUTPUT/results.parquet gets one row per epoch
-through the same route (results.epoch_row -> results.ResultsLog). The search space is ignored.
+through the same route (results.epoch_row -> results.ResultsLog), and OUTPUT/logs/ what the run printed.
+The search space is ignored.
 SIGTERM or Ctrl-C stops a one-process run at once (its checkpoints and rows are per epoch; what
 was written stays readable); a full disk is one line naming the path, exit 1.
 With train.gpus_per_worker < 1 the process keeps to that share of the GPU's memory, as a packed
@@ -19,14 +20,18 @@ trial's rank does, so several runs can share one GPU.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 
 import torch
 
 from . import checkpoint, cli
+from .console import logged_to
 from .config import Config
 from .data.source import Cifar10
 from .results import ResultsLog, epoch_row, provenance
+
+COMMAND = "python -m ray_cifar.train"
 
 
 def run_local(cfg: Config, dataset: Cifar10, output: str, run_id: str) -> list[dict]:
@@ -110,8 +115,13 @@ def run_local_politely(cfg: Config, dataset: Cifar10, output: str, run_id: str) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cli.parse_args("python -m ray_cifar.train", __doc__, argv)
+    args = cli.parse_args(COMMAND, __doc__, argv)
     cfg, dataset, output = cli.prepare(args, "train")
+    with logged_to(output, COMMAND, sys.argv[1:] if argv is None else argv):
+        return run(args, cfg, dataset, output)
+
+
+def run(args, cfg: Config, dataset: Cifar10, output: str) -> int:
     run_id = uuid.uuid4().hex[:8]
     print(f"[ray_cifar] data: {dataset.source}; run {run_id}; resolved config: {output}/config.yaml", flush=True)
     if cfg.train.num_workers > 1:

@@ -8,8 +8,8 @@
     RAY_ADDRESS=auto python -m ray_cifar.tune --config ...     # on a node of a running Ray cluster
 
 Writes OUTPUT/config.yaml (resolved), OUTPUT/results.parquet (a row per trial per
-epoch), OUTPUT/trials.parquet (a row per trial), OUTPUT/tensorboard/, and Ray's own
-files (checkpoints included) under OUTPUT/ray. The test split is evaluated once, for the
+epoch), OUTPUT/trials.parquet (a row per trial), OUTPUT/tensorboard/, Ray's own
+files (checkpoints included) under OUTPUT/ray, and what the driver printed under OUTPUT/logs. The test split is evaluated once, for the
 best trial by tune.metric/tune.mode, at the end (--set tune.test=all: every finished trial,
 each at its best validation epoch). The first Ctrl-C (or SIGTERM) stops the study gracefully
 and prints the --resume command (exit 130; a second one stops at once); a full disk stops it

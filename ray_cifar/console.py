@@ -63,7 +63,7 @@ class SessionLog:
                 self._stop()
                 with contextlib.suppress(Exception):
                     sys.__stderr__.write(f"[ray_cifar] warning: the console log {self.path} stopped "
-                                         f"({getattr(e, 'strerror', None) or e}); the study goes on\n")
+                                         f"({getattr(e, 'strerror', None) or e}); from here on, the screen only\n")
                     sys.__stderr__.flush()
 
     def _next_part(self) -> None:

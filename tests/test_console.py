@@ -61,7 +61,7 @@ def test_a_full_disk_stops_the_log_with_one_line_and_never_raises(tmp_path, capf
     assert screen.getvalue() == "epoch 0\nepoch 1\nepoch 2\n"  # the screen has every line
     warnings = capfd.readouterr().err.splitlines()
     assert len(warnings) == 1 and warnings[0].startswith("[ray_cifar] warning: the console log ")
-    assert "No space left on device" in warnings[0] and warnings[0].endswith("the study goes on")
+    assert "No space left on device" in warnings[0] and warnings[0].endswith("from here on, the screen only")
 
 
 def test_logged_to_keeps_prints_and_rays_log_records_then_puts_everything_back(tmp_path, capsys):

@@ -130,9 +130,11 @@ class LogHandler(logging.Handler):
 
 
 @contextlib.contextmanager
-def logged_to(output: str, command: str, arguments: list[str]) -> Iterator[SessionLog]:
+def logged_to(output: str, command: str, argv: list[str] | None = None) -> Iterator[SessionLog]:
     """Inside: sys.stdout and sys.stderr also go to OUTPUT/logs/driver-<start>-NNN.log, which begins with a line
-    naming the time, the process and the command line (`command`, the program, and its `arguments`)."""
+    naming the time, the process and the command line (`command`, the program, and its arguments: `argv`, as an
+    entry point's main(argv) gets them, None for this process's own)."""
+    arguments = sys.argv[1:] if argv is None else argv
     log = SessionLog(os.path.join(output, LOGS), "driver-" + time.strftime("%Y%m%d-%H%M%S"))
     log.write(f"[ray_cifar] {time.strftime('%Y-%m-%d %H:%M:%S %z')}, pid {os.getpid()} on {socket.gethostname()}: "
               + " ".join([command, *map(shlex.quote, arguments)]) + "\n")

@@ -20,7 +20,6 @@ trial's rank does, so several runs can share one GPU.
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 
 import torch
@@ -117,7 +116,7 @@ def run_local_politely(cfg: Config, dataset: Cifar10, output: str, run_id: str) 
 def main(argv: list[str] | None = None) -> int:
     args = cli.parse_args(COMMAND, __doc__, argv)
     cfg, dataset, output = cli.prepare(args, "train")
-    with logged_to(output, COMMAND, sys.argv[1:] if argv is None else argv):
+    with logged_to(output, COMMAND, argv):
         return run(args, cfg, dataset, output)
 
 

@@ -9,17 +9,17 @@
 
 Writes OUTPUT/config.yaml (resolved), OUTPUT/results.parquet (a row per trial per
 epoch), OUTPUT/trials.parquet (a row per trial), OUTPUT/tensorboard/, Ray's own
-files (checkpoints included) under OUTPUT/ray, and what the driver printed under OUTPUT/logs. The test split is evaluated once, for the
-best trial by tune.metric/tune.mode, at the end (--set tune.test=all: every finished trial,
-each at its best validation epoch). The first Ctrl-C (or SIGTERM) stops the study gracefully
-and prints the --resume command (exit 130; a second one stops at once); a full disk stops it
-the same way with one line (exit 1); exit status 1 when any trial failed.
+files (checkpoints included) under OUTPUT/ray, and what the driver printed under
+OUTPUT/logs. The test split is evaluated once, for the best trial by tune.metric/tune.mode,
+at the end (--set tune.test=all: every finished trial, each at its best validation epoch).
+The first Ctrl-C (or SIGTERM) stops the study gracefully and prints the --resume command
+(exit 130; a second one stops at once); a full disk stops it the same way with one line
+(exit 1); exit status 1 when any trial failed.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 from . import cli
 from .console import logged_to
@@ -27,7 +27,7 @@ from .console import logged_to
 COMMAND = "python -m ray_cifar.tune"
 
 
-def resume(location: str, arguments: list[str]) -> int:
+def resume(location: str, argv: list[str] | None) -> int:
     from . import storage
     from .tuning import study
 
@@ -43,7 +43,7 @@ def resume(location: str, arguments: list[str]) -> int:
         print(f"[ray_cifar] the study in {output} has already finished: see {output}/trials.parquet")
         return 0
     cfg = cli.load_resolved_config(output)
-    with logged_to(output, COMMAND, arguments):
+    with logged_to(output, COMMAND, argv):
         return cli.refusing_up_front(None, lambda: study.run_study(cfg, output, resume=True, remote=remote,
                                                                    shared=storage.is_uri(location)))
 
@@ -60,22 +60,21 @@ def holds_study(location: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = cli.parse_args(COMMAND, __doc__, argv, resume=True)
-    arguments = sys.argv[1:] if argv is None else argv  # the study's log names them
     if args.resume:
-        return resume(args.resume, arguments)
+        return resume(args.resume, argv)
     if args.resume_if_exists:
         if not args.output:
             cli.fail("--resume-if-exists needs --output: the folder or URI a retried run finds its study in")
         if holds_study(args.output):
             print(f"[ray_cifar] --resume-if-exists: {args.output} holds a study: continuing it (its own config.yaml)",
                   flush=True)
-            return resume(args.output, arguments)
+            return resume(args.output, argv)
     from . import storage
     from .tuning import study
 
     cfg, dataset, output = cli.prepare(args, "tune")
     location = args.output or output
-    with logged_to(output, COMMAND, arguments):
+    with logged_to(output, COMMAND, argv):
         print(f"[ray_cifar] data: {dataset.source}; resolved config: {output}/config.yaml", flush=True)
         return cli.refusing_up_front(output, lambda: study.run_study(cfg, output, remote=cli.output_uri(location),
                                                                      shared=storage.is_uri(location)))

@@ -73,6 +73,7 @@ def test_asha_study_stops_weak_trials_and_writes_results(tmp_path, synthetic_par
                                                                       str(output), *args]))
     shown = console.ANSI.sub("", result.stdout).splitlines()
     shown = shown[:next(i for i, line in enumerate(shown) if line.startswith("[ray_cifar] report:")) + 1]
-    assert [line for line in shown if line not in set(lines)] == [line for line in shown if line.startswith("cifar10:")]
+    logged = set(lines)
+    assert [line for line in shown if line not in logged] == [line for line in shown if line.startswith("cifar10:")]
     assert any("(RayTrainWorker pid=" in line and f"epoch {EPOCHS}/{EPOCHS}" in line for line in lines)
     assert any("Started a local Ray instance" in line for line in lines) and "\x1b" not in "".join(lines)

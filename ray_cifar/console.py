@@ -9,7 +9,8 @@ session folder in /tmp, on the head: lost with it.
 One file per driver session (`driver-<start>-001.log`; a --resume starts the next session's), in parts of about
 PART_BYTES (`-002.log`, ...), so that the minute's copy of a bucket study's folder uploads the part being written
 rather than a days-long history every minute. Colour codes are dropped. A log that cannot be written (a full
-disk) stops with one line on the screen: a study never fails for its log.
+disk) stops with one line on the screen: a study never fails for its log. What an entry point prints before its
+output folder is known (the data line, a resume's first line) is held in memory (`holding`) and begins the log.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Iterator, TextIO
 
 LOGS = "logs"  # the folder under OUTPUT
 PART_BYTES = 4 * 2**20
+HELD_CHARS = 2**20  # what is printed before the log starts: a few lines; more than this is screen only
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 RAY_LOGGER = "ray"  # Ray's and Tune's loggers propagate to it, and it not to the root
 RAY_FORMAT = "%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"  # Ray's own, as on the screen
@@ -114,33 +116,82 @@ class Tee:
         return getattr(self._stream, name)
 
 
-class LogHandler(logging.Handler):
-    """Log records into a SessionLog only (the logger's own handlers put them on the screen)."""
+class Held:
+    """What a process printed before its log started: the log begins with it (release())."""
 
-    def __init__(self, log: SessionLog):
+    def __init__(self, limit: int = HELD_CHARS):
+        self.parts: list[str] = []
+        self.left = limit
+        self.lock = threading.Lock()
+        self.released = False
+
+    def write(self, text: str) -> None:
+        with self.lock:
+            if not self.released and self.left > 0:
+                self.parts.append(text[: self.left])
+                self.left -= len(self.parts[-1])
+
+    def flush(self) -> None:
+        pass
+
+    def release(self) -> str:
+        """The text held so far; from here on nothing more is held (the log has it)."""
+        with self.lock:
+            self.released = True
+            text, self.parts = "".join(self.parts), []
+            return text
+
+
+@contextlib.contextmanager
+def holding() -> Iterator[Held]:
+    """Inside: what goes to sys.stdout and sys.stderr is also held, until `logged_to` (given the Held) starts the
+    log with it. An entry point wraps all of its main in this, so the lines printed while it resolves its config,
+    data and output folder are in the log too; a run refused before its folder exists leaves no log."""
+    held = Held()
+    previous = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = Tee(sys.stdout, held), Tee(sys.stderr, held)
+    try:
+        yield held
+    finally:
+        held.release()
+        sys.stdout, sys.stderr = previous
+
+
+class LogHandler(logging.Handler):
+    """Log records into a SessionLog only (the logger's own handlers put them on the screen). Where Ray was imported
+    after the log began (`python -m ray_cifar.train` with DDP ranks), Ray's own handler writes into one of the log's
+    tees: the record is in the log already, and is not written twice."""
+
+    def __init__(self, log: SessionLog, tees: tuple[Tee, ...] = ()):
         super().__init__()
-        self.log = log
+        self.log, self.tees = log, tees
         self.setFormatter(logging.Formatter(RAY_FORMAT))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
+            if any(getattr(h, "stream", None) in self.tees for h in logging.getLogger(RAY_LOGGER).handlers):
+                return
             self.log.write(self.format(record) + "\n")
         except Exception:  # noqa: BLE001 - logging's own rule: a handler never raises
             self.handleError(record)
 
 
 @contextlib.contextmanager
-def logged_to(output: str, command: str, argv: list[str] | None = None) -> Iterator[SessionLog]:
+def logged_to(output: str, command: str, argv: list[str] | None = None,
+              held: Held | None = None) -> Iterator[SessionLog]:
     """Inside: sys.stdout and sys.stderr also go to OUTPUT/logs/driver-<start>-NNN.log, which begins with a line
     naming the time, the process and the command line (`command`, the program, and its arguments: `argv`, as an
-    entry point's main(argv) gets them, None for this process's own)."""
+    entry point's main(argv) gets them, None for this process's own), then what `held` kept of the lines printed
+    before."""
     arguments = sys.argv[1:] if argv is None else argv
     log = SessionLog(os.path.join(output, LOGS), "driver-" + time.strftime("%Y%m%d-%H%M%S"))
     log.write(f"[ray_cifar] {time.strftime('%Y-%m-%d %H:%M:%S %z')}, pid {os.getpid()} on {socket.gethostname()}: "
               + " ".join([command, *map(shlex.quote, arguments)]) + "\n")
+    if held is not None:
+        log.write(held.release())
     previous = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = Tee(sys.stdout, log), Tee(sys.stderr, log)
-    handler = LogHandler(log)
+    handler = LogHandler(log, (sys.stdout, sys.stderr))
     logging.getLogger(RAY_LOGGER).addHandler(handler)
     try:
         yield log

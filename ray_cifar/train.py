@@ -25,7 +25,7 @@ import uuid
 import torch
 
 from . import checkpoint, cli
-from .console import logged_to
+from .console import holding, logged_to
 from .config import Config
 from .data.source import Cifar10
 from .results import ResultsLog, epoch_row, provenance
@@ -115,9 +115,10 @@ def run_local_politely(cfg: Config, dataset: Cifar10, output: str, run_id: str) 
 
 def main(argv: list[str] | None = None) -> int:
     args = cli.parse_args(COMMAND, __doc__, argv)
-    cfg, dataset, output = cli.prepare(args, "train")
-    with logged_to(output, COMMAND, argv):
-        return run(args, cfg, dataset, output)
+    with holding() as held:  # what is printed before the output folder is known begins its log
+        cfg, dataset, output = cli.prepare(args, "train")
+        with logged_to(output, COMMAND, argv, held):
+            return run(args, cfg, dataset, output)
 
 
 def run(args, cfg: Config, dataset: Cifar10, output: str) -> int:

@@ -22,12 +22,12 @@ from __future__ import annotations
 import os
 
 from . import cli
-from .console import logged_to
+from .console import Held, holding, logged_to
 
 COMMAND = "python -m ray_cifar.tune"
 
 
-def resume(location: str, argv: list[str] | None) -> int:
+def resume(location: str, argv: list[str] | None, held: Held) -> int:
     from . import storage
     from .tuning import study
 
@@ -43,7 +43,7 @@ def resume(location: str, argv: list[str] | None) -> int:
         print(f"[ray_cifar] the study in {output} has already finished: see {output}/trials.parquet")
         return 0
     cfg = cli.load_resolved_config(output)
-    with logged_to(output, COMMAND, argv):
+    with logged_to(output, COMMAND, argv, held):
         return cli.refusing_up_front(None, lambda: study.run_study(cfg, output, resume=True, remote=remote,
                                                                    shared=storage.is_uri(location)))
 
@@ -60,21 +60,29 @@ def holds_study(location: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = cli.parse_args(COMMAND, __doc__, argv, resume=True)
+    # Ray's import comes first: Ray's logger keeps the stderr it finds, and the log has its own handler for it.
+    from .tuning import study  # noqa: F401
+
+    with holding() as held:  # what is printed before the output folder is known begins its log
+        return start_or_resume(args, argv, held)
+
+
+def start_or_resume(args, argv: list[str] | None, held: Held) -> int:
     if args.resume:
-        return resume(args.resume, argv)
+        return resume(args.resume, argv, held)
     if args.resume_if_exists:
         if not args.output:
             cli.fail("--resume-if-exists needs --output: the folder or URI a retried run finds its study in")
         if holds_study(args.output):
             print(f"[ray_cifar] --resume-if-exists: {args.output} holds a study: continuing it (its own config.yaml)",
                   flush=True)
-            return resume(args.output, argv)
+            return resume(args.output, argv, held)
     from . import storage
     from .tuning import study
 
     cfg, dataset, output = cli.prepare(args, "tune")
     location = args.output or output
-    with logged_to(output, COMMAND, argv):
+    with logged_to(output, COMMAND, argv, held):
         print(f"[ray_cifar] data: {dataset.source}; resolved config: {output}/config.yaml", flush=True)
         return cli.refusing_up_front(output, lambda: study.run_study(cfg, output, remote=cli.output_uri(location),
                                                                      shared=storage.is_uri(location)))

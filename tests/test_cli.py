@@ -146,12 +146,12 @@ def test_single_process_train_writes_per_epoch_rows(tmp_path, synthetic_parquet_
     test = json.loads((output / "test.json").read_text())
     best = max(rows, key=lambda r: r["val_acc"])["epoch"]
     assert test["best_epoch"] == best and test["test_acc"] > 0.5 and f"test_acc {test['test_acc']:.4f}" in result.stdout
-    # Its console is kept too: every line after the data's (printed before the output folder exists).
+    # Its console is kept too: every line, the data's (printed before the output folder exists) included.
     (log,) = (output / console.LOGS).iterdir()
     first, *lines = log.read_text().splitlines()
     assert first.endswith(": python -m ray_cifar.train " + shlex.join(["--data", synthetic_parquet_dir, "--output",
                                                                        str(output), *sets]))
-    assert lines == [line for line in result.stdout.splitlines() if not line.startswith("cifar10:")]
+    assert lines == result.stdout.splitlines() and lines[0].startswith("cifar10: ")
 
 
 # ---------------------------------------------------------------------------

@@ -81,6 +81,20 @@ def test_logged_to_keeps_prints_and_rays_log_records_then_puts_everything_back(t
     assert len(rest) == 3
 
 
+def test_rays_records_are_logged_once_when_ray_is_imported_after_the_log_began(tmp_path, capsys):
+    ray_logger = logging.getLogger(console.RAY_LOGGER)
+    with console.logged_to(str(tmp_path), "python -m ray_cifar.train", []):
+        rays_own = logging.StreamHandler()  # what Ray's import sets up: a handler on the stderr of that moment
+        ray_logger.addHandler(rays_own)
+        try:
+            logging.getLogger("ray.tune.tune").warning("Wrote the experiment state")
+        finally:
+            ray_logger.removeHandler(rays_own)
+    assert capsys.readouterr().err == "Wrote the experiment state\n"
+    (text,) = read_parts(tmp_path / console.LOGS)
+    assert text.splitlines()[1:] == ["Wrote the experiment state"]  # through Ray's handler, not a second time
+
+
 def test_each_session_has_its_own_log(tmp_path, monkeypatch):
     stamps = iter(["20261205-100000", "20261205-110000"])
     monkeypatch.setattr(console.time, "strftime", lambda fmt, *a: next(stamps) if fmt == "%Y%m%d-%H%M%S" else "T")
@@ -103,3 +117,33 @@ def test_a_console_that_is_gone_still_leaves_the_line_in_the_log(tmp_path):
         tee.write("last words\n")
     log.close()
     assert read_parts(tmp_path) == ["last words\n"]
+
+
+def test_what_is_printed_before_the_log_starts_begins_it_once(tmp_path, capsys):
+    before = sys.stdout, sys.stderr
+    with console.holding() as held:
+        print("cifar10: using cache X for parquet:DIR")
+        print("[ray_cifar] warning: --set train.epochs=3 has no effect", file=sys.stderr)
+        with console.logged_to(str(tmp_path), "python -m ray_cifar.train", [], held):
+            print("[ray_cifar] epoch 1/1")
+        print("after the log")  # the screen only: held no more
+    assert (sys.stdout, sys.stderr) == before
+    out, err = capsys.readouterr()
+    assert out == "cifar10: using cache X for parquet:DIR\n[ray_cifar] epoch 1/1\nafter the log\n"
+    assert err == "[ray_cifar] warning: --set train.epochs=3 has no effect\n"
+    (text,) = read_parts(tmp_path / console.LOGS)
+    assert text.splitlines()[1:] == ["cifar10: using cache X for parquet:DIR",
+                                     "[ray_cifar] warning: --set train.epochs=3 has no effect", "[ray_cifar] epoch 1/1"]
+    assert held.release() == ""
+
+
+def test_what_is_held_is_bounded_and_a_refusal_puts_the_streams_back(capsys):
+    held = console.Held(limit=10)
+    held.write("0123456")
+    held.write("789abcdef")
+    assert held.release() == "0123456789"  # a process that prints much before a log: only the first limit kept
+    before = sys.stdout, sys.stderr
+    with pytest.raises(SystemExit), console.holding():  # a run refused before its output folder exists
+        print("ray_cifar: error: output folder X already exists", file=sys.stderr)
+        sys.exit(2)
+    assert (sys.stdout, sys.stderr) == before and "already exists" in capsys.readouterr().err

@@ -135,6 +135,9 @@ def test_killed_rank_resumes_from_its_checkpoint_and_continues_exactly(tmp_path,
     reference[reference.index("ray_cifar.tune")] = "ray_cifar.train"
     undisturbed = subprocess.run(reference, capture_output=True, text=True, timeout=900)
     assert undisturbed.returncode == 0, undisturbed.stdout[-3000:] + undisturbed.stderr[-3000:]
+    if ranks > 1:  # DDP's `train` imports Ray after its console log began: Ray's lines are in the log once each
+        (log,) = (tmp_path / "a" / console.LOGS).iterdir()
+        assert log.read_text().count("Started a local Ray instance") == 1
 
     output = tmp_path / "b"
     proc = subprocess.Popen(study_args(synthetic_parquet_dir, output, *sets), stdout=subprocess.PIPE,

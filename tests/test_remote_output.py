@@ -195,7 +195,11 @@ def test_a_study_in_a_bucket_survives_its_head_and_disk(bucket, tmp_path, ranks,
     with fs.open_input_stream(logs[0]) as f:
         assert f.read().decode().splitlines()[0].endswith("python -m ray_cifar.tune " + shlex.join(args[3:]))
     with fs.open_input_stream(logs[1]) as f:
-        assert "best trial" in f.read().decode()
+        resumed_log = f.read().decode()
+    assert "best trial" in resumed_log
+    if ranks > 1:  # printed before the study's folder came back from the bucket: held, then the log's first line
+        assert resumed_log.splitlines()[1] == f"[ray_cifar] --resume-if-exists: {output} holds a study: continuing " \
+                                              "it (its own config.yaml)"
 
     # Its report, straight from the bucket (into ./NAME-report by default).
     from ray_cifar import report

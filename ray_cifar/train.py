@@ -4,12 +4,12 @@
     python -m ray_cifar.train --smoke-test --data ../shared/data/cifar10 --set train.num_workers=1
     python -m ray_cifar.train --config studies/x.yaml --set train.num_workers=4   # DDP via Ray Train
 
-With train.num_workers == 1 the run is one plain process (no Ray), checkpointed every
-epoch into OUTPUT/checkpoints/ (latest.pt's folder `latest/` and the best by tune.metric
-in `best/`), and at its end the best epoch's weights are evaluated once on the test split
-(OUTPUT/test.json), as a study does for its best trial. With more ranks it is a study of one trial (a Ray Train TorchTrainer, no
-search), with a study's files. Either way OUTPUT/results.parquet gets one row per epoch
-through the same route (results.epoch_row -> results.ResultsLog), and OUTPUT/logs/ what the run printed.
+With train.num_workers == 1 the run is one plain process (no Ray), checkpointed every epoch into
+OUTPUT/checkpoints/ (the latest in `latest/`, the best by tune.metric in `best/`), and at its end the best
+epoch's weights are evaluated once on the test split (OUTPUT/test.json), as a study does for its best trial.
+With more ranks it is a study of one trial (a Ray Train TorchTrainer, no search), with a study's files.
+Either way OUTPUT/results.parquet gets one row per epoch through the same route (results.epoch_row ->
+results.ResultsLog), and OUTPUT/logs/ what the run printed.
 The search space is ignored.
 SIGTERM or Ctrl-C stops a one-process run at once (its checkpoints and rows are per epoch; what
 was written stays readable); a full disk is one line naming the path, exit 1.

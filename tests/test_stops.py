@@ -8,6 +8,8 @@ One two-trial study on a small tmpfs serves three cases in turn:
      decode cache and its checksum damaged, Tune's tuner.pkl emptied, space freed: --resume finishes the study, every trial
      `completed`, (trial, epoch) unique, every epoch 1..N there. (After step 1 no epoch is resumed from
      before the SIGTERM's latest checkpoint: nothing run twice.)
+A SIGTERM to every process of a study (the driver and its local Ray: a machine or job shutting down): exit 130 with
+the --resume command, not a minute's wait on Ray's gone GCS and exit 1; --resume finishes the study.
 And `python -m ray_cifar.train` on a full tmpfs: one line, exit 1, the epochs before readable.
 Mounting needs root (CI and this machine are): the tests skip with the reason where it is refused.
 """
@@ -109,6 +111,7 @@ def test_sigterm_full_disk_and_damaged_checkpoints_then_resume(tmpfs, synthetic_
             end_tree([driver.pid, *descendants(driver.pid)])
     assert driver.returncode == 130, out[-3000:]
     assert f"python -m ray_cifar.tune --resume {output}" in out and "SIGTERM" in out
+    assert "SIGTERM reached Ray too" not in out and "study interrupted" in out  # Ray lived on: Tune's graceful stop
     assert_no_traceback(subprocess.CompletedProcess([], 0, out, ""), driver_only=True)
     # What the stopped study left: its rows (those of epochs that ended during the graceful stop too: trials
     # run on until Tune stops them) and each trial's latest checkpoint, the state a resume must start from.
@@ -168,6 +171,38 @@ def test_sigterm_full_disk_and_damaged_checkpoints_then_resume(tmpfs, synthetic_
     for t in trials:
         epochs = sorted(r["epoch"] for r in final if r["trial_id"] == t["trial_id"])
         assert epochs == list(range(1, EPOCHS + 1)), (t["trial_id"], epochs)
+
+
+def test_sigterm_to_every_process_stops_the_study_at_once_and_it_resumes(synthetic_parquet_dir, tmp_path):
+    """A machine or a job that shuts down (a spot instance, Slurm's scancel, `kill -TERM -PGID`) sends SIGTERM to
+    every process, the local Ray's too. With Ray's GCS gone, Tune's graceful stop waited on it for Ray's reconnect
+    timeout (60 s) and the driver died with exit 1, without the --resume line; now it sees Ray gone, says so and
+    exits 130, and --resume finishes the study."""
+    output = tmp_path / "study"
+    driver = subprocess.Popen(command("ray_cifar.tune", synthetic_parquet_dir, output), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    tree: list[int] = []
+    try:
+        deadline = time.time() + 240
+        while not (output.exists() and rows(output)):
+            assert driver.poll() is None and time.time() < deadline, "the study ended or stalled before SIGTERM"
+            time.sleep(0.2)
+        tree = descendants(driver.pid)
+        os.killpg(driver.pid, signal.SIGTERM)  # its session: the driver and the Ray it started
+        out, _ = driver.communicate(timeout=120)
+    finally:
+        end_tree([driver.pid, *tree, *descendants(driver.pid)])
+    assert driver.returncode == 130, out[-3000:]
+    assert "SIGTERM reached Ray too" in out and f"python -m ray_cifar.tune --resume {output}" in out, out[-3000:]
+    assert "Failed to connect to GCS" not in out
+    assert_no_traceback(subprocess.CompletedProcess([], 0, out, ""), driver_only=True)
+
+    done = run([sys.executable, "-m", "ray_cifar.tune", "--resume", str(output)], os.environ)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    final = read_rows(str(output / "results.parquet"))
+    keys = sorted((r["trial_id"], r["epoch"]) for r in final)
+    trials = sorted({t for t, _ in keys})
+    assert len(trials) == 2 and keys == [(t, e) for t in trials for e in range(1, EPOCHS + 1)]
 
 
 def test_train_on_a_full_disk_is_one_line(tmpfs, synthetic_parquet_dir, tmp_path):

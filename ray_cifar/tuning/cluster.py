@@ -157,6 +157,22 @@ def skip_unsent_callback_census() -> None:
         usage.tag_callbacks = lambda callbacks: False
 
 
+def gcs_address() -> str:
+    """host:port of the connected cluster's GCS, Ray's head process (every other Ray process needs it)."""
+    return ray.get_runtime_context().gcs_address
+
+
+def gcs_reachable(address: str, timeout: float = 1.0) -> bool:
+    """Whether the GCS at host:port still takes connections. A GCS that is gone cannot be waited for: a local
+    Ray's does not come back, and the driver's calls to it would block for Ray's reconnect timeout (60 s)."""
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

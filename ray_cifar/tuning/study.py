@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -275,7 +276,17 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
     print(_banner(cfg, output, max_concurrent, resume), flush=True)
     print(f"[ray_cifar] TensorBoard: tensorboard --logdir {os.path.join(output, 'tensorboard')}", flush=True)
     resume_command = f"python -m ray_cifar.tune --resume {remote or output}"
-    with polite_sigterm():
+
+    def stop_now() -> None:
+        print(f"\n[ray_cifar] SIGTERM reached Ray too (every process of a machine or job that is shutting down: a "
+              f"spot instance, scancel, a group kill): Ray is gone, so the study stops now instead of waiting on it; "
+              f"nothing reported is lost. Continue it with:\n  {resume_command}", flush=True)
+        if remote:
+            with contextlib.suppress(Exception):  # the rows and trials.json are there already; this is the rest
+                storage.sync_up(output, remote)
+
+    gcs = cluster.gcs_address()
+    with polite_sigterm(lambda: cluster.gcs_reachable(gcs), stop_now):
         try:
             tuner, keys = _build_tuner(cfg, output, resume, max_concurrent, remote)
             tuner.fit()
@@ -310,12 +321,39 @@ def finish_politely(finish: Callable[[], int], resume_command: str) -> int:
         return 130
 
 
+# After a SIGTERM, how often the driver checks that Ray is still there, and how long gone means gone.
+WATCH_EVERY_S = 0.25
+GONE_AFTER_S = 1.0
+
+
 @contextlib.contextmanager
-def polite_sigterm():
+def polite_sigterm(ray_alive: Callable[[], bool], stop_now: Callable[[], None]):
     """SIGTERM (what spot instances, Kubernetes, Slurm and `kill` send first) stops the study as the first
     Ctrl-C does: Tune's SIGINT handler, in place while the study runs, ends it gracefully (trials saved, the
-    experiment resumable) and the --resume command is printed. A second SIGTERM ends the driver at once."""
+    experiment resumable) and the --resume command is printed. A second SIGTERM ends the driver at once.
+
+    Where the SIGTERM went to every process (a machine shutting down, Slurm's scancel, `kill -TERM -PGID`), a local
+    Ray's processes end with it, and Tune's graceful stop would wait on the gone GCS until Ray's reconnect timeout
+    (60 s, then exit 1 without the --resume line): past most grace periods before the SIGKILL. So after a SIGTERM a
+    thread watches Ray (ray_alive: its GCS takes connections); once Ray has been gone for GONE_AFTER_S, stop_now()
+    says so and the driver exits 130 (Tune has saved the experiment by then: its save follows the signal within a
+    second, and what a kill at any moment leaves is resumable)."""
     received = []
+    finished = threading.Event()
+
+    def watch_ray() -> None:
+        gone_since = None
+        while not finished.wait(WATCH_EVERY_S):
+            if gone := not ray_alive():
+                gone_since = gone_since or time.monotonic()
+            else:
+                gone_since = None
+            if gone and time.monotonic() - gone_since >= GONE_AFTER_S and not finished.is_set():
+                stop_now()
+                for stream in (sys.stdout, sys.stderr):
+                    with contextlib.suppress(Exception):
+                        stream.flush()
+                os._exit(130)
 
     def on_sigterm(signum, frame):
         received.append(signum)
@@ -323,6 +361,7 @@ def polite_sigterm():
             print("[ray_cifar] second SIGTERM: stopping now", file=sys.stderr, flush=True)
             raise SystemExit(128 + signum)
         print("\n[ray_cifar] SIGTERM: stopping the study gracefully (send it again to stop at once)", flush=True)
+        threading.Thread(target=watch_ray, name="ray_cifar-watch-ray", daemon=True).start()
         handler = signal.getsignal(signal.SIGINT)
         if callable(handler) and handler is not signal.default_int_handler:
             handler(signal.SIGINT, frame)  # Tune's: stop after the current step, save the experiment
@@ -333,6 +372,7 @@ def polite_sigterm():
     try:
         yield
     finally:
+        finished.set()
         signal.signal(signal.SIGTERM, previous)
 
 

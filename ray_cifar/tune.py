@@ -36,7 +36,8 @@ def resume(location: str, argv: list[str] | None, held: Held) -> int:
     if remote and not os.path.isdir(output):
         # A new head (the old one was lost): the study's files come back from the output URI.
         storage.sync_down(remote, output)
-    if not os.path.isdir(output) or not study.can_resume(output, remote):
+    started = os.path.isdir(output) and study.can_resume(output, remote)
+    if not started and not (os.path.isdir(output) and study.never_started(output)):
         cli.fail(f"--resume {location}: not a ray_cifar study output (no config.yaml and Tune experiment in ray/tune)"
                  + (f"; its copy on this machine is {output}" if remote else ""))
     if study.is_finished(output):
@@ -44,7 +45,10 @@ def resume(location: str, argv: list[str] | None, held: Held) -> int:
         return 0
     cfg = cli.load_resolved_config(output)
     with logged_to(output, COMMAND, argv, held):
-        return cli.refusing_up_front(None, lambda: study.run_study(cfg, output, resume=True, remote=remote,
+        if not started:  # its driver was stopped in its first seconds (a retried job's first try, say)
+            print(f"[ray_cifar] the study in {location} was stopped before its first trial (its config.yaml, no Tune "
+                  f"experiment or results yet): starting it", flush=True)
+        return cli.refusing_up_front(None, lambda: study.run_study(cfg, output, resume=started, remote=remote,
                                                                    shared=storage.is_uri(location)))
 
 

@@ -13,6 +13,8 @@
         its Ray Train checkpoints but the oldest are then truncated; `--resume` finishes it: the third
         trial resumes from the oldest with one warning line, the finished trials are not run
         again, rows are complete and unique, the absurd trial is `diverged`, the others `completed`.
+(e) A driver killed before its first trial (config.yaml written, no Tune experiment): its command line with
+        --resume-if-exists starts the study.
 Every process killed here is one this test started (the driver) or a descendant of it.
 """
 
@@ -237,6 +239,24 @@ def test_killed_driver_then_resume_finishes_the_study(tmp_path, synthetic_parque
     again = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--resume", str(output)], capture_output=True,
                            text=True, timeout=120)
     assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_a_study_killed_before_its_first_trial_is_started_by_its_retried_command_line(tmp_path, synthetic_parquet_dir):
+    """A driver killed in its first seconds (config.yaml written, Ray starting, no Tune experiment yet) left a folder
+    that neither a new run (not empty) nor --resume (no experiment) would take, so a retried job failed for good;
+    its command line with --resume-if-exists (a KubeRay RayJob's) starts the study from its config.yaml."""
+    output = tmp_path / "study"
+    args = study_args(synthetic_parquet_dir, output, *SETS, "train.num_workers=1", "train.epochs=2")
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    kill_driver_when(proc, lambda: (output / "config.yaml").exists(), "config.yaml")
+    assert not list(output.glob("ray/tune/experiment_state-*.json")), "killed after Tune began: nothing tested here"
+
+    again = subprocess.run(args + ["--resume-if-exists"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "was stopped before its first trial" in again.stdout and "starting it" in again.stdout
+    (trial,) = trials_state(output).values()
+    assert trial["status"] == "completed"
+    assert sorted(r["epoch"] for r in ResultsLog(str(output)).read()) == [1, 2]
 
 
 def test_resume_of_a_folder_that_is_not_a_study_is_one_line(tmp_path):

@@ -56,6 +56,15 @@ def can_resume(output: str, remote: str | None = None) -> bool:
             and tune.Tuner.can_restore(experiment_dir(output, remote)))
 
 
+def never_started(output: str) -> bool:
+    """A study whose driver was stopped in its first seconds, after its config.yaml and before Tune saved its
+    experiment: no trial has reported (no results, no trials.json). `--resume` starts it from its config.yaml."""
+    parts = os.path.join(output, ResultsLog.PARTS)
+    return (os.path.exists(os.path.join(output, "config.yaml"))
+            and not any(os.path.exists(os.path.join(output, name)) for name in ("results.parquet", TRIALS_STATE))
+            and not (os.path.isdir(parts) and os.listdir(parts)))
+
+
 def replicate_seeds(cfg: Config) -> tuple[dict[str, Any], int]:
     """(extra search-space entries, Tune's num_samples) that give every sample of a point its own seed.
 

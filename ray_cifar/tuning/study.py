@@ -358,7 +358,8 @@ def polite_sigterm(ray_alive: Callable[[], bool], stop_now: Callable[[], None]):
             else:
                 gone_since = None
             if gone and time.monotonic() - gone_since >= GONE_AFTER_S and not finished.is_set():
-                stop_now()
+                with contextlib.suppress(Exception):  # a console that is gone must not keep the driver waiting
+                    stop_now()
                 for stream in (sys.stdout, sys.stderr):
                     with contextlib.suppress(Exception):
                         stream.flush()

@@ -176,8 +176,9 @@ def test_sigterm_full_disk_and_damaged_checkpoints_then_resume(tmpfs, synthetic_
 def test_sigterm_to_every_process_stops_the_study_at_once_and_it_resumes(synthetic_parquet_dir, tmp_path):
     """A machine or a job that shuts down (a spot instance, Slurm's scancel, `kill -TERM -PGID`) sends SIGTERM to
     every process, the local Ray's too. With Ray's GCS gone, Tune's graceful stop waited on it for Ray's reconnect
-    timeout (60 s) and the driver died with exit 1, without the --resume line; now it sees Ray gone, says so and
-    exits 130, and --resume finishes the study."""
+    timeout (60 s) and the driver died with exit 1, without the --resume line. Now the line is printed at the signal,
+    the driver ends within seconds (it sees Ray gone and exits 130, unless Ray's core worker ends it first), and
+    --resume finishes the study."""
     output = tmp_path / "study"
     driver = subprocess.Popen(command("ray_cifar.tune", synthetic_parquet_dir, output), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -189,11 +190,14 @@ def test_sigterm_to_every_process_stops_the_study_at_once_and_it_resumes(synthet
             time.sleep(0.2)
         tree = descendants(driver.pid)
         os.killpg(driver.pid, signal.SIGTERM)  # its session: the driver and the Ray it started
-        out, _ = driver.communicate(timeout=120)
+        # Gone well before Ray's 60 s wait on its GCS (measured: 1.4 s): the bug was that wait, not a speed.
+        out, _ = driver.communicate(timeout=45)
     finally:
         end_tree([driver.pid, *tree, *descendants(driver.pid)])
-    assert driver.returncode == 130, out[-3000:]
-    assert "SIGTERM reached Ray too" in out and f"python -m ray_cifar.tune --resume {output}" in out, out[-3000:]
+    # 130: the driver saw Ray gone and said so; 1: Ray's own core worker ended it as its raylet went (CI, loaded).
+    assert driver.returncode in (130, 1), out[-3000:]
+    assert (driver.returncode == 130) == ("SIGTERM reached Ray too" in out), out[-3000:]
+    assert f"it continues with: python -m ray_cifar.tune --resume {output}" in out, out[-3000:]  # at the signal
     assert "Failed to connect to GCS" not in out
     assert_no_traceback(subprocess.CompletedProcess([], 0, out, ""), driver_only=True)
 

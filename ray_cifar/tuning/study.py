@@ -295,7 +295,7 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
                 storage.sync_up(output, remote)
 
     gcs = cluster.gcs_address()
-    with polite_sigterm(lambda: cluster.gcs_reachable(gcs), stop_now):
+    with polite_sigterm(resume_command, lambda: cluster.gcs_reachable(gcs), stop_now):
         try:
             tuner, keys = _build_tuner(cfg, output, resume, max_concurrent, remote)
             tuner.fit()
@@ -336,17 +336,18 @@ GONE_AFTER_S = 1.0
 
 
 @contextlib.contextmanager
-def polite_sigterm(ray_alive: Callable[[], bool], stop_now: Callable[[], None]):
+def polite_sigterm(resume_command: str, ray_alive: Callable[[], bool], stop_now: Callable[[], None]):
     """SIGTERM (what spot instances, Kubernetes, Slurm and `kill` send first) stops the study as the first
     Ctrl-C does: Tune's SIGINT handler, in place while the study runs, ends it gracefully (trials saved, the
     experiment resumable) and the --resume command is printed. A second SIGTERM ends the driver at once.
 
     Where the SIGTERM went to every process (a machine shutting down, Slurm's scancel, `kill -TERM -PGID`), a local
-    Ray's processes end with it, and Tune's graceful stop would wait on the gone GCS until Ray's reconnect timeout
-    (60 s, then exit 1 without the --resume line): past most grace periods before the SIGKILL. So after a SIGTERM a
-    thread watches Ray (ray_alive: its GCS takes connections); once Ray has been gone for GONE_AFTER_S, stop_now()
-    says so and the driver exits 130 (Tune has saved the experiment by then: its save follows the signal within a
-    second, and what a kill at any moment leaves is resumable)."""
+    Ray's processes end with it. Then either Ray's own core worker ends the driver at once (exit 1) as its raylet
+    goes, or Tune's graceful stop waits on the gone GCS until Ray's reconnect timeout (60 s, then exit 1): past most
+    grace periods before the SIGKILL. So the first SIGTERM's line already names the --resume command, and a thread
+    watches Ray (ray_alive: its GCS takes connections); once Ray has been gone for GONE_AFTER_S, stop_now() says so
+    and the driver exits 130 (Tune has saved the experiment by then: its save follows the signal within a second,
+    and what a kill at any moment leaves is resumable)."""
     received = []
     finished = threading.Event()
 
@@ -370,7 +371,8 @@ def polite_sigterm(ray_alive: Callable[[], bool], stop_now: Callable[[], None]):
         if len(received) > 1:
             print("[ray_cifar] second SIGTERM: stopping now", file=sys.stderr, flush=True)
             raise SystemExit(128 + signum)
-        print("\n[ray_cifar] SIGTERM: stopping the study gracefully (send it again to stop at once)", flush=True)
+        print(f"\n[ray_cifar] SIGTERM: stopping the study gracefully (send it again to stop at once); it continues "
+              f"with: {resume_command}", flush=True)
         threading.Thread(target=watch_ray, name="ray_cifar-watch-ray", daemon=True).start()
         handler = signal.getsignal(signal.SIGINT)
         if callable(handler) and handler is not signal.default_int_handler:

@@ -8,8 +8,8 @@ One two-trial study on a small tmpfs serves three cases in turn:
      decode cache and its checksum damaged, Tune's tuner.pkl emptied, space freed: --resume finishes the study, every trial
      `completed`, (trial, epoch) unique, every epoch 1..N there. (After step 1 no epoch is resumed from
      before the SIGTERM's latest checkpoint: nothing run twice.)
-A SIGTERM to every process of a study (the driver and its local Ray: a machine or job shutting down): exit 130 with
-the --resume command, not a minute's wait on Ray's gone GCS and exit 1; --resume finishes the study.
+A SIGTERM to every process of a study (the driver and its local Ray: a machine or job shutting down): the --resume
+command at the signal and an end within seconds, not a minute's wait on Ray's gone GCS; --resume finishes the study.
 And `python -m ray_cifar.train` on a full tmpfs: one line, exit 1, the epochs before readable.
 Mounting needs root (CI and this machine are): the tests skip with the reason where it is refused.
 """

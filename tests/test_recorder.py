@@ -291,6 +291,22 @@ def test_a_second_driver_on_a_running_study_is_refused(tmp_path):
     assert json.loads((tmp_path / study.DRIVER_LOCK).read_text())["pid"] == os.getpid()
 
 
+def test_only_a_study_stopped_before_any_trial_reported_counts_as_never_started(tmp_path):
+    """What --resume starts afresh from its config.yaml (no Tune experiment): a folder with the config and nothing a
+    trial wrote. Rows, a part of them or trials.json mean trials ran: such a folder is not started over."""
+    assert not study.never_started(str(tmp_path))  # no config.yaml: not a study at all
+    (tmp_path / "config.yaml").write_text("train: {epochs: 1}\n")
+    (tmp_path / "logs").mkdir()  # what the killed driver printed, and its lock, are no trial's
+    (tmp_path / study.DRIVER_LOCK).write_text("{}")
+    assert study.never_started(str(tmp_path))
+    (tmp_path / ResultsLog.PARTS).mkdir()
+    assert study.never_started(str(tmp_path))  # an empty parts folder holds no row
+    for written in (f"{ResultsLog.PARTS}/part-000000.parquet", "results.parquet", "trials.json"):
+        (tmp_path / written).write_bytes(b"x")
+        assert not study.never_started(str(tmp_path)), written
+        (tmp_path / written).unlink()
+
+
 def test_a_trial_that_reaches_max_t_is_completed_not_stopped(recorder, tmp_path):
     asha = RestorableASHA(str(tmp_path), on_stop=recorder.note_stopped, metric="val_acc", mode="max", max_t=2,
                           grace_period=1, reduction_factor=2)

@@ -241,6 +241,32 @@ def test_killed_driver_then_resume_finishes_the_study(tmp_path, synthetic_parque
     assert again.returncode == 0 and "already finished" in again.stdout
 
 
+def test_a_ddp_trial_whose_ray_train_snapshot_the_kill_emptied_resumes_from_its_checkpoints(tmp_path,
+                                                                                          synthetic_parquet_dir):
+    """Ray Train rewrites a run's list of checkpoints (checkpoint_manager_snapshot.json) in place after each report;
+    a driver killed mid-write left it empty (seen in CI), and the resumed trial failed for good on it. Now it is set
+    aside with one line and the trial goes on from its newest checkpoint that loads."""
+    output = tmp_path / "study"
+    epochs = 8
+    proc = subprocess.Popen(study_args(synthetic_parquet_dir, output, *SETS, f"train.epochs={epochs}"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    kill_driver_when(proc, lambda: any(r["epoch"] >= 2 for r in ResultsLog(str(output)).read()), "epoch 2")
+    (trial_id,) = trials_state(output)
+    snapshot = output / "ray" / f"trial-{trial_id}" / "checkpoint_manager_snapshot.json"
+    assert snapshot.exists()
+    snapshot.write_bytes(b"")  # what the kill mid-write leaves
+
+    resumed = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--resume", str(output)], capture_output=True,
+                             text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    assert resumed.stdout.count("checkpoint_manager_snapshot.json) was damaged") == 1, resumed.stdout[-4000:]
+    assert (snapshot.parent / "checkpoint_manager_snapshot.json.damaged").exists()
+    rows = sorted(ResultsLog(str(output)).read(), key=lambda r: r["epoch"])
+    assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))  # none lost, none twice
+    assert min(r["resumed_from_epoch"] for r in rows if r["resumed_from_epoch"]) >= 2  # from a checkpoint, not anew
+    assert trials_state(output)[trial_id]["status"] == "completed"
+
+
 def test_a_study_killed_before_its_first_trial_is_started_by_its_retried_command_line(tmp_path, synthetic_parquet_dir):
     """A driver killed in its first seconds (config.yaml written, Ray starting, no Tune experiment yet) left a folder
     that neither a new run (not empty) nor --resume (no experiment) would take, so a retried job failed for good;

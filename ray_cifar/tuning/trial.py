@@ -31,6 +31,7 @@ finds that run's own latest checkpoint first.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import posixpath
 import tempfile
@@ -38,6 +39,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import torch
@@ -48,7 +50,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from .. import checkpoint, engine, storage
 from ..checkpoint_store import (CheckpointStore, checkpoint_folder_names, copy_latest_state, has_checkpoint, load_state_at,
-                                remove_state_at)
+                                newest_loadable_state, remove_state_at)
 from ..config import Config, split_sampled
 from ..data.loader import make_splits
 from ..data.source import load_cifar10
@@ -58,19 +60,46 @@ from ..validation import config_from_dict, trial_config
 from .cluster import runs_in_trial_process
 
 
-def _latest_state() -> dict | None:
+def _latest_state(run_without_snapshot: str | None = None) -> dict | None:
     """The state to resume from: Ray Train's latest checkpoint, or when that one is damaged the newest
-    older one of the run that loads (its folder: storage_path/trial-<id>/checkpoint_<time>)."""
+    older one of the run that loads (its folder: storage_path/trial-<id>/checkpoint_<time>). Where Ray Train's
+    list of the run's checkpoints was set aside as damaged (`run_without_snapshot`, the run's folder), Train
+    knows none: the newest in that folder that loads."""
     found = ray.train.get_checkpoint()
+    warn = print if ray.train.get_context().get_world_rank() == 0 else (lambda msg: None)
     if found is None:
-        return None
+        loaded = newest_loadable_state(run_without_snapshot, warn) if run_without_snapshot else None
+        return {**loaded[1], "loaded_from": loaded[0]} if loaded else None
     fs, latest = found.filesystem, found.path.rstrip("/")
     run_folder = posixpath.dirname(latest)
     names = [latest] + [posixpath.join(run_folder, n) for n in checkpoint_folder_names(fs, run_folder)
                         if posixpath.join(run_folder, n) != latest]
-    warn = print if ray.train.get_context().get_world_rank() == 0 else (lambda msg: None)
     loaded = checkpoint.newest_loadable(((p, functools.partial(_load_ray_checkpoint, fs, p)) for p in names), warn)
     return {**loaded[1], "loaded_from": storage.location_in(fs, loaded[0])} if loaded else None
+
+
+# Ray Train 2.60 keeps the list of a run's reported checkpoints in this file of the run's folder and rewrites it in
+# place after each report: a driver killed mid-write (its Train controller goes with it) can leave it empty, and a
+# resumed run's controller then fails on it (CheckpointManagerInitializationError), failing the trial for good.
+RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def set_aside_damaged_run_snapshot(run: str, warn=print) -> bool:
+    """Move a run's damaged (not JSON) Ray Train snapshot aside as NAME.damaged, with one line; whether it was."""
+    fs, path = storage.filesystem(run)
+    file = posixpath.join(path, RUN_SNAPSHOT)
+    if fs.get_file_info(file).type != pafs.FileType.File:  # none yet: the run's first start
+        return False
+    try:
+        with fs.open_input_stream(file) as f:
+            json.loads(f.read().decode("utf-8"))
+        return False
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        fs.move(file, f"{file}.damaged")
+        warn(f"[ray_cifar] warning: Ray Train's list of the checkpoints of {run} ({RUN_SNAPSHOT}) was damaged (a "
+             f"kill while Ray wrote it?); set aside as {RUN_SNAPSHOT}.damaged: the trial goes on from its newest "
+             f"checkpoint that loads")
+        return True
 
 
 def _load_ray_checkpoint(fs, path: str) -> dict:
@@ -231,9 +260,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # The generation's first checkpoint of its own replaces its donor's copy (a retry resumes from its own).
     drop_donor_copy = _once(lambda: remove_state_at(donor) if donor else None)
     report = functools.partial(_train_report, after_checkpoint=drop_donor_copy)
+    latest = functools.partial(_latest_state, loop_config.get("run_without_snapshot"))
     where = Rank(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_world_size(),
                  ray.train.torch.get_device(),  # the rank's own (visible) GPU, or cpu
-                 own_or_adopted(_latest_state, donor), report)
+                 own_or_adopted(latest, donor), report)
     run_rank(config_from_dict(loop_config["config"]), where, clock, loop_config.get("started"),
              loop_config.get("columns"))
 
@@ -265,14 +295,15 @@ def train_in_trial_process(cfg: Config, storage_path: str, name: str, started: f
 
 def make_trainer(cfg: Config, storage_path: str, name: str, callbacks: list | None = None,
                  started: float | None = None, donor: str | None = None,
-                 columns: dict[str, Any] | None = None) -> TorchTrainer:
+                 columns: dict[str, Any] | None = None, run_without_snapshot: str | None = None) -> TorchTrainer:
     use_gpu = bool(cfg.train.use_gpu)
     # Each rank's GPU (train.gpus_per_worker: 1 here in practice, since a share of a GPU is only allowed
     # for one rank, and a one-rank trial trains in its Tune process without a TorchTrainer).
     gpus = {"GPU": cfg.train.gpus_per_worker} if use_gpu else {}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "started": started, "donor": donor, "columns": columns},
+        train_loop_config={"config": cfg.to_dict(), "started": started, "donor": donor, "columns": columns,
+                           "run_without_snapshot": run_without_snapshot},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker, **gpus},
                                      placement_strategy=cfg.train.placement_strategy),
@@ -346,8 +377,9 @@ def tune_trial(sampled: dict[str, Any], base_config: dict[str, Any], storage_pat
     if runs_in_trial_process(cfg.train.num_workers):
         train_in_trial_process(cfg, storage_path, name, started, donor, columns)
         return
+    run = storage.join(storage_path, name)
     make_trainer(cfg, storage_path, name=name, callbacks=[_ReportCheckpointLocation()], started=started, donor=donor,
-                 columns=columns).fit()
+                 columns=columns, run_without_snapshot=run if set_aside_damaged_run_snapshot(run) else None).fit()
 
 
 class _ReportCheckpointLocation(TuneReportCallback):

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import TINY_MODEL
 from ray_cifar.results import ResultsLog
-from test_fault_tolerance import kill_driver_when, study_args, trials_state
+from test_fault_tolerance import SearchStates, kill_driver_when, study_args, trials_state
 
 pytestmark = pytest.mark.integration
 
@@ -53,8 +53,9 @@ def rows_now(output) -> list[dict]:
         return []
 
 
-def killed_and_resumed(output, sets, ready) -> tuple[dict, str]:
-    """Start the study, SIGKILL its driver once ready(rows) holds, `--resume` it; the rows as they were at the kill."""
+def killed_and_resumed(output, sets, ready, after_kill=None) -> tuple[dict, str]:
+    """Start the study, SIGKILL its driver once ready(rows) holds, run after_kill(rows at the kill), `--resume`
+    it; the rows as they were at the kill."""
     if DATA is None:
         pytest.skip("needs real CIFAR-10: set RAY_CIFAR_DATA")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -64,6 +65,8 @@ def killed_and_resumed(output, sets, ready) -> tuple[dict, str]:
         before = kill_driver_when(proc, lambda: ready(rows_now(output)), "the moment to kill the driver",
                                   lambda: {(r["trial_id"], r["epoch"]): r["time"]
                                            for r in ResultsLog(str(output)).read()}, timeout=600)
+    if after_kill is not None:
+        after_kill(before)
     resumed = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--resume", str(output)], capture_output=True,
                              text=True, timeout=900)
     (output.parent / "resumed.log").write_text(resumed.stdout + resumed.stderr)  # kept with the study, for a failure
@@ -162,18 +165,39 @@ def assert_drawn_and_not_rerun(output, before) -> tuple[list[dict], dict]:
 
 @pytest.fixture(scope="module")
 def optuna_study(tmp_path_factory):
+    """Killed once a third trial has rows, with Tune's searcher files then put back as they were before it was
+    made: Tune's trial list knows it, Optuna's saved state does not (the driver died between Tune's files)."""
     output = tmp_path_factory.mktemp("optuna") / "study"
-    before, stdout = killed_and_resumed(output, OPTUNA, lambda rows: len({r["trial_id"] for r in rows}) >= 2)
-    return output, before, stdout
+    return killed_with_an_older_searcher_state(output, OPTUNA, lambda rows: len({r["trial_id"] for r in rows}) >= 3)
+
+
+def killed_with_an_older_searcher_state(output, sets, ready) -> tuple:
+    """killed_and_resumed, the kill once ready(rows), with Tune's searcher files then put back as they were before
+    the last trial was made: Tune's trial list has it, the searcher's saved state does not (the driver died
+    between Tune's files). (output, rows at the kill, the resumed stdout, how many trials the searcher lacked)"""
+    states, lacked = SearchStates(output, "search_gen_state-*.json", "searcher-state-*.pkl"), []
+
+    def capturing(rows) -> bool:
+        states.capture()
+        return ready(rows)
+
+    def older_state(_) -> None:
+        lacked.append(states.put_back_an_older_one())
+
+    before, stdout = killed_and_resumed(output, sets, capturing, older_state)
+    return output, before, stdout, lacked[0]
 
 
 def test_optuna_draws_off_grid_stops_the_weak_and_resumes_without_rerunning(optuna_study):
-    output, before, _ = optuna_study
+    output, before, stdout, lacked = optuna_study
+    # The trials its saved state lacked were taken from Tune's record, one line each (Ray's OptunaSearch failed
+    # the study with a KeyError at their first result).
+    assert stdout.count("made after Optuna's last saved state") >= lacked >= 1
     _, trials = assert_drawn_and_not_rerun(output, before)
     assert any(t["status"] == "stopped" for t in trials.values()), "ASHA stopped no trial"
     assert os.path.exists(output / "ray" / "tune") and os.path.exists(output / "trials.parquet")
-    # Optuna's study (what its sampler learns from) kept the trials drawn before the kill: at the end it holds
-    # every trial that ran, complete, the stopped ones included.
+    # Optuna's study (what its sampler learns from) holds at the end every trial that ran, complete: the stopped
+    # ones, and those its saved state lacked (drawn again from that state: the same values, no failed draw).
     import cloudpickle
 
     state_file = sorted((output / "ray" / "tune").glob("searcher-state-*.pkl"))[-1]
@@ -187,13 +211,14 @@ def test_optuna_draws_off_grid_stops_the_weak_and_resumes_without_rerunning(optu
 @pytest.fixture(scope="module")
 def bohb_study(tmp_path_factory):
     output = tmp_path_factory.mktemp("bohb") / "study"
-    # Killed once two trials have results: HyperBand has paused the first at its bracket's epoch-1 milestone.
-    before, stdout = killed_and_resumed(output, BOHB, lambda rows: len({r["trial_id"] for r in rows}) >= 2)
-    return output, before, stdout
+    # Killed once three trials have results: HyperBand has paused the first two at their bracket's epoch-1
+    # milestone, and TuneBOHB made the third after them.
+    return killed_with_an_older_searcher_state(output, BOHB, lambda rows: len({r["trial_id"] for r in rows}) >= 3)
 
 
 def test_bohb_draws_off_grid_stops_the_weak_and_resumes_without_rerunning(bohb_study):
-    output, before, stdout = bohb_study
+    output, before, stdout, lacked = bohb_study
+    assert stdout.count("made after BOHB's last saved state") >= lacked >= 1  # (Ray's TuneBOHB: a KeyError)
     rows, trials = assert_drawn_and_not_rerun(output, before)
     statuses = sorted(t["status"] for t in trials.values())
     assert statuses.count("stopped") == 2 and statuses.count("completed") == 2, statuses  # HyperBand's brackets
@@ -201,8 +226,9 @@ def test_bohb_draws_off_grid_stops_the_weak_and_resumes_without_rerunning(bohb_s
     # The stopped ones at their milestone: a trial that waited at it when the driver died is not trained on
     # past it after --resume (Ray's restore alone makes it PENDING, and it would run an epoch more).
     assert sorted(epochs.values()) == [1, 1, EPOCHS, EPOCHS], epochs
-    # BOHB's model kept what it had learnt: the two epoch-1 results before the kill (both trials paused there,
-    # which is when HyperBand hands the searcher an observation) are among its observations at the end.
+    # BOHB's model has what it learnt before the kill, though its state was put back to an older one: the two
+    # epoch-1 results (both trials paused there, which is when HyperBand hands the searcher an observation) are
+    # among its observations at the end (replayed from the rows after the restore, through Tune's limiter).
     import cloudpickle
 
     state_file = sorted((output / "ray" / "tune").glob("searcher-state-*.pkl"))[-1]

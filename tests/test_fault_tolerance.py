@@ -78,6 +78,45 @@ def kill_driver_when(proc: subprocess.Popen, ready, what: str, snapshot=None, ti
     end_tree(tree)
     return taken
 
+class SearchStates:
+    """The versions of Tune's search-algorithm files (PATTERNS: the first one's counts the trials made) seen in a
+    running study's experiment folder, each set read at one moment, to put an older one back after a kill: what a
+    driver killed between Tune's files (the trials, then these) leaves."""
+
+    def __init__(self, output, *patterns: str):
+        self.folder, self.patterns, self.versions = output / "ray" / "tune", patterns, []
+
+    def capture(self) -> None:
+        from ray_cifar.tuning.tune_state import is_whole
+
+        paths = [p for pattern in self.patterns for p in sorted(self.folder.glob(pattern))]
+        try:
+            version = {p.name: p.read_bytes() for p in paths}
+        except OSError:
+            return
+        if (len(version) == len(self.patterns) and all(is_whole(str(p), "pickle") for p in paths)
+                and version not in self.versions[-1:]):
+            self.versions.append(version)
+
+    def made(self, version: dict[str, bytes]) -> int:
+        """How many trials the search algorithm had made when VERSION was saved."""
+        import cloudpickle
+
+        state = cloudpickle.loads(next(iter(version.values())))  # (the first pattern's)
+        return state["counter"] if "counter" in state else max(it.counter for it in state["_iterators"])
+
+    def put_back_an_older_one(self) -> int:
+        """Write over the current files the newest version saved before the study's last trial (as seen) was made;
+        how many trials were made after it."""
+        newest = self.made(self.versions[-1]) if self.versions else 0
+        for version in reversed(self.versions):
+            if self.made(version) < newest:
+                for name, data in version.items():
+                    (self.folder / name).write_bytes(data)
+                return newest - self.made(version)
+        raise AssertionError(f"no search state from before the study's trial {newest} was seen")
+
+
 def trials_state(output) -> dict:
     try:
         with open(os.path.join(output, "trials.json")) as f:
@@ -183,7 +222,12 @@ def test_killed_driver_then_resume_finishes_the_study(tmp_path, synthetic_parque
     proc = subprocess.Popen(study_args(synthetic_parquet_dir, output, *sets), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
+    # Tune's grid generator's file is put back as it was before the third trial was made (a driver killed between
+    # Tune's files): a generator that makes that trial again, or keeps the second's slot after it ended, fails here.
+    grid_states = SearchStates(output, "basic-variant-state-*.json")
+
     def third_trial_running():
+        grid_states.capture()
         trials = sorted(trials_state(output).values(), key=lambda t: t["trial_id"])
         return (len(trials) == 3 and [t["status"] for t in trials[:2]] == ["completed", "diverged"]
                 and trials[2].get("epochs", 0) >= 2)
@@ -201,6 +245,7 @@ def test_killed_driver_then_resume_finishes_the_study(tmp_path, synthetic_parque
         with open(folder / checkpoint.STATE_FILE, "r+b") as f:
             f.truncate(os.path.getsize(folder / checkpoint.STATE_FILE) // 2)
     fallback = checkpoint.load_state(str(folders[0]))["epoch"]
+    assert grid_states.put_back_an_older_one() >= 1
 
     resumed = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--resume", str(output)], capture_output=True,
                              text=True, timeout=900)

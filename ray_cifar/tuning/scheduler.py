@@ -25,6 +25,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandForBOHB, 
 
 from ..results import ResultsLog
 from .recorder import STOPPED, TRIALS_STATE
+from .searchers import base_searcher, follow_restored_trial
 
 
 def save_experiment(tune_controller, trial=None) -> None:
@@ -49,6 +50,7 @@ class SavingFIFO(FIFOScheduler):
 
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
+        follow_restored_trial(tune_controller, trial)
         save_experiment(tune_controller, trial)
 
 
@@ -115,6 +117,7 @@ class RestorableASHA(ASHAScheduler):
             self._stopped_before = self._recorded_stops()
         super().on_trial_add(tune_controller, trial)  # checks metric/mode, draws a bracket at random ...
         self._trial_info[trial.trial_id] = self.bracket_of(trial.trial_id)  # ... replaced by the trial id's
+        follow_restored_trial(tune_controller, trial)
         save_experiment(tune_controller, trial)
 
     def _rebuild_once(self) -> None:
@@ -220,6 +223,7 @@ class BOHBHyperBand(HyperBandForBOHB):
             self._held.append(trial)
         else:
             super().on_trial_add(tune_controller, trial)
+        follow_restored_trial(tune_controller, trial)
         save_experiment(tune_controller, trial)
 
     def choose_trial_to_run(self, tune_controller, allow_recurse: bool = True):
@@ -257,7 +261,7 @@ class BOHBHyperBand(HyperBandForBOHB):
         for row in sorted(rows, key=lambda r: r["epoch"]):
             if row.get(self._metric) is not None:
                 by_trial.setdefault(row["trial_id"], []).append(row)
-        searcher = getattr(getattr(tune_controller, "search_alg", None), "searcher", None)
+        searcher = base_searcher(getattr(tune_controller, "search_alg", None))  # TuneBOHB, not Tune's limiter
         if hasattr(searcher, "running"):  # as saved before the driver died: the replay adds the trials it unpauses
             searcher.running.clear()  # (the searcher makes no new trial while it counts max_concurrent running)
         controller = _NotingStops(tune_controller, self.on_stop)
@@ -266,7 +270,7 @@ class BOHBHyperBand(HyperBandForBOHB):
             for bracket in band:
                 if bracket is not None:
                     self._replay(controller, bracket, by_trial, reached)
-        _observe_missing(searcher, reached, self._metric)
+        _observe_missing(searcher, reached, self._metric, {t.trial_id: t.config for t in held})
         for trial in held:
             if trial.status in (Trial.TERMINATED, Trial.ERROR) and hasattr(searcher, "paused"):
                 searcher.paused.discard(trial.trial_id)  # (not running: cleared above, and the replay unpauses none)
@@ -330,23 +334,32 @@ class BOHBHyperBand(HyperBandForBOHB):
         return state
 
 
-def _observe_missing(searcher, milestones: list[tuple[str, float, float]], metric: str) -> None:
+def _observe_missing(searcher, milestones: list[tuple[str, float, float]], metric: str,
+                     configs: dict[str, dict[str, Any]]) -> None:
     """Give TuneBOHB's model (hpbandster's BOHB: configs and losses by budget) each milestone result it lacks,
-    as Ray hands it one (TuneBOHB.on_trial_result with the budget). Only trials the searcher still holds the values of:
-    an unfinished one, as a trial waiting at its milestone when the driver died is."""
+    as Ray hands it one (TuneBOHB.on_trial_result with the budget): a trial waiting at its milestone when the
+    driver died, or one whose observations came after the searcher's saved state (the driver died between
+    Tune's files). The values: the searcher's, else the trial's config as Tune restored it (CONFIGS)."""
     model, params = getattr(searcher, "bohber", None), getattr(searcher, "trial_to_params", None)
     if model is None or params is None:
         return
     import ConfigSpace
     import numpy as np
+    from ray.tune.search.bohb.bohb_search import _BOHBJobWrapper
+    from ray.tune.utils import flatten_dict
 
+    names = list(model.configspace.keys())
     for trial_id, budget, value in milestones:
-        if trial_id not in params:
-            continue
-        vector = ConfigSpace.Configuration(model.configspace, params[trial_id]).get_array()
+        values = params.get(trial_id)
+        if values is None:
+            flat = flatten_dict(configs.get(trial_id) or {})
+            if any(name not in flat for name in names):
+                continue
+            values = {name: flat[name] for name in names}
+        vector = ConfigSpace.Configuration(model.configspace, values).get_array()
         if not any(np.array_equal(vector, seen, equal_nan=True) for seen in model.configs.get(budget, [])):
             # (not searcher.on_trial_result: that also counts the trial running, which the rebuild decides)
-            model.new_result(searcher.to_wrapper(trial_id, {metric: value, "hyperband_info": {"budget": budget}}))
+            model.new_result(_BOHBJobWrapper(searcher._metric_op * value, budget, values))
 
 
 def _creation_order(trial) -> tuple[int, str]:

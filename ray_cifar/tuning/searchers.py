@@ -14,7 +14,9 @@ train.seed (it would tune the seed; replicates are a grid study's num_samples), 
 
 After a dead driver, Tune's `Tuner.restore` puts the searcher's own state back (each searcher
 saves it into the experiment folder with Tune's experiment state); the finished trials are not
-run again, and the searcher goes on suggesting from what it had seen.
+run again, and the searcher goes on suggesting from what it had seen. Those files are written and
+copied one by one, so a driver that dies in between leaves them saying different things:
+`follow_restored_trial` makes the search algorithm agree with the trials Tune restored.
 """
 
 from __future__ import annotations
@@ -46,17 +48,75 @@ def create_search_alg(cfg: Config):
     if search not in MODEL_BASED:
         return None
     try:
-        if search == "optuna":
-            from ray.tune.search.optuna import OptunaSearch
-
-            return OptunaSearch(seed=cfg.train.seed)
         if search == "hyperopt":
             from ray.tune.search.hyperopt import HyperOptSearch
 
             return HyperOptSearch(random_state_seed=cfg.train.seed)
-        from ray.tune.search.bohb import TuneBOHB
+        from .restorable_searchers import RestorableBOHB, RestorableOptuna
 
-        return TuneBOHB(seed=cfg.train.seed)
+        return (RestorableOptuna if search == "optuna" else RestorableBOHB)(seed=cfg.train.seed)
     except (ImportError, AssertionError) as e:  # Ray's searchers assert their package is there
         raise ConfigError(f"tune.search: {search} needs {_PACKAGES[search]} ({e}): "
                           f"pip install 'ray_cifar[search]'") from None
+
+
+def base_searcher(search_alg):
+    """The searcher inside Tune's wrappers (SearchGenerator, ConcurrencyLimiter): the one that holds the model."""
+    while hasattr(search_alg, "searcher"):
+        search_alg = search_alg.searcher
+    return search_alg
+
+
+def follow_restored_trial(tune_controller, trial) -> None:
+    """Make Tune's search algorithm agree with TRIAL as Tune holds it; the schedulers call it as each trial is
+    added. A new trial is already known everywhere (nothing changes); a restored one may not be.
+
+    Tune writes the trial list and the search algorithm's state one after the other, and copies them into the
+    output folder on threads, file by file, so a dead driver can leave either one the newer. Tune's trial list
+    is what the study goes on from; where the search algorithm's saved state is older:
+    - its trial count is raised to Tune's (else it makes more trials than tune.num_samples);
+    - a grid or random generator skips the trials Tune already has (else it makes one again, under the same id);
+    - the concurrency limit counts the unfinished trials, not the ones that ended since (slots held forever by
+      trials that will never end again would stop the study from making new ones);
+    - a model-based searcher adopts a trial it never saw (see restorable_searchers), and is told of a trial
+      that ended since, with its last result.
+    Not mended: a saved state newer than Tune's list. A trial made after the list was written is lost with the
+    driver (a grid point not run, or one trial fewer than tune.num_samples)."""
+    from ray.tune.experiment import Trial
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGenerator
+    from ray.tune.utils import flatten_dict
+
+    alg = getattr(tune_controller, "search_alg", None)
+    if not isinstance(alg, (BasicVariantGenerator, SearchGenerator)):
+        return
+    trials = tune_controller.get_trials()
+    ended = trial.status in (Trial.TERMINATED, Trial.ERROR)
+    if isinstance(alg, BasicVariantGenerator):
+        (alg._live_trials.discard if ended else alg._live_trials.add)(trial.trial_id)
+        _skip_made(alg, {t.trial_id for t in trials})
+        return
+    alg._counter = max(alg._counter, len(trials))
+    limiter = alg.searcher if isinstance(alg.searcher, ConcurrencyLimiter) else None
+    base = limiter.searcher if limiter is not None else alg.searcher
+    adopted = bool(getattr(base, "adopt", lambda *_: False)(trial.trial_id, trial.config))
+    was_live = limiter is not None and trial.trial_id in limiter.live_trials
+    if limiter is not None and ended and was_live:
+        limiter.live_trials.discard(trial.trial_id)
+        limiter.num_unfinished_live_trials -= 1
+    elif limiter is not None and not ended and not was_live:
+        limiter.live_trials.add(trial.trial_id)
+        limiter.num_unfinished_live_trials += 1
+    if ended and (was_live or adopted):  # it ended after the searcher's state was saved: tell it now
+        base.on_trial_complete(trial.trial_id, result=flatten_dict(trial.last_result or {}),
+                               error=trial.status == Trial.ERROR)
+
+
+def _skip_made(generator, known: set[str]) -> None:
+    """Move a grid or random generator's trial iterators past the trial ids Tune already has (an iterator names
+    its trials PREFIX00000, PREFIX00001, ... in order)."""
+    for iterator in generator._iterators:
+        while f"{iterator.uuid_prefix}{iterator.counter:05d}" in known:
+            try:
+                next(iterator)
+            except StopIteration:
+                break

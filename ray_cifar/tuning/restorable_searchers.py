@@ -1,0 +1,94 @@
+"""Ray's Optuna and BOHB searchers, able to take a trial from Tune's record that their saved state lacks.
+
+Tune saves a study's state as several files: the trials (experiment_state) and the searcher's state
+(search_gen_state, searcher-state) are written one after the other and copied to the output folder on
+threads, file by file. A driver that dies in between leaves a newer trial list than searcher state:
+the restored searcher has never heard of a trial Tune restores, and Ray's OptunaSearch and TuneBOHB
+then fail the whole study with a KeyError at that trial's first result. `adopt` is how
+`searchers.follow_restored_trial` hands them such a trial, with the values Tune's record gives it.
+(HyperOpt's searcher ignores a trial it does not know: it is used as Ray ships it.)
+
+Imported only for a study that uses one of them (Ray's modules import Optuna or BOHB's packages).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray.tune.search.bohb import TuneBOHB
+from ray.tune.search.optuna import OptunaSearch
+from ray.tune.utils import flatten_dict
+
+logger = logging.getLogger(__name__)
+
+
+def _note(trial_id: str, searcher: str) -> None:
+    print(f"[ray_cifar] note: trial {trial_id} was made after {searcher}'s last saved state (the driver died "
+          f"between Tune's files); {searcher} takes it and its values from Tune's record", flush=True)
+
+
+class RestorableOptuna(OptunaSearch):
+    """OptunaSearch whose restored copy can adopt a trial it never suggested, and that skips (one warning) a
+    result of a trial it does not hold instead of failing the study."""
+
+    def adopt(self, trial_id: str, config: dict[str, Any]) -> bool:
+        """Take TRIAL_ID with CONFIG's values (Tune's trial config) into Optuna's study, as a running trial;
+        False when it is already there. The lost suggestion is drawn again first: from the state saved just
+        before it, Optuna draws the same values (what an uninterrupted study holds), and the next trial's
+        draw is not a repeat of this one. Where the values differ the draw is told FAIL (TPE learns nothing
+        from it) and the trial's own values are enqueued and asked for."""
+        if trial_id in self._ot_trials or not isinstance(self._space, dict) or self._ot_study is None:
+            return False
+        flat = flatten_dict(config)
+        if any(name not in flat for name in self._space):
+            return False
+        values = {name: flat[name] for name in self._space}
+        drawn = self._ot_study.ask(fixed_distributions=self._space)
+        if drawn.params != values:
+            from optuna.trial import TrialState
+
+            self._ot_study.tell(drawn, state=TrialState.FAIL)
+            self._ot_study.enqueue_trial(values)
+            drawn = self._ot_study.ask(fixed_distributions=self._space)
+        self._ot_trials[trial_id] = drawn
+        _note(trial_id, "Optuna")
+        return True
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._ot_trials or trial_id in self._completed_trials:
+            super().on_trial_result(trial_id, result)
+        else:
+            logger.warning("Optuna holds no trial %s: its result is not told to the searcher", trial_id)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._ot_trials or trial_id in self._completed_trials:
+            super().on_trial_complete(trial_id, result=result, error=error)
+        else:
+            logger.warning("Optuna holds no trial %s: its end is not told to the searcher", trial_id)
+
+
+class RestorableBOHB(TuneBOHB):
+    """TuneBOHB whose restored copy can adopt a trial it never suggested (its values, for the model's
+    observations at the trial's milestones), and that skips a trial it does not hold instead of failing."""
+
+    def adopt(self, trial_id: str, config: dict[str, Any]) -> bool:
+        if trial_id in self.trial_to_params or self._space is None:
+            return False
+        flat = flatten_dict(config)
+        names = list(self._space.keys())
+        if any(name not in flat for name in names):
+            return False
+        self.trial_to_params[trial_id] = {name: flat[name] for name in names}
+        _note(trial_id, "BOHB")
+        return True
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self.trial_to_params:
+            super().on_trial_result(trial_id, result)
+        else:
+            logger.warning("BOHB holds no trial %s: its result is not told to the searcher", trial_id)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.trial_to_params.setdefault(trial_id, {})  # (Ray's deletes it unchecked)
+        super().on_trial_complete(trial_id, result=result, error=error)

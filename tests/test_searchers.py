@@ -1,0 +1,137 @@
+"""A search algorithm restored from a state saved before Tune's trial list (a driver killed between Tune's files)
+made to agree with the trials Tune restored: `searchers.follow_restored_trial`, on Tune's real search classes and
+Optuna. The killed studies of test_beyond_grids (Optuna, BOHB) and test_fault_tolerance (a grid) do the same on a
+real Ray; here each piece is checked alone, in a second."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGenerator
+
+from ray_cifar.tuning.searchers import follow_restored_trial
+
+SPACE = {"optim.lr": tune.loguniform(1e-6, 0.2), "optim.momentum": tune.choice([0.0, 0.9])}
+
+
+class Restored:
+    """What follow_restored_trial reads of Tune's controller: its search algorithm and its trials."""
+
+    def __init__(self, search_alg, trials):
+        self.search_alg, self.trials = search_alg, trials
+
+    def get_trials(self):
+        return self.trials
+
+
+def trial(trial_id: str, config: dict, status: str, last_result: dict | None = None) -> Trial:
+    t = Trial("__fake", config=config, stub=True, trial_id=trial_id)
+    t.set_status(status)
+    t.run_metadata.last_result = last_result or {}
+    return t
+
+
+def restored_optuna(saved_at, max_concurrent: int = 2):
+    """A fresh searcher given the state saved at SAVED_AT, inside Tune's wrappers as a restore builds them."""
+    pytest.importorskip("optuna")
+    from ray_cifar.tuning.restorable_searchers import RestorableOptuna
+
+    searcher = RestorableOptuna(seed=0, metric="val_acc", mode="max")
+    searcher.set_search_properties("val_acc", "max", SPACE)
+    searcher.restore(saved_at)
+    return SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)), searcher
+
+
+def optuna_saved_after_two(tmp_path):
+    """An Optuna searcher that suggested a and b, saved, then suggested c (the driver died before c was saved)."""
+    pytest.importorskip("optuna")
+    from ray_cifar.tuning.restorable_searchers import RestorableOptuna
+
+    searcher = RestorableOptuna(seed=0, metric="val_acc", mode="max")
+    searcher.set_search_properties("val_acc", "max", SPACE)
+    configs = {tid: searcher.suggest(tid) for tid in ("a", "b")}
+    saved_at = str(tmp_path / "searcher-state.pkl")
+    searcher.save(saved_at)
+    configs["c"] = searcher.suggest("c")
+    return saved_at, configs
+
+
+def test_a_restored_optuna_takes_the_trial_its_state_lacks_and_the_end_of_one_it_missed(tmp_path, capsys):
+    saved_at, configs = optuna_saved_after_two(tmp_path)
+    alg, searcher = restored_optuna(saved_at)
+    alg._counter, alg.searcher.live_trials = 2, {"a", "b"}  # as saved with a and b running
+    alg.searcher.num_unfinished_live_trials = 2
+    # Tune's list: a ended since the searcher's save (ASHA stopped it), b runs, c was made after the save.
+    trials = [trial("a", configs["a"], Trial.TERMINATED, {"val_acc": 0.3, "training_iteration": 1}),
+              trial("b", configs["b"], Trial.PENDING), trial("c", configs["c"], Trial.PENDING)]
+    controller = Restored(alg, [])
+    for t in trials:
+        controller.trials.append(t)
+        follow_restored_trial(controller, t)
+    assert alg._counter == 3  # else it makes a fifth trial of four
+    assert alg.searcher.live_trials == {"b", "c"} and alg.searcher.num_unfinished_live_trials == 2  # a's slot freed
+    assert capsys.readouterr().out.count("was made after Optuna's last saved state") == 1  # c's
+    # c drawn again from the state saved just before it: the same values, so Optuna's study is what it would be
+    # had the driver lived: a told with its last result, b and c running with their own values, nothing failed.
+    study = searcher._ot_study.trials
+    assert [t.state.name for t in study] == ["COMPLETE", "RUNNING", "RUNNING"] and study[0].value == 0.3
+    assert searcher._ot_trials["c"].params == configs["c"]
+    searcher.on_trial_result("c", {"val_acc": 0.4, "training_iteration": 1})  # Ray's OptunaSearch: KeyError here
+    searcher.on_trial_complete("c", {"val_acc": 0.4})
+    assert searcher.suggest("d") != configs["c"]  # the next draw is not c's again
+
+
+def test_a_trial_whose_values_optuna_would_not_draw_again_is_enqueued_and_the_draw_told_failed(tmp_path):
+    saved_at, configs = optuna_saved_after_two(tmp_path)
+    alg, searcher = restored_optuna(saved_at)
+    other = {"optim.lr": 0.01, "optim.momentum": 0.0}  # not what Optuna draws next
+    assert configs["c"] != other
+    follow_restored_trial(Restored(alg, [trial("c", other, Trial.PENDING)]), trial("c", other, Trial.PENDING))
+    assert searcher._ot_trials["c"].params == other
+    assert [t.state.name for t in searcher._ot_study.trials][-2:] == ["FAIL", "RUNNING"]  # TPE learns from neither
+
+
+def test_a_new_trial_changes_nothing():
+    pytest.importorskip("optuna")
+    from ray_cifar.tuning.restorable_searchers import RestorableOptuna
+
+    searcher = RestorableOptuna(seed=0, metric="val_acc", mode="max")
+    searcher.set_search_properties("val_acc", "max", SPACE)
+    alg = SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=2))
+    config = alg.searcher.suggest("a")
+    alg._counter = 1
+    before = (copy.copy(alg.searcher.live_trials), len(searcher._ot_study.trials))
+    t = trial("a", config, Trial.PENDING)
+    follow_restored_trial(Restored(alg, [t]), t)
+    assert (alg.searcher.live_trials, len(searcher._ot_study.trials), alg._counter) == (*before, 1)
+
+
+def test_a_grid_restored_from_before_its_last_trial_neither_makes_it_again_nor_keeps_an_ended_ones_slot():
+    """Without this a grid study with one trial at a time waited for ever after --resume (seen in
+    test_fault_tolerance): the second trial's slot stayed taken, the third trial was to be made again."""
+    tune.register_trainable("__fake", lambda config: None)
+    gen = BasicVariantGenerator(max_concurrent=1)
+    gen.add_configurations({"e": {"run": "__fake", "config": {"x": tune.grid_search([1, 2, 3, 4])}}})
+    made = [gen.next_trial()]
+    gen.on_trial_complete(made[0].trial_id)
+    made.append(gen.next_trial())
+    saved = copy.deepcopy(gen.get_state())  # b running
+    gen.on_trial_complete(made[1].trial_id)
+    made.append(gen.next_trial())  # c, made after the save
+    restored = BasicVariantGenerator(max_concurrent=1)
+    restored.set_state(saved)
+    statuses = [Trial.TERMINATED, Trial.TERMINATED, Trial.PENDING]
+    controller = Restored(restored, [])
+    for t, status in zip(made, statuses):
+        t.set_status(status)
+        controller.trials.append(t)
+        follow_restored_trial(controller, t)
+    assert restored._live_trials == {made[2].trial_id}
+    restored.on_trial_complete(made[2].trial_id)
+    fourth = restored.next_trial()
+    assert fourth.trial_id not in {t.trial_id for t in made} and fourth.config == {"x": 4}
+    restored.on_trial_complete(fourth.trial_id)
+    assert restored.next_trial() is None and restored.is_finished()  # four trials in all

@@ -94,6 +94,21 @@ def test_a_trial_whose_values_optuna_would_not_draw_again_is_enqueued_and_the_dr
     assert [t.state.name for t in searcher._ot_study.trials][-2:] == ["FAIL", "RUNNING"]  # TPE learns from neither
 
 
+def test_a_trial_made_after_tunes_list_was_written_holds_no_slot_and_no_count(tmp_path):
+    """The other order: the searcher's state saved after a trial Tune's list lacks (lost with the driver). Its
+    slot would be held for ever (a study of one trial at a time would wait for ever), and the study would make
+    one trial fewer than tune.num_samples."""
+    saved_at, configs = optuna_saved_after_two(tmp_path)
+    alg, _ = restored_optuna(saved_at, max_concurrent=1)
+    alg._counter, alg.searcher.live_trials = 3, {"lost"}
+    a, b = trial("a", configs["a"], Trial.TERMINATED), trial("b", configs["b"], Trial.TERMINATED)
+    controller = Restored(alg, [a, b])
+    for t in (a, b):
+        follow_restored_trial(controller, t)
+    assert alg._counter == 2 and alg.searcher.live_trials == set() and alg.searcher.num_unfinished_live_trials == 0
+    assert alg.searcher.suggest("c") is not None  # a free slot
+
+
 def test_a_new_trial_changes_nothing():
     pytest.importorskip("optuna")
     from ray_cifar.tuning.restorable_searchers import RestorableOptuna
@@ -135,3 +150,18 @@ def test_a_grid_restored_from_before_its_last_trial_neither_makes_it_again_nor_k
     assert fourth.trial_id not in {t.trial_id for t in made} and fourth.config == {"x": 4}
     restored.on_trial_complete(fourth.trial_id)
     assert restored.next_trial() is None and restored.is_finished()  # four trials in all
+
+
+def test_a_grid_restored_from_after_a_trial_tune_lost_does_not_wait_for_it():
+    tune.register_trainable("__fake", lambda config: None)
+    gen = BasicVariantGenerator(max_concurrent=1)
+    gen.add_configurations({"e": {"run": "__fake", "config": {"x": tune.grid_search([1, 2, 3])}}})
+    a = gen.next_trial()
+    gen.on_trial_complete(a.trial_id)
+    gen.next_trial()  # b: made, in the generator's saved state, not in Tune's list
+    restored = BasicVariantGenerator(max_concurrent=1)
+    restored.set_state(copy.deepcopy(gen.get_state()))
+    a.set_status(Trial.TERMINATED)
+    follow_restored_trial(Restored(restored, [a]), a)
+    assert restored._live_trials == set()
+    assert restored.next_trial().config == {"x": 3}  # b's point is lost with the driver; the study goes on

@@ -68,20 +68,20 @@ def base_searcher(search_alg):
 
 
 def follow_restored_trial(tune_controller, trial) -> None:
-    """Make Tune's search algorithm agree with TRIAL as Tune holds it; the schedulers call it as each trial is
-    added. A new trial is already known everywhere (nothing changes); a restored one may not be.
+    """Make Tune's search algorithm agree with Tune's trials; the schedulers call it as each trial is added. A new
+    trial is already known everywhere (nothing changes); after a restore the search algorithm's state may not be.
 
     Tune writes the trial list and the search algorithm's state one after the other, and copies them into the
-    output folder on threads, file by file, so a dead driver can leave either one the newer. Tune's trial list
-    is what the study goes on from; where the search algorithm's saved state is older:
-    - its trial count is raised to Tune's (else it makes more trials than tune.num_samples);
+    output folder on threads, file by file, so a dead driver can leave either one the newer. Tune's trial list is
+    what the study goes on from, so as each trial is added back:
+    - the trial count is Tune's (else one trial too many, or too few, for tune.num_samples);
     - a grid or random generator skips the trials Tune already has (else it makes one again, under the same id);
-    - the concurrency limit counts the unfinished trials, not the ones that ended since (slots held forever by
-      trials that will never end again would stop the study from making new ones);
-    - a model-based searcher adopts a trial it never saw (see restorable_searchers), and is told of a trial
-      that ended since, with its last result.
-    Not mended: a saved state newer than Tune's list. A trial made after the list was written is lost with the
-    driver (a grid point not run, or one trial fewer than tune.num_samples)."""
+    - the concurrency limit counts Tune's unfinished trials only: not a trial that ended since the save, nor one
+      made after Tune's list was written (a slot held by a trial that never ends again stops the study from
+      making new ones: a study of one trial at a time waited for ever);
+    - a model-based searcher adopts a trial it never saw (see restorable_searchers), and is told of the end of
+      a trial that ended since, with its last result.
+    Not mended: a trial made after Tune's list was written is lost with the driver (a grid point not run)."""
     from ray.tune.experiment import Trial
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGenerator
     from ray.tune.utils import flatten_dict
@@ -89,26 +89,37 @@ def follow_restored_trial(tune_controller, trial) -> None:
     alg = getattr(tune_controller, "search_alg", None)
     if not isinstance(alg, (BasicVariantGenerator, SearchGenerator)):
         return
-    trials = tune_controller.get_trials()
+    known = {t.trial_id for t in tune_controller.get_trials()}  # (Tune adds a trial before telling the scheduler)
     ended = trial.status in (Trial.TERMINATED, Trial.ERROR)
     if isinstance(alg, BasicVariantGenerator):
-        (alg._live_trials.discard if ended else alg._live_trials.add)(trial.trial_id)
-        _skip_made(alg, {t.trial_id for t in trials})
+        _follow(alg._live_trials, known, trial.trial_id, ended)
+        _skip_made(alg, known)
         return
-    alg._counter = max(alg._counter, len(trials))
+    # Restored trials are added one by one, before any new one is made: this count ends at the restored ones.
+    alg._counter = len(known)
     limiter = alg.searcher if isinstance(alg.searcher, ConcurrencyLimiter) else None
-    base = limiter.searcher if limiter is not None else alg.searcher
-    adopted = bool(getattr(base, "adopt", lambda *_: False)(trial.trial_id, trial.config))
-    was_live = limiter is not None and trial.trial_id in limiter.live_trials
-    if limiter is not None and ended and was_live:
-        limiter.live_trials.discard(trial.trial_id)
-        limiter.num_unfinished_live_trials -= 1
-    elif limiter is not None and not ended and not was_live:
-        limiter.live_trials.add(trial.trial_id)
-        limiter.num_unfinished_live_trials += 1
-    if ended and (was_live or adopted):  # it ended after the searcher's state was saved: tell it now
+    if limiter is not None:
+        _follow(limiter.live_trials, known, trial.trial_id, ended)
+        limiter.num_unfinished_live_trials = len(limiter.live_trials)
+    base = base_searcher(alg)
+    getattr(base, "adopt", lambda *_: False)(trial.trial_id, trial.config)
+    if ended and _holds_open(base, trial.trial_id):  # it ended after the searcher's state was saved
         base.on_trial_complete(trial.trial_id, result=flatten_dict(trial.last_result or {}),
                                error=trial.status == Trial.ERROR)
+
+
+def _follow(live: set[str], known: set[str], trial_id: str, ended: bool) -> None:
+    """A concurrency limit's running trials: TRIAL_ID in or out, and none that Tune does not have. (While the
+    restored trials are being added, one not added yet is dropped here and put back when it is.)"""
+    live.intersection_update(known)
+    (live.discard if ended else live.add)(trial_id)
+
+
+def _holds_open(searcher, trial_id: str) -> bool:
+    """Whether SEARCHER counts TRIAL_ID as running: it has not been told of its end (Optuna, BOHB, HyperOpt)."""
+    if hasattr(searcher, "_ot_trials"):
+        return trial_id in searcher._ot_trials and trial_id not in searcher._completed_trials
+    return any(trial_id in getattr(searcher, record, ()) for record in ("trial_to_params", "_live_trial_mapping"))
 
 
 def _skip_made(generator, known: set[str]) -> None:

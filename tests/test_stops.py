@@ -197,7 +197,11 @@ def test_sigterm_to_every_process_stops_the_study_at_once_and_it_resumes(synthet
     # 130: the driver saw Ray gone and said so; 1: Ray's own core worker ended it as its raylet went (CI, loaded).
     assert driver.returncode in (130, 1), out[-3000:]
     assert (driver.returncode == 130) == ("SIGTERM reached Ray too" in out), out[-3000:]
-    assert f"it continues with: python -m ray_cifar.tune --resume {output}" in out, out[-3000:]  # at the signal
+    # The --resume command: at the start, and at the signal where the driver lived to print it. (Ray's core worker
+    # can end the driver before Python runs its signal handler: exit 1 and no line at the signal, in CI.)
+    assert f"the study continues with: python -m ray_cifar.tune --resume {output}" in out, out[-3000:]
+    if driver.returncode == 130:
+        assert f"it continues with: python -m ray_cifar.tune --resume {output}" in out.split("SIGTERM:", 1)[-1]
     assert "Failed to connect to GCS" not in out
     assert_no_traceback(subprocess.CompletedProcess([], 0, out, ""), driver_only=True)
 

@@ -285,6 +285,9 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
     print(_banner(cfg, output, max_concurrent, resume), flush=True)
     print(f"[ray_cifar] TensorBoard: tensorboard --logdir {os.path.join(output, 'tensorboard')}", flush=True)
     resume_command = f"python -m ray_cifar.tune --resume {remote or output}"
+    # Here, not only at a stop: a driver can end without a word (SIGKILL, a lost machine, or Ray's core worker
+    # exiting the process as its raylet goes in a group SIGTERM), and this line is then in the job's log.
+    print(f"[ray_cifar] if this driver stops or dies, the study continues with: {resume_command}", flush=True)
 
     def stop_now() -> None:
         print(f"\n[ray_cifar] SIGTERM reached Ray too (every process of a machine or job that is shutting down: a "
@@ -344,7 +347,8 @@ def polite_sigterm(resume_command: str, ray_alive: Callable[[], bool], stop_now:
     Where the SIGTERM went to every process (a machine shutting down, Slurm's scancel, `kill -TERM -PGID`), a local
     Ray's processes end with it. Then either Ray's own core worker ends the driver at once (exit 1) as its raylet
     goes, or Tune's graceful stop waits on the gone GCS until Ray's reconnect timeout (60 s, then exit 1): past most
-    grace periods before the SIGKILL. So the first SIGTERM's line already names the --resume command, and a thread
+    grace periods before the SIGKILL. So the --resume command is printed at the study's start and again in the
+    first SIGTERM's line (where Python runs its handler before Ray's core worker ends the process), and a thread
     watches Ray (ray_alive: its GCS takes connections); once Ray has been gone for GONE_AFTER_S, stop_now() says so
     and the driver exits 130 (Tune has saved the experiment by then: its save follows the signal within a second,
     and what a kill at any moment leaves is resumable)."""

@@ -551,6 +551,7 @@ def test_bohb_gives_its_model_a_milestone_result_the_dead_driver_had_not_saved(t
     once; t0's is not counted twice, and the searcher's running set stays the rebuild's own."""
     pytest.importorskip("hpbandster")
     from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.bohb import TuneBOHB
 
     space = TuneBOHB.convert_search_space({"optim.lr": tune.loguniform(1e-6, 0.2)})
@@ -561,7 +562,10 @@ def test_bohb_gives_its_model_a_milestone_result_the_dead_driver_had_not_saved(t
     searcher.on_pause("t0")
     rows = [{"trial_id": tid, "epoch": 1, "epochs": 3, "val_acc": acc, "time": n}
             for n, (tid, acc) in enumerate([("t0", 0.5), ("t1", 0.6)])]
-    scheduler, controller, trials, _ = _restored_bohb(tmp_path, rows, [Trial.PENDING] * 3, searcher=searcher)
+    # Inside Tune's ConcurrencyLimiter, as a study with tune.max_concurrent_trials hands it to the scheduler
+    # (the replay once took the limiter for the searcher, and did nothing).
+    limited = ConcurrencyLimiter(searcher, max_concurrent=2)
+    scheduler, controller, trials, _ = _restored_bohb(tmp_path, rows, [Trial.PENDING] * 3, searcher=limited)
     assert scheduler.choose_trial_to_run(controller) is trials[2]
     assert sorted(searcher.bohber.losses[1]) == [-0.6, -0.5] and len(searcher.bohber.configs[1]) == 2
     assert searcher.paused == {"t0", "t1"} and searcher.running == {"t2"}

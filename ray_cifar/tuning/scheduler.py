@@ -270,7 +270,7 @@ class BOHBHyperBand(HyperBandForBOHB):
             for bracket in band:
                 if bracket is not None:
                     self._replay(controller, bracket, by_trial, reached)
-        _observe_missing(searcher, reached, self._metric, {t.trial_id: t.config for t in held})
+        _observe_missing(searcher, reached, {t.trial_id: t.config for t in held})
         for trial in held:
             if trial.status in (Trial.TERMINATED, Trial.ERROR) and hasattr(searcher, "paused"):
                 searcher.paused.discard(trial.trial_id)  # (not running: cleared above, and the replay unpauses none)
@@ -334,7 +334,7 @@ class BOHBHyperBand(HyperBandForBOHB):
         return state
 
 
-def _observe_missing(searcher, milestones: list[tuple[str, float, float]], metric: str,
+def _observe_missing(searcher, milestones: list[tuple[str, float, float]],
                      configs: dict[str, dict[str, Any]]) -> None:
     """Give TuneBOHB's model (hpbandster's BOHB: configs and losses by budget) each milestone result it lacks,
     as Ray hands it one (TuneBOHB.on_trial_result with the budget): a trial waiting at its milestone when the

@@ -165,3 +165,24 @@ def test_a_grid_restored_from_after_a_trial_tune_lost_does_not_wait_for_it():
     follow_restored_trial(Restored(restored, [a]), a)
     assert restored._live_trials == set()
     assert restored.next_trial().config == {"x": 3}  # b's point is lost with the driver; the study goes on
+
+
+def test_bohb_adopts_only_a_trial_it_never_made(tmp_path, capsys):
+    """TuneBOHB forgets a trial's values when it ends: an ended trial restored as Tune saved it is not one it
+    never saw (no line, no second record)."""
+    pytest.importorskip("hpbandster")
+    from ray_cifar.tuning.restorable_searchers import RestorableBOHB
+
+    searcher = RestorableBOHB(seed=0, metric="val_acc", mode="max")
+    searcher.set_search_properties("val_acc", "max", SPACE)
+    ended = searcher.suggest("a")
+    searcher.on_trial_complete("a", {"val_acc": 0.3})
+    saved_at = str(tmp_path / "searcher-state.pkl")
+    searcher.save(saved_at)
+    restored = RestorableBOHB(seed=0, metric="val_acc", mode="max")
+    restored.set_search_properties("val_acc", "max", SPACE)
+    restored.restore(saved_at)
+    assert not restored.adopt("a", ended) and "a" not in restored.trial_to_params
+    assert restored.adopt("b", {"optim.lr": 0.01, "optim.momentum": 0.9})
+    assert restored.trial_to_params["b"] == {"optim.lr": 0.01, "optim.momentum": 0.9}
+    assert capsys.readouterr().out.count("made after BOHB's last saved state") == 1

@@ -72,14 +72,26 @@ class RestorableBOHB(TuneBOHB):
     """TuneBOHB whose restored copy can adopt a trial it never suggested (its values, for the model's
     observations at the trial's milestones), and that skips a trial it does not hold instead of failing."""
 
+    def _made(self) -> set[str]:
+        """Every trial id it suggested or adopted. (TuneBOHB forgets a trial's values when it ends; its state is
+        its __dict__, so this set is saved and restored with it.)"""
+        return self.__dict__.setdefault("_made_ids", set())
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        if config is not None:
+            self._made().add(trial_id)
+        return config
+
     def adopt(self, trial_id: str, config: dict[str, Any]) -> bool:
-        if trial_id in self.trial_to_params or self._space is None:
+        if trial_id in self._made() or trial_id in self.trial_to_params or self._space is None:
             return False
         flat = flatten_dict(config)
         names = list(self._space.keys())
         if any(name not in flat for name in names):
             return False
         self.trial_to_params[trial_id] = {name: flat[name] for name in names}
+        self._made().add(trial_id)
         _note(trial_id, "BOHB")
         return True
 

@@ -34,24 +34,26 @@ def trial(trial_id: str, config: dict, status: str, last_result: dict | None = N
     return t
 
 
+def make(kind: str):
+    """A fresh RestorableOptuna or RestorableBOHB over SPACE, as a study makes one (seed 0, val_acc, max)."""
+    pytest.importorskip("optuna" if kind == "optuna" else "hpbandster")
+    from ray_cifar.tuning.restorable_searchers import RestorableBOHB, RestorableOptuna
+
+    made = (RestorableOptuna if kind == "optuna" else RestorableBOHB)(seed=0, metric="val_acc", mode="max")
+    made.set_search_properties("val_acc", "max", SPACE)
+    return made
+
+
 def restored_optuna(saved_at, max_concurrent: int = 2):
     """A fresh searcher given the state saved at SAVED_AT, inside Tune's wrappers as a restore builds them."""
-    pytest.importorskip("optuna")
-    from ray_cifar.tuning.restorable_searchers import RestorableOptuna
-
-    searcher = RestorableOptuna(seed=0, metric="val_acc", mode="max")
-    searcher.set_search_properties("val_acc", "max", SPACE)
+    searcher = make("optuna")
     searcher.restore(saved_at)
     return SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)), searcher
 
 
 def optuna_saved_after_two(tmp_path):
     """An Optuna searcher that suggested a and b, saved, then suggested c (the driver died before c was saved)."""
-    pytest.importorskip("optuna")
-    from ray_cifar.tuning.restorable_searchers import RestorableOptuna
-
-    searcher = RestorableOptuna(seed=0, metric="val_acc", mode="max")
-    searcher.set_search_properties("val_acc", "max", SPACE)
+    searcher = make("optuna")
     configs = {tid: searcher.suggest(tid) for tid in ("a", "b")}
     saved_at = str(tmp_path / "searcher-state.pkl")
     searcher.save(saved_at)
@@ -110,11 +112,7 @@ def test_a_trial_made_after_tunes_list_was_written_holds_no_slot_and_no_count(tm
 
 
 def test_a_new_trial_changes_nothing():
-    pytest.importorskip("optuna")
-    from ray_cifar.tuning.restorable_searchers import RestorableOptuna
-
-    searcher = RestorableOptuna(seed=0, metric="val_acc", mode="max")
-    searcher.set_search_properties("val_acc", "max", SPACE)
+    searcher = make("optuna")
     alg = SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=2))
     config = alg.searcher.suggest("a")
     alg._counter = 1
@@ -170,17 +168,12 @@ def test_a_grid_restored_from_after_a_trial_tune_lost_does_not_wait_for_it():
 def test_bohb_adopts_only_a_trial_it_never_made(tmp_path, capsys):
     """TuneBOHB forgets a trial's values when it ends: an ended trial restored as Tune saved it is not one it
     never saw (no line, no second record)."""
-    pytest.importorskip("hpbandster")
-    from ray_cifar.tuning.restorable_searchers import RestorableBOHB
-
-    searcher = RestorableBOHB(seed=0, metric="val_acc", mode="max")
-    searcher.set_search_properties("val_acc", "max", SPACE)
+    searcher = make("bohb")
     ended = searcher.suggest("a")
     searcher.on_trial_complete("a", {"val_acc": 0.3})
     saved_at = str(tmp_path / "searcher-state.pkl")
     searcher.save(saved_at)
-    restored = RestorableBOHB(seed=0, metric="val_acc", mode="max")
-    restored.set_search_properties("val_acc", "max", SPACE)
+    restored = make("bohb")
     restored.restore(saved_at)
     assert not restored.adopt("a", ended) and "a" not in restored.trial_to_params
     assert restored.adopt("b", {"optim.lr": 0.01, "optim.momentum": 0.9})

@@ -14,8 +14,7 @@ from .. import storage
 from ..checkpoint_store import keep_only, remove_state_at
 from ..config import LINEAGE
 from ..results import ResultsLog, best_epoch
-from .scheduler import save_experiment
-from .searchers import follow_restored_trial
+from .scheduler import save_experiment, trial_added
 
 SEED = "train.seed"
 
@@ -65,8 +64,7 @@ class Lineage:
             state.last_train_time = row["epoch"]
             state.last_perturbation_time = row["epoch"] // self._perturbation_interval * self._perturbation_interval
             state.last_result = {self._metric: row[self._metric], self._time_attr: row["epoch"]}
-        follow_restored_trial(tune_controller, trial)
-        save_experiment(tune_controller, trial)
+        trial_added(tune_controller, trial)
 
     def __getstate__(self):
         state = dict(self.__dict__)

@@ -23,6 +23,13 @@ from ray.tune.utils import flatten_dict
 logger = logging.getLogger(__name__)
 
 
+def space_values(config: dict[str, Any], names) -> dict[str, Any] | None:
+    """A trial's values for a searcher's space (NAMES: its flattened keys) from the trial's config as Tune holds
+    it; None when one is missing."""
+    flat = flatten_dict(config)
+    return {name: flat[name] for name in names} if all(name in flat for name in names) else None
+
+
 def _note(trial_id: str, searcher: str) -> None:
     print(f"[ray_cifar] note: trial {trial_id} was made after {searcher}'s last saved state (the driver died "
           f"between Tune's files); {searcher} takes it and its values from Tune's record", flush=True)
@@ -40,10 +47,9 @@ class RestorableOptuna(OptunaSearch):
         from it) and the trial's own values are enqueued and asked for."""
         if trial_id in self._ot_trials or not isinstance(self._space, dict) or self._ot_study is None:
             return False
-        flat = flatten_dict(config)
-        if any(name not in flat for name in self._space):
+        values = space_values(config, self._space)
+        if values is None:
             return False
-        values = {name: flat[name] for name in self._space}
         drawn = self._ot_study.ask(fixed_distributions=self._space)
         if drawn.params != values:
             from optuna.trial import TrialState
@@ -56,13 +62,13 @@ class RestorableOptuna(OptunaSearch):
         return True
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._ot_trials or trial_id in self._completed_trials:
+        if trial_id in self._ot_trials:  # (a completed trial is still there)
             super().on_trial_result(trial_id, result)
         else:
             logger.warning("Optuna holds no trial %s: its result is not told to the searcher", trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._ot_trials or trial_id in self._completed_trials:
+        if trial_id in self._ot_trials:  # (a completed trial is still there)
             super().on_trial_complete(trial_id, result=result, error=error)
         else:
             logger.warning("Optuna holds no trial %s: its end is not told to the searcher", trial_id)
@@ -86,11 +92,10 @@ class RestorableBOHB(TuneBOHB):
     def adopt(self, trial_id: str, config: dict[str, Any]) -> bool:
         if trial_id in self._made() or trial_id in self.trial_to_params or self._space is None:
             return False
-        flat = flatten_dict(config)
-        names = list(self._space.keys())
-        if any(name not in flat for name in names):
+        values = space_values(config, self._space.keys())
+        if values is None:
             return False
-        self.trial_to_params[trial_id] = {name: flat[name] for name in names}
+        self.trial_to_params[trial_id] = values
         self._made().add(trial_id)
         _note(trial_id, "BOHB")
         return True

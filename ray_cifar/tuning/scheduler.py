@@ -45,13 +45,19 @@ def save_experiment(tune_controller, trial=None) -> None:
     save(force=True, wait=True)
 
 
+def trial_added(tune_controller, trial) -> None:
+    """What every ray_cifar scheduler does as Tune adds a trial (a new one, or one a restore brings back): the
+    search algorithm made to agree with Tune's trials (searchers.follow_restored_trial), then saved with them."""
+    follow_restored_trial(tune_controller, trial)
+    save_experiment(tune_controller, trial)
+
+
 class SavingFIFO(FIFOScheduler):
     """FIFOScheduler that saves the experiment whenever a trial is added (see save_experiment)."""
 
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
-        follow_restored_trial(tune_controller, trial)
-        save_experiment(tune_controller, trial)
+        trial_added(tune_controller, trial)
 
 
 def recorded_stops(output: str) -> set[str]:
@@ -117,8 +123,7 @@ class RestorableASHA(ASHAScheduler):
             self._stopped_before = self._recorded_stops()
         super().on_trial_add(tune_controller, trial)  # checks metric/mode, draws a bracket at random ...
         self._trial_info[trial.trial_id] = self.bracket_of(trial.trial_id)  # ... replaced by the trial id's
-        follow_restored_trial(tune_controller, trial)
-        save_experiment(tune_controller, trial)
+        trial_added(tune_controller, trial)
 
     def _rebuild_once(self) -> None:
         # At the first question or result, not when Tune adds the restored trials: the recorder's first step
@@ -223,8 +228,7 @@ class BOHBHyperBand(HyperBandForBOHB):
             self._held.append(trial)
         else:
             super().on_trial_add(tune_controller, trial)
-        follow_restored_trial(tune_controller, trial)
-        save_experiment(tune_controller, trial)
+        trial_added(tune_controller, trial)
 
     def choose_trial_to_run(self, tune_controller, allow_recurse: bool = True):
         if self._held is not None:  # Tune adds every restored trial before it first asks what to run
@@ -346,16 +350,13 @@ def _observe_missing(searcher, milestones: list[tuple[str, float, float]],
     import ConfigSpace
     import numpy as np
     from ray.tune.search.bohb.bohb_search import _BOHBJobWrapper
-    from ray.tune.utils import flatten_dict
 
-    names = list(model.configspace.keys())
+    from .restorable_searchers import space_values  # (a BOHB study: imported already)
+
     for trial_id, budget, value in milestones:
-        values = params.get(trial_id)
+        values = params.get(trial_id) or space_values(configs.get(trial_id) or {}, model.configspace.keys())
         if values is None:
-            flat = flatten_dict(configs.get(trial_id) or {})
-            if any(name not in flat for name in names):
-                continue
-            values = {name: flat[name] for name in names}
+            continue
         vector = ConfigSpace.Configuration(model.configspace, values).get_array()
         if not any(np.array_equal(vector, seen, equal_nan=True) for seen in model.configs.get(budget, [])):
             # (not searcher.on_trial_result: that also counts the trial running, which the rebuild decides)

@@ -105,16 +105,26 @@ class SearchStates:
         state = cloudpickle.loads(next(iter(version.values())))  # (the first pattern's)
         return state["counter"] if "counter" in state else max(it.counter for it in state["_iterators"])
 
+    def put_back_newest(self, where, what: str) -> dict[str, bytes]:
+        """Write over the current files the newest version for which where(version) holds; that version."""
+        for version in reversed(self.versions):
+            if where(version):
+                for name, data in version.items():
+                    (self.folder / name).write_bytes(data)
+                return version
+        raise AssertionError(f"no search state {what} was seen")
+
     def put_back_an_older_one(self) -> int:
         """Write over the current files the newest version saved before the study's last trial (as seen) was made;
         how many trials were made after it."""
         newest = self.made(self.versions[-1]) if self.versions else 0
-        for version in reversed(self.versions):
-            if self.made(version) < newest:
-                for name, data in version.items():
-                    (self.folder / name).write_bytes(data)
-                return newest - self.made(version)
-        raise AssertionError(f"no search state from before the study's trial {newest} was seen")
+        version = self.put_back_newest(lambda v: self.made(v) < newest, f"from before the study's trial {newest}")
+        return newest - self.made(version)
+
+    def tune_trial_ids(self) -> set[str]:
+        """The trials in Tune's newest experiment state: what a --resume restores."""
+        newest = sorted(self.folder.glob("experiment_state-*.json"))[-1]
+        return {json.loads(state)["trial_id"] for state, _ in json.loads(newest.read_text())["trial_data"]}
 
 
 def trials_state(output) -> dict:

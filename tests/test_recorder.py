@@ -607,3 +607,17 @@ def test_a_stopped_study_closes_its_tensorboard_files(tmp_path):
     writer = rec.writers["t"]
     rec.on_experiment_end([])
     assert rec.writers == {} and writer.all_writers is None  # closed
+
+
+def test_bohb_does_not_call_stopped_a_trial_whose_last_epochs_the_dead_driver_never_saw(tmp_path):
+    """t3, alone in the second bracket, trained to its last epoch and checkpointed while the driver died before it
+    saw the results (rows recovered from the checkpoint, Tune's last result still epoch 1). The replay ends it at
+    the bracket's last milestone: it finished, not stopped (in CI it was recorded `stopped` at epoch 3)."""
+    rows = [{"trial_id": tid, "epoch": e, "epochs": 3, "val_acc": acc, "time": n}
+            for n, (tid, e, acc) in enumerate([("t0", 1, 0.5), ("t1", 1, 0.6), ("t2", 1, 0.7), ("t3", 1, 0.4),
+                                               ("t3", 2, 0.45), ("t3", 3, 0.5)])]
+    scheduler, controller, trials, stops = _restored_bohb(tmp_path, rows, [Trial.TERMINATED, Trial.TERMINATED,
+                                                                          Trial.TERMINATED, Trial.PENDING])
+    trials[3].run_metadata.last_result = {"epoch": 1, "epochs": 3, "val_acc": 0.4}
+    scheduler.choose_trial_to_run(controller)
+    assert "t3" not in stops

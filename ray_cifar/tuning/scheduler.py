@@ -170,11 +170,14 @@ class _NotingStops:
     saving the experiment after: Tune stores a trial's state only when it has a process to stop, so a paused
     trial stopped would stay PAUSED on disk (a resumed study then never counts as finished)."""
 
-    def __init__(self, controller, on_stop: Callable[[str], None] | None):
-        self._controller, self._on_stop = controller, on_stop
+    def __init__(self, controller, on_stop: Callable[[str], None] | None,
+                 recorded: dict[str, dict[str, Any]] | None = None):
+        """RECORDED: each trial's last recorded row, which may be past Tune's last result (a trial's epochs
+        checkpointed but never seen by the dead driver are recovered into the rows, not into Tune's state)."""
+        self._controller, self._on_stop, self._recorded = controller, on_stop, recorded or {}
 
     def stop_trial(self, trial):
-        last = trial.last_result or {}
+        last = max(trial.last_result or {}, self._recorded.get(trial.trial_id) or {}, key=lambda r: r.get("epoch", 0))
         if self._on_stop and last.get("epoch", 0) < (last.get("epochs") or float("inf")):  # not one at its end
             self._on_stop(trial.trial_id)
         stopped = self._controller.stop_trial(trial)
@@ -268,7 +271,7 @@ class BOHBHyperBand(HyperBandForBOHB):
         searcher = base_searcher(getattr(tune_controller, "search_alg", None))  # TuneBOHB, not Tune's limiter
         if hasattr(searcher, "running"):  # as saved before the driver died: the replay adds the trials it unpauses
             searcher.running.clear()  # (the searcher makes no new trial while it counts max_concurrent running)
-        controller = _NotingStops(tune_controller, self.on_stop)
+        controller = _NotingStops(tune_controller, self.on_stop, {tid: rs[-1] for tid, rs in by_trial.items()})
         reached: list[tuple[str, float, float]] = []  # (trial id, milestone, metric there)
         for band in self._hyperbands:
             for bracket in band:

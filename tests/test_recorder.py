@@ -326,6 +326,32 @@ def test_a_stop_decided_just_before_the_driver_died_holds_after_the_restore(reco
     assert restored.on_trial_result(None, FakeTrial("t4"), result(3, 0.9)) == TrialScheduler.STOP
 
 
+def test_a_stop_that_died_with_the_driver_before_it_was_recorded_is_made_after_the_restore(recorder, tmp_path):
+    """t4's milestone row was recorded, then the driver died before Tune (and the recorder) heard ASHA's STOP.
+    The rebuilt rungs stop it at its next result, and the recorder calls it stopped; restored rungs that only
+    held the rows let it go on past the rung (t4's epoch 3 is below any rung it has not met)."""
+    asha_args = dict(metric="val_acc", mode="max", max_t=8, grace_period=1, reduction_factor=2)
+    lost = [("t4", 1, 0.45)]  # below rung 1's cutoff: ASHA's STOP that the dead driver never passed on
+    assert _run(RestorableASHA(str(tmp_path), **asha_args), HISTORY + lost, recorder)["t4"] == TrialScheduler.STOP
+    assert "t4" not in study_stops(tmp_path)
+    # Tuner.restore unpickles the recorder and the scheduler (whose on_stop is the recorder's) from one pickle.
+    recorder, restored = pickle.loads(pickle.dumps(
+        (recorder, RestorableASHA(str(tmp_path), on_stop=recorder.note_stopped, **asha_args))))
+    for trial_id in ("t1", "t2", "t3", "t4"):
+        restored.on_trial_add(None, FakeTrial(trial_id))
+    assert restored.on_trial_result(None, FakeTrial("t1"), result(3, 0.7)) == TrialScheduler.CONTINUE
+    assert restored.on_trial_result(None, FakeTrial("t4"), result(2, 0.9)) == TrialScheduler.STOP
+    recorder.on_trial_complete(0, [], FakeTrial("t4"))
+    assert recorder.trials["t4"]["status"] == "stopped"
+    assert restored.on_trial_result(None, FakeTrial("t3"), result(3, 0.7)) == TrialScheduler.CONTINUE
+
+
+def study_stops(tmp_path) -> set[str]:
+    from ray_cifar.tuning.scheduler import recorded_stops
+
+    return recorded_stops(str(tmp_path))
+
+
 def test_asha_rungs_hold_the_epochs_recovered_at_the_first_step(recorder, tmp_path):
     """A restored trial's milestone epoch, checkpointed but never reported (its report died with the driver), is
     recorded by the recorder at the new driver's first step: after Tune added the restored trials, before its

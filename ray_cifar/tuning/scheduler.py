@@ -95,6 +95,7 @@ class RestorableASHA(ASHAScheduler):
         self.output, self.on_stop = output, on_stop
         self._rebuilt = self._stops_read = False
         self._stopped_before: set[str] = set()
+        self._stop_unrecorded: set[str] = set()  # stopped by the rebuilt rungs, not yet recorded so
 
     def bracket_of(self, trial_id: str):
         """The trial's bracket, with Ray's weights (brackets with more rungs more likely) but drawn from a
@@ -111,11 +112,15 @@ class RestorableASHA(ASHAScheduler):
         return self._brackets[-1]
 
     def rebuild_rungs(self, rows: list[dict[str, Any]]) -> None:
-        """Feed recorded (trial, time, metric) rows to the rungs, oldest first; decisions are discarded."""
+        """Feed recorded (trial, time, metric) rows to the rungs, oldest first. A trial a rung stops (before its
+        own end) and the recorded stops lack is one whose stop died with the driver: the row that met the rung
+        was recorded, the STOP never reached Tune. It is stopped at its next result, as recorded stops are."""
         rows = [r for r in rows if r.get(self._metric) is not None and r.get(self._time_attr) is not None]
         for row in sorted(rows, key=lambda r: (r.get("time") or 0, r["epoch"])):
-            self.bracket_of(row["trial_id"]).on_result(_Recorded(row["trial_id"]), row[self._time_attr],
-                                                       self._metric_op * row[self._metric])
+            decision = self.bracket_of(row["trial_id"]).on_result(_Recorded(row["trial_id"]), row[self._time_attr],
+                                                                  self._metric_op * row[self._metric])
+            if decision == TrialScheduler.STOP and not self._at_end(row) and row["trial_id"] not in self._stopped_before:
+                self._stop_unrecorded.add(row["trial_id"])
 
     def on_trial_add(self, tune_controller, trial) -> None:
         if not self._stops_read:
@@ -146,6 +151,11 @@ class RestorableASHA(ASHAScheduler):
         if trial.trial_id in self._stopped_before:
             self._stopped_before.discard(trial.trial_id)
             return TrialScheduler.STOP
+        if trial.trial_id in self._stop_unrecorded:
+            self._stop_unrecorded.discard(trial.trial_id)
+            if self.on_stop:
+                self.on_stop(trial.trial_id)
+            return TrialScheduler.STOP
         decision = super().on_trial_result(tune_controller, trial, result)
         # ASHA also says STOP at max_t, where the trial ends anyway: only a stop before the trial's
         # own end is the scheduler's doing.
@@ -162,6 +172,7 @@ class RestorableASHA(ASHAScheduler):
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_rebuilt"] = state["_stops_read"] = False  # a restored copy rebuilds from disk
+        state["_stop_unrecorded"] = set()
         return state
 
 

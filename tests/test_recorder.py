@@ -334,12 +334,17 @@ def test_a_stop_that_died_with_the_driver_before_it_was_recorded_is_made_after_t
     lost = [("t4", 1, 0.45)]  # below rung 1's cutoff: ASHA's STOP that the dead driver never passed on
     assert _run(RestorableASHA(str(tmp_path), **asha_args), HISTORY + lost, recorder)["t4"] == TrialScheduler.STOP
     assert "t4" not in study_stops(tmp_path)
+    # t5 went on past rung 1 where its row, replayed after the others (as a row recovered from a checkpoint is),
+    # meets a fuller rung than it met: the driver that saw it let it go on, and so does the restored one.
+    for epoch, acc in ((1, 0.3), (2, 0.9)):
+        recorder.on_trial_result(0, [], FakeTrial("t5"), result(epoch, acc))
     # Tuner.restore unpickles the recorder and the scheduler (whose on_stop is the recorder's) from one pickle.
     recorder, restored = pickle.loads(pickle.dumps(
         (recorder, RestorableASHA(str(tmp_path), on_stop=recorder.note_stopped, **asha_args))))
-    for trial_id in ("t1", "t2", "t3", "t4"):
+    for trial_id in ("t1", "t2", "t3", "t4", "t5"):
         restored.on_trial_add(None, FakeTrial(trial_id))
     assert restored.on_trial_result(None, FakeTrial("t1"), result(3, 0.7)) == TrialScheduler.CONTINUE
+    assert restored.on_trial_result(None, FakeTrial("t5"), result(3, 0.7)) == TrialScheduler.CONTINUE
     assert restored.on_trial_result(None, FakeTrial("t4"), result(2, 0.9)) == TrialScheduler.STOP
     recorder.on_trial_complete(0, [], FakeTrial("t4"))
     assert recorder.trials["t4"]["status"] == "stopped"

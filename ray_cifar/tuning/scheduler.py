@@ -112,15 +112,22 @@ class RestorableASHA(ASHAScheduler):
         return self._brackets[-1]
 
     def rebuild_rungs(self, rows: list[dict[str, Any]]) -> None:
-        """Feed recorded (trial, time, metric) rows to the rungs, oldest first. A trial a rung stops (before its
-        own end) and the recorded stops lack is one whose stop died with the driver: the row that met the rung
-        was recorded, the STOP never reached Tune. It is stopped at its next result, as recorded stops are."""
+        """Feed recorded (trial, time, metric) rows to the rungs, oldest first.
+
+        A trial whose last row a rung stops (before the trial's own end), and that the recorded stops lack, is one
+        whose stop died with the driver: the row that met the rung was recorded, the STOP never reached Tune. It is
+        stopped at its next result, as recorded stops are. A replayed STOP on an earlier row is not acted on: the
+        trial went on past that rung, so the driver that saw the row let it (a row replayed out of its first order,
+        such as one recovered from a checkpoint, can meet a fuller rung than it did)."""
         rows = [r for r in rows if r.get(self._metric) is not None and r.get(self._time_attr) is not None]
+        last: dict[str, tuple[str, dict]] = {}
         for row in sorted(rows, key=lambda r: (r.get("time") or 0, r["epoch"])):
             decision = self.bracket_of(row["trial_id"]).on_result(_Recorded(row["trial_id"]), row[self._time_attr],
                                                                   self._metric_op * row[self._metric])
-            if decision == TrialScheduler.STOP and not self._at_end(row) and row["trial_id"] not in self._stopped_before:
-                self._stop_unrecorded.add(row["trial_id"])
+            if row["epoch"] >= last.get(row["trial_id"], ("", {"epoch": 0}))[1]["epoch"]:
+                last[row["trial_id"]] = (decision, row)
+        self._stop_unrecorded = {tid for tid, (decision, row) in last.items() if decision == TrialScheduler.STOP
+                                 and not self._at_end(row) and tid not in self._stopped_before}
 
     def on_trial_add(self, tune_controller, trial) -> None:
         if not self._stops_read:

@@ -35,11 +35,15 @@ def trial(trial_id: str, config: dict, status: str, last_result: dict | None = N
 
 
 def make(kind: str):
-    """A fresh RestorableOptuna or RestorableBOHB over SPACE, as a study makes one (seed 0, val_acc, max)."""
-    pytest.importorskip("optuna" if kind == "optuna" else "hpbandster")
-    from ray_cifar.tuning.restorable_searchers import RestorableBOHB, RestorableOptuna
+    """A fresh RestorableOptuna, RestorableHyperOpt or RestorableBOHB over SPACE, as a study makes one (seed 0,
+    val_acc, max)."""
+    pytest.importorskip({"optuna": "optuna", "hyperopt": "hyperopt", "bohb": "hpbandster"}[kind])
+    from ray_cifar.tuning.restorable_searchers import RestorableBOHB, RestorableHyperOpt, RestorableOptuna
 
-    made = (RestorableOptuna if kind == "optuna" else RestorableBOHB)(seed=0, metric="val_acc", mode="max")
+    if kind == "hyperopt":
+        made = RestorableHyperOpt(random_state_seed=0, metric="val_acc", mode="max")
+    else:
+        made = (RestorableOptuna if kind == "optuna" else RestorableBOHB)(seed=0, metric="val_acc", mode="max")
     made.set_search_properties("val_acc", "max", SPACE)
     return made
 
@@ -179,3 +183,48 @@ def test_bohb_adopts_only_a_trial_it_never_made(tmp_path, capsys):
     assert restored.adopt("b", {"optim.lr": 0.01, "optim.momentum": 0.9})
     assert restored.trial_to_params["b"] == {"optim.lr": 0.01, "optim.momentum": 0.9}
     assert capsys.readouterr().out.count("made after BOHB's last saved state") == 1
+
+
+def hyperopt_saved_after_two(tmp_path):
+    """A HyperOpt searcher that suggested a and b, saved, then suggested c (the driver died before c was saved)."""
+    searcher = make("hyperopt")
+    configs = {tid: searcher.suggest(tid) for tid in ("a", "b")}
+    saved_at = str(tmp_path / "searcher-state.pkl")
+    searcher.save(saved_at)
+    configs["c"] = searcher.suggest("c")
+    restored = make("hyperopt")
+    restored.restore(saved_at)
+    return restored, configs
+
+
+def hyperopt_points(searcher) -> list[tuple[str, float | None]]:
+    """Every trial HyperOpt holds, as (state, loss) (TPE reads the done ones; .trials leaves out the failed)."""
+    import hyperopt
+
+    names = {hyperopt.JOB_STATE_NEW: "new", hyperopt.JOB_STATE_DONE: "done", hyperopt.JOB_STATE_ERROR: "error"}
+    return [(names[t["state"]], t["result"].get("loss")) for t in searcher._hpopt_trials._dynamic_trials]
+
+
+def test_a_restored_hyperopt_takes_the_trial_its_state_lacks_and_does_not_draw_it_again(tmp_path, capsys):
+    """Ray's HyperOptSearch ignored the trial (TPE never learned its result) and drew its values again for the
+    next trial: the same point run twice."""
+    searcher, configs = hyperopt_saved_after_two(tmp_path)
+    alg = SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=2))
+    c = trial("c", configs["c"], Trial.PENDING)
+    follow_restored_trial(Restored(alg, [c]), c)
+    assert capsys.readouterr().out.count("was made after HyperOpt's last saved state") == 1
+    searcher.on_trial_complete("c", {"val_acc": 0.4})
+    assert hyperopt_points(searcher) == [("new", None), ("new", None), ("done", -0.4)]  # a and b still running
+    assert searcher.suggest("d") != configs["c"]
+    assert not searcher.adopt("c", configs["c"])  # held already: taken once
+
+
+def test_a_trial_whose_values_hyperopt_would_not_draw_again_is_added_and_the_draw_marked_failed(tmp_path):
+    searcher, configs = hyperopt_saved_after_two(tmp_path)
+    other = {"optim.lr": 0.01, "optim.momentum": 0.9}
+    assert configs["c"] != other
+    assert searcher.adopt("c", other)
+    searcher.on_trial_complete("c", {"val_acc": 0.4})
+    assert hyperopt_points(searcher)[-2:] == [("error", None), ("done", -0.4)]
+    told = searcher._hpopt_trials.trials[-1]["misc"]["vals"]
+    assert (told["optim.lr"], told["optim.momentum"]) == ([0.01], [1])  # a choice as its index

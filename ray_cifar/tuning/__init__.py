@@ -8,8 +8,8 @@
     lineage    what PBT and PB2 add to Ray's: restore from the rows, lineage, old generations dropped
     pb2        PB2's scheduler class (its own module: Ray's PB2 imports scikit-learn)
     searchers  tune.search: random, Optuna, HyperOpt, BOHB, and the search-space translation
-    restorable_searchers  Optuna's and BOHB's, taking a trial their saved state lacks (its own module:
-                          Ray's import Optuna and BOHB's packages)
+    restorable_searchers  Optuna's, HyperOpt's and BOHB's, taking a trial their saved state lacks (its own
+                          module: Ray's import Optuna, HyperOpt and BOHB's packages)
     recorder   the Tune callback that writes rows and statuses (results.parquet, trials.json)
     tune_state the Tune callback that keeps a whole copy of Tune's own state files (tuner.pkl, ...)
     tracking   MLflow / W&B runs fed by the recorder

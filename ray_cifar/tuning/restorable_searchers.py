@@ -1,14 +1,14 @@
-"""Ray's Optuna and BOHB searchers, able to take a trial from Tune's record that their saved state lacks.
+"""Ray's Optuna, HyperOpt and BOHB searchers, able to take a trial from Tune's record that their saved state lacks.
 
 Tune saves a study's state as several files: the trials (experiment_state) and the searcher's state
 (search_gen_state, searcher-state) are written one after the other and copied to the output folder on
 threads, file by file. A driver that dies in between leaves a newer trial list than searcher state:
-the restored searcher has never heard of a trial Tune restores, and Ray's OptunaSearch and TuneBOHB
-then fail the whole study with a KeyError at that trial's first result. `adopt` is how
+the restored searcher has never heard of a trial Tune restores. Ray's OptunaSearch and TuneBOHB then fail the
+whole study with a KeyError at that trial's first result; Ray's HyperOptSearch ignores the trial's result and
+draws its values again for the next trial (the same point run twice). `adopt` is how
 `searchers.follow_restored_trial` hands them such a trial, with the values Tune's record gives it.
-(HyperOpt's searcher ignores a trial it does not know: it is used as Ray ships it.)
 
-Imported only for a study that uses one of them (Ray's modules import Optuna or BOHB's packages).
+Imported only for a study that uses one of them (Ray's modules import Optuna, HyperOpt or BOHB's packages).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import logging
 from typing import Any
 
 from ray.tune.search.bohb import TuneBOHB
+from ray.tune.search.hyperopt import HyperOptSearch
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils import flatten_dict
 
@@ -74,13 +75,12 @@ class RestorableOptuna(OptunaSearch):
             logger.warning("Optuna holds no trial %s: its end is not told to the searcher", trial_id)
 
 
-class RestorableBOHB(TuneBOHB):
-    """TuneBOHB whose restored copy can adopt a trial it never suggested (its values, for the model's
-    observations at the trial's milestones), and that skips a trial it does not hold instead of failing."""
+class _RemembersMade:
+    """Every trial id a searcher suggested or adopted. (TuneBOHB and HyperOptSearch forget a trial when it ends, so
+    an ended trial Tune restores would look like one they never made; their saved state is their __dict__, so this
+    set is saved and restored with it.)"""
 
     def _made(self) -> set[str]:
-        """Every trial id it suggested or adopted. (TuneBOHB forgets a trial's values when it ends; its state is
-        its __dict__, so this set is saved and restored with it.)"""
         return self.__dict__.setdefault("_made_ids", set())
 
     def suggest(self, trial_id: str) -> dict | None:
@@ -88,6 +88,42 @@ class RestorableBOHB(TuneBOHB):
         if config is not None:
             self._made().add(trial_id)
         return config
+
+
+class RestorableHyperOpt(_RemembersMade, HyperOptSearch):
+    """HyperOptSearch whose restored copy can adopt a trial it never suggested, as RestorableOptuna does: the lost
+    suggestion is drawn again (from the state saved just before it, HyperOpt's TPE draws the same values) and
+    held as the trial's, so TPE learns from the trial's result and does not draw its values for the next trial.
+    Where the values differ, the draw is marked failed (TPE learns nothing from it) and a point with the trial's
+    own values is added in its place."""
+
+    def adopt(self, trial_id: str, config: dict[str, Any]) -> bool:
+        if trial_id in self._made() or getattr(self, "domain", None) is None:
+            return False
+        values = space_values(config, self.domain.params)
+        if values is None:
+            return False
+        import hyperopt
+        from hyperopt.fmin import generate_trial
+
+        drawn = self.suggest(trial_id)
+        if space_values(drawn, self.domain.params) != values:
+            self._get_hyperopt_trial(trial_id)["state"] = hyperopt.JOB_STATE_ERROR  # (Trials holds a copy)
+            self._hpopt_trials.refresh()
+            point = dict(values)
+            self._convert_categories_to_indices(point)  # hyperopt holds a choice as its index
+            doc = generate_trial(self._hpopt_trials.new_trial_ids(1)[0], point)
+            self._hpopt_trials.insert_trial_docs([doc])
+            self._hpopt_trials.refresh()
+            self._live_trial_mapping[trial_id] = (doc["tid"], doc)
+        self._made().add(trial_id)
+        _note(trial_id, "HyperOpt")
+        return True
+
+
+class RestorableBOHB(_RemembersMade, TuneBOHB):
+    """TuneBOHB whose restored copy can adopt a trial it never suggested (its values, for the model's
+    observations at the trial's milestones), and that skips a trial it does not hold instead of failing."""
 
     def adopt(self, trial_id: str, config: dict[str, Any]) -> bool:
         if trial_id in self._made() or trial_id in self.trial_to_params or self._space is None:

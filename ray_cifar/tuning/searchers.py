@@ -48,12 +48,10 @@ def create_search_alg(cfg: Config):
     if search not in MODEL_BASED:
         return None
     try:
+        from .restorable_searchers import RestorableBOHB, RestorableHyperOpt, RestorableOptuna
+
         if search == "hyperopt":
-            from ray.tune.search.hyperopt import HyperOptSearch
-
-            return HyperOptSearch(random_state_seed=cfg.train.seed)
-        from .restorable_searchers import RestorableBOHB, RestorableOptuna
-
+            return RestorableHyperOpt(random_state_seed=cfg.train.seed)
         return (RestorableOptuna if search == "optuna" else RestorableBOHB)(seed=cfg.train.seed)
     except (ImportError, AssertionError) as e:  # Ray's searchers assert their package is there
         raise ConfigError(f"tune.search: {search} needs {_PACKAGES[search]} ({e}): "

@@ -194,13 +194,14 @@ def prepare(args: argparse.Namespace, kind: str) -> tuple[Config, Cifar10, str]:
     return cfg, dataset, output
 
 
-def refusing_up_front(output: str | None, run) -> int:
+def refusing_up_front(output: str | None, run, resume_command: str | None = None) -> int:
     """Run a study; a ConfigError raised before any trial started (e.g. a trial larger than the cluster,
     seen only once Ray is up) is one line and exit 2, and the new output folder is removed again.
-    A full disk is one line and exit 1 (the study stays resumable); a Ctrl-C or SIGTERM before the study
-    started (Tune's own handler stops a running one gracefully) exits 130."""
+    A full disk is one line and exit 1 (the study stays resumable); a Ctrl-C or SIGTERM while no trial runs
+    (Ray starting, say: Tune's own handler stops running trials gracefully) exits 130, with RESUME_COMMAND."""
     try:
-        return run()
+        with sigterm_as_ctrl_c():
+            return run()
     except (ConfigError, storage.StorageError) as e:
         if output is not None and set(os.listdir(output)) <= {"config.yaml", "driver.json", console.LOGS}:
             shutil.rmtree(output)
@@ -208,7 +209,11 @@ def refusing_up_front(output: str | None, run) -> int:
     except storage.DiskFull as e:
         fail(str(e), status=1)
     except KeyboardInterrupt:
-        print("\n[ray_cifar] stopped before the study started", file=sys.stderr, flush=True)
+        if resume_command:
+            print(f"\n[ray_cifar] stopped while no trial ran; nothing reported is lost. Continue it with:\n"
+                  f"  {resume_command}", flush=True)
+        else:
+            print("\n[ray_cifar] stopped before the study started", file=sys.stderr, flush=True)
         return 130
     return 2
 

@@ -125,7 +125,8 @@ def run(args, cfg: Config, dataset: Cifar10, output: str) -> int:
     run_id = uuid.uuid4().hex[:8]
     print(f"[ray_cifar] data: {dataset.source}; run {run_id}; resolved config: {output}/config.yaml", flush=True)
     if cfg.train.num_workers > 1:
-        return cli.refusing_up_front(output, lambda: run_distributed(cfg, output, args.output or output))
+        return cli.refusing_up_front(output, lambda: run_distributed(cfg, output, args.output or output),
+                                     f"python -m ray_cifar.tune --resume {args.output or output}")  # a one-trial study
     if cfg.tune.tracking != "none":
         print(f"[ray_cifar] tune.tracking={cfg.tune.tracking} is not used by a one-process run (no Tune "
               f"recorder); its rows are in {output}/results.parquet", flush=True)

@@ -49,7 +49,8 @@ def resume(location: str, argv: list[str] | None, held: Held) -> int:
             print(f"[ray_cifar] the study in {location} was stopped before its first trial (its config.yaml, no Tune "
                   f"experiment or results yet): starting it", flush=True)
         return cli.refusing_up_front(None, lambda: study.run_study(cfg, output, resume=started, remote=remote,
-                                                                   shared=storage.is_uri(location)))
+                                                                   shared=storage.is_uri(location)),
+                                     f"{COMMAND} --resume {location}")
 
 
 def holds_study(location: str) -> bool:
@@ -89,7 +90,8 @@ def start_or_resume(args, argv: list[str] | None, held: Held) -> int:
     with logged_to(output, COMMAND, argv, held):
         print(f"[ray_cifar] data: {dataset.source}; resolved config: {output}/config.yaml", flush=True)
         return cli.refusing_up_front(output, lambda: study.run_study(cfg, output, remote=cli.output_uri(location),
-                                                                     shared=storage.is_uri(location)))
+                                                                     shared=storage.is_uri(location)),
+                                     f"{COMMAND} --resume {location}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ One two-trial study on a small tmpfs serves three cases in turn:
      before the SIGTERM's latest checkpoint: nothing run twice.)
 A SIGTERM to every process of a study (the driver and its local Ray: a machine or job shutting down): the --resume
 command at the signal and an end within seconds, not a minute's wait on Ray's gone GCS; --resume finishes the study.
+A SIGTERM while Ray starts: the --resume line, exit 130.
 And `python -m ray_cifar.train` on a full tmpfs: one line, exit 1, the epochs before readable.
 Mounting needs root (CI and this machine are): the tests skip with the reason where it is refused.
 """
@@ -211,6 +212,34 @@ def test_sigterm_to_every_process_stops_the_study_at_once_and_it_resumes(synthet
     keys = sorted((r["trial_id"], r["epoch"]) for r in final)
     trials = sorted({t for t, _ in keys})
     assert len(trials) == 2 and keys == [(t, e) for t in trials for e in range(1, EPOCHS + 1)]
+
+
+def test_sigterm_while_ray_starts_is_the_resume_line_and_exit_130(synthetic_parquet_dir, tmp_path):
+    """A driver signalled in its first seconds (a retried job cancelled again, a node drained): ray.init puts its own
+    SIGTERM handler in first (sys.exit(15)), so the driver ended with exit 15 and without a word until Tune's
+    graceful stop took over. Now it is one line with the --resume command (which starts the study from its
+    config.yaml), exit 130."""
+    output = tmp_path / "study"
+    driver = subprocess.Popen(command("ray_cifar.tune", synthetic_parquet_dir, output), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    tree: list[int] = []
+    try:
+        printed = ""
+        while "[ray_cifar] data:" not in printed:  # printed just before Ray starts (ray.init: seconds here)
+            line = driver.stdout.readline()
+            assert line, f"the driver ended before Ray started:\n{printed[-3000:]}"
+            printed += line
+        time.sleep(1.0)
+        tree = descendants(driver.pid)
+        driver.send_signal(signal.SIGTERM)
+        out, _ = driver.communicate(timeout=60)
+    finally:
+        end_tree([driver.pid, *tree, *descendants(driver.pid)])
+    out = printed + out
+    assert driver.returncode == 130, out[-3000:]
+    assert f"stopped while no trial ran; nothing reported is lost. Continue it with:\n  python -m ray_cifar.tune " \
+           f"--resume {output}" in out, out[-3000:]
+    assert "Traceback" not in out and not rows(output)
 
 
 def test_train_on_a_full_disk_is_one_line(tmpfs, synthetic_parquet_dir, tmp_path):

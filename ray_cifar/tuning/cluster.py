@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 
 import ray
@@ -119,7 +120,25 @@ def job_runtime_env(env_vars: dict[str, str]) -> dict:
 
 
 def init_ray(cfg: Config) -> None:
-    """Connect to a cluster (tune.address / $RAY_ADDRESS) or start a local Ray sized for one trial at least."""
+    """Connect to a cluster (tune.address / $RAY_ADDRESS) or start a local Ray sized for one trial at least.
+
+    ray.init first replaces the SIGTERM handler with its own sys.exit(15): a driver signalled while Ray started, or
+    before Tune's graceful stop took over, ended with exit 15 and without a word. Where the caller had a handler of
+    its own (cli.sigterm_as_ctrl_c: the line with the --resume command), it is put back, and a SIGTERM during
+    ray.init is raised as that handler's KeyboardInterrupt."""
+    ours = signal.getsignal(signal.SIGTERM)
+    try:
+        _start_or_connect(cfg)
+    except SystemExit as e:
+        if e.code == signal.SIGTERM and callable(ours):
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if callable(ours):
+            signal.signal(signal.SIGTERM, ours)
+
+
+def _start_or_connect(cfg: Config) -> None:
     env_vars = job_env_vars()
     address = cfg.tune.address or os.environ.get("RAY_ADDRESS")
     if address:

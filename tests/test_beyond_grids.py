@@ -45,6 +45,7 @@ BOHB = COMMON + ["tune.search=bohb", "tune.num_samples=4", "tune.reduction_facto
                  "tune.search_space={optim.lr: {loguniform: [0.000001, 0.2]}, optim.momentum: {choice: [0.0, 0.9]}}"]
 OPTUNA = COMMON + ["tune.search=optuna", "tune.num_samples=4", "tune.grace_period=1", "tune.max_concurrent_trials=2",
                    "tune.search_space={optim.lr: {loguniform: [0.000001, 0.2]}, optim.momentum: {choice: [0.0, 0.9]}}"]
+HYPEROPT = [s.replace("tune.search=optuna", "tune.search=hyperopt") for s in OPTUNA]
 
 
 def rows_now(output) -> list[dict]:
@@ -223,6 +224,32 @@ def test_optuna_draws_off_grid_stops_the_weak_and_resumes_without_rerunning(optu
     assert [t.state.name for t in optuna_trials] == ["COMPLETE"] * 4
     drawn = sorted(t.params["optim.lr"] for t in optuna_trials)
     assert drawn == pytest.approx(sorted(t["optim.lr"] for t in trials.values()))
+
+
+@pytest.fixture(scope="module")
+def hyperopt_study(tmp_path_factory):
+    """As optuna_study, with HyperOpt's TPE."""
+    output = tmp_path_factory.mktemp("hyperopt") / "study"
+    return killed_with_an_older_searcher_state(output, HYPEROPT, lambda rows: len({r["trial_id"] for r in rows}) >= 3)
+
+
+def test_hyperopt_resumes_without_drawing_a_trial_its_state_lacked_again(hyperopt_study):
+    """Ray's HyperOptSearch, restored from before a trial was made, ignored that trial's result (TPE held 2 done
+    points of 4 here) and drew its values again for the next trial it made (test_searchers)."""
+    output, before, stdout, lacked = hyperopt_study
+    assert_adopted(stdout, lacked, "HyperOpt")
+    _, trials = assert_drawn_and_not_rerun(output, before)
+    # TPE learns from every trial that ran, the adopted ones too: each is a done point with its result.
+    import cloudpickle
+    import hyperopt
+
+    state_file = sorted((output / "ray" / "tune").glob("searcher-state-*.pkl"))[-1]
+    with open(state_file, "rb") as f:
+        points = cloudpickle.load(f)["_hpopt_trials"].trials
+    done = [p for p in points if p["state"] == hyperopt.JOB_STATE_DONE]
+    assert len(done) == 4 and all(p["result"]["loss"] is not None for p in done)
+    assert sorted(p["misc"]["vals"]["optim.lr"][0] for p in done) == pytest.approx(
+        sorted(t["optim.lr"] for t in trials.values()))
 
 
 @pytest.fixture(scope="module")

@@ -55,9 +55,10 @@ def restored_optuna(saved_at, max_concurrent: int = 2):
     return SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)), searcher
 
 
-def optuna_saved_after_two(tmp_path):
-    """An Optuna searcher that suggested a and b, saved, then suggested c (the driver died before c was saved)."""
-    searcher = make("optuna")
+def saved_after_two(kind: str, tmp_path):
+    """A searcher of KIND that suggested a and b, saved, then suggested c (the driver died before c was saved):
+    (where it was saved, the three configs)."""
+    searcher = make(kind)
     configs = {tid: searcher.suggest(tid) for tid in ("a", "b")}
     saved_at = str(tmp_path / "searcher-state.pkl")
     searcher.save(saved_at)
@@ -66,7 +67,7 @@ def optuna_saved_after_two(tmp_path):
 
 
 def test_a_restored_optuna_takes_the_trial_its_state_lacks_and_the_end_of_one_it_missed(tmp_path, capsys):
-    saved_at, configs = optuna_saved_after_two(tmp_path)
+    saved_at, configs = saved_after_two("optuna", tmp_path)
     alg, searcher = restored_optuna(saved_at)
     alg._counter, alg.searcher.live_trials = 2, {"a", "b"}  # as saved with a and b running
     alg.searcher.num_unfinished_live_trials = 2
@@ -91,7 +92,7 @@ def test_a_restored_optuna_takes_the_trial_its_state_lacks_and_the_end_of_one_it
 
 
 def test_a_trial_whose_values_optuna_would_not_draw_again_is_enqueued_and_the_draw_told_failed(tmp_path):
-    saved_at, configs = optuna_saved_after_two(tmp_path)
+    saved_at, configs = saved_after_two("optuna", tmp_path)
     alg, searcher = restored_optuna(saved_at)
     other = {"optim.lr": 0.01, "optim.momentum": 0.0}  # not what Optuna draws next
     assert configs["c"] != other
@@ -104,7 +105,7 @@ def test_a_trial_made_after_tunes_list_was_written_holds_no_slot_and_no_count(tm
     """The other order: the searcher's state saved after a trial Tune's list lacks (lost with the driver). Its
     slot would be held for ever (a study of one trial at a time would wait for ever), and the study would make
     one trial fewer than tune.num_samples."""
-    saved_at, configs = optuna_saved_after_two(tmp_path)
+    saved_at, configs = saved_after_two("optuna", tmp_path)
     alg, _ = restored_optuna(saved_at, max_concurrent=1)
     alg._counter, alg.searcher.live_trials = 3, {"lost"}
     a, b = trial("a", configs["a"], Trial.TERMINATED), trial("b", configs["b"], Trial.TERMINATED)
@@ -185,13 +186,9 @@ def test_bohb_adopts_only_a_trial_it_never_made(tmp_path, capsys):
     assert capsys.readouterr().out.count("made after BOHB's last saved state") == 1
 
 
-def hyperopt_saved_after_two(tmp_path):
-    """A HyperOpt searcher that suggested a and b, saved, then suggested c (the driver died before c was saved)."""
-    searcher = make("hyperopt")
-    configs = {tid: searcher.suggest(tid) for tid in ("a", "b")}
-    saved_at = str(tmp_path / "searcher-state.pkl")
-    searcher.save(saved_at)
-    configs["c"] = searcher.suggest("c")
+def restored_hyperopt(tmp_path):
+    """saved_after_two's HyperOpt searcher, restored: (the restored searcher, the three configs)."""
+    saved_at, configs = saved_after_two("hyperopt", tmp_path)
     restored = make("hyperopt")
     restored.restore(saved_at)
     return restored, configs
@@ -208,7 +205,7 @@ def hyperopt_points(searcher) -> list[tuple[str, float | None]]:
 def test_a_restored_hyperopt_takes_the_trial_its_state_lacks_and_does_not_draw_it_again(tmp_path, capsys):
     """Ray's HyperOptSearch ignored the trial (TPE never learned its result) and drew its values again for the
     next trial: the same point run twice."""
-    searcher, configs = hyperopt_saved_after_two(tmp_path)
+    searcher, configs = restored_hyperopt(tmp_path)
     alg = SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=2))
     c = trial("c", configs["c"], Trial.PENDING)
     follow_restored_trial(Restored(alg, [c]), c)
@@ -220,7 +217,7 @@ def test_a_restored_hyperopt_takes_the_trial_its_state_lacks_and_does_not_draw_i
 
 
 def test_a_trial_whose_values_hyperopt_would_not_draw_again_is_added_and_the_draw_marked_failed(tmp_path):
-    searcher, configs = hyperopt_saved_after_two(tmp_path)
+    searcher, configs = restored_hyperopt(tmp_path)
     other = {"optim.lr": 0.01, "optim.momentum": 0.9}
     assert configs["c"] != other
     assert searcher.adopt("c", other)

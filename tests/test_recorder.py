@@ -236,6 +236,7 @@ def test_test_split_is_evaluated_for_the_best_trial_by_the_configured_metric(tmp
     import pyarrow.parquet as pq
     ranked = pq.read_table(tmp_path / "trials.parquet").to_pylist()
     assert [t["trial_id"] for t in ranked] == ["lo_loss", "mid", "hi_acc"]
+    assert "judged_epoch" not in ranked[0]  # the scheduler's bookkeeping stays in trials.json
     assert ranked[0]["test_acc"] == 0.5 and ranked[1]["test_acc"] is None
 
 
@@ -326,28 +327,33 @@ def test_a_stop_decided_just_before_the_driver_died_holds_after_the_restore(reco
     assert restored.on_trial_result(None, FakeTrial("t4"), result(3, 0.9)) == TrialScheduler.STOP
 
 
-def test_a_stop_that_died_with_the_driver_before_it_was_recorded_is_made_after_the_restore(recorder, tmp_path):
-    """t4's milestone row was recorded, then the driver died before Tune (and the recorder) heard ASHA's STOP.
-    The rebuilt rungs stop it at its next result, and the recorder calls it stopped; restored rungs that only
-    held the rows let it go on past the rung (t4's epoch 3 is below any rung it has not met)."""
+def test_a_rung_met_by_an_epoch_recovered_from_a_checkpoint_stops_the_trial_after_the_restore(recorder, tmp_path):
+    """Epochs a trial checkpointed whose reports died with the driver come back as rows at the next driver's first
+    step (recorder._recover_unfinished: ITERATION None), decided on by no scheduler. The rebuilt rungs decide: t4's
+    one recovered epoch and t6's two (a driver killed after each epoch's checkpoint, twice: seen in a kill test)
+    meet rung 1 below its cutoff, so both are stopped at their next result and recorded `stopped`. Before, the rungs
+    held the rows and dropped the decision: t4 and t6 trained on past the rung. t5's rows were decided on live
+    (ITERATION given): that decision stands, though replayed after the others its epoch 1 meets a fuller rung."""
     asha_args = dict(metric="val_acc", mode="max", max_t=8, grace_period=1, reduction_factor=2)
-    lost = [("t4", 1, 0.45)]  # below rung 1's cutoff: ASHA's STOP that the dead driver never passed on
-    assert _run(RestorableASHA(str(tmp_path), **asha_args), HISTORY + lost, recorder)["t4"] == TrialScheduler.STOP
-    assert "t4" not in study_stops(tmp_path)
-    # t5 went on past rung 1 where its row, replayed after the others (as a row recovered from a checkpoint is),
-    # meets a fuller rung than it met: the driver that saw it let it go on, and so does the restored one.
+    _run(RestorableASHA(str(tmp_path), on_stop=recorder.note_stopped, **asha_args), HISTORY, recorder)
+    recorder.on_trial_result(None, [], FakeTrial("t4"), result(1, 0.45))  # recovered, below rung 1's cutoff
     for epoch, acc in ((1, 0.3), (2, 0.9)):
-        recorder.on_trial_result(0, [], FakeTrial("t5"), result(epoch, acc))
+        recorder.on_trial_result(None, [], FakeTrial("t6"), result(epoch, acc))  # recovered by two drivers
+        recorder.on_trial_result(0, [], FakeTrial("t5"), result(epoch, acc))  # decided on live
+    assert not study_stops(tmp_path) & {"t4", "t5", "t6"}
+    assert [recorder.trials[t].get("judged_epoch") for t in ("t4", "t5", "t6")] == [None, 2, None]
     # Tuner.restore unpickles the recorder and the scheduler (whose on_stop is the recorder's) from one pickle.
     recorder, restored = pickle.loads(pickle.dumps(
         (recorder, RestorableASHA(str(tmp_path), on_stop=recorder.note_stopped, **asha_args))))
-    for trial_id in ("t1", "t2", "t3", "t4", "t5"):
+    for trial_id in ("t1", "t2", "t3", "t4", "t5", "t6"):
         restored.on_trial_add(None, FakeTrial(trial_id))
     assert restored.on_trial_result(None, FakeTrial("t1"), result(3, 0.7)) == TrialScheduler.CONTINUE
     assert restored.on_trial_result(None, FakeTrial("t5"), result(3, 0.7)) == TrialScheduler.CONTINUE
     assert restored.on_trial_result(None, FakeTrial("t4"), result(2, 0.9)) == TrialScheduler.STOP
-    recorder.on_trial_complete(0, [], FakeTrial("t4"))
-    assert recorder.trials["t4"]["status"] == "stopped"
+    assert restored.on_trial_result(None, FakeTrial("t6"), result(3, 0.9)) == TrialScheduler.STOP
+    for trial_id in ("t4", "t6"):
+        recorder.on_trial_complete(0, [], FakeTrial(trial_id))
+        assert recorder.trials[trial_id]["status"] == "stopped"
     assert restored.on_trial_result(None, FakeTrial("t3"), result(3, 0.7)) == TrialScheduler.CONTINUE
 
 

@@ -32,6 +32,10 @@ from ..results import LINEAGE_COLUMNS, ResultsLog, epoch_row
 
 RUNNING, COMPLETED, STOPPED, DIVERGED, FAILED = "running", "completed", "stopped", "diverged", "failed"
 TRIALS_STATE = "trials.json"
+# In trials.json (not trials.parquet): the newest epoch whose result a live driver passed to this recorder, after its
+# scheduler had decided on it. Rows past it were recovered (from a checkpoint, after a dead driver): no scheduler
+# decided on them, so a restored ASHA takes the decision its rebuilt rungs make (scheduler.RestorableASHA).
+JUDGED = "judged_epoch"
 PROGRESS_EVERY_SECONDS = 60.0
 # Parts merged into results.parquet while the study runs, every this many. A read of the log (a --resume, the
 # report, a tracker's first row of each trial) costs ~2 ms a part: 5,000 rows left as parts until the study's end
@@ -282,8 +286,10 @@ class StudyRecorder(Callback):
         return row
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        """A result from Tune (ITERATION: Tune's step; None for the rows this recorder recovers itself)."""
         if "epoch" not in result:
             return
+        judged = iteration is not None and self._judged(trial, int(result["epoch"]))
         rows = []
         # After a resume the first report carries the checkpoint's history: rows of epochs the
         # trial finished (and checkpointed) whose reports died with the old driver.
@@ -302,6 +308,17 @@ class StudyRecorder(Callback):
                 if self.log.part_count() >= self.compact_every:
                     self._compact()
             self._track(trial, rows)
+        elif judged:
+            with self._full_disk_stops_study():
+                self._save_trials()
+
+    def _judged(self, trial, epoch: int) -> bool:
+        """Note EPOCH as decided on by the scheduler (JUDGED); whether that is news."""
+        summary = self._summary(trial)
+        if epoch <= (summary.get(JUDGED) or 0):
+            return False
+        summary[JUDGED] = epoch
+        return True
 
     def _compact(self) -> None:
         """Merge the parts into results.parquet (COMPACT_EVERY_PARTS). With a remote --output the merged file is

@@ -24,7 +24,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandForBOHB, TrialScheduler
 
 from ..results import ResultsLog
-from .recorder import STOPPED, TRIALS_STATE
+from .recorder import JUDGED, STOPPED, TRIALS_STATE
 from .searchers import base_searcher, follow_restored_trial
 
 
@@ -60,14 +60,19 @@ class SavingFIFO(FIFOScheduler):
         trial_added(tune_controller, trial)
 
 
+def recorded_trials(output: str) -> dict[str, dict[str, Any]]:
+    """trials.json (the recorder's summaries; {} before the first)."""
+    path = os.path.join(output, TRIALS_STATE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def recorded_stops(output: str) -> set[str]:
     """Trials the scheduler stopped before a restore. A driver that dies between the decision and the
     trial's end leaves them unfinished, and Tune resumes them: they are stopped again at once."""
-    path = os.path.join(output, TRIALS_STATE)
-    if not os.path.exists(path):
-        return set()
-    with open(path) as f:
-        return {tid for tid, summary in json.load(f).items() if summary.get("status") == STOPPED}
+    return {tid for tid, summary in recorded_trials(output).items() if summary.get("status") == STOPPED}
 
 
 class _Recorded:
@@ -95,7 +100,7 @@ class RestorableASHA(ASHAScheduler):
         self.output, self.on_stop = output, on_stop
         self._rebuilt = self._stops_read = False
         self._stopped_before: set[str] = set()
-        self._stop_unrecorded: set[str] = set()  # stopped by the rebuilt rungs, not yet recorded so
+        self._stop_unrecorded: set[str] = set()  # stopped by the rebuilt rungs at a recovered row
 
     def bracket_of(self, trial_id: str):
         """The trial's bracket, with Ray's weights (brackets with more rungs more likely) but drawn from a
@@ -111,23 +116,25 @@ class RestorableASHA(ASHAScheduler):
             u -= w
         return self._brackets[-1]
 
-    def rebuild_rungs(self, rows: list[dict[str, Any]]) -> None:
+    def rebuild_rungs(self, rows: list[dict[str, Any]], judged: dict[str, int] | None = None) -> None:
         """Feed recorded (trial, time, metric) rows to the rungs, oldest first.
 
-        A trial whose last row a rung stops (before the trial's own end), and that the recorded stops lack, is one
-        whose stop died with the driver: the row that met the rung was recorded, the STOP never reached Tune. It is
-        stopped at its next result, as recorded stops are. A replayed STOP on an earlier row is not acted on: the
-        trial went on past that rung, so the driver that saw the row let it (a row replayed out of its first order,
-        such as one recovered from a checkpoint, can meet a fuller rung than it did)."""
+        JUDGED: each trial's newest epoch a live scheduler decided on (recorder.JUDGED). Its decisions stand: a STOP
+        was recorded before the row was. A row past it was recovered from the trial's checkpoint after a dead driver
+        (its report died with it; recovered rows are recorded at the new driver's first step, before this rebuild):
+        no scheduler decided on it, so the rebuilt rungs do. A trial they stop there (before its own end) is
+        stopped at its next result and recorded `stopped`. Without this a trial killed after each epoch's checkpoint
+        trained on past every rung it met so (seen in a kill test: two trials 2 epochs past a rung-1 stop)."""
+        judged = judged or {}
         rows = [r for r in rows if r.get(self._metric) is not None and r.get(self._time_attr) is not None]
-        last: dict[str, tuple[str, dict]] = {}
+        stops = set()
         for row in sorted(rows, key=lambda r: (r.get("time") or 0, r["epoch"])):
-            decision = self.bracket_of(row["trial_id"]).on_result(_Recorded(row["trial_id"]), row[self._time_attr],
-                                                                  self._metric_op * row[self._metric])
-            if row["epoch"] >= last.get(row["trial_id"], ("", {"epoch": 0}))[1]["epoch"]:
-                last[row["trial_id"]] = (decision, row)
-        self._stop_unrecorded = {tid for tid, (decision, row) in last.items() if decision == TrialScheduler.STOP
-                                 and not self._at_end(row) and tid not in self._stopped_before}
+            tid = row["trial_id"]
+            decision = self.bracket_of(tid).on_result(_Recorded(tid), row[self._time_attr],
+                                                      self._metric_op * row[self._metric])
+            if decision == TrialScheduler.STOP and row["epoch"] > judged.get(tid, 0) and not self._at_end(row):
+                stops.add(tid)
+        self._stop_unrecorded = stops - self._stopped_before
 
     def on_trial_add(self, tune_controller, trial) -> None:
         if not self._stops_read:
@@ -144,7 +151,8 @@ class RestorableASHA(ASHAScheduler):
         # judged there on the next epoch's.
         if not self._rebuilt:
             self._rebuilt = True
-            self.rebuild_rungs(ResultsLog(self.output).read())
+            self.rebuild_rungs(ResultsLog(self.output).read(),
+                               {tid: t.get(JUDGED) or 0 for tid, t in recorded_trials(self.output).items()})
 
     def choose_trial_to_run(self, tune_controller):
         self._rebuild_once()

@@ -28,7 +28,7 @@ from .. import cli, storage
 from ..config import Config, flatten, grid_size, search_keys
 from ..results import ResultsLog, format_table, provenance, rank_trials, write_rows
 from ..validation import trial_config
-from .recorder import FAILED, FULL_DISK, TRIALS_STATE, QuietFullDiskFailures, StudyRecorder
+from .recorder import FAILED, FULL_DISK, JUDGED, TRIALS_STATE, QuietFullDiskFailures, StudyRecorder
 from .tune_state import TuneStateBackup
 
 EXPERIMENT = "tune"
@@ -398,7 +398,8 @@ def finish_study(cfg: Config, output: str, keys: list[str]) -> int:
     from . import trial
 
     with open(os.path.join(output, TRIALS_STATE)) as f:
-        trials = rank_trials(list(json.load(f).values()), cfg.tune.metric, cfg.tune.mode)
+        trials = rank_trials([{k: v for k, v in t.items() if k != JUDGED} for t in json.load(f).values()],
+                             cfg.tune.metric, cfg.tune.mode)
     for t in trials:
         t.update(test_acc=None, test_loss=None)
     best = trials[0] if trials and trials[0].get("best_metric") is not None else None

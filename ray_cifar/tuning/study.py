@@ -317,20 +317,55 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
         print(f"\n[ray_cifar] study interrupted; nothing reported is lost. Continue it with:\n"
               f"  {resume_command}", flush=True)
         return 130
-    return finish_politely(lambda: finish_and_sync(cfg, output, keys, remote), resume_command)
+    return finish_politely(lambda: finish_and_sync(cfg, output, keys, remote), resume_command,
+                           lambda: cluster.gcs_reachable(gcs), stop_now)
 
 
-def finish_politely(finish: Callable[[], int], resume_command: str) -> int:
+def finish_politely(finish: Callable[[], int], resume_command: str, ray_alive: Callable[[], bool] | None = None,
+                    stop_now: Callable[[], None] | None = None) -> int:
     """The study's last phase (test evaluation, trials.parquet, report) after every trial is done: Tune's handler
     is gone, so SIGTERM or Ctrl-C here end it at once, with the --resume command that runs this phase again
-    (exit 130), not a bare signal death."""
+    (exit 130), not a bare signal death.
+
+    Where the SIGTERM went to every process (see polite_sigterm), the local Ray ends with it, and the driver's exit
+    (ray.shutdown) waited a minute on Ray's gone GCS, then ended with exit 1 (seen in a kill test). So after the
+    line the driver looks at Ray (RAY_ALIVE) for up to RAY_GONE_WITHIN_S: gone, stop_now() says so and the driver
+    exits 130 at once; there, it goes on to a normal exit."""
     try:
         with cli.sigterm_as_ctrl_c():
             return finish()
     except KeyboardInterrupt:
         print(f"\n[ray_cifar] stopped while finishing the study: every trial is done and recorded; the test "
               f"evaluation and the report run again with:\n  {resume_command}", flush=True)
+        if ray_alive is not None and _ray_goes(ray_alive):
+            _exit_now(stop_now)
         return 130
+
+
+RAY_GONE_WITHIN_S = 2.0
+
+
+def _ray_goes(ray_alive: Callable[[], bool]) -> bool:
+    """Whether Ray is found gone twice in a row (WATCH_EVERY_S apart) within RAY_GONE_WITHIN_S."""
+    deadline, misses = time.monotonic() + RAY_GONE_WITHIN_S, 0
+    while time.monotonic() < deadline:
+        misses = 0 if ray_alive() else misses + 1
+        if misses >= 2:
+            return True
+        time.sleep(WATCH_EVERY_S)
+    return False
+
+
+def _exit_now(stop_now: Callable[[], None] | None) -> None:
+    """Say so (stop_now), flush, and end the process with 130 without Python's exit: Ray's exit hooks would wait on
+    its gone GCS."""
+    with contextlib.suppress(Exception):  # a console that is gone must not keep the driver waiting
+        if stop_now is not None:
+            stop_now()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(130)
 
 
 # After a SIGTERM, how often the driver checks that Ray is still there, and how long gone means gone.
@@ -363,12 +398,7 @@ def polite_sigterm(resume_command: str, ray_alive: Callable[[], bool], stop_now:
             else:
                 gone_since = None
             if gone and time.monotonic() - gone_since >= GONE_AFTER_S and not finished.is_set():
-                with contextlib.suppress(Exception):  # a console that is gone must not keep the driver waiting
-                    stop_now()
-                for stream in (sys.stdout, sys.stderr):
-                    with contextlib.suppress(Exception):
-                        stream.flush()
-                os._exit(130)
+                _exit_now(stop_now)
 
     def on_sigterm(signum, frame):
         received.append(signum)

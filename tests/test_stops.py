@@ -10,7 +10,8 @@ One two-trial study on a small tmpfs serves three cases in turn:
      before the SIGTERM's latest checkpoint: nothing run twice.)
 A SIGTERM to every process of a study (the driver and its local Ray: a machine or job shutting down): the --resume
 command at the signal and an end within seconds, not a minute's wait on Ray's gone GCS; --resume finishes the study.
-A SIGTERM while Ray starts: the --resume line, exit 130.
+A SIGTERM while Ray starts: the --resume line, exit 130; one while the study finishes: the line, and an end at once
+where Ray went with it.
 And `python -m ray_cifar.train` on a full tmpfs: one line, exit 1, the epochs before readable.
 Mounting needs root (CI and this machine are): the tests skip with the reason where it is refused.
 """

@@ -186,8 +186,8 @@ def killed_with_an_older_searcher_state(output, sets, ready) -> tuple:
         return ready(rows)
 
     def known(version) -> set[str]:
-        """The trials the searcher's state holds: Optuna's every trial; BOHB's every trial made (it forgets an
-        ended trial's values)."""
+        """The trials the searcher's state holds: Optuna's every trial; BOHB's and HyperOpt's every trial made (they
+        forget an ended trial)."""
         state = cloudpickle.loads(next(data for name, data in version.items() if name.startswith("searcher-state")))
         return set(state.get("_ot_trials", ())) | state.get("_made_ids", set())
 

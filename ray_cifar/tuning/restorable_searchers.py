@@ -106,7 +106,7 @@ class RestorableHyperOpt(_RemembersMade, HyperOptSearch):
         import hyperopt
         from hyperopt.fmin import generate_trial
 
-        drawn = self.suggest(trial_id)
+        drawn = self.suggest(trial_id)  # (which notes the trial as made)
         if space_values(drawn, self.domain.params) != values:
             self._get_hyperopt_trial(trial_id)["state"] = hyperopt.JOB_STATE_ERROR  # (Trials holds a copy)
             self._hpopt_trials.refresh()
@@ -116,7 +116,6 @@ class RestorableHyperOpt(_RemembersMade, HyperOptSearch):
             self._hpopt_trials.insert_trial_docs([doc])
             self._hpopt_trials.refresh()
             self._live_trial_mapping[trial_id] = (doc["tid"], doc)
-        self._made().add(trial_id)
         _note(trial_id, "HyperOpt")
         return True
 

@@ -1,13 +1,14 @@
 """PNG plots of the committed benchmark results (reads only the JSON files).
 
-    python benchmarks/plot_results.py                      # every results/*.json it knows, PNG beside each
-    python benchmarks/plot_results.py results/train_throughput_cpu.json
+    python benchmarks/plot_results.py                                               # every results/*.json it knows
+    python benchmarks/plot_results.py benchmarks/results/train_throughput_cpu.json  # one file; the PNG beside it
 
 Needs matplotlib (not a ray_cifar dependency: `pip install matplotlib` in any environment).
 """
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -74,11 +75,19 @@ def plot(path: str) -> str | None:
 
 
 def main(argv=None) -> int:
-    paths = (argv if argv is not None else sys.argv[1:]) or sorted(glob.glob(os.path.join(RESULTS, "*.json")))
-    for path in paths:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="*", metavar="JSON",
+                        help=f"results files (default: every one in {os.path.relpath(RESULTS)} it knows)")
+    args = parser.parse_args(argv)
+    for path in args.paths:
+        if not os.path.isfile(path):
+            parser.error(f"{path}: no such file")
+    for path in args.paths or sorted(glob.glob(os.path.join(RESULTS, "*.json"))):
         out = plot(path)
         if out:
             print(f"wrote {out}")
+        elif args.paths:  # named, so say why nothing came of it
+            print(f"{path}: no plot for it (plots {', '.join(f'{k}*.json' for k in PLOTS)})")
     return 0
 
 

@@ -2,7 +2,7 @@
 
     python -m ray_cifar.train --data ../shared/data/cifar10 --set train.epochs=10
     python -m ray_cifar.train --smoke-test --data ../shared/data/cifar10 --set train.num_workers=1
-    python -m ray_cifar.train --config studies/x.yaml --set train.num_workers=4   # DDP via Ray Train
+    python -m ray_cifar.train --config studies/resnet18_lr_schedule_wd.yaml --set train.num_workers=4   # DDP, Ray Train
 
 With train.num_workers == 1 the run is one plain process (no Ray), checkpointed every epoch into
 OUTPUT/checkpoints/ (the latest in `latest/`, the best by tune.metric in `best/`), and at its end the best

@@ -2,7 +2,7 @@
 
     python -m ray_cifar.tune                                   # the default study (optimizers x batch sizes)
     python -m ray_cifar.tune --smoke-test --data ../shared/data/cifar10 --output out/smoke
-    python -m ray_cifar.tune --config studies/x.yaml --set train.epochs=10
+    python -m ray_cifar.tune --config studies/adam_batch_lr_grid.yaml --set train.epochs=10
     python -m ray_cifar.tune --resume out/smoke                # continue a study whose driver died
     python -m ray_cifar.tune --config ... --output s3://B/x --resume-if-exists   # a retried job: start or continue
     RAY_ADDRESS=auto python -m ray_cifar.tune --config ...     # on a node of a running Ray cluster

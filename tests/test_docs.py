@@ -26,11 +26,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = sorted({*glob.glob(os.path.join(ROOT, "*.md")), *glob.glob(os.path.join(ROOT, "*", "README.md")),
-               *glob.glob(os.path.join(ROOT, "studies", "*.yaml")), *glob.glob(os.path.join(ROOT, "benchmarks", "*.yaml")),
-               *glob.glob(os.path.join(ROOT, "cluster", "*.yaml")), *glob.glob(os.path.join(ROOT, "cluster", "*.py")),
-               *glob.glob(os.path.join(ROOT, "benchmarks", "*.py")),
-               *glob.glob(os.path.join(ROOT, "ray_cifar", "**", "*.py"), recursive=True)})
+DOCS = sorted({path for pattern in ("*.md", "*/README.md", "studies/*.yaml", "benchmarks/*.yaml", "cluster/*.yaml",
+                                     "cluster/*.py", "benchmarks/*.py", "ray_cifar/**/*.py")
+                for path in glob.glob(os.path.join(ROOT, pattern), recursive=True)})
 
 PYTHON = r"(?:[A-Z_]+=\S+\s+)*(?:python3?(?:\.\d+)?|\S*/bin/python)\s+"
 PROGRAM = re.compile(PYTHON + r"(?:-m\s+ray_cifar\.\w+|benchmarks/\w+\.py|cluster/\w+\.py)(?=\s|$)"

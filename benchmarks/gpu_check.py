@@ -15,12 +15,13 @@ core (cap 300 s; torch, torchvision and the GPU machine's own packages only: no 
   train_step  ~90 s, cap 130: ResNet-18 training step, plain PyTorch (torchvision DataLoader, fp32) vs
               ray_cifar fp32 NCHW vs bf16 channels_last vs + torch.compile, round-robin in one run; MFU
               against the bf16 matmul rate measured on the device (and the data-sheet peak)
+  cuda_tests  ~35 s, cap 60: `pytest -m gpu` of the tests that need neither Ray nor DALI (no host sync
+              per step, AMP bf16/fp16 + channels_last, compile, the packed rank's memory cap); before seed000,
+              whose length is the least sure, so an overrun there cannot starve them
   seed000     ~120 s, cap 170: seed study 000's first table: studies/resnet18_lr_schedule_wd.yaml's
               15-epoch lr sweep (SGD, constant lr 0.1 / 0.01 / 0.001, batch 128), three
               `python -m ray_cifar.train` processes at once on the one GPU; test accuracy beside the
               published 83.73 / 87.54 / 82.91, and wall time
-  cuda_tests  ~35 s, cap 60: `pytest -m gpu` of the tests that need neither Ray nor DALI (no host sync
-              per step, AMP bf16/fp16 + channels_last, compile, the packed rank's memory cap)
   augment     ~20 s, cap 35: the torch augmentation path on CUDA vs the torchvision DataLoader
 ray (cap 240 s; Ray importable, the torch pipeline)
   asha        ~50 s, cap 90: a one-GPU ASHA study of ResNet-18 (4 trials, 2 epochs), one trial at a time
@@ -758,12 +759,15 @@ STAGES: dict[str, tuple[float, list[Part]]] = {
         # (~1-2 s each; the DataLoader one is bound by 16 PIL workers) + a bf16 matmul ~2 s
         Part("train_step", 90, 130, train_step, "ResNet-18 step: plain PyTorch vs fp32 NCHW vs bf16 channels_last "
              "vs + compile, MFU against the measured bf16 matmul peak"),
+        # pytest start + collection ~8 s; 5 tests on the tiny ResNet, the compile one ~20 s of it. Before seed000,
+        # whose length is the least sure (three processes time-sharing one GPU, 90 MB checkpoints fsynced every
+        # epoch): run after it, an overrun there would leave these correctness checks no time. Here they cost
+        # seed000 nothing as estimated (300 - 90 - 35 = 175 s left for its 170 s cap).
+        Part("cuda_tests", 35, 60, cuda_tests, "pytest -m gpu " + " ".join(CORE_GPU_TESTS)),
         # 3 runs x 15 epochs x 45,000 images = 2.0M images at batch 128; the three at once share the GPU (each
         # ~8k img/s: ~85 s) + 15 evaluations of 5,000 + start ~15 s + the test evaluation
         Part("seed000", 120, 170, seed000, "seed study 000's first table: ResNet-18, SGD, constant lr 0.1/0.01/0.001, "
              "15 epochs, batch 128, via python -m ray_cifar.train"),
-        # pytest start + collection ~8 s; 5 tests on the tiny ResNet, the compile one ~20 s of it
-        Part("cuda_tests", 35, 60, cuda_tests, "pytest -m gpu " + " ".join(CORE_GPU_TESTS)),
         # 2 sets x 2 loaders x 3 repeats x 1 s + 2 DataLoader worker starts
         Part("augment", 20, 35, augment, "the torch augmentation path on the device vs the torchvision DataLoader"),
     ]),

@@ -129,7 +129,7 @@ def test_core_dry_run_needs_neither_ray_nor_dali(tmp_path, data_dir):
     # In force in the stage, its three training runs and pytest: a hard import of either would have failed a part.
     assert sum(line.startswith("loaded in") for line in lines) >= 5, lines
     got = assert_complete(rc, out, doc, "core")
-    assert list(got) == ["train_step", "seed000", "cuda_tests", "augment"]  # by value
+    assert list(got) == ["train_step", "cuda_tests", "seed000", "augment"]  # by value, the short checks first
 
     step = got["train_step"]["figures"]
     variants = {v["variant"]: v for v in step["variants"]}

@@ -1,7 +1,8 @@
 """The DALI path on CPU pipelines (device_id=None): sharding, statistics, agreement with torch, determinism.
 
 Skipped as a whole when nvidia.dali is not importable. The GPU pipeline is the same graph with
-device="gpu"; test_dali_gpu_pipeline_matches_cpu_sharding runs it where a GPU exists.
+device="gpu"; where a GPU exists, test_dali_gpu_pipeline_matches_cpu_sharding runs it without augmentation and
+test_dali_gpu_pipeline_with_every_augmentation_agrees_with_torch_in_distribution with all of them.
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return (x.float() * std + mean).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def dali_epoch(images, cfg, global_batch=None, rank=0, world_size=1, seed=0, epoch=0, loader=None):
-    """All of one epoch's DALI batches as uint8 NHWC (cloned: the loader reuses its buffer)."""
-    split = Split(images, torch.arange(images.shape[0]) % 10)
-    loader = loader or DaliTrainLoader(split, cfg, global_batch or images.shape[0], rank, world_size, seed, CPU,
+def dali_epoch(images, cfg, global_batch=None, rank=0, world_size=1, seed=0, epoch=0, loader=None, device=CPU):
+    """All of one epoch's DALI batches as uint8 NHWC on the CPU (copied: the loader reuses its buffer); a GPU
+    DEVICE runs the GPU pipeline on images resident there."""
+    split = Split(images.to(device), (torch.arange(images.shape[0]) % 10).to(device))
+    loader = loader or DaliTrainLoader(split, cfg, global_batch or images.shape[0], rank, world_size, seed, device,
                                        num_threads=1)
-    return torch.cat([to_uint8(x.clone()) for x, _ in loader.epoch(epoch)])
+    return torch.cat([to_uint8(x.to(CPU, torch.float32, copy=True)) for x, _ in loader.epoch(epoch)])
 
 
 def test_without_augmentation_two_ranks_get_exactly_their_slices_and_cover_the_epoch_once():
@@ -183,13 +185,26 @@ def quantiles(x: torch.Tensor) -> torch.Tensor:
 ], ids=["brightness", "contrast", "saturation+hue", "rotation", "autoaugment", "full"])
 def test_dali_and_torch_agree_in_distribution(sets):
     """Per-image statistics (mean, spread, change from the input) have the same quantiles on both paths."""
+    agree_in_distribution(sets, CPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dali_gpu_pipeline_with_every_augmentation_agrees_with_torch_in_distribution():
+    """The GPU graph of every augmentation (crop's slice, AutoAugment's conditionals, the erasing and cutout boxes
+    moved to the GPU), against the CPU torch path: what data.pipeline=auto feeds a GPU trial by default."""
+    agree_in_distribution(FULL, torch.device("cuda", torch.cuda.current_device()))
+
+
+def agree_in_distribution(sets: list[str], device: torch.device) -> None:
     n = 1500
     images = low_contrast_images(n, seed=4)
     # Smooth images, so that geometric ops change pixels in proportion to how far they move them.
     images = torch.nn.functional.avg_pool2d(images.permute(0, 3, 1, 2).float(), 5, 1, 2).round().to(torch.uint8)
     images = (images.float() * 3 - 250).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     cfg = data_cfg(*sets, "shuffle=false")
-    dali_out = dali_epoch(images, cfg, global_batch=500)
+    dali_out = dali_epoch(images, cfg, global_batch=500, device=device)
+    assert dali_out.shape == images.shape
     split = Split(images, torch.arange(n) % 10)
     torch_out = torch.cat([to_uint8(x) for x, _ in TrainLoader(split, cfg, 500, 0, 1, seed=0).epoch(0)])
     for stat in (lambda x: x.float().mean((1, 2, 3)), lambda x: x.float().std((1, 2, 3)),

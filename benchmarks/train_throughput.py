@@ -5,7 +5,8 @@
 
 Variants, all on the same model, data, batch size and augmentation (crop pad 4 + flip p 0.5):
 - plain-pytorch-fp32: the textbook loop: a torchvision DataLoader (per-sample PIL transforms, one
-  worker per core), fp32 NCHW, `loss.item()` every step. The baseline of every ratio.
+  worker per core), fp32 NCHW, `loss.item()` every step, PyTorch's default backend flags (no cuDNN
+  autotuning, no TF32 matmuls). The baseline of every ratio.
 - ray_cifar-fp32-nchw: ray_cifar's batch-tensor loader on the device and `engine.train_step`, fp32,
   contiguous NCHW model and input.
 - ray_cifar-bf16-channels_last: the same with bf16 autocast and channels_last (ray_cifar's default on a GPU;
@@ -173,7 +174,24 @@ def sync(device: torch.device, runner) -> None:
         runner.sums.tolist()
 
 
+def backend_flags(runner, device: torch.device) -> None:
+    """The process-wide cuDNN and TF32 flags for the variant about to step: ray_cifar's for its variants
+    (engine.set_fast_paths: cuDNN autotuning, TF32 matmuls), PyTorch's defaults for the plain loop. Building a
+    ray_cifar variant sets them for the whole process, so the baseline would otherwise run with them too (and
+    every "x plain PyTorch" ratio come out low). A compiled variant always steps under the flags it compiled
+    with, so its guards hold and it never recompiles."""
+    if device.type != "cuda":
+        return
+    if isinstance(runner, RayCifarStep):
+        engine.set_fast_paths(device)
+    else:
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def measure(runner, steps: int, device: torch.device) -> float:
+    backend_flags(runner, device)
     sync(device, runner)
     start, images = time.perf_counter(), 0
     for _ in range(steps):

@@ -85,6 +85,34 @@ def save_state(state: dict[str, Any], directory: str) -> str:
     return path
 
 
+def link_state(source: str, directory: str) -> str:
+    """The checkpoint save_state just wrote into `source`, also in `directory`, without writing it again: hard
+    links where the filesystem has them, else a copy; atomically, as save_state. A run's best epoch is most
+    often its latest: its 90 MB ResNet-18 state was saved, read back and fsynced twice an epoch.
+
+    save_state replaces a file by a new one, never in place, so a later save into `source` leaves
+    `directory`'s bytes as they are."""
+    import shutil
+
+    os.makedirs(directory, exist_ok=True)
+    placed = []
+    try:
+        for name in (STATE_FILE, CHECKSUM_FILE):
+            tmp = os.path.join(directory, f"{name}.tmp-{os.getpid()}")
+            placed.append(tmp)
+            try:
+                os.link(os.path.join(source, name), tmp)
+            except OSError:  # no hard links here (some network and FUSE filesystems); a full disk fails again below
+                shutil.copyfile(os.path.join(source, name), tmp)
+        for tmp, name in zip(placed, (STATE_FILE, CHECKSUM_FILE)):
+            _replace_atomically(tmp, os.path.join(directory, name))
+    finally:
+        for leftover in placed:
+            if os.path.exists(leftover):
+                os.remove(leftover)
+    return os.path.join(directory, STATE_FILE)
+
+
 def _write_error(e: RuntimeError, path: str) -> OSError:
     """torch.save's RuntimeError as the OSError it was (ENOSPC when the disk is full)."""
     import errno

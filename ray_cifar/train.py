@@ -55,7 +55,7 @@ def run_local(cfg: Config, dataset: Cifar10, output: str, run_id: str) -> list[d
         saved = state()
         checkpoint.save_state(saved, os.path.join(folder, "latest"))
         if saved["best"]["epoch"] == metrics["epoch"]:
-            checkpoint.save_state(saved, os.path.join(folder, "best"))
+            checkpoint.link_state(os.path.join(folder, "latest"), os.path.join(folder, "best"))
         log.append([epoch_row(run_id, {}, metrics, extra)])
 
     run_training(cfg, train_loader_for(cfg, splits.train, device, log=print), splits.val, device, on_epoch=record)

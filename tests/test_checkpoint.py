@@ -150,3 +150,38 @@ def test_a_one_process_run_stopped_while_it_saves_has_no_row_without_its_checkpo
     assert saves[-1] == 2
     assert [r["epoch"] for r in ResultsLog(str(tmp_path)).read()] == [1]
     assert checkpoint.load_state(str(tmp_path / "checkpoints" / "latest"))["epoch"] == 1
+
+
+def test_the_best_checkpoint_is_the_latest_linked_not_written_again_and_keeps_its_bytes(tmp_path):
+    """link_state: python -m ray_cifar.train's best/ is its latest/ when the epoch is the best, as hard links (one
+    write of the state an epoch, not two); the next save into latest/ leaves best/ as it was."""
+    latest, best = str(tmp_path / "latest"), str(tmp_path / "best")
+    checkpoint.save_state({"epoch": 1, "weights": torch.ones(3)}, latest)
+    checkpoint.link_state(latest, best)
+    assert (tmp_path / "best" / checkpoint.STATE_FILE).stat().st_ino == \
+        (tmp_path / "latest" / checkpoint.STATE_FILE).stat().st_ino  # the same bytes on disk, not a copy
+    checkpoint.verify(best)
+    checkpoint.save_state({"epoch": 2, "weights": torch.zeros(3)}, latest)
+    checkpoint.verify(best)
+    assert checkpoint.load_state(best)["epoch"] == 1 and torch.equal(checkpoint.load_state(best)["weights"], torch.ones(3))
+    assert checkpoint.load_state(latest)["epoch"] == 2
+    checkpoint.save_state({"epoch": 3, "weights": torch.full((3,), 3.0)}, latest)
+    checkpoint.link_state(latest, best)  # a later best replaces the older one
+    assert checkpoint.load_state(best)["epoch"] == 3
+    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == [checkpoint.STATE_FILE, checkpoint.CHECKSUM_FILE]
+
+
+def test_a_one_process_run_writes_each_state_once(tmp_path, monkeypatch):
+    """Every epoch of python -m ray_cifar.train is saved once; its best/ holds the best epoch's state."""
+    from ray_cifar import train
+
+    saves = []
+    real_save = checkpoint.save_state
+    monkeypatch.setattr(checkpoint, "save_state", lambda state, directory: saves.append(state["epoch"])
+                        or real_save(state, directory))
+    cfg = load_config(None, TINY_MODEL + ["train.epochs=3", "data.val_size=100", "train.global_batch_size=100",
+                                          "data.pipeline=torch", "train.torch_threads=1"])
+    rows = train.run_local(cfg, synthetic_cifar(), str(tmp_path), run_id="r")
+    assert saves == [1, 2, 3]
+    best = max(rows, key=lambda r: r["val_acc"])  # the first of equals, as the run keeps its best
+    assert checkpoint.load_state(str(tmp_path / "checkpoints" / "best"))["epoch"] == best["epoch"]

@@ -18,7 +18,7 @@ core (cap 300 s; torch, torchvision and the GPU machine's own packages only: no 
   cuda_tests  ~35 s, cap 60: `pytest -m gpu` of the tests that need neither Ray nor DALI (no host sync
               per step, AMP bf16/fp16 + channels_last, compile, the packed rank's memory cap); before seed000,
               whose length is the least sure, so an overrun there cannot starve them
-  seed000     ~120 s, cap 170: seed study 000's first table: studies/resnet18_lr_schedule_wd.yaml's
+  seed000     ~120 s, cap 200: seed study 000's first table: studies/resnet18_lr_schedule_wd.yaml's
               15-epoch lr sweep (SGD, constant lr 0.1 / 0.01 / 0.001, batch 128), three
               `python -m ray_cifar.train` processes at once on the one GPU; test accuracy beside the
               published 83.73 / 87.54 / 82.91, and wall time
@@ -26,7 +26,7 @@ core (cap 300 s; torch, torchvision and the GPU machine's own packages only: no 
 ray (cap 240 s; Ray importable, the torch pipeline)
   asha        ~50 s, cap 90: a one-GPU ASHA study of ResNet-18 (4 trials, 2 epochs), one trial at a time
   packed      ~45 s, cap 80: the same study packed four to the GPU (train.gpus_per_worker=0.25)
-  kill_resume ~45 s, cap 70: a one-rank GPU trial whose process is SIGKILLed after epoch 1; Tune runs it
+  kill_resume ~50 s, cap 85: a one-rank GPU trial whose process is SIGKILLed after epoch 1; Tune runs it
               again from its checkpoint and it finishes
 dali (cap 180 s; DALI importable, Ray not needed)
   dali_tests  ~20 s, cap 45: `pytest -m gpu tests/test_dali.py`
@@ -350,10 +350,22 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(gpu_memory_gib=round(props.total_memory / 2**30, 1), gpus_visible=torch.cuda.device_count(),
-                   compute_capability=f"{props.major}.{props.minor}")
+                   compute_capability=f"{props.major}.{props.minor}", **nvidia_smi())
     for name, module in (("ray", "ray"), ("dali", "nvidia.dali")):
         env[name] = installed_version(module)
     return env
+
+
+def nvidia_smi() -> dict:
+    """The driver's version and the GPU's compute mode (an exclusive one lets one process at a time use the GPU:
+    seed000's three runs and the packed trials would fail), where nvidia-smi answers; else nothing."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,compute_mode", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout.splitlines()
+        driver, mode = (v.strip() for v in out[0].split(","))
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        return {}
+    return {"driver": driver, "compute_mode": mode}
 
 
 def installed_version(module: str) -> str | None:
@@ -579,7 +591,9 @@ def augment(check: Check) -> None:
 
 # ===================================================================================================== ray
 def study_sets(check: Check, *extra: str) -> list[str]:
-    sizes = check.pick(["model.name=resnet18", "train.global_batch_size=512"],
+    # train.use_gpu=true on the GPU: a Ray that finds no GPU (NVML unusable in a container) is refused up front in
+    # one line, instead of ResNet-18 training on the CPU until each part's cap.
+    sizes = check.pick(["model.name=resnet18", "train.global_batch_size=512", "train.use_gpu=true"],
                        TINY_MODEL + ["data.train_subset=400", "data.val_size=100", "train.global_batch_size=64",
                                      "train.torch_threads=1"])
     return ["train.num_workers=1", "data.pipeline=torch", *sizes, *extra]
@@ -625,11 +639,19 @@ def study_figures(output: str, wall: float) -> dict:
             "best_trial_test_acc": round(100 * best["test_acc"], 2) if best else None}
 
 
+def study_ended_well(check: Check, name: str, rc: int) -> None:
+    """A study part's own failures: its exit status, and a best trial with no test figure (the test split's
+    evaluation, a Ray task on the GPU, prints its error and the study goes on: the part must not say ok)."""
+    if rc != 0:
+        raise RuntimeError(f"the study exited {rc}: see {check.log_path(name)}")
+    if check.figures.get("best_trial_test_acc") is None:
+        raise RuntimeError(f"the best trial has no test_acc (its test evaluation failed?): see {check.log_path(name)}")
+
+
 def asha(check: Check) -> None:
     output, wall, rc = run_study(check, "asha", study_sets(check, *asha_sets(check), "tune.max_concurrent_trials=1"))
     check.figures.update(study_figures(output, wall), exit_status=rc)
-    if rc != 0:
-        raise RuntimeError(f"the study exited {rc}: see {check.log_path('asha')}")
+    study_ended_well(check, "asha", rc)
     f = check.figures
     # The study's img/s over its wall time against an epoch's own: what Tune, start-up and evaluation cost.
     share = f["study_vs_epoch_images_per_second"]
@@ -648,8 +670,7 @@ def packed(check: Check) -> None:
         figures["packing_speedup"] = round(figures["study_images_per_second"]
                                            / one_at_a_time["study_images_per_second"], 2)  # images/s, same run
         figures["wall_ratio"] = round(one_at_a_time["wall_seconds"] / wall, 2)
-    if rc != 0:
-        raise RuntimeError(f"the study exited {rc}: see {check.log_path('packed')}")
+    study_ended_well(check, "packed", rc)
     check.current["summary"] = (f"packed {at_once} a GPU {wall:.0f} s"
                                 + (f", {figures['packing_speedup']}x the study img/s of one at a time"
                                    if "packing_speedup" in figures else ""))
@@ -658,9 +679,11 @@ def packed(check: Check) -> None:
 def kill_resume(check: Check) -> None:
     """One one-rank trial (it trains in its Tune trial process): SIGKILL that process once epoch 1 is recorded;
     Tune runs the trial again (tune.max_failures) from its latest checkpoint, and it must finish."""
-    epochs = check.pick(4, 6)
+    # On the GPU 3 short epochs (10,000 images, ~1.5 s each with its checkpoint: the poll, every 0.2 s, kills after
+    # the first, the trial still has two to go); the dry run's epochs are shorter than a poll's reach, so 6.
+    epochs = check.pick(3, 6)
     sets = study_sets(check, "tune.scheduler=fifo", "tune.search_space={}", f"train.epochs={epochs}",
-                      "tune.max_failures=1")
+                      "tune.max_failures=1", *check.pick(["data.train_subset=10000"], []))
     killed: dict = {}
 
     def poll(proc: subprocess.Popen, output: str) -> None:
@@ -682,8 +705,10 @@ def kill_resume(check: Check) -> None:
             status = next(iter(json.load(f).values()))["status"]
     except (OSError, ValueError, StopIteration):
         status = "unknown (no trials.json)"
+    test_acc = study_figures(output, wall)["best_trial_test_acc"]
     resumed = [r for r in rows if r.get("resumed_from_epoch")]
     figures.update(exit_status=rc, wall_seconds=wall, epochs=[r["epoch"] for r in rows], trial_status=status,
+                   test_acc=test_acc,
                    killed_after_epoch=killed.get("after_epoch"),
                    resumed_from_epoch=resumed[0]["resumed_from_epoch"] if resumed else None,
                    train_loss=[round(r["train_loss"], 4) for r in rows], val_acc=[round(r["val_acc"], 4) for r in rows])
@@ -692,6 +717,8 @@ def kill_resume(check: Check) -> None:
         problems.append("the trial ended before its process could be killed")
     if rc != 0 or status != "completed":
         problems.append(f"the study exited {rc}, trial {status}")
+    elif test_acc is None:
+        problems.append("the trial has no test_acc (its test evaluation failed?)")
     if [r["epoch"] for r in rows] != list(range(1, epochs + 1)):
         problems.append(f"epochs recorded {[r['epoch'] for r in rows]}, not 1..{epochs} once each")
     if killed and not resumed:
@@ -761,13 +788,14 @@ STAGES: dict[str, tuple[float, list[Part]]] = {
         Part("train_step", 90, 130, train_step, "ResNet-18 step: plain PyTorch vs fp32 NCHW vs bf16 channels_last "
              "vs + compile, MFU against the measured bf16 matmul peak"),
         # pytest start + collection ~8 s; 5 tests on the tiny ResNet, the compile one ~20 s of it. Before seed000,
-        # whose length is the least sure (three processes time-sharing one GPU, 90 MB checkpoints fsynced every
-        # epoch): run after it, an overrun there would leave these correctness checks no time. Here they cost
-        # seed000 nothing as estimated (300 - 90 - 35 = 175 s left for its 170 s cap).
+        # whose length is the least sure (three processes time-sharing one GPU, a 90 MB checkpoint fsynced every
+        # epoch): run after it, an overrun there would leave these correctness checks no time.
         Part("cuda_tests", 35, 60, cuda_tests, "pytest -m gpu " + " ".join(CORE_GPU_TESTS)),
         # 3 runs x 15 epochs x 45,000 images = 2.0M images at batch 128; the three at once share the GPU (each
-        # ~8k img/s: ~85 s) + 15 evaluations of 5,000 + start ~15 s + the test evaluation
-        Part("seed000", 120, 170, seed000, "seed study 000's first table: ResNet-18, SGD, constant lr 0.1/0.01/0.001, "
+        # ~8k img/s: ~85 s) + 15 evaluations of 5,000 + start ~15 s + the test evaluation. Its cap is all the stage
+        # can give it after the parts before, as estimated (300 - 90 - 35 = 175 s) and more: the seed table is worth
+        # more than augment, the part after it, which a longer seed000 leaves less time.
+        Part("seed000", 120, 200, seed000, "seed study 000's first table: ResNet-18, SGD, constant lr 0.1/0.01/0.001, "
              "15 epochs, batch 128, via python -m ray_cifar.train"),
         # 2 sets x 2 loaders x 3 repeats x 1 s + 2 DataLoader worker starts
         Part("augment", 20, 35, augment, "the torch augmentation path on the device vs the torchvision DataLoader"),
@@ -778,8 +806,9 @@ STAGES: dict[str, tuple[float, list[Part]]] = {
         Part("asha", 50, 90, asha, "a one-GPU ASHA study of ResNet-18, 4 trials x 2 epochs, one at a time"),
         # the same work four at once: starts overlap, the GPU is shared
         Part("packed", 45, 80, packed, "the same study packed four to the GPU (train.gpus_per_worker=0.25)"),
-        # Ray start ~8 s; 4 epochs x 45,000 images ~8 s; the killed trial's new process + resume ~15 s; exit ~8 s
-        Part("kill_resume", 45, 70, kill_resume, "a one-rank GPU trial SIGKILLed after epoch 1, resumed by Tune"),
+        # Ray start ~8 s; the trial process's start ~8 s; 3 epochs x 10,000 images ~5 s with their checkpoints; the
+        # killed trial's new process + resume ~15 s; the test evaluation in a GPU task ~8 s; exit ~8 s
+        Part("kill_resume", 50, 85, kill_resume, "a one-rank GPU trial SIGKILLed after epoch 1, resumed by Tune"),
     ]),
     "dali": (180, [
         # pytest start + DALI import ~10 s; the GPU pipeline's build and one epoch of 400 images

@@ -163,7 +163,8 @@ def test_the_best_checkpoint_is_the_latest_linked_not_written_again_and_keeps_it
     checkpoint.verify(best)
     checkpoint.save_state({"epoch": 2, "weights": torch.zeros(3)}, latest)
     checkpoint.verify(best)
-    assert checkpoint.load_state(best)["epoch"] == 1 and torch.equal(checkpoint.load_state(best)["weights"], torch.ones(3))
+    kept = checkpoint.load_state(best)
+    assert kept["epoch"] == 1 and torch.equal(kept["weights"], torch.ones(3))
     assert checkpoint.load_state(latest)["epoch"] == 2
     checkpoint.save_state({"epoch": 3, "weights": torch.full((3,), 3.0)}, latest)
     checkpoint.link_state(latest, best)  # a later best replaces the older one

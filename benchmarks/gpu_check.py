@@ -617,26 +617,35 @@ def run_study(check: Check, name: str, sets: list[str], poll=None) -> tuple[str,
     return output, round(time.monotonic() - started, 1), proc.returncode
 
 
-def study_figures(output: str, wall: float) -> dict:
+def study_trials(output: str) -> list[dict]:
+    """trials.parquet's rows (ranked best first); [] where the study wrote none."""
     import pyarrow.parquet as pq
 
-    rows = ResultsLog(output).read()
     trials_file = os.path.join(output, "trials.parquet")
-    trials = pq.read_table(trials_file).to_pylist() if os.path.exists(trials_file) else []
+    return pq.read_table(trials_file).to_pylist() if os.path.exists(trials_file) else []
+
+
+def best_trial_test_acc(trials: list[dict]) -> float | None:
+    """The test accuracy (%) of the best trial with one; None where no trial has it."""
+    best = next((t for t in trials if t.get("test_acc") is not None), None)
+    return round(100 * best["test_acc"], 2) if best else None
+
+
+def study_figures(output: str, wall: float) -> dict:
+    rows, trials = ResultsLog(output).read(), study_trials(output)
     images = sum(r.get("train_images") or 0 for r in rows)
     statuses: dict[str, int] = {}
     for t in trials:
         statuses[t["status"]] = statuses.get(t["status"], 0) + 1
     startups = sorted(r["startup_seconds"] for r in rows if r.get("startup_seconds") is not None)
     epoch_ips = sorted(r["images_per_second"] for r in rows if r.get("images_per_second"))
-    best = next((t for t in trials if t.get("test_acc") is not None), None)
     return {"wall_seconds": wall, "trials": len(trials), "trial_statuses": statuses, "trial_epochs": len(rows),
             "train_images": images, "study_images_per_second": round(images / wall, 1) if wall else None,
             "median_epoch_images_per_second": epoch_ips[len(epoch_ips) // 2] if epoch_ips else None,
             "study_vs_epoch_images_per_second": round(images / wall / epoch_ips[len(epoch_ips) // 2], 3)
             if epoch_ips and wall else None,
             "median_startup_seconds": startups[len(startups) // 2] if startups else None,
-            "best_trial_test_acc": round(100 * best["test_acc"], 2) if best else None}
+            "best_trial_test_acc": best_trial_test_acc(trials)}
 
 
 def study_ended_well(check: Check, name: str, rc: int) -> None:
@@ -705,7 +714,7 @@ def kill_resume(check: Check) -> None:
             status = next(iter(json.load(f).values()))["status"]
     except (OSError, ValueError, StopIteration):
         status = "unknown (no trials.json)"
-    test_acc = study_figures(output, wall)["best_trial_test_acc"]
+    test_acc = best_trial_test_acc(study_trials(output))
     resumed = [r for r in rows if r.get("resumed_from_epoch")]
     figures.update(exit_status=rc, wall_seconds=wall, epochs=[r["epoch"] for r in rows], trial_status=status,
                    test_acc=test_acc,

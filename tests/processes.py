@@ -45,11 +45,12 @@ def end_tree(pids: list[int]) -> None:
         except OSError:
             pass
     deadline = time.time() + 30
-    while time.time() < deadline and any(_alive(p) for p in pids):
+    while time.time() < deadline and any(alive(p) for p in pids):
         time.sleep(0.2)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Running: not gone, not a zombie (an ended child not yet reaped: reparented ones may never be here)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"

@@ -27,7 +27,7 @@ import time
 import pytest
 
 from conftest import TINY_MODEL
-from processes import descendants, end_tree
+from processes import alive, cmdline, descendants, end_tree
 from ray_cifar import checkpoint
 from ray_cifar.results import ResultsLog, read_rows
 
@@ -215,11 +215,16 @@ def test_sigterm_to_every_process_stops_the_study_at_once_and_it_resumes(synthet
     assert len(trials) == 2 and keys == [(t, e) for t in trials for e in range(1, EPOCHS + 1)]
 
 
-def test_sigterm_while_ray_starts_is_the_resume_line_and_exit_130(synthetic_parquet_dir, tmp_path):
+def test_sigterm_while_ray_starts_is_the_resume_line_and_exit_130_and_leaves_no_ray_process(synthetic_parquet_dir,
+                                                                                             tmp_path):
     """A driver signalled in its first seconds (a retried job cancelled again, a node drained): ray.init puts its own
     SIGTERM handler in first (sys.exit(15)), so the driver ended with exit 15 and without a word until Tune's
     graceful stop took over. Now it is one line with the --resume command (which starts the study from its
-    config.yaml), exit 130."""
+    config.yaml), exit 130.
+
+    The signal comes as Ray's agents start (the raylet's children): there, Ray's own clean-up left the agents
+    running, reparented, after the driver had exited (they were still connecting to the GCS that had gone, before
+    their watch on the raylet began). Nothing the driver started may outlive it."""
     output = tmp_path / "study"
     driver = subprocess.Popen(command("ray_cifar.tune", synthetic_parquet_dir, output), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -230,10 +235,19 @@ def test_sigterm_while_ray_starts_is_the_resume_line_and_exit_130(synthetic_parq
             line = driver.stdout.readline()
             assert line, f"the driver ended before Ray started:\n{printed[-3000:]}"
             printed += line
-        time.sleep(1.0)
+        deadline = time.time() + 60
+        while not any(agent in cmdline(p) for p in descendants(driver.pid)
+                      for agent in ("dashboard/agent.py", "DashboardAgent")):
+            assert driver.poll() is None and time.time() < deadline, f"no Ray agent started:\n{printed[-3000:]}"
+            time.sleep(0.02)
+        time.sleep(0.2)  # the agent starting: 0.1-0.5 s after it appeared, its leak was seen every time
         tree = descendants(driver.pid)
         driver.send_signal(signal.SIGTERM)
         out, _ = driver.communicate(timeout=60)
+        deadline = time.time() + 10  # a process SIGTERMed as the driver exited may take a moment to go
+        while (left := [p for p in tree if alive(p)]) and time.time() < deadline:
+            time.sleep(0.2)
+        left_names = [cmdline(p)[:80] for p in left]
     finally:
         end_tree([driver.pid, *tree, *descendants(driver.pid)])
     out = printed + out
@@ -241,6 +255,7 @@ def test_sigterm_while_ray_starts_is_the_resume_line_and_exit_130(synthetic_parq
     assert f"stopped while no trial ran; nothing reported is lost. Continue it with:\n  python -m ray_cifar.tune " \
            f"--resume {output}" in out, out[-3000:]
     assert "Traceback" not in out and not rows(output)
+    assert not left, f"the driver's Ray processes outlived it: {left_names}"
 
 
 def test_train_on_a_full_disk_is_one_line(tmpfs, synthetic_parquet_dir, tmp_path):

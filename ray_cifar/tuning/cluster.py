@@ -6,11 +6,13 @@ resource arithmetic (CPUs and GPUs per trial, trials that fit at once).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
 import socket
+import time
 
 import ray
 
@@ -125,17 +127,61 @@ def init_ray(cfg: Config) -> None:
     ray.init first replaces the SIGTERM handler with its own sys.exit(15): a driver signalled while Ray started, or
     before Tune's graceful stop took over, ended with exit 15 and without a word. Where the caller had a handler of
     its own (cli.sigterm_as_ctrl_c: the line with the --resume command), it is put back, and a SIGTERM during
-    ray.init is raised as that handler's KeyboardInterrupt."""
+    ray.init is raised as that handler's KeyboardInterrupt.
+
+    Whatever stops ray.init part way ends the Ray processes it had started (every process below the driver
+    then that was not there before). Ray does not: its agents, started by the raylet and still connecting when the raylet and GCS went,
+    never reached their own watch on the raylet and lived on, reparented, after the driver had exited."""
     ours = signal.getsignal(signal.SIGTERM)
+    before = set(_descendants(os.getpid()))
     try:
         _start_or_connect(cfg)
     except SystemExit as e:
+        end_started(before)
         if e.code == signal.SIGTERM and callable(ours):
             raise KeyboardInterrupt from None
+        raise
+    except BaseException:
+        end_started(before)
         raise
     finally:
         if callable(ours):
             signal.signal(signal.SIGTERM, ours)
+
+
+def end_started(before: set[int], grace: float = 1.0) -> None:
+    """SIGTERM every process below this one but those `before`, then SIGKILL what is left after `grace` seconds
+    (Linux: read from /proc)."""
+    pids = [p for p in _descendants(os.getpid()) if p not in before]
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0.0)):
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while (pids := [p for p in pids if _running(p)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def _descendants(pid: int) -> list[int]:
+    parents = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+    found, frontier = [], {pid}
+    while frontier:
+        frontier = {c for c, p in parents.items() if p in frontier}
+        found += frontier
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a reparented child ended but not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _start_or_connect(cfg: Config) -> None:

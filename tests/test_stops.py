@@ -330,3 +330,17 @@ def test_sigterm_while_the_study_finishes_prints_the_resume_command(ray):
     else:
         assert result.returncode == 0, result.stderr[-2000:]
         assert "rc 130 handler restored True" in result.stdout and "stop_now" not in result.stdout
+
+
+def test_ray_is_gone_only_when_every_look_for_a_second_misses_it(monkeypatch):
+    """One rule in the trials and the finish phase: a GCS that misses one look (busy for a moment) is not gone."""
+    from ray_cifar.tuning import study
+
+    now = [100.0]
+    monkeypatch.setattr(study.time, "monotonic", lambda: now[0])
+    gone = study.RayGone()
+    looks = []
+    for alive in [False, False, True, False, False, False, False, False]:  # a look every 0.25 s
+        looks.append(gone.seen(alive))
+        now[0] += 0.25
+    assert looks == [False, False, False, False, False, False, False, True]  # gone from 100.75 s to 101.75 s

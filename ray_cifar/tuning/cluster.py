@@ -129,9 +129,10 @@ def init_ray(cfg: Config) -> None:
     its own (cli.sigterm_as_ctrl_c: the line with the --resume command), it is put back, and a SIGTERM during
     ray.init is raised as that handler's KeyboardInterrupt.
 
-    Whatever stops ray.init part way ends the Ray processes it had started (every process below the driver
-    then that was not there before). Ray does not: its agents, started by the raylet and still connecting when the raylet and GCS went,
-    never reached their own watch on the raylet and lived on, reparented, after the driver had exited."""
+    Whatever stops ray.init part way ends the Ray processes it had started (every process below the driver then
+    that was not there before). Ray does not: its agents, started by the raylet and still connecting when the
+    raylet and GCS went, never reached their own watch on the raylet and lived on, reparented, after the driver
+    had exited."""
     ours = signal.getsignal(signal.SIGTERM)
     before = set(_descendants(os.getpid()))
     try:

@@ -329,8 +329,8 @@ def finish_politely(finish: Callable[[], int], resume_command: str, ray_alive: C
 
     Where the SIGTERM went to every process (see polite_sigterm), the local Ray ends with it, and the driver's exit
     (ray.shutdown) waited a minute on Ray's gone GCS, then ended with exit 1 (seen in a kill test). So after the
-    line the driver looks at Ray (RAY_ALIVE) for up to RAY_GONE_WITHIN_S: gone, stop_now() says so and the driver
-    exits 130 at once; there, it goes on to a normal exit."""
+    line the driver looks at Ray (RAY_ALIVE) for up to RAY_GONE_WITHIN_S: gone (RayGone), stop_now() says so and
+    the driver exits 130 at once; there, it goes on to a normal exit."""
     try:
         with cli.sigterm_as_ctrl_c():
             return finish()
@@ -342,15 +342,14 @@ def finish_politely(finish: Callable[[], int], resume_command: str, ray_alive: C
         return 130
 
 
-RAY_GONE_WITHIN_S = 2.0
+RAY_GONE_WITHIN_S = 3.0  # room for GONE_AFTER_S after Ray's processes take a moment to end
 
 
 def _ray_goes(ray_alive: Callable[[], bool]) -> bool:
-    """Whether Ray is found gone twice in a row (WATCH_EVERY_S apart) within RAY_GONE_WITHIN_S."""
-    deadline, misses = time.monotonic() + RAY_GONE_WITHIN_S, 0
+    """Whether Ray is found gone (RayGone) within RAY_GONE_WITHIN_S."""
+    deadline, gone = time.monotonic() + RAY_GONE_WITHIN_S, RayGone()
     while time.monotonic() < deadline:
-        misses = 0 if ray_alive() else misses + 1
-        if misses >= 2:
+        if gone.seen(ray_alive()):
             return True
         time.sleep(WATCH_EVERY_S)
     return False
@@ -373,6 +372,19 @@ WATCH_EVERY_S = 0.25
 GONE_AFTER_S = 1.0
 
 
+class RayGone:
+    """One rule for "Ray is gone", in the trials and in the finish phase: every look for GONE_AFTER_S found it
+    missing (one missed look is not enough: a GCS busy for a moment)."""
+
+    def __init__(self):
+        self.since: float | None = None
+
+    def seen(self, alive: bool) -> bool:
+        """Take one look's answer; whether Ray has been gone for GONE_AFTER_S now."""
+        self.since = None if alive else self.since or time.monotonic()
+        return self.since is not None and time.monotonic() - self.since >= GONE_AFTER_S
+
+
 @contextlib.contextmanager
 def polite_sigterm(resume_command: str, ray_alive: Callable[[], bool], stop_now: Callable[[], None]):
     """SIGTERM (what spot instances, Kubernetes, Slurm and `kill` send first) stops the study as the first
@@ -384,20 +396,16 @@ def polite_sigterm(resume_command: str, ray_alive: Callable[[], bool], stop_now:
     goes, or Tune's graceful stop waits on the gone GCS until Ray's reconnect timeout (60 s, then exit 1): past most
     grace periods before the SIGKILL. So the --resume command is printed at the study's start and again in the
     first SIGTERM's line (where Python runs its handler before Ray's core worker ends the process), and a thread
-    watches Ray (ray_alive: its GCS takes connections); once Ray has been gone for GONE_AFTER_S, stop_now() says so
+    watches Ray (ray_alive: its GCS takes connections); once Ray is gone (RayGone), stop_now() says so
     and the driver exits 130 (Tune has saved the experiment by then: its save follows the signal within a second,
     and what a kill at any moment leaves is resumable)."""
     received = []
     finished = threading.Event()
 
     def watch_ray() -> None:
-        gone_since = None
+        gone = RayGone()
         while not finished.wait(WATCH_EVERY_S):
-            if gone := not ray_alive():
-                gone_since = gone_since or time.monotonic()
-            else:
-                gone_since = None
-            if gone and time.monotonic() - gone_since >= GONE_AFTER_S and not finished.is_set():
+            if gone.seen(ray_alive()) and not finished.is_set():
                 _exit_now(stop_now)
 
     def on_sigterm(signum, frame):

@@ -18,8 +18,9 @@ A checkpoint without a checksum (older ray_cifar) that does not load counts as d
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -60,29 +61,36 @@ def _replace_atomically(tmp: str, path: str) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def _placing(directory: str) -> Iterator[dict[str, str]]:
+    """Temporary paths in DIRECTORY for the state and its checksum, to be written in the block: when it ends
+    without an error they replace the two files, state first, each fsynced first; whatever is left is removed."""
+    os.makedirs(directory, exist_ok=True)
+    tmp = {name: os.path.join(directory, f"{name}.tmp-{os.getpid()}") for name in (STATE_FILE, CHECKSUM_FILE)}
+    try:
+        yield tmp
+        for name, path in tmp.items():
+            _replace_atomically(path, os.path.join(directory, name))
+    finally:
+        for leftover in tmp.values():
+            if os.path.exists(leftover):
+                os.remove(leftover)
+
+
 def save_state(state: dict[str, Any], directory: str) -> str:
     """Write `state` and its checksum into `directory` (atomically: a reader never sees half a file).
 
     The state is read back (its checksum recomputed from disk) before it replaces the previous one,
     so a full disk or a short write leaves the previous state in place and raises OSError."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, STATE_FILE)
-    tmp, tmp_sum = f"{path}.tmp-{os.getpid()}", os.path.join(directory, f"{CHECKSUM_FILE}.tmp-{os.getpid()}")
-    try:
+    with _placing(directory) as tmp:
         try:
-            torch.save(state, tmp)
+            torch.save(state, tmp[STATE_FILE])
         except RuntimeError as e:  # torch's zip writer reports a failed write (ENOSPC, EIO) as RuntimeError
-            raise _write_error(e, tmp) from None
-        digest = storage.file_sha256(tmp)
-        with open(tmp_sum, "w") as f:
+            raise _write_error(e, tmp[STATE_FILE]) from None
+        digest = storage.file_sha256(tmp[STATE_FILE])
+        with open(tmp[CHECKSUM_FILE], "w") as f:
             f.write(digest + "\n")
-        _replace_atomically(tmp, path)
-        _replace_atomically(tmp_sum, os.path.join(directory, CHECKSUM_FILE))
-    finally:
-        for leftover in (tmp, tmp_sum):
-            if os.path.exists(leftover):
-                os.remove(leftover)
-    return path
+    return os.path.join(directory, STATE_FILE)
 
 
 def link_state(source: str, directory: str) -> str:
@@ -94,22 +102,12 @@ def link_state(source: str, directory: str) -> str:
     `directory`'s bytes as they are."""
     import shutil
 
-    os.makedirs(directory, exist_ok=True)
-    placed = []
-    try:
-        for name in (STATE_FILE, CHECKSUM_FILE):
-            tmp = os.path.join(directory, f"{name}.tmp-{os.getpid()}")
-            placed.append(tmp)
+    with _placing(directory) as tmp:
+        for name, path in tmp.items():
             try:
-                os.link(os.path.join(source, name), tmp)
+                os.link(os.path.join(source, name), path)
             except OSError:  # no hard links here (some network and FUSE filesystems); a full disk fails again below
-                shutil.copyfile(os.path.join(source, name), tmp)
-        for tmp, name in zip(placed, (STATE_FILE, CHECKSUM_FILE)):
-            _replace_atomically(tmp, os.path.join(directory, name))
-    finally:
-        for leftover in placed:
-            if os.path.exists(leftover):
-                os.remove(leftover)
+                shutil.copyfile(os.path.join(source, name), path)
     return os.path.join(directory, STATE_FILE)
 
 

@@ -15,6 +15,8 @@
         again, rows are complete and unique, the absurd trial is `diverged`, the others `completed`.
 (e) A driver killed before its first trial (config.yaml written, no Tune experiment): its command line with
         --resume-if-exists starts the study.
+(f) A grid study killed as its second trial trains, its trial list put back from before that trial was made (its
+        grid generator's state kept): `--resume` makes the trial again, under its id, from its own checkpoint.
 Every process killed here is one this test started (the driver) or a descendant of it.
 """
 
@@ -83,8 +85,8 @@ class SearchStates:
     running study's experiment folder, each set read at one moment, to put an older one back after a kill: what a
     driver killed between Tune's files (the trials, then these) leaves."""
 
-    def __init__(self, output, *patterns: str):
-        self.folder, self.patterns, self.versions = output / "ray" / "tune", patterns, []
+    def __init__(self, output, *patterns: str, kind: str = "pickle"):
+        self.folder, self.patterns, self.versions, self.kind = output / "ray" / "tune", patterns, [], kind
 
     def capture(self) -> None:
         from ray_cifar.tuning.tune_state import is_whole
@@ -94,7 +96,7 @@ class SearchStates:
             version = {p.name: p.read_bytes() for p in paths}
         except OSError:
             return
-        if (len(version) == len(self.patterns) and all(is_whole(str(p), "pickle") for p in paths)
+        if (len(version) == len(self.patterns) and all(is_whole(str(p), self.kind) for p in paths)
                 and version not in self.versions[-1:]):
             self.versions.append(version)
 
@@ -124,7 +126,12 @@ class SearchStates:
     def tune_trial_ids(self) -> set[str]:
         """The trials in Tune's newest experiment state: what a --resume restores."""
         newest = sorted(self.folder.glob("experiment_state-*.json"))[-1]
-        return {json.loads(state)["trial_id"] for state, _ in json.loads(newest.read_text())["trial_data"]}
+        return trial_ids(newest.read_bytes())
+
+
+def trial_ids(experiment_state: bytes) -> set[str]:
+    """The trials in one of Tune's experiment_state files."""
+    return {json.loads(state)["trial_id"] for state, _ in json.loads(experiment_state)["trial_data"]}
 
 
 def trials_state(output) -> dict:
@@ -294,6 +301,53 @@ def test_killed_driver_then_resume_finishes_the_study(tmp_path, synthetic_parque
     again = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--resume", str(output)], capture_output=True,
                            text=True, timeout=120)
     assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_a_trial_made_after_tunes_last_trial_list_is_made_again_by_resume_and_goes_on(tmp_path,
+                                                                                     synthetic_parquet_dir):
+    """The other way round from the study above: Tune's trial list is put back as it was before the second trial
+    was made, the grid generator's state kept (it has made that trial). Tune's own generator never made the trial
+    again: its grid point was never run and the study ended without it. It is made again under its id and goes
+    on from its own checkpoint; the third is made after it."""
+    output = tmp_path / "study"
+    epochs = 6
+    grid = "{optim.lr: {grid: [0.05, 0.04, 0.03]}}"
+    proc = subprocess.Popen(study_args(synthetic_parquet_dir, output, *SETS, "train.num_workers=1",
+                                       f"train.epochs={epochs}", f"tune.search_space={grid}"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lists = SearchStates(output, "experiment_state-*.json", kind="json")
+    grids = SearchStates(output, "basic-variant-state-*.json")
+
+    def second_trial_trained() -> bool:
+        lists.capture()
+        grids.capture()
+        trials = sorted(trials_state(output).values(), key=lambda t: t["trial_id"])
+        return (len(trials) == 2 and trials[1].get("epochs", 0) >= 2 and bool(grids.versions)
+                and grids.made(grids.versions[-1]) == 2 and any(len(trial_ids(v[n])) == 1
+                                                                for v in lists.versions for n in v))
+
+    kill_driver_when(proc, second_trial_trained, "the second trial's second epoch, its grid state saved")
+    first, second = sorted(trials_state(output))
+    version = lists.put_back_newest(lambda v: all(trial_ids(d) == {first} for d in v.values()),
+                                    "with the first trial alone")
+    grids.put_back_newest(lambda v: grids.made(v) == 2, "with two trials made")
+    assert SearchStates(output).tune_trial_ids() == {first}, version.keys()
+    recorded = {(r["trial_id"], r["epoch"]) for r in ResultsLog(str(output)).read()}
+    assert (second, 2) in recorded
+
+    resumed = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--resume", str(output)], capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    assert f"trial {second} was made after Tune's last saved trial list" in resumed.stdout
+    trials = trials_state(output)
+    assert len(trials) == 3 and {first, second} < set(trials), sorted(trials)
+    assert [t["status"] for _, t in sorted(trials.items())] == ["completed"] * 3
+    assert sorted(float(t["optim.lr"]) for t in trials.values()) == [0.03, 0.04, 0.05]
+    rows = ResultsLog(str(output)).read()
+    keys = [(r["trial_id"], r["epoch"]) for r in rows]
+    assert sorted(keys) == sorted((t, e) for t in trials for e in range(1, epochs + 1))  # none lost, none twice
+    assert min(r["resumed_from_epoch"] for r in rows if r["trial_id"] == second and (second, r["epoch"]) not in
+               recorded) >= 2  # from its checkpoint, not anew
 
 
 def test_a_ddp_trial_whose_ray_train_snapshot_the_kill_emptied_resumes_from_its_checkpoints(tmp_path,

@@ -13,6 +13,7 @@ from ray.tune.experiment import Trial
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGenerator
 
 from ray_cifar.tuning.searchers import follow_restored_trial
+from ray_cifar.tuning.variants import RestorableVariants
 
 SPACE = {"optim.lr": tune.loguniform(1e-6, 0.2), "optim.momentum": tune.choice([0.0, 0.9])}
 
@@ -127,19 +128,18 @@ def test_a_new_trial_changes_nothing():
     assert (alg.searcher.live_trials, len(searcher._ot_study.trials), alg._counter) == (*before, 1)
 
 
-def test_a_grid_restored_from_before_its_last_trial_neither_makes_it_again_nor_keeps_an_ended_ones_slot():
+@pytest.mark.parametrize("generator", [BasicVariantGenerator, RestorableVariants])  # a study's from before, a new one's
+def test_a_grid_restored_from_before_its_last_trial_neither_makes_it_again_nor_keeps_an_ended_ones_slot(generator):
     """Without this a grid study with one trial at a time waited for ever after --resume (seen in
     test_fault_tolerance): the second trial's slot stayed taken, the third trial was to be made again."""
-    tune.register_trainable("__fake", lambda config: None)
-    gen = BasicVariantGenerator(max_concurrent=1)
-    gen.add_configurations({"e": {"run": "__fake", "config": {"x": tune.grid_search([1, 2, 3, 4])}}})
+    gen = grid(generator, [1, 2, 3, 4])
     made = [gen.next_trial()]
     gen.on_trial_complete(made[0].trial_id)
     made.append(gen.next_trial())
     saved = copy.deepcopy(gen.get_state())  # b running
     gen.on_trial_complete(made[1].trial_id)
     made.append(gen.next_trial())  # c, made after the save
-    restored = BasicVariantGenerator(max_concurrent=1)
+    restored = generator(max_concurrent=1)
     restored.set_state(saved)
     statuses = [Trial.TERMINATED, Trial.TERMINATED, Trial.PENDING]
     controller = Restored(restored, [])
@@ -155,19 +155,60 @@ def test_a_grid_restored_from_before_its_last_trial_neither_makes_it_again_nor_k
     assert restored.next_trial() is None and restored.is_finished()  # four trials in all
 
 
-def test_a_grid_restored_from_after_a_trial_tune_lost_does_not_wait_for_it():
+def grid(generator, points: list[int]):
     tune.register_trainable("__fake", lambda config: None)
-    gen = BasicVariantGenerator(max_concurrent=1)
-    gen.add_configurations({"e": {"run": "__fake", "config": {"x": tune.grid_search([1, 2, 3])}}})
+    gen = generator(max_concurrent=1)
+    gen.add_configurations({"e": {"run": "__fake", "config": {"x": tune.grid_search(points)}}})
+    return gen
+
+
+def test_a_grid_restored_from_after_a_trial_tune_lost_makes_it_again_first_under_its_own_id(capsys):
+    """Tune's list was written before b was made, the generator's state after (the driver died between the two
+    files): Tune's own generator never made b again (a grid point not run); b is made again, values and id."""
+    gen = grid(RestorableVariants, [1, 2, 3])
     a = gen.next_trial()
     gen.on_trial_complete(a.trial_id)
-    gen.next_trial()  # b: made, in the generator's saved state, not in Tune's list
-    restored = BasicVariantGenerator(max_concurrent=1)
+    b = gen.next_trial()  # made, in the generator's saved state, not in Tune's list
+    restored = RestorableVariants(max_concurrent=1)
     restored.set_state(copy.deepcopy(gen.get_state()))
+    a.set_status(Trial.TERMINATED)
+    controller = Restored(restored, [a])
+    follow_restored_trial(controller, a)
+    assert not restored.is_finished()
+    again = restored.next_trial()
+    assert (again.trial_id, again.config, again.experiment_tag) == (b.trial_id, {"x": 2}, b.experiment_tag)
+    assert "trial %s was made after Tune's last saved trial list" % b.trial_id in capsys.readouterr().out
+    controller.trials.append(again)
+    follow_restored_trial(controller, again)
+    assert restored.next_trial() is None  # one at a time: b runs
+    restored.on_trial_complete(again.trial_id)
+    c = restored.next_trial()
+    assert c.config == {"x": 3} and c.trial_id not in (a.trial_id, b.trial_id)
+    controller.trials.append(c)
+    follow_restored_trial(controller, c)
+    restored.on_trial_complete(c.trial_id)
+    assert restored.next_trial() is None and restored.is_finished()  # three trials in all, b once
+
+
+def test_a_fresh_grid_makes_each_point_once_and_a_plain_restored_one_still_loses_the_trial():
+    """RestorableVariants unrestored is Tune's generator; a study begun before it (Tune's own generator in its
+    tuner.pkl) resumes as it did: b's point is lost with the driver and the study goes on."""
+    gen = grid(RestorableVariants, [1, 2, 3])
+    made = []
+    while (t := gen.next_trial()) is not None:
+        made.append(t)
+        gen.on_trial_complete(t.trial_id)
+    assert [t.config["x"] for t in made] == [1, 2, 3] and len({t.trial_id for t in made}) == 3 and gen.is_finished()
+    old = grid(BasicVariantGenerator, [1, 2, 3])
+    a = old.next_trial()
+    old.on_trial_complete(a.trial_id)
+    old.next_trial()  # b
+    restored = BasicVariantGenerator(max_concurrent=1)
+    restored.set_state(copy.deepcopy(old.get_state()))
     a.set_status(Trial.TERMINATED)
     follow_restored_trial(Restored(restored, [a]), a)
     assert restored._live_trials == set()
-    assert restored.next_trial().config == {"x": 3}  # b's point is lost with the driver; the study goes on
+    assert restored.next_trial().config == {"x": 3}
 
 
 def test_bohb_adopts_only_a_trial_it_never_made(tmp_path, capsys):

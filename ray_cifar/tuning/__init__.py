@@ -10,6 +10,7 @@
     searchers  tune.search: random, Optuna, HyperOpt, BOHB, and the search-space translation
     restorable_searchers  Optuna's, HyperOpt's and BOHB's, taking a trial their saved state lacks (its own
                           module: Ray's import Optuna, HyperOpt and BOHB's packages)
+    variants   Tune's grid/random generator, making again a trial Tune's restored list lacks
     recorder   the Tune callback that writes rows and statuses (results.parquet, trials.json)
     tune_state the Tune callback that keeps a whole copy of Tune's own state files (tuner.pkl, ...)
     tracking   MLflow / W&B runs fed by the recorder

@@ -41,12 +41,15 @@ def param_space(space: dict[str, Any], search: str = "grid") -> dict[str, Any]:
     return {key: makers[kind](values) for key, spec in space.items() for kind, values in spec.items()}
 
 
-def create_search_alg(cfg: Config):
-    """The searcher of tune.search (None for grid and random: Tune's own generator), seeded by train.seed.
-    Metric, mode and the space come from the Tuner; tune.max_concurrent_trials wraps it in Tune's limiter."""
+def create_search_alg(cfg: Config, max_concurrent: int | None = None):
+    """The search algorithm of tune.search: for grid and random, Tune's own generator (RestorableVariants) with
+    its limit of MAX_CONCURRENT trials at once; else the searcher, seeded by train.seed, which Tune wraps in its
+    limiter (Tuner's max_concurrent_trials: model_based_limit). Metric, mode and the space come from the Tuner."""
     search = cfg.tune.search
     if search not in MODEL_BASED:
-        return None
+        from .variants import RestorableVariants
+
+        return RestorableVariants(max_concurrent=max_concurrent or 0)
     try:
         from .restorable_searchers import RestorableBOHB, RestorableHyperOpt, RestorableOptuna
 
@@ -56,6 +59,12 @@ def create_search_alg(cfg: Config):
     except (ImportError, AssertionError) as e:  # Ray's searchers assert their package is there
         raise ConfigError(f"tune.search: {search} needs {_PACKAGES[search]} ({e}): "
                           f"pip install 'ray_cifar[search]'") from None
+
+
+def model_based_limit(cfg: Config, max_concurrent: int | None) -> int | None:
+    """Tuner's max_concurrent_trials: a model-based searcher's limit (Tune wraps it in a ConcurrencyLimiter). A grid
+    or random generator holds its own (create_search_alg); Tune would only warn that it ignores this one."""
+    return max_concurrent if cfg.tune.search in MODEL_BASED else None
 
 
 def base_searcher(search_alg):
@@ -78,8 +87,9 @@ def follow_restored_trial(tune_controller, trial) -> None:
       made after Tune's list was written (a slot held by a trial that never ends again stops the study from
       making new ones: a study of one trial at a time waited for ever);
     - a model-based searcher adopts a trial it never saw (see restorable_searchers), and is told of the end of
-      a trial that ended since, with its last result.
-    Not mended: a trial made after Tune's list was written is lost with the driver (a grid point not run)."""
+      a trial that ended since, with its last result;
+    - a grid or random generator (RestorableVariants) learns which trials Tune has, so that it makes again one
+      it made after Tune's list was written (else lost with the driver: a grid point never run)."""
     from ray.tune.experiment import Trial
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGenerator
     from ray.tune.utils import flatten_dict
@@ -92,6 +102,7 @@ def follow_restored_trial(tune_controller, trial) -> None:
     if isinstance(alg, BasicVariantGenerator):
         _follow(alg._live_trials, known, trial.trial_id, ended)
         _skip_made(alg, known)
+        getattr(alg, "hold", lambda _: None)(known)  # RestorableVariants: which trials Tune has
         return
     # Restored trials are added one by one, before any new one is made: this count ends at the restored ones.
     alg._counter = len(known)

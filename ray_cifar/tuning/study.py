@@ -137,12 +137,13 @@ def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, re
         scheduler = create_scheduler(cfg.tune.scheduler, output, recorder.note_stopped, max_t=max_t,
                                      grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor,
                                      brackets=cfg.tune.brackets, time_attr=cfg.tune.time_attr, search=cfg.tune.search)
+    at_once = _trials_at_once(cfg, max_concurrent)
     return tune.Tuner(
         trainable,
         param_space=searchers.param_space(space, cfg.tune.search),
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler,
-                                    search_alg=searchers.create_search_alg(cfg),
-                                    num_samples=num_samples, max_concurrent_trials=_trials_at_once(cfg, max_concurrent),
+                                    search_alg=searchers.create_search_alg(cfg, at_once), num_samples=num_samples,
+                                    max_concurrent_trials=searchers.model_based_limit(cfg, at_once),
                                     reuse_actors=cluster.reuse_trial_processes(cfg)),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=ray_storage,
                                   callbacks=[recorder, _state_backup(output, remote)],

@@ -223,8 +223,8 @@ def test_sigterm_while_ray_starts_is_the_resume_line_and_exit_130_and_leaves_no_
     config.yaml), exit 130.
 
     The signal comes as Ray's agents start (the raylet's children): there, Ray's own clean-up left the agents
-    running, reparented, after the driver had exited (they were still connecting to the GCS that had gone, before
-    their watch on the raylet began). Nothing the driver started may outlive it."""
+    running, reparented, for a minute or more after the driver had exited (waiting on the gone GCS). Nothing the
+    driver started may outlive it."""
     output = tmp_path / "study"
     driver = subprocess.Popen(command("ray_cifar.tune", synthetic_parquet_dir, output), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)

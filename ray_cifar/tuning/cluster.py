@@ -130,9 +130,9 @@ def init_ray(cfg: Config) -> None:
     ray.init is raised as that handler's KeyboardInterrupt.
 
     Whatever stops ray.init part way ends the Ray processes it had started (every process below the driver then
-    that was not there before). Ray does not: its agents, started by the raylet and still connecting when the
-    raylet and GCS went, never reached their own watch on the raylet and lived on, reparented, after the driver
-    had exited."""
+    that was not there before). Ray does not: its agents, started by the raylet, lived on, reparented, for a
+    minute or more after the driver had exited (measured 60-77 s, in half the tries: they wait on the gone GCS
+    for its reconnect timeout)."""
     ours = signal.getsignal(signal.SIGTERM)
     before = set(_descendants(os.getpid()))
     try:

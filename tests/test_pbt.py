@@ -437,3 +437,42 @@ def test_a_population_larger_than_the_trials_at_once_is_created_whole_and_bohb_o
     with pytest.raises(ConfigError, match=r"^tune.max_epochs: must be set for tune.search bohb with train.max_steps"):
         load_config(None, [*TINY_MODEL, "tune.search=bohb", "train.max_steps=100",
                            "tune.search_space={optim.lr: {loguniform: [0.001, 0.1]}}"])
+
+
+def test_the_row_a_member_exploits_on_is_on_disk_before_the_exploit_is_saved(tmp_path):
+    """An exploit saves Tune's state at once (the member's new generation); Tune hands the result to the recorder
+    only after the scheduler returns. A driver killed in between resumed the member as its new generation, and its
+    last epoch's row was lost for good (seen in test_beyond_grids' killed PBT study). The scheduler has the
+    recorder write the row first."""
+    from ray_cifar.results import ResultsLog
+    from ray_cifar.tuning.recorder import StudyRecorder
+
+    random.seed(0)
+    cfg = pbt_config("tune.perturbation_interval=2", "tune.pbt_mutate=[optim.weight_decay]")
+    recorder = StudyRecorder(str(tmp_path), lambda config: {}, "val_acc", "max", {"git_sha": "x"}, tensorboard=False)
+    scheduler = pbt.create_pbt(cfg, str(tmp_path), record=recorder.record_now)
+    scheduler.set_search_properties("val_acc", "max")
+    trials = [Trial("__fake", config={"optim.lr": 0.05, "optim.weight_decay": 5e-4, "train.seed": i}, stub=True,
+                    trial_id=f"t{i}") for i in range(4)]
+    on_disk_at_save = []
+
+    class Saving(FakeController):
+        def checkpoint(self, force=False, wait=False):
+            super().checkpoint(force, wait)
+            on_disk_at_save.append({(r["trial_id"], r["epoch"]) for r in ResultsLog(str(tmp_path)).read()})
+
+    controller = Saving(trials)
+    for t in trials:
+        t.set_status(Trial.RUNNING)
+        scheduler.on_trial_add(controller, t)
+    on_disk_at_save.clear()
+    for epoch in (1, 2):
+        for t, acc in zip(trials, (0.5, 0.6, 0.7, 0.1)):
+            result = {"epoch": epoch, "epochs": 6, "val_acc": acc, "train_loss": 1.0, "training_iteration": epoch}
+            scheduler.on_trial_result(controller, t, result)
+            recorder.on_trial_result(epoch, trials, t, result)  # Tune's own call, after the scheduler's
+            t.run_metadata.last_result = result
+    assert controller.paused == ["t3"] and len(on_disk_at_save) == 1
+    assert ("t3", 2) in on_disk_at_save[0]
+    rows = ResultsLog(str(tmp_path)).read()
+    assert sorted((r["trial_id"], r["epoch"]) for r in rows) == [(f"t{i}", e) for i in range(4) for e in (1, 2)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import posixpath
 import random
-from typing import Any
+from typing import Any, Callable
 
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
@@ -32,8 +32,10 @@ class Lineage:
     """What ray_cifar's PBT and PB2 add to Ray's (ray_cifar.tuning.pbt's docstring): mix in before the Ray class."""
 
     def _setup(self, output: str, limits: dict[str, tuple[float, float]], storage_path: str | None,
-               all_at_once: bool) -> None:
+               all_at_once: bool, record: Callable[[Trial, dict], None] | None = None) -> None:
+        """RECORD(trial, result): the study's recorder writing the result's row now (StudyRecorder.record_now)."""
         self.output, self.limits, self.storage_path, self.all_at_once = output, limits, storage_path, all_at_once
+        self.record = record
         self._rebuilt, self._data_pending = False, False
         self._recorded: dict[str, dict[str, Any]] = {}
         self._rows: dict[str, list[dict[str, Any]]] = {}
@@ -75,6 +77,12 @@ class Lineage:
     # -- decisions ------------------------------------------------------------------------------
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
+        # The row on disk before the decision: an exploit saves Tune's state at once (the member's new generation),
+        # and Tune hands the result to the recorder only after this returns. A driver killed in between resumed
+        # the member as its new generation and its last epoch's row was lost for good (the generation's own
+        # checkpoints hold no history of the one before; seen in a killed PBT test).
+        if getattr(self, "record", None) is not None:  # (a scheduler pickled before it had one: none)
+            self.record(trial, result)
         self._drop_old_generations(trial.trial_id, result)
         if result.get(self._metric) is not None and trial in self._trial_state:
             # Every member's latest score, not the one at its last decision epoch (Ray's): a member at its

@@ -5,7 +5,7 @@ SciPy (~1 s of every driver's start, when the search extra is installed)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from ray.tune.experiment import Trial
 from ray.tune.schedulers.pb2 import PB2
@@ -25,9 +25,9 @@ class RestorablePB2(Lineage, PB2):
     label = "pb2"
 
     def __init__(self, output: str, limits: dict[str, tuple[float, float]], storage_path: str | None = None,
-                 all_at_once: bool = False, **pb2_args: Any):
+                 all_at_once: bool = False, record: Callable[[Any, dict], None] | None = None, **pb2_args: Any):
         super().__init__(time_attr="epoch", log_config=False, **pb2_args)
-        self._setup(output, limits, storage_path, all_at_once)
+        self._setup(output, limits, storage_path, all_at_once, record)
 
     def on_trial_add(self, tune_controller, trial: Trial) -> None:
         first = not self._rebuilt

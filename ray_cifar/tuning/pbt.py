@@ -28,7 +28,7 @@ The additions are the mixin `Lineage` (.lineage); PB2's class is in .pb2, import
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from ray import tune
 from ray.tune.schedulers import PopulationBasedTraining
@@ -83,17 +83,18 @@ class RestorablePBT(Lineage, PopulationBasedTraining):
     label = "pbt"
 
     def __init__(self, output: str, limits: dict[str, tuple[float, float]], storage_path: str | None = None,
-                 all_at_once: bool = False, **pbt_args: Any):
+                 all_at_once: bool = False, record: Callable[[Any, dict], None] | None = None, **pbt_args: Any):
         super().__init__(time_attr="epoch", log_config=False, **pbt_args)
-        self._setup(output, limits, storage_path, all_at_once)
+        self._setup(output, limits, storage_path, all_at_once, record)
 
 
-def create_pbt(cfg: Config, output: str, storage_path: str | None = None, all_at_once: bool = False
-               ) -> PopulationBasedTraining:
+def create_pbt(cfg: Config, output: str, storage_path: str | None = None, all_at_once: bool = False,
+               record: Callable[[Any, dict], None] | None = None) -> PopulationBasedTraining:
     """The scheduler of tune.scheduler pbt or pb2; metric and mode come from the TuneConfig. `storage_path`: the
-    trials' run folders (None: decisions only, for tests); `all_at_once`: every member runs concurrently."""
+    trials' run folders (None: decisions only, for tests); `all_at_once`: every member runs concurrently;
+    `record(trial, result)`: writes the result's row before the scheduler decides on it (Lineage.on_trial_result)."""
     common = dict(perturbation_interval=cfg.tune.perturbation_interval, quantile_fraction=cfg.tune.pbt_quantile,
-                  storage_path=storage_path, all_at_once=all_at_once)
+                  storage_path=storage_path, all_at_once=all_at_once, record=record)
     if cfg.tune.scheduler == "pb2":
         try:
             import sklearn  # noqa: F401 - PB2's Gaussian process

@@ -312,6 +312,11 @@ class StudyRecorder(Callback):
             with self._full_disk_stops_study():
                 self._save_trials()
 
+    def record_now(self, trial, result: dict) -> None:
+        """The result's row (and the history it carries) written now, by a scheduler before it decides on the
+        result; Tune's own call after it then finds the rows written (none twice) and notes the decision."""
+        self.on_trial_result(None, [], trial, result)
+
     def _judged(self, trial, epoch: int) -> bool:
         """Note EPOCH as decided on by the scheduler (JUDGED); whether that is news."""
         summary = self._summary(trial)

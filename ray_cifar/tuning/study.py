@@ -132,7 +132,8 @@ def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, re
     else:
         max_t = cfg.tune.max_epochs or (cfg.train.epochs if cfg.train.max_steps is None else 10**6)
     if cfg.tune.scheduler in ("pbt", "pb2"):
-        scheduler = create_pbt(cfg, output, ray_storage, all_at_once=max_concurrent >= total_trials(cfg))
+        scheduler = create_pbt(cfg, output, ray_storage, all_at_once=max_concurrent >= total_trials(cfg),
+                               record=recorder.record_now)
     else:
         scheduler = create_scheduler(cfg.tune.scheduler, output, recorder.note_stopped, max_t=max_t,
                                      grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor,

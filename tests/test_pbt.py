@@ -445,6 +445,7 @@ def test_the_row_a_member_exploits_on_is_on_disk_before_the_exploit_is_saved(tmp
     last epoch's row was lost for good (seen in test_beyond_grids' killed PBT study). The scheduler has the
     recorder write the row first."""
     from ray_cifar.results import ResultsLog
+    from ray_cifar.tuning import recorder as recorder_module
     from ray_cifar.tuning.recorder import StudyRecorder
 
     random.seed(0)
@@ -466,12 +467,17 @@ def test_the_row_a_member_exploits_on_is_on_disk_before_the_exploit_is_saved(tmp
         t.set_status(Trial.RUNNING)
         scheduler.on_trial_add(controller, t)
     on_disk_at_save.clear()
+    writes = []  # trials.json writes (each one an upload too, in a bucket study)
+    real_save = recorder._save_trials
+    recorder._save_trials = lambda: writes.append(1) or real_save()
     for epoch in (1, 2):
         for t, acc in zip(trials, (0.5, 0.6, 0.7, 0.1)):
             result = {"epoch": epoch, "epochs": 6, "val_acc": acc, "train_loss": 1.0, "training_iteration": epoch}
             scheduler.on_trial_result(controller, t, result)
             recorder.on_trial_result(epoch, trials, t, result)  # Tune's own call, after the scheduler's
             t.run_metadata.last_result = result
+    assert len(writes) == 8  # one a result, as without the early write: Tune's call finds row and mark there
+    assert all(s[recorder_module.JUDGED] == 2 for s in recorder.trials.values())
     assert controller.paused == ["t3"] and len(on_disk_at_save) == 1
     assert ("t3", 2) in on_disk_at_save[0]
     rows = ResultsLog(str(tmp_path)).read()

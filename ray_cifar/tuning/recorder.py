@@ -287,9 +287,20 @@ class StudyRecorder(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         """A result from Tune (ITERATION: Tune's step; None for the rows this recorder recovers itself)."""
+        self._take(trial, result, decided=iteration is not None)
+
+    def record_now(self, trial, result: dict) -> None:
+        """The result's row (and the history it carries) written now, by a scheduler as it decides on the result,
+        with the decision's mark (JUDGED) in the same trials.json write; Tune's own call after it finds both there
+        and writes nothing (no row twice, no second trials.json write or upload a result)."""
+        self._take(trial, result, decided=True)
+
+    def _take(self, trial, result: dict, decided: bool) -> None:
+        """A result's rows and, where a scheduler DECIDED on it, its JUDGED mark; trials.json written if either is
+        news."""
         if "epoch" not in result:
             return
-        judged = iteration is not None and self._judged(trial, int(result["epoch"]))
+        judged = decided and self._judged(trial, int(result["epoch"]))
         rows = []
         # After a resume the first report carries the checkpoint's history: rows of epochs the
         # trial finished (and checkpointed) whose reports died with the old driver.
@@ -311,11 +322,6 @@ class StudyRecorder(Callback):
         elif judged:
             with self._full_disk_stops_study():
                 self._save_trials()
-
-    def record_now(self, trial, result: dict) -> None:
-        """The result's row (and the history it carries) written now, by a scheduler before it decides on the
-        result; Tune's own call after it then finds the rows written (none twice) and notes the decision."""
-        self.on_trial_result(None, [], trial, result)
 
     def _judged(self, trial, epoch: int) -> bool:
         """Note EPOCH as decided on by the scheduler (JUDGED); whether that is news."""

@@ -163,12 +163,17 @@ def end_started(before: set[int], grace: float = 1.0) -> None:
             time.sleep(0.05)
 
 
+def _stat(pid: int | str) -> list[str]:
+    """/proc/PID/stat's fields after the command name: [state, ppid, ...]; OSError where PID is gone."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 def _descendants(pid: int) -> list[int]:
     parents = {}
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         with contextlib.suppress(OSError, IndexError, ValueError):
-            with open(f"/proc/{entry}/stat") as f:
-                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            parents[int(entry)] = int(_stat(entry)[1])
     found, frontier = [], {pid}
     while frontier:
         frontier = {c for c, p in parents.items() if p in frontier}
@@ -179,8 +184,7 @@ def _descendants(pid: int) -> list[int]:
 def _running(pid: int) -> bool:
     """Alive and not a zombie (a reparented child ended but not yet reaped)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return _stat(pid)[0] != "Z"
     except (OSError, IndexError):
         return False
 

@@ -134,8 +134,10 @@ def _holds_open(searcher, trial_id: str) -> bool:
 def _skip_made(generator, known: set[str]) -> None:
     """Move a grid or random generator's trial iterators past the trial ids Tune already has (an iterator names
     its trials PREFIX00000, PREFIX00001, ... in order)."""
+    from .variants import trial_id
+
     for iterator in generator._iterators:
-        while f"{iterator.uuid_prefix}{iterator.counter:05d}" in known:
+        while trial_id(iterator, iterator.counter) in known:
             try:
                 next(iterator)
             except StopIteration:

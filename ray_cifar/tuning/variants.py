@@ -20,15 +20,17 @@ from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.basic_variant import _TrialIterator
 
 
+def trial_id(iterator: _TrialIterator, number: int) -> str:
+    """The id Tune's trial iterator gives its trial NUMBER (_TrialIterator.create_trial's)."""
+    return f"{iterator.uuid_prefix}{number:05d}"
+
+
 class _RecordingIterator(_TrialIterator):
     """A trial iterator that keeps, by trial number, what it made each trial from."""
 
     def create_trial(self, resolved_vars, spec):
         self.__dict__.setdefault("made", {})[self.counter] = (resolved_vars, spec)
         return super().create_trial(resolved_vars, spec)
-
-    def trial_id(self, number: int) -> str:
-        return f"{self.uuid_prefix}{number:05d}"
 
     def remake(self, number: int):
         """Trial NUMBER again, as it was made (same id, values and spec); the iterator's place is kept."""
@@ -63,7 +65,7 @@ class RestorableVariants(BasicVariantGenerator):
         for a new trial after that) does this list mean lost; before, it may name one still to be added back."""
         held = self.__dict__.get("_held", set())
         return [(it, number) for it in self._iterators if isinstance(it, _RecordingIterator)
-                for number in sorted(it.__dict__.get("made", {})) if it.trial_id(number) not in held]
+                for number in sorted(it.__dict__.get("made", {})) if trial_id(it, number) not in held]
 
     def next_trial(self):
         lost = self._lost()

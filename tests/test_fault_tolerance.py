@@ -52,6 +52,14 @@ def study_args(data: str, output, *sets: str) -> list[str]:
     return args + [a for s in sets for a in ("--set", s)]
 
 
+class EndedFirst(AssertionError):
+    """The study's process ended before the awaited moment (its return code: .returncode)."""
+
+    def __init__(self, returncode: int, what: str):
+        super().__init__(f"the study ended (rc {returncode}) before {what}")
+        self.returncode = returncode
+
+
 def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None = None):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -59,7 +67,7 @@ def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None
         if value:
             return value
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the study ended (rc {proc.returncode}) before {what}")
+            raise EndedFirst(proc.returncode, what)
         time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 

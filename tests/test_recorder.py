@@ -4,8 +4,10 @@ rebuilt from recorded rows, and the exit status."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+from types import SimpleNamespace
 
 import pytest
 from ray.tune.experiment import Trial
@@ -389,8 +391,6 @@ def test_asha_rungs_hold_the_epochs_recovered_at_the_first_step(recorder, tmp_pa
 
 def test_progress_counts_trials_tune_has_not_created_yet_as_pending():
     """Tune creates trials lazily: 2 of a 6-trial study exist, one done after 2 epochs of 2, one running."""
-    from types import SimpleNamespace
-
     from ray_cifar.tuning.recorder import progress_line
 
     trials = [SimpleNamespace(status="TERMINATED"), SimpleNamespace(status="RUNNING")]
@@ -658,3 +658,27 @@ def test_bohb_does_not_call_stopped_a_trial_whose_last_epochs_the_dead_driver_ne
     trials[3].run_metadata.last_result = {"epoch": 1, "epochs": 3, "val_acc": 0.4}
     scheduler.choose_trial_to_run(controller)
     assert "t3" not in stops
+
+
+def test_a_trial_tunes_state_never_held_is_lost_not_running_for_ever(tmp_path, capsys):
+    """A driver killed after a trial was made and before Tune saved its trial list: Tune's restored study never
+    runs that trial again (a model-based searcher draws another in its place). At the experiment's end its summary
+    says `lost`, not `running`; a trial Tune still holds stays `running`; a lost trial made again (a grid study's:
+    same id) runs on."""
+    first = StudyRecorder(str(tmp_path), lr_params, "val_acc", "max", tensorboard=False)
+    for tid in ("t0", "t1", "t2"):
+        first.on_trial_result(0, [], FakeTrial(tid), result(1, 0.5))
+    # The resumed driver's Tune knows t0 (finished) and t2 (pending, e.g. the study stopped again), not t1.
+    resumed = StudyRecorder(str(tmp_path), lr_params, "val_acc", "max", tensorboard=False)
+    resumed.on_trial_complete(0, [], FakeTrial("t0"))
+    known = [SimpleNamespace(trial_id="t0", status="TERMINATED"), SimpleNamespace(trial_id="t2", status="PENDING")]
+    resumed.on_experiment_end(known)
+    on_disk = json.loads((tmp_path / "trials.json").read_text())
+    assert {tid: t["status"] for tid, t in on_disk.items()} == {"t0": "completed", "t1": "lost", "t2": "running"}
+    assert "Tune never ran it again" in on_disk["t1"]["error"] and on_disk["t1"]["epochs"] == 1
+    assert capsys.readouterr().out.count("trial t1 (1 epoch(s) recorded): lost with a dead driver") == 1
+    again = StudyRecorder(str(tmp_path), lr_params, "val_acc", "max", tensorboard=False)
+    again.on_trial_result(0, [], FakeTrial("t1"), result(2, 0.6))
+    assert (again.trials["t1"]["status"], again.trials["t1"]["error"]) == ("running", None)
+    again.on_trial_complete(0, [], FakeTrial("t1"))
+    assert again.trials["t1"]["status"] == "completed"

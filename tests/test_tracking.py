@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -226,3 +227,32 @@ def test_a_study_that_does_not_track_never_imports_mlflow_or_wandb(tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "LOADED []" in result.stdout
+
+
+def test_mlflow_run_of_a_lost_trial_is_ended_as_killed(tmp_path):
+    """A trial Tune's restored study no longer holds (recorder.LOST) would leave its MLflow run RUNNING for ever:
+    the recorder ends it at the experiment's end, status tag `lost`, run KILLED; a completed trial stays FINISHED."""
+    pytest.importorskip("mlflow", reason="pip install 'ray_cifar[tracking]'")
+    from mlflow import MlflowClient
+
+    from ray_cifar.tuning.recorder import StudyRecorder
+
+    def recorder():
+        return StudyRecorder(str(tmp_path), lambda config: {"optim.lr": config["optim.lr"]}, "val_acc", "max",
+                             tensorboard=False, tracking={"tracking": "mlflow", "study": "s", "uri": None,
+                                                          "project": None})
+
+    trials = [SimpleNamespace(trial_id=tid, config={"optim.lr": lr}, status="TERMINATED")
+              for tid, lr in (("t0", 0.1), ("t1", 0.01))]
+    first = recorder()
+    for trial in trials:
+        first.on_trial_result(0, trials, trial, {"epoch": 1, "epochs": 2, "val_acc": 0.5})
+    resumed = recorder()  # a new driver whose Tune knows t0 only
+    resumed.on_trial_complete(0, trials[:1], trials[0])
+    resumed.on_experiment_end(trials[:1])
+    client = MlflowClient(f"sqlite:///{tmp_path}/{tracking.MLFLOW_DB}")
+    runs = client.search_runs([client.get_experiment_by_name("s").experiment_id])
+    ended = {r.data.tags[tracking.TRIAL_TAG]: (r.info.status, r.data.tags[tracking.STATUS_TAG],
+                                               r.data.params["optim.lr"])
+             for r in runs if r.data.tags.get("ray_cifar.kind") == "trial"}
+    assert ended == {"t0": ("FINISHED", "completed", "0.1"), "t1": ("KILLED", "lost", "0.01")}

@@ -31,6 +31,12 @@ from ..config import improves
 from ..results import LINEAGE_COLUMNS, ResultsLog, epoch_row
 
 RUNNING, COMPLETED, STOPPED, DIVERGED, FAILED = "running", "completed", "stopped", "diverged", "failed"
+# A trial with rows that Tune's saved state never held: its driver died after the trial was made and before Tune
+# saved the trial list. Tune never runs it again; a model-based searcher draws another trial in its place (a grid or
+# random study makes it again, same id: tuning.variants, and its next row makes it `running` again).
+LOST = "lost"
+LOST_ERROR = ("lost with a dead driver: made after Tune last saved its trials, so Tune never ran it again; its rows "
+              "are kept")
 TRIALS_STATE = "trials.json"
 # In trials.json (not trials.parquet): the newest epoch whose result a live driver passed to this recorder, after its
 # scheduler had decided on it. Rows past it were recovered (from a checkpoint, after a dead driver): no scheduler
@@ -263,6 +269,8 @@ class StudyRecorder(Callback):
             return None
         self.seen.add(key)
         summary = self._summary(trial)
+        if summary["status"] == LOST:  # made again (a grid or random study's lost trial): it runs on
+            summary.update(status=RUNNING, error=None)
         # The values the trial ran with: Tune puts the trial's config in each result; trial.config may
         # already hold the next values (PBT changes it on the result that leads to an exploit).
         row = epoch_row(trial.trial_id, self.params(metrics.get("config") or trial.config), metrics,
@@ -392,8 +400,9 @@ class StudyRecorder(Callback):
         At this driver's first step, before its scheduler's first decision: BOHB's HyperBand, which rebuilds its
         brackets from the rows then, would otherwise take such a trial for one short of its milestone, let it
         resume, and judge it on its next epoch against the others' milestone epoch (and stop it past its
-        milestone); ASHA, which rebuilds its rungs then too, would judge it at that rung on its next epoch's score. The trial's own next report would carry the same history (it resumes from the same newest
-        loadable checkpoint); `seen` keeps each row once."""
+        milestone); ASHA, which rebuilds its rungs then too, would judge it at that rung on its next epoch's score.
+        The trial's own next report would carry the same history (it resumes from the same newest loadable
+        checkpoint); `seen` keeps each row once."""
         from ..checkpoint_store import CheckpointStore
         from .trial import trainer_name
 
@@ -430,6 +439,7 @@ class StudyRecorder(Callback):
             if summary is not None and summary["status"] == RUNNING and str(t.status) in ("TERMINATED", "ERROR"):
                 summary["status"] = COMPLETED if str(t.status) == "TERMINATED" else FAILED
                 changed = True
+        changed = self._mark_lost(trials) or changed
         if changed:
             self._save_trials()
         self._catch_up_tracker(trials)
@@ -437,6 +447,22 @@ class StudyRecorder(Callback):
             self._close_writer(trial_id)
         if self.tracker is not None:
             self._tracker_call("close", self.tracker.close)
+
+    def _mark_lost(self, trials) -> bool:
+        """Trials recorded `running` that Tune does not know (LOST): without this, a finished study's table held
+        one `running` for ever. Whether any was marked."""
+        known = {t.trial_id for t in trials}
+        lost = [tid for tid, summary in self.trials.items() if summary["status"] == RUNNING and tid not in known]
+        for trial_id in lost:
+            summary = self.trials[trial_id]
+            summary.update(status=LOST, error=LOST_ERROR)
+            print(f"[ray_cifar] trial {trial_id} ({summary.get('epochs') or 0} epoch(s) recorded): {LOST_ERROR}",
+                  flush=True)
+            if self.tracks and trial_id not in self.track_ended and self._tracker_call("setup", None):
+                params = {k: v for k, v in summary.items() if "." in k}  # the searched values, as _summary keeps them
+                self._tracker_call("end of trial", self.tracker.end_trial, trial_id, params, LOST)
+                self.track_ended.add(trial_id)
+        return bool(lost)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self._stop_if_disk_full(trial, error_line(trial))

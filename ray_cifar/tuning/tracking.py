@@ -2,7 +2,7 @@
 
     tracker = create_tracker(cfg.tune, output, study="asha-1")   # None for tune.tracking=none
     tracker.log_epochs(trial_id, params, rows)    # rows: the recorder's epoch rows; step = epoch
-    tracker.end_trial(trial_id, "completed")      # completed | stopped | diverged | failed
+    tracker.end_trial(trial_id, "completed")      # completed | stopped | diverged | failed | lost
     tracker.attach_study(["OUTPUT/trials.parquet", "OUTPUT/report.html", ...])
 
 Each trial gets one run, grouped under the study (MLflow: child runs of a study run in the experiment
@@ -120,7 +120,7 @@ class MLflowTracker(Tracker):
     """MLflow through its client: the experiment `project` (default: the study's name), a study run named
     after the study with trials.parquet and the report as artifacts, and each trial a child run of it."""
 
-    END = {"completed": "FINISHED", "stopped": "FINISHED", "diverged": "FINISHED", "failed": "FAILED"}
+    END = {"completed": "FINISHED", "stopped": "FINISHED", "diverged": "FINISHED", "failed": "FAILED", "lost": "KILLED"}
 
     def __init__(self, output: str, study: str, uri: str | None, project: str | None):
         super().__init__(output, study, uri, project)
@@ -221,7 +221,7 @@ class WandbTracker(Tracker):
     def _end(self, trial_id: str, status: str) -> None:
         run = self.runs.pop(trial_id)
         run.summary["status"] = status
-        run.finish(exit_code=1 if status == "failed" else 0)  # returns before the run's file is complete
+        run.finish(exit_code=1 if status in ("failed", "lost") else 0)  # returns before the run's file is complete
 
     def attach_study(self, paths: list[str]) -> None:
         run = self._init("study", job_type="study")

@@ -174,7 +174,7 @@ class StudyRecorder(Callback):
         for trial_id, summary in self.trials.items():
             where = summary.get("latest_checkpoint") or summary.get("best_checkpoint")
             found = newest_loadable_state(posixpath.dirname(where.rstrip("/"))) if where else None
-            params = {k: v for k, v in summary.items() if "." in k}
+            params = searched_values(summary)
             for metrics in found[1]["history"] if found else []:
                 if (trial_id, int(metrics["epoch"])) not in self.seen:
                     self.seen.add((trial_id, int(metrics["epoch"])))
@@ -458,10 +458,7 @@ class StudyRecorder(Callback):
             summary.update(status=LOST, error=LOST_ERROR)
             print(f"[ray_cifar] trial {trial_id} ({summary.get('epochs') or 0} epoch(s) recorded): {LOST_ERROR}",
                   flush=True)
-            if self.tracks and trial_id not in self.track_ended and self._tracker_call("setup", None):
-                params = {k: v for k, v in summary.items() if "." in k}  # the searched values, as _summary keeps them
-                self._tracker_call("end of trial", self.tracker.end_trial, trial_id, params, LOST)
-                self.track_ended.add(trial_id)
+            self._end_tracker_run(trial_id, searched_values(summary), LOST)
         return bool(lost)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
@@ -514,13 +511,14 @@ class StudyRecorder(Callback):
             self.tracked.discard(trial_id)  # the next row sends the trial's recorded rows again
 
     def _track_end(self, trial) -> None:
+        self._end_tracker_run(trial.trial_id, self.params(trial.config), self._summary(trial)["status"])
+
+    def _end_tracker_run(self, trial_id: str, params: dict[str, Any], status: str) -> None:
         if not self.tracks or not self._tracker_call("setup", None):
             return
-        summary = self._summary(trial)
-        self._tracker_call("end of trial", self.tracker.end_trial, trial.trial_id, self.params(trial.config),
-                           summary["status"])
-        self.tracked.discard(trial.trial_id)
-        self.track_ended.add(trial.trial_id)
+        self._tracker_call("end of trial", self.tracker.end_trial, trial_id, params, status)
+        self.tracked.discard(trial_id)
+        self.track_ended.add(trial_id)
 
     def _catch_up_tracker(self, trials) -> None:
         """Trials that ended before this driver's life: a driver killed between a trial's last row in Parquet and
@@ -587,6 +585,11 @@ class StudyRecorder(Callback):
                 events._closed = True
 
 
+def searched_values(entry: dict[str, Any]) -> dict[str, Any]:
+    """A trial summary's or row's values of the config ("section.field" keys: the searched ones and the seed)."""
+    return {k: v for k, v in entry.items() if "." in k}
+
+
 def _trials_from_rows(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, dict[str, Any]]:
     """Trial summaries as _summary/_record build them, from epoch rows alone (status: running until Tune says)."""
     from ..results import best_epoch
@@ -599,7 +602,7 @@ def _trials_from_rows(rows: list[dict[str, Any]], metric: str, mode: str) -> dic
         trial_rows.sort(key=lambda r: r["epoch"])
         best = best_epoch(trial_rows, metric, mode) or {}
         trials[trial_id] = {
-            "trial_id": trial_id, **{k: v for k, v in trial_rows[-1].items() if "." in k},
+            "trial_id": trial_id, **searched_values(trial_rows[-1]),
             "epochs": trial_rows[-1]["epoch"], "planned_epochs": None, "best_metric": best.get(metric),
             "best_epoch": best.get("epoch"), "best_val_acc": best.get("val_acc"),
             "best_checkpoint": best.get("checkpoint_path"), "latest_checkpoint": trial_rows[-1].get("checkpoint_path"),

@@ -28,8 +28,10 @@ def trial_id(iterator: _TrialIterator, number: int) -> str:
 class _RecordingIterator(_TrialIterator):
     """A trial iterator that keeps, by trial number, what it made each trial from."""
 
+    made: dict[int, tuple[Any, Any]]  # set when RestorableVariants makes a Tune iterator one of these
+
     def create_trial(self, resolved_vars, spec):
-        self.__dict__.setdefault("made", {})[self.counter] = (resolved_vars, spec)
+        self.made[self.counter] = (resolved_vars, spec)
         return super().create_trial(resolved_vars, spec)
 
     def remake(self, number: int):
@@ -46,11 +48,16 @@ class RestorableVariants(BasicVariantGenerator):
     """BasicVariantGenerator whose restored copy makes again, first, each trial it had made that Tune's restored
     list lacks (see the module docstring)."""
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._held: set[str] = set()  # the trials Tune's list holds (hold)
+
     def add_configurations(self, experiments) -> None:
         super().add_configurations(experiments)
         for iterator in self._iterators:
             if type(iterator) is _TrialIterator:
                 iterator.__class__ = _RecordingIterator  # (the chain Tune iterates holds these same objects)
+                iterator.made = {}
 
     def set_state(self, state: dict[str, Any]) -> None:
         super().set_state(state)
@@ -58,14 +65,13 @@ class RestorableVariants(BasicVariantGenerator):
 
     def hold(self, trial_ids: set[str]) -> None:
         """TRIAL_IDS are in Tune's list (searchers.follow_restored_trial, as each trial is added)."""
-        self.__dict__.setdefault("_held", set()).update(trial_ids)
+        self._held.update(trial_ids)
 
     def _lost(self) -> list[tuple[_RecordingIterator, int]]:
         """Trials made but not in Tune's list, oldest first. Only once Tune has added every restored trial (it asks
         for a new trial after that) does this list mean lost; before, it may name one still to be added back."""
-        held = self.__dict__.get("_held", set())
         return [(it, number) for it in self._iterators if isinstance(it, _RecordingIterator)
-                for number in sorted(it.__dict__.get("made", {})) if trial_id(it, number) not in held]
+                for number in sorted(it.made) if trial_id(it, number) not in self._held]
 
     def next_trial(self):
         lost = self._lost()

@@ -592,10 +592,11 @@ def augment(check: Check) -> None:
 # ===================================================================================================== ray
 def study_sets(check: Check, *extra: str) -> list[str]:
     # train.use_gpu=true on the GPU: a Ray that finds no GPU (NVML unusable in a container) is refused up front in
-    # one line, instead of ResNet-18 training on the CPU until each part's cap.
+    # one line, instead of ResNet-18 training on the CPU until each part's cap. The GPU's studies start Ray's
+    # dashboard, as a user's do; the dry run's three on 2 cores do not (one-rank trials need none; ~3.5 CPU-s each).
     sizes = check.pick(["model.name=resnet18", "train.global_batch_size=512", "train.use_gpu=true"],
                        TINY_MODEL + ["data.train_subset=400", "data.val_size=100", "train.global_batch_size=64",
-                                     "train.torch_threads=1"])
+                                     "train.torch_threads=1", "tune.dashboard=false"])
     return ["train.num_workers=1", "data.pipeline=torch", *sizes, *extra]
 
 

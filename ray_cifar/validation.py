@@ -257,6 +257,11 @@ def _validate_tune(u: TuneConfig, t: TrainConfig) -> None:
            "must be >= 1 or null", u.max_concurrent_trials)
     _check(u.trial_driver_cpus >= 0, "tune.trial_driver_cpus", "must be >= 0", u.trial_driver_cpus)
     _check(u.num_cpus is None or u.num_cpus >= 1, "tune.num_cpus", "must be >= 1 or null", u.num_cpus)
+    # Ray Train's controller and placement-group cleaner ask the state API (the dashboard's) whether a DDP trial's
+    # actors live: without it they warn every few seconds and a dead trial's placement group is never removed.
+    _check(u.dashboard or t.num_workers == 1, "tune.dashboard",
+           f"false needs one-rank trials, not train.num_workers {t.num_workers}: Ray Train watches a DDP trial "
+           f"through the dashboard's state API", u.dashboard)
 
 
 PUBLISHED_KEYS = ("where", "value", "metric", "source")

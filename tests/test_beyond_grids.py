@@ -32,7 +32,7 @@ EPOCHS = 3
 PBT_EPOCHS = 6
 COMMON = TINY_MODEL + ["data.pipeline=torch", "train.torch_threads=1", "train.amp=fp32", "train.global_batch_size=50",
                        "data.train_subset=500", "data.val_size=200", "schedule.name=constant",
-                       f"train.epochs={EPOCHS}", "tune.max_concurrent_trials=4"]
+                       f"train.epochs={EPOCHS}", "tune.max_concurrent_trials=4", "tune.dashboard=false"]
 PBT = COMMON + [f"train.epochs={PBT_EPOCHS}", "tune.scheduler=pbt", "tune.perturbation_interval=1",
                 "tune.num_samples=2", "tune.pbt_quantile=0.5", "tune.pbt_mutate=[optim.weight_decay]",
                 # Ranked by train loss: 200 validation images rank a barely trained net by chance.
@@ -302,6 +302,7 @@ def test_bohb_draws_off_grid_stops_the_weak_and_resumes_without_rerunning(bohb_s
 # shows an exploit: two members (one hopeless), three epochs, a decision each epoch.
 DDP_PBT = [s for s in PBT if not s.startswith(("tune.search_space", "tune.max_concurrent"))] + [
     "train.epochs=3", "train.num_workers=2", "train.cpus_per_worker=0.25", "tune.trial_driver_cpus=0.25",
+    "tune.dashboard=true",  # DDP trials need Ray's dashboard (the others start none)
     "data.train_subset=1000", "tune.num_samples=1", "tune.max_concurrent_trials=2",
     "tune.search_space={optim.lr: {grid: [0.000001, 0.1]}, optim.weight_decay: {uniform: [0.0001, 0.001]}}"]
 

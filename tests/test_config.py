@@ -57,11 +57,24 @@ def test_parse_set_reads_values_as_yaml():
     (["train.num_workers=3"], r"train.global_batch_size: must be divisible by train.num_workers=3"),
     (["model.blocks=[1,1]", "model.widths=[8]"], r"model.widths: needs one width per stage"),
     (["tune.max_epochs=100"], r"tune.max_epochs: must be in \[1, train.epochs=30\]"),
+    (["tune.dashboard=false", "train.num_workers=2"],
+     r"tune.dashboard: false needs one-rank trials, not train.num_workers 2: .*state API \(got False\)"),
+    # Inside the search space: a searched rank count, and one in a variant, that gives a DDP trial.
+    (["tune.dashboard=false", "tune.search_space={train.num_workers: {grid: [1, 2]}}"],
+     r"tune.search_space.train.num_workers: value 2: tune.dashboard: false needs one-rank trials"),
+    (["tune.dashboard=false", "tune.search_space={variants: {grid: [{optim.lr: 0.1}, {train.num_workers: 4}]}}"],
+     r"tune.search_space.variants: value .*tune.dashboard: false needs one-rank trials, not train.num_workers 4"),
 ])
 def test_bad_values_name_the_key(sets, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_config(None, sets)
     assert "\n" not in str(info.value)
+
+
+def test_no_dashboard_is_taken_where_every_trial_has_one_rank():
+    cfg = load_config(None, ["tune.dashboard=false", "tune.search_space={optim.lr: {grid: [0.1, 0.01]}}"])
+    assert cfg.tune.dashboard is False and cfg.train.num_workers == 1
+    assert load_config(None, ["train.num_workers=2"]).tune.dashboard is True  # the default: DDP trials need it
 
 
 def test_search_space_values_are_validated_before_any_work(tmp_path):

@@ -44,7 +44,7 @@ EPOCHS = 6
 SETS = TINY_MODEL + ["data.pipeline=torch", "train.amp=fp32", "train.torch_threads=1", f"train.epochs={EPOCHS}",
                      "train.global_batch_size=50", "data.val_size=100", "schedule.name=constant",
                      "tune.scheduler=fifo", "tune.max_concurrent_trials=1",
-                     "tune.search_space={optim.lr: {grid: [0.05, 0.1]}}"]
+                     "tune.search_space={optim.lr: {grid: [0.05, 0.1]}}", "tune.dashboard=false"]
 COMPARED = ("train_loss", "train_acc", "val_loss", "val_acc")
 IN_EVERY_RUN = {("s3", 1), ("gs", 2)}  # each kind of bucket, each kind of trial, in two studies (a minute or two each)
 
@@ -141,8 +141,8 @@ def test_a_study_in_a_bucket_survives_its_head_and_disk(bucket, tmp_path, ranks,
     env = {**os.environ, **variables, "RAY_CIFAR_CACHE": str(cache)}
     local = local_output(output, str(cache))
 
-    sets = SETS + ([f"train.num_workers={ranks}", "train.cpus_per_worker=0.5", "tune.trial_driver_cpus=0.5"]
-                   if ranks > 1 else [])
+    sets = SETS + ([f"train.num_workers={ranks}", "train.cpus_per_worker=0.5", "tune.trial_driver_cpus=0.5",
+                    "tune.dashboard=true"] if ranks > 1 else [])  # DDP trials need Ray's dashboard
     args = study_args(f"{root}/cifar10", output, *sets)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)

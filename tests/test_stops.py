@@ -36,7 +36,7 @@ pytestmark = pytest.mark.integration
 EPOCHS = 8
 SETS = TINY_MODEL + ["train.epochs=8", "data.val_size=100", "train.global_batch_size=100", "data.pipeline=torch",
                      "tune.scheduler=fifo", "tune.max_concurrent_trials=2", "train.torch_threads=1",
-                     "tune.search_space={optim.lr: {grid: [0.05, 0.1]}}"]
+                     "tune.search_space={optim.lr: {grid: [0.05, 0.1]}}", "tune.dashboard=false"]
 
 
 @pytest.fixture

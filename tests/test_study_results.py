@@ -21,11 +21,12 @@ def test_replicates_ranking_and_tensorboard(tmp_path, synthetic_parquet_dir):
     sets = TINY_MODEL + ["train.epochs=2", "train.num_workers=1", "train.global_batch_size=50", "data.val_size=100",
                          "data.pipeline=torch", "tune.scheduler=fifo", "tune.num_samples=2", "tune.metric=val_loss",
                          "tune.mode=min", "tune.max_concurrent_trials=2", "train.seed=5",
-                         "tune.search_space={optim.lr: {grid: [0.05]}}"]
+                         "tune.search_space={optim.lr: {grid: [0.05]}}", "tune.dashboard=false"]
     args = [a for s in sets for a in ("--set", s)]
     result = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--data", synthetic_parquet_dir,
                              "--output", str(output), *args], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "[ray_cifar] TensorBoard: " in result.stdout and "Ray dashboard" not in result.stdout  # tune.dashboard=false
 
     rows = pq.read_table(output / "results.parquet").to_pylist()
     trials = pq.read_table(output / "trials.parquet").to_pylist()

@@ -30,7 +30,7 @@ LRS = [0.05, 0.03]
 SETS = TINY_MODEL + ["data.pipeline=torch", "train.torch_threads=1", "train.num_workers=1",
                      "train.global_batch_size=50", "data.val_size=100", "tune.scheduler=fifo",
                      "tune.max_concurrent_trials=2", f"train.epochs={EPOCHS}",
-                     f"tune.search_space={{optim.lr: {{grid: {LRS}}}}}"]
+                     f"tune.search_space={{optim.lr: {{grid: {LRS}}}}}", "tune.dashboard=false"]
 
 
 def clean_env() -> dict[str, str]:

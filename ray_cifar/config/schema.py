@@ -156,6 +156,7 @@ class TuneConfig:
     trial_driver_cpus: float = 0.25  # logical CPUs of each DDP trial's driver (it only watches its workers); a 1-rank trial has none: its rank is its Tune process
     num_cpus: int | None = None  # logical CPUs of a local Ray instance; None: max(cores, one trial's needs)
     address: str | None = None  # Ray cluster address ("auto" on a cluster node); None: $RAY_ADDRESS or a local Ray
+    dashboard: bool = True  # a local Ray's dashboard and state API; false starts none: ~3.5 CPU-s less per study (2 cores, measured), for many short studies on a small machine; needs one-rank trials (Ray Train watches a DDP trial's controller through the state API); a running cluster keeps its own
     tracking: str = "none"  # experiment tracker, one run per trial (step = epoch): none | mlflow | wandb (pip install 'ray_cifar[tracking]')
     tracking_uri: str | None = None  # mlflow: tracking URI (http://HOST:5000, sqlite:///FILE, databricks); None: sqlite OUTPUT/mlflow.db. wandb: unused (WANDB_BASE_URL)
     tracking_project: str | None = None  # mlflow: experiment name, None: the output folder's name; wandb: project, None: ray_cifar (the group is the output folder's name)

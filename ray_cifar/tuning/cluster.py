@@ -121,8 +121,9 @@ def job_runtime_env(env_vars: dict[str, str]) -> dict:
     return {"env_vars": env_vars, "worker_process_setup_hook": worker_setup.quiet_routine_ray_lines}
 
 
-def init_ray(cfg: Config) -> None:
-    """Connect to a cluster (tune.address / $RAY_ADDRESS) or start a local Ray sized for one trial at least.
+def init_ray(cfg: Config) -> str:
+    """Connect to a cluster (tune.address / $RAY_ADDRESS) or start a local Ray sized for one trial at least; the
+    dashboard's host:port, "" where there is none (tune.dashboard false).
 
     ray.init first replaces the SIGTERM handler with its own sys.exit(15): a driver signalled while Ray started, or
     before Tune's graceful stop took over, ended with exit 15 and without a word. Where the caller had a handler of
@@ -136,7 +137,7 @@ def init_ray(cfg: Config) -> None:
     ours = signal.getsignal(signal.SIGTERM)
     before = set(_descendants(os.getpid()))
     try:
-        _start_or_connect(cfg)
+        return _start_or_connect(cfg)
     except SystemExit as e:
         end_started(before)
         if e.code == signal.SIGTERM and callable(ours):
@@ -189,7 +190,7 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _start_or_connect(cfg: Config) -> None:
+def _start_or_connect(cfg: Config) -> str:
     env_vars = job_env_vars()
     address = cfg.tune.address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -197,20 +198,21 @@ def _start_or_connect(cfg: Config) -> None:
             # The cluster's dashboard, named by the user where several Ray clusters share a machine
             # (see below); Train's controller reads it in its own process.
             env_vars["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"]
-        ray.init(address=address, log_to_driver=True, runtime_env=job_runtime_env(env_vars))
-        return
+        return ray.init(address=address, log_to_driver=True, runtime_env=job_runtime_env(env_vars)).dashboard_url
     # On a small machine declare enough logical CPUs for one trial's driver plus all its
     # ranks (times tune.max_concurrent_trials, when asked for), or trials would wait forever;
     # torch threads are split between the ranks of the trials at once (split_cpu_threads).
     need = math.ceil(trial_cpus(cfg, max_workers(cfg)) * (cfg.tune.max_concurrent_trials or 1))
+    num_cpus = cfg.tune.num_cpus or max(os.cpu_count() or 1, need)
+    if not cfg.tune.dashboard:  # one-rank trials only (validation): nothing of ray_cifar's needs the state API
+        return ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=job_runtime_env(env_vars)).dashboard_url
     # Ray Train's placement-group cleaner finds the cluster through the state API; with
     # two local Ray instances on one machine its auto-detection fails ("multiple active
     # Ray instances") and a finished trial's resources are never released. Name the
     # dashboard (state API server) explicitly so concurrent local studies keep working.
     dashboard_port = _free_port()
     env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
-    ray.init(num_cpus=cfg.tune.num_cpus or max(os.cpu_count() or 1, need), dashboard_port=dashboard_port,
-             runtime_env=job_runtime_env(env_vars))
+    return ray.init(num_cpus=num_cpus, dashboard_port=dashboard_port, runtime_env=job_runtime_env(env_vars)).dashboard_url
 
 
 def skip_unsent_callback_census() -> None:

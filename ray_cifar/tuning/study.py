@@ -272,7 +272,7 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
     check_installed(cfg.tune.tracking)  # one line naming the extra, before Ray starts
     QuietFullDiskFailures.install()
     hold_driver_lock(output)
-    cluster.init_ray(cfg)
+    dashboard = cluster.init_ray(cfg)
     cluster.check_fits(cfg)  # before use_gpu is resolved: it refuses a GPU share only where use_gpu was false
     cfg.train.use_gpu = cluster.resolve_use_gpu(cfg)
     if not shared:
@@ -285,7 +285,8 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
         # first minute leaves a study that a retried job (--resume-if-exists) can continue.
         storage.sync_up(output, remote)
     print(_banner(cfg, output, max_concurrent, resume), flush=True)
-    print(f"[ray_cifar] TensorBoard: tensorboard --logdir {os.path.join(output, 'tensorboard')}", flush=True)
+    print(f"[ray_cifar] TensorBoard: tensorboard --logdir {os.path.join(output, 'tensorboard')}"
+          + (f"; Ray dashboard: http://{dashboard}" if dashboard else ""), flush=True)
     resume_command = f"python -m ray_cifar.tune --resume {remote or output}"
     # Here, not only at a stop: a driver can end without a word (SIGKILL, a lost machine, or Ray's core worker
     # exiting the process as its raylet goes in a group SIGTERM), and this line is then in the job's log.

@@ -47,10 +47,12 @@ from ray_cifar.results import SEED_KEY, metric_value, searched_columns, welch_p_
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPU_SPACE = os.path.join(HERE, "asha_fidelity_cpu.yaml")
 SIGNIFICANCE = 0.05
-# --smoke: a tiny net, 3 epochs, 500 train / 100 val images of --data (synthetic in the tests), 1-rank trials.
+# --smoke: a tiny net, 3 epochs, 500 train / 100 val images of --data (synthetic in the tests), 1-rank trials, and
+# no Ray dashboard for its two studies (one-rank trials need none).
 SMOKE_SETS = ["model.name=resnet", "model.blocks=[1,1]", "model.widths=[8,16]", "model.stem_width=8",
               "data.train_subset=500", "data.val_size=100", "data.pipeline=torch", "train.epochs=3",
-              "train.num_workers=1", "train.eval_batch_size=500", "tune.grace_period=1", "tune.reduction_factor=2"]
+              "train.num_workers=1", "train.eval_batch_size=500", "tune.grace_period=1", "tune.reduction_factor=2",
+              "tune.dashboard=false"]
 
 
 def fail(message: str) -> None:

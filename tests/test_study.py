@@ -38,7 +38,8 @@ def test_asha_study_stops_weak_trials_and_writes_results(tmp_path, synthetic_par
                              "--output", str(output), *args], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Trial status" in result.stdout  # Ray's own progress table
-    assert re.search(r"^\[ray_cifar\] TensorBoard: .*; Ray dashboard: http://127\.0\.0\.1:\d+$", result.stdout, re.M)
+    assert re.search(r"^\[ray_cifar\] TensorBoard: .*; Ray dashboard: http://127\.0\.0\.1:\d+ \(its token: ray "
+                     r"get-auth-token\)$", result.stdout, re.M)
     # Tune ends each DDP trial's process, its Train controller with it; Ray's cleanup of its placement group
     # is routine, and its warning (after every DDP trial) is not shown (ray_cifar.tuning.worker_setup).
     assert worker_setup.ROUTINE_CLEANUP not in result.stdout + result.stderr

@@ -201,6 +201,12 @@ def _banner(cfg: Config, output: str, max_concurrent: int, resume: bool) -> str:
             f"{scheduler} on {cfg.tune.metric} ({cfg.tune.mode}), {length}; results in {output}")
 
 
+def _dashboard_sign_in() -> str:
+    # Ray 2.60 turns token authentication on unless RAY_AUTH_MODE=disabled: the dashboard's page then asks for the
+    # token that ray.init wrote to ~/.ray/auth_token.
+    return "" if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled" else " (its token: ray get-auth-token)"
+
+
 def _devices(cfg: Config) -> str:
     if not cfg.train.use_gpu:
         return "CPU"
@@ -286,7 +292,7 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
         storage.sync_up(output, remote)
     print(_banner(cfg, output, max_concurrent, resume), flush=True)
     print(f"[ray_cifar] TensorBoard: tensorboard --logdir {os.path.join(output, 'tensorboard')}"
-          + (f"; Ray dashboard: http://{dashboard}" if dashboard else ""), flush=True)
+          + (f"; Ray dashboard: http://{dashboard}{_dashboard_sign_in()}" if dashboard else ""), flush=True)
     resume_command = f"python -m ray_cifar.tune --resume {remote or output}"
     # Here, not only at a stop: a driver can end without a word (SIGKILL, a lost machine, or Ray's core worker
     # exiting the process as its raylet goes in a group SIGTERM), and this line is then in the job's log.

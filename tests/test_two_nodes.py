@@ -100,6 +100,9 @@ def test_study_across_two_nodes_survives_losing_one(tmp_path, two_nodes, synthet
         if proc.poll() is None:
             end_tree(descendants(proc.pid) + [proc.pid])
     assert proc.returncode == 0, out[-4000:]
+    # The address printed is the running cluster's dashboard, the head's (tune.dashboard is a local Ray's); no token
+    # to sign in with: these nodes run with RAY_AUTH_MODE=disabled.
+    assert f"; Ray dashboard: http://127.0.0.1:{two_nodes['dashboard']}\n" in out, out[:3000]
 
     trials = list(trials_state(output).values())
     assert [t["status"] for t in trials] == ["completed"]

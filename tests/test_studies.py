@@ -189,7 +189,8 @@ E2E_STUDY = "optimizer_batch_decay_asha.yaml"  # the smallest ASHA study: two tr
 def _smoke_sets(config_path: str) -> list[str]:
     """Extra shrinking for the 600-image synthetic set: 2 epochs (or 6 steps), one rank per trial, a 100-image val split."""
     cfg: Config = load_config(config_path, smoke_test=True)
-    sets = ["train.epochs=2", "train.num_workers=1", "tune.num_cpus=6", "tune.dashboard=false"]  # 4 one-rank trials at once
+    # 4 one-rank trials at once; Ray without its dashboard (one-rank trials need none)
+    sets = ["train.epochs=2", "train.num_workers=1", "tune.num_cpus=6", "tune.dashboard=false"]
     if cfg.data.val_fraction is None:
         sets.append("data.val_size=100")
     if cfg.train.max_steps is not None:

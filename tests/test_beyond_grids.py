@@ -299,12 +299,14 @@ def test_bohb_draws_off_grid_stops_the_weak_and_resumes_without_rerunning(bohb_s
 # PBT of 2-rank DDP trials: each generation is a TorchTrainer run of its own, whose start took 54-170 s on the
 # loaded 2-core machine (the whole study 6.5 min): too long for make test, so it runs only when asked
 # (RAY_CIFAR_LONG_TESTS=1); benchmarks/results/pbt_ddp_cpu.json holds a real run's rows. The smallest study that
-# shows an exploit: two members (one hopeless), three epochs, a decision each epoch.
+# shows an exploit: two members (one hopeless), three epochs, a decision each epoch. The good lr first, as in PBT
+# above: with the hopeless member made and started first, it once trained all its epochs before the good one had
+# reached one (its Train run started later), and never copied it.
 DDP_PBT = [s for s in PBT if not s.startswith(("tune.search_space", "tune.max_concurrent"))] + [
     "train.epochs=3", "train.num_workers=2", "train.cpus_per_worker=0.25", "tune.trial_driver_cpus=0.25",
     "tune.dashboard=true",  # DDP trials need Ray's dashboard (the others start none)
     "data.train_subset=1000", "tune.num_samples=1", "tune.max_concurrent_trials=2",
-    "tune.search_space={optim.lr: {grid: [0.000001, 0.1]}, optim.weight_decay: {uniform: [0.0001, 0.001]}}"]
+    "tune.search_space={optim.lr: {grid: [0.1, 0.000001]}, optim.weight_decay: {uniform: [0.0001, 0.001]}}"]
 
 
 @pytest.fixture(scope="module")

@@ -203,18 +203,18 @@ def _start_or_connect(cfg: Config) -> str:
     # ranks (times tune.max_concurrent_trials, when asked for), or trials would wait forever;
     # torch threads are split between the ranks of the trials at once (split_cpu_threads).
     need = math.ceil(trial_cpus(cfg, max_workers(cfg)) * (cfg.tune.max_concurrent_trials or 1))
-    num_cpus = cfg.tune.num_cpus or max(os.cpu_count() or 1, need)
-    if not cfg.tune.dashboard:  # one-rank trials only (validation): nothing of ray_cifar's needs the state API
-        context = ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=job_runtime_env(env_vars))
-        return context.dashboard_url
-    # Ray Train's placement-group cleaner finds the cluster through the state API; with
-    # two local Ray instances on one machine its auto-detection fails ("multiple active
-    # Ray instances") and a finished trial's resources are never released. Name the
-    # dashboard (state API server) explicitly so concurrent local studies keep working.
-    dashboard_port = _free_port()
-    env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
-    context = ray.init(num_cpus=num_cpus, dashboard_port=dashboard_port, runtime_env=job_runtime_env(env_vars))
-    return context.dashboard_url
+    if cfg.tune.dashboard:
+        # Ray Train's placement-group cleaner finds the cluster through the state API; with
+        # two local Ray instances on one machine its auto-detection fails ("multiple active
+        # Ray instances") and a finished trial's resources are never released. Name the
+        # dashboard (state API server) explicitly so concurrent local studies keep working.
+        dashboard_port = _free_port()
+        env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+        dashboard: dict = {"dashboard_port": dashboard_port}
+    else:  # one-rank trials only (validation): nothing of ray_cifar's needs the state API
+        dashboard = {"include_dashboard": False}
+    return ray.init(num_cpus=cfg.tune.num_cpus or max(os.cpu_count() or 1, need), runtime_env=job_runtime_env(env_vars),
+                    **dashboard).dashboard_url
 
 
 def skip_unsent_callback_census() -> None:

@@ -28,8 +28,10 @@ class Restored:
         return self.trials
 
 
-def trial(trial_id: str, config: dict, status: str, last_result: dict | None = None) -> Trial:
-    t = Trial("__fake", config=config, stub=True, trial_id=trial_id)
+def trial(trial_id: str, config: dict, status: str, last_result: dict | None = None, made: int | None = None) -> Trial:
+    """A Tune trial as a restore brings it back; MADE: its number in creation order (its experiment tag's)."""
+    t = Trial("__fake", config=config, stub=True, trial_id=trial_id,
+              experiment_tag=f"{made}_optim.lr={config.get('optim.lr')}" if made else "")
     t.set_status(status)
     t.run_metadata.last_result = last_result or {}
     return t
@@ -73,8 +75,8 @@ def test_a_restored_optuna_takes_the_trial_its_state_lacks_and_the_end_of_one_it
     alg._counter, alg.searcher.live_trials = 2, {"a", "b"}  # as saved with a and b running
     alg.searcher.num_unfinished_live_trials = 2
     # Tune's list: a ended since the searcher's save (ASHA stopped it), b runs, c was made after the save.
-    trials = [trial("a", configs["a"], Trial.TERMINATED, {"val_acc": 0.3, "training_iteration": 1}),
-              trial("b", configs["b"], Trial.PENDING), trial("c", configs["c"], Trial.PENDING)]
+    trials = [trial("a", configs["a"], Trial.TERMINATED, {"val_acc": 0.3, "training_iteration": 1}, made=1),
+              trial("b", configs["b"], Trial.PENDING, made=2), trial("c", configs["c"], Trial.PENDING, made=3)]
     controller = Restored(alg, [])
     for t in trials:
         controller.trials.append(t)
@@ -92,12 +94,79 @@ def test_a_restored_optuna_takes_the_trial_its_state_lacks_and_the_end_of_one_it
     assert searcher.suggest("d") != configs["c"]  # the next draw is not c's again
 
 
+def held_by(searcher, kind: str) -> list[tuple[str, str, dict]]:
+    """What Optuna's or HyperOpt's own record holds, in the order it took them: (trial id, state, values); a failed
+    draw is no trial's ("")."""
+    if kind == "optuna":
+        ids = {t.number: tid for tid, t in searcher._ot_trials.items()}
+        return [(ids.get(t.number, ""), t.state.name, t.params) for t in searcher._ot_study.trials]
+    import hyperopt
+
+    ids = {number: tid for tid, (number, _) in searcher._live_trial_mapping.items()}
+    names = {hyperopt.JOB_STATE_NEW: "RUNNING", hyperopt.JOB_STATE_DONE: "COMPLETE", hyperopt.JOB_STATE_ERROR: "FAIL"}
+    return [(ids.get(t["tid"], ""), names[t["state"]], {k: v[0] for k, v in t["misc"]["vals"].items()})
+            for t in searcher._hpopt_trials._dynamic_trials]
+
+
+def made_after_the_save(kind: str, tmp_path) -> tuple:
+    """A searcher of KIND that made a and b, was saved, then made c as ASHA stopped a and d as it stopped b:
+    (that searcher, a copy restored from the save inside Tune's wrappers, Tune's trials newest result first)."""
+    searcher = make(kind)
+    configs = {tid: searcher.suggest(tid) for tid in ("a", "b")}
+    saved_at = str(tmp_path / "searcher-state.pkl")
+    searcher.save(saved_at)
+    ended = {"val_acc": 0.3, "training_iteration": 1}
+    for stopped, made in (("a", "c"), ("b", "d")):
+        searcher.on_trial_complete(stopped, ended)
+        configs[made] = searcher.suggest(made)
+    restored = make(kind)
+    restored.restore(saved_at)
+    alg = SearchGenerator(ConcurrencyLimiter(restored, max_concurrent=2))
+    alg._counter, alg.searcher.live_trials, alg.searcher.num_unfinished_live_trials = 2, {"a", "b"}, 2
+    # d reported last; b ended after c's last result (an end told on the way is a use of the searcher, too).
+    newest_result_first = [trial("d", configs["d"], Trial.RUNNING, {"val_acc": 0.1, "training_iteration": 1}, made=4),
+                           trial("b", configs["b"], Trial.TERMINATED, ended, made=2),
+                           trial("c", configs["c"], Trial.RUNNING, {"val_acc": 0.2, "training_iteration": 1}, made=3),
+                           trial("a", configs["a"], Trial.TERMINATED, ended, made=1)]
+    return searcher, restored, Restored(alg, []), newest_result_first
+
+
+@pytest.mark.parametrize("kind", ["optuna", "hyperopt"])
+def test_two_trials_tune_adds_back_newest_result_first_are_drawn_again_in_the_order_they_were_made(kind, tmp_path):
+    """Tune adds a restored study's trials back newest result first, not in the order they were made. A searcher
+    saved before two trials were made drew each of them again in Tune's order: each draw had the other's values
+    (a CI's killed Optuna study held two failed draws beside its four trials). In creation order, the restored
+    searcher holds what an uninterrupted one holds once Tune has added them all, and draws the same next trial."""
+    searcher, restored, controller, trials = made_after_the_save(kind, tmp_path)
+    for t in trials:
+        controller.trials.append(t)
+        follow_restored_trial(controller, t)
+    assert held_by(restored, kind) == held_by(searcher, kind)  # before any use: a study may end right here
+    assert [state for _, state, _ in held_by(restored, kind)] == ["COMPLETE"] * 2 + ["RUNNING"] * 2
+    assert restored.suggest("e") == searcher.suggest("e")
+
+
+def test_a_trial_whose_place_is_unknown_is_adopted_at_the_searchers_next_use(tmp_path):
+    """No creation number (Tune's tag starts with one): held until Tune is done adding (the first use), as the
+    first of the trials with none."""
+    searcher, restored, controller, trials = made_after_the_save("optuna", tmp_path)
+    for t in trials:
+        t.experiment_tag = ""
+        controller.trials.append(t)
+        follow_restored_trial(controller, t)
+    assert set(restored._ot_trials) == {"a", "b"}
+    restored.on_trial_result("c", {"val_acc": 0.2, "training_iteration": 1})
+    assert set(restored._ot_trials) == {"a", "b", "c", "d"}
+    assert held_by(restored, "optuna") == held_by(searcher, "optuna")  # (with no number, by trial id: c, then d)
+
+
 def test_a_trial_whose_values_optuna_would_not_draw_again_is_enqueued_and_the_draw_told_failed(tmp_path):
     saved_at, configs = saved_after_two("optuna", tmp_path)
     alg, searcher = restored_optuna(saved_at)
     other = {"optim.lr": 0.01, "optim.momentum": 0.0}  # not what Optuna draws next
     assert configs["c"] != other
-    follow_restored_trial(Restored(alg, [trial("c", other, Trial.PENDING)]), trial("c", other, Trial.PENDING))
+    c = trial("c", other, Trial.PENDING, made=3)
+    follow_restored_trial(Restored(alg, [c]), c)
     assert searcher._ot_trials["c"].params == other
     assert [t.state.name for t in searcher._ot_study.trials][-2:] == ["FAIL", "RUNNING"]  # TPE learns from neither
 
@@ -248,7 +317,7 @@ def test_a_restored_hyperopt_takes_the_trial_its_state_lacks_and_does_not_draw_i
     next trial: the same point run twice."""
     searcher, configs = restored_hyperopt(tmp_path)
     alg = SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=2))
-    c = trial("c", configs["c"], Trial.PENDING)
+    c = trial("c", configs["c"], Trial.PENDING, made=3)
     follow_restored_trial(Restored(alg, [c]), c)
     assert capsys.readouterr().out.count("was made after HyperOpt's last saved state") == 1
     searcher.on_trial_complete("c", {"val_acc": 0.4})

@@ -5,14 +5,21 @@ Tune saves a study's state as several files: the trials (experiment_state) and t
 threads, file by file. A driver that dies in between leaves a newer trial list than searcher state:
 the restored searcher has never heard of a trial Tune restores. Ray's OptunaSearch and TuneBOHB then fail the
 whole study with a KeyError at that trial's first result; Ray's HyperOptSearch ignores the trial's result and
-draws its values again for the next trial (the same point run twice). `adopt` is how
-`searchers.follow_restored_trial` hands them such a trial, with the values Tune's record gives it.
+draws its values again for the next trial (the same point run twice). `restored` is how
+`searchers.follow_restored_trial` hands them each trial Tune adds back, with the values Tune's record gives it:
+they adopt a trial they lack and are told the end of one that ended since their save.
+
+Optuna and HyperOpt adopt a trial by drawing its lost suggestion again, so those draws must come in the order
+the trials were made. Tune adds a restored study's trials back newest result first (two trials made after the
+save came back in the other order, and each draw had the other's values), so those two hold a trial they lack
+until every trial made before it is theirs, then adopt it (_FollowsRestoreInOrder).
 
 Imported only for a study that uses one of them (Ray's modules import Optuna, HyperOpt or BOHB's packages).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -36,7 +43,74 @@ def _note(trial_id: str, searcher: str) -> None:
           f"between Tune's files); {searcher} takes it and its values from Tune's record", flush=True)
 
 
-class RestorableOptuna(OptunaSearch):
+class _FollowsRestore:
+    """`restored` at once: adopt the trial if the saved state lacks it, then tell its end if it ended since."""
+
+    def restored(self, trial_id: str, config: dict[str, Any], order, end: tuple[dict, bool] | None) -> None:
+        """Tune added TRIAL_ID back with CONFIG; ORDER: its place in creation order; END: (its last result, whether
+        it errored) if it has ended."""
+        self.adopt(trial_id, config)
+        if end is not None and self._holds_open(trial_id):
+            self.on_trial_complete(trial_id, result=end[0], error=end[1])
+
+
+class _FollowsRestoreInOrder(_FollowsRestore):
+    """`restored` in creation order for the trials the saved state lacks (see the module's text): such a trial is
+    held until the searcher has made or adopted every trial before it, then adopted. The saved state made the
+    first len(_made()) trials (Tune's trial list and the searcher's state are each a prefix of the trials made);
+    creation order is Tune's (the number that starts a trial's experiment tag). A trial still held then (no tag,
+    or counts that disagree) is adopted at the searcher's next use. The held trials are part of the saved state
+    (__dict__): a driver that dies in between loses none."""
+
+    def restored(self, trial_id: str, config: dict[str, Any], order, end: tuple[dict, bool] | None) -> None:
+        if trial_id in self._made():
+            with self._following():
+                super().restored(trial_id, config, order, end)
+        else:
+            self.__dict__.setdefault("_held", {})[trial_id] = (order, config, end)
+        self._follow_held(only_next=True)
+
+    @contextlib.contextmanager
+    def _following(self):
+        """Adopting a trial draws, and telling an end is a use: neither adopts the held trials meanwhile."""
+        self._busy = True
+        try:
+            yield
+        finally:
+            del self._busy
+
+    def _follow_held(self, only_next: bool = False) -> None:
+        """Adopt the held trials in creation order; ONLY_NEXT: while each is the next one made."""
+        held = self.__dict__.get("_held")
+        if not held or self.__dict__.get("_busy"):
+            return
+        with self._following():
+            for trial_id, (order, config, end) in sorted(held.items(), key=lambda item: item[1][0]):
+                if only_next and order[0] != len(self._made()) + 1:
+                    break
+                del held[trial_id]
+                super().restored(trial_id, config, order, end)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        self._follow_held()
+        return super().suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._follow_held()
+        if self._holds(trial_id):
+            super().on_trial_result(trial_id, result)
+        else:
+            logger.warning("%s holds no trial %s: its result is not told to it", type(self).__name__, trial_id)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self._follow_held()
+        if self._holds(trial_id):
+            super().on_trial_complete(trial_id, result=result, error=error)
+        else:
+            logger.warning("%s holds no trial %s: its end is not told to it", type(self).__name__, trial_id)
+
+
+class RestorableOptuna(_FollowsRestoreInOrder, OptunaSearch):
     """OptunaSearch whose restored copy can adopt a trial it never suggested, and that skips (one warning) a
     result of a trial it does not hold instead of failing the study."""
 
@@ -62,17 +136,14 @@ class RestorableOptuna(OptunaSearch):
         _note(trial_id, "Optuna")
         return True
 
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._ot_trials:  # (a completed trial is still there)
-            super().on_trial_result(trial_id, result)
-        else:
-            logger.warning("Optuna holds no trial %s: its result is not told to the searcher", trial_id)
+    def _made(self) -> dict:
+        return self._ot_trials  # (every trial it made or adopted: Ray's keeps an ended one)
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._ot_trials:  # (a completed trial is still there)
-            super().on_trial_complete(trial_id, result=result, error=error)
-        else:
-            logger.warning("Optuna holds no trial %s: its end is not told to the searcher", trial_id)
+    def _holds(self, trial_id: str) -> bool:
+        return trial_id in self._ot_trials
+
+    def _holds_open(self, trial_id: str) -> bool:
+        return trial_id in self._ot_trials and trial_id not in self._completed_trials
 
 
 class _RemembersMade:
@@ -90,7 +161,7 @@ class _RemembersMade:
         return config
 
 
-class RestorableHyperOpt(_RemembersMade, HyperOptSearch):
+class RestorableHyperOpt(_FollowsRestoreInOrder, _RemembersMade, HyperOptSearch):
     """HyperOptSearch whose restored copy can adopt a trial it never suggested, as RestorableOptuna does: the lost
     suggestion is drawn again (from the state saved just before it, HyperOpt's TPE draws the same values) and
     held as the trial's, so TPE learns from the trial's result and does not draw its values for the next trial.
@@ -119,8 +190,13 @@ class RestorableHyperOpt(_RemembersMade, HyperOptSearch):
         _note(trial_id, "HyperOpt")
         return True
 
+    def _holds(self, trial_id: str) -> bool:
+        return trial_id in self._live_trial_mapping  # (Ray's forgets a trial when it ends)
 
-class RestorableBOHB(_RemembersMade, TuneBOHB):
+    _holds_open = _holds
+
+
+class RestorableBOHB(_FollowsRestore, _RemembersMade, TuneBOHB):
     """TuneBOHB whose restored copy can adopt a trial it never suggested (its values, for the model's
     observations at the trial's milestones), and that skips a trial it does not hold instead of failing."""
 
@@ -144,3 +220,6 @@ class RestorableBOHB(_RemembersMade, TuneBOHB):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         self.trial_to_params.setdefault(trial_id, {})  # (Ray's deletes it unchecked)
         super().on_trial_complete(trial_id, result=result, error=error)
+
+    def _holds_open(self, trial_id: str) -> bool:
+        return trial_id in self.trial_to_params  # (Ray's forgets a trial when it ends)

@@ -25,7 +25,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandForBOHB, 
 
 from ..results import ResultsLog
 from .recorder import JUDGED, STOPPED, TRIALS_STATE
-from .searchers import base_searcher, follow_restored_trial
+from .searchers import base_searcher, creation_order, follow_restored_trial
 
 
 def save_experiment(tune_controller, trial=None) -> None:
@@ -288,7 +288,7 @@ class BOHBHyperBand(HyperBandForBOHB):
         """Brackets filled again in creation order and replayed from `rows` (see the class docstring)."""
         held, self._held = self._held or [], None
         self._hyperbands, self._state, self._trial_info = [[]], {"bracket": None, "band_idx": 0}, {}
-        for trial in sorted(held, key=_creation_order):
+        for trial in sorted(held, key=creation_order):
             super().on_trial_add(tune_controller, trial)
         by_trial: dict[str, list[dict[str, Any]]] = {}
         for row in sorted(rows, key=lambda r: r["epoch"]):
@@ -390,12 +390,6 @@ def _observe_missing(searcher, milestones: list[tuple[str, float, float]],
         if not any(np.array_equal(vector, seen, equal_nan=True) for seen in model.configs.get(budget, [])):
             # (not searcher.on_trial_result: that also counts the trial running, which the rebuild decides)
             model.new_result(_BOHBJobWrapper(searcher._metric_op * value, budget, values))
-
-
-def _creation_order(trial) -> tuple[int, str]:
-    """Tune's experiment tag starts with the trial's number in creation order ("3_optim.lr=..."), kept on restore."""
-    head = str(getattr(trial, "experiment_tag", "")).split("_", 1)[0]
-    return (int(head) if head.isdigit() else 10**9, trial.trial_id)
 
 
 def create_scheduler(name: str, output: str, on_stop: Callable[[str], None], max_t: int, grace_period: int,

@@ -87,7 +87,8 @@ def follow_restored_trial(tune_controller, trial) -> None:
       made after Tune's list was written (a slot held by a trial that never ends again stops the study from
       making new ones: a study of one trial at a time waited for ever);
     - a model-based searcher adopts a trial it never saw (see restorable_searchers), and is told of the end of
-      a trial that ended since, with its last result;
+      a trial that ended since, with its last result. Tune adds the restored trials back newest result first;
+      Optuna and HyperOpt, which draw a lost suggestion again, adopt them in creation order;
     - a grid or random generator (RestorableVariants) learns which trials Tune has, so that it makes again one
       it made after Tune's list was written (else lost with the driver: a grid point never run)."""
     from ray.tune.experiment import Trial
@@ -110,11 +111,8 @@ def follow_restored_trial(tune_controller, trial) -> None:
     if limiter is not None:
         _follow(limiter.live_trials, known, trial.trial_id, ended)
         limiter.num_unfinished_live_trials = len(limiter.live_trials)
-    base = base_searcher(alg)
-    getattr(base, "adopt", lambda *_: False)(trial.trial_id, trial.config)
-    if ended and _holds_open(base, trial.trial_id):  # it ended after the searcher's state was saved
-        base.on_trial_complete(trial.trial_id, result=flatten_dict(trial.last_result or {}),
-                               error=trial.status == Trial.ERROR)
+    end = (flatten_dict(trial.last_result or {}), trial.status == Trial.ERROR) if ended else None
+    getattr(base_searcher(alg), "restored", lambda *_: None)(trial.trial_id, trial.config, creation_order(trial), end)
 
 
 def _follow(live: set[str], known: set[str], trial_id: str, ended: bool) -> None:
@@ -124,11 +122,10 @@ def _follow(live: set[str], known: set[str], trial_id: str, ended: bool) -> None
     (live.discard if ended else live.add)(trial_id)
 
 
-def _holds_open(searcher, trial_id: str) -> bool:
-    """Whether SEARCHER counts TRIAL_ID as running: it has not been told of its end (Optuna, BOHB, HyperOpt)."""
-    if hasattr(searcher, "_ot_trials"):
-        return trial_id in searcher._ot_trials and trial_id not in searcher._completed_trials
-    return any(trial_id in getattr(searcher, record, ()) for record in ("trial_to_params", "_live_trial_mapping"))
+def creation_order(trial) -> tuple[int, str]:
+    """Tune's experiment tag starts with the trial's number in creation order ("3_optim.lr=..."), kept on restore."""
+    head = str(getattr(trial, "experiment_tag", "")).split("_", 1)[0]
+    return (int(head) if head.isdigit() else 10**9, trial.trial_id)
 
 
 def _skip_made(generator, known: set[str]) -> None:

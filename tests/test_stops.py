@@ -10,8 +10,8 @@ One two-trial study on a small tmpfs serves three cases in turn:
      before the SIGTERM's latest checkpoint: nothing run twice.)
 A SIGTERM to every process of a study (the driver and its local Ray: a machine or job shutting down): the --resume
 command at the signal and an end within seconds, not a minute's wait on Ray's gone GCS; --resume finishes the study.
-A SIGTERM while Ray starts: the --resume line, exit 130; one while the study finishes: the line, and an end at once
-where Ray went with it.
+A SIGTERM while Ray starts: the --resume line, exit 130 (the signal held until ray.init returns); one while the
+study finishes: the line, and an end at once where Ray went with it.
 And `python -m ray_cifar.train` on a full tmpfs: one line, exit 1, the epochs before readable.
 Mounting needs root (CI and this machine are): the tests skip with the reason where it is refused.
 """
@@ -256,6 +256,39 @@ def test_sigterm_while_ray_starts_is_the_resume_line_and_exit_130_and_leaves_no_
            f"--resume {output}" in out, out[-3000:]
     assert "Traceback" not in out and not rows(output)
     assert not left, f"the driver's Ray processes outlived it: {left_names}"
+
+
+def test_a_signal_while_ray_init_runs_is_held_until_it_returns_and_a_second_one_raises_at_once():
+    """Raised inside ray.init, a signal's exception unwound Ray's half-made C++ objects: the driver aborted or hung
+    (cluster.init_ray). Held, it waits for ray.init to return; ray.init's own SIGTERM handler is not put in; the
+    handlers before come back after."""
+    import ray._private.utils as ray_utils
+
+    from ray_cifar import cli
+    from ray_cifar.tuning.cluster import _signals_held
+
+    install, sigint = ray_utils.set_sigterm_handler, signal.getsignal(signal.SIGINT)
+    with cli.sigterm_as_ctrl_c():
+        ours = signal.getsignal(signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):
+            with _signals_held() as held:
+                ray_utils.set_sigterm_handler(lambda signum, frame: sys.exit(signum))  # what ray.init does first
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)  # (a Python handler runs between two bytecodes of the main thread)
+                assert held == [signal.SIGTERM]  # no exception: held
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+                pytest.fail("a second signal while one is held did not raise")
+        assert ray_utils.set_sigterm_handler is install
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == (ours, sigint)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:  # no handler of Python's before: Ray's after, as ray.init leaves it (sys.exit: atexit's ray.shutdown runs)
+        with _signals_held():
+            pass
+        with pytest.raises(SystemExit):
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_train_on_a_full_disk_is_one_line(tmpfs, synthetic_parquet_dir, tmp_path):

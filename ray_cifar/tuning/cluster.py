@@ -12,6 +12,8 @@ import math
 import os
 import signal
 import socket
+import sys
+import threading
 import time
 
 import ray
@@ -125,30 +127,69 @@ def init_ray(cfg: Config) -> str:
     """Connect to a cluster (tune.address / $RAY_ADDRESS) or start a local Ray sized for one trial at least; the
     dashboard's host:port, "" where there is none (tune.dashboard false).
 
-    ray.init first replaces the SIGTERM handler with its own sys.exit(15): a driver signalled while Ray started, or
-    before Tune's graceful stop took over, ended with exit 15 and without a word. Where the caller had a handler of
-    its own (cli.sigterm_as_ctrl_c: the line with the --resume command), it is put back, and a SIGTERM during
-    ray.init is raised as that handler's KeyboardInterrupt.
+    A SIGTERM or Ctrl-C while ray.init runs is held until it returns (_signals_held); then Ray is shut down, what
+    it started is ended, and KeyboardInterrupt is raised: the caller's line with the --resume command
+    (cli.sigterm_as_ctrl_c), exit 130. Raised inside ray.init (Ray's own SIGTERM handler, sys.exit(15), or
+    Python's KeyboardInterrupt), the exception unwound Ray's half-made C++ objects: the driver aborted
+    ("terminate called without an active exception", exit -6, in a CI) or hung for ever in the destructor of
+    Ray's GlobalStateAccessor (1 of 34 SIGTERMs sent 0-2 s after Ray's agents appeared). A second signal while
+    one is held raises at once, as before.
 
     Whatever stops ray.init part way ends the Ray processes it had started (every process below the driver then
     that was not there before). Ray does not: its agents, started by the raylet, lived on, reparented, for a
     minute or more after the driver had exited (measured 60-77 s, in half the tries: they wait on the gone GCS
     for its reconnect timeout)."""
-    ours = signal.getsignal(signal.SIGTERM)
     before = set(_descendants(os.getpid()))
+    with _signals_held() as held:
+        try:
+            dashboard = _start_or_connect(cfg)
+        except BaseException:
+            end_started(before)
+            if held:
+                raise KeyboardInterrupt from None
+            raise
+    if held:
+        ray.shutdown()
+        end_started(before)
+        raise KeyboardInterrupt
+    return dashboard
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Inside, SIGTERM and SIGINT (unless ignored) are noted, not raised: the list yielded gets the first one's
+    number (and stderr a line); a second raises KeyboardInterrupt. Meanwhile ray.init does not put in its own
+    SIGTERM handler. After, the handlers before are back; where SIGTERM had none of Python's, Ray's (sys.exit, so
+    that atexit's ray.shutdown runs), as ray.init would have left it. Outside the main thread (no handlers there):
+    nothing."""
+    held: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+
+    def hold(signum, frame):
+        if held:
+            raise KeyboardInterrupt
+        held.append(signum)
+        with contextlib.suppress(OSError):  # (not print: the main thread may be inside a write to sys.stderr)
+            os.write(2, f"\n[ray_cifar] {signal.Signals(signum).name} while Ray starts: the study stops once Ray "
+                        f"is up (seconds); a second one stops it now\n".encode())
+
+    import ray._private.utils as ray_utils  # (where ray.init finds the function that installs its handler)
+
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGTERM, signal.SIGINT)
+                if sig == signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN}  # (a job that ignores ^C)
+    install = ray_utils.set_sigterm_handler
+    ray_utils.set_sigterm_handler = lambda handler: None
     try:
-        return _start_or_connect(cfg)
-    except SystemExit as e:
-        end_started(before)
-        if e.code == signal.SIGTERM and callable(ours):
-            raise KeyboardInterrupt from None
-        raise
-    except BaseException:
-        end_started(before)
-        raise
+        yield held
     finally:
-        if callable(ours):
-            signal.signal(signal.SIGTERM, ours)
+        ray_utils.set_sigterm_handler = install
+        if not callable(previous[signal.SIGTERM]):
+            previous[signal.SIGTERM] = lambda signum, frame: sys.exit(signum)
+        for sig, handler in previous.items():
+            if handler is not None:  # (None: a handler not installed from Python)
+                signal.signal(sig, handler)
 
 
 def end_started(before: set[int], grace: float = 1.0) -> None:

@@ -291,6 +291,24 @@ def test_a_signal_while_ray_init_runs_is_held_until_it_returns_and_a_second_one_
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_a_signal_held_while_ray_init_runs_for_too_long_raises_after_the_hold(monkeypatch):
+    """A cluster that does not answer can keep ray.init for a minute: the held signal is raised after HOLD_SECONDS,
+    before the SIGKILL that most often follows a SIGTERM."""
+    from ray_cifar import cli
+    from ray_cifar.tuning import cluster
+
+    monkeypatch.setattr(cluster, "HOLD_SECONDS", 0.5)
+    with cli.sigterm_as_ctrl_c():
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            with cluster._signals_held() as held:
+                os.kill(os.getpid(), signal.SIGTERM)
+                while time.monotonic() - started < 10:  # ray.init, not returning
+                    time.sleep(0.05)
+                pytest.fail("the held signal was not raised after the hold")
+        assert held == [signal.SIGTERM] and 0.5 <= time.monotonic() - started < 5
+
+
 def test_train_on_a_full_disk_is_one_line(tmpfs, synthetic_parquet_dir, tmp_path):
     disk = tmpfs("160k")  # config + two ~66 KB checkpoints; the next save does not fit
     env = {**os.environ, "RAY_CIFAR_CACHE": str(tmp_path / "cache")}

@@ -6,6 +6,7 @@ resource arithmetic (CPUs and GPUs per trial, trials that fit at once).
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import json
 import math
@@ -155,17 +156,23 @@ def init_ray(cfg: Config) -> str:
     return dashboard
 
 
+# The longest a signal is held while ray.init runs: a local Ray starts in 2-15 s here (a loaded 2-core machine);
+# a SIGTERM is most often followed by a SIGKILL 30 s later (Kubernetes' default grace period).
+HOLD_SECONDS = 20.0
+
+
 @contextlib.contextmanager
 def _signals_held():
     """Inside, SIGTERM and SIGINT (unless ignored) are noted, not raised: the list yielded gets the first one's
-    number (and stderr a line); a second raises KeyboardInterrupt. Meanwhile ray.init does not put in its own
-    SIGTERM handler. After, the handlers before are back; where SIGTERM had none of Python's, Ray's (sys.exit, so
-    that atexit's ray.shutdown runs), as ray.init would have left it. Outside the main thread (no handlers there):
-    nothing."""
+    number (and stderr a line); a second raises KeyboardInterrupt, and so does the first HOLD_SECONDS after it
+    where ray.init has not returned by then. Meanwhile ray.init does not put in its own SIGTERM handler. After,
+    the handlers before are back; where SIGTERM had none of Python's, Ray's (sys.exit, so that atexit's
+    ray.shutdown runs), as ray.init would have left it. Outside the main thread (no handlers there): nothing."""
     held: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield held
         return
+    timer: list[threading.Timer] = []
 
     def hold(signum, frame):
         if held:
@@ -174,6 +181,10 @@ def _signals_held():
         with contextlib.suppress(OSError):  # (not print: the main thread may be inside a write to sys.stderr)
             os.write(2, f"\n[ray_cifar] {signal.Signals(signum).name} while Ray starts: the study stops once Ray "
                         f"is up (seconds); a second one stops it now\n".encode())
+        # The second signal, sent by this process, where ray.init takes that long (a cluster that does not answer).
+        timer.append(threading.Timer(HOLD_SECONDS, _thread.interrupt_main, (signal.SIGTERM,)))
+        timer[0].daemon = True
+        timer[0].start()
 
     import ray._private.utils as ray_utils  # (where ray.init finds the function that installs its handler)
 
@@ -184,6 +195,8 @@ def _signals_held():
     try:
         yield held
     finally:
+        for t in timer:
+            t.cancel()
         ray_utils.set_sigterm_handler = install
         if not callable(previous[signal.SIGTERM]):
             previous[signal.SIGTERM] = lambda signum, frame: sys.exit(signum)

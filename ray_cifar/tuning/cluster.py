@@ -156,8 +156,9 @@ def init_ray(cfg: Config) -> str:
     return dashboard
 
 
-# The longest a signal is held while ray.init runs: a local Ray starts in 2-15 s here (a loaded 2-core machine);
-# a SIGTERM is most often followed by a SIGKILL 30 s later (Kubernetes' default grace period).
+# The longest a signal is held while ray.init runs: a local Ray starts in 2-15 s here (a loaded 2-core machine),
+# but ray.init of an address where no cluster answers was still waiting after 200 s; a SIGTERM is most often
+# followed by a SIGKILL 30 s later (Kubernetes' default grace period).
 HOLD_SECONDS = 20.0
 
 

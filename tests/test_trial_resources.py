@@ -48,3 +48,26 @@ def test_ddp_trials_anywhere_in_the_search_space_count(space):
     cfg = load_config(None, ["train.num_workers=1", space])
     assert ray_cluster.max_workers(cfg) == 2
     assert ray_cluster.reuse_trial_processes(cfg) is False
+
+
+def test_an_address_where_no_cluster_answers_is_refused_in_one_line_after_a_wait(monkeypatch, capsys):
+    """ray.init of such an address waited on, a warning every few seconds (still waiting after 200 s, measured)."""
+    import socket
+
+    from ray_cifar.config import ConfigError
+
+    monkeypatch.setattr(ray_cluster, "CONNECT_WAIT_SECONDS", 1.5)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # nothing listens there once it is closed
+    cfg = load_config(None, [f"tune.address=127.0.0.1:{port}"])
+    with pytest.raises(ConfigError, match=rf"^tune.address 127.0.0.1:{port}: no Ray cluster answers there"):
+        ray_cluster._start_or_connect(cfg)
+    assert f"no Ray cluster answers at 127.0.0.1:{port} (tune.address) yet: waiting up to 2 s" in capsys.readouterr().out
+    with socket.socket() as listening:  # one that takes connections: no wait, no line (ray.init connects next)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        ray_cluster._wait_for_cluster(f"127.0.0.1:{listening.getsockname()[1]}", "tune.address")
+    ray_cluster._wait_for_cluster("auto", "$RAY_ADDRESS")  # not host:port: left to ray.init
+    assert capsys.readouterr().out == ""

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -19,7 +20,7 @@ import time
 
 import ray
 
-from ..config import Config, trial_configs
+from ..config import Config, ConfigError, trial_configs
 from . import worker_setup
 
 
@@ -245,10 +246,38 @@ def _running(pid: int) -> bool:
         return False
 
 
+# How long a study waits for the cluster at its address to take connections before it refuses: a head that is
+# starting (a retried job's) takes seconds. ray.init itself waited on, printing a warning every few seconds: it was
+# still waiting after 200 s (measured, an address where nothing listened).
+CONNECT_WAIT_SECONDS = 30.0
+HOST_PORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[\w.-]+):\d+")
+
+
+def _wait_for_cluster(address: str, named_by: str) -> None:
+    """Wait up to CONNECT_WAIT_SECONDS for a host:port ADDRESS (its GCS) to take connections (one line says so),
+    then refuse the study in one line (ConfigError: exit 2, before any work). Other forms ("auto", ray://) are
+    left to ray.init, whose errors for them come at once."""
+    if not HOST_PORT.fullmatch(address):
+        return
+    deadline = time.monotonic() + CONNECT_WAIT_SECONDS
+    waiting = False
+    while not gcs_reachable(address, timeout=2.0):
+        if time.monotonic() >= deadline:
+            raise ConfigError(f"{named_by} {address}: no Ray cluster answers there (nothing took a connection in "
+                              f"{CONNECT_WAIT_SECONDS:.0f} s); start it (`ray start --head`, `ray up`) or fix the "
+                              f"address")
+        if not waiting:
+            print(f"[ray_cifar] no Ray cluster answers at {address} ({named_by}) yet: waiting up to "
+                  f"{CONNECT_WAIT_SECONDS:.0f} s", flush=True)
+            waiting = True
+        time.sleep(1.0)
+
+
 def _start_or_connect(cfg: Config) -> str:
     env_vars = job_env_vars()
     address = cfg.tune.address or os.environ.get("RAY_ADDRESS")
     if address:
+        _wait_for_cluster(address, "tune.address" if cfg.tune.address else "$RAY_ADDRESS")
         if os.environ.get("RAY_API_SERVER_ADDRESS"):
             # The cluster's dashboard, named by the user where several Ray clusters share a machine
             # (see below); Train's controller reads it in its own process.
@@ -296,7 +325,7 @@ def gcs_reachable(address: str, timeout: float = 1.0) -> bool:
     Ray's does not come back, and the driver's calls to it would block for Ray's reconnect timeout (60 s)."""
     host, port = address.rsplit(":", 1)
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
             return True
     except OSError:
         return False

@@ -134,8 +134,8 @@ def init_ray(cfg: Config) -> str:
     (cli.sigterm_as_ctrl_c), exit 130. Raised inside ray.init (Ray's own SIGTERM handler, sys.exit(15), or
     Python's KeyboardInterrupt), the exception unwound Ray's half-made C++ objects: the driver aborted
     ("terminate called without an active exception", exit -6, in a CI) or hung for ever in the destructor of
-    Ray's GlobalStateAccessor (1 of 34 SIGTERMs sent 0-2 s after Ray's agents appeared). A second signal while
-    one is held raises at once, as before.
+    Ray's GlobalStateAccessor (1 of 34 SIGTERMs sent 0-2 s after Ray's agents appeared). A second signal, or
+    HOLD_SECONDS without ray.init returning, raises in it all the same.
 
     Whatever stops ray.init part way ends the Ray processes it had started (every process below the driver then
     that was not there before). Ray does not: its agents, started by the raylet, lived on, reparented, for a

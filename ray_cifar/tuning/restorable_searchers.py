@@ -91,6 +91,10 @@ class _FollowsRestoreInOrder(_FollowsRestore):
                 del held[trial_id]
                 super().restored(trial_id, config, order, end)
 
+    def _holds(self, trial_id: str) -> bool:
+        """Whether the searcher has TRIAL_ID to tell a result or an end to (HyperOpt: only until its end)."""
+        return trial_id in self._made()
+
     def suggest(self, trial_id: str) -> dict | None:
         self._follow_held()
         return super().suggest(trial_id)
@@ -138,9 +142,6 @@ class RestorableOptuna(_FollowsRestoreInOrder, OptunaSearch):
 
     def _made(self) -> dict:
         return self._ot_trials  # (every trial it made or adopted: Ray's keeps an ended one)
-
-    def _holds(self, trial_id: str) -> bool:
-        return trial_id in self._ot_trials
 
     def _holds_open(self, trial_id: str) -> bool:
         return trial_id in self._ot_trials and trial_id not in self._completed_trials

@@ -154,7 +154,7 @@ def local_resources() -> tuple[float, float]:
 def check_before_trials(cfg: Config, num_train_images: int, searched: bool) -> None:
     """The mistakes only the data or the machine reveal, for every trial (`searched`: the search space's too)."""
     check_against_data(cfg, num_train_images, searched)
-    if not (cfg.tune.address or os.environ.get("RAY_ADDRESS")):
+    if not cfg.tune.cluster_address():
         # A local Ray, or one process: the ranks must fit this machine's real cores and GPUs. (A trial's driver
         # only watches its ranks; init_ray declares logical CPUs for it, so it is not counted here. On a running
         # cluster the study checks against the cluster's resources, driver included, once Ray is up.)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,6 +175,10 @@ class TuneConfig:
             "train.global_batch_size": {"grid": [128, 256, 512, 1024]},
         }
     )
+
+    def cluster_address(self) -> str | None:
+        """The running Ray cluster the study joins: address, else $RAY_ADDRESS; None: a local Ray it starts."""
+        return self.address or os.environ.get("RAY_ADDRESS") or None
 
 
 @dataclass

@@ -275,7 +275,7 @@ def _wait_for_cluster(address: str, named_by: str) -> None:
 
 def _start_or_connect(cfg: Config) -> str:
     env_vars = job_env_vars()
-    address = cfg.tune.address or os.environ.get("RAY_ADDRESS")
+    address = cfg.tune.cluster_address()
     if address:
         _wait_for_cluster(address, "tune.address" if cfg.tune.address else "$RAY_ADDRESS")
         if os.environ.get("RAY_API_SERVER_ADDRESS"):
@@ -373,7 +373,7 @@ def check_fits(cfg: Config) -> None:
     real cores before it started (cli.check_before_trials)."""
     from ..validation import check_resources
 
-    if cfg.tune.address or os.environ.get("RAY_ADDRESS"):
+    if cfg.tune.cluster_address():
         resources = ray.cluster_resources()
         check_resources(cfg, resources.get("CPU", 0.0), resources.get("GPU", 0.0), count_driver=True)
 
@@ -384,6 +384,6 @@ def split_cpu_threads(cfg: Config, max_concurrent: int) -> None:
 
     Left alone when set by the user, on GPUs (a rank's threads only feed its GPU), and on a
     cluster (this process cannot see the workers' cores)."""
-    if cfg.train.torch_threads is not None or cfg.train.use_gpu or cfg.tune.address or os.environ.get("RAY_ADDRESS"):
+    if cfg.train.torch_threads is not None or cfg.train.use_gpu or cfg.tune.cluster_address():
         return
     cfg.train.torch_threads = max(1, (os.cpu_count() or 1) // (max_workers(cfg) * max_concurrent))

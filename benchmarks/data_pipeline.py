@@ -138,10 +138,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class Recorder:
-    """Median of `repeats` measurements per figure (the machine may be shared: the spread is kept too)."""
+    """Median of `repeats` measurements per figure (the machine may be shared: the spread is kept too), and the
+    loaders that failed instead (errors: set, path, the exception in one line)."""
 
     def __init__(self, repeats: int):
-        self.repeats, self.results = repeats, []
+        self.repeats, self.results, self.errors = repeats, [], []
+
+    def failed(self, set_name: str, path: str, error: BaseException) -> None:
+        lines = str(error).strip().splitlines()
+        self.errors.append({"set": set_name, "path": path,
+                            "error": f"{type(error).__name__}: {lines[0][:300] if lines else ''}"})
+        print(f"{set_name:10s} {path:34s} FAILED: {self.errors[-1]['error']}", flush=True)
 
     def __call__(self, set_name: str, path: str, measure, **extra) -> float:
         runs = sorted(measure() for _ in range(self.repeats))
@@ -167,25 +174,28 @@ def feeds(set_name: str, args: argparse.Namespace, split: Split, images_np, labe
     yield "torchvision-dataloader", torchvision_batches
     yield "torch-batch", lambda: endless(TrainLoader(split, cfg, args.batch_size, 0, 1, seed=0, dtype=dtype).epoch)
     if dali and dali_available():
-        from ray_cifar.data.dali import DaliTrainLoader
+        def dali_batches():
+            from ray_cifar.data.dali import DaliTrainLoader  # the first build imports DALI (timed with it)
 
-        name = f"dali-{'gpu' if device.type == 'cuda' else 'cpu'}"
-        yield name, lambda: endless(DaliTrainLoader(split, cfg, args.batch_size, 0, 1, 0, device, dtype).epoch)
+            return endless(DaliTrainLoader(split, cfg, args.batch_size, 0, 1, 0, device, dtype).epoch)
+
+        yield f"dali-{'gpu' if device.type == 'cuda' else 'cpu'}", dali_batches
 
 
 def timed_builds(feeds_of_set, device: torch.device):
-    """(path, maker, build_seconds) per loader: seconds to import (the first time), build, and deliver the
-    first batch of a fresh loader, which `data.pipeline=auto` weighs against the images a run will draw."""
-    while True:
+    """(path, maker, build_seconds, error) per loader: seconds to import (the first time), build, and deliver the
+    first batch of a fresh loader, which `data.pipeline=auto` weighs against the images a run will draw; or the
+    exception that raised instead (build_seconds None), and the next loader is built all the same."""
+    for path, make in feeds_of_set:
         start = time.perf_counter()
         try:
-            path, make = next(feeds_of_set)  # the DALI module is imported here, the first time
-        except StopIteration:
-            return
-        next(make())
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        yield path, make, time.perf_counter() - start
+            next(make())
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - one loader that fails (DALI's GPU build) must not cost the others
+            yield path, make, None, e
+            continue
+        yield path, make, time.perf_counter() - start, None
 
 
 def release(batches) -> None:
@@ -201,13 +211,21 @@ def measure_loaders(record: Recorder, make_feeds, args: argparse.Namespace, devi
     """Every loader of every set: images/s delivered (median of the repeats) and its build seconds.
     Stops between figures once time.monotonic() passes `deadline`; calls `on_figure()` after each."""
     for set_name in SETS:
-        for path, make, build_seconds in timed_builds(make_feeds(set_name), device):
+        for path, make, build_seconds, error in timed_builds(make_feeds(set_name), device):
             if deadline is not None and time.monotonic() > deadline:
                 return
-            batches = make()
-            record(set_name, path, lambda: time_batches(batches, args.seconds, device),
-                   build_seconds=round(build_seconds, 3))
-            release(batches)
+            if error is None:
+                try:
+                    batches = make()
+                    try:
+                        record(set_name, path, lambda: time_batches(batches, args.seconds, device),
+                               build_seconds=round(build_seconds, 3))
+                    finally:
+                        release(batches)
+                except Exception as e:  # noqa: BLE001
+                    error = e
+            if error is not None:
+                record.failed(set_name, path, error)
             if on_figure:
                 on_figure()
 
@@ -226,12 +244,18 @@ def measure_training(record: Recorder, make_feeds, args: argparse.Namespace, dev
         for path, make in make_feeds(set_name):
             if deadline is not None and time.monotonic() > deadline:
                 return ratios
-            batches = make()
-            ips = record(set_name, f"resnet18-fed-by-{path}",
-                         lambda: time_batches(batches, args.seconds, device, step, images))
-            record.results[-1]["fraction_of_resident"] = round(ips / resident, 3)
-            ratios[f"{set_name}: resnet18 fed by {path} / from gpu memory"] = round(ips / resident, 3)
-            release(batches)
+            try:
+                batches = make()
+                try:
+                    ips = record(set_name, f"resnet18-fed-by-{path}",
+                                 lambda: time_batches(batches, args.seconds, device, step, images))
+                finally:
+                    release(batches)
+            except Exception as e:  # noqa: BLE001 - the other loaders' epochs are still worth having
+                record.failed(set_name, f"resnet18-fed-by-{path}", e)
+            else:
+                record.results[-1]["fraction_of_resident"] = round(ips / resident, 3)
+                ratios[f"{set_name}: resnet18 fed by {path} / from gpu memory"] = round(ips / resident, 3)
             if on_figure:
                 on_figure()
     return ratios
@@ -247,13 +271,15 @@ def loader_ratios(results: list[dict], device: torch.device) -> dict:
 
 
 def results_document(args: argparse.Namespace, device: torch.device, source: str, images: int, results: list[dict],
-                     ratios: dict) -> dict:
-    """What data_pipeline_<device>.json holds (the file data.pipeline=auto reads)."""
+                     ratios: dict, errors: list[dict] | None = None) -> dict:
+    """What data_pipeline_<device>.json holds (the file data.pipeline=auto reads); `errors`: the loaders that
+    failed (Recorder.errors), which auto reads too."""
     out = {"device": device_name(device), "device_type": device.type, "batch_size": args.batch_size,
            "seconds_per_measurement": args.seconds, "dataloader_workers": os.cpu_count() or 1,
            # No machine path in a committed file: the source kind and DIR.
            "images": images, "data": source.split(":")[0] + ":DIR", "torch": torch.__version__,
-           "time": datetime.datetime.now().isoformat(), "results": results, "ratios": ratios}
+           "time": datetime.datetime.now().isoformat(), "results": results, "ratios": ratios,
+           **({"errors": errors} if errors else {})}
     if dali_available():
         import nvidia.dali
 
@@ -291,9 +317,9 @@ def main(argv=None) -> int:
     for k, v in ratios.items():
         print(f"{k}: {v}x")
 
-    out = results_document(args, device, dataset.source, len(images_np), record.results, ratios)
+    out = results_document(args, device, dataset.source, len(images_np), record.results, ratios, record.errors)
     print(f"wrote {write_results(args, out, device)}")
-    return 0
+    return 1 if record.errors else 0
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ dali (cap 180 s; DALI importable, Ray not needed)
   dali_tests  ~20 s, cap 45: `pytest -m gpu tests/test_dali.py`
   loaders     ~35 s, cap 60: DALI GPU vs the torch path vs the torchvision DataLoader on CUDA (images/s,
               build seconds); on a GPU it also writes ray_cifar/measurements/data_pipeline_cuda.json,
-              which data.pipeline=auto reads
+              which data.pipeline=auto reads. A loader that fails is recorded with its error, the others
+              still measured (here and in fed_epoch), the file still written; the part then fails
   fed_epoch   ~30 s, cap 50: one ResNet-18 epoch fed by each loader, and from GPU memory
 
 RESULTS/gpu_<stage>.json is rewritten after every part and every measurement (device, torch / CUDA /
@@ -569,7 +570,8 @@ def measure_loaders(check: Check, dali: bool, seconds: float) -> tuple[pipeline_
     record = pipeline_bench.Recorder(args.repeats)
 
     def on_figure() -> None:
-        check.figures.update(results=record.results, ratios=pipeline_bench.loader_ratios(record.results, check.device))
+        check.figures.update(results=record.results, ratios=pipeline_bench.loader_ratios(record.results, check.device),
+                             **({"errors": record.errors} if record.errors else {}))
         check.save()
 
     check.figures.update(batch_size=args.batch_size, seconds_per_measurement=args.seconds, repeats=args.repeats,
@@ -578,15 +580,26 @@ def measure_loaders(check: Check, dali: bool, seconds: float) -> tuple[pipeline_
                                    on_figure=on_figure)
     on_figure()
     loaders = 3 if dali else 2  # torchvision-dataloader, torch-batch (, dali-*)
-    check.cut_short(len(record.results), loaders * len(pipeline_bench.SETS), "loader figures")
+    check.cut_short(len(record.results) + len(record.errors), loaders * len(pipeline_bench.SETS), "loader figures")
     return record, args, dataset
 
 
+def none_failed(record: pipeline_bench.Recorder) -> None:
+    """A part whose loaders measured what they could still fails, once its figures are kept, where one failed."""
+    if record.errors:
+        sets: dict[tuple[str, str], list[str]] = {}  # (path, error) -> the sets it failed on
+        for e in record.errors:
+            sets.setdefault((e["path"], e["error"]), []).append(e["set"])
+        raise RuntimeError("; ".join(f"{path} failed on {', '.join(s)}: {error}" for (path, error), s in sets.items())
+                           + " (the other loaders were measured)")
+
+
 def augment(check: Check) -> None:
-    measure_loaders(check, dali=False, seconds=1.0)  # 2 sets x 2 loaders x 3 repeats x 1 s + 2 worker starts
+    record, _, _ = measure_loaders(check, dali=False, seconds=1.0)  # 2 sets x 2 loaders x 3 x 1 s + 2 worker starts
     ratios = check.figures["ratios"]
     check.current["summary"] = "torch path / DataLoader " + ", ".join(
         f"{k.split(':')[0]} {v:.1f}x" for k, v in ratios.items() if k.endswith("torch-batch / torchvision-dataloader"))
+    none_failed(record)
 
 
 # ===================================================================================================== ray
@@ -751,8 +764,10 @@ def dali_tests(check: Check) -> None:
 def loaders(check: Check) -> None:
     """DALI GPU vs torch path vs DataLoader: the measurement data.pipeline=auto reads for this device type."""
     record, args, dataset = measure_loaders(check, dali=True, seconds=1.5)  # 2 sets x 3 loaders x 3 x 1.5 s + builds
+    # Written also where a loader failed (DALI's GPU build, say): the others' figures, and the failure, which
+    # data.pipeline=auto reads (it then takes the torch path on this device type and says why).
     out = pipeline_bench.results_document(args, check.device, dataset.source, args.images, record.results,
-                                          pipeline_bench.loader_ratios(record.results, check.device))
+                                          pipeline_bench.loader_ratios(record.results, check.device), record.errors)
     name = f"data_pipeline_{check.device.type}.json"
     check.figures["measurement_file"] = pipeline_bench.write_json(out, check.results_dir, name)
     if not check.dry_run:  # a dry run never replaces the package's committed measurement
@@ -761,8 +776,12 @@ def loaders(check: Check) -> None:
         check.figures["package_measurement"] = pipeline_bench.write_json(out, BENCHMARK_RESULTS, name)
     ratios = check.figures["ratios"]
     dali_name = f"dali-{'gpu' if check.device.type == 'cuda' else 'cpu'}"
+    versus = f"{dali_name} / torchvision-dataloader"
+    if not any(k.endswith(versus) for k in ratios):  # DALI failed: what was measured without it
+        dali_name, versus = "torch path", "torch-batch / torchvision-dataloader"
     check.current["summary"] = f"{dali_name} / DataLoader " + ", ".join(
-        f"{k.split(':')[0]} {v:.1f}x" for k, v in ratios.items() if k.endswith(f"{dali_name} / torchvision-dataloader"))
+        f"{k.split(':')[0]} {v:.1f}x" for k, v in ratios.items() if k.endswith(versus))
+    none_failed(record)
 
 
 def fed_epoch(check: Check) -> None:
@@ -772,18 +791,19 @@ def fed_epoch(check: Check) -> None:
     step = pipeline_bench.training_step(check.device, "bf16", check.pick(["model.name=resnet18"], TINY_MODEL))
 
     def on_figure() -> None:
-        check.figures["results"] = record.results
+        check.figures.update(results=record.results, **({"errors": record.errors} if record.errors else {}))
         check.save()
 
     check.figures.update(images_per_epoch=args.images, batch_size=args.batch_size,
                          model=check.pick("resnet18", "tiny ResNet (dry run)"))
     ratios = pipeline_bench.measure_training(record, make_feeds, args, check.device, step=step, images=args.images,
                                              deadline=check.soft_deadline(), on_figure=on_figure)
-    check.figures.update(results=record.results, ratios=ratios)
-    check.save()
-    check.cut_short(len(ratios), 3 * len(pipeline_bench.SETS), "fed epochs")
+    check.figures["ratios"] = ratios
+    on_figure()
+    check.cut_short(len(ratios) + len(record.errors), 3 * len(pipeline_bench.SETS), "fed epochs")
     check.current["summary"] = "epoch fed / from GPU memory: " + ", ".join(
         f"{k.split(': resnet18 fed by ')[1].split(' /')[0]} ({k.split(':')[0]}) {v:.2f}" for k, v in ratios.items())
+    none_failed(record)
 
 
 # ================================================================================================= stages

@@ -35,7 +35,8 @@ def measured_pipeline(cfg: DataConfig, device_type: str, images: int | None = No
     """(dali | torch, why) from the benchmark of the matching augmentation set; None without a measurement.
 
     With `images` (what the rank will draw over the whole run) and measured build times, the pipeline
-    that finishes them first wins, its build included: a short trial does not pay for DALI's start-up."""
+    that finishes them first wins, its build included: a short trial does not pay for DALI's start-up.
+    Where DALI failed in the benchmark (its errors), the torch path, which was measured, and the error why."""
     path = os.path.join(BENCHMARK_RESULTS, f"data_pipeline_{device_type}.json")
     try:
         with open(path) as f:
@@ -52,9 +53,13 @@ def measured_pipeline(cfg: DataConfig, device_type: str, images: int | None = No
             builds[r["path"]] = max(builds.get(r["path"], 0.0), r["build_seconds"])
     dali_path = f"dali-{'gpu' if device_type == 'cuda' else 'cpu'}"
     dali, torch_batch = by_path.get(dali_path), by_path.get("torch-batch")
+    source = f"on {measured.get('device', device_type)} (ray_cifar/measurements/{os.path.basename(path)})"
+    failed = next((e["error"] for e in measured.get("errors", []) if e.get("set") == set_name
+                   and e.get("path") == dali_path), None)
+    if failed and torch_batch and not dali:
+        return "torch", f"DALI failed on the {set_name} set when measured {source}: {failed}"
     if not dali or not torch_batch:
         return None
-    source = f"on {measured.get('device', device_type)} (ray_cifar/measurements/{os.path.basename(path)})"
     if images and dali_path in builds and "torch-batch" in builds:
         dali_s, torch_s = builds[dali_path] + images / dali, builds["torch-batch"] + images / torch_batch
         return ("dali" if dali_s <= torch_s else "torch",

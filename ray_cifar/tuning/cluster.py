@@ -283,10 +283,6 @@ def _start_or_connect(cfg: Config) -> str:
             # (see below); Train's controller reads it in its own process.
             env_vars["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"]
         return ray.init(address=address, log_to_driver=True, runtime_env=job_runtime_env(env_vars)).dashboard_url
-    # On a small machine declare enough logical CPUs for one trial's driver plus all its
-    # ranks (times tune.max_concurrent_trials, when asked for), or trials would wait forever;
-    # torch threads are split between the ranks of the trials at once (split_cpu_threads).
-    need = math.ceil(trial_cpus(cfg, max_workers(cfg)) * (cfg.tune.max_concurrent_trials or 1))
     if cfg.tune.dashboard:
         # Ray Train's placement-group cleaner finds the cluster through the state API; with
         # two local Ray instances on one machine its auto-detection fails ("multiple active
@@ -297,8 +293,21 @@ def _start_or_connect(cfg: Config) -> str:
         dashboard: dict = {"dashboard_port": dashboard_port}
     else:  # one-rank trials only (validation): nothing of ray_cifar's needs the state API
         dashboard = {"include_dashboard": False}
-    return ray.init(num_cpus=cfg.tune.num_cpus or max(os.cpu_count() or 1, need), runtime_env=job_runtime_env(env_vars),
-                    **dashboard).dashboard_url
+    return ray.init(**local_sizes(cfg), runtime_env=job_runtime_env(env_vars), **dashboard).dashboard_url
+
+
+def local_sizes(cfg: Config) -> dict[str, int]:
+    """ray.init's num_cpus and num_gpus for a local Ray.
+
+    CPUs: on a small machine enough logical CPUs for one trial's driver plus all its ranks (times
+    tune.max_concurrent_trials, when asked for), or trials would wait forever; torch threads are split between
+    the ranks of the trials at once (split_cpu_threads). GPUs: the ones torch sees, which the study was checked
+    against (cli.check_before_trials). Ray's own count (NVML) finds none in some containers where CUDA works
+    (ray-project/ray#53919): trials with use_gpu null would then train on the CPU of a GPU machine."""
+    from ..cli import local_resources
+
+    need = math.ceil(trial_cpus(cfg, max_workers(cfg)) * (cfg.tune.max_concurrent_trials or 1))
+    return {"num_cpus": cfg.tune.num_cpus or max(os.cpu_count() or 1, need), "num_gpus": int(local_resources()[1])}
 
 
 def skip_unsent_callback_census() -> None:

@@ -144,11 +144,11 @@ class Recorder:
     def __init__(self, repeats: int):
         self.repeats, self.results, self.errors = repeats, [], []
 
-    def failed(self, set_name: str, path: str, error: BaseException) -> None:
-        lines = str(error).strip().splitlines()
-        self.errors.append({"set": set_name, "path": path,
-                            "error": f"{type(error).__name__}: {lines[0][:300] if lines else ''}"})
-        print(f"{set_name:10s} {path:34s} FAILED: {self.errors[-1]['error']}", flush=True)
+    def failed(self, set_name: str, path: str, error: str) -> None:
+        self.errors.append({"set": set_name, "path": path, "error": error})
+        print(f"{set_name:10s} {path:34s} FAILED: {error}", flush=True)
+        gc.collect()  # what the failed loader left (a half-built DALI pipeline's threads) goes before the next forks
+
 
     def __call__(self, set_name: str, path: str, measure, **extra) -> float:
         runs = sorted(measure() for _ in range(self.repeats))
@@ -157,6 +157,12 @@ class Recorder:
                              "runs": [round(r, 1) for r in runs], **extra})
         print(f"{set_name:10s} {path:34s} {ips:10.0f} img/s  (runs {', '.join(f'{r:.0f}' for r in runs)})", flush=True)
         return ips
+
+
+def error_line(e: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def feeds(set_name: str, args: argparse.Namespace, split: Split, images_np, labels_np, device: torch.device,
@@ -184,18 +190,18 @@ def feeds(set_name: str, args: argparse.Namespace, split: Split, images_np, labe
 
 def timed_builds(feeds_of_set, device: torch.device):
     """(path, maker, build_seconds, error) per loader: seconds to import (the first time), build, and deliver the
-    first batch of a fresh loader, which `data.pipeline=auto` weighs against the images a run will draw; or the
-    exception that raised instead (build_seconds None), and the next loader is built all the same."""
+    first batch of a fresh loader, which `data.pipeline=auto` weighs against the images a run will draw; or, in
+    its place, the line of the exception its build raised (build_seconds None): the next loader is built all the
+    same."""
     for path, make in feeds_of_set:
-        start = time.perf_counter()
+        start, error = time.perf_counter(), None
         try:
             next(make())
             if device.type == "cuda":
                 torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001 - one loader that fails (DALI's GPU build) must not cost the others
-            yield path, make, None, e
-            continue
-        yield path, make, time.perf_counter() - start, None
+            error = error_line(e)  # (a line: the exception's traceback, and the loader in it, are let go here)
+        yield path, make, None if error else time.perf_counter() - start, error
 
 
 def release(batches) -> None:
@@ -223,7 +229,7 @@ def measure_loaders(record: Recorder, make_feeds, args: argparse.Namespace, devi
                     finally:
                         release(batches)
                 except Exception as e:  # noqa: BLE001
-                    error = e
+                    error = error_line(e)
             if error is not None:
                 record.failed(set_name, path, error)
             if on_figure:
@@ -244,6 +250,7 @@ def measure_training(record: Recorder, make_feeds, args: argparse.Namespace, dev
         for path, make in make_feeds(set_name):
             if deadline is not None and time.monotonic() > deadline:
                 return ratios
+            error = None
             try:
                 batches = make()
                 try:
@@ -252,7 +259,9 @@ def measure_training(record: Recorder, make_feeds, args: argparse.Namespace, dev
                 finally:
                     release(batches)
             except Exception as e:  # noqa: BLE001 - the other loaders' epochs are still worth having
-                record.failed(set_name, f"resnet18-fed-by-{path}", e)
+                error = error_line(e)
+            if error:
+                record.failed(set_name, f"resnet18-fed-by-{path}", error)
             else:
                 record.results[-1]["fraction_of_resident"] = round(ips / resident, 3)
                 ratios[f"{set_name}: resnet18 fed by {path} / from gpu memory"] = round(ips / resident, 3)

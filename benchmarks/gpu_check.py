@@ -702,11 +702,13 @@ def packed(check: Check) -> None:
 def kill_resume(check: Check) -> None:
     """One one-rank trial (it trains in its Tune trial process): SIGKILL that process once epoch 1 is recorded;
     Tune runs the trial again (tune.max_failures) from its latest checkpoint, and it must finish."""
-    # On the GPU 3 short epochs (10,000 images, ~1.5 s each with its checkpoint: the poll, every 0.2 s, kills after
-    # the first, the trial still has two to go); the dry run's epochs are shorter than a poll's reach, so 6.
-    epochs = check.pick(3, 6)
+    # On the GPU 5 short epochs of 6,000 images (~0.7 s each with its evaluation and checkpoint): the poll, every
+    # 0.2 s, kills after the first with four (~3 s) to go. 3 epochs of 10,000 (the same images) left two: epochs
+    # faster than estimated could end the trial before the kill lands, and the part fail with nothing resumed.
+    # The dry run's epochs are shorter still, so 6.
+    epochs = check.pick(5, 6)
     sets = study_sets(check, "tune.scheduler=fifo", "tune.search_space={}", f"train.epochs={epochs}",
-                      "tune.max_failures=1", *check.pick(["data.train_subset=10000"], []))
+                      "tune.max_failures=1", *check.pick(["data.train_subset=6000"], []))
     killed: dict = {}
 
     def poll(proc: subprocess.Popen, output: str) -> None:
@@ -836,7 +838,7 @@ STAGES: dict[str, tuple[float, list[Part]]] = {
         Part("asha", 50, 90, asha, "a one-GPU ASHA study of ResNet-18, 4 trials x 2 epochs, one at a time"),
         # the same work four at once: starts overlap, the GPU is shared
         Part("packed", 45, 80, packed, "the same study packed four to the GPU (train.gpus_per_worker=0.25)"),
-        # Ray start ~8 s; the trial process's start ~8 s; 3 epochs x 10,000 images ~5 s with their checkpoints; the
+        # Ray start ~8 s; the trial process's start ~8 s; 5 epochs x 6,000 images ~5 s with their checkpoints; the
         # killed trial's new process + resume ~15 s; the test evaluation in a GPU task ~8 s; exit ~8 s
         Part("kill_resume", 50, 85, kill_resume, "a one-rank GPU trial SIGKILLed after epoch 1, resumed by Tune"),
     ]),

@@ -22,6 +22,8 @@ pytestmark = pytest.mark.integration
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECK = os.path.join(ROOT, "benchmarks", "gpu_check.py")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import gpu_figures  # noqa: E402  (the README's figures from the stages' JSON)
 
 # A sitecustomize that makes Ray and DALI unimportable in every process that starts with it on its
 # PYTHONPATH (the stage and all its children), as on the GPU machine; it logs that it loaded and every
@@ -151,6 +153,30 @@ def test_core_dry_run_needs_neither_ray_nor_dali(tmp_path, data_dir):
     assert "torch-batch / torchvision-dataloader" in " ".join(got["augment"]["figures"]["ratios"])
     assert not any(r["path"].startswith("dali") for r in got["augment"]["figures"]["results"])
 
+    # The README's figures from this JSON: marked a dry run, a line a part, the seed table beside the published.
+    page = gpu_figures.render(str(tmp_path / "results")).splitlines()
+    assert page[0] == f"### core: {doc['device']}" and any(line.startswith("**DRY RUN") for line in page)
+    assert [line.split(" | ")[:2] for line in page if line.startswith("| ") and " | ok | " in line] == [
+        ["| train_step", "ok"], ["| cuda_tests", "ok"], ["| seed000", "ok"], ["| augment", "ok"]]
+    for r in runs:
+        assert f"| {r['lr']} | {r['test_acc']:.2f} | {r['published_test_acc']} | {r['vs_published']:.2f} |" in "\n".join(page)
+    assert f"| plain-pytorch-fp32 | {variants['plain-pytorch-fp32']['images_per_second']:,.0f} | 1.00x |" in page[
+        page.index("| variant | img/s | vs plain PyTorch | MFU | warm-up s |") + 2]
+    assert "### ray: not run (no gpu_ray.json)" in page and "### dali: not run (no gpu_dali.json)" in page
+
+    # A lend cut short is written up as it is: the seed runs so far, the part's status, no invented figure.
+    doc["parts"][2].update(status="cut: the stage cap after 200 s", summary=None)
+    doc["parts"][2]["figures"]["runs"] = runs[:1]
+    doc["parts"][3].update(status="cut: stage cap reached before it started", figures=None, summary=None)
+    del doc["parts"][3]["seconds"]
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "gpu_core.json").write_text(json.dumps({**doc, "status": "cut", "dry_run": False}))
+    page = gpu_figures.render(str(partial))
+    assert "**DRY RUN" not in page and "| seed000 | cut: the stage cap after 200 s |" in page
+    assert "| 0.1 | " in page and "| 0.01 | " not in page and "torchvision-dataloader" not in page
+    assert "| augment | cut: stage cap reached before it started | - (20) |" in page
+
 
 def test_ray_dry_run(tmp_path, data_dir):
     pytest.importorskip("ray")
@@ -164,6 +190,9 @@ def test_ray_dry_run(tmp_path, data_dir):
     kill = got["kill_resume"]["figures"]
     assert kill["trial_status"] == "completed" and kill["epochs"] == list(range(1, 7))
     assert kill["killed_after_epoch"] >= 1 and kill["resumed_from_epoch"] >= 1
+    page = gpu_figures.render(str(tmp_path / "results"))
+    assert "| packed | 2 | 2 | " in page and f"{packed['packing_speedup']}x the study img/s" in page
+    assert f"SIGKILL after epoch {kill['killed_after_epoch']}, resumed from epoch {kill['resumed_from_epoch']}" in page
 
 
 def test_dali_dry_run_writes_the_measurement_auto_reads(tmp_path, data_dir, monkeypatch):
@@ -178,6 +207,9 @@ def test_dali_dry_run_writes_the_measurement_auto_reads(tmp_path, data_dir, monk
     assert got["dali_tests"]["figures"]["exit_status"] == 0 and got["dali_tests"]["figures"]["tests"] >= 1
     rows = got["loaders"]["figures"]["results"]
     assert {r["path"] for r in rows} == {"torchvision-dataloader", "torch-batch", "dali-cpu"}
+    page = gpu_figures.render(str(results))
+    assert "| set | torchvision-dataloader | dali-cpu | torch-batch |" in page and "FAILED" not in page
+    assert all(f"- {k}: {v}x" in page for k, v in got["loaders"]["figures"]["ratios"].items())
     assert all(r["build_seconds"] >= 0 and r["images_per_second"] > 0 for r in rows)
     fed = {r["path"] for r in got["fed_epoch"]["figures"]["results"]}
     assert {"resnet18-from-gpu-memory", "resnet18-fed-by-dali-cpu", "resnet18-fed-by-torch-batch"} <= fed

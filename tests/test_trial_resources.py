@@ -86,3 +86,25 @@ def test_a_local_ray_is_given_the_gpus_torch_sees(monkeypatch):
     monkeypatch.setattr(cli, "local_resources", lambda: (2.0, 0.0))
     sized = load_config(None, ["tune.num_cpus=5", NO_SEARCH])
     assert ray_cluster.local_sizes(sized) == {"num_cpus": 5, "num_gpus": 0}
+
+
+def test_an_address_ray_cannot_connect_to_is_refused_in_one_line(monkeypatch):
+    """"auto" with no Ray on this machine, or a ray:// server that never answers: ray.init raises ConnectionError
+    (at once for "auto", after Ray client's 30 s for ray://), which was a traceback. Ray's own discovery cannot be
+    run here to fail for sure ("auto" joins any Ray process on the machine, another test's included), so ray.init
+    raises Ray's error for "auto" as Ray words it."""
+    from ray_cifar.config import ConfigError
+
+    def no_cluster(**kwargs):
+        assert kwargs["address"] in ("auto", "ray://head:10001")
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to by "
+                              "setting `--address` flag or `RAY_ADDRESS` environment variable.")
+
+    monkeypatch.setattr(ray_cluster.ray, "init", no_cluster)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ConfigError, match=r"^tune.address auto: Ray could not connect \(Could not find any running "
+                                          r"Ray instance\. .*\); start the cluster"):
+        ray_cluster._start_or_connect(load_config(None, ["tune.address=auto"]))
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    with pytest.raises(ConfigError, match=r"^\$RAY_ADDRESS ray://head:10001: Ray could not connect"):
+        ray_cluster._start_or_connect(load_config(None, []))

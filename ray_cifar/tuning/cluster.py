@@ -256,7 +256,7 @@ HOST_PORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[\w.-]+):\d+")
 def _wait_for_cluster(address: str, named_by: str) -> None:
     """Wait up to CONNECT_WAIT_SECONDS for a host:port ADDRESS (its GCS) to take connections (one line says so),
     then refuse the study in one line (ConfigError: exit 2, before any work). Other forms ("auto", ray://) are
-    left to ray.init, whose errors for them come at once."""
+    left to ray.init, whose ConnectionError for them _start_or_connect turns into the same one-line refusal."""
     if not HOST_PORT.fullmatch(address):
         return
     deadline = time.monotonic() + CONNECT_WAIT_SECONDS
@@ -277,12 +277,20 @@ def _start_or_connect(cfg: Config) -> str:
     env_vars = job_env_vars()
     address = cfg.tune.cluster_address()
     if address:
-        _wait_for_cluster(address, "tune.address" if cfg.tune.address else "$RAY_ADDRESS")
+        named_by = "tune.address" if cfg.tune.address else "$RAY_ADDRESS"
+        _wait_for_cluster(address, named_by)
         if os.environ.get("RAY_API_SERVER_ADDRESS"):
             # The cluster's dashboard, named by the user where several Ray clusters share a machine
             # (see below); Train's controller reads it in its own process.
             env_vars["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"]
-        return ray.init(address=address, log_to_driver=True, runtime_env=job_runtime_env(env_vars)).dashboard_url
+        try:
+            return ray.init(address=address, log_to_driver=True, runtime_env=job_runtime_env(env_vars)).dashboard_url
+        except ConnectionError as e:
+            # "auto" with no Ray running on this machine (at once), a ray:// server that never answered (after
+            # Ray client's 30 s): a traceback before; now one line, exit 2, the new output folder removed.
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"{named_by} {address}: Ray could not connect ({why}); start the cluster "
+                              "(`ray start --head`, `ray up`) or fix the address") from None
     if cfg.tune.dashboard:
         # Ray Train's placement-group cleaner finds the cluster through the state API; with
         # two local Ray instances on one machine its auto-detection fails ("multiple active

@@ -158,6 +158,20 @@ class Recorder:
         print(f"{set_name:10s} {path:34s} {ips:10.0f} img/s  (runs {', '.join(f'{r:.0f}' for r in runs)})", flush=True)
         return ips
 
+    def loader(self, set_name: str, path: str, make, measure, **extra) -> float | None:
+        """The figure of a fresh loader from make(), measure(batches) timing it; the loader freed after. None where
+        it failed: recorded with its error line, once the exception (and the loader in its traceback) is let go."""
+        try:
+            batches = make()
+            try:
+                return self(set_name, path, lambda: measure(batches), **extra)
+            finally:
+                release(batches)
+        except Exception as e:  # noqa: BLE001 - one loader that fails must not cost the others
+            error = error_line(e)
+        self.failed(set_name, path, error)
+        return None
+
 
 def error_line(e: BaseException) -> str:
     """An exception in one line: its type and the first line of its message."""
@@ -221,16 +235,9 @@ def measure_loaders(record: Recorder, make_feeds, args: argparse.Namespace, devi
             if deadline is not None and time.monotonic() > deadline:
                 return
             if error is None:
-                try:
-                    batches = make()
-                    try:
-                        record(set_name, path, lambda: time_batches(batches, args.seconds, device),
-                               build_seconds=round(build_seconds, 3))
-                    finally:
-                        release(batches)
-                except Exception as e:  # noqa: BLE001
-                    error = error_line(e)
-            if error is not None:
+                record.loader(set_name, path, make, lambda batches: time_batches(batches, args.seconds, device),
+                              build_seconds=round(build_seconds, 3))
+            else:
                 record.failed(set_name, path, error)
             if on_figure:
                 on_figure()
@@ -250,19 +257,9 @@ def measure_training(record: Recorder, make_feeds, args: argparse.Namespace, dev
         for path, make in make_feeds(set_name):
             if deadline is not None and time.monotonic() > deadline:
                 return ratios
-            error = None
-            try:
-                batches = make()
-                try:
-                    ips = record(set_name, f"resnet18-fed-by-{path}",
-                                 lambda: time_batches(batches, args.seconds, device, step, images))
-                finally:
-                    release(batches)
-            except Exception as e:  # noqa: BLE001 - the other loaders' epochs are still worth having
-                error = error_line(e)
-            if error:
-                record.failed(set_name, f"resnet18-fed-by-{path}", error)
-            else:
+            ips = record.loader(set_name, f"resnet18-fed-by-{path}", make,
+                                lambda batches: time_batches(batches, args.seconds, device, step, images))
+            if ips is not None:
                 record.results[-1]["fraction_of_resident"] = round(ips / resident, 3)
                 ratios[f"{set_name}: resnet18 fed by {path} / from gpu memory"] = round(ips / resident, 3)
             if on_figure:

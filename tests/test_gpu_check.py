@@ -158,8 +158,9 @@ def test_core_dry_run_needs_neither_ray_nor_dali(tmp_path, data_dir):
     assert page[0] == f"### core: {doc['device']}" and any(line.startswith("**DRY RUN") for line in page)
     assert [line.split(" | ")[:2] for line in page if line.startswith("| ") and " | ok | " in line] == [
         ["| train_step", "ok"], ["| cuda_tests", "ok"], ["| seed000", "ok"], ["| augment", "ok"]]
+    text = "\n".join(page)
     for r in runs:
-        assert f"| {r['lr']} | {r['test_acc']:.2f} | {r['published_test_acc']} | {r['vs_published']:.2f} |" in "\n".join(page)
+        assert f"| {r['lr']} | {r['test_acc']:.2f} | {r['published_test_acc']} | {r['vs_published']:.2f} |" in text
     assert f"| plain-pytorch-fp32 | {variants['plain-pytorch-fp32']['images_per_second']:,.0f} | 1.00x |" in page[
         page.index("| variant | img/s | vs plain PyTorch | MFU | warm-up s |") + 2]
     assert "### ray: not run (no gpu_ray.json)" in page and "### dali: not run (no gpu_dali.json)" in page

@@ -59,8 +59,8 @@ class _FollowsRestoreInOrder(_FollowsRestore):
     held until the searcher has made or adopted every trial before it, then adopted. The saved state made the
     first len(_made()) trials (Tune's trial list and the searcher's state are each a prefix of the trials made);
     creation order is Tune's (the number that starts a trial's experiment tag). A trial still held once Tune has
-    added them all (no tag, or counts that disagree) is adopted at the searcher's next use. The held trials are part of the saved state
-    (__dict__): a driver that dies in between loses none."""
+    added them all (no tag, or counts that disagree) is adopted at the searcher's next use. The held trials are
+    part of the saved state (__dict__): a driver that dies in between loses none."""
 
     def restored(self, trial_id: str, config: dict[str, Any], order, end: tuple[dict, bool] | None) -> None:
         if trial_id in self._made():

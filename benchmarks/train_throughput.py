@@ -48,9 +48,10 @@ MODELS = {  # --model presets (ray_cifar model config overrides)
     "small": ["model.name=resnet", "model.blocks=[1,1]", "model.widths=[8,16]", "model.stem_width=8"],  # the tests' tiny ResNet
     "resnet18": ["model.name=resnet18"],
 }
-# Dense (no sparsity) bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
-                   "A10G": 70e12, "RTX 4090": 165e12}
+# Dense (no sparsity) bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name: the first key
+# found in the name wins, so a card's variants ("NVIDIA H100 NVL", "NVIDIA H100 PCIe") come before its SXM name.
+PEAK_BF16_FLOPS = {"H200 NVL": 835e12, "H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
+                   "A100": 312e12, "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12}
 
 
 def peak_flops(name: str) -> float | None:

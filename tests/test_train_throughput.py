@@ -45,3 +45,12 @@ def test_the_cpu_has_no_flags_to_set(flags_restored):
     train_throughput.backend_flags(train_throughput.RayCifarStep.__new__(train_throughput.RayCifarStep),
                                    torch.device("cpu"))
     assert flags() == before
+
+
+@pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
+                                          ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989), ("NVIDIA H200 NVL", 835),
+                                          ("NVIDIA GeForce GTX 1080", None)])
+def test_the_datasheet_peak_is_the_cards_own(name, tflops):
+    # An NVL or PCIe card named like the SXM one must not get the SXM's peak (its data-sheet MFU would read low).
+    peak = train_throughput.peak_flops(name)
+    assert (peak and round(peak / 1e12)) == tflops

@@ -26,6 +26,7 @@ import platform
 import sys
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -293,6 +294,16 @@ def results_document(args: argparse.Namespace, device: torch.device, source: str
     return out
 
 
+def first_train_images(data: str | None, n: int, device: torch.device):
+    """(dataset, images, labels, split): the first N train images, as arrays and as a Split on DEVICE. Copied out
+    of the data cache's memory map, which is read-only: torch warns of a tensor made from it, and on the CPU the
+    split would be that map."""
+    dataset = load_cifar10(data, None, log=lambda m: None)
+    images_np, labels_np = np.array(dataset.train_images[:n]), np.array(dataset.train_labels[:n])
+    return dataset, images_np, labels_np, Split(torch.from_numpy(images_np).to(device),
+                                                torch.from_numpy(labels_np).to(device))
+
+
 def write_results(args: argparse.Namespace, out: dict, device: torch.device) -> str:
     return write_json(out, args.output, f"data_pipeline_{device.type}.json")
 
@@ -309,9 +320,7 @@ def write_json(out: dict, folder: str, filename: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    dataset = load_cifar10(args.data, None, log=lambda m: None)
-    images_np, labels_np = dataset.train_images[: args.images], dataset.train_labels[: args.images]
-    split = Split(torch.from_numpy(images_np).to(device), torch.from_numpy(labels_np).to(device))
+    dataset, images_np, labels_np, split = first_train_images(args.data, args.images, device)
     record = Recorder(args.repeats)
 
     def make_feeds(set_name):

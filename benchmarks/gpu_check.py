@@ -550,13 +550,8 @@ def loader_args(check: Check, seconds: float) -> argparse.Namespace:
 
 def loaders_on_device(check: Check, args: argparse.Namespace, dali: bool):
     """The train images on the device and a maker of each set's loaders (data_pipeline.feeds)."""
-    from ray_cifar.data.loader import Split
-    from ray_cifar.data.source import load_cifar10
-
-    dataset = load_cifar10(check.args.data, None, log=lambda m: None)
-    images_np, labels_np = dataset.train_images[: args.images], dataset.train_labels[: args.images]
     device = check.device
-    split = Split(torch.from_numpy(images_np).to(device), torch.from_numpy(labels_np).to(device))
+    dataset, images_np, labels_np, split = pipeline_bench.first_train_images(check.args.data, args.images, device)
 
     def make_feeds(set_name):
         return pipeline_bench.feeds(set_name, args, split, images_np, labels_np, device, dali=dali)

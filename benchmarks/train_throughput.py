@@ -84,8 +84,10 @@ def load_images(data: str | None, n: int) -> tuple[np.ndarray, np.ndarray, str]:
         from ray_cifar.data.source import load_cifar10
 
         dataset = load_cifar10(data, None, log=lambda m: None)
-        # The source without its folder: results files name no machine path.
-        return dataset.train_images[:n], dataset.train_labels[:n], dataset.source.split(":")[0] + ":DIR"
+        # Copies: the data cache is a read-only memory map, which torch warns of. The source without its folder:
+        # results files name no machine path.
+        return (np.array(dataset.train_images[:n]), np.array(dataset.train_labels[:n]),
+                dataset.source.split(":")[0] + ":DIR")
     rng = np.random.default_rng(0)
     return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n), "random uint8"
 

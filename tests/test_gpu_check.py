@@ -115,6 +115,9 @@ def assert_complete(rc: int, out: str, doc: dict, stage: str) -> dict:
     assert all(p["status"] == "ok" for p in doc["parts"]), [(p["name"], p["status"], p.get("error")) for p in doc["parts"]]
     assert all(p["estimate_seconds"] <= p["cap_seconds"] for p in doc["parts"])
     assert out.rstrip().splitlines()[-1] == doc["summary"]  # the one-line summary comes last
+    # No warning among the stage's lines (a lend's output is read for what went wrong; one seen: torch's on a tensor
+    # made from the data cache's read-only memory map).
+    assert not [line for line in out.splitlines() if "Warning" in line], out[-4000:]
     assert doc["summary"].startswith(f"gpu-check {stage} (dry run): {len(doc['parts'])}/{len(doc['parts'])} parts ok")
     return parts(doc)
 

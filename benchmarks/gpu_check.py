@@ -8,8 +8,8 @@
 
 Each stage runs its parts in order of value (the most important figure first), each under its own cap,
 the whole stage under a hard wall-clock cap (--cap; the defaults fit an H100/H200 lend). The estimates
-below are seconds on one H100/H200, from ResNet-18's FLOPs (0.56 GFLOP forward, ~3.3 GFLOP a
-training image) and known ResNet-18 speeds; the cap of each part stands beside it:
+below are seconds on one H100/H200, from ResNet-18's FLOPs (0.56 G multiply-adds = 1.1 GFLOP forward,
+~3.3 GFLOP a training image) and known ResNet-18 speeds; the cap of each part stands beside it:
 
 core (cap 300 s; torch, torchvision and the GPU machine's own packages only: no Ray, no DALI)
   train_step  ~90 s, cap 130: ResNet-18 training step, plain PyTorch (torchvision DataLoader, fp32) vs
@@ -804,9 +804,10 @@ def fed_epoch(check: Check) -> None:
 
 
 # ================================================================================================= stages
-# Estimates on one H100/H200 (ResNet-18 on 32x32 images: 0.56 GFLOP forward, ~3.3 GFLOP a training image;
-# eager bf16 channels_last at batch 512 ~20-30k img/s, i.e. MFU ~8-10% of a measured ~750 TFLOP/s; batch 128
-# is bound by kernel launches, ~8-10k img/s a process), Python + torch + CUDA start ~10 s a process.
+# Estimates on one H100/H200 (ResNet-18 on 32x32 images: 0.56 G multiply-adds = 1.1 GFLOP forward, ~3.3 GFLOP
+# a training image; eager bf16 channels_last at batch 512 ~20-30k img/s, i.e. MFU ~8-10% of a measured
+# ~750 TFLOP/s; batch 128 is bound by kernel launches, ~8-10k img/s a process), Python + torch + CUDA start ~10 s
+# a process.
 STAGES: dict[str, tuple[float, list[Part]]] = {
     "core": (300, [
         # the first decode of CIFAR-10 into the cache (~10 s; later parts and calls reuse it) + 4 warm-ups (the compile

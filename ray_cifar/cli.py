@@ -24,7 +24,7 @@ import yaml
 from . import console, storage
 from .config import Config, ConfigError, describe, parse_set, search_keys
 from .data.source import Cifar10, DataError, default_cache_dir, load_cifar10, resolve_data_dir
-from .validation import check_against_data, check_resources, config_from_dict, load_config
+from .validation import check_against_data, check_resources, config_from_dict, load_config, local_resources
 
 
 class UsageError(Exception):
@@ -141,14 +141,6 @@ def create_output(output: str) -> None:
 def default_output(kind: str, config_path: str | None) -> str:
     name = os.path.splitext(os.path.basename(config_path))[0] if config_path else "default"
     return os.path.join("results", f"{kind}-{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-
-
-def local_resources() -> tuple[float, float]:
-    """This machine's real cores (those this process may run on) and CUDA GPUs."""
-    import torch
-
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return float(cpus), float(torch.cuda.device_count())
 
 
 def check_before_trials(cfg: Config, num_train_images: int, searched: bool) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
+import os
 from typing import Any, Callable
 
 from .config import loading, presets
@@ -379,6 +380,14 @@ def _check_data(cfg: Config, n: int) -> None:
     _check(batch <= train, "train.global_batch_size",
            f"larger than the {train} train images ({n} minus {val} for validation"
            + (f", data.train_subset={d.train_subset}" if d.train_subset is not None else "") + ")", batch)
+
+
+def local_resources() -> tuple[float, float]:
+    """This machine's real cores (those this process may run on) and CUDA GPUs."""
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return float(cpus), float(torch.cuda.device_count())
 
 
 def check_resources(cfg: Config, cpus: float, gpus: float, count_driver: bool = True, searched: bool = True) -> None:

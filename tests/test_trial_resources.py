@@ -78,12 +78,10 @@ def test_an_address_where_no_cluster_answers_is_refused_in_one_line_after_a_wait
 def test_a_local_ray_is_given_the_gpus_torch_sees(monkeypatch):
     """Ray's own GPU count (NVML) finds none in some containers where CUDA works: a local Ray is told torch's
     count, the one the study was checked against, and its CPUs fit one trial at least."""
-    from ray_cifar import cli
-
     ddp = load_config(None, ["train.num_workers=2", NO_SEARCH])  # 2 ranks + 0.25 driver: 3 logical CPUs at least
-    monkeypatch.setattr(cli, "local_resources", lambda: (2.0, 3.0))
+    monkeypatch.setattr(ray_cluster, "local_resources", lambda: (2.0, 3.0))
     assert ray_cluster.local_sizes(ddp) == {"num_cpus": max(os.cpu_count() or 1, 3), "num_gpus": 3}
-    monkeypatch.setattr(cli, "local_resources", lambda: (2.0, 0.0))
+    monkeypatch.setattr(ray_cluster, "local_resources", lambda: (2.0, 0.0))
     sized = load_config(None, ["tune.num_cpus=5", NO_SEARCH])
     assert ray_cluster.local_sizes(sized) == {"num_cpus": 5, "num_gpus": 0}
 

@@ -21,6 +21,7 @@ import time
 import ray
 
 from ..config import Config, ConfigError, trial_configs
+from ..validation import check_resources, local_resources
 from . import worker_setup
 
 
@@ -312,8 +313,6 @@ def local_sizes(cfg: Config) -> dict[str, int]:
     the ranks of the trials at once (split_cpu_threads). GPUs: the ones torch sees, which the study was checked
     against (cli.check_before_trials). Ray's own count (NVML) finds none in some containers where CUDA works
     (ray-project/ray#53919): trials with use_gpu null would then train on the CPU of a GPU machine."""
-    from ..cli import local_resources
-
     need = math.ceil(trial_cpus(cfg, max_workers(cfg)) * (cfg.tune.max_concurrent_trials or 1))
     return {"num_cpus": cfg.tune.num_cpus or max(os.cpu_count() or 1, need), "num_gpus": int(local_resources()[1])}
 
@@ -388,8 +387,6 @@ def check_fits(cfg: Config) -> None:
     """On a running cluster, refuse (ConfigError, one line) a trial larger than the cluster's CPUs/GPUs,
     its driver included, before any trial starts. A local Ray was checked against this machine's
     real cores before it started (cli.check_before_trials)."""
-    from ..validation import check_resources
-
     if cfg.tune.cluster_address():
         resources = ray.cluster_resources()
         check_resources(cfg, resources.get("CPU", 0.0), resources.get("GPU", 0.0), count_driver=True)

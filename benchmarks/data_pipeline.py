@@ -150,6 +150,10 @@ class Recorder:
         print(f"{set_name:10s} {path:34s} FAILED: {error}", flush=True)
         gc.collect()  # what the failed loader left (a half-built DALI pipeline's threads) goes before the next forks
 
+    def figures(self) -> dict:
+        """The results, and the errors where a loader failed (a run without failures writes what it always did)."""
+        return {"results": self.results, **({"errors": self.errors} if self.errors else {})}
+
 
     def __call__(self, set_name: str, path: str, measure, **extra) -> float:
         runs = sorted(measure() for _ in range(self.repeats))
@@ -277,16 +281,15 @@ def loader_ratios(results: list[dict], device: torch.device) -> dict:
             for set_name in SETS for a, b in pairs if (set_name, a) in by and (set_name, b) in by}
 
 
-def results_document(args: argparse.Namespace, device: torch.device, source: str, images: int, results: list[dict],
-                     ratios: dict, errors: list[dict] | None = None) -> dict:
-    """What data_pipeline_<device>.json holds (the file data.pipeline=auto reads); `errors`: the loaders that
-    failed (Recorder.errors), which auto reads too."""
+def results_document(args: argparse.Namespace, device: torch.device, source: str, images: int, record: Recorder,
+                     ratios: dict) -> dict:
+    """What data_pipeline_<device>.json holds (the file data.pipeline=auto reads): RECORD's results and the
+    loaders that failed (its errors), which auto reads too."""
     out = {"device": device_name(device), "device_type": device.type, "batch_size": args.batch_size,
            "seconds_per_measurement": args.seconds, "dataloader_workers": os.cpu_count() or 1,
            # No machine path in a committed file: the source kind and DIR.
            "images": images, "data": source.split(":")[0] + ":DIR", "torch": torch.__version__,
-           "time": datetime.datetime.now().isoformat(), "results": results, "ratios": ratios,
-           **({"errors": errors} if errors else {})}
+           "time": datetime.datetime.now().isoformat(), **record.figures(), "ratios": ratios}
     if dali_available():
         import nvidia.dali
 
@@ -332,7 +335,7 @@ def main(argv=None) -> int:
     for k, v in ratios.items():
         print(f"{k}: {v}x")
 
-    out = results_document(args, device, dataset.source, len(images_np), record.results, ratios, record.errors)
+    out = results_document(args, device, dataset.source, len(images_np), record, ratios)
     print(f"wrote {write_results(args, out, device)}")
     return 1 if record.errors else 0
 

@@ -565,8 +565,7 @@ def measure_loaders(check: Check, dali: bool, seconds: float) -> tuple[pipeline_
     record = pipeline_bench.Recorder(args.repeats)
 
     def on_figure() -> None:
-        check.figures.update(results=record.results, ratios=pipeline_bench.loader_ratios(record.results, check.device),
-                             **({"errors": record.errors} if record.errors else {}))
+        check.figures.update(**record.figures(), ratios=pipeline_bench.loader_ratios(record.results, check.device))
         check.save()
 
     check.figures.update(batch_size=args.batch_size, seconds_per_measurement=args.seconds, repeats=args.repeats,
@@ -763,8 +762,8 @@ def loaders(check: Check) -> None:
     record, args, dataset = measure_loaders(check, dali=True, seconds=1.5)  # 2 sets x 3 loaders x 3 x 1.5 s + builds
     # Written also where a loader failed (DALI's GPU build, say): the others' figures, and the failure, which
     # data.pipeline=auto reads (it then takes the torch path on this device type and says why).
-    out = pipeline_bench.results_document(args, check.device, dataset.source, args.images, record.results,
-                                          pipeline_bench.loader_ratios(record.results, check.device), record.errors)
+    out = pipeline_bench.results_document(args, check.device, dataset.source, args.images, record,
+                                          pipeline_bench.loader_ratios(record.results, check.device))
     name = f"data_pipeline_{check.device.type}.json"
     check.figures["measurement_file"] = pipeline_bench.write_json(out, check.results_dir, name)
     if not check.dry_run:  # a dry run never replaces the package's committed measurement
@@ -788,7 +787,7 @@ def fed_epoch(check: Check) -> None:
     step = pipeline_bench.training_step(check.device, "bf16", check.pick(["model.name=resnet18"], TINY_MODEL))
 
     def on_figure() -> None:
-        check.figures.update(results=record.results, **({"errors": record.errors} if record.errors else {}))
+        check.figures.update(record.figures())
         check.save()
 
     check.figures.update(images_per_epoch=args.images, batch_size=args.batch_size,

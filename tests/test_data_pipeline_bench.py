@@ -51,8 +51,7 @@ def test_a_failing_loader_is_recorded_the_others_measured_and_auto_takes_the_tor
     assert len(ratios) == 4 and [e["path"] for e in fed.errors] == ["resnet18-fed-by-dali-cpu"] * 2
 
     # The measurement file keeps the failure; auto reads it: the torch path, and why.
-    out = bench.results_document(args, cpu, data.source, args.images, record.results,
-                                 bench.loader_ratios(record.results, cpu), record.errors)
+    out = bench.results_document(args, cpu, data.source, args.images, record, bench.loader_ratios(record.results, cpu))
     assert out["errors"] == record.errors and not any("dali" in k for k in out["ratios"])
     bench.write_json(out, str(tmp_path), "data_pipeline_cpu.json")
     monkeypatch.setattr(pipelines, "BENCHMARK_RESULTS", str(tmp_path))

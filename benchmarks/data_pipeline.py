@@ -70,7 +70,12 @@ def torchvision_loader(images, labels, set_name: str, batch_size: int, workers: 
 def endless(make_epoch):
     epoch = 0
     while True:
-        yield from make_epoch(epoch)
+        batches = 0
+        for batch in make_epoch(epoch):
+            batches += 1
+            yield batch
+        if not batches:  # fewer images than a batch (every loader drops the last part batch): it would spin for ever
+            raise ValueError("an epoch of no batches: fewer images than a batch")
         epoch += 1
 
 
@@ -135,7 +140,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="measurements per figure (the median is reported)")
     parser.add_argument("--images", type=int, default=50000, help="train images used (the first N)")
     parser.add_argument("--output", default=RESULTS_DIR, help="folder of data_pipeline_<device>.json")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.images < args.batch_size:
+        parser.error(f"--images {args.images} is fewer than --batch-size {args.batch_size}: "
+                     "an epoch would have no batch")
+    return args
 
 
 class Recorder:

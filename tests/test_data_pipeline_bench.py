@@ -6,10 +6,12 @@ worker processes, the torch path), tiny sizes."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
@@ -76,3 +78,14 @@ def test_auto_takes_dali_where_only_the_other_set_failed(tmp_path, monkeypatch):
     assert pipelines.resolve_pipeline(crop_flip, torch.device("cpu"), logs.append) == "dali" and "1200" in logs[-1]
     assert pipelines.resolve_pipeline(full, torch.device("cpu"), logs.append) == "torch"
     assert "DALI failed on the full set" in logs[-1] and "out of memory" in logs[-1]
+
+
+def test_fewer_images_than_a_batch_is_an_error_not_a_loader_that_spins_for_ever(capsys):
+    # Every loader drops the last part batch: such an epoch has none, and endless() looped on it without yielding.
+    batches = bench.endless(lambda epoch: iter([]))
+    with pytest.raises(ValueError, match="fewer images than a batch"):
+        next(batches)
+    assert list(itertools.islice(bench.endless(lambda epoch: iter([epoch])), 3)) == [0, 1, 2]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--images", "256", "--batch-size", "512"])
+    assert "--images 256 is fewer than --batch-size 512" in capsys.readouterr().err

@@ -79,6 +79,11 @@ def seed000(f: dict) -> list[str]:
             + table(["lr", "test acc %", "published %", "difference", "best val %", "epochs", "img/s", "wall s"], rows))
 
 
+def failures(f: dict) -> list[str]:
+    """A line for each loader that failed (the loaders' and fed_epoch's `errors`)."""
+    return [f"- FAILED {e['path']} ({e['set']}): {e['error']}" for e in f.get("errors", [])]
+
+
 def loaders(f: dict) -> list[str]:
     by: dict[str, dict[str, dict]] = {}
     for r in f.get("results", []):
@@ -89,7 +94,7 @@ def loaders(f: dict) -> list[str]:
     lines = [f"Augmented batches delivered on the device, img/s (build s), batch {f.get('batch_size')}, "
              f"{f.get('dataloader_workers')} DataLoader workers:", ""] + table(["set", *paths], rows)
     lines += [""] + [f"- {k}: {v}x" for k, v in f.get("ratios", {}).items()]
-    return lines + [f"- FAILED {e['path']} ({e['set']}): {e['error']}" for e in f.get("errors", [])]
+    return lines + failures(f)
 
 
 def fed_epoch(f: dict) -> list[str]:
@@ -98,7 +103,7 @@ def fed_epoch(f: dict) -> list[str]:
     lines = [f"One epoch of {num(f.get('images_per_epoch'))} images, {f.get('model')}, batch {f.get('batch_size')}: "
              "each loader against batches already in GPU memory:", ""]
     lines += table(["set", "fed", "img/s", "of from-memory"], rows)
-    return lines + [f"- FAILED {e['path']} ({e['set']}): {e['error']}" for e in f.get("errors", [])]
+    return lines + failures(f)
 
 
 def studies(parts: dict) -> list[str]:

@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import data_pipeline as bench  # noqa: E402
+import gpu_figures  # noqa: E402
 from conftest import TINY_MODEL, synthetic_cifar  # noqa: E402
 
 from ray_cifar.data import pipelines  # noqa: E402
@@ -55,6 +56,9 @@ def test_a_failing_loader_is_recorded_the_others_measured_and_auto_takes_the_tor
     # The measurement file keeps the failure; auto reads it: the torch path, and why.
     out = bench.results_document(args, cpu, data.source, args.images, record, bench.loader_ratios(record.results, cpu))
     assert out["errors"] == record.errors and not any("dali" in k for k in out["ratios"])
+    # README "GPU figures" says which loader failed where, with its error.
+    assert [line for line in gpu_figures.loaders(out) if "FAILED" in line] == [
+        f"- FAILED dali-cpu ({e['set']}): {e['error']}" for e in record.errors]
     bench.write_json(out, str(tmp_path), "data_pipeline_cpu.json")
     monkeypatch.setattr(pipelines, "BENCHMARK_RESULTS", str(tmp_path))
     monkeypatch.setattr(pipelines, "dali_available", lambda: True)

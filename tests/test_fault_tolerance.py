@@ -135,9 +135,18 @@ class SearchStates:
         return newest - self.made(version)
 
     def tune_trial_ids(self) -> set[str]:
-        """The trials in Tune's newest experiment state: what a --resume restores."""
-        newest = sorted(self.folder.glob("experiment_state-*.json"))[-1]
-        return trial_ids(newest.read_bytes())
+        """The trials in the experiment state a --resume restores (TuneStateBackup.restore's choice): the newest that
+        reads whole, else its whole copy in the backup folder. A SIGKILL during Tune's snapshot, which copies its
+        files over the experiment's in place, can leave the newest empty (seen in a suite run: it and both searcher
+        files, 0 bytes)."""
+        from ray_cifar.tuning.tune_state import BACKUP, is_whole
+
+        backup = self.folder.parent.parent / BACKUP
+        for newest in sorted(self.folder.glob("experiment_state-*.json"), reverse=True):
+            for path in (newest, backup / newest.name):
+                if is_whole(str(path), "json"):
+                    return trial_ids(path.read_bytes())
+        raise AssertionError(f"no experiment state in {self.folder} or {backup} reads whole")
 
 
 def trial_ids(experiment_state: bytes) -> set[str]:

@@ -1,8 +1,10 @@
-"""Tune's own state files in OUTPUT/ray/tune, kept whole through full disks (local --output only).
+"""Tune's own state files in OUTPUT/ray/tune, kept whole through full disks and kills (local --output only).
 
 Tune writes its state into a staging folder and copies that folder over the experiment's at
 every snapshot, file by file and in place; a resumed study copies tuner.pkl back each time too.
-A full disk leaves a copy truncated or empty, and `Tuner.restore` then fails (tuner.pkl:
+A full disk leaves a copy truncated or empty, and so does a driver killed during the copy (seen
+after a SIGKILL: the experiment state and both searcher files at 0 bytes; pyarrow's copy_files
+writes them at once, on threads). `Tuner.restore` then fails (tuner.pkl:
 "EOFError: Ran out of input") or silently starts the study over (an experiment state that does
 not parse). TuneStateBackup keeps, in OUTPUT/tune-state-backup/, the last copy of each file that
 read back whole, and puts it back before a --resume.
@@ -132,7 +134,7 @@ class TuneStateBackup(Callback):
                 return True
             if is_whole(copy, kind):
                 shutil.copyfile(copy, path)
-                print(f"[ray_cifar] warning: {path} was damaged (a full disk?); restored from {copy}", flush=True)
+                print(f"[ray_cifar] warning: {path} was damaged (a full disk, or a kill while Tune wrote it); restored from {copy}", flush=True)
                 return True
             if name == names[0]:
                 return False

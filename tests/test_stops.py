@@ -164,7 +164,8 @@ def test_sigterm_full_disk_and_damaged_checkpoints_then_resume(tmpfs, synthetic_
     assert_no_traceback(done)
     assert done.stdout.count("the newest checkpoint that loads") >= 2, done.stdout[-3000:]
     assert "part-000000.parquet is damaged" in done.stdout and "recovered" in done.stdout
-    assert "tuner.pkl was damaged (a full disk, or a kill while Tune wrote it); restored from" in done.stdout, done.stdout[-3000:]
+    assert "tuner.pkl was damaged (a full disk, or a kill while Tune wrote it); restored from" in done.stdout, \
+        done.stdout[-3000:]
     final = read_rows(str(output / "results.parquet"))
     keys = [(r["trial_id"], r["epoch"]) for r in final]
     assert len(keys) == len(set(keys))

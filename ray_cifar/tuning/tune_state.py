@@ -134,7 +134,8 @@ class TuneStateBackup(Callback):
                 return True
             if is_whole(copy, kind):
                 shutil.copyfile(copy, path)
-                print(f"[ray_cifar] warning: {path} was damaged (a full disk, or a kill while Tune wrote it); restored from {copy}", flush=True)
+                print(f"[ray_cifar] warning: {path} was damaged (a full disk, or a kill while Tune wrote it); "
+                      f"restored from {copy}", flush=True)
                 return True
             if name == names[0]:
                 return False

@@ -163,7 +163,6 @@ class Recorder:
         """The results, and the errors where a loader failed (a run without failures writes what it always did)."""
         return {"results": self.results, **({"errors": self.errors} if self.errors else {})}
 
-
     def __call__(self, set_name: str, path: str, measure, **extra) -> float:
         runs = sorted(measure() for _ in range(self.repeats))
         ips = runs[len(runs) // 2]

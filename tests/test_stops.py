@@ -312,7 +312,7 @@ def test_an_ignored_sigint_stays_ignored_while_ray_init_runs(python_sigint):
         with _signals_held() as held:
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.2)  # (where it were handled, Python's handler would have run by now)
+            time.sleep(0.2)  # (were it handled, Python's handler would have run by now)
         assert held == [] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 

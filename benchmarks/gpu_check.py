@@ -26,7 +26,7 @@ core (cap 300 s; torch, torchvision and the GPU machine's own packages only: no 
 ray (cap 240 s; Ray importable, the torch pipeline)
   asha        ~50 s, cap 90: a one-GPU ASHA study of ResNet-18 (4 trials, 2 epochs), one trial at a time
   packed      ~45 s, cap 80: the same study packed four to the GPU (train.gpus_per_worker=0.25)
-  kill_resume ~50 s, cap 85: a one-rank GPU trial whose process is SIGKILLed after epoch 1; Tune runs it
+  kill_resume ~55 s, cap 85: a one-rank GPU trial whose process is SIGKILLed after epoch 1; Tune runs it
               again from its checkpoint and it finishes
 dali (cap 180 s; DALI importable, Ray not needed)
   dali_tests  ~20 s, cap 45: `pytest -m gpu tests/test_dali.py`
@@ -696,11 +696,11 @@ def packed(check: Check) -> None:
 def kill_resume(check: Check) -> None:
     """One one-rank trial (it trains in its Tune trial process): SIGKILL that process once epoch 1 is recorded;
     Tune runs the trial again (tune.max_failures) from its latest checkpoint, and it must finish."""
-    # On the GPU 5 short epochs of 6,000 images (~0.7 s each with its evaluation and checkpoint): the poll, every
-    # 0.2 s, kills after the first with four (~3 s) to go. 3 epochs of 10,000 (the same images) left two: epochs
-    # faster than estimated could end the trial before the kill lands, and the part fail with nothing resumed.
-    # The dry run's epochs are shorter still, so 6.
-    epochs = check.pick(5, 6)
+    # On the GPU 8 short epochs of 6,000 images (0.6-1 s each with its evaluation and its 90 MB checkpoint): the
+    # poll, every 0.2 s, kills after the first with seven (~5 s) to go. 5 epochs left ~3 s, 3 epochs of 10,000
+    # (the same images) two: epochs faster than estimated, or a row recorded late by a busy driver, could end the
+    # trial before the kill lands, and the part fail with nothing resumed. The dry run's epochs: 6.
+    epochs = check.pick(8, 6)
     sets = study_sets(check, "tune.scheduler=fifo", "tune.search_space={}", f"train.epochs={epochs}",
                       "tune.max_failures=1", *check.pick(["data.train_subset=6000"], []))
     killed: dict = {}
@@ -710,6 +710,11 @@ def kill_resume(check: Check) -> None:
             return
         rows = ResultsLog(output).read()
         if not any(r["epoch"] >= 1 for r in rows):
+            return
+        if max(r["epoch"] for r in rows) >= epochs - 1:
+            # Too late: the kill would land on a trial ending or ended (its process kept for reuse by Tune, idle),
+            # and the part would fail as "no epoch says it resumed"; it fails as too late instead, below.
+            killed.update(too_late=max(r["epoch"] for r in rows))
             return
         trial_processes = [p for p in descendants(proc.pid) if "ray::ImplicitFunc" in cmdline(p)]
         if trial_processes:
@@ -732,15 +737,17 @@ def kill_resume(check: Check) -> None:
                    resumed_from_epoch=resumed[0]["resumed_from_epoch"] if resumed else None,
                    train_loss=[round(r["train_loss"], 4) for r in rows], val_acc=[round(r["val_acc"], 4) for r in rows])
     problems = []
-    if not killed:
-        problems.append("the trial ended before its process could be killed")
+    if not killed or "too_late" in killed:
+        problems.append("the trial ended before its process could be killed"
+                        + (f" (epoch {killed['too_late']} of {epochs} was recorded when it was first seen)"
+                           if killed else ""))
     if rc != 0 or status != "completed":
         problems.append(f"the study exited {rc}, trial {status}")
     elif test_acc is None:
         problems.append("the trial has no test_acc (its test evaluation failed?)")
     if [r["epoch"] for r in rows] != list(range(1, epochs + 1)):
         problems.append(f"epochs recorded {[r['epoch'] for r in rows]}, not 1..{epochs} once each")
-    if killed and not resumed:
+    if "after_epoch" in killed and not resumed:
         problems.append("no epoch says it resumed from a checkpoint")
     if resumed and resumed[0]["train_loss"] >= rows[0]["train_loss"]:
         problems.append("the first epoch after the restart has a train loss no lower than epoch 1's: "
@@ -833,9 +840,9 @@ STAGES: dict[str, tuple[float, list[Part]]] = {
         Part("asha", 50, 90, asha, "a one-GPU ASHA study of ResNet-18, 4 trials x 2 epochs, one at a time"),
         # the same work four at once: starts overlap, the GPU is shared
         Part("packed", 45, 80, packed, "the same study packed four to the GPU (train.gpus_per_worker=0.25)"),
-        # Ray start ~8 s; the trial process's start ~8 s; 5 epochs x 6,000 images ~5 s with their checkpoints; the
+        # Ray start ~8 s; the trial process's start ~8 s; 8 epochs x 6,000 images ~7 s with their checkpoints; the
         # killed trial's new process + resume ~15 s; the test evaluation in a GPU task ~8 s; exit ~8 s
-        Part("kill_resume", 50, 85, kill_resume, "a one-rank GPU trial SIGKILLed after epoch 1, resumed by Tune"),
+        Part("kill_resume", 55, 85, kill_resume, "a one-rank GPU trial SIGKILLed after epoch 1, resumed by Tune"),
     ]),
     "dali": (180, [
         # pytest start + DALI import ~10 s; the GPU pipeline's build and one epoch of 400 images

@@ -141,6 +141,13 @@ class PlainPyTorch:
         self.losses.append(loss.item())  # what such loops log; it is also their per-step host sync
         return x.shape[0]
 
+    def drain(self) -> None:
+        """Take, untimed, what the workers made while the other variants stepped: up to prefetch_factor batches a
+        worker (32 with 16 workers), most of a 50-step measurement, which would time the loader above its steady
+        rate. After, every worker is busy and nothing is queued, as in a long loop that the loader bounds."""
+        for _ in range(self.loader.num_workers * (self.loader.prefetch_factor or 0)):
+            next(self.batches)
+
 
 class RayCifarStep:
     """ray_cifar's loader (batch tensors on the device) and engine.train_step."""
@@ -195,6 +202,8 @@ def backend_flags(runner, device: torch.device) -> None:
 
 def measure(runner, steps: int, device: torch.device) -> float:
     backend_flags(runner, device)
+    if isinstance(runner, PlainPyTorch):
+        runner.drain()
     sync(device, runner)
     start, images = time.perf_counter(), 0
     for _ in range(steps):

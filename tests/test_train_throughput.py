@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,3 +56,32 @@ def test_the_datasheet_peak_is_the_cards_own(name, tflops):
     # An NVL or PCIe card named like the SXM one must not get the SXM's peak (its data-sheet MFU would read low).
     peak = train_throughput.peak_flops(name)
     assert (peak and round(peak / 1e12)) == tflops
+
+
+class SlowImages(torch.utils.data.Dataset):
+    """Images a worker makes at a known pace: DELAY seconds each (a sleep: the pace holds on a loaded machine)."""
+
+    DELAY = 0.01
+
+    def __len__(self):
+        return 4096
+
+    def __getitem__(self, i):
+        time.sleep(self.DELAY)
+        return torch.zeros(3, 32, 32), 0
+
+
+def test_the_baseline_is_timed_at_its_loaders_steady_rate_not_from_what_it_queued_meanwhile():
+    # Round-robin, the other variants step between two of the baseline's measurements, and its DataLoader's
+    # workers fill their queue meanwhile (prefetch_factor batches each). Timed from that queue, a loader-bound
+    # baseline read fast, and every "x plain PyTorch" ratio low.
+    images, labels = np.zeros((64, 32, 32, 3), np.uint8), np.zeros(64, np.int64)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    runner = train_throughput.PlainPyTorch(model, images, labels, 8, torch.device("cpu"), lr=0.1)
+    runner.loader = torch.utils.data.DataLoader(SlowImages(), batch_size=8, num_workers=2, persistent_workers=True)
+    runner.batches = train_throughput.endless(lambda epoch: runner.loader)
+    steady = runner.loader.num_workers / SlowImages.DELAY  # images/s the two workers make at most
+    runner.step()  # the workers are up
+    for _ in range(2):
+        time.sleep(1.0)  # the other variants step: the queue fills (4 batches, 0.3 s of this loader's work)
+        assert train_throughput.measure(runner, 4, torch.device("cpu")) < 1.3 * steady

@@ -27,11 +27,13 @@ def autocast(device: torch.device, amp: str):
 def resolve_amp(device: torch.device, amp: str) -> str:
     """The autocast dtype a run uses. auto: bf16 on a GPU, fp32 on CPU, where autocast costs more than it saves (a
     CPU without bf16 units emulates it: training steps 5.9x slower on an AVX2 EPYC; one with AVX-512 was no faster,
-    0.94x; benchmarks/README). bf16 where the device supports it; fp16 is a CUDA-only choice (the grad scaler needs
-    CUDA): bf16 on CPU."""
+    0.94x; benchmarks/README). bf16 on a GPU that has it in hardware (compute capability 8.0 on: A100, L4, H100),
+    else fp16: a V100 or T4 only emulates bf16. fp16 is a CUDA-only choice (the grad scaler needs CUDA): bf16 on
+    CPU."""
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "fp32"
-    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    # (torch's default, including_emulation=True, says yes on a V100 or T4 too: it only tries a bf16 tensor there)
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         return "fp16"
     if amp == "fp16" and device.type != "cuda":
         return "bf16"

@@ -55,8 +55,20 @@ def test_auto_amp_is_bf16_on_a_gpu_and_fp32_on_cpu():
     assert engine.resolve_amp(torch.device("cpu"), "bf16") == "bf16"  # asked for: kept (CPU autocast works)
     assert engine.resolve_amp(torch.device("cpu"), "fp16") == "bf16"  # the grad scaler needs CUDA
     if torch.cuda.is_available():
-        bf16 = torch.cuda.is_bf16_supported()
+        bf16 = torch.cuda.get_device_capability()[0] >= 8
         assert engine.resolve_amp(torch.device("cuda"), "auto") == ("bf16" if bf16 else "fp16")
+
+
+@pytest.mark.parametrize("gpu, native_bf16", [("V100 or T4 (bf16 emulated)", False), ("A100 or H100", True)])
+def test_bf16_only_where_the_gpu_has_it_in_hardware(monkeypatch, gpu, native_bf16):
+    # torch's answers on such a GPU: is_bf16_supported() is True on both (by default it counts emulation, a V100
+    # or T4 makes a bf16 tensor), with including_emulation=False only where bf16 is native (capability 8.0 on).
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or native_bf16)
+    expected = "bf16" if native_bf16 else "fp16"
+    assert engine.resolve_amp(torch.device("cuda"), "auto") == expected, gpu
+    assert engine.resolve_amp(torch.device("cuda"), "bf16") == expected, gpu
+    assert engine.resolve_amp(torch.device("cuda"), "fp16") == "fp16"
 
 
 def test_evaluate_counts_every_image_once():

@@ -22,7 +22,7 @@ from typing import Callable, NoReturn
 import yaml
 
 from . import console, storage
-from .config import Config, ConfigError, describe, parse_set, search_keys
+from .config import Config, ConfigError, describe, parse_set, partly_searched, search_keys
 from .data.source import Cifar10, DataError, default_cache_dir, load_cifar10, resolve_data_dir
 from .validation import check_against_data, check_resources, config_from_dict, load_config, local_resources
 
@@ -106,16 +106,26 @@ def fail(message: str, status: int = 2) -> None:
 def warn_sets_searched(cfg: Config, sets: list[str]) -> None:
     """A --set of a field the study searches is replaced by each trial's sampled value: say so, one line
     each, before anything runs (a warning, not a refusal: the value is still the fixed default the config
-    file records, and a study file plus a quick --set must stay usable; the user sees it and can Ctrl-C)."""
-    searched = search_keys(cfg.tune.search_space)
+    file records, and a study file plus a quick --set must stay usable; the user sees it and can Ctrl-C).
+    Where only some values of a grid set it (variants of which a few set their own train.epochs), the --set
+    reaches the other trials: the line says how many values set their own."""
+    searched, partly = search_keys(cfg.tune.search_space), partly_searched(cfg.tune.search_space)
     for assignment in sets:
         key = parse_set(assignment)[0]
         hit = [k for k in searched if k == key or k.startswith(key + ".")]
-        if hit and not key.startswith("tune.search_space"):
-            print(f"[ray_cifar] warning: --set {assignment} has no effect: the study searches {hit[0]} "
-                  f"(tune.search_space overrides it); change the search instead (e.g. {hit[0]}: {{grid: [...]}} "
-                  f"under tune.search_space in the study file), or drop it with --set tune.search_space={{}}",
+        if not hit or key.startswith("tune.search_space"):
+            continue
+        overridden = [k for k in hit if k not in partly]
+        if not overridden:  # (a variant that sets its own train.epochs, the others not)
+            n, values = partly[hit[0]]
+            print(f"[ray_cifar] warning: --set {assignment} reaches only some trials: {n} of the {values} values "
+                  f"the study searches set {hit[0]} themselves (tune.search_space overrides it in those)",
                   flush=True)
+            continue
+        print(f"[ray_cifar] warning: --set {assignment} has no effect: the study searches {overridden[0]} "
+              f"(tune.search_space overrides it); change the search instead (e.g. {overridden[0]}: {{grid: [...]}} "
+              f"under tune.search_space in the study file), or drop it with --set tune.search_space={{}}",
+              flush=True)
 
 
 def create_output(output: str) -> None:

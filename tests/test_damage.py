@@ -269,3 +269,22 @@ def test_set_of_a_searched_field_says_the_search_overrides_it(capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "--set train.global_batch_size=100000 has no effect" in out[0], out
     assert "tune.search_space overrides it" in out[0] and "change the search instead" in out[0]
+
+
+def test_set_of_a_field_only_some_variants_search_says_it_reaches_the_others(capsys):
+    # As in studies/resnet18_lr_schedule_wd.yaml: some variants set their own epochs, the others take the config's
+    # (a --set's included); every variant sets its lr. And a grid over a section: every value sets optim.name,
+    # one sets optim.momentum.
+    from ray_cifar.validation import load_config
+
+    space = ("tune.search_space={variants: {grid: [{optim.lr: 0.1, train.epochs: 15}, {optim.lr: 0.01, "
+             "train.epochs: 15}, {optim.lr: 0.001}]}, optim: {grid: [{name: sgd, momentum: 0.8}, {name: adam}]}}")
+    sets = ["train.epochs=20", "optim.lr=0.05", "optim.momentum=0.5", "optim.name=sgd", space]
+    cli.warn_sets_searched(load_config(None, sets), sets)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 4, out
+    assert "--set train.epochs=20 reaches only some trials: 2 of the 3 values the study searches set train.epochs " \
+           "themselves" in out[0], out[0]
+    assert "--set optim.lr=0.05 has no effect: the study searches optim.lr" in out[1], out[1]
+    assert "--set optim.momentum=0.5 reaches only some trials: 1 of the 2 values" in out[2], out[2]
+    assert "--set optim.name=sgd has no effect: the study searches optim.name" in out[3], out[3]

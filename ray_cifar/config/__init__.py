@@ -18,13 +18,13 @@ from .presets import LENGTH_KEYS, SMOKE_OVERRIDES, apply_budget_scale, apply_smo
 from .schema import (METADATA, PUBLISHED_METRICS, SEARCH_KINDS, SECTIONS, VARIANTS, Config, ConfigError, DataConfig,
                      ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TuneConfig, improves)
 from .search import (LINEAGE, MODEL_BASED_SEARCHERS, PBT_MUTABLE, apply_searched, encode_choice, grid_size,
-                     map_searched, pbt_mutated_keys, sampled_config, search_keys, search_points, split_sampled,
-                     trial_configs)
+                     map_searched, partly_searched, pbt_mutated_keys, sampled_config, search_keys, search_points,
+                     split_sampled, trial_configs)
 
 __all__ = [
     "EXTENDS", "LENGTH_KEYS", "LINEAGE", "METADATA", "MODEL_BASED_SEARCHERS", "PBT_MUTABLE", "PUBLISHED_METRICS",
     "SEARCH_KINDS", "SECTIONS", "SMOKE_OVERRIDES", "VARIANTS", "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "TrainConfig",
     "TuneConfig", "apply_budget_scale", "apply_overrides", "apply_searched", "apply_smoke", "describe", "field_docs",
     "flatten", "grid_size", "improves", "map_searched", "parse_set", "read_config_chain", "sampled_config", "search_keys",
-    "search_points", "set_value", "trial_configs", "encode_choice", "pbt_mutated_keys", "split_sampled",
+    "search_points", "set_value", "trial_configs", "encode_choice", "partly_searched", "pbt_mutated_keys", "split_sampled",
 ]

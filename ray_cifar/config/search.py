@@ -30,6 +30,30 @@ def search_keys(search_space: dict[str, Any]) -> list[str]:
     return keys
 
 
+def partly_searched(search_space: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """The searched fields that only some values of a grid or choice over a section or `variants` set (a variant
+    that leaves train.epochs to the config): {key: (values that set it, values)}. The trials of the others get
+    the config's value, a --set's included. A field some entry sets in every value (or searches itself) is not
+    here."""
+    every: set[str] = set()
+    some: dict[str, tuple[int, int]] = {}
+    for key, spec in search_space.items():
+        kind, values = next(iter(spec.items()))
+        if "." in key:
+            every.add(key)
+            continue
+        if kind not in ("grid", "choice"):
+            continue
+        named = [set(flatten(v)) if key == VARIANTS else {f"{key}.{k}" for k in v} for v in values]
+        for k in set().union(*named):
+            n = sum(k in names for names in named)
+            if n == len(named):
+                every.add(k)
+            else:
+                some.setdefault(k, (n, len(named)))
+    return {k: v for k, v in some.items() if k not in every}
+
+
 def apply_searched(cfg: Config, key: str, value: Any) -> None:
     """Set one search-space entry's value: a field, a section dict, or a variant (dict of fields)."""
     if key in METADATA:

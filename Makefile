@@ -1,6 +1,6 @@
 # make run   : create .venv if missing, install ray_cifar, run the default study
 #              (the --smoke-test study when this machine has no GPU; it says so).
-# make test  : the same set-up plus the test, tracking and search extras, then the test suite (what CI runs).
+# make test  : the same set-up (both install the test, tracking and search extras), then the test suite (what CI runs).
 # Variables: DATA=<CIFAR-10 folder> (default $RAY_CIFAR_DATA, else ../shared/data/cifar10 when present),
 #            ARGS="--set train.epochs=5 ..." passed to the study, PYTHON=<interpreter for the venv>.
 # make gpu-check STAGE=core|ray|dali [DRY_RUN=1] [RESULTS=DIR] [PY=python3] [DATA=DIR] [CAP=seconds]

@@ -2,7 +2,7 @@
 
 A trial of one rank trains inside its Tune trial process (ray_cifar.tuning.trial), with no Train
 controller and worker group to keep its checkpoints; this store does what
-`CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=tune.metric)` does for them:
+`CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=tune.metric)` does for them:
 
     LOCATION/checkpoint_000003/state.pt    the latest finished epoch (3)
     LOCATION/checkpoint_000002/state.pt    the one before it (kept so a damaged latest leaves a state to load)

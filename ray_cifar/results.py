@@ -2,12 +2,13 @@
 
 results.parquet  one row per trial per epoch: trial_id, epoch, each searched field as
                  its own column ("optim.name", ...), the epoch's metrics and timings.
-trials.parquet   one row per trial: status (completed / stopped / failed), epochs run,
+trials.parquet   one row per trial: status (completed / stopped / diverged / failed / lost), epochs run,
                  best val_acc, and test_acc for the study's best trial (tune.test best) or every
                  finished trial (tune.test all).
 Both carry the provenance columns of `provenance()`. Files are replaced atomically,
 so a reader never sees half a file. During a study, epochs go to small part files under
-results.parts/ (`ResultsLog`), merged into results.parquet at the end; `read_results` reads both.
+results.parts/ (`ResultsLog`), merged into results.parquet every 256 parts and at the end; `read_results`
+reads both.
 
 Which trial and which epoch are best is decided here only (`best_epoch`, `rank_trials`,
 `summarize_trials`), by the study's tune.metric and tune.mode; replicates of one searched

@@ -1,7 +1,7 @@
 """From decoded CIFAR-10 arrays to the batches a rank trains on: the torch path.
 
-The whole uint8 dataset is put on the rank's device once (150 MB for all of
-CIFAR-10); which images a rank takes each step is ray_cifar.data.sampler's job, shared
+The whole uint8 dataset is put on the rank's device once (~185 MB for all of
+CIFAR-10's 60,000 images); which images a rank takes each step is ray_cifar.data.sampler's job, shared
 with the DALI path (ray_cifar.data.dali). Here: the splits, the torch batch-tensor
 train loader (augmentations from ray_cifar.data.augment), mixup/cutmix over any loader, and
 evaluation batches. Which pipeline a run uses is ray_cifar.data.pipelines' choice.

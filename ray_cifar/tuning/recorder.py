@@ -11,6 +11,8 @@ Status comes from Tune's own events, not from epoch counts:
   stopped    the scheduler stopped it (`note_stopped`, called by ray_cifar.tuning.scheduler)
   diverged   it reported a non-finite train loss and ended itself
   failed     Tune gave up on it (after tune.max_failures retries); `error` is the exception's last line
+  lost       made after Tune last saved its trial list, by a driver that then died, and not made again by a
+             model-based search on --resume (it draws another in its place)
 """
 
 from __future__ import annotations

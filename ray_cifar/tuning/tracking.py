@@ -1,8 +1,9 @@
 """Experiment trackers (tune.tracking: mlflow | wandb): one tracker run per trial, fed by the study's recorder.
 
-    tracker = create_tracker(cfg.tune, output, study="asha-1")   # None for tune.tracking=none
-    tracker.log_epochs(trial_id, params, rows)    # rows: the recorder's epoch rows; step = epoch
-    tracker.end_trial(trial_id, "completed")      # completed | stopped | diverged | failed | lost
+    tracker = create_tracker(cfg.tune.tracking, output, study="asha-1", uri=cfg.tune.tracking_uri,
+                             project=cfg.tune.tracking_project)   # None for tune.tracking=none
+    tracker.log_epochs(trial_id, params, rows)            # rows: the recorder's epoch rows; step = epoch
+    tracker.end_trial(trial_id, params, "completed")      # completed | stopped | diverged | failed | lost
     tracker.attach_study(["OUTPUT/trials.parquet", "OUTPUT/report.html", ...])
 
 Each trial gets one run, grouped under the study (MLflow: child runs of a study run in the experiment

@@ -16,16 +16,22 @@ from .loading import apply_overrides, flatten, set_value
 from .schema import METADATA, VARIANTS, Config, ConfigError
 
 
+def _fields_per_value(key: str, spec: dict[str, Any]) -> list[list[str]]:
+    """The 'section.field' names each value of one search-space entry sets: a field's one name; each dict of a
+    grid or choice over a section or `variants`; none for a section searched otherwise."""
+    kind, values = next(iter(spec.items()))
+    if "." in key:
+        return [[key]]
+    if kind not in ("grid", "choice"):
+        return []
+    return [list(flatten(v)) if key == VARIANTS else [f"{key}.{k}" for k in v] for v in values]
+
+
 def search_keys(search_space: dict[str, Any]) -> list[str]:
     """The searched fields as flat 'section.field' names (section keys expand to their fields)."""
     keys: list[str] = []
     for key, spec in search_space.items():
-        kind, values = next(iter(spec.items()))
-        if "." in key:
-            keys += [key] if key not in keys else []
-            continue
-        for v in values if kind in ("grid", "choice") else []:
-            names = flatten(v) if key == VARIANTS else {f"{key}.{k}": None for k in v}
+        for names in _fields_per_value(key, spec):
             keys += [k for k in names if k not in keys]
     return keys
 
@@ -38,13 +44,7 @@ def partly_searched(search_space: dict[str, Any]) -> dict[str, tuple[int, int]]:
     every: set[str] = set()
     some: dict[str, tuple[int, int]] = {}
     for key, spec in search_space.items():
-        kind, values = next(iter(spec.items()))
-        if "." in key:
-            every.add(key)
-            continue
-        if kind not in ("grid", "choice"):
-            continue
-        named = [set(flatten(v)) if key == VARIANTS else {f"{key}.{k}" for k in v} for v in values]
+        named = _fields_per_value(key, spec)
         for k in set().union(*named):
             n = sum(k in names for names in named)
             if n == len(named):

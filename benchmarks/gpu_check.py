@@ -708,18 +708,18 @@ def kill_resume(check: Check) -> None:
     def poll(proc: subprocess.Popen, output: str) -> None:
         if killed:
             return
-        rows = ResultsLog(output).read()
-        if not any(r["epoch"] >= 1 for r in rows):
+        last = max((r["epoch"] for r in ResultsLog(output).read()), default=0)
+        if last < 1:
             return
-        if max(r["epoch"] for r in rows) >= epochs - 1:
+        if last >= epochs - 1:
             # Too late: the kill would land on a trial ending or ended (its process kept for reuse by Tune, idle),
             # and the part would fail as "no epoch says it resumed"; it fails as too late instead, below.
-            killed.update(too_late=max(r["epoch"] for r in rows))
+            killed.update(too_late=last)
             return
         trial_processes = [p for p in descendants(proc.pid) if "ray::ImplicitFunc" in cmdline(p)]
         if trial_processes:
             os.kill(trial_processes[-1], signal.SIGKILL)
-            killed.update(after_epoch=max(r["epoch"] for r in rows), at=time.monotonic())
+            killed.update(after_epoch=last, at=time.monotonic())
 
     output, wall, rc = run_study(check, "kill_resume", sets, poll)
     rows = sorted(ResultsLog(output).read(), key=lambda r: r["epoch"])
@@ -737,10 +737,10 @@ def kill_resume(check: Check) -> None:
                    resumed_from_epoch=resumed[0]["resumed_from_epoch"] if resumed else None,
                    train_loss=[round(r["train_loss"], 4) for r in rows], val_acc=[round(r["val_acc"], 4) for r in rows])
     problems = []
-    if not killed or "too_late" in killed:
+    if "after_epoch" not in killed:
         problems.append("the trial ended before its process could be killed"
                         + (f" (epoch {killed['too_late']} of {epochs} was recorded when it was first seen)"
-                           if killed else ""))
+                           if "too_late" in killed else ""))
     if rc != 0 or status != "completed":
         problems.append(f"the study exited {rc}, trial {status}")
     elif test_acc is None:

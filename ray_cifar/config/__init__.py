@@ -26,5 +26,6 @@ __all__ = [
     "SEARCH_KINDS", "SECTIONS", "SMOKE_OVERRIDES", "VARIANTS", "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "TrainConfig",
     "TuneConfig", "apply_budget_scale", "apply_overrides", "apply_searched", "apply_smoke", "describe", "field_docs",
     "flatten", "grid_size", "improves", "map_searched", "parse_set", "read_config_chain", "sampled_config", "search_keys",
-    "search_points", "set_value", "trial_configs", "encode_choice", "partly_searched", "pbt_mutated_keys", "split_sampled",
+    "search_points", "set_value", "trial_configs", "encode_choice", "partly_searched", "pbt_mutated_keys",
+    "split_sampled",
 ]

@@ -30,7 +30,7 @@ ray (cap 240 s; Ray importable, the torch pipeline)
               again from its checkpoint and it finishes
 dali (cap 180 s; DALI importable, Ray not needed)
   dali_tests  ~20 s, cap 45: `pytest -m gpu tests/test_dali.py`
-  loaders     ~35 s, cap 60: DALI GPU vs the torch path vs the torchvision DataLoader on CUDA (images/s,
+  loaders     ~26 s, cap 60: DALI GPU vs the torch path vs the torchvision DataLoader on CUDA (images/s,
               build seconds); on a GPU it also writes ray_cifar/measurements/data_pipeline_cuda.json,
               which data.pipeline=auto reads. A loader that fails is recorded with its error, the others
               still measured (here and in fed_epoch), the file still written; the part then fails
@@ -766,7 +766,8 @@ def dali_tests(check: Check) -> None:
 
 def loaders(check: Check) -> None:
     """DALI GPU vs torch path vs DataLoader: the measurement data.pipeline=auto reads for this device type."""
-    record, args, dataset = measure_loaders(check, dali=True, seconds=1.5)  # 2 sets x 3 loaders x 3 x 1.5 s + builds
+    # 1 s a measurement, as augment's: ~100-400 batches of 512 from the GPU loaders, ~30 from the DataLoader
+    record, args, dataset = measure_loaders(check, dali=True, seconds=1.0)  # 2 sets x 3 loaders x 3 x 1 s + builds
     # Written also where a loader failed (DALI's GPU build, say): the others' figures, and the failure, which
     # data.pipeline=auto reads (it then takes the torch path on this device type and says why).
     out = pipeline_bench.results_document(args, check.device, dataset.source, args.images, record,
@@ -847,8 +848,8 @@ STAGES: dict[str, tuple[float, list[Part]]] = {
     "dali": (180, [
         # pytest start + DALI import ~10 s; the GPU pipeline's build and one epoch of 400 images
         Part("dali_tests", 20, 45, dali_tests, "pytest -m gpu " + " ".join(DALI_GPU_TESTS)),
-        # 2 sets x 3 loaders x 3 repeats x 1.5 s + builds (DALI's first imports it: ~3 s)
-        Part("loaders", 35, 60, loaders, "DALI GPU vs the torch path vs the torchvision DataLoader (images/s, build s)"),
+        # 2 sets x 3 loaders x 3 repeats x 1 s + builds (DALI's first imports it: ~3 s) and the loaders' starts
+        Part("loaders", 26, 60, loaders, "DALI GPU vs the torch path vs the torchvision DataLoader (images/s, build s)"),
         # 7 epochs of 50,000 images (resident, 2 sets x 3 loaders) at ~25k img/s; the full-set DataLoader slower
         Part("fed_epoch", 30, 50, fed_epoch, "one ResNet-18 epoch fed by each loader and from GPU memory"),
     ]),

@@ -274,3 +274,41 @@ def test_make_gpu_check_installs_nothing_and_passes_the_stage_on():
     assert proc.returncode == 0, proc.stderr
     command = " ".join(proc.stdout.replace("\\\n", " ").split())
     assert command == "python3.12 benchmarks/gpu_check.py ray --results somewhere --data DIR --dry-run --cap 9"
+
+
+def test_the_lend_plan_fits_twelve_minutes_and_agrees_with_the_stages():
+    """benchmarks/README's lend, call by call (the issue's plan of a lend): its calls add up to its total, at most 12
+    minutes with the machine's start; a stage's call is planned no shorter than its parts' estimates and its
+    timeout_s leaves the stage its cap; the estimates and caps the README's table and gpu_check.py's docstring give
+    are the ones the stages run with (a changed estimate changes the plan, here checked)."""
+    import re
+
+    import gpu_check
+
+    with open(os.path.join(ROOT, "benchmarks", "README.md")) as f:
+        readme = f.read()
+    lend = readme.split("### A lend, call by call", 1)[1].split("\nThe commands", 1)[0]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lend.splitlines()
+            if line.startswith("|") and not line.startswith("| ---")][1:]  # (the header row left out)
+    total = float(re.fullmatch(r"\*\*([\d.]+) min\*\*", rows[-1][3])[1])
+    minutes = [float(re.fullmatch(r"([\d.]+) min", row[3])[1]) for row in rows[:-1]]
+    assert rows[0][0] == "(start)" and minutes[0] >= 1.0  # the machine's start counts
+    assert round(sum(minutes), 1) == total <= 12.0, (minutes, total)
+    stages = gpu_check.STAGES
+    for row, planned in zip(rows[1:-1], minutes[1:]):
+        stage = re.search(r"\b(core|ray|dali)$", row[2])
+        if stage:
+            cap, parts_of_stage = stages[stage[1]]
+            assert planned * 60 >= sum(p.estimate_s for p in parts_of_stage), row
+            assert float(row[4]) > cap, row
+    assert {re.search(r"\b(core|ray|dali)$", row[2])[1] for row in rows[1:-1]
+            if re.search(r"\b(core|ray|dali)$", row[2])} == set(stages)
+
+    table = dict((m[1], (float(m[2]), float(m[3])))
+                 for m in re.finditer(r"^\| [^|]*\| `(\w+)` \| (\d+) s \((\d+)\) \|", readme, re.MULTILINE))
+    docstring = dict((m[1], (float(m[2]), float(m[3])))
+                     for m in re.finditer(r"^  (\w+) +~(\d+) s, cap (\d+):", gpu_check.__doc__, re.MULTILINE))
+    running = {p.name: (p.estimate_s, p.cap_s) for _, parts_of_stage in stages.values() for p in parts_of_stage}
+    assert table == docstring == running
+    stage_caps = dict(re.findall(r"^\| (\w+) \((\d+) s\) \|", readme, re.MULTILINE))
+    assert {k: float(v) for k, v in stage_caps.items()} == {k: v[0] for k, v in stages.items()}

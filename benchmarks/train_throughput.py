@@ -122,10 +122,10 @@ class PlainPyTorch:
                 return transform(Image.fromarray(images[i])), int(labels[i])
 
         workers = os.cpu_count() or 1
-        self.loader = torch.utils.data.DataLoader(Cifar(), batch_size=batch_size, shuffle=True, drop_last=True,
-                                                  num_workers=workers, persistent_workers=True,
-                                                  pin_memory=device.type == "cuda")
-        self.batches = endless(lambda epoch: self.loader)
+        loader = self.loader = torch.utils.data.DataLoader(Cifar(), batch_size=batch_size, shuffle=True,
+                                                           drop_last=True, num_workers=workers,
+                                                           persistent_workers=True, pin_memory=device.type == "cuda")
+        self.batches = endless(lambda epoch: loader)  # not `self.loader`: no cycle through this runner (see close)
         self.model, self.device = model, device
         self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
         self.loss_fn = nn.CrossEntropyLoss()
@@ -140,6 +140,15 @@ class PlainPyTorch:
         self.optimizer.step()
         self.losses.append(loss.item())  # what such loops log; it is also their per-step host sync
         return x.shape[0]
+
+    def close(self) -> None:
+        """End the DataLoader's workers now: the batch generator first (it holds the loader's iterator), then the
+        last reference to the loader, whose shutdown tells each worker to stop. Left to the garbage collector (a
+        runner and a generator that referred to each other), the workers' queues were closed before that shutdown
+        could use them, and it waited out DataLoader's 5 s join timeout on each worker in turn (measured: 10 s with
+        2 workers, 30 s with 6; with the GPU machine's 16, 80 s: most of train_step's estimate)."""
+        self.batches.close()
+        self.batches = self.loader = None
 
     def drain(self) -> None:
         """Take, untimed, what the workers made while the other variants stepped: up to prefetch_factor batches a
@@ -275,11 +284,18 @@ def warm_up(runners: dict, steps: int, device: torch.device) -> tuple[dict, dict
             measure(runner, steps, device)
         except Exception as e:  # e.g. no C++ compiler for inductor: record it, measure the rest
             failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            del runners[name]
+            close_runners({name: runners.pop(name)})
             continue
         warmup_seconds[name] = round(time.perf_counter() - start, 2)
         print(f"warm-up {name}: {warmup_seconds[name]} s", flush=True)
     return warmup_seconds, failed
+
+
+def close_runners(runners: dict) -> None:
+    """End what the runners hold that outlives them: the baseline's DataLoader workers (PlainPyTorch.close)."""
+    for runner in runners.values():
+        if isinstance(runner, PlainPyTorch):
+            runner.close()
 
 
 def measure_all(runners: dict, args: argparse.Namespace, device: torch.device, warmup_seconds: dict,
@@ -332,6 +348,7 @@ def main(argv=None) -> int:
     warmup_seconds, failed = warm_up(runners, args.warmup, device)
     measured_peak = measured_matmul_flops(device) if device.type == "cuda" else None
     results = measure_all(runners, args, device, warmup_seconds, measured_peak)
+    close_runners(runners)
     out = {"device": device_name(device), "device_type": device.type, "cpu_cores_visible": os.cpu_count(),
            # AVX2 or AVX512: whether bf16 runs on vector units made for it or is emulated (the bf16 rows' cost)
            "cpu_capability": torch.backends.cpu.get_cpu_capability(),

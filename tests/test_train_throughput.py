@@ -4,6 +4,8 @@ them needs no GPU: nothing runs on the device here."""
 
 from __future__ import annotations
 
+import gc
+import multiprocessing.process
 import os
 import sys
 import time
@@ -78,10 +80,38 @@ def test_the_baseline_is_timed_at_its_loaders_steady_rate_not_from_what_it_queue
     images, labels = np.zeros((64, 32, 32, 3), np.uint8), np.zeros(64, np.int64)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
     runner = train_throughput.PlainPyTorch(model, images, labels, 8, torch.device("cpu"), lr=0.1)
-    runner.loader = torch.utils.data.DataLoader(SlowImages(), batch_size=8, num_workers=2, persistent_workers=True)
-    runner.batches = train_throughput.endless(lambda epoch: runner.loader)
+    runner.close()
+    loader = runner.loader = torch.utils.data.DataLoader(SlowImages(), batch_size=8, num_workers=2,
+                                                         persistent_workers=True)
+    runner.batches = train_throughput.endless(lambda epoch: loader)
     steady = runner.loader.num_workers / SlowImages.DELAY  # images/s the two workers make at most
     runner.step()  # the workers are up
     for _ in range(2):
         time.sleep(1.0)  # the other variants step: the queue fills (4 batches, 0.3 s of this loader's work)
         assert train_throughput.measure(runner, 4, torch.device("cpu")) < 1.3 * steady
+    runner.close()
+
+
+@pytest.mark.parametrize("how", ["closed", "dropped"])
+def test_the_baselines_loader_workers_stop_when_told_not_at_dataloaders_join_timeout(monkeypatch, how):
+    # Closed (train_step's end, the benchmark's), or dropped without close: every worker has stopped when the
+    # DataLoader's shutdown joins it. Left to the garbage collector (the runner and its batch generator referred to
+    # each other), the workers' queues were closed before that shutdown could tell them to stop: each join waited
+    # out DataLoader's 5 s timeout (10 s with 2 workers; 80 s with the GPU machine's 16, in the core stage).
+    alive_after_join = []
+    real_join = multiprocessing.process.BaseProcess.join
+
+    def join(self, timeout=None):
+        real_join(self, timeout)
+        alive_after_join.append(self.is_alive())
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "join", join)
+    images, labels = np.zeros((64, 32, 32, 3), np.uint8), np.zeros(64, np.int64)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    runner = train_throughput.PlainPyTorch(model, images, labels, 8, torch.device("cpu"), lr=0.1)
+    runner.step()  # the workers are up
+    if how == "closed":
+        runner.close()
+    del runner
+    gc.collect()
+    assert alive_after_join and not any(alive_after_join), alive_after_join

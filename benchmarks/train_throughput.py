@@ -146,7 +146,7 @@ class PlainPyTorch:
         last reference to the loader, whose shutdown tells each worker to stop. Left to the garbage collector (a
         runner and a generator that referred to each other), the workers' queues were closed before that shutdown
         could use them, and it waited out DataLoader's 5 s join timeout on each worker in turn (measured: 10 s with
-        2 workers, 30 s with 6; with the GPU machine's 16, 80 s: most of train_step's estimate)."""
+        2 workers, 30 s with 6; so 80 s with the GPU machine's 16, most of train_step's estimate)."""
         self.batches.close()
         self.batches = self.loader = None
 

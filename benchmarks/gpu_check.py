@@ -418,7 +418,7 @@ def train_step(check: Check) -> None:
                                       on_run=on_run)
         on_run(rows)
     finally:
-        step_bench.close_runners(runners)
+        step_bench.close_runners(runners.values())
         del runners
         gc.collect()
         if device.type == "cuda":

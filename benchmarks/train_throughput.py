@@ -28,6 +28,7 @@ import datetime
 import os
 import sys
 import time
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -284,16 +285,16 @@ def warm_up(runners: dict, steps: int, device: torch.device) -> tuple[dict, dict
             measure(runner, steps, device)
         except Exception as e:  # e.g. no C++ compiler for inductor: record it, measure the rest
             failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            close_runners({name: runners.pop(name)})
+            close_runners([runners.pop(name)])
             continue
         warmup_seconds[name] = round(time.perf_counter() - start, 2)
         print(f"warm-up {name}: {warmup_seconds[name]} s", flush=True)
     return warmup_seconds, failed
 
 
-def close_runners(runners: dict) -> None:
+def close_runners(runners: Iterable) -> None:
     """End what the runners hold that outlives them: the baseline's DataLoader workers (PlainPyTorch.close)."""
-    for runner in runners.values():
+    for runner in runners:
         if isinstance(runner, PlainPyTorch):
             runner.close()
 
@@ -348,7 +349,7 @@ def main(argv=None) -> int:
     warmup_seconds, failed = warm_up(runners, args.warmup, device)
     measured_peak = measured_matmul_flops(device) if device.type == "cuda" else None
     results = measure_all(runners, args, device, warmup_seconds, measured_peak)
-    close_runners(runners)
+    close_runners(runners.values())
     out = {"device": device_name(device), "device_type": device.type, "cpu_cores_visible": os.cpu_count(),
            # AVX2 or AVX512: whether bf16 runs on vector units made for it or is emulated (the bf16 rows' cost)
            "cpu_capability": torch.backends.cpu.get_cpu_capability(),

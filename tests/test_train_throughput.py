@@ -60,6 +60,13 @@ def test_the_datasheet_peak_is_the_cards_own(name, tflops):
     assert (peak and round(peak / 1e12)) == tflops
 
 
+def tiny_baseline() -> train_throughput.PlainPyTorch:
+    """The plain PyTorch baseline on 64 blank images and a linear model, batches of 8, on the CPU."""
+    images, labels = np.zeros((64, 32, 32, 3), np.uint8), np.zeros(64, np.int64)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    return train_throughput.PlainPyTorch(model, images, labels, 8, torch.device("cpu"), lr=0.1)
+
+
 class SlowImages(torch.utils.data.Dataset):
     """Images a worker makes at a known pace: DELAY seconds each (a sleep: the pace holds on a loaded machine)."""
 
@@ -77,10 +84,8 @@ def test_the_baseline_is_timed_at_its_loaders_steady_rate_not_from_what_it_queue
     # Round-robin, the other variants step between two of the baseline's measurements, and its DataLoader's
     # workers fill their queue meanwhile (prefetch_factor batches each). Timed from that queue, a loader-bound
     # baseline read fast, and every "x plain PyTorch" ratio low.
-    images, labels = np.zeros((64, 32, 32, 3), np.uint8), np.zeros(64, np.int64)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
-    runner = train_throughput.PlainPyTorch(model, images, labels, 8, torch.device("cpu"), lr=0.1)
-    runner.close()
+    runner = tiny_baseline()
+    runner.close()  # (its loader, never started, replaced by one of known pace)
     loader = runner.loader = torch.utils.data.DataLoader(SlowImages(), batch_size=8, num_workers=2,
                                                          persistent_workers=True)
     runner.batches = train_throughput.endless(lambda epoch: loader)
@@ -106,9 +111,7 @@ def test_the_baselines_loader_workers_stop_when_told_not_at_dataloaders_join_tim
         alive_after_join.append(self.is_alive())
 
     monkeypatch.setattr(multiprocessing.process.BaseProcess, "join", join)
-    images, labels = np.zeros((64, 32, 32, 3), np.uint8), np.zeros(64, np.int64)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
-    runner = train_throughput.PlainPyTorch(model, images, labels, 8, torch.device("cpu"), lr=0.1)
+    runner = tiny_baseline()
     runner.step()  # the workers are up
     if how == "closed":
         runner.close()

@@ -14,7 +14,8 @@ below are seconds on one H100/H200, from ResNet-18's FLOPs (0.56 G multiply-adds
 core (cap 300 s; torch, torchvision and the GPU machine's own packages only: no Ray, no DALI)
   train_step  ~90 s, cap 130: ResNet-18 training step, plain PyTorch (torchvision DataLoader, fp32) vs
               ray_cifar fp32 NCHW vs bf16 channels_last vs + torch.compile, round-robin in one run; MFU
-              against the bf16 matmul rate measured on the device (and the data-sheet peak)
+              against the bf16 matmul rate measured on the device (and the data-sheet peak). A warm-up (the
+              compile's) still running 15 s before the cap is stopped: that variant is not measured, the rest are
   cuda_tests  ~35 s, cap 60: `pytest -m gpu` of the tests that need neither Ray nor DALI (no host sync
               per step, AMP bf16/fp16 + channels_last, compile, the packed rank's memory cap); before seed000,
               whose length is the least sure, so an overrun there cannot starve them
@@ -93,6 +94,10 @@ STOP_GRACE_S = 5.0  # a stopped subprocess gets this long after SIGINT before it
 # are CPU-sized, but a shared 2-core machine under load (CI runs two test files at once) ran the ray stage's
 # parts 3.4x slower than on an idle one, past their GPU caps. --cap still sets the stage's cap exactly.
 DRY_RUN_CAP_SCALE = 3.0
+# train_step's first round of measurements on the GPU, every variant once: what its warm-ups leave time for before
+# the part's cap. 50 steps of 512 at 5-10k img/s in fp32 (the plain baseline, ray_cifar's fp32) take 2.5-5 s a
+# variant, bf16 about 1 s.
+MEASURE_ROUND_S = 15.0
 
 
 class CapReached(Exception):
@@ -405,8 +410,12 @@ def train_step(check: Check) -> None:
     runners, source, images = step_bench.make_runners(args, cfg, device)
     figures.update(images=images, data=source)
     try:
-        warmup_seconds, failed = step_bench.warm_up(runners, args.warmup, device)
-        figures.update(warmup_seconds=warmup_seconds, failed_variants=failed)
+        # A compile slower than planned is stopped in time for one round of measurements (seconds on the GPU)
+        # within the part's cap: the compiled row is lost, the others and the parts after this one are not.
+        warmup_deadline = check.soft_deadline() - check.pick(MEASURE_ROUND_S, 1.0)
+        figures["warmup_deadline_seconds"] = round(warmup_deadline - check.part_started, 1)  # from the part's start
+        warmup_seconds, failed, cut = step_bench.warm_up(runners, args.warmup, device, deadline=warmup_deadline)
+        figures.update(warmup_seconds=warmup_seconds, failed_variants=failed, cut_variants=cut)
         check.save()
 
         def on_run(rows: list[dict]) -> None:
@@ -424,6 +433,8 @@ def train_step(check: Check) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     check.cut_short(min((len(r["runs"]) for r in rows), default=0), args.repeats, "repeats")
+    if cut:
+        check.current["status_override"] = "cut: " + "; ".join(f"{k}: {v}" for k, v in cut.items())
     if failed:
         check.current["status_override"] = "failed"
         check.current["error"] = "; ".join(f"{k}: {v}" for k, v in failed.items())

@@ -64,8 +64,9 @@ def train_step(f: dict) -> list[str]:
              f"measured bf16 matmul rate, {sig(f.get('measured_bf16_matmul_tflops'))} TFLOP/s (datasheet "
              f"{sig(f.get('datasheet_bf16_tflops')) or 'unknown'}):", ""]
     lines += table(["variant", "img/s", "vs plain PyTorch", "MFU", "warm-up s"], rows)
-    if f.get("failed_variants"):
-        lines += ["", "Failed: " + "; ".join(f"{k}: {v}" for k, v in f["failed_variants"].items())]
+    for what, key in (("Failed", "failed_variants"), ("Not measured", "cut_variants")):
+        if f.get(key):
+            lines += ["", f"{what}: " + "; ".join(f"{k}: {v}" for k, v in f[key].items())]
     return lines
 
 

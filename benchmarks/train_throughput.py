@@ -24,9 +24,12 @@ Writes results/train_throughput_<device>.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable
 
@@ -148,7 +151,8 @@ class PlainPyTorch:
         runner and a generator that referred to each other), the workers' queues were closed before that shutdown
         could use them, and it waited out DataLoader's 5 s join timeout on each worker in turn (measured: 10 s with
         2 workers, 30 s with 6; so 80 s with the GPU machine's 16, most of train_step's estimate)."""
-        self.batches.close()
+        if self.batches is not None:  # (closing twice is a no-op: a failed warm-up's runner is closed at once)
+            self.batches.close()
         self.batches = self.loader = None
 
     def drain(self) -> None:
@@ -276,20 +280,68 @@ def make_runners(args: argparse.Namespace, cfg, device: torch.device) -> tuple[d
     return runners, source, len(images_np)
 
 
-def warm_up(runners: dict, steps: int, device: torch.device) -> tuple[dict, dict]:
-    """(seconds per variant, variants that failed): workers start, cuDNN tunes, torch.compile compiles."""
-    warmup_seconds, failed = {}, {}
+class DeadlinePassed(BaseException):
+    """Raised in the main thread when a warm-up's deadline passes. A BaseException, as KeyboardInterrupt is, so
+    torch.compile passes it through instead of wrapping it as a compiler error."""
+
+
+@contextlib.contextmanager
+def interrupt_at(deadline: float | None):
+    """Raise DeadlinePassed in the block once time.monotonic() reaches `deadline` (SIGALRM; main thread only,
+    elsewhere no deadline). torch.compile runs in the caller's thread and has no timeout of its own: this is what
+    stops a compile that would take a part's whole cap. An outer timer (pytest-timeout's) keeps its own time."""
+    if deadline is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlinePassed()
+
+    def on_alarm(signum, frame):
+        if time.monotonic() >= deadline - 0.01:  # (a timer may fire a hair before the clock reads it)
+            raise DeadlinePassed()
+        outer["fired"] = True  # the outer timer's time came first: its handler, once, then ours again
+        if callable(outer["handler"]):
+            outer["handler"](signum, frame)
+        signal.setitimer(signal.ITIMER_REAL, max(deadline - time.monotonic(), 1e-3))
+
+    outer = {"handler": signal.signal(signal.SIGALRM, on_alarm), "fired": False}
+    outer_left, _ = signal.getitimer(signal.ITIMER_REAL)
+    start = time.monotonic()
+    signal.setitimer(signal.ITIMER_REAL, min(left, outer_left) if outer_left else left)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, outer["handler"])
+        if outer_left and not outer["fired"]:  # what was left of it, at least a moment
+            signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - start), 1e-3))
+
+
+def warm_up(runners: dict, steps: int, device: torch.device,
+            deadline: float | None = None) -> tuple[dict, dict, dict]:
+    """(seconds per variant, variants that failed, variants cut at `deadline`): workers start, cuDNN tunes,
+    torch.compile compiles. A variant that fails or is cut is closed and leaves `runners`; the rest are measured.
+    A warm-up still running at `deadline` (a time.monotonic()) is stopped, and none starts after it."""
+    warmup_seconds, failed, cut = {}, {}, {}
     for name, runner in list(runners.items()):
         start = time.perf_counter()
         try:
-            measure(runner, steps, device)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlinePassed("not warmed up: its deadline had passed")
+            with interrupt_at(deadline):
+                measure(runner, steps, device)
+        except DeadlinePassed as e:
+            cut[name] = str(e) or f"warm-up stopped at its deadline after {time.perf_counter() - start:.1f} s"
         except Exception as e:  # e.g. no C++ compiler for inductor: record it, measure the rest
             failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            close_runners([runners.pop(name)])
+        else:
+            warmup_seconds[name] = round(time.perf_counter() - start, 2)
+            print(f"warm-up {name}: {warmup_seconds[name]} s", flush=True)
             continue
-        warmup_seconds[name] = round(time.perf_counter() - start, 2)
-        print(f"warm-up {name}: {warmup_seconds[name]} s", flush=True)
-    return warmup_seconds, failed
+        print(f"warm-up {name}: {failed.get(name) or cut[name]}", flush=True)
+        close_runners([runners.pop(name)])
+    return warmup_seconds, failed, cut
 
 
 def close_runners(runners: Iterable) -> None:
@@ -346,7 +398,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     cfg = load_config(None, MODELS[args.model] + AUGMENT)
     runners, source, images = make_runners(args, cfg, device)
-    warmup_seconds, failed = warm_up(runners, args.warmup, device)
+    warmup_seconds, failed, _ = warm_up(runners, args.warmup, device)  # no deadline: nothing is cut
     measured_peak = measured_matmul_flops(device) if device.type == "cuda" else None
     results = measure_all(runners, args, device, warmup_seconds, measured_peak)
     close_runners(runners.values())

@@ -4,9 +4,11 @@ them needs no GPU: nothing runs on the device here."""
 
 from __future__ import annotations
 
+import argparse
 import gc
 import multiprocessing.process
 import os
+import signal
 import sys
 import time
 
@@ -16,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import train_throughput  # noqa: E402
+from ray_cifar.validation import load_config  # noqa: E402
 
 FLAGS = [(torch.backends.cudnn, "benchmark"), (torch.backends.cuda.matmul, "allow_tf32"),
          (torch.backends.cudnn, "allow_tf32")]
@@ -118,3 +121,58 @@ def test_the_baselines_loader_workers_stop_when_told_not_at_dataloaders_join_tim
     del runner
     gc.collect()
     assert alive_after_join and not any(alive_after_join), alive_after_join
+
+
+def test_a_warm_up_still_running_at_its_deadline_is_stopped_and_the_other_variants_are_still_measured():
+    # torch.compile has no timeout: a compile slower than planned took train_step's whole cap, and past it the
+    # stage's (only the watchdog stops an in-process part), costing the parts after it. With a deadline the
+    # compiled variant is stopped and dropped; the variants already warm are measured as before.
+    args = argparse.Namespace(data=None, images=64, batch_size=8, model="small", no_compile=False,
+                              compile_backend="aot_eager", steps=1, repeats=1)
+    cfg = load_config(None, train_throughput.MODELS["small"] + train_throughput.AUGMENT)
+    runners, _, _ = train_throughput.make_runners(args, cfg, torch.device("cpu"))
+    compiled = "ray_cifar-bf16-channels_last-compile"
+    eager = {name: runner for name, runner in runners.items() if name != compiled}
+    try:
+        seconds, failed, cut = train_throughput.warm_up(eager, 1, torch.device("cpu"), deadline=None)
+        assert set(seconds) == set(eager) and not failed and not cut
+
+        outer_left = signal.getitimer(signal.ITIMER_REAL)[0]  # pytest-timeout's, when it times by signal
+        start = time.monotonic()
+        late = {compiled: runners[compiled]}  # Dynamo's trace of the model alone takes over a second here
+        more, failed, cut = train_throughput.warm_up(late, 1, torch.device("cpu"), deadline=start + 0.3)
+        assert not more and not failed and list(cut) == [compiled] and not late, cut
+        assert cut[compiled].startswith("warm-up stopped at its deadline after 0.")
+        assert time.monotonic() - start < 2.0
+        left = signal.getitimer(signal.ITIMER_REAL)[0]  # an outer timer is left running, on its own time
+        assert (left > 0) == (outer_left > 0) and left <= outer_left
+
+        rows = train_throughput.measure_all(eager, args, torch.device("cpu"), seconds)
+        assert [r["variant"] for r in rows] == list(eager) and all(r["images_per_second"] > 0 for r in rows)
+    finally:
+        train_throughput.close_runners(runners.values())
+
+    # A warm-up that would start after the deadline does not start.
+    _, _, cut = train_throughput.warm_up({"plain": tiny_baseline()}, 1, torch.device("cpu"),
+                                         deadline=time.monotonic() - 1)
+    assert cut == {"plain": "not warmed up: its deadline had passed"}
+
+
+def test_an_outer_timer_due_first_fires_once_and_the_deadline_still_holds():
+    # pytest-timeout (or any caller) may own SIGALRM around a warm-up: its alarm must still go off, once.
+    saved_handler, (saved_left, _) = signal.getsignal(signal.SIGALRM), signal.getitimer(signal.ITIMER_REAL)
+    outer_fired = []
+    try:
+        signal.signal(signal.SIGALRM, lambda signum, frame: outer_fired.append(time.monotonic()))
+        start = time.monotonic()
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        with pytest.raises(train_throughput.DeadlinePassed):
+            with train_throughput.interrupt_at(start + 0.5):
+                while time.monotonic() < start + 3:
+                    time.sleep(0.01)
+        assert 0.45 < time.monotonic() - start < 1.5
+        assert len(outer_fired) == 1 and outer_fired[0] - start < 0.45
+        assert signal.getitimer(signal.ITIMER_REAL)[0] == 0  # the outer one went off: not set again
+    finally:
+        signal.signal(signal.SIGALRM, saved_handler)
+        signal.setitimer(signal.ITIMER_REAL, saved_left)

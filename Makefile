@@ -3,9 +3,9 @@
 # make test  : the same set-up (both install the test, tracking and search extras), then the test suite (what CI runs).
 # Variables: DATA=<CIFAR-10 folder> (default $RAY_CIFAR_DATA, else ../shared/data/cifar10 when present),
 #            ARGS="--set train.epochs=5 ..." passed to the study, PYTHON=<interpreter for the venv>.
-# make gpu-check STAGE=core|ray|dali [DRY_RUN=1] [RESULTS=DIR] [PY=python3] [DATA=DIR] [CAP=seconds]
+# make gpu-check STAGE=core|ray|dali|ray_dali [DRY_RUN=1] [RESULTS=DIR] [PY=python3] [DATA=DIR] [CAP=seconds]
 #              : one stage of the GPU check (benchmarks/gpu_check.py; core <= 5 min, ray <= 4, dali <= 3 on one
-#              H100/H200), results in RESULTS/gpu_<stage>.json (default benchmarks/results). DRY_RUN=1: every part
+#              H100/H200; ray_dali <= 2, where a lend has time left), results in RESULTS/gpu_<stage>.json (default benchmarks/results). DRY_RUN=1: every part
 #              CPU-sized, no GPU needed. It installs nothing: PY is .venv/bin/python when present, else python3.
 
 PYTHON ?= python3

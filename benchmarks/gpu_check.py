@@ -1,8 +1,10 @@
-"""The GPU check, in three stages that each fit one short lend of a one-GPU machine.
+"""The GPU check, in three stages that each fit one short lend of a one-GPU machine, and a fourth where a lend has
+time left.
 
     make gpu-check STAGE=core DATA=DIR               # = python benchmarks/gpu_check.py core --data DIR
     make gpu-check STAGE=ray DATA=DIR RESULTS=OUT    # Ray importable; DALI not needed
     make gpu-check STAGE=dali DATA=DIR               # DALI importable; Ray not needed
+    make gpu-check STAGE=ray_dali DATA=DIR           # Ray and DALI importable: beyond a lend's plan of 12 minutes
     make gpu-check STAGE=core DRY_RUN=1 RESULTS=DIR  # every part CPU-sized, on a machine without a GPU
     python3 benchmarks/gpu_check.py core --data /root/data --results "$OUT"   # where make is missing
 
@@ -36,6 +38,10 @@ dali (cap 180 s; DALI importable, Ray not needed)
               which data.pipeline=auto reads. A loader that fails is recorded with its error, the others
               still measured (here and in fed_epoch), the file still written; the part then fails
   fed_epoch   ~30 s, cap 50: one ResNet-18 epoch fed by each loader, and from GPU memory
+ray_dali (cap 120 s; Ray and DALI importable; not in a lend's plan: a sixth call, where the lend has time left)
+  dali_study  ~50 s, cap 110: one study, two one-rank ResNet-18 trials one at a time, the same but for
+              data.pipeline (torch, then dali): DALI's GPU pipeline in a Ray trial process, what
+              data.pipeline=auto picks on a GPU where DALI measured faster, beside the torch path
 
 RESULTS/gpu_<stage>.json is rewritten after every part and every measurement (device, torch / CUDA /
 cuDNN versions, every figure and ratio of this run, each part's status, seconds, estimate and cap,
@@ -822,6 +828,39 @@ def fed_epoch(check: Check) -> None:
     none_failed(record)
 
 
+# ================================================================================================ ray_dali
+def dali_study(check: Check) -> None:
+    """The product's own path on a GPU where DALI measured faster: DALI's GPU pipeline in a Ray trial process.
+    Two one-rank trials one at a time, the same but for data.pipeline (torch, then dali): their last epochs'
+    images/s side by side, from one study."""
+    sets = study_sets(check, "tune.scheduler=fifo", "train.epochs=2", "tune.max_concurrent_trials=1",
+                      "tune.search_space={data.pipeline: {grid: [torch, dali]}}")
+    output, wall, rc = run_study(check, "dali_study", sets)
+    figures = check.figures
+    figures.update(study_figures(output, wall), exit_status=rc)
+    rows: dict[str, list[dict]] = {}
+    for row in ResultsLog(output).read():
+        rows.setdefault(row.get("data.pipeline"), []).append(row)
+    pipelines = {}
+    for name, got in rows.items():
+        last = max(got, key=lambda r: r["epoch"])  # the first epoch also pays cuDNN's tuning and DALI's build
+        pipelines[name] = {"fed_by": last.get("data_pipeline"), "epochs": len(got),
+                           "last_epoch_images_per_second": last.get("images_per_second"),
+                           "val_acc": last.get("val_acc")}
+    figures["pipelines"] = pipelines
+    torch_ips, dali_ips = ((pipelines.get(name) or {}).get("last_epoch_images_per_second") for name in ("torch", "dali"))
+    if torch_ips and dali_ips:
+        figures["dali_vs_torch_epoch_images_per_second"] = round(dali_ips / torch_ips, 3)  # one study, one device
+    study_ended_well(check, "dali_study", rc)
+    expected = check.pick("dali-gpu", "dali-cpu")
+    fed_by = (pipelines.get("dali") or {}).get("fed_by")
+    if fed_by != expected:
+        raise RuntimeError(f"the dali trial was fed by {fed_by}, not {expected}: see {check.log_path('dali_study')}")
+    check.current["summary"] = (f"{expected} in a Ray trial, {dali_ips:,.0f} img/s an epoch"
+                                + (f" = {figures['dali_vs_torch_epoch_images_per_second']:.2f}x the torch path's"
+                                   if torch_ips else ""))
+
+
 # ================================================================================================= stages
 # Estimates on one H100/H200 (ResNet-18 on 32x32 images: 0.56 G multiply-adds = 1.1 GFLOP forward, ~3.3 GFLOP
 # a training image; eager bf16 channels_last at batch 512 ~20-30k img/s, i.e. MFU ~8-10% of a measured
@@ -865,8 +904,25 @@ STAGES: dict[str, tuple[float, list[Part]]] = {
         # 7 epochs of 50,000 images (resident, 2 sets x 3 loaders) at ~25k img/s; the full-set DataLoader slower
         Part("fed_epoch", 30, 50, fed_epoch, "one ResNet-18 epoch fed by each loader and from GPU memory"),
     ]),
+    # Not in a lend's plan of 12 minutes: a sixth call, where the lend still has the time (benchmarks/README.md).
+    "ray_dali": (120, [
+        # Ray start ~8 s; the trial process's start ~8 s, the second trial's ~1 s; 2 x 2 epochs of 45,000 images at
+        # ~25k img/s ~8 s with their evaluations; DALI's build ~3 s; the test evaluation in a GPU task ~8 s; exit ~8 s
+        Part("dali_study", 50, 110, dali_study, "a one-GPU study fed by DALI's GPU pipeline in its Ray trial process "
+             "beside the torch path (2 trials x 2 epochs, one at a time)"),
+    ]),
 }
-NEEDS = {"ray": ("ray", "Ray"), "dali": ("nvidia.dali", "NVIDIA DALI")}
+NEEDS = {"ray": [("ray", "Ray")], "dali": [("nvidia.dali", "NVIDIA DALI")],
+         "ray_dali": [("ray", "Ray"), ("nvidia.dali", "NVIDIA DALI")]}
+
+
+def importable(module: str) -> bool:
+    """Whether `module` can be imported, without importing it (find_spec("a.b") imports a: a missing a is
+    answered here, not raised, as is a finder that refuses it)."""
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in (module.split(".")[0], module))
+    except ImportError:
+        return False
 
 
 def fail(message: str) -> None:
@@ -911,11 +967,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         fail(f"torch {torch.__version__} sees no CUDA GPU here: the check needs one; "
              "DRY_RUN=1 (--dry-run) runs every part CPU-sized instead")
-    if args.stage in NEEDS and importlib.util.find_spec(NEEDS[args.stage][0].split(".")[0]) is None or (
-            args.stage == "dali" and importlib.util.find_spec("nvidia.dali") is None):
-        module, name = NEEDS[args.stage]
-        fail(f"stage {args.stage} needs {name} ({module}) importable: unpack its pack and run the export line "
-             "unpack.sh prints (see benchmarks/README.md, GPU check)")
+    missing = [(module, name) for module, name in NEEDS.get(args.stage, []) if not importable(module)]
+    if missing:
+        fail(f"stage {args.stage} needs {' and '.join(f'{name} ({module})' for module, name in missing)} importable: "
+             "unpack its pack and run the export line unpack.sh prints (see benchmarks/README.md, GPU check)")
     device = torch.device("cpu" if args.dry_run else "cuda")
     if args.dry_run:
         # One intra-op thread: a 2-thread OpenMP region on a shared machine can wait 100x longer than it computes.

@@ -272,6 +272,35 @@ def test_usage_mistakes_are_one_line(tmp_path):
     assert "DRY_RUN=1" in proc.stderr
 
 
+def test_a_stage_without_its_packages_names_each_missing_one_in_one_line(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, CHECK, "ray_dali", "--dry-run", "--data", str(tmp_path), "--results",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith("gpu_check: error: stage ray_dali needs Ray (ray) and NVIDIA DALI (nvidia.dali) "
+                                  "importable"), proc.stderr
+
+
+def test_ray_dali_dry_run_feeds_a_ray_trial_by_dali_beside_the_torch_path(tmp_path, data_dir):
+    pytest.importorskip("ray")
+    pytest.importorskip("nvidia.dali")
+    rc, out, doc, _ = run_check("ray_dali", tmp_path / "results", data_dir)
+    got = assert_complete(rc, out, doc, "ray_dali")
+    f = got["dali_study"]["figures"]
+    assert f["exit_status"] == 0 and f["trial_statuses"] == {"completed": 2} and f["best_trial_test_acc"] is not None
+    pipelines = f["pipelines"]
+    assert {k: (v["fed_by"], v["epochs"]) for k, v in pipelines.items()} == {"torch": ("torch", 2),
+                                                                             "dali": ("dali-cpu", 2)}
+    assert f["dali_vs_torch_epoch_images_per_second"] == pytest.approx(
+        pipelines["dali"]["last_epoch_images_per_second"] / pipelines["torch"]["last_epoch_images_per_second"],
+        rel=1e-2)
+    page = gpu_figures.render(str(tmp_path / "results"))
+    assert "| dali | dali-cpu | 2 | " in page and "### core: not run (no gpu_core.json)" in page
+
+
 def test_make_gpu_check_installs_nothing_and_passes_the_stage_on():
     """The GPU machine has no network: the target must not depend on `install`; PY on the command line wins."""
     # --no-print-directory: under `make test` this make is a sub-make, which would say which folder it enters.
@@ -296,19 +325,23 @@ def test_the_lend_plan_fits_twelve_minutes_and_agrees_with_the_stages():
     lend = readme.split("### A lend, call by call", 1)[1].split("\nThe commands", 1)[0]
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lend.splitlines()
             if line.startswith("|") and not line.startswith("| ---")][1:]  # (the header row left out)
-    total = float(re.fullmatch(r"\*\*([\d.]+) min\*\*", rows[-1][3])[1])
-    minutes = [float(re.fullmatch(r"([\d.]+) min", row[3])[1]) for row in rows[:-1]]
-    assert rows[0][0] == "(start)" and minutes[0] >= 1.0  # the machine's start counts
+    at_total = next(i for i, row in enumerate(rows) if row[3].startswith("**"))
+    plan, beyond = rows[:at_total], rows[at_total + 1:]  # after the total: the calls only made where time is left
+    total = float(re.fullmatch(r"\*\*([\d.]+) min\*\*", rows[at_total][3])[1])
+    minutes = [float(re.fullmatch(r"([\d.]+) min", row[3])[1]) for row in plan]
+    assert plan[0][0] == "(start)" and minutes[0] >= 1.0  # the machine's start counts
     assert round(sum(minutes), 1) == total <= 12.0, (minutes, total)
+    assert all(row[0].endswith("if time is left") for row in beyond), beyond
     stages, planned_stages = gpu_check.STAGES, []
-    for row, planned in zip(rows[1:-1], minutes[1:]):
-        stage = re.search(r"\b(core|ray|dali)$", row[2])  # the call that runs a stage names it last
+    for row in plan[1:] + beyond:
+        stage = re.search(r"\b(core|ray|dali|ray_dali)$", row[2])  # the call that runs a stage names it last
         if stage:
             planned_stages.append(stage[1])
             cap, parts_of_stage = stages[stage[1]]
-            assert planned * 60 >= sum(p.estimate_s for p in parts_of_stage), row
+            assert float(row[3].split()[0]) * 60 >= sum(p.estimate_s for p in parts_of_stage), row
             assert float(row[4]) > cap, row
     assert sorted(planned_stages) == sorted(stages)  # each stage once
+    assert [re.search(r"\w+$", row[2])[0] for row in beyond] == ["ray_dali"]  # the one stage beyond the plan
 
     table = dict((m[1], (float(m[2]), float(m[3])))
                  for m in re.finditer(r"^\| [^|]*\| `(\w+)` \| (\d+) s \((\d+)\) \|", readme, re.MULTILINE))

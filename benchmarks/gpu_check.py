@@ -40,7 +40,7 @@ dali (cap 180 s; DALI importable, Ray not needed)
   fed_epoch   ~30 s, cap 50: one ResNet-18 epoch fed by each loader, and from GPU memory
 ray_dali (cap 120 s; Ray and DALI importable; not in a lend's plan: a sixth call, where the lend has time left)
   dali_study  ~50 s, cap 110: one study, two one-rank ResNet-18 trials one at a time, the same but for
-              data.pipeline (torch, then dali): DALI's GPU pipeline in a Ray trial process, what
+              data.pipeline (dali, then torch): DALI's GPU pipeline in a Ray trial process, what
               data.pipeline=auto picks on a GPU where DALI measured faster, beside the torch path
 
 RESULTS/gpu_<stage>.json is rewritten after every part and every measurement (device, torch / CUDA /
@@ -831,10 +831,10 @@ def fed_epoch(check: Check) -> None:
 # ================================================================================================ ray_dali
 def dali_study(check: Check) -> None:
     """The product's own path on a GPU where DALI measured faster: DALI's GPU pipeline in a Ray trial process.
-    Two one-rank trials one at a time, the same but for data.pipeline (torch, then dali): their last epochs'
-    images/s side by side, from one study."""
+    Two one-rank trials one at a time, the same but for data.pipeline: dali first (the figure this stage is for,
+    should the cap come), then torch; their last epochs' images/s side by side, from one study."""
     sets = study_sets(check, "tune.scheduler=fifo", "train.epochs=2", "tune.max_concurrent_trials=1",
-                      "tune.search_space={data.pipeline: {grid: [torch, dali]}}")
+                      "tune.search_space={data.pipeline: {grid: [dali, torch]}}")
     output, wall, rc = run_study(check, "dali_study", sets)
     figures = check.figures
     figures.update(study_figures(output, wall), exit_status=rc)

@@ -55,7 +55,11 @@ class _Run:
     """What one run trains with, built once: the model (bare and DDP-wrapped), optimizer, schedule, AMP."""
 
     model: nn.Module
-    ddp_model: nn.Module
+    ddp_model: nn.Module  # what trains: DDP-wrapped where world_size > 1, then compiled where train.compile
+    # What evaluates: the same, never compiled. A compiled model evaluated in eval mode under no_grad compiles a
+    # second graph, and a third for a last, smaller batch: tens of seconds on a GPU, once per trial, more than the
+    # eager evaluations of a short trial cost (ASHA stops most trials after an epoch or two).
+    eval_model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
@@ -70,13 +74,14 @@ def _build_run(cfg: Config, loader: TrainBatches, device: torch.device, world_si
     model = build_model(cfg, device)
     ddp_model = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
                  if world_size > 1 else model)
+    eval_model = ddp_model
     # cudnn.benchmark / TF32 on CUDA; torch.compile wraps the DDP module, checkpoints keep the bare one.
     ddp_model = engine.prepare_model(ddp_model, device, compile=cfg.train.compile)
     total_steps, epochs = training_length(cfg, len(loader))
     optimizer = create_optimizer(model, cfg.optim)
     scheduler = create_scheduler(optimizer, cfg.schedule, cfg.optim.lr, len(loader), total_steps)
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-    return _Run(model, ddp_model, optimizer, scheduler, scaler,
+    return _Run(model, ddp_model, eval_model, optimizer, scheduler, scaler,
                 nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing), amp, total_steps, epochs)
 
 
@@ -100,7 +105,7 @@ def _train_and_evaluate(cfg: Config, run: _Run, loader: TrainBatches, val_split:
                                  run.scaler)
     seconds = time.perf_counter() - start  # train_epoch ends on a host read, so the GPU work is done
     eval_start = time.perf_counter()
-    metrics.update(engine.evaluate(run.ddp_model, eval_batches(val_split, cfg.train.eval_batch_size, rank, world_size),
+    metrics.update(engine.evaluate(run.eval_model, eval_batches(val_split, cfg.train.eval_batch_size, rank, world_size),
                                    device, run.amp))
     metrics.update(epoch=epoch + 1, epochs=run.epochs, steps=epoch * len(loader) + steps, lr=lr,
                    epoch_seconds=seconds, eval_seconds=time.perf_counter() - eval_start,

@@ -114,3 +114,25 @@ def test_a_rank_with_half_a_gpu_cannot_allocate_more_than_half():
         torch.empty(2**30, dtype=torch.uint8, device=device)  # well within the share
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)  # the rest of the session gets the whole GPU
+
+
+def test_train_compile_compiles_the_training_step_once_and_evaluates_eagerly(monkeypatch):
+    # A compiled model evaluated in eval mode under no_grad compiles a second graph (Dynamo guards on both), and a
+    # third for a last, smaller batch: tens of seconds on a GPU, once per trial, more than the eager evaluations of
+    # a short trial (ASHA stops most after an epoch or two) cost. Counted with an eager backend: no Inductor here.
+    from torch._dynamo.testing import CompileCounter
+
+    counter, real_compile = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counter))
+    torch._dynamo.reset()
+    cfg = load_config(None, TINY_MODEL + ["train.epochs=2", "train.global_batch_size=100", "data.val_size=150",
+                                          "train.eval_batch_size=100", "train.compile=true"])
+    splits = make_splits(synthetic_cifar(400, 100), cfg.data, torch.device("cpu"))
+    history = []
+    try:
+        run_training(cfg, train_loader_for(cfg, splits.train, torch.device("cpu")), splits.val, torch.device("cpu"),
+                     on_epoch=lambda m, model: history.append(m), log=None)
+    finally:
+        torch._dynamo.reset()
+    assert [m["epoch"] for m in history] == [1, 2] and all(0 <= m["val_acc"] <= 1 for m in history)
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs compiled"  # the training step's, in train mode

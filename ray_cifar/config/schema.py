@@ -117,7 +117,7 @@ class TrainConfig:
     gpus_per_worker: float = 1.0  # GPUs per rank, in (0, 1]: 0.25 packs four 1-rank trials on one GPU, each capped to 1/4 of its memory; < 1 needs num_workers 1
     cpus_per_worker: float = 1.0  # logical CPUs Ray reserves per rank
     amp: str = "auto"  # autocast dtype: auto (bf16 on a GPU, fp16 where it has no bf16 in hardware: V100, T4; fp32 on CPU, where autocast is slower) | bf16 | fp16 (with a grad scaler; bf16 on CPU) | fp32 (autocast off)
-    compile: bool = False  # torch.compile the (DDP-wrapped) model: faster steps after a one-off compile of tens of seconds
+    compile: bool = False  # torch.compile the (DDP-wrapped) model's training step: faster steps after a one-off compile of tens of seconds; evaluation runs eager
     channels_last: bool = True  # NHWC memory format for the model and its inputs (faster convs)
     label_smoothing: float = 0.0  # cross-entropy label smoothing in [0, 1)
     seed: int = 0  # seed of weights, batch order and augmentation

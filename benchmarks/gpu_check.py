@@ -17,7 +17,7 @@ core (cap 300 s; torch, torchvision and the GPU machine's own packages only: no 
   train_step  ~90 s, cap 130: ResNet-18 training step, plain PyTorch (torchvision DataLoader, fp32) vs
               ray_cifar fp32 NCHW vs bf16 channels_last vs + torch.compile, round-robin in one run; MFU
               against the bf16 matmul rate measured on the device (and the data-sheet peak). A warm-up (the
-              compile's) still running 15 s before the cap is stopped: that variant is not measured, the rest are
+              compile's) still running 15 s before the cap is stopped: that variant is not measured, the rest are.
   cuda_tests  ~35 s, cap 60: `pytest -m gpu` of the tests that need neither Ray nor DALI (no host sync
               per step, AMP bf16/fp16 + channels_last, compile, the packed rank's memory cap); before seed000,
               whose length is the least sure, so an overrun there cannot starve them

@@ -142,8 +142,8 @@ def test_a_warm_up_still_running_at_its_deadline_is_stopped_and_the_other_varian
         late = {compiled: runners[compiled]}  # Dynamo's trace of the model alone takes over a second here
         more, failed, cut = train_throughput.warm_up(late, 1, torch.device("cpu"), deadline=start + 0.3)
         assert not more and not failed and list(cut) == [compiled] and not late, cut
-        assert cut[compiled].startswith("warm-up stopped at its deadline after 0.")
-        assert time.monotonic() - start < 2.0
+        assert cut[compiled].startswith("warm-up stopped at its deadline after ")
+        assert time.monotonic() - start < 2.0  # 0.3 s, and a loaded machine's delay in running the handler
         left = signal.getitimer(signal.ITIMER_REAL)[0]  # an outer timer is left running, on its own time
         assert (left > 0) == (outer_left > 0) and left <= outer_left
 

@@ -167,11 +167,11 @@ def test_an_outer_timer_due_first_fires_once_and_the_deadline_still_holds():
         start = time.monotonic()
         signal.setitimer(signal.ITIMER_REAL, 0.1)
         with pytest.raises(train_throughput.DeadlinePassed):
-            with train_throughput.interrupt_at(start + 0.5):
-                while time.monotonic() < start + 3:
+            with train_throughput.interrupt_at(start + 1.0):
+                while time.monotonic() < start + 4:
                     time.sleep(0.01)
-        assert 0.45 < time.monotonic() - start < 1.5
-        assert len(outer_fired) == 1 and outer_fired[0] - start < 0.45
+        assert 0.95 < time.monotonic() - start < 3  # (the upper bound: a loaded machine runs handlers late)
+        assert len(outer_fired) == 1 and outer_fired[0] - start < 0.95
         assert signal.getitimer(signal.ITIMER_REAL)[0] == 0  # the outer one went off: not set again
     finally:
         signal.signal(signal.SIGALRM, saved_handler)

@@ -305,17 +305,23 @@ def interrupt_at(deadline: float | None):
             outer["handler"](signum, frame)
         signal.setitimer(signal.ITIMER_REAL, max(deadline - time.monotonic(), 1e-3))
 
-    outer = {"handler": signal.signal(signal.SIGALRM, on_alarm), "fired": False}
+    outer = {"handler": signal.getsignal(signal.SIGALRM), "fired": False}
     outer_left, _ = signal.getitimer(signal.ITIMER_REAL)
     start = time.monotonic()
-    signal.setitimer(signal.ITIMER_REAL, min(left, outer_left) if outer_left else left)
-    try:
+    try:  # (the handler and the timer inside it: an alarm due at once still ends in the restore below)
+        signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, min(left, outer_left) if outer_left else left)
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, outer["handler"])
-        if outer_left and not outer["fired"]:  # what was left of it, at least a moment
-            signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - start), 1e-3))
+        while True:  # an alarm that comes due as the block ends is raised here: the block is over, restore anyway
+            try:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, outer["handler"])
+                if outer_left and not outer["fired"]:  # what was left of it, at least a moment
+                    signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - start), 1e-3))
+                break
+            except DeadlinePassed:
+                continue
 
 
 def warm_up(runners: dict, steps: int, device: torch.device,

@@ -288,24 +288,29 @@ class DeadlinePassed(BaseException):
 @contextlib.contextmanager
 def interrupt_at(deadline: float | None):
     """Raise DeadlinePassed in the block once time.monotonic() reaches `deadline` (SIGALRM; main thread only,
-    elsewhere no deadline). torch.compile runs in the caller's thread and has no timeout of its own: this is what
-    stops a compile that would take a part's whole cap. An outer timer (pytest-timeout's) keeps its own time."""
-    if deadline is None or threading.current_thread() is not threading.main_thread():
+    elsewhere no deadline); DeadlinePassed("its deadline had passed") before the block where it already has.
+    torch.compile runs in the caller's thread and has no timeout of its own: this is what stops a compile that would
+    take a part's whole cap. An outer timer (pytest-timeout's) keeps its own time."""
+    if deadline is None:
         yield
         return
     left = deadline - time.monotonic()
     if left <= 0:
-        raise DeadlinePassed()
+        raise DeadlinePassed("its deadline had passed")
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    outer_handler, outer_fired = signal.getsignal(signal.SIGALRM), False
 
     def on_alarm(signum, frame):
+        nonlocal outer_fired
         if time.monotonic() >= deadline - 0.01:  # (a timer may fire a hair before the clock reads it)
             raise DeadlinePassed()
-        outer["fired"] = True  # the outer timer's time came first: its handler, once, then ours again
-        if callable(outer["handler"]):
-            outer["handler"](signum, frame)
+        outer_fired = True  # the outer timer's time came first: its handler, once, then ours again
+        if callable(outer_handler):
+            outer_handler(signum, frame)
         signal.setitimer(signal.ITIMER_REAL, max(deadline - time.monotonic(), 1e-3))
 
-    outer = {"handler": signal.getsignal(signal.SIGALRM), "fired": False}
     outer_left, _ = signal.getitimer(signal.ITIMER_REAL)
     start = time.monotonic()
     try:  # (the handler and the timer inside it: an alarm due at once still ends in the restore below)
@@ -316,8 +321,8 @@ def interrupt_at(deadline: float | None):
         while True:  # an alarm that comes due as the block ends is raised here: the block is over, restore anyway
             try:
                 signal.setitimer(signal.ITIMER_REAL, 0)
-                signal.signal(signal.SIGALRM, outer["handler"])
-                if outer_left and not outer["fired"]:  # what was left of it, at least a moment
+                signal.signal(signal.SIGALRM, outer_handler)
+                if outer_left and not outer_fired:  # what was left of it, at least a moment
                     signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - start), 1e-3))
                 break
             except DeadlinePassed:
@@ -333,12 +338,11 @@ def warm_up(runners: dict, steps: int, device: torch.device,
     for name, runner in list(runners.items()):
         start = time.perf_counter()
         try:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise DeadlinePassed("not warmed up: its deadline had passed")
             with interrupt_at(deadline):
                 measure(runner, steps, device)
-        except DeadlinePassed as e:
-            cut[name] = str(e) or f"warm-up stopped at its deadline after {time.perf_counter() - start:.1f} s"
+        except DeadlinePassed as e:  # (with a message where the block never began)
+            cut[name] = (f"not warmed up: {e}" if str(e)
+                         else f"warm-up stopped at its deadline after {time.perf_counter() - start:.1f} s")
         except Exception as e:  # e.g. no C++ compiler for inductor: record it, measure the rest
             failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         else:

@@ -122,13 +122,17 @@ def assert_complete(rc: int, out: str, doc: dict, stage: str) -> dict:
     return parts(doc)
 
 
-def test_core_dry_run_needs_neither_ray_nor_dali(tmp_path, data_dir):
+def blocking_pythonpath(tmp_path) -> str:
+    """A PYTHONPATH whose first folder holds BLOCKER as sitecustomize: Ray and DALI unimportable under it."""
     blocker = tmp_path / "blocker"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(BLOCKER)
+    return os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+
+
+def test_core_dry_run_needs_neither_ray_nor_dali(tmp_path, data_dir):
     log = tmp_path / "blocked.log"
-    env = {"PYTHONPATH": os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           "GPU_CHECK_BLOCK_LOG": str(log)}
+    env = {"PYTHONPATH": blocking_pythonpath(tmp_path), "GPU_CHECK_BLOCK_LOG": str(log)}
     rc, out, doc, _ = run_check("core", tmp_path / "results", data_dir, env=env)
     lines = log.read_text().splitlines()
     # In force in the stage, its three training runs and pytest: a hard import of either would have failed a part.
@@ -273,10 +277,7 @@ def test_usage_mistakes_are_one_line(tmp_path):
 
 
 def test_a_stage_without_its_packages_names_each_missing_one_in_one_line(tmp_path):
-    blocker = tmp_path / "blocker"
-    blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(BLOCKER)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": blocking_pythonpath(tmp_path)}
     proc = subprocess.run([sys.executable, CHECK, "ray_dali", "--dry-run", "--data", str(tmp_path), "--results",
                            str(tmp_path)], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr[-2000:]

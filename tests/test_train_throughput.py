@@ -158,6 +158,37 @@ def test_a_warm_up_still_running_at_its_deadline_is_stopped_and_the_other_varian
     assert cut == {"plain": "not warmed up: its deadline had passed"}
 
 
+def test_a_warm_up_compiles_the_backward_graph_with_the_forward_where_its_deadline_can_stop_it():
+    # AOTAutograd compiles the backward graph lazily, inside the first backward pass. On CUDA that pass runs in
+    # autograd's device thread while the main thread waits in C++, where no signal handler runs: the deadline
+    # could not stop that half of a compile. Here on the CPU the backward runs in the calling thread either way,
+    # so the test asks where the compile happened: outside any backward pass (no autograd node running).
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    outside_backward = []
+
+    def backward_compiler(gm, example_inputs):
+        outside_backward.append(torch._C._current_autograd_node() is None)
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=lambda gm, example_inputs: make_boxed_func(gm.forward),
+                           bw_compiler=backward_compiler)
+    args = argparse.Namespace(data=None, images=64, batch_size=8, model="small", no_compile=False,
+                              compile_backend=backend, steps=1, repeats=1)
+    cfg = load_config(None, train_throughput.MODELS["small"] + train_throughput.AUGMENT)
+    runners, _, _ = train_throughput.make_runners(args, cfg, torch.device("cpu"))
+    compiled = {"ray_cifar-bf16-channels_last-compile": runners.pop("ray_cifar-bf16-channels_last-compile")}
+    try:
+        train_throughput.close_runners(runners.values())
+        seconds, failed, cut = train_throughput.warm_up(compiled, 1, torch.device("cpu"),
+                                                        deadline=time.monotonic() + 300)
+        assert list(seconds) == list(compiled) and not failed and not cut, (failed, cut)
+        assert outside_backward == [True]
+    finally:
+        train_throughput.close_runners(compiled.values())
+
+
 def test_an_outer_timer_due_first_fires_once_and_the_deadline_still_holds():
     # pytest-timeout (or any caller) may own SIGALRM around a warm-up: its alarm must still go off, once.
     saved_handler, (saved_left, _) = signal.getsignal(signal.SIGALRM), signal.getitimer(signal.ITIMER_REAL)

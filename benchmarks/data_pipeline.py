@@ -105,11 +105,14 @@ def time_batches(batches, seconds: float, device: torch.device, step=None, image
 
 
 def training_step(device: torch.device, amp: str = "bf16", model_overrides=("model.name=resnet18",)):
-    """One SGD step of a model (ResNet-18 unless `model_overrides` say otherwise), bf16/fp16 autocast, channels_last."""
+    """One SGD step of a model (ResNet-18 unless `model_overrides` say otherwise), bf16/fp16 autocast, channels_last,
+    under the device's fast paths (cuDNN autotuning, TF32) as a trial trains: a slower model would hide what a
+    loader costs, and flatter every 'fed / from GPU memory' ratio."""
+    from ray_cifar import engine
     from ray_cifar.models import create_model_from_config
 
     model = create_model_from_config(load_config(None, list(model_overrides)).model).to(device)
-    model = model.to(memory_format=torch.channels_last)
+    model = engine.prepare_model(model.to(memory_format=torch.channels_last), device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     loss_fn = torch.nn.CrossEntropyLoss()
 

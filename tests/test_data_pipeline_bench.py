@@ -24,6 +24,18 @@ from ray_cifar.data.loader import Split  # noqa: E402
 from ray_cifar.validation import load_config  # noqa: E402
 
 
+def test_the_fed_epochs_train_under_the_devices_fast_paths_as_a_trial_does(monkeypatch):
+    # cuDNN autotuning and TF32 are set per process, on CUDA only (engine.set_fast_paths): the fed epochs' model
+    # must step under them, or the slower model hides what a loader costs. Recorded here, as no GPU is needed to
+    # ask for them.
+    from ray_cifar import engine
+
+    asked = []
+    monkeypatch.setattr(engine, "set_fast_paths", asked.append)
+    bench.training_step(torch.device("cpu"), "bf16", TINY_MODEL)
+    assert asked == [torch.device("cpu")]
+
+
 def test_a_failing_loader_is_recorded_the_others_measured_and_auto_takes_the_torch_path(tmp_path, monkeypatch):
     cpu = torch.device("cpu")
     data = synthetic_cifar(n_train=256)

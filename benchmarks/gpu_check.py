@@ -531,7 +531,8 @@ def seed_run_figures(run: dict) -> dict:
 
 
 def pytest_part(check: Check, files: list[str], log_name: str) -> None:
-    """`pytest -m gpu FILES` (skipped one by one without a GPU); counts and failures from its JUnit XML."""
+    """`pytest -m gpu FILES`; counts, failures and skips from its JUnit XML. A dry run's tests skip one by one (no
+    GPU); on the GPU a skipped one (CUDA unseen in pytest's process, say) fails the part."""
     xml = os.path.join(check.logs, f"{log_name}.xml")
     rc = check.run_command([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
                             "--junitxml", xml, *files], log_name)
@@ -542,6 +543,8 @@ def pytest_part(check: Check, files: list[str], log_name: str) -> None:
                                 f"failed, {counts.get('skipped', 0)} skipped")
     if rc != 0:
         raise RuntimeError(f"pytest exit {rc}: {', '.join(counts.get('failed', [])) or 'see ' + check.log_path(log_name)}")
+    if counts.get("skipped") and not check.dry_run:  # (pytest's exit 0): on the GPU each must run, or it proved nothing
+        raise RuntimeError(f"{counts['skipped']} of {counts['tests']} skipped on the GPU: {'; '.join(counts['skips'])}")
 
 
 def junit_counts(path: str) -> dict:
@@ -553,6 +556,8 @@ def junit_counts(path: str) -> dict:
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     counts["failed"] = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
                         if case.find("failure") is not None or case.find("error") is not None]
+    counts["skips"] = [f"{case.get('name')} ({case.find('skipped').get('message')})" for case in suite.iter("testcase")
+                       if case.find("skipped") is not None]
     return counts
 
 

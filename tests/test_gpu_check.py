@@ -266,6 +266,27 @@ def test_a_tiny_cap_stops_the_stage_cleanly_with_its_json(tmp_path, data_dir, st
     assert out.rstrip().splitlines()[-1] == doc["summary"] and "cut by the cap" in doc["summary"]
 
 
+def test_on_the_gpu_a_skipped_gpu_test_fails_its_part(tmp_path):
+    # pytest exits 0 when every test skips: on the GPU that would read "ok" having proved nothing (the tests skip
+    # where CUDA is not seen). A check on the GPU (here: not a dry run) runs the real files; none can run here.
+    import argparse
+
+    import gpu_check
+
+    args = argparse.Namespace(dry_run=False, cap=120.0, results=str(tmp_path), work=str(tmp_path / "work"),
+                              keep_work=False, parts=None, data=None)
+    check = gpu_check.Check("core", [], args, torch.device("cpu"))
+    check.current = {}
+    with pytest.raises(RuntimeError, match=r"^(\d+) of \1 skipped on the GPU: test_.* \(needs a CUDA GPU\)"):
+        gpu_check.pytest_part(check, gpu_check.CORE_GPU_TESTS, "cuda_tests")
+    assert check.figures["exit_status"] == 0 and check.figures["tests"] == check.figures["skipped"] >= 5
+    assert len(check.figures["skips"]) == check.figures["skipped"]
+
+    check.dry_run = True  # a dry run's skips are expected
+    gpu_check.pytest_part(check, gpu_check.CORE_GPU_TESTS, "cuda_tests")
+    assert check.current["summary"].startswith("cuda_tests: 0 passed, 0 failed, ")
+
+
 def test_usage_mistakes_are_one_line(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

@@ -410,7 +410,7 @@ def train_step(check: Check) -> None:
     peak = step_bench.measured_matmul_flops(device, size=check.pick(8192, 256), iters=check.pick(20, 2))
     figures.update(measured_bf16_matmul_tflops=float(f"{peak / 1e12:.4g}"),  # a dry run's CPU: ~0.001
                    datasheet_bf16_tflops=(step_bench.peak_flops(check.doc["device"]) or 0) / 1e12 or None,
-                   train_flops_per_image=step_bench.train_flops_per_image(step_bench.MODELS[args.model], device))
+                   train_flops_per_image=step_bench.train_flops_per_image(step_bench.MODELS[args.model]))
     check.save()
     cfg = load_config(None, step_bench.MODELS[args.model] + step_bench.AUGMENT)
     runners, source, images = step_bench.make_runners(args, cfg, device)

@@ -63,6 +63,12 @@ def test_the_datasheet_peak_is_the_cards_own(name, tflops):
     assert (peak and round(peak / 1e12)) == tflops
 
 
+def test_a_training_image_of_resnet18_is_three_times_its_forward_multiply_adds_twice():
+    # MFU's numerator: CIFAR ResNet-18's 0.555 G multiply-adds forward, 2 FLOPs each, forward + backward (x3).
+    # Counted on the meta device, so on a GPU no kernel runs (nor does cuDNN tune again) for it.
+    assert train_throughput.train_flops_per_image(train_throughput.MODELS["resnet18"]) == 3 * 2 * 554_832_896
+
+
 def tiny_baseline() -> train_throughput.PlainPyTorch:
     """The plain PyTorch baseline on 64 blank images and a linear model, batches of 8, on the CPU."""
     images, labels = np.zeros((64, 32, 32, 3), np.uint8), np.zeros(64, np.int64)

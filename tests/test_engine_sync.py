@@ -16,7 +16,27 @@ from ray_cifar.validation import load_config
 
 # Every augmentation of the torch path, and mixup/cutmix on top.
 AUGMENTED = ["data.crop_padding=4", "data.flip_p=0.5", "data.autoaugment=cifar10", "data.erasing_p=0.5",
-             "data.cutout_size=8", "data.cutout_p=0.5", "data.mixup_p=0.5", "data.cutmix_p=0.5"]
+             "data.cutout_size=8", "data.cutout_p=0.5", "data.mixup_p=0.3", "data.cutmix_p=0.3"]
+
+
+def mixer_branches(cfg, steps: int, seed: int = 0) -> list[str]:
+    """Which branch BatchMixer(seed) takes at each of its first `steps` batches: its draws, replayed on the CPU."""
+    mixer, branches = BatchMixer(cfg.data, cfg.model.num_classes, seed=seed), []
+    for _ in range(steps):
+        state = mixer.rng.bit_generator.state
+        u = mixer.rng.random()
+        mixer.rng.bit_generator.state = state
+        branches.append("mixup" if u < cfg.data.mixup_p else
+                        "cutmix" if u < cfg.data.mixup_p + cfg.data.cutmix_p else "neither")
+        mixer(torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
+    return branches
+
+
+def test_the_sync_tests_checked_steps_mix_up_cut_mix_and_neither():
+    # The GPU test below checks steps 1-7 for host syncs: each of the mixer's three branches must be among them.
+    # (With mixup_p = cutmix_p = 0.5 'neither' never came: only mixed batches were checked.)
+    cfg = load_config(None, TINY_MODEL + AUGMENTED)
+    assert set(mixer_branches(cfg, 8)[1:]) == {"mixup", "cutmix", "neither"}
 
 
 def setup(device: torch.device, amp: str, overrides=()):
@@ -92,7 +112,7 @@ def test_augmented_training_steps_do_not_sync_with_the_host():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for i in range(1, 8):  # mixer draws differ per step, so mixup, cutmix and neither all occur
+        for i in range(1, 8):  # mixup, cutmix and neither all among them (the test above)
             sums += step(i)
     finally:
         torch.cuda.set_sync_debug_mode("default")

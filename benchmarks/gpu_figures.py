@@ -49,6 +49,8 @@ def stage_header(doc: dict) -> list[str]:
     if doc.get("dry_run"):
         lines += ["**DRY RUN: CPU-sized figures from a machine without a GPU, not GPU figures.**", ""]
     gpu = f", {doc['gpu_memory_gib']} GiB" if doc.get("gpu_memory_gib") else ""
+    gpu += "".join(f", {what} {doc[key]}" for what, key in (("driver", "driver"), ("compute mode", "compute_mode"))
+                   if doc.get(key))
     lines += [f"{doc.get('time', '?')[:16].replace('T', ' ')} UTC, commit {str(doc.get('git_sha') or '?')[:7]}; "
               f"{versions}{gpu}. Stage {doc.get('status', '?')}: {num(doc.get('seconds'))} s of its "
               f"{num(doc.get('cap_seconds'))} s cap.", ""]
@@ -59,12 +61,13 @@ def stage_header(doc: dict) -> list[str]:
 
 def train_step(f: dict) -> list[str]:
     rows = [[v["variant"], num(v.get("images_per_second")), num(v.get("vs_plain_pytorch"), 2, "x"),
-             pct(v.get("mfu_of_measured_peak")), num(v.get("warmup_seconds"), 1)] for v in f.get("variants", [])]
+             pct(v.get("mfu_of_measured_peak")), pct(v.get("mfu")), num(v.get("warmup_seconds"), 1)]
+            for v in f.get("variants", [])]
     lines = [f"Training step, {f.get('model')} at batch {f.get('batch_size')} (median of {f.get('repeats')} rounds of "
              f"{f.get('steps_per_measurement')} steps; compile backend {f.get('compile_backend')}); MFU against the "
              f"measured bf16 matmul rate, {sig(f.get('measured_bf16_matmul_tflops'))} TFLOP/s (datasheet "
              f"{sig(f.get('datasheet_bf16_tflops')) or 'unknown'}):", ""]
-    lines += table(["variant", "img/s", "vs plain PyTorch", "MFU", "warm-up s"], rows)
+    lines += table(["variant", "img/s", "vs plain PyTorch", "MFU", "MFU (datasheet)", "warm-up s"], rows)
     for what, key in (("Failed", "failed_variants"), ("Not measured", "cut_variants")):
         if f.get(key):
             lines += ["", f"{what}: " + "; ".join(f"{k}: {v}" for k, v in f[key].items())]

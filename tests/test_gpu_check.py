@@ -169,7 +169,7 @@ def test_core_dry_run_needs_neither_ray_nor_dali(tmp_path, data_dir):
     for r in runs:
         assert f"| {r['lr']} | {r['test_acc']:.2f} | {r['published_test_acc']} | {r['vs_published']:.2f} |" in text
     assert f"| plain-pytorch-fp32 | {variants['plain-pytorch-fp32']['images_per_second']:,.0f} | 1.00x |" in page[
-        page.index("| variant | img/s | vs plain PyTorch | MFU | warm-up s |") + 2]
+        page.index("| variant | img/s | vs plain PyTorch | MFU | MFU (datasheet) | warm-up s |") + 2]
     assert "### ray: not run (no gpu_ray.json)" in page and "### dali: not run (no gpu_dali.json)" in page
 
     # A lend cut short is written up as it is: the seed runs so far, the part's status, no invented figure.
@@ -179,10 +179,13 @@ def test_core_dry_run_needs_neither_ray_nor_dali(tmp_path, data_dir):
     doc["parts"][2]["figures"]["runs"] = runs[:1]
     doc["parts"][3].update(status="cut: stage cap reached before it started", figures=None, summary=None)
     del doc["parts"][3]["seconds"]
+    doc["parts"][0]["figures"]["variants"][-1].update(mfu_of_measured_peak=0.412, mfu=0.3315)  # what CUDA adds
     partial = tmp_path / "partial"
     partial.mkdir()
-    (partial / "gpu_core.json").write_text(json.dumps({**doc, "status": "cut", "dry_run": False}))
+    (partial / "gpu_core.json").write_text(json.dumps({**doc, "status": "cut", "dry_run": False, "driver": "580.1",
+                                                       "compute_mode": "Default"}))
     page = gpu_figures.render(str(partial))
+    assert " | 41.2% | 33.1% | " in page and ", driver 580.1, compute mode Default. Stage cut: " in page
     assert "**DRY RUN" not in page and "| seed000 | cut: the stage cap after 200 s |" in page
     assert "| 0.1 | " in page and "| 0.01 | " not in page and "torchvision-dataloader" not in page
     assert "| augment | cut: stage cap reached before it started | - (20) |" in page

@@ -112,6 +112,7 @@ def assert_complete(rc: int, out: str, doc: dict, stage: str) -> dict:
     assert rc == 0, out[-4000:]
     assert doc["stage"] == stage and doc["dry_run"] is True and doc["status"] == "ok"
     assert doc["device_type"] == "cpu" and doc["torch"] == torch.__version__ and "device" in doc
+    assert doc["shm_free_gib"] > 0  # where the DataLoader workers' batches go: a small one fails them on the GPU
     assert all(p["status"] == "ok" for p in doc["parts"]), [(p["name"], p["status"], p.get("error")) for p in doc["parts"]]
     assert all(p["estimate_seconds"] <= p["cap_seconds"] for p in doc["parts"])
     assert out.rstrip().splitlines()[-1] == doc["summary"]  # the one-line summary comes last

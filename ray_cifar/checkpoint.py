@@ -211,4 +211,17 @@ def restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Opti
     for group, hyper, base_lr, multiplier in zip(optimizer.param_groups, fresh_groups, fresh_base_lrs,
                                                   scheduler.lr_lambdas):
         group.update(hyper, initial_lr=base_lr, lr=base_lr * multiplier(scheduler.last_epoch))
+    _steps_where_capturable_needs_them(getattr(optimizer, "base", optimizer))  # (Lookahead's own state: no steps)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _steps_where_capturable_needs_them(optimizer: torch.optim.Optimizer) -> None:
+    """A capturable group (ASGD on CUDA) needs its step counts on its parameters' device. torch's load_state_dict
+    leaves them where the saving optimizer kept them: on the CPU where that one was not capturable (a state
+    saved on a CPU, say), and the first step would then fail."""
+    for group in optimizer.param_groups:
+        if group.get("capturable"):
+            for p in group["params"]:
+                step = optimizer.state.get(p, {}).get("step")
+                if torch.is_tensor(step) and step.device != p.device:
+                    optimizer.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from conftest import TINY_MODEL, synthetic_cifar
-from ray_cifar import engine
+from ray_cifar import checkpoint, engine
 from ray_cifar.data.augment import BatchMixer, create_augment
 from ray_cifar.data.loader import to_model_input
 from ray_cifar.loop import build_model
@@ -143,3 +143,34 @@ def test_a_compiled_model_trains_on_cuda_like_the_eager_one():
         torch.cuda.set_sync_debug_mode("default")
     assert sums[2].item() == 6 * 32 and torch.isfinite(sums).all()
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), eager.parameters()))  # it trained
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_asgd_on_cuda_resumes_a_cpu_state_and_steps_without_host_syncs():
+    """optim.name=asgd: not capturable, torch read each parameter's step count back to the host every step; and
+    a state saved where the optimizer was not capturable (a CPU run) keeps its step counts on the CPU, which the
+    capturable one on CUDA must still resume from."""
+    cpu, device = torch.device("cpu"), torch.device("cuda")
+    _, cpu_model, cpu_opt, cpu_sched, cpu_loss = setup(cpu, "fp32", ["optim.name=asgd"])
+    for images, labels in fixed_batches(cpu, steps=2):
+        engine.train_step(cpu_model, images, labels, cpu_opt, cpu_sched, cpu_loss, cpu, "fp32")
+    state = {"epoch": 1, "model": cpu_model.state_dict(), "optimizer": cpu_opt.state_dict(),
+             "scheduler": cpu_sched.state_dict()}
+
+    _, model, optimizer, scheduler, loss_fn = setup(device, "bf16", ["optim.name=asgd"])
+    assert all(group["capturable"] for group in optimizer.param_groups)
+    checkpoint.restore(state, model, optimizer, scheduler, None)
+    assert all(s["step"].device.type == "cuda" and s["step"].item() == 2 for s in optimizer.state.values())
+    batches = fixed_batches(device, steps=4)
+    sums = torch.zeros(3, device=device, dtype=torch.float64)
+    sums += engine.train_step(model, *batches[0], optimizer, scheduler, loss_fn, device, "bf16")  # cuDNN tunes
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for images, labels in batches[1:]:
+            sums += engine.train_step(model, images, labels, optimizer, scheduler, loss_fn, device, "bf16")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert sums[2].item() == 4 * 32 and torch.isfinite(sums).all()
+    assert all(s["step"].item() == 6 for s in optimizer.state.values())

@@ -107,11 +107,16 @@ def test_flip_rate_and_crop_offsets_uniform_with_fill():
     assert torch.equal(cropped[:, 16, 16, 2], images[:, 0, 0, 2])
 
 
-def test_erasing_and_cutout_statistics():
+@pytest.mark.parametrize("where", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_erasing_and_cutout_statistics(where):
+    # On the GPU too: its graph draws the random fill on the device (fn.random.uniform), and the GPU test of
+    # every augmentation at once uses the zero fill only.
+    device = CPU if where == "cpu" else torch.device("cuda", torch.cuda.current_device())
     n = 3000
     white = torch.full((n, 32, 32, 3), 255, dtype=torch.uint8)
     cfg = data_cfg("erasing_p=0.6", "erasing_scale=[0.05,0.2]", "erasing_ratio=[0.5,2.0]", "erasing_fill=mean")
-    out = dali_epoch(white, cfg, global_batch=1000)
+    out = dali_epoch(white, cfg, global_batch=1000, device=device)
     mean = torch.tensor([round(m * 255) for m in A.MEAN], dtype=torch.uint8)
     count, h, w = erased_boxes(out, out == mean)
     erased = count > 0
@@ -119,14 +124,14 @@ def test_erasing_and_cutout_statistics():
     area = count[erased].float() / 1024
     assert area.min() >= 0.04 and area.max() <= 0.24 and area.mean().item() == pytest.approx(0.125, abs=0.01)
 
-    out = dali_epoch(white, data_cfg("cutout_size=8", "cutout_p=0.7"), global_batch=1000)
+    out = dali_epoch(white, data_cfg("cutout_size=8", "cutout_p=0.7"), global_batch=1000, device=device)
     count, h, w = erased_boxes(out, out == 0)
     assert_rate((count > 0).float().mean().item(), 0.7, n)
     assert h.max() == 8 and w.max() == 8
     assert_rate(((h == 8) & (w == 8)).float().mean().item(), 0.7 * (25 / 32) ** 2, n)
 
     random_fill = dali_epoch(white[:500], data_cfg("erasing_p=1", "erasing_scale=[0.3,0.3]", "erasing_fill=random"),
-                             global_batch=500).float()
+                             global_batch=500, device=device).float()
     values = random_fill[random_fill != 255]
     assert values.mean().item() == pytest.approx(127, abs=2) and values.std().item() == pytest.approx(73.6, abs=2)
 

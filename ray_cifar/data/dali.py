@@ -262,8 +262,10 @@ class DaliTrainLoader:
         labels = self.split.labels[self._indices].view(len(self), self.local_batch_size)
         stream = torch.cuda.current_stream(self.device_id) if self.on_gpu else None
         for step in range(len(self)):
-            # As DALIGenericIterator: wait for this step's DALI output (computed PREFETCH_DEPTH steps
-            # ahead, so normally ready), never for the training stream; the copy below is asynchronous.
+            # As DALIGenericIterator: wait for this step's DALI output, computed PREFETCH_DEPTH steps ahead.
+            # On a GPU its input was gathered on torch's stream, behind the training queued then, so this waits
+            # for training up to about PREFETCH_DEPTH steps back: the host stays that far ahead, the GPU busy.
+            # The copy below is asynchronous.
             (out,) = self.pipe.run()
             if self._loaded_before_build is not None:
                 # The source callbacks (sample indices, erasing and cutout boxes) are converted when DALI first

@@ -50,7 +50,9 @@ def set_fast_paths(device: torch.device) -> None:
     """cuDNN autotuning and TF32 matmuls/convolutions on CUDA (no effect elsewhere).
 
     CIFAR batches keep one shape, so cudnn.benchmark's one-off search per shape pays back from
-    the second step; TF32 only touches fp32 math (bf16/fp16 autocast regions are unaffected).
+    the second step; TF32 only touches fp32 math (bf16/fp16 autocast regions are unaffected): the model's
+    fp32 layers, and the few fp32 matmuls of the torch augmentations (colour jitter's colour matrix, the
+    rotation/shear grid), which then differ from the CPU's by a grey level or a few hundredths of a pixel.
     """
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

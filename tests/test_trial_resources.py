@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from ray_cifar.tuning import cluster as ray_cluster
 from ray_cifar.validation import load_config
@@ -106,3 +107,36 @@ def test_an_address_ray_cannot_connect_to_is_refused_in_one_line(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     with pytest.raises(ConfigError, match=r"^\$RAY_ADDRESS ray://head:10001: Ray could not connect"):
         ray_cluster._start_or_connect(load_config(None, []))
+
+
+@pytest.mark.parametrize("ids, visible, expected", [
+    ([], None, 0),  # no GPU asked of Ray (use_gpu forced on a machine Ray gave none): torch's first
+    ([2], "2", 0),  # Ray's default: the trial's process sees its GPU alone
+    ([2], "0,1,2,3", 2),  # RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES: every GPU visible, its place among them
+    (["GPU-b"], "GPU-a,GPU-b", 1),  # ids as the machine's CUDA_VISIBLE_DEVICES named them
+    ([3], None, 3),  # nothing narrowed, nothing set: the id is torch's index
+])
+def test_a_one_rank_trial_trains_on_the_gpu_ray_gave_it(monkeypatch, ids, visible, expected):
+    # cuda:0 alone put every one-rank trial of a node (packed ones too) on its first GPU where Ray leaves
+    # CUDA_VISIBLE_DEVICES alone. (Ray's own assignment is not started here: its ids are given.)
+    import ray
+
+    from ray_cifar.tuning import trial
+
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: ids)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert trial.trial_gpu() == torch.device("cuda", expected)
+
+
+def test_a_gpu_hidden_from_the_trial_is_an_error_in_one_line(monkeypatch):
+    import ray
+
+    from ray_cifar.tuning import trial
+
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [1])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(RuntimeError, match=r"^Ray gave this trial GPU 1, which CUDA_VISIBLE_DEVICES=0 hides$"):
+        trial.trial_gpu()

@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import posixpath
 import tempfile
 import time
@@ -287,10 +288,26 @@ def train_in_trial_process(cfg: Config, storage_path: str, name: str, started: f
         drop_donor_copy()
         tune.report(metrics)
 
-    # Tune gave this process the trial's GPU (CUDA_VISIBLE_DEVICES), if it asked for one.
-    device = torch.device("cuda", 0) if cfg.train.use_gpu else torch.device("cpu")
+    device = trial_gpu() if cfg.train.use_gpu else torch.device("cpu")
+    if device.type == "cuda" and device.index:  # (what Ray Train does for a rank: torch's default device)
+        torch.cuda.set_device(device)
     clock = PhaseClock(started)
     run_rank(cfg, Rank(0, 1, 1, device, own_or_adopted(store.latest, donor), report), clock, started, columns)
+
+
+def trial_gpu() -> torch.device:
+    """The GPU Tune gave this trial process. Ray narrows its CUDA_VISIBLE_DEVICES to it (so cuda:0), unless told
+    not to (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1): then the GPU's place among those visible, as Ray
+    Train finds a rank's; cuda:0 would put every trial of the node, packed ones too, on its first GPU."""
+    ids = [str(i) for i in ray.get_gpu_ids()]
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d and d != "NoDevFiles"]
+    if not ids:
+        return torch.device("cuda", 0)
+    if not visible:
+        return torch.device("cuda", int(ids[0]))
+    if ids[0] not in visible:
+        raise RuntimeError(f"Ray gave this trial GPU {ids[0]}, which CUDA_VISIBLE_DEVICES={','.join(visible)} hides")
+    return torch.device("cuda", visible.index(ids[0]))
 
 
 def make_trainer(cfg: Config, storage_path: str, name: str, callbacks: list | None = None,

@@ -55,6 +55,21 @@ def fixed_batches(device, steps=3, n=32):
     return [(to_model_input(images[i * n:(i + 1) * n]), labels[i * n:(i + 1) * n]) for i in range(steps)]
 
 
+def steps_without_host_syncs(step, steps: int) -> torch.Tensor:
+    """step(0) .. step(steps - 1) on CUDA, summed: the first unchecked (a compile, cuDNN's tuning, constants
+    cached: one host copy each), the rest under sync-debug 'error', where any host sync raises."""
+    sums = torch.zeros(3, device="cuda", dtype=torch.float64)
+    sums += step(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(1, steps):
+            sums += step(i)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sums
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp32"])
 def test_train_epoch_matches_a_plain_pytorch_loop(amp):
     device = torch.device("cpu")
@@ -101,21 +116,13 @@ def test_augmented_training_steps_do_not_sync_with_the_host():
     augment, mixer = create_augment(cfg.data), BatchMixer(cfg.data, cfg.model.num_classes, seed=0)
     generator = torch.Generator(device=device)
     generator.manual_seed(0)
-    sums = torch.zeros(3, device=device, dtype=torch.float64)
 
     def step(i):
         batch = slice(32 * i, 32 * (i + 1))
         x, y = mixer(to_model_input(augment(images[batch], generator)), labels[batch])
         return engine.train_step(model, x, y, optimizer, scheduler, loss_fn, device, "bf16")
 
-    sums += step(0)  # first step outside: cached constants are built (one host copy each) and cuDNN tunes
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for i in range(1, 8):  # mixup, cutmix and neither all among them (the test above)
-            sums += step(i)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    sums = steps_without_host_syncs(step, 8)  # steps 1-7: mixup, cutmix and neither all among them (test above)
     assert sums[2].item() == 8 * 32
     assert torch.isfinite(sums).all()
 
@@ -132,15 +139,8 @@ def test_a_compiled_model_trains_on_cuda_like_the_eager_one():
     batches = fixed_batches(device, steps=6)
     with engine.autocast(device, "bf16"):
         assert torch.allclose(compiled(batches[0][0]).float(), eager(batches[0][0]).float(), atol=0.05, rtol=0.05)
-    sums = torch.zeros(3, device=device, dtype=torch.float64)
-    sums += engine.train_step(compiled, *batches[0], optimizer, scheduler, loss_fn, device, "bf16")  # compiles
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for images, labels in batches[1:]:
-            sums += engine.train_step(compiled, images, labels, optimizer, scheduler, loss_fn, device, "bf16")
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    sums = steps_without_host_syncs(  # (the first step compiles)
+        lambda i: engine.train_step(compiled, *batches[i], optimizer, scheduler, loss_fn, device, "bf16"), 6)
     assert sums[2].item() == 6 * 32 and torch.isfinite(sums).all()
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), eager.parameters()))  # it trained
 
@@ -163,14 +163,7 @@ def test_asgd_on_cuda_resumes_a_cpu_state_and_steps_without_host_syncs():
     checkpoint.restore(state, model, optimizer, scheduler, None)
     assert all(s["step"].device.type == "cuda" and s["step"].item() == 2 for s in optimizer.state.values())
     batches = fixed_batches(device, steps=4)
-    sums = torch.zeros(3, device=device, dtype=torch.float64)
-    sums += engine.train_step(model, *batches[0], optimizer, scheduler, loss_fn, device, "bf16")  # cuDNN tunes
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for images, labels in batches[1:]:
-            sums += engine.train_step(model, images, labels, optimizer, scheduler, loss_fn, device, "bf16")
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    sums = steps_without_host_syncs(
+        lambda i: engine.train_step(model, *batches[i], optimizer, scheduler, loss_fn, device, "bf16"), 4)
     assert sums[2].item() == 4 * 32 and torch.isfinite(sums).all()
     assert all(s["step"].item() == 6 for s in optimizer.state.values())

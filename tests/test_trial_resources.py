@@ -123,12 +123,13 @@ def test_a_one_rank_trial_trains_on_the_gpu_ray_gave_it(monkeypatch, ids, visibl
 
     from ray_cifar.tuning import trial
 
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # (inside a Ray worker)
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: ids)
     if visible is None:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    assert trial.trial_gpu() == torch.device("cuda", expected)
+    assert trial.ray_gpu() == torch.device("cuda", expected)
 
 
 def test_a_gpu_hidden_from_the_trial_is_an_error_in_one_line(monkeypatch):
@@ -136,7 +137,19 @@ def test_a_gpu_hidden_from_the_trial_is_an_error_in_one_line(monkeypatch):
 
     from ray_cifar.tuning import trial
 
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: [1])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     with pytest.raises(RuntimeError, match=r"^Ray gave this trial GPU 1, which CUDA_VISIBLE_DEVICES=0 hides$"):
-        trial.trial_gpu()
+        trial.ray_gpu()
+
+
+def test_outside_ray_the_gpu_is_the_first_and_no_ray_is_started(monkeypatch):
+    # ray.get_gpu_ids() starts a local Ray to answer where none runs (a one-rank trial's code in a test, say).
+    import ray
+
+    from ray_cifar.tuning import trial
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: pytest.fail("asked Ray, which starts one to answer"))
+    assert trial.ray_gpu() == torch.device("cuda", 0)

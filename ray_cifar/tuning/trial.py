@@ -288,17 +288,20 @@ def train_in_trial_process(cfg: Config, storage_path: str, name: str, started: f
         drop_donor_copy()
         tune.report(metrics)
 
-    device = trial_gpu() if cfg.train.use_gpu else torch.device("cpu")
+    device = ray_gpu() if cfg.train.use_gpu else torch.device("cpu")
     if device.type == "cuda" and device.index:  # (what Ray Train does for a rank: torch's default device)
         torch.cuda.set_device(device)
     clock = PhaseClock(started)
     run_rank(cfg, Rank(0, 1, 1, device, own_or_adopted(store.latest, donor), report), clock, started, columns)
 
 
-def trial_gpu() -> torch.device:
-    """The GPU Tune gave this trial process. Ray narrows its CUDA_VISIBLE_DEVICES to it (so cuda:0), unless told
-    not to (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1): then the GPU's place among those visible, as Ray
-    Train finds a rank's; cuda:0 would put every trial of the node, packed ones too, on its first GPU."""
+def ray_gpu() -> torch.device:
+    """The GPU Ray gave this process (a one-rank trial's, a test evaluation's). Ray narrows its
+    CUDA_VISIBLE_DEVICES to it (so cuda:0), unless told not to (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1):
+    then the GPU's place among those visible, as Ray Train finds a rank's; cuda:0 would put every trial of the
+    node, packed ones too, on its first GPU. Outside Ray (a process of its own): cuda:0."""
+    if not ray.is_initialized():  # (ray.get_gpu_ids() would start a local Ray to answer)
+        return torch.device("cuda", 0)
     ids = [str(i) for i in ray.get_gpu_ids()]
     visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d and d != "NoDevFiles"]
     if not ids:
@@ -416,7 +419,7 @@ def _evaluate(checkpoint_path: str, split_name: str) -> dict[str, float]:
     with found.as_directory() as directory:
         state = checkpoint.load_state(directory)
     cfg = config_from_dict(state["config"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = ray_gpu() if torch.cuda.is_available() else torch.device("cpu")
     model = build_model(cfg, device)
     model.load_state_dict(state["model"])
     splits = make_splits(load_cifar10(cfg.data.path, cfg.data.cache_dir, log=lambda m: None), cfg.data, device)

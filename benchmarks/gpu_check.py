@@ -59,6 +59,7 @@ import time
 STARTED = time.monotonic()  # the stage's clock starts before torch's import, which takes seconds
 
 import argparse  # noqa: E402
+import ast  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
 import importlib.util  # noqa: E402
@@ -545,8 +546,10 @@ def pytest_part(check: Check, files: list[str], log_name: str) -> None:
     passed = counts.get("tests", 0) - sum(counts.get(k, 0) for k in ("failures", "errors", "skipped"))
     check.current["summary"] = (f"{log_name}: {passed} passed, {counts.get('failures', 0) + counts.get('errors', 0)} "
                                 f"failed, {counts.get('skipped', 0)} skipped")
-    if rc != 0:
-        raise RuntimeError(f"pytest exit {rc}: {', '.join(counts.get('failed', [])) or 'see ' + check.log_path(log_name)}")
+    if rc != 0:  # (exit 5, no test run: a file skipped whole says why in its skip)
+        why = (", ".join(counts.get("failed", [])) or "; ".join(f"skipped {s}" for s in counts.get("skips", []))
+               or "see " + check.log_path(log_name))
+        raise RuntimeError(f"pytest exit {rc}: {why}")
     if counts.get("skipped") and not check.dry_run:  # (pytest's exit 0): on the GPU each must run, or it proved nothing
         raise RuntimeError(f"{counts['skipped']} of {counts['tests']} skipped on the GPU: {'; '.join(counts['skips'])}")
 
@@ -560,9 +563,21 @@ def junit_counts(path: str) -> dict:
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     counts["failed"] = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
                         if case.find("failure") is not None or case.find("error") is not None]
-    counts["skips"] = [f"{case.get('name')} ({case.find('skipped').get('message')})" for case in suite.iter("testcase")
+    counts["skips"] = [f"{case.get('name')} ({skip_reason(case.find('skipped'))})" for case in suite.iter("testcase")
                        if case.find("skipped") is not None]
     return counts
+
+
+def skip_reason(skipped: ElementTree.Element) -> str:
+    """pytest's reason for a skip. A module skipped whole (importorskip: DALI not importable, say) has the message
+    "collection skipped" and its reason in the text, as (path, line, 'Skipped: reason')."""
+    message, text = skipped.get("message") or "", (skipped.text or "").strip()
+    if message != "collection skipped" or not text:
+        return message
+    try:
+        return str(ast.literal_eval(text)[2]).removeprefix("Skipped: ")
+    except (ValueError, SyntaxError, TypeError, IndexError):
+        return text
 
 
 def cuda_tests(check: Check) -> None:

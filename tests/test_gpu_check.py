@@ -270,6 +270,7 @@ def test_a_tiny_cap_stops_the_stage_cleanly_with_its_json(tmp_path, data_dir, st
     assert out.rstrip().splitlines()[-1] == doc["summary"] and "cut by the cap" in doc["summary"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: its GPU tests would run, not skip")
 def test_on_the_gpu_a_skipped_gpu_test_fails_its_part(tmp_path):
     # pytest exits 0 when every test skips: on the GPU that would read "ok" having proved nothing (the tests skip
     # where CUDA is not seen). A check on the GPU (here: not a dry run) runs the real files; none can run here.
@@ -289,6 +290,25 @@ def test_on_the_gpu_a_skipped_gpu_test_fails_its_part(tmp_path):
     check.dry_run = True  # a dry run's skips are expected
     gpu_check.pytest_part(check, gpu_check.CORE_GPU_TESTS, "cuda_tests")
     assert check.current["summary"].startswith("cuda_tests: 0 passed, 0 failed, ")
+
+
+def test_a_test_file_skipped_whole_is_named_with_its_reason(tmp_path):
+    # DALI unimportable in the dali stage's pytest: test_dali.py's importorskip skips the module whole. pytest
+    # exits 5 (no test ran), and JUnit says "collection skipped", the reason only in its text.
+    import argparse
+
+    import gpu_check
+
+    test_file = tmp_path / "test_needs_it.py"
+    test_file.write_text("import pytest\npytest.importorskip('no_such_module_here', reason='no_such_module_here is "
+                         "not installed')\n@pytest.mark.gpu\ndef test_it():\n    pass\n")
+    args = argparse.Namespace(dry_run=True, cap=120.0, results=str(tmp_path), work=str(tmp_path / "work"),
+                              keep_work=False, parts=None, data=None)
+    check = gpu_check.Check("dali", [], args, torch.device("cpu"))
+    check.current = {}
+    with pytest.raises(RuntimeError) as failed:
+        gpu_check.pytest_part(check, [str(test_file)], "needs_it")
+    assert str(failed.value) == "pytest exit 5: skipped test_needs_it (no_such_module_here is not installed)"
 
 
 def test_usage_mistakes_are_one_line(tmp_path):

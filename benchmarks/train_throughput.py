@@ -343,7 +343,8 @@ def warm_up(runners: dict, steps: int, device: torch.device,
         # first backward, and on CUDA the backward runs in autograd's device thread while this one waits in C++,
         # where no signal handler runs: the deadline could not have stopped that half of the compile.
         try:
-            with interrupt_at(deadline), torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+            # (The patch outside the deadline's block: an alarm inside its own set or reset could leave it on.)
+            with torch._functorch.config.patch(force_non_lazy_backward_lowering=True), interrupt_at(deadline):
                 measure(runner, steps, device)
         except DeadlinePassed as e:  # (with a message where the block never began)
             cut[name] = (f"not warmed up: {e}" if str(e)

@@ -19,8 +19,9 @@ core (cap 300 s; torch, torchvision and the GPU machine's own packages only: no 
               against the bf16 matmul rate measured on the device (and the data-sheet peak). A warm-up (the
               compile's) still running 15 s before the cap is stopped: that variant is not measured, the rest are.
   cuda_tests  ~35 s, cap 60: `pytest -m gpu` of the tests that need neither Ray nor DALI (no host sync
-              per step, AMP bf16/fp16 + channels_last, compile, the packed rank's memory cap); before seed000,
-              whose length is the least sure, so an overrun there cannot starve them
+              per step, AMP bf16/fp16 + channels_last, compile, the packed rank's memory cap, AutoAugment's ops
+              against the CPU's); before seed000, whose length is the least sure, so an overrun there cannot
+              starve them
   seed000     ~120 s, cap 200: seed study 000's first table: studies/resnet18_lr_schedule_wd.yaml's
               15-epoch lr sweep (SGD, constant lr 0.1 / 0.01 / 0.001, batch 128), three
               `python -m ray_cifar.train` processes at once on the one GPU; test accuracy beside the
@@ -94,7 +95,7 @@ from ray_cifar.validation import load_config  # noqa: E402
 STUDY = os.path.join("studies", "resnet18_lr_schedule_wd.yaml")
 # The tests' tiny ResNet (tests/conftest.py TINY_MODEL): what a dry run trains instead of ResNet-18.
 TINY_MODEL = ["model.name=resnet", "model.blocks=[1,1]", "model.widths=[8,16]", "model.stem_width=8"]
-CORE_GPU_TESTS = ["tests/test_engine.py", "tests/test_engine_sync.py"]  # their imports: no Ray, no DALI
+CORE_GPU_TESTS = ["tests/test_engine.py", "tests/test_engine_sync.py", "tests/test_augment.py"]  # no Ray, no DALI
 DALI_GPU_TESTS = ["tests/test_dali.py"]
 STOP_GRACE_S = 5.0  # a stopped subprocess gets this long after SIGINT before its whole tree is SIGKILLed
 # A dry run's caps, the stage's default and every part's, are the GPU's times this many times over: its sizes

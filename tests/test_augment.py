@@ -204,6 +204,29 @@ def test_whole_batch_and_per_group_op_application_agree():
     assert (grouped != images).flatten(1).any(1).float().mean() > 0.8
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_every_autoaugment_op_on_cuda_gives_the_cpus_pixels():
+    # On CUDA the ops run sync-free (every op on the whole batch, selected per image), a branch the CPU runs only
+    # when forced (above). The same ops and magnitudes, so the same pixels but for float rounding: here (CPU
+    # magnitudes 1e-6 apart) no pixel moved by more than 1. TF32 is off for it: its matmuls move the sampling grid
+    # by ~0.02 px, a few grey levels on these noisy images (engine.set_fast_paths turns it on in the process).
+    n = 500
+    images = low_contrast_images(n, seed=3)
+    op = torch.randint(0, len(A.AUTOAUG_OPS), (n,), generator=gen())
+    magnitude = torch.rand(n, generator=gen()) * 1.8 + 0.1
+    cpu = A._apply_autoaug_op(images, op, magnitude, sync_free=False)
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        cuda = A._apply_autoaug_op(images.cuda(), op.cuda(), magnitude.cuda()).cpu()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    off = (cuda.int() - cpu.int()).abs()
+    assert (off > 1).float().mean().item() < 1e-3, f"{(off > 1).sum().item()} pixels differ by more than 1"
+    assert (off > 1).flatten(1).any(1).float().mean().item() < 0.05  # and in few images
+
+
 def test_autoaugment_changes_images_at_the_policy_rate():
     n = 3000
     images = low_contrast_images(n, seed=1)

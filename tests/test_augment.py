@@ -194,11 +194,14 @@ def test_autoaugment_outputs_are_outcomes_of_the_drawn_cifar10_sub_policy():
     assert matched.all(), f"{(~matched).sum()} outputs are no outcome of their sub-policy"
 
 
-def test_whole_batch_and_per_group_op_application_agree():
-    n = 500
-    images = low_contrast_images(n, seed=3)
+def ops_with_magnitudes(n: int = 500) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images, an AutoAugment op each and its magnitude."""
     op = torch.randint(0, len(A.AUTOAUG_OPS), (n,), generator=gen())
-    magnitude = torch.rand(n, generator=gen()) * 1.8 + 0.1
+    return low_contrast_images(n, seed=3), op, torch.rand(n, generator=gen()) * 1.8 + 0.1
+
+
+def test_whole_batch_and_per_group_op_application_agree():
+    images, op, magnitude = ops_with_magnitudes()
     grouped = A._apply_autoaug_op(images, op, magnitude, sync_free=False)
     assert torch.equal(grouped, A._apply_autoaug_op(images, op, magnitude, sync_free=True))
     assert (grouped != images).flatten(1).any(1).float().mean() > 0.8
@@ -211,10 +214,7 @@ def test_every_autoaugment_op_on_cuda_gives_the_cpus_pixels():
     # when forced (above). The same ops and magnitudes, so the same pixels but for float rounding: here (CPU
     # magnitudes 1e-6 apart) no pixel moved by more than 1. TF32 is off for it: its matmuls move the sampling grid
     # by ~0.02 px, a few grey levels on these noisy images (engine.set_fast_paths turns it on in the process).
-    n = 500
-    images = low_contrast_images(n, seed=3)
-    op = torch.randint(0, len(A.AUTOAUG_OPS), (n,), generator=gen())
-    magnitude = torch.rand(n, generator=gen()) * 1.8 + 0.1
+    images, op, magnitude = ops_with_magnitudes()
     cpu = A._apply_autoaug_op(images, op, magnitude, sync_free=False)
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:

@@ -67,6 +67,7 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
@@ -95,7 +96,9 @@ from ray_cifar.validation import load_config  # noqa: E402
 STUDY = os.path.join("studies", "resnet18_lr_schedule_wd.yaml")
 # The tests' tiny ResNet (tests/conftest.py TINY_MODEL): what a dry run trains instead of ResNet-18.
 TINY_MODEL = ["model.name=resnet", "model.blocks=[1,1]", "model.widths=[8,16]", "model.stem_width=8"]
-CORE_GPU_TESTS = ["tests/test_engine.py", "tests/test_engine_sync.py", "tests/test_augment.py"]  # no Ray, no DALI
+# No Ray, no DALI in their imports. test_engine_sync.py last: its last test's cold Inductor compile is the longest,
+# and should the part's cap cut it, the others' outcomes are in (the part keeps what pytest -v printed).
+CORE_GPU_TESTS = ["tests/test_engine.py", "tests/test_augment.py", "tests/test_engine_sync.py"]
 DALI_GPU_TESTS = ["tests/test_dali.py"]
 STOP_GRACE_S = 5.0  # a stopped subprocess gets this long after SIGINT before its whole tree is SIGKILLed
 # A dry run's caps, the stage's default and every part's, are the GPU's times this many times over: its sizes
@@ -538,10 +541,19 @@ def seed_run_figures(run: dict) -> dict:
 
 def pytest_part(check: Check, files: list[str], log_name: str) -> None:
     """`pytest -m gpu FILES`; counts, failures and skips from its JUnit XML. A dry run's tests skip one by one (no
-    GPU); on the GPU a skipped one (CUDA unseen in pytest's process, say) fails the part."""
+    GPU); on the GPU a skipped one (CUDA unseen in pytest's process, say) fails the part. Cut by a cap, pytest
+    writes no XML: the outcomes it printed so far (-v, a line a test) are kept instead."""
     xml = os.path.join(check.logs, f"{log_name}.xml")
-    rc = check.run_command([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-                            "--junitxml", xml, *files], log_name)
+    try:
+        rc = check.run_command([sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider",
+                                "--junitxml", xml, *files], log_name)
+    except CapReached:
+        done = outcomes_so_far(check.log_path(log_name))
+        check.figures.update(files=files, outcomes_before_the_cap=done)
+        check.current["summary"] = (f"{log_name}: before the cap, {sum(o == 'PASSED' for o in done.values())} "
+                                    f"passed, {sum(o != 'PASSED' for o in done.values())} not: "
+                                    + (", ".join(f"{k} {v}" for k, v in done.items() if v != "PASSED") or "none"))
+        raise
     counts = junit_counts(xml)
     check.figures.update(files=files, exit_status=rc, **counts)
     passed = counts.get("tests", 0) - sum(counts.get(k, 0) for k in ("failures", "errors", "skipped"))
@@ -553,6 +565,13 @@ def pytest_part(check: Check, files: list[str], log_name: str) -> None:
         raise RuntimeError(f"pytest exit {rc}: {why}")
     if counts.get("skipped") and not check.dry_run:  # (pytest's exit 0): on the GPU each must run, or it proved nothing
         raise RuntimeError(f"{counts['skipped']} of {counts['tests']} skipped on the GPU: {'; '.join(counts['skips'])}")
+
+
+def outcomes_so_far(log: str) -> dict:
+    """{test: PASSED | FAILED | SKIPPED | ERROR | ...} from the lines `pytest -v` printed."""
+    with open(log, errors="replace") as f:
+        return {m[1]: m[2] for m in re.finditer(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b", f.read(),
+                                                re.MULTILINE)}
 
 
 def junit_counts(path: str) -> dict:

@@ -129,24 +129,6 @@ def test_augmented_training_steps_do_not_sync_with_the_host():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_compiled_model_trains_on_cuda_like_the_eager_one():
-    """train.compile on CUDA: Inductor's kernels give the eager model's logits (bf16 tolerance), and its
-    steps stay free of host syncs after the compile."""
-    device = torch.device("cuda")
-    _, model, optimizer, scheduler, loss_fn = setup(device, "bf16")
-    _, eager, _, _, _ = setup(device, "bf16")  # the same seeded initial weights
-    compiled = engine.prepare_model(model, device, compile=True)
-    batches = fixed_batches(device, steps=6)
-    with engine.autocast(device, "bf16"):
-        assert torch.allclose(compiled(batches[0][0]).float(), eager(batches[0][0]).float(), atol=0.05, rtol=0.05)
-    sums = steps_without_host_syncs(  # (the first step compiles)
-        lambda i: engine.train_step(compiled, *batches[i], optimizer, scheduler, loss_fn, device, "bf16"), 6)
-    assert sums[2].item() == 6 * 32 and torch.isfinite(sums).all()
-    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), eager.parameters()))  # it trained
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_asgd_on_cuda_resumes_a_cpu_state_and_steps_without_host_syncs():
     """optim.name=asgd: not capturable, torch read each parameter's step count back to the host every step; and
     a state saved where the optimizer was not capturable (a CPU run) keeps its step counts on the CPU, which the
@@ -167,3 +149,22 @@ def test_asgd_on_cuda_resumes_a_cpu_state_and_steps_without_host_syncs():
         lambda i: engine.train_step(model, *batches[i], optimizer, scheduler, loss_fn, device, "bf16"), 4)
     assert sums[2].item() == 4 * 32 and torch.isfinite(sums).all()
     assert all(s["step"].item() == 6 for s in optimizer.state.values())
+
+
+# Last in the file, and the file last in the GPU check's cuda_tests: its cold Inductor compile takes longest.
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_compiled_model_trains_on_cuda_like_the_eager_one():
+    """train.compile on CUDA: Inductor's kernels give the eager model's logits (bf16 tolerance), and its
+    steps stay free of host syncs after the compile."""
+    device = torch.device("cuda")
+    _, model, optimizer, scheduler, loss_fn = setup(device, "bf16")
+    _, eager, _, _, _ = setup(device, "bf16")  # the same seeded initial weights
+    compiled = engine.prepare_model(model, device, compile=True)
+    batches = fixed_batches(device, steps=6)
+    with engine.autocast(device, "bf16"):
+        assert torch.allclose(compiled(batches[0][0]).float(), eager(batches[0][0]).float(), atol=0.05, rtol=0.05)
+    sums = steps_without_host_syncs(  # (the first step compiles)
+        lambda i: engine.train_step(compiled, *batches[i], optimizer, scheduler, loss_fn, device, "bf16"), 6)
+    assert sums[2].item() == 6 * 32 and torch.isfinite(sums).all()
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), eager.parameters()))  # it trained

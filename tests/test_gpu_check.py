@@ -311,6 +311,31 @@ def test_a_test_file_skipped_whole_is_named_with_its_reason(tmp_path):
     assert str(failed.value) == "pytest exit 5: skipped test_needs_it (no_such_module_here is not installed)"
 
 
+def test_a_pytest_part_cut_by_its_cap_keeps_the_outcomes_printed_so_far(tmp_path):
+    # pytest writes its JUnit XML only at its end: a cap that stops it (a cold compile slower than planned) left
+    # no outcome at all. The part keeps what `pytest -v` printed, a line a test.
+    import argparse
+
+    import gpu_check
+
+    test_file = tmp_path / "test_gpu_things.py"
+    test_file.write_text("import time\nimport pytest\n\n@pytest.mark.gpu\ndef test_quick():\n    pass\n\n"
+                         "@pytest.mark.gpu\ndef test_skipped():\n    pytest.skip('not here')\n\n"
+                         "@pytest.mark.gpu\ndef test_endless():\n    time.sleep(600)\n")
+    args = argparse.Namespace(dry_run=True, cap=120.0, results=str(tmp_path), work=str(tmp_path / "work"),
+                              keep_work=False, parts=None, data=None)
+    check = gpu_check.Check("core", [], args, torch.device("cpu"))
+    check.current, check.part_started = {}, time.monotonic()
+    check.part_deadline = check.part_started + 8  # pytest's start and the first two tests: ~1 s here
+    with pytest.raises(gpu_check.CapReached):
+        gpu_check.pytest_part(check, [str(test_file)], "gpu_things")
+    done = check.figures["outcomes_before_the_cap"]  # (test ids as pytest prints them: from the checkout)
+    assert {test.split("::")[-1]: outcome for test, outcome in done.items()} == {"test_quick": "PASSED",
+                                                                                "test_skipped": "SKIPPED"}
+    assert check.current["summary"].startswith("gpu_things: before the cap, 1 passed, 1 not: ")
+    assert check.current["summary"].endswith("test_gpu_things.py::test_skipped SKIPPED")
+
+
 def test_usage_mistakes_are_one_line(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

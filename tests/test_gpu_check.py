@@ -6,6 +6,7 @@ rather than a minute), else the synthetic Parquet folder."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECK = os.path.join(ROOT, "benchmarks", "gpu_check.py")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import gpu_figures  # noqa: E402  (the README's figures from the stages' JSON)
+import gpu_check  # noqa: E402  (its functions, in-process, where a test needs no stage run)
 
 # A sitecustomize that makes Ray and DALI unimportable in every process that starts with it on its
 # PYTHONPATH (the stage and all its children), as on the GPU machine; it logs that it loaded and every
@@ -129,6 +131,17 @@ def blocking_pythonpath(tmp_path) -> str:
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(BLOCKER)
     return os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+
+
+def running_part(tmp_path, stage: str, dry_run: bool) -> "gpu_check.Check":
+    """A stage's Check of no parts, as if one of its parts had just started: two minutes left in the stage, from
+    now (gpu_check's clock starts at its import)."""
+    args = argparse.Namespace(dry_run=dry_run, cap=time.monotonic() - gpu_check.STARTED + 120,
+                              results=str(tmp_path), work=str(tmp_path / "work"), keep_work=False, parts=None,
+                              data=None)
+    check = gpu_check.Check(stage, [], args, torch.device("cpu"))
+    check.current, check.part_started = {}, time.monotonic()
+    return check
 
 
 def test_core_dry_run_needs_neither_ray_nor_dali(tmp_path, data_dir):
@@ -274,14 +287,7 @@ def test_a_tiny_cap_stops_the_stage_cleanly_with_its_json(tmp_path, data_dir, st
 def test_on_the_gpu_a_skipped_gpu_test_fails_its_part(tmp_path):
     # pytest exits 0 when every test skips: on the GPU that would read "ok" having proved nothing (the tests skip
     # where CUDA is not seen). A check on the GPU (here: not a dry run) runs the real files; none can run here.
-    import argparse
-
-    import gpu_check
-
-    args = argparse.Namespace(dry_run=False, cap=120.0, results=str(tmp_path), work=str(tmp_path / "work"),
-                              keep_work=False, parts=None, data=None)
-    check = gpu_check.Check("core", [], args, torch.device("cpu"))
-    check.current = {}
+    check = running_part(tmp_path, "core", dry_run=False)
     with pytest.raises(RuntimeError, match=r"^(\d+) of \1 skipped on the GPU: test_.* \(needs a CUDA GPU\)"):
         gpu_check.pytest_part(check, gpu_check.CORE_GPU_TESTS, "cuda_tests")
     assert check.figures["exit_status"] == 0 and check.figures["tests"] == check.figures["skipped"] >= 5
@@ -295,17 +301,10 @@ def test_on_the_gpu_a_skipped_gpu_test_fails_its_part(tmp_path):
 def test_a_test_file_skipped_whole_is_named_with_its_reason(tmp_path):
     # DALI unimportable in the dali stage's pytest: test_dali.py's importorskip skips the module whole. pytest
     # exits 5 (no test ran), and JUnit says "collection skipped", the reason only in its text.
-    import argparse
-
-    import gpu_check
-
     test_file = tmp_path / "test_needs_it.py"
     test_file.write_text("import pytest\npytest.importorskip('no_such_module_here', reason='no_such_module_here is "
                          "not installed')\n@pytest.mark.gpu\ndef test_it():\n    pass\n")
-    args = argparse.Namespace(dry_run=True, cap=120.0, results=str(tmp_path), work=str(tmp_path / "work"),
-                              keep_work=False, parts=None, data=None)
-    check = gpu_check.Check("dali", [], args, torch.device("cpu"))
-    check.current = {}
+    check = running_part(tmp_path, "dali", dry_run=True)
     with pytest.raises(RuntimeError) as failed:
         gpu_check.pytest_part(check, [str(test_file)], "needs_it")
     assert str(failed.value) == "pytest exit 5: skipped test_needs_it (no_such_module_here is not installed)"
@@ -314,18 +313,11 @@ def test_a_test_file_skipped_whole_is_named_with_its_reason(tmp_path):
 def test_a_pytest_part_cut_by_its_cap_keeps_the_outcomes_printed_so_far(tmp_path):
     # pytest writes its JUnit XML only at its end: a cap that stops it (a cold compile slower than planned) left
     # no outcome at all. The part keeps what `pytest -v` printed, a line a test.
-    import argparse
-
-    import gpu_check
-
     test_file = tmp_path / "test_gpu_things.py"
     test_file.write_text("import time\nimport pytest\n\n@pytest.mark.gpu\ndef test_quick():\n    pass\n\n"
                          "@pytest.mark.gpu\ndef test_skipped():\n    pytest.skip('not here')\n\n"
                          "@pytest.mark.gpu\ndef test_endless():\n    time.sleep(600)\n")
-    args = argparse.Namespace(dry_run=True, cap=120.0, results=str(tmp_path), work=str(tmp_path / "work"),
-                              keep_work=False, parts=None, data=None)
-    check = gpu_check.Check("core", [], args, torch.device("cpu"))
-    check.current, check.part_started = {}, time.monotonic()
+    check = running_part(tmp_path, "core", dry_run=True)
     check.part_deadline = check.part_started + 8  # pytest's start and the first two tests: ~1 s here
     with pytest.raises(gpu_check.CapReached):
         gpu_check.pytest_part(check, [str(test_file)], "gpu_things")
@@ -388,8 +380,6 @@ def test_the_lend_plan_fits_twelve_minutes_and_agrees_with_the_stages():
     timeout_s leaves the stage its cap; the estimates and caps the README's table and gpu_check.py's docstring give
     are the ones the stages run with (a changed estimate changes the plan, here checked)."""
     import re
-
-    import gpu_check
 
     with open(os.path.join(ROOT, "benchmarks", "README.md")) as f:
         readme = f.read()

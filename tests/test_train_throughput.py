@@ -129,14 +129,19 @@ def test_the_baselines_loader_workers_stop_when_told_not_at_dataloaders_join_tim
     assert alive_after_join and not any(alive_after_join), alive_after_join
 
 
+def tiny_runners(compile_backend) -> tuple[argparse.Namespace, dict]:
+    """train_step's variants on the CPU, the tests' small ResNet at batch 8, compiled with `compile_backend`."""
+    args = argparse.Namespace(data=None, images=64, batch_size=8, model="small", no_compile=False,
+                              compile_backend=compile_backend, steps=1, repeats=1)
+    cfg = load_config(None, train_throughput.MODELS["small"] + train_throughput.AUGMENT)
+    return args, train_throughput.make_runners(args, cfg, torch.device("cpu"))[0]
+
+
 def test_a_warm_up_still_running_at_its_deadline_is_stopped_and_the_other_variants_are_still_measured():
     # torch.compile has no timeout: a compile slower than planned took train_step's whole cap, and past it the
     # stage's (only the watchdog stops an in-process part), costing the parts after it. With a deadline the
     # compiled variant is stopped and dropped; the variants already warm are measured as before.
-    args = argparse.Namespace(data=None, images=64, batch_size=8, model="small", no_compile=False,
-                              compile_backend="aot_eager", steps=1, repeats=1)
-    cfg = load_config(None, train_throughput.MODELS["small"] + train_throughput.AUGMENT)
-    runners, _, _ = train_throughput.make_runners(args, cfg, torch.device("cpu"))
+    args, runners = tiny_runners("aot_eager")
     compiled = "ray_cifar-bf16-channels_last-compile"
     eager = {name: runner for name, runner in runners.items() if name != compiled}
     try:
@@ -180,10 +185,7 @@ def test_a_warm_up_compiles_the_backward_graph_with_the_forward_where_its_deadli
 
     backend = aot_autograd(fw_compiler=lambda gm, example_inputs: make_boxed_func(gm.forward),
                            bw_compiler=backward_compiler)
-    args = argparse.Namespace(data=None, images=64, batch_size=8, model="small", no_compile=False,
-                              compile_backend=backend, steps=1, repeats=1)
-    cfg = load_config(None, train_throughput.MODELS["small"] + train_throughput.AUGMENT)
-    runners, _, _ = train_throughput.make_runners(args, cfg, torch.device("cpu"))
+    _, runners = tiny_runners(backend)
     compiled = {"ray_cifar-bf16-channels_last-compile": runners.pop("ray_cifar-bf16-channels_last-compile")}
     try:
         train_throughput.close_runners(runners.values())

@@ -10,6 +10,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -379,8 +380,6 @@ def test_the_lend_plan_fits_twelve_minutes_and_agrees_with_the_stages():
     minutes with the machine's start; a stage's call is planned no shorter than its parts' estimates and its
     timeout_s leaves the stage its cap; the estimates and caps the README's table and gpu_check.py's docstring give
     are the ones the stages run with (a changed estimate changes the plan, here checked)."""
-    import re
-
     with open(os.path.join(ROOT, "benchmarks", "README.md")) as f:
         readme = f.read()
     lend = readme.split("### A lend, call by call", 1)[1].split("\nThe commands", 1)[0]
@@ -412,3 +411,22 @@ def test_the_lend_plan_fits_twelve_minutes_and_agrees_with_the_stages():
     assert table == docstring == running
     stage_caps = dict(re.findall(r"^\| (\w+) \((\d+) s\) \|", readme, re.MULTILINE))
     assert {k: float(v) for k, v in stage_caps.items()} == {k: v[0] for k, v in stages.items()}
+
+
+def test_the_working_tree_leaves_room_for_the_largest_part_a_call_carries():
+    """Each call of a lend carries the working tree (tracked files and untracked ones git does not ignore) plus its
+    folders, 64 MiB at most. Calls 3-5 carry a DALI part of about 61 MiB, so a results file or data committed by
+    mistake would make them fail on the GPU machine, in the middle of a lend: here it fails first."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True)
+    if listed.returncode != 0:
+        pytest.skip(f"not a git checkout: {listed.stderr.decode().strip()}")
+    paths = [p for p in listed.stdout.decode().split("\0") if p]
+    tree_mib = sum(os.path.getsize(os.path.join(ROOT, p)) for p in paths
+                   if os.path.isfile(os.path.join(ROOT, p))) / 2**20
+    with open(os.path.join(ROOT, "benchmarks", "README.md")) as f:
+        lend = f.read().split("### A lend, call by call", 1)[1].split("\nThe commands", 1)[0]
+    carried = [float(mib) for line in lend.splitlines() if line.startswith("| ")
+               for mib in re.findall(r"\(([\d.]+) MiB\)", line.split("|")[2])]
+    assert max(carried) >= 59, carried  # the DALI parts are in the table
+    assert tree_mib < 3.0 and tree_mib + max(carried) < 64.0, (round(tree_mib, 2), max(carried))

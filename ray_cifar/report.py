@@ -318,7 +318,7 @@ def plot_asha(trials, tune: dict[str, Any], max_t: float, path: str) -> str:
 
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(trials) + 1.8))
     status_color = {"completed": "tab:green", "stopped": "tab:gray", "diverged": "tab:red", "failed": "black",
-                    "lost": "tab:orange"}
+                    "lost": "tab:orange", "running": "tab:blue"}  # running: unfinished, in a study stopped
     ax.barh(range(len(trials)), [t["epochs"] or 0 for t in trials],
             color=[status_color.get(t.get("status"), "tab:blue") for t in trials])
     ax.set_yticks(range(len(trials)), [t["label"] for t in trials], fontsize=8)

@@ -682,3 +682,24 @@ def test_a_trial_tunes_state_never_held_is_lost_not_running_for_ever(tmp_path, c
     assert (again.trials["t1"]["status"], again.trials["t1"]["error"]) == ("running", None)
     again.on_trial_complete(0, [], FakeTrial("t1"))
     assert again.trials["t1"]["status"] == "completed"
+
+
+def test_a_trial_the_studys_stop_cut_short_stays_running_and_one_that_ended_is_completed(tmp_path):
+    """At a Ctrl-C, SIGTERM or full disk Tune ends every running trial TERMINATED, as it ends one that finished; only
+    the last result of one that ended (returned, or stopped by its scheduler) is marked done. The experiment's end
+    made every `running` summary with a TERMINATED trial `completed`: a trial cut short at epoch 1 of 4 was recorded
+    completed, and stayed so after the resume (ASHA's stop changes only a `running` trial). A summary rebuilt from
+    rows (trials.json damaged) still learns that its trial ended, and how."""
+    rec = StudyRecorder(str(tmp_path), lr_params, "val_acc", "max", tensorboard=False)
+    for tid in ("cut", "ended", "errored"):
+        rec.on_trial_result(0, [], FakeTrial(tid), result(1, 0.5))
+    rec.on_experiment_end([SimpleNamespace(trial_id="cut", status="TERMINATED", last_result=result(1, 0.5, done=False)),
+                           SimpleNamespace(trial_id="ended", status="TERMINATED", last_result=result(1, 0.5, done=True)),
+                           SimpleNamespace(trial_id="errored", status="ERROR", last_result=result(1, 0.5))])
+    on_disk = json.loads((tmp_path / "trials.json").read_text())
+    assert {tid: t["status"] for tid, t in on_disk.items()} == {"cut": "running", "ended": "completed",
+                                                               "errored": "failed"}
+    resumed = StudyRecorder(str(tmp_path), lr_params, "val_acc", "max", tensorboard=False)
+    resumed.on_trial_result(0, [], FakeTrial("cut"), result(2, 0.4))
+    resumed.note_stopped("cut")  # ASHA, at its rung on the resumed run
+    assert resumed.trials["cut"]["status"] == "stopped"

@@ -18,6 +18,7 @@ Mounting needs root (CI and this machine are): the tests skip with the reason wh
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -124,6 +125,10 @@ def test_sigterm_full_disk_and_damaged_checkpoints_then_resume(tmpfs, synthetic_
     checkpointed = {t: checkpoint.load_state(str(max((output / "ray" / f"trial-{t}").glob("checkpoint_*"))))["epoch"]
                     for t in stopped_at}
     assert all(checkpointed[t] >= stopped_at[t] for t in stopped_at), (checkpointed, stopped_at)  # saved, then reported
+    # A trial the stop cut short is still `running` (Tune ends it TERMINATED, as it does one that finished): it was
+    # recorded `completed` with epochs to go, and stayed so after the resume, even where ASHA stopped it.
+    status = {t: s["status"] for t, s in json.loads((output / "trials.json").read_text()).items()}
+    assert all(status[t] == "running" for t in stopped_at if stopped_at[t] < EPOCHS), (status, stopped_at)
 
     # 2. --resume on the small disk: it fills.
     full = run(resume, env)

@@ -56,6 +56,12 @@ DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
 FULL_DISK: list[str] = []
 
 
+def ended_by_itself(trial) -> bool:
+    """Whether Tune saw TRIAL end (its function returned, or its scheduler or stopper stopped it): Tune marks that
+    last result done. A trial the experiment's stop ended unfinished has no such mark."""
+    return bool((getattr(trial, "last_result", None) or {}).get("done"))
+
+
 def stop_for_full_disk(message: str) -> None:
     """Stop the study as the first Ctrl-C does (Tune's SIGINT handler: trials end unfinished, the experiment
     is saved and resumable): retrying trials or writing more rows cannot succeed until space is freed."""
@@ -434,11 +440,16 @@ class StudyRecorder(Callback):
 
     def on_experiment_end(self, trials, **info):
         self._recover_finished(trials)  # a study whose every trial had finished runs no step
-        # A summary rebuilt from rows (trials.json was damaged) learns here how Tune ended its trial.
+        # A summary rebuilt from rows (trials.json was damaged) learns here how Tune ended its trial. TERMINATED alone
+        # is not "finished": a Ctrl-C, SIGTERM or full disk stops every running trial as TERMINATED too, and such a
+        # trial stays `running` (its --resume goes on with it). Tune marks the last result of a trial that ended
+        # (returned, or stopped by its scheduler) done.
         changed = False
         for t in trials:
             summary = self.trials.get(t.trial_id)
-            if summary is not None and summary["status"] == RUNNING and str(t.status) in ("TERMINATED", "ERROR"):
+            if summary is None or summary["status"] != RUNNING:
+                continue
+            if str(t.status) == "ERROR" or (str(t.status) == "TERMINATED" and ended_by_itself(t)):
                 summary["status"] = COMPLETED if str(t.status) == "TERMINATED" else FAILED
                 changed = True
         changed = self._mark_lost(trials) or changed

@@ -97,12 +97,39 @@ class Tee:
     """A text stream that writes to `stream` and to `log`; everything else (isatty, fileno, encoding) is
     `stream`'s, so what checks the terminal sees the same terminal."""
 
-    def __init__(self, stream: TextIO, log: SessionLog):
-        self._stream, self._log = stream, log
+    def __init__(self, stream: TextIO, log: SessionLog | Held):
+        self._stream, self._log, self._gone = stream, log, False
+        self._line_begun = False  # the last text written ended mid-line
+        self._untold: str | None = None  # the screen's going, said in the log at the next line's start
+
+    @classmethod
+    def onto(cls, stream: TextIO, log: SessionLog, held: Held | None = None) -> Tee:
+        """A tee of STREAM into LOG. Where STREAM is `holding`'s tee of HELD (whose lines LOG now begins with), a tee
+        of the screen beneath it: the new tee is then the one that learns the screen is gone, and says so in LOG
+        (the holding tee would say it into HELD, which takes nothing once released)."""
+        if held is None or not (isinstance(stream, Tee) and stream._log is held):
+            return cls(stream, log)
+        tee = cls(stream._stream, log)
+        tee._gone, tee._line_begun, tee._untold = stream._gone, stream._line_begun, stream._untold
+        return tee
 
     def write(self, text: str) -> int:
         self._log.write(text)  # first: a console that is gone (a closed pipe) still leaves the line in the log
-        return self._stream.write(text)
+        if text:
+            self._line_begun = not text.endswith("\n")
+        if not self._gone:
+            try:
+                self._stream.write(text)
+            except (OSError, ValueError) as e:
+                self._console_gone(e)
+        self._tell()
+        return len(text)
+
+    def _tell(self) -> None:
+        """The screen's going, into the log on a line of its own (print writes a line's text and its end apart)."""
+        if self._untold is not None and not self._line_begun:
+            self._log.write(self._untold)
+            self._untold = None
 
     def writelines(self, lines) -> None:
         for line in lines:
@@ -110,7 +137,28 @@ class Tee:
 
     def flush(self) -> None:
         self._log.flush()
-        self._stream.flush()
+        if not self._gone:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError) as e:
+                self._console_gone(e)
+                self._tell()
+
+    def _console_gone(self, error: Exception) -> None:
+        """The screen went away (a closed pipe: `| head`, a `tee` or `less` that ended; a terminal hung up): a study
+        of days does not fail for its screen, as it does not for its log. It goes on into the log alone, which says
+        so once. The stream's descriptor then points at /dev/null: Python's flush at exit and a C++ library
+        writing to it (Ray's) find nothing broken there."""
+        self._gone = True
+        name = getattr(self._stream, "name", None) or "the console"
+        self._untold = (f"[ray_cifar] warning: {name} is gone ({getattr(error, 'strerror', None) or error}); from "
+                        f"here on, only this log has what the driver prints\n")
+        with contextlib.suppress(Exception):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self._stream.fileno())
+            finally:
+                os.close(devnull)
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
@@ -190,7 +238,7 @@ def logged_to(output: str, command: str, argv: list[str] | None = None,
     if held is not None:
         log.write(held.release())
     previous = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = Tee(sys.stdout, log), Tee(sys.stderr, log)
+    sys.stdout, sys.stderr = (Tee.onto(stream, log, held) for stream in previous)
     handler = LogHandler(log, (sys.stdout, sys.stderr))
     logging.getLogger(RAY_LOGGER).addHandler(handler)
     try:

@@ -6,11 +6,14 @@ from __future__ import annotations
 import io
 import logging
 import os
+import subprocess
 import sys
 
 import pytest
 
+from conftest import TINY_MODEL
 from ray_cifar import console
+from ray_cifar.results import ResultsLog
 
 
 class Terminal(io.StringIO):
@@ -106,17 +109,75 @@ def test_each_session_has_its_own_log(tmp_path, monkeypatch):
     assert [p.splitlines()[1] for p in read_parts(tmp_path / console.LOGS)] == ["first", "resumed"]
 
 
-def test_a_console_that_is_gone_still_leaves_the_line_in_the_log(tmp_path):
+def test_a_console_that_is_gone_still_leaves_the_line_in_the_log_and_fails_nothing(tmp_path):
+    """A closed pipe (`| head`, a `tee` or `less` that ended) raised BrokenPipeError into whatever printed: a study's
+    driver died at its next line. Now the log goes on alone and says so once; the screen is not tried again."""
     class Gone(io.StringIO):
+        writes = 0
+
         def write(self, text):
+            Gone.writes += 1
             raise BrokenPipeError(32, "Broken pipe")
 
     log = console.SessionLog(str(tmp_path), "driver-x")
     tee = console.Tee(Gone(), log)
-    with pytest.raises(BrokenPipeError):  # as it would without the log
-        tee.write("last words\n")
+    assert tee.write("last words on screen\n") == len("last words on screen\n")
+    tee.write("still logged\n")
+    tee.flush()
     log.close()
-    assert read_parts(tmp_path) == ["last words\n"]
+    assert Gone.writes == 1
+    assert read_parts(tmp_path) == ["last words on screen\n[ray_cifar] warning: the console is gone (Broken pipe); "
+                                    "from here on, only this log has what the driver prints\nstill logged\n"]
+
+
+def test_a_screen_gone_after_the_log_began_is_said_in_the_log(tmp_path, monkeypatch):
+    """An entry point's tees nest: `holding`'s (into memory, until the log begins), then the log's. A pipe that closed
+    after the log began (`| head -1` of a study) was found by the holding tee, whose warning went into the released
+    memory: the log never said the screen went."""
+    class Screen(io.StringIO):
+        closed_pipe = False
+
+        def write(self, text):
+            if self.closed_pipe:
+                raise BrokenPipeError(32, "Broken pipe")
+            return super().write(text)
+
+    screen = Screen()
+    monkeypatch.setattr(sys, "stdout", screen)
+    with console.holding() as held:
+        print("before the log")
+        with console.logged_to(str(tmp_path), "cmd", [], held):
+            print("the first line")
+            screen.closed_pipe = True
+            print("after the screen went")
+            print("the last line")
+    assert screen.getvalue() == "before the log\nthe first line\n"
+    logged = "".join(read_parts(tmp_path / console.LOGS))
+    assert logged.endswith("before the log\nthe first line\nafter the screen went\n[ray_cifar] warning: the console is "
+                           "gone (Broken pipe); from here on, only this log has what the driver prints\nthe last line\n")
+
+
+def test_a_run_whose_stdout_pipe_closes_trains_to_its_end_into_its_log(synthetic_parquet_dir, tmp_path):
+    """A real run (`python -m ray_cifar.train`, the same console as a study's driver) whose reader is gone before
+    its first line: it ended at its first print with a BrokenPipeError traceback (exit 1). Now it trains to its
+    end, exit 0, its log holds its lines and says the screen went, and nothing is printed about the pipe at exit."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `| head -0`: the reader is gone before the first line
+    output = tmp_path / "run"
+    sets = TINY_MODEL + ["train.epochs=2", "data.val_size=100", "train.global_batch_size=100", "data.pipeline=torch",
+                         "train.torch_threads=1"]
+    argv = [sys.executable, "-m", "ray_cifar.train", "--data", synthetic_parquet_dir, "--output", str(output)]
+    try:
+        done = subprocess.run(argv + [a for s in sets for a in ("--set", s)], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=300, env={**os.environ, "RAY_CIFAR_CACHE": str(tmp_path / "cache")})
+    finally:
+        os.close(write_end)
+    assert done.returncode == 0 and "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, \
+        done.stderr[-3000:]
+    assert [r["epoch"] for r in ResultsLog(str(output)).read()] == [1, 2]
+    logged = "".join(read_parts(output / "logs"))
+    assert "<stdout> is gone (Broken pipe); from here on, only this log has what the driver prints" in logged, logged
+    assert logged.count("is gone") == 1 and "epoch 2" in logged.split("is gone", 1)[1], logged[-3000:]
 
 
 def test_what_is_printed_before_the_log_starts_begins_it_once(tmp_path, capsys):

@@ -22,7 +22,7 @@ from typing import Callable, NoReturn
 import yaml
 
 from . import console, storage
-from .config import Config, ConfigError, describe, parse_set, partly_searched, search_keys
+from .config import Config, ConfigError, describe, parse_set, partly_searched, search_keys, yaml_problem
 from .data.source import Cifar10, DataError, default_cache_dir, load_cifar10, resolve_data_dir
 from .validation import check_against_data, check_resources, config_from_dict, load_config, local_resources
 
@@ -93,8 +93,7 @@ def load_resolved_config(output: str) -> Config:
     except OSError as e:
         fail(f"{path}: cannot read it ({e.strerror or e})")
     except (ConfigError, yaml.YAMLError, ValueError) as e:  # ValueError: not UTF-8
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        fail(f"{path} is damaged ({reason}); it is the study's resolved config: restore it from a backup, "
+        fail(f"{path} is damaged ({yaml_problem(e)}); it is the study's resolved config: restore it from a backup, "
              f"or write it again from the command that started the study with --output elsewhere")
 
 

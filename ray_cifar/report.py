@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from . import storage
+from .config import yaml_problem
 from .results import (CONFIDENCE, SEED_KEY, DamagedFile, aggregate_over_seeds, metric_value, read_results, read_rows,
                       searched_columns, summarize_trials, welch_p_value)
 
@@ -75,7 +76,7 @@ def load_study(output: str) -> Study:
         with open(config_path, "rb") as f:
             config = yaml.safe_load(f.read().decode("utf-8")) or {}
     except (yaml.YAMLError, ValueError) as e:  # ValueError: not UTF-8
-        raise NotAStudyOutput(f"{config_path} is damaged ({(str(e).strip().splitlines() or ['?'])[0]})") from None
+        raise NotAStudyOutput(f"{config_path} is damaged ({yaml_problem(e)})") from None
     if not isinstance(config, dict):
         raise NotAStudyOutput(f"{config_path} is damaged (not a mapping of sections)")
     trials_path = os.path.join(output, "trials.parquet")

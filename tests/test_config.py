@@ -94,6 +94,18 @@ def test_unreadable_files_are_config_errors(tmp_path):
         load_config(str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "train: [unclosed\n"))
+
+
+def test_a_yaml_error_says_what_is_wrong_and_where(tmp_path):
+    """The first line of PyYAML's message alone was the parser's context ("while parsing a flow sequence") or the
+    problem without its place: a user hunting a stray space in a long study file got neither line nor column."""
+    with pytest.raises(ConfigError) as bad_indent:
+        load_config(write(tmp_path, "train:\n  epochs: 3\n   global_batch_size: 64\n"))
+    assert str(bad_indent.value).endswith("is not valid YAML: line 3, column 21: mapping values are not allowed here")
+    with pytest.raises(ConfigError) as unclosed:
+        load_config(write(tmp_path, "train:\n  epochs: [3\n"))
+    assert str(unclosed.value).endswith("is not valid YAML: line 3, column 1: expected ',' or ']', but got "
+                                        "'<stream end>' (while parsing a flow sequence from line 2, column 11)")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(write(tmp_path, "- a\n- b\n"))
 

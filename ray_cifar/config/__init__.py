@@ -13,7 +13,7 @@ augment import the schema, and so this package).
 """
 
 from .docs import describe, field_docs
-from .loading import EXTENDS, apply_overrides, flatten, parse_set, read_config_chain, set_value
+from .loading import EXTENDS, apply_overrides, flatten, parse_set, read_config_chain, set_value, yaml_problem
 from .presets import LENGTH_KEYS, SMOKE_OVERRIDES, apply_budget_scale, apply_smoke
 from .schema import (METADATA, PUBLISHED_METRICS, SEARCH_KINDS, SECTIONS, VARIANTS, Config, ConfigError, DataConfig,
                      ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TuneConfig, improves)
@@ -27,5 +27,5 @@ __all__ = [
     "TuneConfig", "apply_budget_scale", "apply_overrides", "apply_searched", "apply_smoke", "describe", "field_docs",
     "flatten", "grid_size", "improves", "map_searched", "parse_set", "read_config_chain", "sampled_config", "search_keys",
     "search_points", "set_value", "trial_configs", "encode_choice", "partly_searched", "pbt_mutated_keys",
-    "split_sampled",
+    "split_sampled", "yaml_problem",
 ]

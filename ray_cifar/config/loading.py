@@ -134,6 +134,20 @@ def parse_set(assignment: str) -> tuple[str, Any]:
 EXTENDS = "extends"  # a study file's key naming the file it builds on (relative to it), e.g. x_asha.yaml -> x.yaml
 
 
+def yaml_problem(error: Exception) -> str:
+    """A YAML error in one line that says where: its problem at its line and column, and what the parser was in
+    (its context, where it began). str() of the error puts the context first, on lines of its own: its first line
+    alone said "while parsing a flow sequence", not what was wrong, nor where. Any other error: its first line."""
+    problem, mark = getattr(error, "problem", None), getattr(error, "problem_mark", None)
+    if not problem:
+        return (str(error).strip().splitlines() or [type(error).__name__])[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and context_mark is not None:
+        context += f" from line {context_mark.line + 1}, column {context_mark.column + 1}"
+    return f"{where}{problem}" + (f" ({context})" if context else "")
+
+
 def read_config_chain(path: str, _seen: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """The YAML mappings to apply, base first: `extends: other.yaml` puts other.yaml's chain before this file."""
     if os.path.abspath(path) in _seen:
@@ -144,7 +158,7 @@ def read_config_chain(path: str, _seen: tuple[str, ...] = ()) -> list[dict[str, 
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{path} is not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(overrides, dict):
         raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(overrides).__name__}")
     parent = overrides.pop(EXTENDS, None)

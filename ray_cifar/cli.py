@@ -13,6 +13,7 @@ import datetime
 import errno
 import hashlib
 import os
+import re
 import shutil
 import signal
 import sys
@@ -22,7 +23,8 @@ from typing import Callable, NoReturn
 import yaml
 
 from . import console, storage
-from .config import Config, ConfigError, describe, parse_set, partly_searched, search_keys, yaml_problem
+from .config import (SMOKE_OVERRIDES, Config, ConfigError, describe, flatten, parse_set, partly_searched,
+                     search_keys, yaml_problem)
 from .data.source import Cifar10, DataError, default_cache_dir, load_cifar10, resolve_data_dir
 from .validation import check_against_data, check_resources, config_from_dict, load_config, local_resources
 
@@ -155,11 +157,28 @@ def default_output(kind: str, config_path: str | None) -> str:
 def check_before_trials(cfg: Config, num_train_images: int, searched: bool) -> None:
     """The mistakes only the data or the machine reveal, for every trial (`searched`: the search space's too)."""
     check_against_data(cfg, num_train_images, searched)
+    left = num_train_images - cfg.data.val_count(num_train_images)
+    if cfg.data.train_subset is not None and cfg.data.train_subset > left:
+        print(f"[ray_cifar] warning: data.train_subset={cfg.data.train_subset} is more than the {left} train images "
+              f"left after validation: every one of them is used", flush=True)
     if not cfg.tune.cluster_address():
         # A local Ray, or one process: the ranks must fit this machine's real cores and GPUs. (A trial's driver
         # only watches its ranks; init_ray declares logical CPUs for it, so it is not counted here. On a running
         # cluster the study checks against the cluster's resources, driver included, once Ray is up.)
         check_resources(cfg, *local_resources(), count_driver=False, searched=searched)
+
+
+def smoke_preset_note(message: str, args: argparse.Namespace) -> str:
+    """Where a refusal names a field --smoke-test's preset set (and no --set did), that the preset set it: the user
+    wrote neither the value nor the field (a smoke test of a data folder smaller than CIFAR-10's was refused with
+    data.val_size 2000 and no word of where it came from)."""
+    if not getattr(args, "smoke_test", False):
+        return ""
+    preset = flatten(SMOKE_OVERRIDES)
+    key = next((k for k in preset if re.search(rf"(^|: ){re.escape(k)}: ", message)), None)
+    if key is None or any(s.split("=", 1)[0].strip() == key for s in args.sets or []):
+        return ""
+    return f"; --smoke-test sets {key}={preset[key]!r}, sized for CIFAR-10's 50,000 train images: add --set {key}=..."
 
 
 def prepare(args: argparse.Namespace, kind: str) -> tuple[Config, Cifar10, str]:
@@ -184,7 +203,9 @@ def prepare(args: argparse.Namespace, kind: str) -> tuple[Config, Cifar10, str]:
         if kind == "tune":
             warn_sets_searched(cfg, args.sets)
         check_before_trials(cfg, len(dataset.train_labels), searched=kind == "tune")
-    except (ConfigError, DataError, UsageError, storage.StorageError) as e:
+    except ConfigError as e:
+        fail(str(e) + smoke_preset_note(str(e), args))
+    except (DataError, UsageError, storage.StorageError) as e:
         fail(str(e))
     create_output(output)
     try:

@@ -436,5 +436,10 @@ def for_each_trial(cfg: Config, check: Callable[[Config], None], searched: bool 
         try:
             check(trial)
         except ConfigError as e:
+            try:
+                check(cfg)
+            except ConfigError as fixed:
+                if str(fixed) == str(e):  # not the searched values': the study's own setting, named as it is
+                    raise fixed from None
             values = ", ".join(f"{k}={v!r}" for k, v in sampled.items())
             raise ConfigError(f"tune.search_space: the trial with {values}: {e}") from None

@@ -224,6 +224,44 @@ def test_searched_data_and_resource_mistakes_stop_the_study_before_any_trial(cas
     assert "tune.search_space: the trial with " in result.stderr
 
 
+def test_a_mistake_in_the_studys_own_setting_is_not_blamed_on_its_search(tmp_path, synthetic_parquet_dir):
+    """The up-front check runs every trial of the search space; a value no trial searches was refused as "the trial
+    with optim.lr=0.1: ...", as if the search were at fault. Named plainly now; a searched value's still is (above)."""
+    output = tmp_path / "out"
+    result = run_main("ray_cifar.tune", "--data", synthetic_parquet_dir, "--output", str(output), "--set",
+                      "data.val_size=600", "--set", "tune.search_space={optim.lr: {grid: [0.1, 0.01]}}")
+    assert_one_line_exit_2(result, "ray_cifar: error: data.val_size: must be less than the 600 train images (got 600)",
+                           output)
+
+
+def test_a_smoke_test_refused_for_its_presets_value_says_the_preset_set_it(tmp_path, synthetic_parquet_dir):
+    """--smoke-test's preset holds out 2,000 validation images, sized for CIFAR-10: on a smaller data folder the
+    refusal named a value the user never wrote. It says where it came from, unless --set gave it."""
+    output = tmp_path / "out"
+    result = run_main("ray_cifar.tune", "--smoke-test", "--data", synthetic_parquet_dir, "--output", str(output))
+    assert_one_line_exit_2(result, "data.val_size: must be less than the 600 train images (got 2000); --smoke-test "
+                                   "sets data.val_size=2000, sized for CIFAR-10's 50,000 train images: add --set "
+                                   "data.val_size=...", output)
+    result = run_main("ray_cifar.tune", "--smoke-test", "--data", synthetic_parquet_dir, "--output", str(output),
+                      "--set", "data.val_size=700")
+    assert_one_line_exit_2(result, "data.val_size: must be less than the 600 train images (got 700)", output)
+    assert "--smoke-test sets" not in result.stderr
+
+
+def test_a_train_subset_larger_than_the_data_left_says_all_of_it_is_used(capsys):
+    from ray_cifar import cli
+    from ray_cifar.config import Config
+
+    cfg = Config()
+    cfg.data.val_size, cfg.data.train_subset, cfg.train.global_batch_size = 100, 8000, 100
+    cli.check_before_trials(cfg, 600, searched=False)
+    assert capsys.readouterr().out == ("[ray_cifar] warning: data.train_subset=8000 is more than the 500 train images "
+                                       "left after validation: every one of them is used\n")
+    cfg.data.train_subset = 500
+    cli.check_before_trials(cfg, 600, searched=False)
+    assert capsys.readouterr().out == ""
+
+
 EXIT_AFTER = """
 import atexit, sys, threading, time
 from ray_cifar.cli import exit_after

@@ -221,6 +221,49 @@ def test_sigterm_to_every_process_stops_the_study_at_once_and_it_resumes(synthet
     assert len(trials) == 2 and keys == [(t, e) for t in trials for e in range(1, EPOCHS + 1)]
 
 
+def test_a_hang_up_stops_the_study_as_sigterm_does(synthetic_parquet_dir, tmp_path):
+    """A terminal that hangs up (an ssh session dropped) sends SIGHUP, whose default ended the driver at once: no
+    --resume line, and Ray's agents ran on, reparented, for a minute (measured). Now it is the polite stop."""
+    output = tmp_path / "study"
+    driver = subprocess.Popen(command("ray_cifar.tune", synthetic_parquet_dir, output), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    tree: list[int] = []
+    try:
+        deadline = time.time() + 240
+        while not (output.exists() and rows(output)):
+            assert driver.poll() is None and time.time() < deadline, "the study ended or stalled before SIGHUP"
+            time.sleep(0.2)
+        tree = descendants(driver.pid)
+        driver.send_signal(signal.SIGHUP)
+        out, _ = driver.communicate(timeout=60)
+        deadline = time.time() + 10  # a process the stop ended may take a moment to go
+        while (left := [p for p in tree if alive(p)]) and time.time() < deadline:
+            time.sleep(0.2)
+        left_names = [cmdline(p)[:80] for p in left]
+    finally:
+        end_tree([driver.pid, *tree, *descendants(driver.pid)])
+    assert driver.returncode == 130, out[-3000:]
+    hung_up = out.split("[ray_cifar] the terminal hung up (SIGHUP): stopping as on SIGTERM", 1)
+    assert len(hung_up) == 2 and f"it continues with: python -m ray_cifar.tune --resume {output}" in hung_up[1], \
+        out[-3000:]
+    assert_no_traceback(subprocess.CompletedProcess([], 0, out, ""), driver_only=True)
+    assert not left, f"the driver's Ray processes outlived it: {left_names}"
+
+
+def test_a_hang_up_under_nohup_is_left_ignored():
+    from ray_cifar import cli
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        cli.hangup_as_sigterm()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN  # nohup's: the run goes on after a hang-up
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        cli.hangup_as_sigterm()
+        assert callable(signal.getsignal(signal.SIGHUP))
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 def test_sigterm_while_ray_starts_is_the_resume_line_and_exit_130_and_leaves_no_ray_process(synthetic_parquet_dir,
                                                                                              tmp_path):
     """A driver signalled in its first seconds (a retried job cancelled again, a node drained): ray.init puts its own

@@ -39,4 +39,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from ray_cifar.cli import exit_after
+
+    exit_after(lambda: main(sys.argv[1:]))  # as `python -m ray_cifar.tune`: a hang-up is a polite stop

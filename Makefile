@@ -57,5 +57,6 @@ gpu-check:
 	$(CHECK_PY) benchmarks/gpu_check.py $(STAGE) --results $(RESULTS) $(DATA_ARG) \
 		$(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(if $(CAP),--cap $(CAP))
 
+# clean: the venv and the build's files only; results/ (every study's default --output) is the user's to delete.
 clean:
-	rm -rf $(VENV) results *.egg-info
+	rm -rf $(VENV) *.egg-info

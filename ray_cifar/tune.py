@@ -27,7 +27,8 @@ from .console import Held, holding, logged_to
 COMMAND = "python -m ray_cifar.tune"
 
 
-def resume(location: str, argv: list[str] | None, held: Held) -> int:
+def resume(location: str, argv: list[str] | None, held: Held, found: str | None = None) -> int:
+    """--resume LOCATION; `found` (a line) is printed once LOCATION proves to hold a study (--resume-if-exists)."""
     from . import storage
     from .tuning import study
 
@@ -38,8 +39,14 @@ def resume(location: str, argv: list[str] | None, held: Held) -> int:
         storage.sync_down(remote, output)
     started = os.path.isdir(output) and study.can_resume(output, remote)
     if not started and not (os.path.isdir(output) and study.never_started(output)):
-        cli.fail(f"--resume {location}: not a ray_cifar study output (no config.yaml and Tune experiment in ray/tune)"
+        has_config = os.path.isfile(os.path.join(output, "config.yaml"))
+        what = ("no Tune experiment in ray/tune" + (": a `python -m ray_cifar.train` run's output (checkpoints/, no "
+                                                    "study)" if os.path.isdir(os.path.join(output, "checkpoints")) else "")
+                if has_config else "no config.yaml and no Tune experiment in ray/tune")
+        cli.fail(f"--resume {location}: not a ray_cifar study output ({what})"
                  + (f"; its copy on this machine is {output}" if remote else ""))
+    if found:
+        print(found, flush=True)
     if study.is_finished(output):
         print(f"[ray_cifar] the study in {output} has already finished: see {output}/trials.parquet")
         return 0
@@ -79,9 +86,8 @@ def start_or_resume(args, argv: list[str] | None, held: Held) -> int:
         if not args.output:
             cli.fail("--resume-if-exists needs --output: the folder or URI a retried run finds its study in")
         if holds_study(args.output):
-            print(f"[ray_cifar] --resume-if-exists: {args.output} holds a study: continuing it (its own config.yaml)",
-                  flush=True)
-            return resume(args.output, argv, held)
+            return resume(args.output, argv, held, f"[ray_cifar] --resume-if-exists: {args.output} holds a study: "
+                                                   f"continuing it (its own config.yaml)")
     from . import storage
     from .tuning import study
 

@@ -127,6 +127,20 @@ def test_resume_if_exists_needs_an_output(capsys):
     assert exit_.value.code == 2 and err.count("\n") == 1 and "--resume-if-exists needs --output" in err
 
 
+def test_resume_if_exists_on_a_train_runs_output_says_only_what_it_is(tmp_path, capsys):
+    """It said "holds a study: continuing it", then that the folder was no study for want of a config.yaml it had."""
+    from ray_cifar import tune
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.yaml").write_text("train: {epochs: 2}\n")
+    with pytest.raises(SystemExit) as exit_:
+        tune.main(["--resume-if-exists", "--output", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert exit_.value.code == 2 and "holds a study" not in captured.out, captured
+    assert captured.err == (f"ray_cifar: error: --resume {tmp_path}: not a ray_cifar study output (no Tune experiment "
+                            f"in ray/tune: a `python -m ray_cifar.train` run's output (checkpoints/, no study))\n")
+
+
 def test_single_process_train_writes_per_epoch_rows(tmp_path, synthetic_parquet_dir):
     output = tmp_path / "run"
     sets = [a for s in TINY_MODEL + ["train.epochs=3", "train.global_batch_size=50", "data.val_size=100",

@@ -58,9 +58,11 @@ def can_resume(output: str, remote: str | None = None) -> bool:
 
 def never_started(output: str) -> bool:
     """A study whose driver was stopped in its first seconds, after its config.yaml and before Tune saved its
-    experiment: no trial has reported (no results, no trials.json). `--resume` starts it from its config.yaml."""
+    experiment: no trial has reported (no results, no trials.json). `--resume` starts it from its config.yaml.
+    A `python -m ray_cifar.train` run's output (its checkpoints/ beside config.yaml, which no study has) is not."""
     parts = os.path.join(output, ResultsLog.PARTS)
     return (os.path.exists(os.path.join(output, "config.yaml"))
+            and not os.path.isdir(os.path.join(output, "checkpoints"))
             and not any(os.path.exists(os.path.join(output, name)) for name in ("results.parquet", TRIALS_STATE))
             and not (os.path.isdir(parts) and os.listdir(parts)))
 

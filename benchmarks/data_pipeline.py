@@ -12,7 +12,8 @@ full (crop, flip, random erasing p 0.5, AutoAugment CIFAR-10). Each figure is im
 On cuda it also times ResNet-18 (bf16 autocast, channels_last, SGD) training fed by each path and
 fed one batch that already sits on the GPU: the ratio says how far each loader keeps the GPU busy.
 Writes ray_cifar/measurements/data_pipeline_<device>.json (with the device's name): package data,
-which data.pipeline=auto reads (also from an installed copy).
+which data.pipeline=auto reads (also from an installed copy); only a run at the default sizes over all 50,000 train
+images writes there by default, any other needs --output DIR.
 """
 
 from __future__ import annotations
@@ -142,7 +143,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per figure (the median is reported)")
     parser.add_argument("--images", type=int, default=50000, help="train images used (the first N)")
-    parser.add_argument("--output", default=RESULTS_DIR, help="folder of data_pipeline_<device>.json")
+    parser.add_argument("--output", help="folder of data_pipeline_<device>.json (default: the package's measurement, "
+                                          "ray_cifar/measurements, which data.pipeline=auto reads: from a run at "
+                                          "the default sizes over all 50,000 train images only)")
     args = parser.parse_args(argv)
     if args.images < args.batch_size:
         parser.error(f"--images {args.images} is fewer than --batch-size {args.batch_size}: "
@@ -318,8 +321,26 @@ def first_train_images(data: str | None, n: int, device: torch.device):
                                                 torch.from_numpy(labels_np).to(device))
 
 
+# The sizes of a run whose figures data.pipeline=auto may read: a shorter or smaller run (a quick look, a CI machine's
+# seconds) written over the committed measurement by default changed what every study of that device picks, unsaid.
+MEASUREMENT_SIZES = {"images": 50000, "seconds": 3.0, "repeats": 3, "batch_size": 512}
+
+
+def default_output_refusal(args: argparse.Namespace, images: int) -> str | None:
+    """Why this run may not write the package's measurement without --output (None: it may)."""
+    if args.output is not None:
+        return None
+    smaller = [f"--{k.replace('_', '-')} {v:g}" for k, v in
+               {"images": images, "seconds": args.seconds, "repeats": args.repeats, "batch_size": args.batch_size}.items()
+               if v != MEASUREMENT_SIZES[k] and not (k == "images" and v >= MEASUREMENT_SIZES[k])]
+    if not smaller:
+        return None
+    return (f"{', '.join(smaller)}: not the sizes of the measurement data.pipeline=auto reads "
+            f"({os.path.relpath(RESULTS_DIR)}); give --output DIR for this run's figures")
+
+
 def write_results(args: argparse.Namespace, out: dict, device: torch.device) -> str:
-    return write_json(out, args.output, f"data_pipeline_{device.type}.json")
+    return write_json(out, args.output or RESULTS_DIR, f"data_pipeline_{device.type}.json")
 
 
 def write_json(out: dict, folder: str, filename: str) -> str:
@@ -335,6 +356,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     dataset, images_np, labels_np, split = first_train_images(args.data, args.images, device)
+    refusal = default_output_refusal(args, len(images_np))
+    if refusal:
+        print(f"data_pipeline.py: error: {refusal}", file=sys.stderr)
+        return 2
     record = Recorder(args.repeats)
 
     def make_feeds(set_name):

@@ -60,6 +60,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=int, nargs="+", default=[2])
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--output", default=os.path.join(HERE, "results"),
+                   help="folder of trainer_startup_cpu.json (default: benchmarks/results, the committed figures)")
     args = p.parse_args()
     os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     init_start = time.time()
@@ -76,13 +78,13 @@ def main() -> int:
                      "end_seconds_median": round(statistics.median(e for _, e in later), 2)}
             results.append(entry)
             print(f"{ranks} rank(s): fit -> rank runs {entry['start_seconds_median']:.2f} s, "
-                  f"rank done -> fit returns {entry['end_seconds_median']:.2f} s (median of runs 2..{args.runs})",
+                  f"rank done -> fit returns {entry['end_seconds_median']:.2f} s ({'median of runs 2..' + str(args.runs) if args.runs > 1 else 'one run'})",
                   flush=True)
     ray.shutdown()
     out = {"what": "no-op TorchTrainer fit(), CPU ranks, gloo", "ray": ray.__version__, "cpus": os.cpu_count(),
            "load_average_1min": round(os.getloadavg()[0], 1), "ray_init_seconds": round(init_seconds, 2),
            "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "results": results}
-    print(f"wrote {write_json(out, os.path.join(HERE, 'results'), 'trainer_startup_cpu.json')}")
+    print(f"wrote {write_json(out, args.output, 'trainer_startup_cpu.json')}")
     return 0
 
 

@@ -105,3 +105,18 @@ def test_fewer_images_than_a_batch_is_an_error_not_a_loader_that_spins_for_ever(
     with pytest.raises(SystemExit):
         bench.parse_args(["--images", "256", "--batch-size", "512"])
     assert "--images 256 is fewer than --batch-size 512" in capsys.readouterr().err
+
+
+def test_a_run_smaller_than_the_measurement_does_not_replace_it_unless_given_an_output(synthetic_parquet_dir, capsys):
+    """The measurement data.pipeline=auto reads was the default output of every run: a 1 s, 1-repeat run on 2,000
+    images replaced the committed figures of a quiet machine, unsaid, and changed what every CPU study picks."""
+    measurement = os.path.join(pipelines.BENCHMARK_RESULTS, "data_pipeline_cpu.json")
+    before = open(measurement, "rb").read()
+    status = bench.main(["--data", synthetic_parquet_dir, "--images", "600", "--seconds", "0.1", "--repeats", "1"])
+    assert status == 2 and open(measurement, "rb").read() == before
+    assert capsys.readouterr().err == (
+        "data_pipeline.py: error: --images 600, --seconds 0.1, --repeats 1: not the sizes of the measurement "
+        f"data.pipeline=auto reads ({os.path.relpath(pipelines.BENCHMARK_RESULTS)}); give --output DIR for this "
+        "run's figures\n")
+    args = bench.parse_args(["--images", "60000"])
+    assert bench.default_output_refusal(args, 50000) is None  # all of CIFAR-10's train images, the default sizes

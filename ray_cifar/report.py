@@ -313,6 +313,35 @@ def asha_rungs(tune: dict[str, Any], max_t: float) -> list[float]:
     return rungs
 
 
+SCHEDULER_KEYS = ("scheduler", "search", "grace_period", "reduction_factor", "time_attr", "brackets", "max_epochs")
+
+
+def scheduler_text(tune: dict[str, Any], max_t: float) -> str:
+    """What stopped trials early, in words. BOHB brings its own HyperBand (tune.scheduler stays fifo there): it was
+    drawn as "fifo: no rungs", its stopped trials unexplained."""
+    scheduler = tune.get("scheduler", "?")
+    if tune.get("search") == "bohb":
+        return "BOHB's HyperBand: brackets of milestones, not drawn"
+    if scheduler != "asha":
+        return f"{scheduler}: no rungs"
+    if tune.get("time_attr", "epoch") != "epoch":
+        detail = f"rungs every x{tune.get('reduction_factor')} from {tune.get('grace_period')} optimizer steps"
+    else:
+        rungs = asha_rungs(tune, max_t)
+        detail = (f"grace {tune.get('grace_period')}, reduction {tune.get('reduction_factor')}, "
+                  f"rungs at {', '.join(f'{r:g}' for r in rungs)}, max {max_t:g}")
+    if (tune.get("brackets") or 1) > 1:
+        detail += f"; {tune['brackets']} brackets (drawn: the first's)"
+    return f"asha: {detail}"
+
+
+def stops_text(tune: dict[str, Any], max_t: float) -> str:
+    """scheduler_text; for a comparison of studies whose schedulers differ (_combine), each study's."""
+    if tune.get("per_study"):
+        return "; ".join(f"{name}: {scheduler_text(t, max_t)}" for name, t in tune["per_study"].items())
+    return scheduler_text(tune, max_t)
+
+
 def plot_asha(trials, tune: dict[str, Any], max_t: float, path: str) -> str:
     plt = _pyplot()
     from matplotlib.patches import Patch
@@ -332,17 +361,7 @@ def plot_asha(trials, tune: dict[str, Any], max_t: float, path: str) -> str:
     handles = [Patch(color=status_color[s], label=s) for s in seen] or [Patch(color="tab:blue", label="no status yet")]
     ax.legend(handles=handles, fontsize=8, loc="lower right")
     ax.set_xlabel("epochs run (dashed: ASHA rungs; solid: max)")
-    scheduler = tune.get("scheduler", "?")
-    if scheduler != "asha":
-        detail = "no rungs"
-    elif tune.get("time_attr", "epoch") != "epoch":
-        detail = f"rungs every x{tune.get('reduction_factor')} from {tune.get('grace_period')} optimizer steps"
-    else:
-        detail = (f"grace {tune.get('grace_period')}, reduction {tune.get('reduction_factor')}, "
-                  f"rungs at {', '.join(f'{r:g}' for r in rungs)}, max {max_t:g}")
-    if (tune.get("brackets") or 1) > 1:
-        detail += f"; {tune['brackets']} brackets (drawn: the first's)"
-    ax.set_title(f"Where each trial stopped ({scheduler}: {detail})", fontsize=10)
+    ax.set_title(f"Where each trial stopped ({stops_text(tune, max_t)})", fontsize=10, wrap=True)
     return _save(fig, path)
 
 
@@ -540,6 +559,9 @@ def _combine(studies: list[Study]) -> Study:
     tag = lambda s, r: {STUDY_COLUMN: s.name, **r, "trial_id": f"{s.name}/{r.get('trial_id')}"}  # noqa: E731
     first = studies[0]
     config = dict(first.config)
+    if len({tuple(repr(s.tune.get(k)) for k in SCHEDULER_KEYS) for s in studies}) > 1:
+        # Their schedulers differ: the first's rungs drawn under all of them named every study's stops by it.
+        config["tune"] = {**first.tune, "scheduler": "mixed", "per_study": {s.name: s.tune for s in studies}}
     config["published"] = [{**p, "where": {STUDY_COLUMN: s.name, **(p.get("where") or {})}}
                            for s in studies for p in s.config.get("published") or []]
     return Study(name=" vs ".join(s.name for s in studies), config=config,
@@ -588,7 +610,8 @@ def build(study: Study, out_dir: str, prefix: str = "") -> dict[str, Any]:
                "test_acc"]
     columns = [c for c in dict.fromkeys(columns) if any(c in t for t in trials)]
     return {"trials": trials, "columns": columns, "keys": keys, "matches": matches,
-            "replicates": replicate_rows(trials, keys), "figures": figures}
+            "replicates": replicate_rows(trials, keys), "figures": figures,
+            "captions": {"asha": f"What stopped trials early: {stops_text(study.tune, max_t)}."}}
 
 
 SECTIONS = (("ranking", "Trial ranking"), ("curves", "Learning curves"), ("asha", "Where the scheduler stopped each trial"),
@@ -653,7 +676,8 @@ def _markdown(study: Study, built: dict[str, Any]) -> str:
         lines += ([] if i == 0 else [f"## {t.title}", ""]) + [n for note in t.notes for n in (note, "")]
         lines += [markdown_table(t.rows, t.columns), ""]
     for name, title in [(n, t) for n, t in SECTIONS if n in built["figures"]]:
-        lines += [f"## {title}", "", f"![{title}]({built['figures'][name]})", ""]
+        caption = built.get("captions", {}).get(name)
+        lines += [f"## {title}", "", *([caption, ""] if caption else []), f"![{title}]({built['figures'][name]})", ""]
     return "\n".join(lines)
 
 
@@ -664,7 +688,9 @@ def _html(study: Study, built: dict[str, Any]) -> str:
         parts += [f"<p>{html.escape(note).replace('`', '')}</p>" for note in t.notes]
         parts += [html_table(t.rows, t.columns)]
     for name, title in [(n, t) for n, t in SECTIONS if n in built["figures"]]:
-        parts += [f"<h2>{html.escape(title)}</h2>", f'<img src="{built["figures"][name]}" alt="{html.escape(title)}">']
+        caption = built.get("captions", {}).get(name)
+        parts += [f"<h2>{html.escape(title)}</h2>", *([f"<p>{html.escape(caption)}</p>"] if caption else []),
+                  f'<img src="{built["figures"][name]}" alt="{html.escape(title)}">']
     style = ("body{font-family:sans-serif;max-width:1200px;margin:1em auto;color:#222}"
              "table{border-collapse:collapse;font-size:13px;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 6px}"
              "th{background:#eee}img{max-width:100%;border:1px solid #eee}")

@@ -112,6 +112,26 @@ def test_comparison_of_two_outputs(tmp_path):
     assert main([a, b]) == 0 and os.path.exists(os.path.join(a, "compare-report.html"))
 
 
+@needs_matplotlib
+def test_the_report_says_what_stopped_trials_early_bohb_and_each_compared_study_included(tmp_path):
+    """BOHB's HyperBand stopped trials while tune.scheduler said fifo: the report said "fifo: no rungs" and never
+    named BOHB. A comparison drew every study's stops under the first study's scheduler."""
+    asha = make_output(str(tmp_path / "asha"))
+    assert main([asha]) == 0
+    assert ("What stopped trials early: asha: grace 1, reduction 2, rungs at 1, 2, max 4."
+            in open(tmp_path / "asha" / "report.md").read())
+    bohb = make_output(str(tmp_path / "bohb"), published=False)
+    config = yaml.safe_load(open(tmp_path / "bohb" / "config.yaml"))
+    config["tune"].update(scheduler="fifo", search="bohb")
+    yaml.safe_dump(config, open(tmp_path / "bohb" / "config.yaml", "w"))
+    assert main([bohb]) == 0
+    assert "What stopped trials early: BOHB's HyperBand: brackets of milestones, not drawn." in \
+        open(tmp_path / "bohb" / "report.md").read()
+    assert main([asha, bohb, "--out", str(tmp_path / "cmp")]) == 0
+    assert ("What stopped trials early: asha: asha: grace 1, reduction 2, rungs at 1, 2, max 4; bohb: BOHB's "
+            "HyperBand: brackets of milestones, not drawn." in open(tmp_path / "cmp" / "compare-report.md").read())
+
+
 def test_asha_rungs_and_max_epochs_come_from_the_config():
     from ray_cifar.report import Study, asha_rungs, study_max_epochs
 

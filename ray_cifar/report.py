@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import json
 import math
 import os
 import sys
@@ -82,7 +83,25 @@ def load_study(output: str) -> Study:
     trials_path = os.path.join(output, "trials.parquet")
     trials = read_rows(trials_path) if os.path.exists(trials_path) else []
     name = os.path.basename(os.path.normpath(os.path.abspath(output)))
-    return Study(name=name, config=config, rows=read_results(output), trials=trials)
+    rows = read_results(output)
+    if not trials:
+        trials = train_run_trials(output, rows)
+    return Study(name=name, config=config, rows=rows, trials=trials)
+
+
+def train_run_trials(output: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A `python -m ray_cifar.train` run's one trial: it keeps its test figures in test.json, not trials.parquet
+    (its report showed test_acc "-" beside a test.json that had it)."""
+    path = os.path.join(output, "test.json")
+    run_ids = {r.get("trial_id") for r in rows}
+    if len(run_ids) != 1 or not os.path.isfile(path):
+        return []
+    try:
+        with open(path) as f:
+            test = json.load(f)
+    except (OSError, ValueError):
+        return []  # a damaged test.json: the rows are still reported
+    return [{"trial_id": run_ids.pop(), "test_acc": test.get("test_acc"), "test_loss": test.get("test_loss")}]
 
 
 # --- Tables ---

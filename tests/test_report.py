@@ -132,6 +132,21 @@ def test_the_report_says_what_stopped_trials_early_bohb_and_each_compared_study_
             "HyperBand: brackets of milestones, not drawn." in open(tmp_path / "cmp" / "compare-report.md").read())
 
 
+@needs_matplotlib
+def test_a_train_runs_report_shows_its_test_figure(tmp_path):
+    """`python -m ray_cifar.train` keeps its test figures in test.json (no trials.parquet): its report said "-"."""
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    with open(os.path.join(run, "config.yaml"), "w") as f:
+        yaml.safe_dump({"train": {"epochs": 4}, "tune": {"metric": "val_acc", "mode": "max"}}, f)
+    ResultsLog(run).append([{"trial_id": "t0", "epoch": e, "train_loss": 1.0 / e, "val_acc": 0.5 + 0.05 * e,
+                             "val_loss": 1.0, "images_per_second": 1000.0} for e in range(1, 5)])
+    with open(os.path.join(run, "test.json"), "w") as f:
+        f.write('{"best_epoch": 4, "test_loss": 1.2, "test_acc": 0.4242}')
+    assert main([run]) == 0
+    assert "best trial `t0` (0.7 at epoch 4, test_acc 0.4242)" in open(os.path.join(run, "report.md")).read()
+
+
 def test_asha_rungs_and_max_epochs_come_from_the_config():
     from ray_cifar.report import Study, asha_rungs, study_max_epochs
 

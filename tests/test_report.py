@@ -147,6 +147,25 @@ def test_a_train_runs_report_shows_its_test_figure(tmp_path):
     assert "best trial `t0` (0.7 at epoch 4, test_acc 0.4242)" in open(os.path.join(run, "report.md")).read()
 
 
+def test_a_comparison_shows_a_field_one_study_fixed_and_another_searched_by_its_value(tmp_path):
+    """Compared with a study that searched the batch size, the one that fixed it at 128 showed "-" (read as unknown)."""
+    from ray_cifar.report import _combine
+
+    a = make_output(str(tmp_path / "lr"))  # searches optim.lr; train.global_batch_size fixed at 128
+    b = str(tmp_path / "batch")
+    os.makedirs(b)
+    with open(os.path.join(b, "config.yaml"), "w") as f:
+        yaml.safe_dump({"train": {"epochs": 2, "global_batch_size": 256}, "optim": {"name": "sgd", "lr": 0.05},
+                        "tune": {"metric": "val_acc", "mode": "max"}}, f)
+    ResultsLog(b).append([{"trial_id": f"b{n}", "epoch": 1, "train.global_batch_size": batch, "val_acc": 0.5,
+                           "train_loss": 1.0} for n, batch in enumerate((256, 512))])
+    combined = _combine([load_study(a), load_study(b)])
+    values = {(r["trial_id"], r["epoch"]): (r.get("optim.lr"), r.get("train.global_batch_size")) for r in combined.rows}
+    assert values[("lr/t0", 1)] == (0.1, 128) and values[("batch/b1", 1)] == (0.05, 512), values
+    assert {t["trial_id"]: t.get("train.global_batch_size") for t in combined.trials}["lr/t0"] == 128
+    assert main([a, b, "--out", str(tmp_path / "cmp")]) == 0
+
+
 def test_asha_rungs_and_max_epochs_come_from_the_config():
     from ray_cifar.report import Study, asha_rungs, study_max_epochs
 

@@ -115,7 +115,9 @@ def test_mlflow_one_run_per_trial_every_epoch_once_after_a_killed_driver(mlflow_
             # epochs, the resumed one the rest, skipping the steps the run already held (each step once, above).
             assert any(m.timestamp / 1000 < mlflow_study["killed_at"] for m in history)
     attached = {f.path for f in client.list_artifacts(study_runs[0].info.run_id)}
-    assert {"trials.parquet", "results.parquet", "report.html", "report.md"} <= attached
+    assert {"trials.parquet", "results.parquet", "report.html", "report.md", "figures"} <= attached
+    figures = {os.path.basename(f.path) for f in client.list_artifacts(study_runs[0].info.run_id, "figures")}
+    assert "ranking.png" in figures  # the report's images, beside it as it links them
     assert os.path.isdir(output / tracking.MLFLOW_ARTIFACTS)  # the default store's artifacts stay under OUTPUT
 
 
@@ -138,7 +140,7 @@ def test_wandb_offline_one_run_per_trial_every_epoch_once_after_a_killed_driver(
     assert reopened == len(wandb_study["running"]) >= 1
     assert "holds a study: continuing it" in wandb_study["stdout"]  # the retried job's command line resumed it
     study_files = tracking.offline_runs(str(output), "study-wandb-study")
-    assert study_files and "trials.parquet" in artifact_files(study_files[-1])
+    assert study_files and {"trials.parquet", "ranking.png"} <= artifact_files(study_files[-1])
 
 
 def run_metadata(path: str) -> tuple[dict, str, str | None]:
@@ -256,3 +258,22 @@ def test_mlflow_run_of_a_lost_trial_is_ended_as_killed(tmp_path):
                                                r.data.params["optim.lr"])
              for r in runs if r.data.tags.get("ray_cifar.kind") == "trial"}
     assert ended == {"t0": ("FINISHED", "completed", "0.1"), "t1": ("KILLED", "lost", "0.01")}
+
+
+def test_mlflow_with_a_sqlite_uri_keeps_its_artifacts_under_output_and_attaches_the_reports_figures(tmp_path,
+                                                                                                    monkeypatch):
+    """A given sqlite URI's artifacts went to ./mlruns of the folder the driver was started from, and the study run
+    had the report without figures/, its images broken."""
+    pytest.importorskip("mlflow", reason="pip install 'ray_cifar[tracking]'")
+    output, elsewhere = tmp_path / "study", tmp_path / "started-here"
+    (output / "figures").mkdir(parents=True)
+    elsewhere.mkdir()
+    (output / "report.html").write_text('<img src="figures/ranking.png">')
+    (output / "figures" / "ranking.png").write_bytes(b"\x89PNG")
+    monkeypatch.chdir(elsewhere)
+    tracker = tracking.MLflowTracker(str(output), "s", f"sqlite:///{tmp_path}/shared.db", None)
+    tracker.attach_study([str(output / "report.html"), str(output / "figures")])
+    stored = sorted(str(p.relative_to(output / tracking.MLFLOW_ARTIFACTS)).split(os.sep, 2)[-1]  # past RUN/artifacts/
+                    for p in (output / tracking.MLFLOW_ARTIFACTS).rglob("*") if p.is_file())
+    assert stored == ["figures/ranking.png", "report.html"], stored
+    assert not os.listdir(elsewhere)

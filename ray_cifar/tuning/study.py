@@ -180,7 +180,7 @@ def attach_to_tracker(cfg: Config, output: str, remote: str | None) -> None:
         return
     from .tracking import create_tracker
 
-    files = ["trials.parquet", "results.parquet", "report.html", "report.md"]
+    files = ["trials.parquet", "results.parquet", "report.html", "report.md", "figures"]  # figures/: the report's
     try:
         tracker = create_tracker(output=output, **settings)
         tracker.attach_study([os.path.join(output, f) for f in files])

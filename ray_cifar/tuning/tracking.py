@@ -4,7 +4,7 @@
                              project=cfg.tune.tracking_project)   # None for tune.tracking=none
     tracker.log_epochs(trial_id, params, rows)            # rows: the recorder's epoch rows; step = epoch
     tracker.end_trial(trial_id, params, "completed")      # completed | stopped | diverged | failed | lost
-    tracker.attach_study(["OUTPUT/trials.parquet", "OUTPUT/report.html", ...])
+    tracker.attach_study(["OUTPUT/trials.parquet", "OUTPUT/report.html", "OUTPUT/figures", ...])
 
 Each trial gets one run, grouped under the study (MLflow: child runs of a study run in the experiment
 tune.tracking_project, default the output folder's name; W&B: the group named after the output folder in
@@ -134,9 +134,11 @@ class MLflowTracker(Tracker):
         if experiment is not None:
             self.experiment_id = experiment.experiment_id
         else:
-            # The default store keeps its artifacts beside it, not in the working directory's ./mlruns.
-            location = (None if self.uri else
-                        "file://" + os.path.abspath(os.path.join(output, MLFLOW_ARTIFACTS)))
+            # A store on this machine (the default, or a sqlite or file URI given) keeps its artifacts under OUTPUT,
+            # not in the ./mlruns of whatever folder the driver was started from (where a given sqlite URI's went).
+            # A tracking server decides where its own go.
+            local = self.uri is None or self.uri.startswith(("sqlite:", "file:")) or "://" not in self.uri
+            location = "file://" + os.path.abspath(os.path.join(output, MLFLOW_ARTIFACTS)) if local else None
             self.experiment_id = self.client.create_experiment(name, artifact_location=location)
         self.study_run = self._find_or_create(STUDY_TAG, study, {STUDY_TAG: study, "ray_cifar.kind": "study"},
                                               run_name=study)
@@ -179,7 +181,9 @@ class MLflowTracker(Tracker):
 
     def attach_study(self, paths: list[str]) -> None:
         for path in paths:
-            if os.path.exists(path):
+            if os.path.isdir(path):  # figures/: the report's images, beside it as it links them
+                self.client.log_artifacts(self.study_run, path, artifact_path=os.path.basename(path))
+            elif os.path.exists(path):
                 self.client.log_artifact(self.study_run, path)
         self.client.set_terminated(self.study_run, status="FINISHED")
 
@@ -228,7 +232,9 @@ class WandbTracker(Tracker):
         run = self._init("study", job_type="study")
         artifact = self.wandb.Artifact(self.run_id("results"), type="study-results")
         for path in paths:
-            if os.path.exists(path):
+            if os.path.isdir(path):  # figures/: the report's images, beside it as it links them
+                artifact.add_dir(path, name=os.path.basename(path))
+            elif os.path.exists(path):
                 artifact.add_file(path)
         run.log_artifact(artifact)
         run.finish()

@@ -341,6 +341,8 @@ def scheduler_text(tune: dict[str, Any], max_t: float) -> str:
     scheduler = tune.get("scheduler", "?")
     if tune.get("search") == "bohb":
         return "BOHB's HyperBand: brackets of milestones, not drawn"
+    if scheduler in ("pbt", "pb2"):
+        return f"{scheduler}: no trial stops early; the weak copy the strong (the population figure below)"
     if scheduler != "asha":
         return f"{scheduler}: no rungs"
     if tune.get("time_attr", "epoch") != "epoch":

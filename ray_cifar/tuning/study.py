@@ -470,7 +470,8 @@ def finish_study(cfg: Config, output: str, keys: list[str]) -> int:
         ResultsLog(output).compact()
     best_column = f"best_{cfg.tune.metric}"  # best_metric under its own name; val_acc beside another metric
     extra = ["best_val_acc"] if cfg.tune.metric != "val_acc" else []
-    columns = ["trial_id", *keys, "status", "epochs", best_column, "best_epoch", *extra, "test_acc"]
+    exploits = ["exploits"] if cfg.tune.scheduler in ("pbt", "pb2") else []  # as trials.parquet and the report
+    columns = ["trial_id", *keys, "status", "epochs", *exploits, best_column, "best_epoch", *extra, "test_acc"]
     print("\n" + format_table([{**t, best_column: t["best_metric"]} for t in trials], columns))
     if best is not None and best["test_acc"] is not None:
         print(f"\n[ray_cifar] best trial {best['trial_id']} by {cfg.tune.metric} ({cfg.tune.mode}): "

@@ -3,6 +3,8 @@ variants, what --smoke-test does to them, --budget-scale, and `extends`."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -82,8 +84,12 @@ def test_smoke_test_shrinks_lengths_and_batches_inside_variants(tmp_path):
     study = tmp_path / "study.yaml"  # --smoke-test shrinks the study file; --set comes after it
     study.write_text(VARIANTS.split("=", 1)[1].join(["tune: {search_space: ", "}"]))
     rows = load_config(str(study), smoke_test=True).tune.search_space["variants"]["grid"]
-    assert len(rows) == 2  # the first two values
-    assert rows[0]["train.epochs"] == 6 and "train.epochs" not in rows[1]
+    assert len(rows) == 2  # the first and the last: a study's opening rows alone missed its point
+    assert rows == [{"optim.lr": 0.1, "train.epochs": 6, "schedule.name": "constant"},
+                    {"train.global_batch_size": 256, "train.epochs": 6}]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    erasing = load_config(os.path.join(root, "studies", "resnet18_erasing_sweep.yaml"), smoke_test=True)
+    assert any("data.erasing_p" in row for row in erasing.tune.search_space["variants"]["grid"])  # ran lr rows only
     study.write_text("train: {max_steps: 32000}\ntune: {search_space: {variants: {grid: ["
                      "{train.global_batch_size: 1024, train.epochs: 300}, "
                      "{model.blocks: [4, 5, 3], model.widths: [64, 128, 256]}]}}}")

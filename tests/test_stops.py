@@ -188,14 +188,9 @@ def test_sigterm_to_every_process_stops_the_study_at_once_and_it_resumes(synthet
     the driver ends within seconds (it sees Ray gone and exits 130, unless Ray's core worker ends it first), and
     --resume finishes the study."""
     output = tmp_path / "study"
-    driver = subprocess.Popen(command("ray_cifar.tune", synthetic_parquet_dir, output), text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    driver = driver_past_its_first_row(synthetic_parquet_dir, output)
     tree: list[int] = []
     try:
-        deadline = time.time() + 240
-        while not (output.exists() and rows(output)):
-            assert driver.poll() is None and time.time() < deadline, "the study ended or stalled before SIGTERM"
-            time.sleep(0.2)
         tree = descendants(driver.pid)
         os.killpg(driver.pid, signal.SIGTERM)  # its session: the driver and the Ray it started
         # Gone well before Ray's 60 s wait on its GCS (measured: 1.4 s): the bug was that wait, not a speed.
@@ -225,21 +220,13 @@ def test_a_hang_up_stops_the_study_as_sigterm_does(synthetic_parquet_dir, tmp_pa
     """A terminal that hangs up (an ssh session dropped) sends SIGHUP, whose default ended the driver at once: no
     --resume line, and Ray's agents ran on, reparented, for a minute (measured). Now it is the polite stop."""
     output = tmp_path / "study"
-    driver = subprocess.Popen(command("ray_cifar.tune", synthetic_parquet_dir, output), text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    driver = driver_past_its_first_row(synthetic_parquet_dir, output)
     tree: list[int] = []
     try:
-        deadline = time.time() + 240
-        while not (output.exists() and rows(output)):
-            assert driver.poll() is None and time.time() < deadline, "the study ended or stalled before SIGHUP"
-            time.sleep(0.2)
         tree = descendants(driver.pid)
         driver.send_signal(signal.SIGHUP)
         out, _ = driver.communicate(timeout=60)
-        deadline = time.time() + 10  # a process the stop ended may take a moment to go
-        while (left := [p for p in tree if alive(p)]) and time.time() < deadline:
-            time.sleep(0.2)
-        left_names = [cmdline(p)[:80] for p in left]
+        left = outliving(tree)
     finally:
         end_tree([driver.pid, *tree, *descendants(driver.pid)])
     assert driver.returncode == 130, out[-3000:]
@@ -247,7 +234,7 @@ def test_a_hang_up_stops_the_study_as_sigterm_does(synthetic_parquet_dir, tmp_pa
     assert len(hung_up) == 2 and f"it continues with: python -m ray_cifar.tune --resume {output}" in hung_up[1], \
         out[-3000:]
     assert_no_traceback(subprocess.CompletedProcess([], 0, out, ""), driver_only=True)
-    assert not left, f"the driver's Ray processes outlived it: {left_names}"
+    assert not left, f"the driver's Ray processes outlived it: {left}"
 
 
 def test_a_hang_up_under_nohup_is_left_ignored():
@@ -293,10 +280,7 @@ def test_sigterm_while_ray_starts_is_the_resume_line_and_exit_130_and_leaves_no_
         tree = descendants(driver.pid)
         driver.send_signal(signal.SIGTERM)
         out, _ = driver.communicate(timeout=60)
-        deadline = time.time() + 10  # a process SIGTERMed as the driver exited may take a moment to go
-        while (left := [p for p in tree if alive(p)]) and time.time() < deadline:
-            time.sleep(0.2)
-        left_names = [cmdline(p)[:80] for p in left]
+        left = outliving(tree)
     finally:
         end_tree([driver.pid, *tree, *descendants(driver.pid)])
     out = printed + out
@@ -304,7 +288,7 @@ def test_sigterm_while_ray_starts_is_the_resume_line_and_exit_130_and_leaves_no_
     assert f"stopped while no trial ran; nothing reported is lost. Continue it with:\n  python -m ray_cifar.tune " \
            f"--resume {output}" in out, out[-3000:]
     assert "Traceback" not in out and not rows(output)
-    assert not left, f"the driver's Ray processes outlived it: {left_names}"
+    assert not left, f"the driver's Ray processes outlived it: {left}"
 
 
 @pytest.fixture
@@ -397,6 +381,31 @@ def test_train_on_a_full_disk_is_one_line(tmpfs, synthetic_parquet_dir, tmp_path
     for name in ("latest", "best"):
         if (disk / "run" / "checkpoints" / name).exists():
             checkpoint.load_state(str(disk / "run" / "checkpoints" / name))
+
+
+def driver_past_its_first_row(data: str, output) -> subprocess.Popen:
+    """A study's driver in a session of its own (it and the Ray it starts), once its first row is on disk; ended
+    with all it started where it ends or stalls before that."""
+    driver = subprocess.Popen(command("ray_cifar.tune", data, output), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (output.exists() and rows(output)):
+            assert driver.poll() is None and time.time() < deadline, "the study ended or stalled before its first row"
+            time.sleep(0.2)
+    except BaseException:
+        end_tree([driver.pid, *descendants(driver.pid)])
+        raise
+    return driver
+
+
+def outliving(tree: list[int], seconds: float = 10.0) -> list[str]:
+    """The command lines of the processes of TREE still alive after up to SECONDS (a process the stop ended, or
+    SIGTERMed as the driver exited, may take a moment to go)."""
+    deadline = time.time() + seconds
+    while (left := [p for p in tree if alive(p)]) and time.time() < deadline:
+        time.sleep(0.2)
+    return [cmdline(p)[:80] for p in left]
 
 
 def test_train_stops_politely_on_sigterm(synthetic_parquet_dir, tmp_path):

@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from . import storage
-from .config import yaml_problem
+from .config import flatten, yaml_problem
 from .results import (CONFIDENCE, SEED_KEY, DamagedFile, aggregate_over_seeds, metric_value, read_results, read_rows,
                       searched_columns, summarize_trials, welch_p_value)
 
@@ -588,18 +588,13 @@ def _combine(studies: list[Study]) -> Study:
     # A field one study searched and another fixed: the other's rows get its fixed value from its config (shown as
     # missing, "-", it read as unknown), where the config has it.
     keys = searched_columns([r for s in studies for r in s.rows], with_seed=True)
-    fixed = {s.name: {k: v for k in keys if (v := config_value(s.config, k)) is not None} for s in studies}
+    fixed = {s.name: {k: v for k, v in flatten(s.config).items() if k in keys and isinstance(v, (int, float, str, bool))}
+             for s in studies}
     fill = lambda s, r: {**{k: v for k, v in fixed[s.name].items() if k not in r}, **r}  # noqa: E731
     return Study(name=" vs ".join(s.name for s in studies), config=config,
                  rows=[tag(s, fill(s, r)) for s in studies for r in s.rows],
                  trials=[tag(s, fill(s, t)) for s in studies for t in s.trials])
 
-
-def config_value(config: dict[str, Any], key: str) -> Any:
-    """The resolved config's value of a "section.field" key (None where it has none)."""
-    section, _, name = key.partition(".")
-    value = (config.get(section) or {}).get(name) if isinstance(config.get(section), dict) else None
-    return value if isinstance(value, (int, float, str, bool)) else None
 
 
 def study_max_epochs(study: Study, trials: list[dict[str, Any]]) -> float:

@@ -39,10 +39,12 @@ def resume(location: str, argv: list[str] | None, held: Held, found: str | None 
         storage.sync_down(remote, output)
     started = os.path.isdir(output) and study.can_resume(output, remote)
     if not started and not (os.path.isdir(output) and study.never_started(output)):
-        has_config = os.path.isfile(os.path.join(output, "config.yaml"))
-        what = ("no Tune experiment in ray/tune" + (": a `python -m ray_cifar.train` run's output (checkpoints/, no "
-                                                    "study)" if os.path.isdir(os.path.join(output, "checkpoints")) else "")
-                if has_config else "no config.yaml and no Tune experiment in ray/tune")
+        if not os.path.isfile(os.path.join(output, "config.yaml")):
+            what = "no config.yaml and no Tune experiment in ray/tune"
+        elif study.is_train_output(output):
+            what = "no Tune experiment in ray/tune: a `python -m ray_cifar.train` run's output (checkpoints/, no study)"
+        else:
+            what = "no Tune experiment in ray/tune"
         cli.fail(f"--resume {location}: not a ray_cifar study output ({what})"
                  + (f"; its copy on this machine is {output}" if remote else ""))
     if found:

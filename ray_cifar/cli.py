@@ -176,7 +176,7 @@ def smoke_preset_note(message: str, args: argparse.Namespace) -> str:
         return ""
     preset = flatten(SMOKE_OVERRIDES)
     key = next((k for k in preset if re.search(rf"(^|: ){re.escape(k)}: ", message)), None)
-    if key is None or any(s.split("=", 1)[0].strip() == key for s in args.sets or []):
+    if key is None or any(parse_set(s)[0] == key for s in args.sets or []):
         return ""
     return f"; --smoke-test sets {key}={preset[key]!r}, sized for CIFAR-10's 50,000 train images: add --set {key}=..."
 

@@ -8,8 +8,10 @@
 Tables: the trials; per searched point, val_acc over its train.seed replicates with a Student-t 95%
 interval and, for the top points, Welch's t-test against the best ("within noise" or "worse"); each run
 beside its published figure (the `published:` entries of config.yaml; with tune.test all every
-finished trial has a test figure). Figures: the trial ranking (by tune.metric and tune.mode; the
-test-evaluated trials marked), learning curves, where ASHA stopped each trial against its rungs,
+finished trial has a test figure). A PBT or PB2 study has no points (its members' values change, their
+weights come from donors): the best trial's schedule, followed back through its donors, stands in place
+of the replicates, and the per-field figures and heatmaps are left out. Figures: the trial ranking (by
+tune.metric and tune.mode; the test-evaluated trials marked), learning curves, where ASHA stopped each trial against its rungs,
 accuracy against each searched field (mean and std over seeds), a heatmap of mean accuracy for each
 pair of searched fields, images/s per trial, and the published figures. The HTML references the
 PNGs by relative path, so the folder can be moved or copied whole. Runs on a finished output, or on one a killed study left behind.
@@ -33,8 +35,8 @@ import yaml
 
 from . import storage
 from .config import flatten, yaml_problem
-from .results import (CONFIDENCE, SEED_KEY, DamagedFile, aggregate_over_seeds, metric_value, read_results, read_rows,
-                      searched_columns, summarize_trials, welch_p_value)
+from .results import (CONFIDENCE, SEED_KEY, DamagedFile, aggregate_over_seeds, lineage_path, metric_value, read_results,
+                      read_rows, searched_columns, summarize_trials, welch_p_value)
 
 FIGURES = ("ranking", "curves", "asha", "params", "heatmap", "throughput", "published")
 MAX_HEATMAPS = 3  # pairs of searched fields drawn as heatmaps (those with the most cells)
@@ -537,6 +539,35 @@ def has_lineage(rows) -> bool:
     return any(r.get("pbt_generation") is not None for r in rows)
 
 
+LINEAGE_FIGURES = ("params", "heatmap")  # left out of a PBT or PB2 report: NO_POINTS_NOTE says why
+NO_POINTS_NOTE = ("PBT changes a member's values at each exploit, and the member trains on from its donor's state: "
+                  "no trial ran at one point of the search space, and no two are independent replicates. So this "
+                  "report has no replicates table, and no accuracy-against-field figures or heatmaps. A trial's "
+                  "searched values are the ones in force at its best epoch. The schedule below, and the last figure, "
+                  "show the values epoch by epoch.")
+
+
+def schedule_rows(rows, best: dict[str, Any], keys: list[str], metric: str) -> list[dict[str, Any]]:
+    """The best trial's best epoch as PBT trained it: per generation on its path (ray_cifar.results.lineage_path),
+    its epochs, which member trained them, the values in force, tune.metric at its last epoch, and what it began
+    from."""
+    if best.get("best_epoch") is None:
+        return []
+    out = []
+    for seg in lineage_path(rows, best["trial_id"], int(best["best_epoch"])):
+        if seg.get("missing"):
+            began = "unknown: the rows before are not in the results"
+        elif seg["parent"] is None:
+            began = "scratch (its own initial values)"
+        else:
+            began = f"trial {seg['parent']}'s state at epoch {seg['parent_epoch']}"
+        out.append({"epochs": f"{seg['first_epoch']}-{seg['last_epoch']}",
+                    "trained by": f"{seg['trial_id']} (generation {seg['generation']})",
+                    **{k: seg["row"].get(k) for k in keys}, f"{metric} at its end": seg["row"].get(metric),
+                    "began from": began})
+    return out
+
+
 def plot_pbt(rows, keys: list[str], metric: str, path: str) -> str:
     """PBT: each member's values over epochs (one panel per searched field that changed) and tune.metric,
     with an arrow from the donor's epoch to the member's first epoch after each exploit: who copied whom."""
@@ -577,7 +608,13 @@ def _combine(studies: list[Study]) -> Study:
     """Several outputs as one study whose trials carry a 'study' column (the output's folder name)."""
     if len(studies) == 1:
         return studies[0]
-    tag = lambda s, r: {STUDY_COLUMN: s.name, **r, "trial_id": f"{s.name}/{r.get('trial_id')}"}  # noqa: E731
+
+    def tag(s: Study, r: dict[str, Any]) -> dict[str, Any]:
+        tagged = {STUDY_COLUMN: s.name, **r, "trial_id": f"{s.name}/{r.get('trial_id')}"}
+        if r.get("pbt_parent"):  # a donor is a trial of the same study: named as the trial ids now are
+            tagged["pbt_parent"] = f"{s.name}/{r['pbt_parent']}"
+        return tagged
+
     first = studies[0]
     config = dict(first.config)
     if len({tuple(repr(s.tune.get(k)) for k in SCHEDULER_KEYS) for s in studies}) > 1:
@@ -627,19 +664,23 @@ def build(study: Study, out_dir: str, prefix: str = "") -> dict[str, Any]:
     plot_ranking(trials, study.metric, study.mode, p("ranking"))
     plot_curves(study.rows, trials, p("curves"))
     plot_asha(trials, study.tune, max_t, p("asha"))
-    plot_params(trials, keys, p("params"))
-    plot_heatmap(trials, keys, p("heatmap"))
+    lineage = has_lineage(study.rows)
+    if not lineage:  # a point of the search space means something (NO_POINTS_NOTE)
+        plot_params(trials, keys, p("params"))
+        plot_heatmap(trials, keys, p("heatmap"))
     plot_throughput(study.rows, trials, p("throughput"))
     plot_published(matches, p("published"))
-    figures = {n: f"{prefix}figures/{n}.png" for n in FIGURES}
-    if has_lineage(study.rows):
+    figures = {n: f"{prefix}figures/{n}.png" for n in FIGURES if not (lineage and n in LINEAGE_FIGURES)}
+    if lineage:
         plot_pbt(study.rows, keys, study.metric, p("pbt"))
         figures["pbt"] = f"{prefix}figures/pbt.png"
     columns = ["trial_id", *keys, SEED_KEY, "status", "epochs", "exploits", "best_epoch", "best_metric", "val_acc",
                "test_acc"]
     columns = [c for c in dict.fromkeys(columns) if any(c in t for t in trials)]
-    return {"trials": trials, "columns": columns, "keys": keys, "matches": matches,
-            "replicates": replicate_rows(trials, keys), "figures": figures,
+    return {"trials": trials, "columns": columns, "keys": keys, "matches": matches, "lineage": lineage,
+            "replicates": [] if lineage else replicate_rows(trials, keys),
+            "schedule": schedule_rows(study.rows, trials[0], keys, study.metric) if lineage and trials else [],
+            "figures": figures,
             "captions": {"asha": f"What stopped trials early: {stops_text(study.tune, max_t)}."}}
 
 
@@ -676,10 +717,23 @@ def trials_section(study: Study, built: dict[str, Any]) -> TableSection:
                         built["trials"], built["columns"])
 
 
-def replicates_section(study: Study, built: dict[str, Any]) -> TableSection:
+def replicates_section(study: Study, built: dict[str, Any]) -> TableSection | None:
+    if built["lineage"]:
+        return None  # no points, no replicates: NO_POINTS_NOTE, with the schedule
     rows = built["replicates"]
     return TableSection("Replicates (val_acc at the best epoch, over train.seed)", [NOISE_NOTE], rows,
                         list(rows[0]) if rows else [])
+
+
+def schedule_section(study: Study, built: dict[str, Any]) -> TableSection | None:
+    if not built["lineage"]:
+        return None
+    rows = built["schedule"]
+    best = built["trials"][0] if built["trials"] else {}
+    lead = (f"PBT's result is a schedule. These values, epoch by epoch, trained trial {best.get('trial_id')}'s "
+            f"epoch {_fmt(best.get('best_epoch'))}, the best; each earlier generation on the way was trained by the "
+            f"member whose state it copied.")
+    return TableSection("The best trial's schedule", [lead, NO_POINTS_NOTE], rows, list(rows[0]) if rows else [])
 
 
 def published_section(study: Study, built: dict[str, Any]) -> TableSection | None:
@@ -692,7 +746,7 @@ def published_section(study: Study, built: dict[str, Any]) -> TableSection | Non
 
 
 # The tables, in order: each a function (study, built) -> TableSection or None (nothing to show).
-TABLE_SECTIONS = (trials_section, replicates_section, published_section)
+TABLE_SECTIONS = (trials_section, schedule_section, replicates_section, published_section)
 
 
 def table_sections(study: Study, built: dict[str, Any]) -> list[TableSection]:

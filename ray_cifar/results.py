@@ -13,7 +13,8 @@ reads both.
 Which trial and which epoch are best is decided here only (`best_epoch`, `rank_trials`,
 `summarize_trials`), by the study's tune.metric and tune.mode; replicates of one searched
 point (differing only in train.seed) are summarised by `aggregate_over_seeds` (mean, std, a t-based
-95% interval), and two points compared by `welch_p_value`.
+95% interval), and two points compared by `welch_p_value`. `lineage_path` follows a PBT member's state back
+through its donors: the schedule that trained it.
 """
 
 from __future__ import annotations
@@ -274,6 +275,47 @@ def summarize_trials(rows: list[dict[str, Any]], metric: str, mode: str) -> list
                        best_metric=metric_value(best, metric) if best else None)
         summaries.append(summary)
     return rank_trials(summaries, metric, mode)
+
+
+def lineage_path(rows: list[dict[str, Any]], trial_id: Any, epoch: int) -> list[dict[str, Any]]:
+    """The PBT schedule that trained `trial_id`'s state at `epoch`, oldest first: one segment per generation on
+    the way, each {"trial_id", "generation", "first_epoch", "last_epoch", "row" (its last row: the values in
+    force)}, and where the segment began, "parent" and "parent_epoch" (the donor state it copied; None for a
+    start from scratch), "missing" set where a row on the way is not in `rows` (the walk stops there). A
+    member's generation trains on from the donor state it copied, so following pbt_parent back from the
+    generation's first row (resumed_from_epoch: the donor's epoch) reaches generation 0 of some member."""
+    by_trial: dict[Any, dict[int, dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("epoch") is not None:
+            by_trial.setdefault(r.get("trial_id"), {})[int(r["epoch"])] = r
+    segments: list[dict[str, Any]] = []
+    seen: set[tuple[Any, int]] = set()
+    while (trial_id, epoch) not in seen:  # a cycle is impossible in a study's rows; damaged ones stop, not loop
+        seen.add((trial_id, epoch))
+        own = by_trial.get(trial_id, {})
+        if epoch not in own:
+            if segments:
+                segments[0]["missing"] = True
+            break
+        generation = own[epoch].get("pbt_generation") or 0
+        first = epoch
+        while first - 1 in own and (own[first - 1].get("pbt_generation") or 0) == generation:
+            first -= 1
+        start = own[first]
+        parent, parent_epoch = start.get("pbt_parent") or None, start.get("resumed_from_epoch")
+        segment = {"trial_id": trial_id, "generation": generation, "first_epoch": first, "last_epoch": epoch,
+                   "row": own[epoch], "parent": None, "parent_epoch": None}
+        segments.insert(0, segment)
+        if not generation:
+            break  # trained from scratch: the path starts here
+        if parent is None or parent_epoch is None or int(parent_epoch) + 1 != first:
+            # The generation's first row is not here (it trains on from the donor's epoch: its first epoch is the
+            # next one), so which state it copied is unknown.
+            segment["missing"] = True
+            break
+        segment.update(parent=parent, parent_epoch=int(parent_epoch))
+        trial_id, epoch = parent, int(parent_epoch)
+    return segments
 
 
 def searched_columns(rows: list[dict[str, Any]], with_seed: bool = False) -> list[str]:

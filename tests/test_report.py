@@ -275,3 +275,72 @@ def test_a_report_of_one_seed_a_point_does_not_import_scipy(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, output], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert os.path.exists(os.path.join(output, "report.html"))
+
+
+def pbt_rows() -> list[dict]:
+    """Three PBT members as the study records them. t1 trains 6 epochs from scratch; t2 copies t1's epoch-2 state
+    (generation 1, its epochs 3-6); t0 copies t2's epoch-4 state (generation 1, its epochs 5-6) and is the best."""
+    rows = []
+
+    def member(tid, epochs, generation, parent, resumed, lr, acc0):
+        rows.extend({"trial_id": tid, "epoch": e, "optim.lr": lr, "train.seed": 7, "pbt_generation": generation,
+                     "pbt_parent": parent, "resumed_from_epoch": resumed, "val_acc": acc0 + 0.01 * e,
+                     "train_loss": 1.0, "images_per_second": 1000.0} for e in epochs)
+
+    member("t1", range(1, 7), 0, "", 0, 0.1, 0.30)
+    member("t2", range(1, 3), 0, "", 0, 0.05, 0.20)
+    member("t2", range(3, 7), 1, "t1", 2, 0.12, 0.35)
+    member("t0", range(1, 5), 0, "", 0, 0.01, 0.10)
+    member("t0", range(5, 7), 1, "t2", 4, 0.144, 0.50)
+    return rows
+
+
+def test_the_best_pbt_trials_schedule_follows_its_donors_back_to_scratch():
+    from ray_cifar.results import lineage_path
+
+    path = lineage_path(pbt_rows(), "t0", 6)
+    assert [(s["trial_id"], s["generation"], s["first_epoch"], s["last_epoch"], s["parent"], s["parent_epoch"],
+             s["row"]["optim.lr"]) for s in path] == [("t1", 0, 1, 2, None, None, 0.1),
+                                                     ("t2", 1, 3, 4, "t1", 2, 0.12),
+                                                     ("t0", 1, 5, 6, "t2", 4, 0.144)]
+    assert [s["trial_id"] for s in lineage_path(pbt_rows(), "t0", 3)] == ["t0"]  # its own generation 0
+    # A row on the way lost (t2's epoch 3, its generation's first): which state it copied is unknown, said so.
+    lost = [r for r in pbt_rows() if (r["trial_id"], r["epoch"]) != ("t2", 3)]
+    path = lineage_path(lost, "t0", 6)
+    assert [(s["trial_id"], s["first_epoch"], s.get("missing", False)) for s in path] == [("t2", 4, True),
+                                                                                          ("t0", 5, False)]
+    # A donor's row missing: the walk stops at the member that copied it.
+    gone = [r for r in pbt_rows() if (r["trial_id"], r["epoch"]) != ("t2", 4)]
+    assert [(s["trial_id"], s.get("missing", False)) for s in lineage_path(gone, "t0", 6)] == [("t0", True)]
+
+
+def write_pbt_output(folder) -> str:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.yaml"), "w") as f:
+        yaml.safe_dump({"train": {"epochs": 6}, "tune": {"scheduler": "pbt", "metric": "val_acc", "mode": "max",
+                                                         "search_space": {"optim.lr": {"loguniform": [0.001, 1.0]}}}}, f)
+    ResultsLog(folder).append(pbt_rows())
+    return folder
+
+
+@needs_matplotlib
+def test_a_pbt_report_shows_the_best_schedule_and_no_points_of_the_search_space(tmp_path):
+    """A PBT member's values change at each exploit and its weights come from its donors: the report grouped members
+    by the values at their best epochs into "points" with replicates and Welch tests, and drew accuracy against
+    those values, as if each member had trained at them. It showed the schedule PBT found only as a figure."""
+    out = write_pbt_output(str(tmp_path / "pbt"))
+    assert main([out]) == 0
+    md = open(os.path.join(out, "report.md")).read()
+    assert "## The best trial's schedule" in md
+    assert ("| 1-2 | t1 (generation 0) | 0.1 | 0.32 | scratch (its own initial values) |\n"
+            "| 3-4 | t2 (generation 1) | 0.12 | 0.39 | trial t1's state at epoch 2 |\n"
+            "| 5-6 | t0 (generation 1) | 0.144 | 0.56 | trial t2's state at epoch 4 |") in md
+    assert "Replicates" not in md and "figures/params.png" not in md and "figures/heatmap.png" not in md
+    assert "figures/pbt.png" in md
+    # Compared with itself: donors are named as the trial ids are ("pbt/t2"), so each arrow and path finds them.
+    from ray_cifar.report import _combine, build
+
+    combined = _combine([load_study(out), load_study(write_pbt_output(str(tmp_path / "again")))])
+    built = build(combined, str(tmp_path / "cmp"))
+    assert [r["trained by"] for r in built["schedule"]] == ["pbt/t1 (generation 0)", "pbt/t2 (generation 1)",
+                                                            "pbt/t0 (generation 1)"]

@@ -524,9 +524,9 @@ def finish_and_sync(cfg: Config, output: str, keys: list[str], remote: str | Non
 
 def write_study_report(output: str) -> None:
     """OUTPUT/report.html and report.md; a report that cannot be drawn never fails the study."""
-    from ..report import write_report
-
     try:
+        from ..report import write_report  # here too: a report module that fails to import is a report not drawn
+
         print(f"[ray_cifar] report: {write_report([output])}", flush=True)
     except Exception as e:  # noqa: BLE001
         print(f"[ray_cifar] report not written ({type(e).__name__}: {e}); "

@@ -344,3 +344,16 @@ def test_a_pbt_report_shows_the_best_schedule_and_no_points_of_the_search_space(
     built = build(combined, str(tmp_path / "cmp"))
     assert [r["trained by"] for r in built["schedule"]] == ["pbt/t1 (generation 0)", "pbt/t2 (generation 1)",
                                                             "pbt/t0 (generation 1)"]
+
+
+def test_a_report_module_that_fails_to_import_does_not_fail_the_study(tmp_path, monkeypatch, capsys):
+    """The end of a study draws its report under a guard ("a report that cannot be drawn never fails the study"),
+    but imported the report module outside it: a module that did not import ended the finish with a traceback."""
+    import sys
+
+    from ray_cifar.tuning.study import write_study_report
+
+    monkeypatch.setitem(sys.modules, "ray_cifar.report", None)  # its import raises ModuleNotFoundError
+    write_study_report(str(tmp_path))
+    out = capsys.readouterr().out
+    assert "report not written (ModuleNotFoundError" in out and f"python -m ray_cifar.report {tmp_path}" in out

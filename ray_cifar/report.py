@@ -582,11 +582,18 @@ def plot_pbt(rows, keys: list[str], metric: str, path: str) -> str:
     for ax, key in zip(axes[:, 0], panels):
         numeric = all(isinstance(r.get(key), (int, float)) for rs in by_trial.values() for r in rs if r.get(key) is not None)
         for tid, rs in by_trial.items():
-            points = [(r["epoch"], r.get(key)) for r in rs if r.get(key) is not None]
-            if not points or not numeric:
+            if not numeric:
                 continue
             draw = ax.plot if key == metric else (lambda *a, **k: ax.step(*a, where="post", **k))  # values hold an epoch
-            draw(*zip(*points), marker="o", ms=3, color=colors[tid], label=tid if key == panels[0] else None)
+            # One line a generation: after an exploit the member goes on from its donor's state (the arrow), not
+            # from its own last epoch, so nothing joins its generations.
+            generations: dict[int, list[tuple[Any, Any]]] = {}
+            for r in rs:
+                if r.get(key) is not None:
+                    generations.setdefault(r.get("pbt_generation") or 0, []).append((r["epoch"], r[key]))
+            for n, points in enumerate(generations.values()):
+                draw(*zip(*points), marker="o", ms=3, color=colors[tid],
+                     label=tid if key == panels[0] and n == 0 else None)
             for prev, r in zip(rs, rs[1:]):
                 if (r.get("pbt_generation") or 0) > (prev.get("pbt_generation") or 0) and r.get(key) is not None:
                     donor = {d["epoch"]: d for d in by_trial.get(r.get("pbt_parent"), [])}.get(r.get("resumed_from_epoch"))

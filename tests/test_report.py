@@ -357,3 +357,20 @@ def test_a_report_module_that_fails_to_import_does_not_fail_the_study(tmp_path, 
     write_study_report(str(tmp_path))
     out = capsys.readouterr().out
     assert "report not written (ModuleNotFoundError" in out and f"python -m ray_cifar.report {tmp_path}" in out
+
+
+@needs_matplotlib
+def test_the_pbt_figure_draws_a_members_generations_apart(tmp_path, monkeypatch):
+    """After an exploit a member trains on from its donor's state: a line joining its last epoch before to its first
+    after read as its own progress. One line a generation; the arrow from the donor shows where it went on from."""
+    from ray_cifar import report
+
+    drawn = {}
+    monkeypatch.setattr(report, "_save", lambda fig, path: drawn.setdefault("fig", fig) and path)
+    report.plot_pbt(pbt_rows(), ["optim.lr"], "val_acc", str(tmp_path / "pbt.png"))
+    lr_axis, metric_axis = drawn["fig"].axes[:2]
+    for ax in (lr_axis, metric_axis):
+        assert len(ax.lines) == 5  # t1: one generation; t2 and t0: two each
+        assert len({line.get_color() for line in ax.lines}) == 3  # a colour a member
+    assert sorted(tuple(line.get_xdata()) for line in metric_axis.lines) == [
+        (1, 2), (1, 2, 3, 4), (1, 2, 3, 4, 5, 6), (3, 4, 5, 6), (5, 6)]

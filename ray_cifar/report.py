@@ -292,6 +292,17 @@ def plot_ranking(trials, metric: str, mode: str, path: str) -> str:
     return _save(fig, path)
 
 
+def generations(curve: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """A trial's rows (by epoch) cut where its PBT generation changes: after an exploit a member trains on from its
+    donor's state, so a line joining its generations reads as progress of its own. One piece for other studies."""
+    pieces: list[list[dict[str, Any]]] = []
+    for r in curve:
+        if not pieces or (r.get("pbt_generation") or 0) != (pieces[-1][-1].get("pbt_generation") or 0):
+            pieces.append([])
+        pieces[-1].append(r)
+    return pieces
+
+
 def plot_curves(rows, trials, path: str) -> str:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -305,9 +316,11 @@ def plot_curves(rows, trials, path: str) -> str:
         label = t["point"] if t["point"] not in shown else None
         shown.add(t["point"])
         for ax, key in zip(axes, ("val_acc", "train_loss")):
-            points = [(r["epoch"], metric_value(r, key)) for r in curve if metric_value(r, key) is not None]
-            if points:
-                ax.plot(*zip(*points), marker="o", ms=3, color=colors[t["point"]], label=label if key == "val_acc" else None)
+            for n, generation in enumerate(generations(curve)):
+                points = [(r["epoch"], metric_value(r, key)) for r in generation if metric_value(r, key) is not None]
+                if points:
+                    ax.plot(*zip(*points), marker="o", ms=3, color=colors[t["point"]],
+                            label=label if key == "val_acc" and n == 0 else None)
     for ax, key in zip(axes, ("val_acc", "train_loss")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)
@@ -585,15 +598,11 @@ def plot_pbt(rows, keys: list[str], metric: str, path: str) -> str:
             if not numeric:
                 continue
             draw = ax.plot if key == metric else (lambda *a, **k: ax.step(*a, where="post", **k))  # values hold an epoch
-            # One line a generation: after an exploit the member goes on from its donor's state (the arrow), not
-            # from its own last epoch, so nothing joins its generations.
-            generations: dict[int, list[tuple[Any, Any]]] = {}
-            for r in rs:
-                if r.get(key) is not None:
-                    generations.setdefault(r.get("pbt_generation") or 0, []).append((r["epoch"], r[key]))
-            for n, points in enumerate(generations.values()):
-                draw(*zip(*points), marker="o", ms=3, color=colors[tid],
-                     label=tid if key == panels[0] and n == 0 else None)
+            for n, generation in enumerate(generations(rs)):  # the arrow joins them, from the donor
+                points = [(r["epoch"], r[key]) for r in generation if r.get(key) is not None]
+                if points:
+                    draw(*zip(*points), marker="o", ms=3, color=colors[tid],
+                         label=tid if key == panels[0] and n == 0 else None)
             for prev, r in zip(rs, rs[1:]):
                 if (r.get("pbt_generation") or 0) > (prev.get("pbt_generation") or 0) and r.get(key) is not None:
                     donor = {d["epoch"]: d for d in by_trial.get(r.get("pbt_parent"), [])}.get(r.get("resumed_from_epoch"))

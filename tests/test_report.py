@@ -360,7 +360,7 @@ def test_a_report_module_that_fails_to_import_does_not_fail_the_study(tmp_path, 
 
 
 @needs_matplotlib
-def test_the_pbt_figure_draws_a_members_generations_apart(tmp_path, monkeypatch):
+def test_the_pbt_figure_and_the_curves_draw_a_members_generations_apart(tmp_path, monkeypatch):
     """After an exploit a member trains on from its donor's state: a line joining its last epoch before to its first
     after read as its own progress. One line a generation; the arrow from the donor shows where it went on from."""
     from ray_cifar import report
@@ -372,5 +372,13 @@ def test_the_pbt_figure_draws_a_members_generations_apart(tmp_path, monkeypatch)
     for ax in (lr_axis, metric_axis):
         assert len(ax.lines) == 5  # t1: one generation; t2 and t0: two each
         assert len({line.get_color() for line in ax.lines}) == 3  # a colour a member
-    assert sorted(tuple(line.get_xdata()) for line in metric_axis.lines) == [
-        (1, 2), (1, 2, 3, 4), (1, 2, 3, 4, 5, 6), (3, 4, 5, 6), (5, 6)]
+    pieces = [(1, 2), (1, 2, 3, 4), (1, 2, 3, 4, 5, 6), (3, 4, 5, 6), (5, 6)]
+    assert sorted(tuple(line.get_xdata()) for line in metric_axis.lines) == pieces
+    # The learning curves too.
+    import matplotlib.figure
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    trials = [{"trial_id": t, "point": t} for t in ("t0", "t1", "t2")]
+    report.plot_curves(pbt_rows(), trials, str(tmp_path / "curves.png"))
+    assert sorted(tuple(line.get_xdata()) for line in saved[0].axes[0].lines) == pieces

@@ -160,7 +160,10 @@ NOISE_NOTE = (f"Intervals: Student-t {100 * CONFIDENCE:.0f}% confidence interval
               f"train.seed replicates (mean ± t·s/√n). \"{VERSUS_BEST}\": Welch's unequal-variance t-test of each of "
               f"the {TOP_POINTS} points after the best against the best; p < {SIGNIFICANCE} says the gap is beyond the "
               f"seed noise, otherwise the two are not told apart (no correction for the several tests). One seed has "
-              f"neither (n=1).")
+              f"neither (n=1). A point is compared only where all its seeds and all the best's ran the same epochs: "
+              f"one that ASHA stopped early (or that diverged) differs from the best by its budget as much as by its "
+              f"values, and its mean ± std mixes budgets where its own seeds ran different epochs (\"epochs\" "
+              f"lists them).")
 TEST_ALL_NOTE = ("test_acc: every finished trial was evaluated once on the test split, at its best validation epoch "
                  "(tune.test all), after the study; no test figure chose any trial, epoch or point.")
 
@@ -173,11 +176,18 @@ def _interval(point: dict[str, Any], scale: float = 100.0) -> str:
     return f"[{point['ci_low'] * scale:.2f}, {point['ci_high'] * scale:.2f}]"
 
 
-def _versus_best(point: dict[str, Any], best: dict[str, Any], place: int) -> str:
+def _epochs_text(epochs: list[float]) -> str:
+    return ", ".join(str(int(e)) for e in sorted(set(epochs))) or "-"
+
+
+def _versus_best(point: dict[str, Any], best: dict[str, Any], place: int, epochs: dict[tuple, list[float]]) -> str:
     if place == 0:
         return "best"
     if place > TOP_POINTS:
         return f"(not compared: below the top {TOP_POINTS + 1})"
+    ours, theirs = epochs.get(point["key"], []), epochs.get(best["key"], [])
+    if len(set(ours) | set(theirs)) > 1:  # ASHA stopped some early, or one diverged: budgets differ (NOISE_NOTE)
+        return f"not compared: epochs {_epochs_text(ours)} against the best's {_epochs_text(theirs)}"
     p = welch_p_value(point["values"], best["values"])
     if p is None:
         return "n=1: no test"
@@ -185,19 +195,24 @@ def _versus_best(point: dict[str, Any], best: dict[str, Any], place: int) -> str
 
 
 def replicate_rows(trials: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
-    """Per searched point, best mean first: val_acc at each trial's best epoch over the point's seeds as
-    mean ± std, its t interval, and (top points) whether it differs from the best; test_acc beside it
-    where more than one trial has one (tune.test all)."""
-    points = aggregate_over_seeds(trials, keys, "val_acc")
+    """Per searched point, best mean first: the epochs its seeds ran, val_acc at each trial's best epoch over
+    the point's seeds as mean ± std, its t interval, and (top points of the best's epochs) whether it differs
+    from the best; test_acc beside it where more than one trial has one (tune.test all)."""
+    def key(p: dict[str, Any]) -> tuple:  # a point's values, exactly (printed, 0.1 and 0.10001 would be one)
+        return tuple(repr(p.get(k)) for k in keys)
+
+    points = [{**p, "key": key(p)} for p in aggregate_over_seeds(trials, keys, "val_acc")]
     points.sort(key=lambda p: -(p["mean"] if p["mean"] is not None else -1))
     tested = sum(t.get("test_acc") is not None for t in trials) > 1
-    test = {tuple(_fmt(p.get(k)) for k in keys): p for p in aggregate_over_seeds(trials, keys, "test_acc")}
+    test = {key(p): p for p in aggregate_over_seeds(trials, keys, "test_acc")}
+    epochs = {key(p): p["values"] for p in aggregate_over_seeds(trials, keys, "epochs")}  # each seed's, where known
     rows = []
     for place, p in enumerate(points):
-        row = {**{k: p.get(k) for k in keys}, "n": p["n"], "val_acc % (mean ± std)": _mean_std(p, 100.0),
-               f"{100 * CONFIDENCE:.0f}% CI (t)": _interval(p), VERSUS_BEST: _versus_best(p, points[0], place)}
+        row = {**{k: p.get(k) for k in keys}, "n": p["n"], "epochs": _epochs_text(epochs.get(p["key"], [])),
+               "val_acc % (mean ± std)": _mean_std(p, 100.0), f"{100 * CONFIDENCE:.0f}% CI (t)": _interval(p),
+               VERSUS_BEST: _versus_best(p, points[0], place, epochs)}
         if tested:
-            row["test_acc % (mean ± std)"] = _mean_std(test[tuple(_fmt(p.get(k)) for k in keys)], 100.0)
+            row["test_acc % (mean ± std)"] = _mean_std(test[p["key"]], 100.0)
         rows.append(row)
     return rows
 

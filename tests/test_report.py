@@ -251,6 +251,25 @@ def test_replicate_table_has_intervals_and_a_welch_column_checked_against_scipy(
     assert rows[0.3]["n"] == 1 and "Welch" in NOISE_NOTE and "Student-t" in NOISE_NOTE
 
 
+def test_a_point_asha_stopped_early_is_not_compared_with_the_best_by_welch():
+    """ASHA stops some seeds of a point at a rung: their val_acc is a shorter run's. The table put them through
+    Welch's test against the best's full runs ("worse (p=...)"), a gap of budget read as a gap of values."""
+    from ray_cifar.report import VERSUS_BEST, replicate_rows
+
+    def seeds(lr, epochs_accs):
+        return [{"optim.lr": lr, "train.seed": s, "epochs": e, "val_acc": a} for s, (e, a) in enumerate(epochs_accs)]
+
+    trials = (seeds(0.1, [(8, 0.91), (8, 0.90), (8, 0.92)]) + seeds(0.2, [(8, 0.85), (8, 0.86), (8, 0.84)])
+              + seeds(0.3, [(8, 0.89), (2, 0.50), (2, 0.52)]) + seeds(0.4, [(2, 0.40), (2, 0.41), (2, 0.42)])
+              + seeds(0.10001, [(2, 0.70), (2, 0.71), (2, 0.69)]))
+    rows = {r["optim.lr"]: r for r in replicate_rows(trials, ["optim.lr"])}
+    assert rows[0.2][VERSUS_BEST].startswith("worse (p=") and rows[0.2]["epochs"] == "8"
+    assert rows[0.3][VERSUS_BEST] == "not compared: epochs 2, 8 against the best's 8" and rows[0.3]["epochs"] == "2, 8"
+    assert rows[0.4][VERSUS_BEST] == "not compared: epochs 2 against the best's 8"
+    # Two values that print alike (0.1) are two points, each with its own seeds and epochs.
+    assert rows[0.10001]["epochs"] == "2" and rows[0.1]["epochs"] == "8" and rows[0.10001]["n"] == 3
+
+
 def test_heatmap_pairs_skip_relabelled_fields_and_pairs_without_a_cross():
     from ray_cifar.report import heatmap_pairs
 

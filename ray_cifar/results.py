@@ -387,7 +387,8 @@ def aggregate_over_seeds(rows: list[dict[str, Any]], keys: list[str], value: str
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):
-            return f"{v:.4f}"
+            # Small values in significant digits: a weight decay of 2.9e-05 printed "0.0000".
+            return f"{v:.3g}" if v and abs(v) < 0.01 else f"{v:.4f}"
         return "-" if v is None else str(v)
 
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]

@@ -23,7 +23,7 @@ from typing import Callable, NoReturn
 import yaml
 
 from . import console, storage
-from .config import (SMOKE_OVERRIDES, Config, ConfigError, describe, flatten, parse_set, partly_searched,
+from .config import (SMOKE_OVERRIDES, Config, ConfigError, describe, flatten, load_yaml, parse_set, partly_searched,
                      search_keys, yaml_problem)
 from .data.source import Cifar10, DataError, default_cache_dir, load_cifar10, resolve_data_dir
 from .validation import check_against_data, check_resources, config_from_dict, load_config, local_resources
@@ -88,7 +88,7 @@ def load_resolved_config(output: str) -> Config:
     path = os.path.join(output, "config.yaml")
     try:
         with open(path, "rb") as f:
-            resolved = yaml.safe_load(f.read().decode("utf-8"))
+            resolved = load_yaml(f.read().decode("utf-8"))
         if not isinstance(resolved, dict):
             raise ConfigError(f"expected a mapping of sections, got {type(resolved).__name__}")
         return config_from_dict(resolved)

@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from . import storage
-from .config import flatten, yaml_problem
+from .config import flatten, load_yaml, yaml_problem
 from .results import (CONFIDENCE, SEED_KEY, DamagedFile, aggregate_over_seeds, lineage_path, metric_value, read_results,
                       read_rows, searched_columns, summarize_trials, welch_p_value)
 
@@ -77,7 +77,7 @@ def load_study(output: str) -> Study:
         raise NotAStudyOutput(f"{output} is not a study output (needs config.yaml and results.parquet)")
     try:
         with open(config_path, "rb") as f:
-            config = yaml.safe_load(f.read().decode("utf-8")) or {}
+            config = load_yaml(f.read().decode("utf-8")) or {}
     except (yaml.YAMLError, ValueError) as e:  # ValueError: not UTF-8
         raise NotAStudyOutput(f"{config_path} is damaged ({yaml_problem(e)})") from None
     if not isinstance(config, dict):

@@ -219,3 +219,36 @@ def test_improves_is_what_best_means_under_tune_mode(value, than, mode, expected
     from ray_cifar.config import improves
 
     assert improves(value, than, mode) is expected
+
+
+def test_exponents_without_a_dot_are_numbers_everywhere_a_study_file_has_them(tmp_path):
+    """YAML 1.1 (PyYAML) reads 5e-4 as a string: a float field took it, but `loguniform: [1e-4, 1e-1]`, the usual
+    way to write an lr range, was refused as not numbers, and a published `where` of 5e-4 never matched a trial."""
+    path = write(tmp_path, "model: {max_params: 2e7}\noptim: {weight_decay: 5e-4}\n"
+                           "tune:\n  search_space:\n    optim.lr: {loguniform: [1e-4, 1e-1]}\n"
+                           "    optim.weight_decay: {grid: [5e-4, 1E-3]}\n"
+                           "published:\n  - {where: {optim.weight_decay: 5e-4}, value: 90.0, metric: test_acc, "
+                           "source: x}\n")
+    cfg = load_config(path, ["optim.eps=1e-8"])
+    assert cfg.tune.search_space == {"optim.lr": {"loguniform": [1e-4, 0.1]},
+                                     "optim.weight_decay": {"grid": [5e-4, 1e-3]}}
+    assert cfg.published[0]["where"] == {"optim.weight_decay": 5e-4} and cfg.optim.eps == 1e-8
+    assert cfg.model.max_params == 20_000_000 and isinstance(cfg.model.max_params, int)  # a count written as 2e7
+    with pytest.raises(ConfigError, match=r"optim.weight_decay: expected a finite number, got inf"):
+        load_config(None, ["optim.weight_decay=.inf"])
+    with pytest.raises(ConfigError, match=r"data.erasing_ratio: expected a finite number"):
+        load_config(None, ["data.erasing_ratio=[0.3, .inf]"])
+
+
+def test_a_key_given_twice_in_a_study_file_is_an_error_naming_both_lines(tmp_path):
+    """A second `train:` section replaced the first whole: its epochs went back to the default without a word."""
+    path = write(tmp_path, "train:\n  epochs: 50\noptim:\n  lr: 0.1\ntrain:\n  global_batch_size: 128\n")
+    with pytest.raises(ConfigError, match=r"study.yaml is not valid YAML: line 5, column 1: found 'train' twice "
+                                          r"\(first on line 1\)") as info:
+        load_config(path)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"line 1, column 18: found 'lr' twice"):
+        load_config(write(tmp_path, "optim: {lr: 0.1, lr: 0.2}\n"))
+    # YAML's merge key is not a repeat: the mapping's own keys override the merged ones.
+    cfg = load_config(write(tmp_path, "optim:\n  <<: {lr: 0.05, momentum: 0.8}\n  momentum: 0.7\n"))
+    assert (cfg.optim.lr, cfg.optim.momentum) == (0.05, 0.7)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 import os
+import re
 import types
 import typing
 from typing import Any
@@ -19,6 +21,37 @@ import yaml
 from .schema import METADATA, SECTIONS, Config, ConfigError
 
 
+class StudyLoader(yaml.SafeLoader):
+    """YAML as people write study files. 5e-4 is a number: YAML 1.1 (PyYAML's) reads a float without a dot as a
+    string, which a float field took but a search range refused (loguniform: [1e-4, 1e-1]) and a published
+    `where` never matched. A key given twice in one mapping is an error: the later one silently won, so a second
+    `train:` section dropped every field of the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges; the mapping's own keys override the merged ones, as YAML says
+            key = self.construct_object(key_node, deep=True)
+            try:
+                line = first.get(key)
+            except TypeError:
+                continue  # an unhashable key: the constructor below says so
+            if line is not None:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"found {key!r} twice (first on line {line}); give each key once", key_node.start_mark)
+            first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+StudyLoader.add_implicit_resolver(  # YAML 1.2's floats with an exponent and no dot: 5e-4, 1E6, -2e+3
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def load_yaml(text: str | bytes | typing.IO) -> Any:
+    """yaml.safe_load with StudyLoader: every study file, --set value and config.yaml is read through this."""
+    return yaml.load(text, Loader=StudyLoader)  # noqa: S506 (a SafeLoader)
 
 
 def _allowed(section: str) -> str:
@@ -60,18 +93,22 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
         return value
     if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # 5e6 reads as a float: a count written that way is still that count
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
         if isinstance(value, str):
-            # YAML 1.1 reads 5e-4 (no dot) as a string; people write it that way all the time.
+            # A quoted '5e-4', or a config.yaml written from one (StudyLoader reads the plain 5e-4 as a number).
             try:
                 value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if math.isinf(value):  # NaN: each field's range check refuses it (no comparison holds)
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -125,7 +162,7 @@ def parse_set(assignment: str) -> tuple[str, Any]:
     if not eq or not key.strip():
         raise ConfigError(f"--set expects section.field=value, got '{assignment}'")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -154,7 +191,7 @@ def read_config_chain(path: str, _seen: tuple[str, ...] = ()) -> list[dict[str, 
         raise ConfigError(f"{EXTENDS}: {path} extends itself (via {' -> '.join(_seen)})")
     try:
         with open(path) as f:
-            overrides = yaml.safe_load(f) or {}
+            overrides = load_yaml(f) or {}
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     except yaml.YAMLError as e:

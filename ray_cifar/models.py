@@ -9,7 +9,8 @@ pooling, optional dropout, one linear classifier. Registry entries only set arch
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import inspect
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +34,12 @@ def create_model(name: str, **kwargs) -> nn.Module:
     return _MODELS[name](**{k: v for k, v in kwargs.items() if v is not None})
 
 
+def entry_defaults(name: str) -> dict[str, Any]:
+    """A registry entry's own architecture arguments: what a config field left null builds."""
+    return {k: p.default for k, p in inspect.signature(_MODELS[name]).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -49,12 +56,17 @@ def count_config_parameters(cfg) -> int:
         return count_parameters(create_model_from_config(cfg))
 
 
+def norm_groups(channels: int) -> int:
+    """GroupNorm's groups for a layer of `channels`: 8, or one a channel below 8 (channels must divide evenly)."""
+    return min(8, channels)
+
+
 def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm2d(channels)
     if kind == "group":
         # GroupNorm normalises each image alone, so a DDP step equals a one-process step.
-        return nn.GroupNorm(min(8, channels), channels)
+        return nn.GroupNorm(norm_groups(channels), channels)
     raise ValueError(f"unknown norm '{kind}'")
 
 

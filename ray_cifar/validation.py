@@ -20,7 +20,7 @@ from typing import Any, Callable
 from .config import loading, presets
 from .config.schema import (PUBLISHED_METRICS, SEARCH_KINDS, Config, ConfigError, DataConfig, ModelConfig,
                             OptimConfig, ScheduleConfig, TrainConfig, TuneConfig)
-from .config.search import MODEL_BASED_SEARCHERS, apply_searched, pbt_mutated_keys, sampled_config, search_keys, trial_configs
+from .config.search import MODEL_BASED_SEARCHERS, apply_searched, pbt_mutated_keys, sampled_config, trial_configs
 
 
 def load_config(path: str | None = None, sets: list[str] = (), smoke_test: bool = False,
@@ -91,9 +91,14 @@ def _validate_data(d: DataConfig) -> None:
     if (d.val_size is None) == (d.val_fraction is None):
         raise ConfigError(f"data.val_fraction: set exactly one of data.val_size and data.val_fraction, the other "
                           f"null (got val_size={d.val_size!r}, val_fraction={d.val_fraction!r})")
-    _check(d.val_size is None or d.val_size >= 0, "data.val_size", "must be >= 0", d.val_size)
-    _check(d.val_fraction is None or 0 <= d.val_fraction < 1, "data.val_fraction", "must be in [0, 1)", d.val_fraction)
+    # No validation split: every epoch read val_acc 0.0, the best epoch was the first, and the test split evaluated
+    # that. Trials, epochs and points are chosen on validation only.
+    _check(d.val_size is None or d.val_size >= 1, "data.val_size",
+           "must be >= 1: trials, epochs and ASHA's cuts are chosen on the validation split", d.val_size)
+    _check(d.val_fraction is None or 0 < d.val_fraction < 1, "data.val_fraction",
+           "must be in (0, 1): trials, epochs and ASHA's cuts are chosen on the validation split", d.val_fraction)
     _check(d.train_subset is None or d.train_subset > 0, "data.train_subset", "must be > 0 or null", d.train_subset)
+    _check(d.split_seed >= 0, "data.split_seed", "must be >= 0", d.split_seed)  # numpy's generators refuse less
     _check_name("data.pipeline", d.pipeline, ["auto", "dali", "torch"])
     _validate_augmentation(d)
 
@@ -130,11 +135,27 @@ def _validate_model(m: ModelConfig) -> None:
     _check_name("model.name", m.name, models.list_models())
     for key, seq in (("model.blocks", m.blocks), ("model.widths", m.widths)):
         _check(seq is None or (len(seq) > 0 and all(v > 0 for v in seq)), key, "must be positive integers", seq)
+    _check(m.stem_width is None or m.stem_width > 0, "model.stem_width", "must be > 0", m.stem_width)
+    # What the model will be built with: a null field keeps the registry entry's own (a model built with blocks of
+    # one length and the entry's widths of another failed at build time, with a traceback).
+    entry = models.entry_defaults(m.name)
+    blocks = m.blocks if m.blocks is not None else entry.get("blocks")
+    widths = m.widths if m.widths is not None else entry.get("widths")
     if m.blocks is not None and m.widths is not None:
         _check(len(m.blocks) == len(m.widths), "model.widths", "needs one width per stage of model.blocks", m.widths)
-    _check(m.stem_width is None or m.stem_width > 0, "model.stem_width", "must be > 0", m.stem_width)
+    elif blocks is not None and widths is not None and len(blocks) != len(widths):
+        key, other, given, kept = (("model.blocks", "widths", m.blocks, widths) if m.blocks is not None
+                                   else ("model.widths", "blocks", m.widths, blocks))
+        raise ConfigError(f"{key}: {len(given)} stages, but {m.name}'s own {other} has {len(kept)} ({list(kept)}): set "
+                          f"model.{other} too, one per stage (got {given!r})")
     _check_name("model.norm", m.norm, ["batch", "group"])
-    _check(m.num_classes >= 2, "model.num_classes", "must be >= 2", m.num_classes)
+    if m.norm == "group" and widths is not None:
+        stem = m.stem_width or entry.get("stem_width")  # null: the first width's, checked with the widths
+        for key, channels in [("model.stem_width", stem)] * bool(stem) + [("model.widths", w) for w in widths]:
+            _check(channels % models.norm_groups(channels) == 0, key,
+                   f"with model.norm group every layer's channels must split into {models.norm_groups(channels)} "
+                   f"equal groups: {channels} does not", m.widths if key == "model.widths" else m.stem_width)
+    _check(m.num_classes >= 10, "model.num_classes", "must be >= 10: CIFAR-10's labels are 0-9", m.num_classes)
     _check(0 <= m.dropout < 1, "model.dropout", "must be a probability in [0, 1)", m.dropout)
     if m.max_params is not None:
         n = models.count_config_parameters(m)  # built on the meta device: no memory, no init time
@@ -189,6 +210,7 @@ def _validate_schedule(s: ScheduleConfig) -> None:
 
 def _validate_train(t: TrainConfig) -> None:
     _check(t.epochs >= 1, "train.epochs", "must be >= 1", t.epochs)
+    _check(t.seed >= 0, "train.seed", "must be >= 0", t.seed)
     _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1 or null", t.max_steps)
     _check(t.global_batch_size >= 1, "train.global_batch_size", "must be >= 1", t.global_batch_size)
     _check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1", t.eval_batch_size)
@@ -202,9 +224,6 @@ def _validate_train(t: TrainConfig) -> None:
     _check(t.torch_threads is None or t.torch_threads >= 1, "train.torch_threads", "must be >= 1", t.torch_threads)
     _check(t.max_failures >= 0, "train.max_failures", "must be >= 0", t.max_failures)
     _check_name("train.placement_strategy", t.placement_strategy, ["PACK", "SPREAD", "STRICT_SPREAD"])
-
-
-GPU_SHARE_KEYS = {"train.num_workers", "train.gpus_per_worker"}  # the two fields of the rank rule below
 
 
 def _validate_gpu_share(t: TrainConfig) -> None:
@@ -229,6 +248,9 @@ def _validate_tune(u: TuneConfig, t: TrainConfig) -> None:
     _check_name("tune.mode", u.mode, ["max", "min"])
     _check_name("tune.tracking", u.tracking, ["none", "mlflow", "wandb"])
     _check_name("tune.metric", u.metric, ["val_acc", "val_loss", "train_acc", "train_loss"])
+    best = "min" if u.metric.endswith("loss") else "max"  # with the other mode the worst trial ranked first
+    _check(u.mode == best, "tune.mode", f"{u.metric} is best at its {'lowest' if best == 'min' else 'highest'}: "
+           f"set tune.mode {best}", u.mode)
     _check_name("tune.time_attr", u.time_attr, ["epoch", "steps"])
     _check(u.time_attr == "epoch" or (u.scheduler in ("asha", "fifo") and u.search != "bohb"), "tune.time_attr",
            "steps is ASHA's clock; PBT/PB2 decide and BOHB's HyperBand counts in epochs", u.time_attr)
@@ -309,18 +331,45 @@ def _validate_search_space(cfg: Config) -> None:
             _check(len(values) == 2 and numbers and values[0] < values[1], where,
                    f"{kind} needs [low, high], two numbers with low < high", values)
             _check(kind != "loguniform" or values[0] > 0, where, "loguniform needs low > 0", values)
-        for value in values:  # every listed value; for a range, both ends
+            # Both ends are integers and pass the checks below; every draw between them is a fraction, which the
+            # first trial refused, ending the study.
+            _check(kind == "randint" or not loading.is_integer_field(key), where,
+                   f"{kind} draws fractions and {key} is an integer: use randint: [low, high] (high included)", spec)
+    # Every key's shape first: the check of a value below may build trials from the other keys.
+    for key, spec in cfg.tune.search_space.items():
+        where = f"tune.search_space.{key}"
+        for value in next(iter(spec.values())):  # every listed value; for a range, both ends
             trial = copy.deepcopy(cfg)
             trial.tune.search_space = {}
             try:
                 apply_searched(trial, key, value)
                 validate_fixed(trial)
             except ConfigError as e:
-                raise ConfigError(f"{where}: value {value!r}: {e}") from None
-    # Each value was checked alone above; a share of a GPU and several ranks can also meet in a cross product
-    # (built only where the two are searched: it costs milliseconds a trial).
-    if GPU_SHARE_KEYS & set(search_keys(cfg.tune.search_space)):
-        for_each_trial(cfg, lambda trial: _validate_gpu_share(trial.train))
+                # Against the fixed config alone; with the other searched values it may be fine (model.blocks
+                # [1, 1] beside a searched model.widths [8, 16]): then only its clashes are wrong, named below.
+                if not _fine_in_some_trial(cfg, key, value):
+                    raise ConfigError(f"{where}: value {value!r}: {e}") from None
+    # Each value was checked alone above (so a bad one is named by its key); values each fine alone can still
+    # clash in one trial (mixup_p 0.6 with cutmix_p 0.6, blocks of one searched length with widths of another, a
+    # share of a GPU with several ranks). Every trial the space can give, checked as the trial will check itself:
+    # a clash found only when Tune made that trial ended the study mid-run, and every --resume again.
+    for_each_trial(cfg, validate_fixed)
+
+
+def _fine_in_some_trial(cfg: Config, key: str, value: Any) -> bool:
+    if len(cfg.tune.search_space) < 2:
+        return False
+    try:
+        for sampled, trial in trial_configs(cfg):  # (raises where another key's value is wrong for its field)
+            if sampled.get(key) == value:
+                try:
+                    validate_fixed(trial)
+                    return True
+                except ConfigError:
+                    pass
+    except ConfigError:
+        pass
+    return False
 
 
 def _check_search(cfg: Config) -> None:

@@ -64,6 +64,35 @@ def test_parse_set_reads_values_as_yaml():
      r"tune.search_space.train.num_workers: value 2: tune.dashboard: false needs one-rank trials"),
     (["tune.dashboard=false", "tune.search_space={variants: {grid: [{optim.lr: 0.1}, {train.num_workers: 4}]}}"],
      r"tune.search_space.variants: value .*tune.dashboard: false needs one-rank trials, not train.num_workers 4"),
+    # Values each fine alone that clash in one trial: the trial Tune made ended the study mid-run (exit 2), and
+    # every --resume again.
+    (["tune.search_space={data.mixup_p: {grid: [0, 0.6]}, data.cutmix_p: {grid: [0, 0.6]}}"],
+     r"tune.search_space: the trial with data.mixup_p=0.6, data.cutmix_p=0.6: data.cutmix_p: must be <= 1 - "),
+    (["model.name=resnet", "tune.search_space={model.blocks: {grid: [[1, 1], [1, 1, 1]]}, "
+      "model.widths: {grid: [[8, 16], [8, 16, 32]]}}"],
+     r"the trial with model.blocks=\[1, 1\], model.widths=\[8, 16, 32\]: model.widths: needs one width per stage"),
+    (["train.global_batch_size=100", "tune.search_space={train.num_workers: {grid: [1, 2]}, "
+      "train.global_batch_size: {grid: [100, 125]}}"],
+     r"the trial with train.num_workers=2, train.global_batch_size=125: .* divisible by train.num_workers=2"),
+    # A range of an integer field: both ends pass, every draw between is a fraction the trial refused.
+    (["tune.search_space={train.global_batch_size: {uniform: [64, 128]}}"],
+     r"tune.search_space.train.global_batch_size: uniform draws fractions and train.global_batch_size is an "
+     r"integer: use randint"),
+    # Built only when the model was made (a traceback): the entry's own widths or blocks, GroupNorm's groups.
+    (["model.blocks=[1, 1]"], r"model.blocks: 2 stages, but resnet18's own widths has 4 \(\[64, 128, 256, 512\]\): "
+                              r"set model.widths too"),
+    (["model.widths=[16, 32, 64]", "model.max_params=1000000"], r"model.widths: 3 stages, but resnet18's own blocks"),
+    (["model.name=resnet", "model.norm=group", "model.blocks=[1, 1, 1]", "model.widths=[12, 24, 48]"],
+     r"model.widths: with model.norm group every layer's channels must split into 8 equal groups: 12 does not"),
+    (["data.split_seed=-1"], r"data.split_seed: must be >= 0"),
+    (["train.seed=-1"], r"train.seed: must be >= 0"),
+    (["model.num_classes=5"], r"model.num_classes: must be >= 10: CIFAR-10's labels are 0-9"),
+    # A loss ranked by max put the worst trial first, and ASHA kept the worst.
+    (["tune.metric=val_loss"], r"tune.mode: val_loss is best at its lowest: set tune.mode min \(got 'max'\)"),
+    (["tune.mode=min"], r"tune.mode: val_acc is best at its highest: set tune.mode max"),
+    # No validation split: val_acc 0.0 every epoch, the first epoch taken for the best.
+    (["data.val_size=0"], r"data.val_size: must be >= 1: trials, epochs and ASHA's cuts are chosen on the valid"),
+    (["data.val_size=null", "data.val_fraction=0"], r"data.val_fraction: must be in \(0, 1\)"),
 ])
 def test_bad_values_name_the_key(sets, message):
     with pytest.raises(ConfigError, match=message) as info:
@@ -252,3 +281,13 @@ def test_a_key_given_twice_in_a_study_file_is_an_error_naming_both_lines(tmp_pat
     # YAML's merge key is not a repeat: the mapping's own keys override the merged ones.
     cfg = load_config(write(tmp_path, "optim:\n  <<: {lr: 0.05, momentum: 0.8}\n  momentum: 0.7\n"))
     assert (cfg.optim.lr, cfg.optim.momentum) == (0.05, 0.7)
+
+
+def test_searched_blocks_and_widths_are_checked_together_not_each_against_the_models_own():
+    """Each searched value is first checked against the fixed config alone: blocks [1, 1] against resnet18's own
+    four widths fails there, but every trial pairs it with a searched two-stage widths."""
+    space = "{model.blocks: {grid: [[1, 1], [2, 2]]}, model.widths: {grid: [[8, 16], [16, 32]]}}"
+    cfg = load_config(None, [f"tune.search_space={space}"])
+    assert len(cfg.tune.search_space) == 2
+    with pytest.raises(ConfigError, match=r"tune.search_space.model.blocks: value \[1, 1, 1\]: model.blocks: 3 stages"):
+        load_config(None, ["tune.search_space={model.blocks: {grid: [[1, 1, 1]]}, model.widths: {grid: [[8, 16]]}}"])

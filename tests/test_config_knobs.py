@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import synthetic_cifar
-from ray_cifar.config import ConfigError, field_docs, search_keys
+from ray_cifar.config import ConfigError, DataConfig, field_docs, search_keys
 from ray_cifar.validation import load_config, trial_config
 from ray_cifar.data.loader import TrainLoader, make_splits
 
@@ -44,7 +44,7 @@ def test_exactly_one_of_val_size_and_val_fraction():
 
 def test_shuffle_off_keeps_the_order_and_on_reshuffles_each_epoch():
     data = synthetic_cifar(300, 10)
-    split = make_splits(data, load_config(None, ["data.val_size=0"]).data, "cpu").train
+    split = make_splits(data, DataConfig(val_size=0), "cpu").train  # every image in train, in its order
     off = TrainLoader(split, load_config(None, ["data.shuffle=false"]).data, 50, 0, 1, seed=0)
     assert off.epoch_indices(0).tolist() == list(range(300)) == off.epoch_indices(1).tolist()
     on = TrainLoader(split, load_config(None, ["data.shuffle=true"]).data, 50, 0, 1, seed=0)

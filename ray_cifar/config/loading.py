@@ -127,6 +127,13 @@ def _class_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def is_integer_field(key: str) -> bool:
+    """Whether `section.field` holds an integer (or null): a range drawn for it must draw integers."""
+    section, _, name = key.partition(".")
+    hint = _hints(getattr(Config(), section)).get(name) if section in SECTIONS else None
+    return hint is int or (typing.get_origin(hint) in (typing.Union, types.UnionType) and int in typing.get_args(hint))
+
+
 def set_value(cfg: Config, key: str, value: Any) -> None:
     """Set `section.field` (or a whole `section` from a dict) with type checking."""
     if key in METADATA:  # a top-level field beside the sections (published)

@@ -164,7 +164,7 @@ class TuneConfig:
     # Search space: "section.field" (or a whole "section") -> one of
     #   {grid: [v1, v2, ...]}  every value, crossed with the other grids
     #   {choice: [v1, ...]}    one value drawn per sample
-    #   {uniform: [lo, hi]} | {loguniform: [lo, hi]} | {randint: [lo, hi]}
+    #   {uniform: [lo, hi]} | {loguniform: [lo, hi]} | {randint: [lo, hi]}  (randint: hi included; integer fields)
     # A section key takes dicts of that section's fields, e.g. optim: {grid: [{name: sgd, lr: 0.1}, ...]}.
     # The key "variants" takes dicts of any "section.field" keys: a grid over whole runs, for a study that
     # is a list of hand-picked rows rather than one cross product, e.g.

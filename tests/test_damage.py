@@ -153,9 +153,38 @@ def test_a_damaged_trials_json_is_rebuilt_from_the_rows(tmp_path, how):
     (tmp_path / "trials.json").write_text(json.dumps({"a": {"trial_id": "a", "status": "completed", "pad": "x" * 50}}))
     damage(tmp_path / "trials.json", how)
     recorder = StudyRecorder(str(tmp_path), lambda config: {}, "val_acc", "max", tensorboard=False)
+    recorder.setup()  # as Tune does after unpickling it: the rebuilt list was gone here (nothing was saved)
     trial = recorder.trials["a"]
     assert trial["epochs"] == 2 and trial["best_epoch"] == 2 and trial["optim.lr"] == 0.1
     assert trial["latest_checkpoint"] == "/x/checkpoint_000002" and (tmp_path / "trials.json.damaged").exists()
+
+
+class EndedTrial:
+    def __init__(self, trial_id, status, last_result):
+        self.trial_id, self.status, self.last_result, self.config = trial_id, status, last_result, {}
+
+
+def test_a_missing_trials_json_is_rebuilt_and_each_trial_ends_as_tune_ended_it(tmp_path, capsys):
+    """A killed study whose trials.json was lost (or damaged) went on with only the trials still running: the
+    rebuilt list was never saved, and Tune's setup read the folder again. And a trial its scheduler had stopped
+    short of its epochs ended `completed`."""
+    from ray_cifar.tuning.recorder import StudyRecorder
+
+    ResultsLog(str(tmp_path)).append([{"trial_id": tid, "epoch": e, "val_acc": e / 10} for tid, epochs in
+                                      (("full", 4), ("cut", 1), ("cut_by_stop", 2)) for e in range(1, epochs + 1)])
+    recorder = StudyRecorder(str(tmp_path), lambda config: {}, "val_acc", "max", tensorboard=False)
+    assert "trials.json is missing; rebuilt from the results rows" in capsys.readouterr().out
+    recorder.setup()
+    assert sorted(recorder.trials) == ["cut", "cut_by_stop", "full"]
+    recorder.on_experiment_end([EndedTrial("full", "TERMINATED", {"epoch": 4, "epochs": 4, "done": True}),
+                                EndedTrial("cut", "TERMINATED", {"epoch": 1, "epochs": 4, "done": True}),
+                                EndedTrial("cut_by_stop", "TERMINATED", {"epoch": 2, "epochs": 4})])  # a Ctrl-C
+    saved = json.loads((tmp_path / "trials.json").read_text())
+    assert {tid: t["status"] for tid, t in saved.items()} == {"full": "completed", "cut": "stopped",
+                                                             "cut_by_stop": "running"}
+    # A new study's folder has no rows and no trials.json: nothing to rebuild, nothing said.
+    StudyRecorder(str(tmp_path / "new"), lambda config: {}, "val_acc", "max", tensorboard=False)
+    assert "missing" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("how", DAMAGE)

@@ -692,9 +692,9 @@ def test_a_trial_the_studys_stop_cut_short_stays_running_and_one_that_ended_is_c
     rows (trials.json damaged) still learns that its trial ended, and how."""
     rec = StudyRecorder(str(tmp_path), lr_params, "val_acc", "max", tensorboard=False)
     for tid in ("cut", "ended", "errored"):
-        rec.on_trial_result(0, [], FakeTrial(tid), result(1, 0.5))
+        rec.on_trial_result(0, [], FakeTrial(tid), result(4 if tid == "ended" else 1, 0.5))
     rec.on_experiment_end([SimpleNamespace(trial_id="cut", status="TERMINATED", last_result=result(1, 0.5, done=False)),
-                           SimpleNamespace(trial_id="ended", status="TERMINATED", last_result=result(1, 0.5, done=True)),
+                           SimpleNamespace(trial_id="ended", status="TERMINATED", last_result=result(4, 0.5, done=True)),
                            SimpleNamespace(trial_id="errored", status="ERROR", last_result=result(1, 0.5))])
     on_disk = json.loads((tmp_path / "trials.json").read_text())
     assert {tid: t["status"] for tid, t in on_disk.items()} == {"cut": "running", "ended": "completed",

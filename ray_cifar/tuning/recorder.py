@@ -143,7 +143,7 @@ class StudyRecorder(Callback):
         self.log = ResultsLog(self.output, set_aside_damaged=True)
         rows = self.log.read()
         self.seen = {(r["trial_id"], r["epoch"]) for r in rows}
-        self.trials = self._read_trials(rows)
+        self.trials, rebuilt = self._read_trials(rows)
         if self.log.damaged:
             self._recover_rows()
         self.started = time.time()
@@ -156,23 +156,31 @@ class StudyRecorder(Callback):
         self.unfinished_caught_up = False  # and unfinished trials' checkpointed but unreported epochs
         self.upload_failing = False  # a copy to mirror_to failed: warned once, retried with every later file
         self.synced: dict[str, tuple[int, int]] = {}  # what this driver copied to mirror_to, as storage.sync_up notes
+        if rebuilt:
+            # On disk at once: the next _load (Tune calls setup after unpickling this recorder) found the damaged
+            # file set aside and none in its place, and the study went on without the trials before the restore.
+            self._save_trials()
 
-    def _read_trials(self, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        """trials.json; when damaged, set aside and rebuilt from the rows (statuses follow from Tune's at the end)."""
+    def _read_trials(self, rows: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], bool]:
+        """trials.json, and whether it was rebuilt: when damaged (set aside) or missing beside recorded rows, it is
+        rebuilt from the rows (statuses follow from Tune's at the end)."""
         path = os.path.join(self.output, TRIALS_STATE)
         try:
             with open(path, "rb") as f:
                 trials = json.loads(f.read().decode("utf-8"))
             if isinstance(trials, dict) and all(isinstance(t, dict) and "status" in t for t in trials.values()):
-                return trials
+                return trials, False
         except FileNotFoundError:
-            return {}
+            if not rows:
+                return {}, False  # a new study
+            print(f"[ray_cifar] warning: {path} is missing; rebuilt from the results rows", flush=True)
+            return _trials_from_rows(rows, self.metric, self.mode), True
         except (OSError, ValueError):  # ValueError: JSON and UTF-8 decoding errors
             pass
         os.replace(path, path + ".damaged")
         print(f"[ray_cifar] warning: {path} is damaged; set aside as {TRIALS_STATE}.damaged and rebuilt from "
               f"the results rows", flush=True)
-        return _trials_from_rows(rows, self.metric, self.mode)
+        return _trials_from_rows(rows, self.metric, self.mode), True
 
     def _recover_rows(self) -> None:
         """Rows of damaged parts, from each trial's newest loadable checkpoint (its history of epoch metrics)."""
@@ -451,6 +459,9 @@ class StudyRecorder(Callback):
                 continue
             if str(t.status) == "ERROR" or (str(t.status) == "TERMINATED" and ended_by_itself(t)):
                 summary["status"] = COMPLETED if str(t.status) == "TERMINATED" else FAILED
+                planned = (t.last_result or {}).get("epochs")
+                if summary["status"] == COMPLETED and planned and (summary.get("epochs") or 0) < planned:
+                    summary["status"] = STOPPED  # ended short of its epochs: its scheduler stopped it
                 changed = True
         changed = self._mark_lost(trials) or changed
         if changed:

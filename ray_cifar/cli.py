@@ -225,7 +225,8 @@ def refusing_up_front(output: str | None, run, resume_command: str | None = None
         with sigterm_as_ctrl_c():
             return run()
     except (ConfigError, storage.StorageError) as e:
-        if output is not None and set(os.listdir(output)) <= {"config.yaml", "driver.json", console.LOGS}:
+        if output is not None and set(os.listdir(output)) <= {"config.yaml", "driver.json", "study-start.json",
+                                                                console.LOGS}:
             shutil.rmtree(output)
         fail(str(e))
     except storage.DiskFull as e:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ray_cifar import checkpoint, cli, report, storage
+from ray_cifar.config import ConfigError
 from ray_cifar.tuning import study, tune_state
 from ray_cifar.tuning.tune_state import TuneStateBackup
 from ray_cifar.checkpoint_store import CheckpointStore, newest_loadable_state
@@ -317,3 +318,44 @@ def test_set_of_a_field_only_some_variants_search_says_it_reaches_the_others(cap
     assert "--set optim.lr=0.05 has no effect: the study searches optim.lr" in out[1], out[1]
     assert "--set optim.momentum=0.5 reaches only some trials: 1 of the 2 values" in out[2], out[2]
     assert "--set optim.name=sgd has no effect: the study searches optim.name" in out[3], out[3]
+
+
+def test_a_study_resumes_only_where_it_started_and_with_the_config_it_started_with(tmp_path, capsys):
+    """A copied or moved study folder, resumed, trained on into the old path (Tune's state, the recorder and the
+    checkpoint paths name it) and marked the new folder finished with its trials unfinished; an edited config.yaml
+    was taken for the study's own while its trials and recorder followed the first (val_loss ranked by val_acc)."""
+    from ray_cifar.validation import load_config
+
+    cfg = load_config(None, ["train.epochs=4"])
+    first = tmp_path / "first"
+    first.mkdir()
+    study.check_start(cfg, str(first), None)  # the first driver: writes where and with what
+    start = json.loads((first / study.STUDY_START).read_text())
+    assert start["location"] == os.path.realpath(first) and start["config"]["train.epochs"] == 4
+    study.check_start(cfg, str(first), None)  # resumed in place, same config: fine
+    os.symlink(first, tmp_path / "link")
+    study.check_start(cfg, str(tmp_path / "link"), None)  # the same folder by another name: fine
+
+    edited = load_config(None, ["train.epochs=5", "tune.metric=val_loss", "tune.mode=min"])
+    with pytest.raises(ConfigError, match=r"config.yaml was changed since the study started \(train.epochs 4 -> 5, "
+                                          r"tune.metric 'val_acc' -> 'val_loss', tune.mode 'max' -> 'min'\)"):
+        study.check_start(edited, str(first), None)
+    moved_data = load_config(None, ["train.epochs=4", "data.path=/elsewhere/cifar10"])
+    study.check_start(moved_data, str(first), None)  # where the data is read from may change
+    assert "the data is read from /elsewhere/cifar10 now" in capsys.readouterr().out
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / study.STUDY_START).write_text((first / study.STUDY_START).read_text())
+    with pytest.raises(ConfigError, match=rf"this study was started in {first}, .* it resumes only there"):
+        study.check_start(cfg, str(copy), None)
+    # A study in a bucket resumes from any head (its local copy's folder differs), but not from another URI.
+    (copy / study.STUDY_START).write_text(json.dumps({"location": "s3://b/x", "config": start["config"]}))
+    study.check_start(cfg, str(copy), "s3://b/x")
+    with pytest.raises(ConfigError, match=r"started in s3://b/x"):
+        study.check_start(cfg, str(copy), "s3://b/y")
+    # A damaged record is written again (one line), as a study from before it gets its first.
+    (copy / study.STUDY_START).write_text('{"loc')
+    study.check_start(cfg, str(copy), None)
+    assert "study-start.json is damaged" in capsys.readouterr().out
+    assert json.loads((copy / study.STUDY_START).read_text())["location"] == os.path.realpath(copy)

@@ -25,7 +25,7 @@ import time
 from typing import Any, Callable
 
 from .. import cli, storage
-from ..config import Config, flatten, grid_size, search_keys
+from ..config import Config, ConfigError, flatten, grid_size, search_keys
 from ..results import ResultsLog, format_table, provenance, rank_trials, write_rows
 from ..validation import trial_config
 from .recorder import FAILED, FULL_DISK, JUDGED, TRIALS_STATE, QuietFullDiskFailures, StudyRecorder
@@ -234,6 +234,52 @@ def unfinished_trials(output: str, remote: str | None = None) -> int:
 
 
 DRIVER_LOCK = "driver.json"
+STUDY_START = "study-start.json"  # where the study was started, and the config it was started with
+MOVABLE_KEYS = ("data.path", "data.cache_dir")  # where the data is read from: a resumed study may find it elsewhere
+
+
+def check_start(cfg: Config, output: str, remote: str | None) -> None:
+    """A study resumes where it started, with the config it started with: ConfigError (one line) otherwise. The
+    first driver writes OUTPUT/study-start.json (a study from before it: the driver that resumes it).
+
+    Tune's saved state, the recorder and schedulers it unpickles, and the trials' checkpoint paths name the
+    folder the study was started in: a copied or moved folder, resumed, trained on into the old path (or its
+    re-made ghost) and then marked the new folder finished with its trials unfinished. An edited config.yaml was
+    taken for the study's own, while its trials, rungs and recorder followed the first one: a tune.metric edited
+    to val_loss ranked trials by their val_acc, lowest first."""
+    path = os.path.join(output, STUDY_START)
+    here = remote or os.path.realpath(output)
+    now = flatten(cfg.to_dict())
+    try:
+        with open(path, "rb") as f:
+            start = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        start = None
+    except (OSError, ValueError):
+        print(f"[ray_cifar] warning: {path} is damaged; written again from this config.yaml", flush=True)
+        start = None
+    if not (isinstance(start, dict) and isinstance(start.get("config"), dict) and start.get("location")):
+        with open(path, "w") as f:
+            json.dump({"location": here, "config": now}, f)
+        return
+    where = start["location"]
+    moved = where != here and not (remote is None and os.path.isdir(where) and os.path.samefile(where, output))
+    if moved:
+        raise ConfigError(f"--resume {remote or output}: this study was started in {where}, and Ray Tune's state and "
+                          f"its trials' checkpoints name that place: it resumes only there (move or copy it back, "
+                          f"then --resume {where}). Its report reads it anywhere: python -m ray_cifar.report "
+                          f"{remote or output}")
+    changed = [k for k in sorted(set(now) | set(start["config"])) if k not in MOVABLE_KEYS
+               and json.dumps(now.get(k)) != json.dumps(start["config"].get(k))]
+    if changed:
+        edits = ", ".join(f"{k} {start['config'].get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise ConfigError(f"--resume: {output}/config.yaml was changed since the study started ({edits}{more}); a "
+                          f"study resumes with the config its trials, rungs and ranking began with: undo the edit, or "
+                          f"start a new study from it (--config {output}/config.yaml --output NEW)")
+    if any(json.dumps(now.get(k)) != json.dumps(start["config"].get(k)) for k in MOVABLE_KEYS):
+        print(f"[ray_cifar] the data is read from {cfg.data.path} now (config.yaml's data.path was changed since the "
+              f"study started)", flush=True)
 
 
 def hold_driver_lock(output: str) -> None:
@@ -241,8 +287,6 @@ def hold_driver_lock(output: str) -> None:
 
     Two drivers on one output would run the same trials twice over the same checkpoints."""
     import socket
-
-    from ..config import ConfigError
 
     path, me = os.path.join(output, DRIVER_LOCK), {"pid": os.getpid(), "host": socket.gethostname()}
     try:
@@ -285,6 +329,7 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
 
     check_installed(cfg.tune.tracking)  # one line naming the extra, before Ray starts
     QuietFullDiskFailures.install()
+    check_start(cfg, output, remote)
     hold_driver_lock(output)
     dashboard = cluster.init_ray(cfg)
     cluster.check_fits(cfg)  # before use_gpu is resolved: it refuses a GPU share only where use_gpu was false

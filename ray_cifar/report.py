@@ -55,6 +55,7 @@ class Study:
     config: dict[str, Any]
     rows: list[dict[str, Any]]  # one per trial per epoch
     trials: list[dict[str, Any]] = field(default_factory=list)  # trials.parquet, if the study got that far
+    unfinished: bool = False  # no trials.parquet yet: the trials (and their statuses) so far, from trials.json
 
     @property
     def tune(self) -> dict[str, Any]:
@@ -77,18 +78,33 @@ def load_study(output: str) -> Study:
         raise NotAStudyOutput(f"{output} is not a study output (needs config.yaml and results.parquet)")
     try:
         with open(config_path, "rb") as f:
-            config = load_yaml(f.read().decode("utf-8")) or {}
+            config = load_yaml(f.read().decode("utf-8"))
     except (yaml.YAMLError, ValueError) as e:  # ValueError: not UTF-8
         raise NotAStudyOutput(f"{config_path} is damaged ({yaml_problem(e)})") from None
-    if not isinstance(config, dict):
-        raise NotAStudyOutput(f"{config_path} is damaged (not a mapping of sections)")
+    if not isinstance(config, dict) or not config:
+        # Empty too: every section at its default ranked a val_loss study by val_acc, without a word.
+        raise NotAStudyOutput(f"{config_path} is damaged ({'empty' if not config else 'not a mapping of sections'})")
     trials_path = os.path.join(output, "trials.parquet")
     trials = read_rows(trials_path) if os.path.exists(trials_path) else []
     name = os.path.basename(os.path.normpath(os.path.abspath(output)))
     rows = read_results(output)
+    unfinished = not trials and running_study_trials(output)
     if not trials:
-        trials = train_run_trials(output, rows)
-    return Study(name=name, config=config, rows=rows, trials=trials)
+        trials = unfinished or train_run_trials(output, rows)
+    return Study(name=name, config=config, rows=rows, trials=trials, unfinished=bool(unfinished))
+
+
+def running_study_trials(output: str) -> list[dict[str, Any]]:
+    """A study that has not finished (running, stopped or killed) has no trials.parquet yet: its trials.json holds
+    each trial's status so far (its report had no status column, and said nothing of trials not finished)."""
+    try:
+        with open(os.path.join(output, "trials.json"), "rb") as f:
+            trials = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return []  # none, or damaged: the rows are still reported
+    if not isinstance(trials, dict):
+        return []
+    return [{"trial_id": tid, **t} for tid, t in trials.items() if isinstance(t, dict)]
 
 
 def train_run_trials(output: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -661,7 +677,8 @@ def _combine(studies: list[Study]) -> Study:
     fill = lambda s, r: {**{k: v for k, v in fixed[s.name].items() if k not in r}, **r}  # noqa: E731
     return Study(name=" vs ".join(s.name for s in studies), config=config,
                  rows=[tag(s, fill(s, r)) for s in studies for r in s.rows],
-                 trials=[tag(s, fill(s, t)) for s in studies for t in s.trials])
+                 trials=[tag(s, fill(s, t)) for s in studies for t in s.trials],
+                 unfinished=any(s.unfinished for s in studies))
 
 
 
@@ -744,8 +761,14 @@ def _tests_all(study: Study) -> bool:
 
 
 def trials_section(study: Study, built: dict[str, Any]) -> TableSection:
-    return TableSection("Trials", [_headline(study, built)] + ([TEST_ALL_NOTE] if _tests_all(study) else []),
-                        built["trials"], built["columns"])
+    notes = [_headline(study, built)] + ([TEST_ALL_NOTE] if _tests_all(study) else [])
+    if study.unfinished:
+        running = sum(t.get("status") == "running" for t in study.trials)
+        notes.insert(0, f"**Not finished**: the study has no trials.parquet yet (running, or stopped before its end: "
+                        f"`python -m ray_cifar.tune --resume OUTPUT` goes on with it). {len(study.trials)} trial(s) "
+                        f"so far, {running} of them unfinished; trials not started yet are not here, and no trial has "
+                        f"a test figure.")
+    return TableSection("Trials", notes, built["trials"], built["columns"])
 
 
 def replicates_section(study: Study, built: dict[str, Any]) -> TableSection | None:

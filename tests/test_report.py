@@ -401,3 +401,26 @@ def test_the_pbt_figure_and_the_curves_draw_a_members_generations_apart(tmp_path
     trials = [{"trial_id": t, "point": t} for t in ("t0", "t1", "t2")]
     report.plot_curves(pbt_rows(), trials, str(tmp_path / "curves.png"))
     assert sorted(tuple(line.get_xdata()) for line in saved[0].axes[0].lines) == pieces
+
+
+def test_a_report_of_a_study_not_finished_shows_each_trials_status_so_far_and_says_so(tmp_path, capsys):
+    """Killed (or running) studies have no trials.parquet: the report had no status column and no word that trials
+    were missing, though trials.json holds each trial's status. An empty config.yaml ranked by the defaults."""
+    import json
+
+    out = make_output(str(tmp_path / "killed"))
+    os.remove(os.path.join(out, "trials.parquet"))
+    with open(os.path.join(out, "trials.json"), "w") as f:
+        json.dump({"t0": {"status": "stopped", "epochs": 1}, "t1": {"status": "running", "epochs": 4}}, f)
+    study = load_study(out)
+    assert study.unfinished and {t["trial_id"]: t.get("status") for t in summaries(study)}["t1"] == "running"
+    from ray_cifar.report import build, trials_section
+
+    section = trials_section(study, build(study, str(tmp_path / "r")))
+    assert section.notes[0].startswith("**Not finished**: the study has no trials.parquet yet") and \
+        "2 trial(s) so far, 1 of them unfinished" in section.notes[0]
+    assert "status" in section.columns
+    assert not load_study(make_output(str(tmp_path / "done"))).unfinished
+    open(os.path.join(out, "config.yaml"), "w").close()
+    assert main([out]) == 2
+    assert "config.yaml is damaged (empty)" in capsys.readouterr().err

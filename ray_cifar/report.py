@@ -173,8 +173,9 @@ TOP_POINTS = 5  # the points after the best that Welch's test compares with it
 SIGNIFICANCE = 0.05  # two-sided p below this: the point differs from the best beyond the seed noise
 VERSUS_BEST = "vs best (Welch's t, two-sided)"
 NOISE_NOTE = (f"Intervals: Student-t {100 * CONFIDENCE:.0f}% confidence interval of the mean over the point's "
-              f"train.seed replicates (mean ± t·s/√n). \"{VERSUS_BEST}\": Welch's unequal-variance t-test of each of "
-              f"the {TOP_POINTS} points after the best against the best; p < {SIGNIFICANCE} says the gap is beyond the "
+              f"train.seed replicates (mean ± t·s/√n; not clipped to [0, 100]: one beyond says the seeds are too "
+              f"few). \"{VERSUS_BEST}\": Welch's unequal-variance t-test of each of the (up to) {TOP_POINTS} points "
+              f"after the best against the best; p < {SIGNIFICANCE} says the gap is beyond the "
               f"seed noise, otherwise the two are not told apart (no correction for the several tests). One seed has "
               f"neither (n=1). A point is compared only where all its seeds and all the best's ran the same epochs: "
               f"one that ASHA stopped early (or that diverged) differs from the best by its budget as much as by its "

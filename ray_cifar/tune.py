@@ -39,6 +39,8 @@ def resume(location: str, argv: list[str] | None, held: Held, found: str | None 
         storage.sync_down(remote, output)
     started = os.path.isdir(output) and study.can_resume(output, remote)
     if not started and not (os.path.isdir(output) and study.never_started(output)):
+        if not remote and not os.path.exists(output):
+            cli.fail(f"--resume {location}: no such folder")
         if not os.path.isfile(os.path.join(output, "config.yaml")):
             what = "no config.yaml and no Tune experiment in ray/tune"
         elif study.is_train_output(output):
@@ -81,8 +83,20 @@ def main(argv: list[str] | None = None) -> int:
         return start_or_resume(args, argv, held)
 
 
+def ignored_by_resume(args) -> list[str]:
+    """The options given beside --resume, which it ignores (the study goes on with its own config.yaml)."""
+    given = {"--config": args.config, "--set": args.sets, "--data": args.data, "--output": args.output,
+             "--smoke-test": args.smoke_test, "--budget-scale": args.budget_scale != 1.0}
+    return [name for name, value in given.items() if value]
+
+
 def start_or_resume(args, argv: list[str] | None, held: Held) -> int:
     if args.resume:
+        ignored = ignored_by_resume(args)
+        if ignored:  # said, not silent: a user who added --set train.epochs=50 expected a longer study
+            print(f"[ray_cifar] --resume ignores {', '.join(ignored)}: the study goes on with its own config.yaml "
+                  f"(a changed study is a new one: --config {args.resume}/config.yaml --set ... --output NEW)",
+                  flush=True)
         return resume(args.resume, argv, held)
     if args.resume_if_exists:
         if not args.output:

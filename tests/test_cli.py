@@ -141,6 +141,18 @@ def test_resume_if_exists_on_a_train_runs_output_says_only_what_it_is(tmp_path, 
                             f"in ray/tune: a `python -m ray_cifar.train` run's output (checkpoints/, no study))\n")
 
 
+def test_resume_names_a_missing_folder_and_the_options_it_ignores(tmp_path, capsys):
+    """--resume /no/such said "not a ray_cifar study output (no config.yaml ...)"; --set and --config beside it
+    were ignored without a word (a user who asked for more epochs got the old study)."""
+    from ray_cifar import tune
+
+    with pytest.raises(SystemExit) as exit_:
+        tune.main(["--resume", str(tmp_path / "gone"), "--set", "train.epochs=50", "--config", "x.yaml"])
+    captured = capsys.readouterr()
+    assert exit_.value.code == 2 and captured.err == f"ray_cifar: error: --resume {tmp_path / 'gone'}: no such folder\n"
+    assert "[ray_cifar] --resume ignores --config, --set: the study goes on with its own config.yaml" in captured.out
+
+
 def test_single_process_train_writes_per_epoch_rows(tmp_path, synthetic_parquet_dir):
     output = tmp_path / "run"
     sets = [a for s in TINY_MODEL + ["train.epochs=3", "train.global_batch_size=50", "data.val_size=100",

@@ -703,3 +703,36 @@ def test_a_trial_the_studys_stop_cut_short_stays_running_and_one_that_ended_is_c
     resumed.on_trial_result(0, [], FakeTrial("cut"), result(2, 0.4))
     resumed.note_stopped("cut")  # ASHA, at its rung on the resumed run
     assert resumed.trials["cut"]["status"] == "stopped"
+
+
+def test_trials_stopped_before_a_restore_are_stopped_before_they_train_again(recorder, tmp_path):
+    """A trial ASHA had stopped (recorded `stopped`), or that the rebuilt rungs stop at a recovered row, came back
+    unfinished from the restore and was stopped at its next result: it trained one epoch past its stop, and that
+    epoch's row counted in its best (seen in a kill audit: a trial moved up the ranking). Now Tune's first question
+    stops them while they wait, and says so to Tune's state."""
+    asha_args = dict(metric="val_acc", mode="max", max_t=8, grace_period=1, reduction_factor=2)
+    original = RestorableASHA(str(tmp_path), on_stop=recorder.note_stopped, **asha_args)
+    assert _run(original, HISTORY + NEXT, recorder)["t4"] == TrialScheduler.STOP  # recorded stopped; Tune never ended it
+    recorder.on_trial_result(None, [], FakeTrial("t6"), result(1, 0.3))  # recovered: the rebuilt rung 1 stops it
+    recorder, restored = pickle.loads(pickle.dumps(
+        (recorder, RestorableASHA(str(tmp_path), on_stop=recorder.note_stopped, **asha_args))))
+    trials = {tid: SimpleNamespace(trial_id=tid, status="PENDING", config={}) for tid in ("t3", "t4", "t6")}
+    for t in trials.values():
+        restored.on_trial_add(None, t)
+
+    class Controller:
+        stopped: list[str] = []
+
+        def get_trials(self):
+            return list(trials.values())
+
+        def stop_trial(self, trial):
+            self.stopped.append(trial.trial_id)
+            trial.status = "TERMINATED"
+
+    controller = Controller()
+    chosen = restored.choose_trial_to_run(controller)
+    assert controller.stopped == ["t4", "t6"] and chosen is trials["t3"]
+    assert recorder.trials["t6"]["status"] == "stopped" and recorder.trials["t4"]["status"] == "stopped"
+    restored.choose_trial_to_run(controller)
+    assert controller.stopped == ["t4", "t6"]  # once

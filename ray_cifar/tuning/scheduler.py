@@ -123,7 +123,7 @@ class RestorableASHA(ASHAScheduler):
         was recorded before the row was. A row past it was recovered from the trial's checkpoint after a dead driver
         (its report died with it; recovered rows are recorded at the new driver's first step, before this rebuild):
         no scheduler decided on it, so the rebuilt rungs do. A trial they stop there (before its own end) is
-        stopped at its next result and recorded `stopped`. Without this a trial killed after each epoch's checkpoint
+        stopped before it trains again (_stop_before_they_train) and recorded `stopped`. Without this a trial killed after each epoch's checkpoint
         trained on past every rung it met so (seen in a kill test: two trials 2 epochs past a rung-1 stop)."""
         judged = judged or {}
         rows = [r for r in rows if r.get(self._metric) is not None and r.get(self._time_attr) is not None]
@@ -156,7 +156,30 @@ class RestorableASHA(ASHAScheduler):
 
     def choose_trial_to_run(self, tune_controller):
         self._rebuild_once()
+        self._stop_before_they_train(tune_controller)
         return super().choose_trial_to_run(tune_controller)
+
+    def _stop_before_they_train(self, tune_controller) -> None:
+        """Trials this scheduler had stopped (recorded `stopped`: the driver died before Tune ended them), or that
+        the rebuilt rungs stop at a recovered row, which Tune brought back unfinished: stopped now, before they
+        train. Stopped at their next result instead, each trained one epoch past its stop, and that epoch counted
+        (a trial moved up the ranking on it: seen in a kill audit). Tune asks this before it starts any waiting
+        trial, so a PENDING or PAUSED one has not trained since the restore."""
+        if not (self._stopped_before or self._stop_unrecorded):
+            return
+        for trial in list(tune_controller.get_trials()):
+            if str(trial.status) not in ("PENDING", "PAUSED"):
+                continue
+            if trial.trial_id in self._stop_unrecorded:
+                self._stop_unrecorded.discard(trial.trial_id)
+                if self.on_stop:
+                    self.on_stop(trial.trial_id)
+            elif trial.trial_id in self._stopped_before:
+                self._stopped_before.discard(trial.trial_id)
+            else:
+                continue
+            tune_controller.stop_trial(trial)
+            save_experiment(tune_controller, trial)  # ended on disk too: a driver that dies next resumes it so
 
     def _recorded_stops(self) -> set[str]:
         return recorded_stops(self.output)

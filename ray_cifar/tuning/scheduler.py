@@ -123,8 +123,9 @@ class RestorableASHA(ASHAScheduler):
         was recorded before the row was. A row past it was recovered from the trial's checkpoint after a dead driver
         (its report died with it; recovered rows are recorded at the new driver's first step, before this rebuild):
         no scheduler decided on it, so the rebuilt rungs do. A trial they stop there (before its own end) is
-        stopped before it trains again (_stop_before_they_train) and recorded `stopped`. Without this a trial killed after each epoch's checkpoint
-        trained on past every rung it met so (seen in a kill test: two trials 2 epochs past a rung-1 stop)."""
+        stopped before it trains again (_stop_before_they_train) and recorded `stopped`. Without this a trial
+        killed after each epoch's checkpoint trained on past every rung it met so (seen in a kill test: two trials
+        2 epochs past a rung-1 stop)."""
         judged = judged or {}
         rows = [r for r in rows if r.get(self._metric) is not None and r.get(self._time_attr) is not None]
         stops = set()

@@ -877,7 +877,9 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="ray_cifar-report-") as fetched:
             path = write_report([_fetched(o, fetched) for o in args.outputs], out)
     except (NotAStudyOutput, DamagedFile, storage.StorageError, OSError) as e:  # each names the file or location
-        print(f"ray_cifar.report: error: {e}", file=sys.stderr)
+        remedy = ("; python -m ray_cifar.tune --resume OUTPUT rebuilds the results from the trials' checkpoints"
+                  if isinstance(e, DamagedFile) else "")
+        print(f"ray_cifar.report: error: {e}{remedy}", file=sys.stderr)
         return 2
     print(f"[ray_cifar] report: {path}")
     return 0

@@ -51,10 +51,11 @@ def resume(location: str, argv: list[str] | None, held: Held, found: str | None 
                  + (f"; its copy on this machine is {output}" if remote else ""))
     if found:
         print(found, flush=True)
-    if study.is_finished(output):
-        print(f"[ray_cifar] the study in {output} has already finished: see {output}/trials.parquet")
-        return 0
     cfg = cli.load_resolved_config(output)
+    if study.is_finished(output):
+        if not study.repair_finished(cfg, output):
+            print(f"[ray_cifar] the study in {output} has already finished: see {output}/trials.parquet")
+        return 0
     with logged_to(output, COMMAND, argv, held):
         if not started:  # its driver was stopped in its first seconds (a retried job's first try, say)
             print(f"[ray_cifar] the study in {location} was stopped before its first trial (its config.yaml, no Tune "

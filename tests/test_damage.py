@@ -359,3 +359,32 @@ def test_a_study_resumes_only_where_it_started_and_with_the_config_it_started_wi
     study.check_start(cfg, str(copy), None)
     assert "study-start.json is damaged" in capsys.readouterr().out
     assert json.loads((copy / study.STUDY_START).read_text())["location"] == os.path.realpath(copy)
+
+
+def test_resume_of_a_finished_study_rebuilds_its_damaged_results_from_the_checkpoints(tmp_path, capsys):
+    """--resume said "already finished" and did nothing, and the report refused the damaged file: the per-epoch
+    history of a study was lost, though each trial's newest checkpoint carries it."""
+    from ray_cifar import tune
+
+    out = tmp_path / "study"
+    rows = [{"trial_id": "a", "epoch": e, "val_acc": e / 10, "train_loss": 1.0, "val_loss": 1.0} for e in (1, 2)]
+    folder = out / "ray" / "trial-a" / "checkpoint_000002"
+    folder.mkdir(parents=True)
+    checkpoint.save_state({"epoch": 2, "history": rows}, str(folder))
+    (out / "config.yaml").write_text("train: {epochs: 2}\n")
+    (out / "trials.json").write_text(json.dumps({"a": {"status": "completed", "epochs": 2,
+                                                       "latest_checkpoint": str(folder)}}))
+    write_rows(rows, str(out / "results.parquet"))
+    (out / study.FINISHED).write_text("{}")
+    (out / "ray" / "tune").mkdir()
+    (out / "ray" / "tune" / "tuner.pkl").write_bytes(b"")  # what Tune looks for in a study it can restore
+    (out / "results.parquet").write_bytes((out / "results.parquet").read_bytes()[:100])  # truncated
+    assert report.main([str(out)]) == 2
+    assert "--resume OUTPUT rebuilds the results from the trials' checkpoints" in capsys.readouterr().err
+    assert tune.main(["--resume", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "recovered 2 row(s) from checkpoints" in printed and "results.parquet rebuilt" in printed
+    assert [(r["trial_id"], r["epoch"], r["val_acc"]) for r in ResultsLog(str(out)).read()] == [("a", 1, 0.1),
+                                                                                              ("a", 2, 0.2)]
+    assert (out / "results.parquet.damaged").exists() and (out / "report.md").exists()
+    assert tune.main(["--resume", str(out)]) == 0 and "has already finished" in capsys.readouterr().out

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from .. import cli, storage
 from ..config import Config, ConfigError, flatten, grid_size, search_keys
-from ..results import ResultsLog, format_table, provenance, rank_trials, write_rows
+from ..results import DamagedFile, ResultsLog, format_table, provenance, rank_trials, write_rows
 from ..validation import trial_config
 from .recorder import FAILED, FULL_DISK, JUDGED, TRIALS_STATE, QuietFullDiskFailures, StudyRecorder
 from .tune_state import TuneStateBackup
@@ -565,6 +565,25 @@ def finish_and_sync(cfg: Config, output: str, keys: list[str], remote: str | Non
         storage.prune(output, remote, ResultsLog.PARTS)  # the parts compaction merged into results.parquet
         print(f"[ray_cifar] the study's files are copied to {remote}", flush=True)
     return rc
+
+
+def repair_finished(cfg: Config, output: str) -> bool:
+    """A finished study's damaged results (results.parquet or a part that will not read): set aside, their rows
+    recovered from each trial's newest checkpoint that loads (the history of epoch metrics it carries), merged
+    into results.parquet, and the report drawn again. Whether anything was damaged. --resume of a finished study
+    said "already finished" and left a damaged results.parquet so, though the checkpoints held every row."""
+    log = ResultsLog(output)
+    try:
+        log.read()
+        return False
+    except DamagedFile:
+        pass
+    recorder = StudyRecorder(output, lambda config: {}, cfg.tune.metric, cfg.tune.mode, provenance(),
+                             tensorboard=False)  # sets the damaged files aside and recovers their rows
+    recorder.log.compact()
+    print(f"[ray_cifar] {output}/results.parquet rebuilt", flush=True)
+    write_study_report(output)
+    return True
 
 
 def write_study_report(output: str) -> None:

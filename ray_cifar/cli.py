@@ -54,9 +54,14 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
     something: ArgumentDefaultsHelpFormatter appended "(default: None)" after texts that already said it."""
 
 
-def parse_args(prog: str, description: str, argv: list[str] | None, resume: bool = False) -> argparse.Namespace:
+def parse_args(prog: str, description: str, argv: list[str] | None, resume: bool = False,
+               resume_train: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=Formatter)
     add_common_arguments(parser)
+    if resume_train:
+        parser.add_argument("--resume", metavar="OUTPUT",
+                            help="continue the one-process run in OUTPUT from its latest checkpoint (other options "
+                                 "are ignored: the run's own config.yaml is used)")
     if resume:
         parser.add_argument("--resume", metavar="OUTPUT",
                             help="continue the study in OUTPUT whose driver died or was stopped (other options are "

@@ -12,7 +12,11 @@ Either way OUTPUT/results.parquet gets one row per epoch through the same route 
 results.ResultsLog), and OUTPUT/logs/ what the run printed.
 The search space is ignored.
 SIGTERM or Ctrl-C stops a one-process run at once (its checkpoints and rows are per epoch; what
-was written stays readable); a full disk is one line naming the path, exit 1.
+was written stays readable); a full disk is one line naming the path, exit 1. Either way, --resume
+OUTPUT goes on from its latest checkpoint (a DDP run goes on as the study of one trial it is, with
+the study's --resume).
+
+    python -m ray_cifar.train --resume OUTPUT
 With train.gpus_per_worker < 1 the process keeps to that share of the GPU's memory, as a packed
 trial's rank does, so several runs can share one GPU.
 """
@@ -33,7 +37,7 @@ from .results import ResultsLog, epoch_row, provenance
 COMMAND = "python -m ray_cifar.train"
 
 
-def run_local(cfg: Config, dataset: Cifar10, output: str, run_id: str) -> list[dict]:
+def run_local(cfg: Config, dataset: Cifar10, output: str, run_id: str, resume: dict | None = None) -> list[dict]:
     from . import engine
     from .data.loader import make_splits
     from .loop import run_training
@@ -58,7 +62,8 @@ def run_local(cfg: Config, dataset: Cifar10, output: str, run_id: str) -> list[d
             checkpoint.link_state(os.path.join(folder, "latest"), os.path.join(folder, "best"))
         log.append([epoch_row(run_id, {}, metrics, extra)])
 
-    run_training(cfg, train_loader_for(cfg, splits.train, device, log=print), splits.val, device, on_epoch=record)
+    run_training(cfg, train_loader_for(cfg, splits.train, device, log=print), splits.val, device, on_epoch=record,
+                 resume=resume)
     log.compact()
     evaluate_best_on_test(cfg, os.path.join(folder, "best"), splits.test, device, output)
     return log.read()
@@ -92,33 +97,70 @@ def run_distributed(cfg: Config, output: str, location: str) -> int:
     return study.run_study(cfg, output, remote=cli.output_uri(location), shared=storage.is_uri(location))
 
 
-def run_local_politely(cfg: Config, dataset: Cifar10, output: str, run_id: str) -> list[dict] | int:
-    """run_local, where SIGTERM / Ctrl-C end it with a line saying what was kept (exit 130) and a full disk
-    with one line naming the path (exit 1); every epoch written before stays readable."""
+def run_local_politely(cfg: Config, dataset: Cifar10, output: str, run_id: str,
+                       resume: dict | None = None) -> list[dict] | int:
+    """run_local, where SIGTERM / Ctrl-C end it with a line saying what was kept and how to go on (exit 130) and a
+    full disk with one line naming the path (exit 1); every epoch written before stays readable."""
     from .storage import DISK_FULL, disk_full_message
 
     try:
         with cli.sigterm_as_ctrl_c():
-            return run_local(cfg, dataset, output, run_id)
+            return run_local(cfg, dataset, output, run_id, resume)
     except KeyboardInterrupt:
         ResultsLog(output).compact()
         print(f"\n[ray_cifar] stopped; the epochs finished so far are in {output}/results.parquet and "
-              f"{output}/checkpoints/", flush=True)
+              f"{output}/checkpoints/. Continue it with:\n  {COMMAND} --resume {output}", flush=True)
         return 130
     except OSError as e:
         if e.errno not in DISK_FULL:
             raise
         cli.fail(f"{disk_full_message(e, output)}; the epochs finished before are in {output}/results.parquet "
-                 f"and {output}/checkpoints/", status=1)
+                 f"and {output}/checkpoints/; free space, then: {COMMAND} --resume {output}", status=1)
     return 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cli.parse_args(COMMAND, __doc__, argv)
+    args = cli.parse_args(COMMAND, __doc__, argv, resume_train=True)
     with holding() as held:  # what is printed before the output folder is known begins its log
+        if args.resume:
+            return resume(args.resume, argv, held)
         cfg, dataset, output = cli.prepare(args, "train")
         with logged_to(output, COMMAND, argv, held):
             return run(args, cfg, dataset, output)
+
+
+def resume(output: str, argv: list[str] | None, held) -> int:
+    """--resume OUTPUT: a one-process run goes on from its latest checkpoint that loads (the best one, older, if the
+    latest is damaged), with its own config.yaml and run id; a finished one (test.json written) is left as it is."""
+    from .data.source import DataError, load_cifar10
+    from .tuning.study import is_train_output
+
+    if not os.path.isdir(output):
+        cli.fail(f"--resume {output}: no such folder")
+    if not is_train_output(output):
+        cli.fail(f"--resume {output}: not a one-process `{COMMAND}` run's output (no checkpoints/ beside its "
+                 f"config.yaml); a study, or a DDP run (a study of one trial), goes on with python -m ray_cifar.tune "
+                 f"--resume {output}")
+    if os.path.exists(os.path.join(output, "test.json")):
+        print(f"[ray_cifar] the run in {output} has already finished: see {output}/test.json", flush=True)
+        return 0
+    cfg = cli.load_resolved_config(output)
+    try:
+        dataset = load_cifar10(cfg.data.path, cfg.data.cache_dir)
+    except DataError as e:
+        cli.fail(str(e))
+    ids = {r.get("trial_id") for r in ResultsLog(output).read()}
+    run_id = ids.pop() if len(ids) == 1 else uuid.uuid4().hex[:8]
+    folder = os.path.join(output, "checkpoints")
+    found = checkpoint.newest_loadable((name, lambda name=name: checkpoint.load_state(os.path.join(folder, name)))
+                                       for name in ("latest", "best") if os.path.isdir(os.path.join(folder, name)))
+    with logged_to(output, COMMAND, argv, held):
+        if found is None:
+            print(f"[ray_cifar] no checkpoint of {output} loads: the run starts over", flush=True)
+        else:
+            print(f"[ray_cifar] run {run_id} resumed after epoch {found[1]['epoch']} ({found[0]} checkpoint)",
+                  flush=True)
+        return finish(cfg, output, run_local_politely(cfg, dataset, output, run_id, found and found[1]))
 
 
 def run(args, cfg: Config, dataset: Cifar10, output: str) -> int:
@@ -130,7 +172,10 @@ def run(args, cfg: Config, dataset: Cifar10, output: str) -> int:
     if cfg.tune.tracking != "none":
         print(f"[ray_cifar] tune.tracking={cfg.tune.tracking} is not used by a one-process run (no Tune "
               f"recorder); its rows are in {output}/results.parquet", flush=True)
-    rows = run_local_politely(cfg, dataset, output, run_id)
+    return finish(cfg, output, run_local_politely(cfg, dataset, output, run_id))
+
+
+def finish(cfg: Config, output: str, rows: list[dict] | int) -> int:
     if isinstance(rows, int):
         return rows
     best = max(rows, key=lambda r: r["val_acc"])

@@ -408,26 +408,43 @@ def outliving(tree: list[int], seconds: float = 10.0) -> list[str]:
     return [cmdline(p)[:80] for p in left]
 
 
-def test_train_stops_politely_on_sigterm(synthetic_parquet_dir, tmp_path):
-    env = {**os.environ, "RAY_CIFAR_CACHE": str(tmp_path / "cache")}
-    sets = TINY_MODEL + ["train.epochs=200", "data.val_size=100", "train.global_batch_size=100", "data.pipeline=torch",
-                         "train.torch_threads=1"]
-    output = tmp_path / "run"
-    proc = subprocess.Popen(command("ray_cifar.train", synthetic_parquet_dir, output, sets), env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def sigterm_once(argv: list[str], env: dict, ready, what: str) -> tuple[int, str, str]:
+    """Start ARGV, send it SIGTERM once ready() holds; (exit status, stdout, stderr)."""
+    proc = subprocess.Popen(argv, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120
-        while not (output.exists() and rows(output)):
-            assert proc.poll() is None and time.time() < deadline, "train ended or stalled before its first epoch"
+        while not ready():
+            assert proc.poll() is None and time.time() < deadline, f"{what} ended or stalled"
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             end_tree([proc.pid])
-    assert proc.returncode == 130 and "stopped" in out and "Traceback" not in out + err, (out + err)[-3000:]
+    return proc.returncode, out, err
+
+
+def test_train_stops_politely_on_sigterm_and_resumes(synthetic_parquet_dir, tmp_path):
+    env = {**os.environ, "RAY_CIFAR_CACHE": str(tmp_path / "cache")}
+    sets = TINY_MODEL + ["train.epochs=200", "data.val_size=100", "train.global_batch_size=100", "data.pipeline=torch",
+                         "train.torch_threads=1"]
+    output = tmp_path / "run"
+    rc, out, err = sigterm_once(command("ray_cifar.train", synthetic_parquet_dir, output, sets), env,
+                                lambda: output.exists() and rows(output), "train, before its first epoch,")
+    assert rc == 130 and "stopped" in out and "Traceback" not in out + err, (out + err)[-3000:]
+    assert f"Continue it with:\n  python -m ray_cifar.train --resume {output}" in out
     written = read_rows(str(output / "results.parquet"))  # compacted on the way out
-    assert written and checkpoint.load_state(str(output / "checkpoints" / "latest"))["epoch"] >= len(written) - 1
+    latest = checkpoint.load_state(str(output / "checkpoints" / "latest"))["epoch"]
+    assert written and latest >= len(written) - 1
+
+    # --resume goes on from the latest checkpoint, as the same run (it had no way on: the folder "already exists").
+    rc, out, err = sigterm_once([sys.executable, "-m", "ray_cifar.train", "--resume", str(output)], env,
+                                lambda: max((r["epoch"] for r in rows(output)), default=0) > latest + 1,
+                                "the resumed run")
+    assert rc == 130 and f"resumed after epoch {latest} (latest checkpoint)" in out, (out + err)[-3000:]
+    again = read_rows(str(output / "results.parquet"))
+    assert sorted(r["epoch"] for r in again) == list(range(1, len(again) + 1)) and len(again) >= latest + 2
+    assert len({r["trial_id"] for r in again}) == 1  # one run, not two
 
 
 FINISH_INTERRUPTED = """

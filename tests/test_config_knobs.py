@@ -120,6 +120,24 @@ def test_budget_scale_scales_every_length_fixed_and_searched():
         load_config(None, [], budget_scale=0)
 
 
+def test_budget_scale_and_smoke_test_reach_searched_ranges_too(tmp_path):
+    """Both mapped grid and choice values only: train.epochs {randint: [10, 20]} at --budget-scale 0.1 ran 10-20
+    epochs, and {randint: [50, 100]} in a smoke test 50-100 (the README promises every length in the space)."""
+    space = ("{train.epochs: {randint: [10, 20]}, schedule.warmup_epochs: {uniform: [1, 5]}, "
+             "optim.lr: {loguniform: [0.001, 0.1]}}")
+    cfg = load_config(None, [f"tune.search_space={space}"], budget_scale=0.1)
+    assert cfg.tune.search_space == {"train.epochs": {"randint": [1, 2]},
+                                     "schedule.warmup_epochs": {"uniform": [pytest.approx(0.1), pytest.approx(0.5)]},
+                                     "optim.lr": {"loguniform": [0.001, 0.1]}}  # not a length: as it was
+    cfg = load_config(None, ["tune.search_space={train.epochs: {randint: [10, 12]}}"], budget_scale=0.1)
+    assert cfg.tune.search_space == {"train.epochs": {"choice": [1]}}  # both ends one value: that value
+    study = tmp_path / "ranges.yaml"  # --smoke-test shrinks the study file; --set comes after it
+    study.write_text("tune: {search_space: {train.epochs: {randint: [50, 100]}, "
+                     "train.global_batch_size: {randint: [128, 4096]}}}\n")
+    cfg = load_config(str(study), smoke_test=True)
+    assert cfg.tune.search_space == {"train.epochs": {"choice": [6]}, "train.global_batch_size": {"randint": [128, 256]}}
+
+
 def test_extends_applies_the_parent_first(tmp_path):
     (tmp_path / "base.yaml").write_text("train: {epochs: 50, global_batch_size: 100}\noptim: {lr: 0.01}\n")
     (tmp_path / "child.yaml").write_text("extends: base.yaml\ntrain: {epochs: 5}\n")

@@ -110,8 +110,14 @@ def sampled_config(base: dict[str, Any], sampled: dict[str, Any]) -> Config:
     return cfg
 
 
+RANGE_KINDS = ("uniform", "loguniform", "randint")
+
+
 def map_searched(cfg: Config, fn: Callable[[str, Any], Any]) -> None:
-    """Replace every grid/choice value of the search space by fn('section.field', value), in place.
+    """Replace every grid/choice value of the search space by fn('section.field', value), in place, and both ends
+    of a range (uniform, loguniform, randint of a flat key): --budget-scale and --smoke-test left ranges as they
+    were (train.epochs: {randint: [50, 100]} ran 50-100 epochs in a smoke test). A range whose ends become one
+    value is that value ({choice: [v]}).
 
     Flat keys, the fields inside section dicts and the keys inside variants are all visited;
     values that become equal are kept once.
@@ -129,6 +135,12 @@ def map_searched(cfg: Config, fn: Callable[[str, Any], Any]) -> None:
             if kind in ("grid", "choice") and isinstance(values, list):
                 mapped = [one(key, v) for v in values]
                 spec[kind] = [v for i, v in enumerate(mapped) if v not in mapped[:i]]
+            elif kind in RANGE_KINDS and isinstance(values, list) and len(values) == 2 and "." in key:
+                low, high = fn(key, values[0]), fn(key, values[1])
+                if low < high:
+                    spec[kind] = [low, high]
+                else:
+                    cfg.tune.search_space[key] = {"choice": [low]}
 
 
 def grid_size(cfg: Config) -> int:

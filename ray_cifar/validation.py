@@ -396,6 +396,12 @@ def _validate_search_kinds(cfg: Config) -> None:
     if not cfg.tune.search_space:
         return
     _check_search(cfg)
+    u = cfg.tune
+    only_grids = u.search == "grid" and all(kind == "grid" for spec in u.search_space.values() for kind in spec)
+    _check(not (only_grids and "train.seed" in u.search_space and u.num_samples > 1), "tune.num_samples",
+           f"with train.seed searched by a grid, each of the {u.num_samples} samples is the whole grid again: every "
+           f"trial would run {u.num_samples} times alike. Set it to 1 (the seed grid gives the replicates), or drop "
+           f"train.seed from the search space (num_samples then gives the seeds train.seed, +1, ...)", u.num_samples)
     if cfg.tune.scheduler in ("pbt", "pb2"):
         pbt_mutated_keys(cfg)
         if cfg.tune.scheduler == "pb2":

@@ -93,6 +93,9 @@ def test_parse_set_reads_values_as_yaml():
     # No validation split: val_acc 0.0 every epoch, the first epoch taken for the best.
     (["data.val_size=0"], r"data.val_size: must be >= 1: trials, epochs and ASHA's cuts are chosen on the valid"),
     (["data.val_size=null", "data.val_fraction=0"], r"data.val_fraction: must be in \(0, 1\)"),
+    # Each sample of a pure grid is the whole grid again: a searched seed grid times num_samples ran copies.
+    (["tune.num_samples=3", "tune.search_space={train.seed: {grid: [0, 1]}}"],
+     r"tune.num_samples: with train.seed searched by a grid, each of the 3 samples is the whole grid again"),
 ])
 def test_bad_values_name_the_key(sets, message):
     with pytest.raises(ConfigError, match=message) as info:

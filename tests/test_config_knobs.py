@@ -143,6 +143,9 @@ def test_extends_applies_the_parent_first(tmp_path):
     (tmp_path / "child.yaml").write_text("extends: base.yaml\ntrain: {epochs: 5}\n")
     cfg = load_config(str(tmp_path / "child.yaml"))
     assert (cfg.train.epochs, cfg.train.global_batch_size, cfg.optim.lr) == (5, 100, 0.01)
+    (tmp_path / "orphan.yaml").write_text("extends: gone.yaml\n")
+    with pytest.raises(ConfigError, match=rf"gone.yaml \(named by extends: in {tmp_path / 'orphan.yaml'}\): No such"):
+        load_config(str(tmp_path / "orphan.yaml"))
     (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
     with pytest.raises(ConfigError, match="extends"):
         load_config(str(tmp_path / "loop.yaml"))

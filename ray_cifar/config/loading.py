@@ -200,7 +200,8 @@ def read_config_chain(path: str, _seen: tuple[str, ...] = ()) -> list[dict[str, 
         with open(path) as f:
             overrides = load_yaml(f) or {}
     except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        named = f" (named by {EXTENDS}: in {_seen[-1]})" if _seen else ""
+        raise ConfigError(f"cannot read config file {path}{named}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(overrides, dict):

@@ -736,3 +736,25 @@ def test_trials_stopped_before_a_restore_are_stopped_before_they_train_again(rec
     assert recorder.trials["t6"]["status"] == "stopped" and recorder.trials["t4"]["status"] == "stopped"
     restored.choose_trial_to_run(controller)
     assert controller.stopped == ["t4", "t6"]  # once
+
+
+def test_tunes_own_resume_hint_is_not_shown_beside_the_studys(caplog):
+    """At an interrupted study Tune logs "Resume experiment with: Tuner.restore(path=..., trainable=...)" beside the
+    study's own `python -m ray_cifar.tune --resume OUTPUT` line: a second way to resume, without ray_cifar's parts."""
+    import logging
+
+    from ray_cifar.tuning.recorder import NoTunerRestoreHint
+
+    tune_logger = logging.getLogger("ray.tune.tune")
+    NoTunerRestoreHint.install()
+    NoTunerRestoreHint.install()  # once only
+    try:
+        with caplog.at_level(logging.WARNING):
+            tune_logger.warning("Experiment has been interrupted, but the most recent state was saved.\n"
+                                "Resume experiment with: Tuner.restore(path=\"/x\", trainable=...)")
+            tune_logger.warning("Total run time: 3.00 seconds")
+        assert [r.getMessage() for r in caplog.records] == ["Total run time: 3.00 seconds"]
+        assert sum(isinstance(f, NoTunerRestoreHint) for f in tune_logger.filters) == 1
+    finally:
+        for f in [f for f in tune_logger.filters if isinstance(f, NoTunerRestoreHint)]:
+            tune_logger.removeFilter(f)

@@ -115,6 +115,7 @@ def test_sigterm_full_disk_and_damaged_checkpoints_then_resume(tmpfs, synthetic_
     assert driver.returncode == 130, out[-3000:]
     assert f"python -m ray_cifar.tune --resume {output}" in out and "SIGTERM" in out
     assert "SIGTERM reached Ray too" not in out and "study interrupted" in out  # Ray lived on: Tune's graceful stop
+    assert "Tuner.restore(" not in out  # Tune's own way to resume, which is not the study's
     assert_no_traceback(subprocess.CompletedProcess([], 0, out, ""), driver_only=True)
     # What the stopped study left: its rows (those of epochs that ended during the graceful stop too: trials
     # run on until Tune stops them) and each trial's latest checkpoint, the state a resume must start from.

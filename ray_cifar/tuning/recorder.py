@@ -92,6 +92,21 @@ class QuietFullDiskFailures(logging.Filter):
                 logger.addFilter(cls())
 
 
+class NoTunerRestoreHint(logging.Filter):
+    """Tune ends an interrupted experiment with "Resume experiment with: Tuner.restore(path=..., trainable=...)",
+    which is not how a study goes on (its own line gives `python -m ray_cifar.tune --resume OUTPUT`): two ways
+    to resume, one of them without ray_cifar's schedulers, recorder and checks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore(" not in record.getMessage()
+
+    @classmethod
+    def install(cls) -> None:
+        logger = logging.getLogger("ray.tune.tune")
+        if not any(isinstance(f, cls) for f in logger.filters):
+            logger.addFilter(cls())
+
+
 def error_line(trial) -> str:
     """The last non-empty line of a failed trial's error (Tune's error file), or a pointer to the logs."""
     path = getattr(trial, "error_file", None)

@@ -28,7 +28,8 @@ from .. import cli, storage
 from ..config import Config, ConfigError, flatten, grid_size, search_keys
 from ..results import DamagedFile, ResultsLog, format_table, provenance, rank_trials, write_rows
 from ..validation import trial_config
-from .recorder import FAILED, FULL_DISK, JUDGED, TRIALS_STATE, QuietFullDiskFailures, StudyRecorder
+from .recorder import (FAILED, FULL_DISK, JUDGED, TRIALS_STATE, NoTunerRestoreHint, QuietFullDiskFailures,
+                       StudyRecorder)
 from .tune_state import TuneStateBackup
 
 EXPERIMENT = "tune"
@@ -329,6 +330,7 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
 
     check_installed(cfg.tune.tracking)  # one line naming the extra, before Ray starts
     QuietFullDiskFailures.install()
+    NoTunerRestoreHint.install()
     check_start(cfg, output, remote)
     hold_driver_lock(output)
     dashboard = cluster.init_ray(cfg)

@@ -213,12 +213,17 @@ def prepare(args: argparse.Namespace, kind: str) -> tuple[Config, Cifar10, str]:
     except (DataError, UsageError, storage.StorageError) as e:
         fail(str(e))
     create_output(output)
+    write_config(cfg, output)
+    return cfg, dataset, output
+
+
+def write_config(cfg: Config, output: str) -> None:
+    """OUTPUT/config.yaml: the resolved config, as run."""
     try:
         with open(os.path.join(output, "config.yaml"), "w") as f:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     except OSError as e:
         fail(f"--output {output}: cannot write config.yaml ({e.strerror or e})", status=1)
-    return cfg, dataset, output
 
 
 def refusing_up_front(output: str | None, run, resume_command: str | None = None) -> int:

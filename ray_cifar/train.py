@@ -94,6 +94,7 @@ def run_distributed(cfg: Config, output: str, location: str) -> int:
 
     cfg.tune.search_space = {}
     cfg.tune.scheduler, cfg.tune.num_samples = "fifo", 1
+    cli.write_config(cfg, output)  # as run: its --resume (a study's) checks config.yaml against the run's start
     return study.run_study(cfg, output, remote=cli.output_uri(location), shared=storage.is_uri(location))
 
 

@@ -330,3 +330,20 @@ def test_entry_points_end_through_exit_after():
                                    f"{module}.py")).read()
         tail = source[source.index('if __name__ == "__main__":'):]
         assert "exit_after" in tail or "console()" in tail, module
+
+
+def test_a_ddp_train_runs_config_yaml_is_the_config_it_runs_so_its_resume_is_taken(tmp_path, monkeypatch):
+    """A DDP `train` run is a study of one trial: its search space, scheduler and samples are dropped before the
+    study starts, and config.yaml kept them. Its --resume (the study's) then found config.yaml changed since the
+    start and refused it."""
+    from ray_cifar import cli, train
+    from ray_cifar.tuning import study
+    from ray_cifar.validation import load_config
+
+    cfg = load_config(None, ["train.num_workers=2", "tune.search_space={optim.lr: {grid: [0.1, 0.01]}}"])
+    output = tmp_path / "run"
+    output.mkdir()
+    cli.write_config(cfg, str(output))
+    monkeypatch.setattr(study, "run_study", lambda cfg, output, **kw: study.check_start(cfg, output, None) or 0)
+    assert train.run_distributed(cfg, str(output), str(output)) == 0
+    study.check_start(cli.load_resolved_config(str(output)), str(output), None)  # the resume's check: no change

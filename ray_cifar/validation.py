@@ -397,7 +397,8 @@ def _validate_search_kinds(cfg: Config) -> None:
         return
     _check_search(cfg)
     u = cfg.tune
-    only_grids = u.search == "grid" and all(kind == "grid" for spec in u.search_space.values() for kind in spec)
+    only_grids = u.search == "grid" and all(isinstance(spec, dict) and set(spec) == {"grid"}
+                                            for spec in u.search_space.values())
     _check(not (only_grids and "train.seed" in u.search_space and u.num_samples > 1), "tune.num_samples",
            f"with train.seed searched by a grid, each of the {u.num_samples} samples is the whole grid again: every "
            f"trial would run {u.num_samples} times alike. Set it to 1 (the seed grid gives the replicates), or drop "

@@ -215,7 +215,8 @@ def test_replicates_get_their_own_seeds():
     random = load_config(None, ["tune.num_samples=3", "tune.search_space={optim.lr: {uniform: [0.1, 0.2]}}"])
     extra, n = study.replicate_seeds(random)
     assert n == 3 and "randint" in extra["train.seed"]
-    fixed = load_config(None, ["tune.num_samples=3", "tune.search_space={train.seed: {grid: [1, 2]}}"])
+    # A study that searches train.seed itself keeps it (a seed grid with num_samples > 1 is refused: copies).
+    fixed = load_config(None, ["tune.num_samples=3", "tune.search_space={train.seed: {choice: [1, 2]}}"])
     assert study.replicate_seeds(fixed) == ({}, 3)
 
 
@@ -716,12 +717,16 @@ def test_trials_stopped_before_a_restore_are_stopped_before_they_train_again(rec
     recorder.on_trial_result(None, [], FakeTrial("t6"), result(1, 0.3))  # recovered: the rebuilt rung 1 stops it
     recorder, restored = pickle.loads(pickle.dumps(
         (recorder, RestorableASHA(str(tmp_path), on_stop=recorder.note_stopped, **asha_args))))
-    trials = {tid: SimpleNamespace(trial_id=tid, status="PENDING", config={}) for tid in ("t3", "t4", "t6")}
+    trials = {tid: SimpleNamespace(trial_id=tid, status="PENDING", config={}, last_result={})
+              for tid in ("t3", "t4", "t6")}
     for t in trials.values():
         restored.on_trial_add(None, t)
 
+    told = []
+
     class Controller:
         stopped: list[str] = []
+        search_alg = SimpleNamespace(on_trial_complete=lambda tid, result: told.append((tid, result["val_acc"])))
 
         def get_trials(self):
             return list(trials.values())
@@ -733,6 +738,9 @@ def test_trials_stopped_before_a_restore_are_stopped_before_they_train_again(rec
     controller = Controller()
     chosen = restored.choose_trial_to_run(controller)
     assert controller.stopped == ["t4", "t6"] and chosen is trials["t3"]
+    # The search algorithm told each one's last result first: Tune's stop of a waiting trial tells it none (Optuna
+    # took that for PRUNED: seen in CI).
+    assert told == [("t4", 0.50), ("t6", 0.3)]
     assert recorder.trials["t6"]["status"] == "stopped" and recorder.trials["t4"]["status"] == "stopped"
     restored.choose_trial_to_run(controller)
     assert controller.stopped == ["t4", "t6"]  # once

@@ -101,6 +101,7 @@ class RestorableASHA(ASHAScheduler):
         self._rebuilt = self._stops_read = False
         self._stopped_before: set[str] = set()
         self._stop_unrecorded: set[str] = set()  # stopped by the rebuilt rungs at a recovered row
+        self._last_rows: dict[str, dict[str, Any]] = {}  # each trial's newest recorded row, read at the rebuild
 
     def bracket_of(self, trial_id: str):
         """The trial's bracket, with Ray's weights (brackets with more rungs more likely) but drawn from a
@@ -131,6 +132,7 @@ class RestorableASHA(ASHAScheduler):
         stops = set()
         for row in sorted(rows, key=lambda r: (r.get("time") or 0, r["epoch"])):
             tid = row["trial_id"]
+            self._last_rows[tid] = row
             decision = self.bracket_of(tid).on_result(_Recorded(tid), row[self._time_attr],
                                                       self._metric_op * row[self._metric])
             if decision == TrialScheduler.STOP and row["epoch"] > judged.get(tid, 0) and not self._at_end(row):
@@ -179,6 +181,10 @@ class RestorableASHA(ASHAScheduler):
                 self._stopped_before.discard(trial.trial_id)
             else:
                 continue
+            # The search algorithm learns how it ended first: Tune's stop of a waiting trial tells it no result, and
+            # Optuna took that for PRUNED (it learns from COMPLETE trials only). A second end is ignored.
+            result = {**(trial.last_result or {}), **self._last_rows.get(trial.trial_id, {})}
+            tune_controller.search_alg.on_trial_complete(trial.trial_id, result=result)
             tune_controller.stop_trial(trial)
             save_experiment(tune_controller, trial)  # ended on disk too: a driver that dies next resumes it so
 
@@ -211,7 +217,7 @@ class RestorableASHA(ASHAScheduler):
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_rebuilt"] = state["_stops_read"] = False  # a restored copy rebuilds from disk
-        state["_stop_unrecorded"] = set()
+        state["_stop_unrecorded"], state["_last_rows"] = set(), {}
         return state
 
 

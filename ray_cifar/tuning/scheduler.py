@@ -130,6 +130,7 @@ class RestorableASHA(ASHAScheduler):
         judged = judged or {}
         rows = [r for r in rows if r.get(self._metric) is not None and r.get(self._time_attr) is not None]
         stops = set()
+        self._last_rows = {}  # (here too: a scheduler unpickled from a study started before it had none)
         for row in sorted(rows, key=lambda r: (r.get("time") or 0, r["epoch"])):
             tid = row["trial_id"]
             self._last_rows[tid] = row

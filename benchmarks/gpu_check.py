@@ -318,6 +318,11 @@ class Check:
             if self.current is not None and self.current["status"] == "running":
                 self.current["status"] = "cut: stage cap (the watchdog stopped it)"
                 self.current["seconds"] = round(time.monotonic() - self.part_started, 1)
+            for entry in self.doc["parts"]:
+                # As the loop says of a part the soft cap kept from starting: the cap can also fall between two
+                # parts (one just ended by a deadline of its own), and the rest read "not run", as if never planned.
+                if entry["status"] == "not run":
+                    entry["status"] = "cut: stage cap reached before it started"
             code = self._finish(cut_by_watchdog=True)
             # The summary is out and must stay the last line: ending the DataLoader workers of an in-process part
             # makes torch raise in the main thread, whose traceback would follow it. Nothing is said after this.

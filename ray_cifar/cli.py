@@ -54,18 +54,19 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
     something: ArgumentDefaultsHelpFormatter appended "(default: None)" after texts that already said it."""
 
 
-def parse_args(prog: str, description: str, argv: list[str] | None, resume: bool = False,
-               resume_train: bool = False) -> argparse.Namespace:
+RESUMES = {"study": "the study in OUTPUT whose driver died or was stopped",
+           "run": "the one-process run in OUTPUT from its latest checkpoint"}
+
+
+def parse_args(prog: str, description: str, argv: list[str] | None, resume: str | None = None) -> argparse.Namespace:
+    """RESUME: what --resume continues, a "study" (with --resume-if-exists) or a one-process "run"; None: no --resume."""
     parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=Formatter)
     add_common_arguments(parser)
-    if resume_train:
-        parser.add_argument("--resume", metavar="OUTPUT",
-                            help="continue the one-process run in OUTPUT from its latest checkpoint (other options "
-                                 "are ignored: the run's own config.yaml is used)")
     if resume:
         parser.add_argument("--resume", metavar="OUTPUT",
-                            help="continue the study in OUTPUT whose driver died or was stopped (other options are "
-                                 "ignored: the study's own config.yaml is used)")
+                            help=f"continue {RESUMES[resume]} (other options are ignored: its own config.yaml is "
+                                 f"used)")
+    if resume == "study":
         parser.add_argument("--resume-if-exists", action="store_true",
                             help="start the study, or, when --output already holds one (a retried job, e.g. a KubeRay "
                                  "RayJob), continue it as --resume OUTPUT does")
@@ -86,6 +87,12 @@ def local_output(output: str, cache_dir: str | None) -> str:
 def output_uri(output: str | None) -> str | None:
     """The --output a study copies its files up to, when it is remote storage (s3://, gs://)."""
     return output if output and storage.local_path(output) is None else None
+
+
+def is_train_output(output: str) -> bool:
+    """A `python -m ray_cifar.train` run's folder: its checkpoints/ beside config.yaml, which no study has (a study's
+    are under ray/)."""
+    return os.path.isdir(os.path.join(output, "checkpoints"))
 
 
 def load_resolved_config(output: str) -> Config:

@@ -17,6 +17,7 @@ OUTPUT goes on from its latest checkpoint (a DDP run goes on as the study of one
 the study's --resume).
 
     python -m ray_cifar.train --resume OUTPUT
+
 With train.gpus_per_worker < 1 the process keeps to that share of the GPU's memory, as a packed
 trial's rank does, so several runs can share one GPU.
 """
@@ -121,7 +122,7 @@ def run_local_politely(cfg: Config, dataset: Cifar10, output: str, run_id: str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cli.parse_args(COMMAND, __doc__, argv, resume_train=True)
+    args = cli.parse_args(COMMAND, __doc__, argv, resume="run")
     with holding() as held:  # what is printed before the output folder is known begins its log
         if args.resume:
             return resume(args.resume, argv, held)
@@ -134,11 +135,10 @@ def resume(output: str, argv: list[str] | None, held) -> int:
     """--resume OUTPUT: a one-process run goes on from its latest checkpoint that loads (the best one, older, if the
     latest is damaged), with its own config.yaml and run id; a finished one (test.json written) is left as it is."""
     from .data.source import DataError, load_cifar10
-    from .tuning.study import is_train_output
 
     if not os.path.isdir(output):
         cli.fail(f"--resume {output}: no such folder")
-    if not is_train_output(output):
+    if not cli.is_train_output(output):
         cli.fail(f"--resume {output}: not a one-process `{COMMAND}` run's output (no checkpoints/ beside its "
                  f"config.yaml); a study, or a DDP run (a study of one trial), goes on with python -m ray_cifar.tune "
                  f"--resume {output}")

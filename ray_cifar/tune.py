@@ -43,7 +43,7 @@ def resume(location: str, argv: list[str] | None, held: Held, found: str | None 
             cli.fail(f"--resume {location}: no such folder")
         if not os.path.isfile(os.path.join(output, "config.yaml")):
             what = "no config.yaml and no Tune experiment in ray/tune"
-        elif study.is_train_output(output):
+        elif cli.is_train_output(output):
             what = "no Tune experiment in ray/tune: a `python -m ray_cifar.train` run's output (checkpoints/, no study)"
         else:
             what = "no Tune experiment in ray/tune"
@@ -76,7 +76,7 @@ def holds_study(location: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cli.parse_args(COMMAND, __doc__, argv, resume=True)
+    args = cli.parse_args(COMMAND, __doc__, argv, resume="study")
     # Ray's import comes first: Ray's logger keeps the stderr it finds, and the log has its own handler for it.
     from .tuning import study  # noqa: F401
 

@@ -122,7 +122,7 @@ def test_rayjob_entrypoint_is_a_study_ray_cifar_accepts():
     job = yaml.safe_load(RAYJOB.read_text())
     words = shlex.split(job["spec"]["entrypoint"])
     assert words[:3] == ["python", "-m", "ray_cifar.tune"]
-    args = cli.parse_args("python -m ray_cifar.tune", tune.__doc__, words[3:], resume=True)
+    args = cli.parse_args("python -m ray_cifar.tune", tune.__doc__, words[3:], resume="study")
     assert args.data.startswith(("s3://", "gs://")) and args.output.startswith(("s3://", "gs://"))
     assert args.resume_if_exists and not args.resume  # a retried job continues the study in --output
     # The config is read from the image's copy of the repository (cluster/Dockerfile's WORKDIR).

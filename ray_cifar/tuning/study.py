@@ -57,19 +57,13 @@ def can_resume(output: str, remote: str | None = None) -> bool:
             and tune.Tuner.can_restore(experiment_dir(output, remote)))
 
 
-def is_train_output(output: str) -> bool:
-    """A `python -m ray_cifar.train` run's folder: its checkpoints/ beside config.yaml, which no study has (a study's
-    are under ray/)."""
-    return os.path.isdir(os.path.join(output, "checkpoints"))
-
-
 def never_started(output: str) -> bool:
     """A study whose driver was stopped in its first seconds, after its config.yaml and before Tune saved its
     experiment: no trial has reported (no results, no trials.json). `--resume` starts it from its config.yaml.
-    A train run's output (is_train_output) is not."""
+    A train run's output (cli.is_train_output) is not."""
     parts = os.path.join(output, ResultsLog.PARTS)
     return (os.path.exists(os.path.join(output, "config.yaml"))
-            and not is_train_output(output)
+            and not cli.is_train_output(output)
             and not any(os.path.exists(os.path.join(output, name)) for name in ("results.parquet", TRIALS_STATE))
             and not (os.path.isdir(parts) and os.listdir(parts)))
 

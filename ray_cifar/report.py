@@ -11,8 +11,8 @@ beside its published figure (the `published:` entries of config.yaml; with tune.
 finished trial has a test figure). A PBT or PB2 study has no points (its members' values change, their
 weights come from donors): the best trial's schedule, followed back through its donors, stands in place
 of the replicates, and the per-field figures and heatmaps are left out. Figures: the trial ranking (by
-tune.metric and tune.mode; the test-evaluated trials marked), learning curves, where ASHA stopped each trial against its rungs,
-accuracy against each searched field (mean and std over seeds), a heatmap of mean accuracy for each
+tune.metric and tune.mode; the test-evaluated trials marked), learning curves, where ASHA stopped each trial
+against its rungs, accuracy against each searched field (mean and std over seeds), a heatmap of mean accuracy for each
 pair of searched fields, images/s per trial, and the published figures. The HTML references the
 PNGs by relative path, so the folder can be moved or copied whole. Runs on a finished output, or on one a killed study left behind.
 A comparison ranks every trial by the first output's tune.metric and tune.mode, and adds a
@@ -88,10 +88,9 @@ def load_study(output: str) -> Study:
     trials = read_rows(trials_path) if os.path.exists(trials_path) else []
     name = os.path.basename(os.path.normpath(os.path.abspath(output)))
     rows = read_results(output)
-    unfinished = not trials and running_study_trials(output)
-    if not trials:
-        trials = unfinished or train_run_trials(output, rows)
-    return Study(name=name, config=config, rows=rows, trials=trials, unfinished=bool(unfinished))
+    so_far = [] if trials else running_study_trials(output)
+    trials = trials or so_far or train_run_trials(output, rows)
+    return Study(name=name, config=config, rows=rows, trials=trials, unfinished=bool(so_far))
 
 
 def running_study_trials(output: str) -> list[dict[str, Any]]:
@@ -680,7 +679,6 @@ def _combine(studies: list[Study]) -> Study:
                  rows=[tag(s, fill(s, r)) for s in studies for r in s.rows],
                  trials=[tag(s, fill(s, t)) for s in studies for t in s.trials],
                  unfinished=any(s.unfinished for s in studies))
-
 
 
 def study_max_epochs(study: Study, trials: list[dict[str, Any]]) -> float:

@@ -264,15 +264,16 @@ def check_start(cfg: Config, output: str, remote: str | None) -> None:
                           f"its trials' checkpoints name that place: it resumes only there (move or copy it back, "
                           f"then --resume {where}). Its report reads it anywhere: python -m ray_cifar.report "
                           f"{remote or output}")
-    changed = [k for k in sorted(set(now) | set(start["config"])) if k not in MOVABLE_KEYS
-               and json.dumps(now.get(k)) != json.dumps(start["config"].get(k))]
+    differs = [k for k in sorted(set(now) | set(start["config"]))
+               if json.dumps(now.get(k)) != json.dumps(start["config"].get(k))]
+    changed = [k for k in differs if k not in MOVABLE_KEYS]
     if changed:
         edits = ", ".join(f"{k} {start['config'].get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
         raise ConfigError(f"--resume: {output}/config.yaml was changed since the study started ({edits}{more}); a "
                           f"study resumes with the config its trials, rungs and ranking began with: undo the edit, or "
                           f"start a new study from it (--config {output}/config.yaml --output NEW)")
-    if any(json.dumps(now.get(k)) != json.dumps(start["config"].get(k)) for k in MOVABLE_KEYS):
+    if differs:  # where the data is read from, alone
         print(f"[ray_cifar] the data is read from {cfg.data.path} now (config.yaml's data.path was changed since the "
               f"study started)", flush=True)
 

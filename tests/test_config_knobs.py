@@ -100,6 +100,32 @@ def test_smoke_test_shrinks_lengths_and_batches_inside_variants(tmp_path):
     assert cfg.train.max_steps == 300
 
 
+def test_smoke_test_keeps_each_schedule_length_its_share_of_the_run(tmp_path):
+    """--smoke-test sets the run's length (6 epochs, at most 300 steps) and left the schedule's as written: a decay
+    every 20 of adam_batch_lr_grid's 50 epochs never came in a smoke run, nor one every 5,000 of 32,000 steps."""
+    from ray_cifar import optim
+    from ray_cifar.config.presets import run_length
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "studies", "adam_batch_lr_grid.yaml"), smoke_test=True)
+    assert cfg.train.epochs == 6 and cfg.schedule.step_every_epochs == pytest.approx(20 * 6 / 50)
+    steps, steps_per_epoch = run_length(cfg)
+    decay = optim.lr_multiplier(cfg.schedule, cfg.optim.lr, steps_per_epoch, steps)
+    assert decay(steps - 1) == pytest.approx(cfg.schedule.gamma ** 2)  # at 2.4 and 4.8 of its 6 epochs
+    study = tmp_path / "steps.yaml"
+    study.write_text("schedule: {name: step, step_every_iters: 5000, warmup_epochs: 2}\n"
+                     "train: {max_steps: 32000, global_batch_size: 64}\n"
+                     "tune: {search_space: {schedule.step_every_iters: {grid: [4000, 8000]}}}\n")
+    cfg = load_config(str(study), smoke_test=True)
+    assert cfg.train.max_steps == 300
+    assert cfg.schedule.step_every_iters == round(5000 * 300 / 32000)
+    assert cfg.tune.search_space["schedule.step_every_iters"]["grid"] == [round(4000 * 300 / 32000),
+                                                                          round(8000 * 300 / 32000)]
+    # An epoch-long length of a step-long run keeps its share too: 2 of the study's 45.5 epochs (703 steps of 64
+    # images from 45,000) is 2/45.5 of the smoke run's 4.8 (62 steps of 128 images from 8,000).
+    assert cfg.schedule.warmup_epochs == pytest.approx(2 / (32000 / 703) * (300 / 62))
+
+
 def test_smoke_test_keeps_a_validation_fraction():
     cfg = load_config(None, ["data.val_size=null", "data.val_fraction=0.16"], smoke_test=True)
     assert cfg.data.val_size is None and cfg.data.val_fraction == 0.16

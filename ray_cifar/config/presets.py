@@ -25,12 +25,18 @@ SMOKE_MAX_STEPS = 300  # a train.max_steps study (fixed or searched) runs at mos
 SMOKE_POPULATION = 2  # PBT/PB2 members (at most the study's own)
 SMOKE_SEARCH_TRIALS = 4  # trials of tune.search random or a model-based searcher (at most the study's own)
 
+# The train split SMOKE_OVERRIDES' data sizes are cut from (its schedule lengths are scaled against a run on it).
+CIFAR10_TRAIN_IMAGES = 50_000
+
 # Every training length, for --budget-scale: (key, is an integer count).
 LENGTH_KEYS = {
     "train.epochs": True, "train.max_steps": True, "tune.max_epochs": True, "tune.grace_period": True,
     "schedule.warmup_epochs": False, "schedule.t_max_epochs": False, "schedule.step_every_epochs": False,
     "schedule.step_every_iters": True, "schedule.milestones_epochs": False,
 }
+# The schedule's lengths, which --smoke-test scales (its presets set the run's length): (key, counted in optimizer
+# steps rather than epochs).
+SCHEDULE_LENGTH_KEYS = {key: in_steps for key, in_steps in LENGTH_KEYS.items() if key.startswith("schedule.")}
 
 
 def smoke_values(values: list) -> list:
@@ -43,9 +49,23 @@ def smoke_values(values: list) -> list:
     return [values[round(i * (len(values) - 1) / (n - 1))] for i in range(n)]
 
 
+def run_length(cfg: Config, num_train_images: int = CIFAR10_TRAIN_IMAGES) -> tuple[int, int]:
+    """(optimizer steps, steps per epoch) of a run of `cfg`'s fixed values on a train split of `num_train_images`
+    (CIFAR-10's by default): a train.max_steps run's epochs follow from its batch size and split, as they will."""
+    d, t = cfg.data, cfg.train
+    images = num_train_images - (d.val_count(num_train_images) or 0)
+    if d.train_subset is not None:
+        images = min(images, d.train_subset)
+    steps_per_epoch = max(1, images // max(1, t.global_batch_size))  # the sampler's (an invalid batch: validate names it)
+    return (t.max_steps if t.max_steps is not None else t.epochs * steps_per_epoch), steps_per_epoch
+
+
 def apply_smoke(cfg: Config) -> None:
-    """--smoke-test: SMOKE_OVERRIDES, also inside the search space, and two values per searched key."""
+    """--smoke-test: SMOKE_OVERRIDES, also inside the search space, and two values per searched key. The schedule's
+    lengths keep their share of the run: a decay every 20 of 50 epochs is one every 2.4 of the smoke run's 6 (it
+    was left at 20, and a smoke run never decayed: the schedule went untried)."""
     val_fraction, num_samples, max_epochs = cfg.data.val_fraction, cfg.tune.num_samples, cfg.tune.max_epochs
+    own_steps, own_steps_per_epoch = run_length(cfg)
     apply_overrides(cfg, SMOKE_OVERRIDES)
     if cfg.tune.search == "bohb":  # its HyperBand's budget, in epochs: the smoke run's
         cfg.tune.max_epochs = min(max_epochs or cfg.train.epochs, cfg.train.epochs)
@@ -58,6 +78,14 @@ def apply_smoke(cfg: Config) -> None:
         cfg.data.val_size = None
     if cfg.train.max_steps is not None:
         cfg.train.max_steps = min(cfg.train.max_steps, SMOKE_MAX_STEPS)
+    smoke_steps, smoke_steps_per_epoch = run_length(cfg)
+    share = {True: smoke_steps / own_steps,  # by SCHEDULE_LENGTH_KEYS' unit: steps, or epochs
+             False: (smoke_steps / smoke_steps_per_epoch) / (own_steps / own_steps_per_epoch)}
+    for key, in_steps in SCHEDULE_LENGTH_KEYS.items():
+        name = key.split(".")[1]
+        setattr(cfg.schedule, name, _scale_length(key, getattr(cfg.schedule, name), share[in_steps]))
+    if cfg.tune.perturbation_interval >= cfg.train.epochs:  # else kept: each perturbation restarts a member
+        cfg.tune.perturbation_interval = max(1, round(cfg.tune.perturbation_interval * share[False]))
     for key, spec in list(cfg.tune.search_space.items()):
         if isinstance(spec, dict) and len(spec) == 1:
             kind, values = next(iter(spec.items()))
@@ -72,6 +100,8 @@ def apply_smoke(cfg: Config) -> None:
             return min(value, SMOKE_MAX_STEPS)
         if key == "data.val_size" and value is None:
             return None
+        if key in SCHEDULE_LENGTH_KEYS:  # against the study's own length (a row's own train.epochs is not seen)
+            return _scale_length(key, value, share[SCHEDULE_LENGTH_KEYS[key]])
         return smoke.get(key, value)
     map_searched(cfg, shrink)
 

@@ -26,7 +26,8 @@ from . import console, storage
 from .config import (SMOKE_OVERRIDES, Config, ConfigError, describe, flatten, load_yaml, parse_set, partly_searched,
                      search_keys, yaml_problem)
 from .data.source import Cifar10, DataError, default_cache_dir, load_cifar10, resolve_data_dir
-from .validation import check_against_data, check_resources, config_from_dict, load_config, local_resources
+from .validation import (check_against_data, check_resources, config_from_dict, lengths_past_the_run, load_config,
+                         local_resources)
 
 
 class UsageError(Exception):
@@ -41,7 +42,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CIFAR-10 folder: train/test.parquet or cifar-10-batches-py (default: $RAY_CIFAR_DATA)")
     parser.add_argument("--output", metavar="DIR", help="results folder (default: results/<name>-<time>); must not exist")
     parser.add_argument("--smoke-test", action="store_true",
-                        help="shrink the study to a tiny ResNet, a few thousand images and a few epochs (CPU-sized)")
+                        help="shrink the study to a tiny ResNet, a few thousand images and a few epochs (CPU-sized); "
+                             "the schedule's lengths keep their share of the run")
     parser.add_argument("--budget-scale", type=float, default=1.0, metavar="X",
                         help="multiply every training length (epochs, max_steps, schedule epochs/iterations, ASHA "
                              "epochs), fixed or searched, by X: 0.1 runs a study at a tenth of its published length "
@@ -173,6 +175,8 @@ def check_before_trials(cfg: Config, num_train_images: int, searched: bool) -> N
     if cfg.data.train_subset is not None and cfg.data.train_subset > left:
         print(f"[ray_cifar] warning: data.train_subset={cfg.data.train_subset} is more than the {left} train images "
               f"left after validation: every one of them is used", flush=True)
+    for line in lengths_past_the_run(cfg, num_train_images, searched):
+        print(f"[ray_cifar] warning: {line}", flush=True)
     if not cfg.tune.cluster_address():
         # A local Ray, or one process: the ranks must fit this machine's real cores and GPUs. (A trial's driver
         # only watches its ranks; init_ray declares logical CPUs for it, so it is not counted here. On a running

@@ -423,6 +423,41 @@ def check_against_data(cfg: Config, num_train_images: int, searched: bool = True
     for_each_trial(cfg, lambda trial: _check_data(trial, num_train_images), searched)
 
 
+def lengths_past_the_run(cfg: Config, num_train_images: int, searched: bool = True) -> list[str]:
+    """A line for each length the run ends before, in the fixed config or (`searched`) in trials of the study.
+    Each alone is a valid value, and the run trains, but as another study: a decay every 20 epochs of a 10-epoch
+    run (--set train.epochs=10 on adam_batch_lr_grid) is a constant lr, a PBT interval of the whole run is a
+    population never perturbed. Warned, not refused: a short trial run of a study stays one --set away."""
+    trials = [t for _, t in trial_configs(cfg)] if searched and cfg.tune.search_space else [cfg]
+    found: dict[str, int] = {}
+    for trial in trials:
+        for line in _lengths_past_the_run(trial, num_train_images):
+            found[line] = found.get(line, 0) + 1
+    return [line if n == len(trials) else f"{n} of the {len(trials)} trials: {line}" for line, n in found.items()]
+
+
+def _lengths_past_the_run(cfg: Config, n: int) -> list[str]:
+    s, t, u = cfg.schedule, cfg.train, cfg.tune
+    steps, steps_per_epoch = presets.run_length(cfg, n)
+    run = (f"the run's {t.max_steps} steps (train.max_steps)" if t.max_steps is not None
+           else f"the run's {t.epochs} epoch(s) (train.epochs)")
+    lines = []
+    if round(s.warmup_epochs * steps_per_epoch) >= steps:
+        lines.append(f"schedule.warmup_epochs={s.warmup_epochs}: {run} are all warm-up; the lr reaches optim.lr "
+                     f"at the last step at best")
+    first_decay = {"step": s.step_every_iters or round((s.step_every_epochs or 0) * steps_per_epoch),
+                   "multistep": round(s.milestones_epochs[0] * steps_per_epoch) if s.milestones_epochs else 0}
+    key = {"step": "schedule.step_every_iters" if s.step_every_iters else "schedule.step_every_epochs",
+           "multistep": "schedule.milestones_epochs"}.get(s.name)
+    if key and first_decay[s.name] >= steps:
+        lines.append(f"{key}={getattr(s, key.split('.')[1])}: {run} end before the first decay; the lr never "
+                     f"decays (a constant lr)")
+    if u.scheduler in ("pbt", "pb2") and u.perturbation_interval * steps_per_epoch >= steps:
+        lines.append(f"tune.perturbation_interval={u.perturbation_interval}: {run} end before the first "
+                     f"perturbation (none comes at a trial's last epoch); {u.scheduler} never exploits nor explores")
+    return [f"{line} (--budget-scale scales every length together)" for line in lines]
+
+
 def _check_data(cfg: Config, n: int) -> None:
     d, batch = cfg.data, cfg.train.global_batch_size
     val = d.val_count(n)

@@ -288,6 +288,22 @@ def test_a_train_subset_larger_than_the_data_left_says_all_of_it_is_used(capsys)
     assert capsys.readouterr().out == ""
 
 
+def test_a_decay_the_run_ends_before_is_warned_of_before_any_trial(capsys):
+    """--set train.epochs=10 on adam_batch_lr_grid (a decay every 20 epochs) trained 18 trials at a constant lr."""
+    from ray_cifar import cli
+    from ray_cifar.validation import load_config
+
+    study = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "studies",
+                         "adam_batch_lr_grid.yaml")
+    cfg = load_config(study, ["train.epochs=10", "train.num_workers=1"])
+    cli.check_before_trials(cfg, 50000, searched=True)
+    assert capsys.readouterr().out == (
+        "[ray_cifar] warning: schedule.step_every_epochs=20.0: the run's 10 epoch(s) (train.epochs) end before the "
+        "first decay; the lr never decays (a constant lr) (--budget-scale scales every length together)\n")
+    cli.check_before_trials(load_config(study, ["train.num_workers=1"], budget_scale=0.2), 50000, searched=True)
+    assert capsys.readouterr().out == ""
+
+
 EXIT_AFTER = """
 import atexit, sys, threading, time
 from ray_cifar.cli import exit_after

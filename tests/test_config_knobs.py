@@ -3,6 +3,7 @@ variants, what --smoke-test does to them, --budget-scale, and `extends`."""
 
 from __future__ import annotations
 
+import glob
 import os
 
 import pytest
@@ -124,6 +125,51 @@ def test_smoke_test_keeps_each_schedule_length_its_share_of_the_run(tmp_path):
     # An epoch-long length of a step-long run keeps its share too: 2 of the study's 45.5 epochs (703 steps of 64
     # images from 45,000) is 2/45.5 of the smoke run's 4.8 (62 steps of 128 images from 8,000).
     assert cfg.schedule.warmup_epochs == pytest.approx(2 / (32000 / 703) * (300 / 62))
+
+
+def test_a_length_the_run_ends_before_is_warned_of(tmp_path):
+    """A warm-up, a decay period, a first milestone or a PBT interval the run never reaches was taken in silence:
+    the study ran its whole budget as another study (--set train.epochs=10 on adam_batch_lr_grid was a constant
+    lr). Each is named, with the trials it is in; lengths within the run are not."""
+    from ray_cifar.validation import lengths_past_the_run
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    n = 50000  # 45,000 train images after the default 5,000 for validation: 351 steps of 128 an epoch
+    past = {
+        "schedule.warmup_epochs=5.0: the run's 5 epoch(s) (train.epochs) are all warm-up":
+            ["train.epochs=5", "schedule.warmup_epochs=5"],
+        "schedule.step_every_epochs=20.0: the run's 10 epoch(s) (train.epochs) end before the first decay":
+            ["train.epochs=10", "schedule.name=step", "schedule.step_every_epochs=20"],
+        "schedule.milestones_epochs=[30.0]: the run's 30 epoch(s) (train.epochs) end before the first decay":
+            ["train.epochs=30", "schedule.name=multistep", "schedule.milestones_epochs=[30]"],
+        "schedule.step_every_iters=1000: the run's 1000 steps (train.max_steps) end before the first decay":
+            ["train.max_steps=1000", "schedule.name=step", "schedule.step_every_iters=1000"],
+        "schedule.warmup_epochs=3.0: the run's 1000 steps (train.max_steps) are all warm-up":  # 2.85 epochs
+            ["train.max_steps=1000", "train.global_batch_size=128", "schedule.warmup_epochs=3"],
+    }
+    for start, sets in past.items():
+        lines = lengths_past_the_run(load_config(None, sets), n, searched=False)  # the default study's own
+        assert len(lines) == 1 and lines[0].startswith(start), lines
+        assert lines[0].endswith("(--budget-scale scales every length together)")
+        sets = sets[:-1] + [sets[-1].replace("=5", "=4.5").replace("=20", "=9.5").replace("=[30]", "=[29, 40]")
+                            .replace("=1000", "=999").replace("=3", "=2.8")]
+        assert lengths_past_the_run(load_config(None, sets), n, searched=False) == []  # within the run (a later milestone may not be)
+    pbt = os.path.join(root, "studies", "resnet18_pbt.yaml")
+    assert lengths_past_the_run(load_config(pbt), n) == []
+    [line] = lengths_past_the_run(load_config(pbt, ["train.epochs=2"]), n)
+    assert line.startswith("tune.perturbation_interval=2: the run's 2 epoch(s) (train.epochs) end before the first "
+                           "perturbation") and "pbt never exploits nor explores" in line
+    adam = os.path.join(root, "studies", "adam_batch_lr_grid.yaml")
+    cfg = load_config(adam, ["tune.search_space={train.epochs: {grid: [10, 50]}, optim.lr: {grid: [0.1, 0.01]}}"])
+    [line] = lengths_past_the_run(cfg, n)
+    assert line.startswith("2 of the 4 trials: schedule.step_every_epochs=20.0: the run's 10 epoch(s)")
+    assert lengths_past_the_run(cfg, n, searched=False) == []  # the fixed config's 50 epochs
+    study = tmp_path / "pbt.yaml"  # --smoke-test's 6 epochs keep a PBT study's interval where it fits, else scale it
+    study.write_text(open(pbt).read().replace("perturbation_interval: 2", "perturbation_interval: 10"))
+    assert load_config(str(study), smoke_test=True).tune.perturbation_interval == 2  # 10 of 30 epochs: 2 of 6
+    assert load_config(pbt, smoke_test=True).tune.perturbation_interval == 2
+    for path in glob.glob(os.path.join(root, "studies", "*.yaml")):  # a smoke run of each shipped study has nothing to warn of on CIFAR-10's 50,000
+        assert lengths_past_the_run(load_config(path, smoke_test=True), n) == [], path
 
 
 def test_smoke_test_keeps_a_validation_fraction():

@@ -17,7 +17,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, long_test
 from ray_cifar.results import ResultsLog
 from test_fault_tolerance import EndedFirst, SearchStates, kill_driver_when, study_args, trials_state
 
@@ -245,10 +245,8 @@ def test_optuna_draws_off_grid_stops_the_weak_and_resumes_without_rerunning(optu
 
 @pytest.fixture(scope="module")
 def hyperopt_study(tmp_path_factory):
-    """As optuna_study, with HyperOpt's TPE. Half a minute that make test (near its 15 minutes) leaves out: it runs
-    when asked (RAY_CIFAR_LONG_TESTS=1); test_searchers checks RestorableHyperOpt on HyperOpt's real classes."""
-    if os.environ.get("RAY_CIFAR_LONG_TESTS") != "1":
-        pytest.skip("a third killed model-based study: set RAY_CIFAR_LONG_TESTS=1")
+    """As optuna_study, with HyperOpt's TPE (test_searchers checks RestorableHyperOpt on HyperOpt's real classes)."""
+    long_test("a killed HyperOpt study, as the Optuna one")
     output = tmp_path_factory.mktemp("hyperopt") / "study"
     return killed_with_an_older_searcher_state(output, HYPEROPT, lambda rows: len({r["trial_id"] for r in rows}) >= 3)
 
@@ -274,6 +272,9 @@ def test_hyperopt_resumes_without_drawing_a_trial_its_state_lacked_again(hyperop
 
 @pytest.fixture(scope="module")
 def bohb_study(tmp_path_factory):
+    """As optuna_study, with BOHB's HyperBand stopping trials: the model-based kill and resume is Optuna's in every
+    run (test_searchers checks BOHB's adoption of a trial on its real classes)."""
+    long_test("a killed BOHB study, as the Optuna one")
     output = tmp_path_factory.mktemp("bohb") / "study"
     # Killed once three trials have results: HyperBand has paused the first two at their bracket's epoch-1
     # milestone, and TuneBOHB made the third after them.
@@ -318,8 +319,7 @@ DDP_PBT = [s for s in PBT if not s.startswith(("tune.search_space", "tune.max_co
 def ddp_pbt_study(tmp_path_factory):
     if DATA is None:
         pytest.skip("needs real CIFAR-10: set RAY_CIFAR_DATA")
-    if os.environ.get("RAY_CIFAR_LONG_TESTS") != "1":
-        pytest.skip("a PBT study of 2-rank DDP trials takes minutes: set RAY_CIFAR_LONG_TESTS=1")
+    long_test("a PBT study of 2-rank DDP trials takes minutes")
     output = tmp_path_factory.mktemp("ddp_pbt") / "study"
     done = subprocess.run(study_args(DATA, output, *DDP_PBT), capture_output=True, text=True, timeout=1500)
     (output.parent / "study.log").write_text(done.stdout + done.stderr)

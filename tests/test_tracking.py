@@ -2,8 +2,8 @@
 MLflow's own client and W&B's record files.
 
 One study per tracker (module-scoped): two 1-rank trials, the driver SIGKILLed once a trial has recorded
-epoch 2, then continued (MLflow: `--resume OUTPUT`; W&B: the same command line again with
-`--resume-if-exists`, as cluster/kuberay-rayjob.yaml's retried job does). The assertions read that one
+epoch 2, then continued (MLflow: `--resume OUTPUT`; W&B, with RAY_CIFAR_LONG_TESTS=1: the same command line
+again with `--resume-if-exists`, as cluster/kuberay-rayjob.yaml's retried job does). The assertions read that one
 study: one tracker run per trial with its searched values and seed, every epoch once (step = epoch), the
 status at the end, the study's files attached.
 Every process killed here is one this test started (the driver) or a descendant of it.
@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, long_test
 from ray_cifar.tuning import tracking
 from ray_cifar.results import ResultsLog
 
@@ -78,6 +78,9 @@ def mlflow_study(tmp_path_factory, synthetic_parquet_dir):
 
 @pytest.fixture(scope="module")
 def wandb_study(tmp_path_factory, synthetic_parquet_dir):
+    # The tracker's kill and resume is MLflow's in every run; W&B's skip of the steps on disk is checked on its real
+    # files below, and a killed study continued by its retried command line in test_remote_output.
+    long_test("a killed study tracked by W&B, as the MLflow one")
     pytest.importorskip("wandb", reason="pip install 'ray_cifar[tracking]'")
     return run_killed_and_resumed(synthetic_parquet_dir, tmp_path_factory.mktemp("wandb") / "study-wandb", "wandb",
                                   as_a_retried_job=True)

@@ -153,7 +153,8 @@ def test_a_length_the_run_ends_before_is_warned_of(tmp_path):
         assert lines[0].endswith("(--budget-scale scales every length together)")
         sets = sets[:-1] + [sets[-1].replace("=5", "=4.5").replace("=20", "=9.5").replace("=[30]", "=[29, 40]")
                             .replace("=1000", "=999").replace("=3", "=2.8")]
-        assert lengths_past_the_run(load_config(None, sets), n, searched=False) == []  # within the run (a later milestone may not be)
+        # Within the run: taken (a later milestone may fall beyond it)
+        assert lengths_past_the_run(load_config(None, sets), n, searched=False) == []
     pbt = os.path.join(root, "studies", "resnet18_pbt.yaml")
     assert lengths_past_the_run(load_config(pbt), n) == []
     [line] = lengths_past_the_run(load_config(pbt, ["train.epochs=2"]), n)
@@ -168,7 +169,8 @@ def test_a_length_the_run_ends_before_is_warned_of(tmp_path):
     study.write_text(open(pbt).read().replace("perturbation_interval: 2", "perturbation_interval: 10"))
     assert load_config(str(study), smoke_test=True).tune.perturbation_interval == 2  # 10 of 30 epochs: 2 of 6
     assert load_config(pbt, smoke_test=True).tune.perturbation_interval == 2
-    for path in glob.glob(os.path.join(root, "studies", "*.yaml")):  # a smoke run of each shipped study has nothing to warn of on CIFAR-10's 50,000
+    # A smoke run of each shipped study has nothing to warn of on CIFAR-10's 50,000 images.
+    for path in glob.glob(os.path.join(root, "studies", "*.yaml")):
         assert lengths_past_the_run(load_config(path, smoke_test=True), n) == [], path
 
 

@@ -56,7 +56,8 @@ def run_length(cfg: Config, num_train_images: int = CIFAR10_TRAIN_IMAGES) -> tup
     images = num_train_images - (d.val_count(num_train_images) or 0)
     if d.train_subset is not None:
         images = min(images, d.train_subset)
-    steps_per_epoch = max(1, images // max(1, t.global_batch_size))  # the sampler's (an invalid batch: validate names it)
+    # The sampler's count (the last partial batch dropped); an invalid batch size is validate's to name.
+    steps_per_epoch = max(1, images // max(1, t.global_batch_size))
     return (t.max_steps if t.max_steps is not None else t.epochs * steps_per_epoch), steps_per_epoch
 
 

@@ -583,12 +583,17 @@ def has_lineage(rows) -> bool:
     return any(r.get("pbt_generation") is not None for r in rows)
 
 
+def lineage_studies(rows) -> set:
+    """The studies whose trials PBT or PB2 made: their names in a comparison ({None}: the one study is)."""
+    return {r.get(STUDY_COLUMN) for r in rows if r.get("pbt_generation") is not None}
+
+
 LINEAGE_FIGURES = ("params", "heatmap")  # left out of a PBT or PB2 report: NO_POINTS_NOTE says why
-NO_POINTS_NOTE = ("PBT changes a member's values at each exploit, and the member trains on from its donor's state: "
-                  "no trial ran at one point of the search space, and no two are independent replicates. So this "
-                  "report has no replicates table, and no accuracy-against-field figures or heatmaps. A trial's "
-                  "searched values are the ones in force at its best epoch. The schedule below, and the last figure, "
-                  "show the values epoch by epoch.")
+NO_POINTS_WHY = ("PBT changes a member's values at each exploit, and the member trains on from its donor's state: "
+                 "no trial ran at one point of the search space, and no two are independent replicates.")
+NO_POINTS_NOTE = (f"{NO_POINTS_WHY} So this report has no replicates table, and no accuracy-against-field figures or "
+                  "heatmaps. A trial's searched values are the ones in force at its best epoch. The schedule below, "
+                  "and the last figure, show the values epoch by epoch.")
 
 
 def schedule_rows(rows, best: dict[str, Any], keys: list[str], metric: str) -> list[dict[str, Any]]:
@@ -711,22 +716,28 @@ def build(study: Study, out_dir: str, prefix: str = "") -> dict[str, Any]:
     plot_ranking(trials, study.metric, study.mode, p("ranking"))
     plot_curves(study.rows, trials, p("curves"))
     plot_asha(trials, study.tune, max_t, p("asha"))
-    lineage = has_lineage(study.rows)
-    if not lineage:  # a point of the search space means something (NO_POINTS_NOTE)
-        plot_params(trials, keys, p("params"))
-        plot_heatmap(trials, keys, p("heatmap"))
+    # A point of the search space means something only where no PBT made the trials (NO_POINTS_NOTE): in a
+    # comparison of a PBT study with a grid, the grid's points still are (the PBT study's trials left out of them).
+    pbt = lineage_studies(study.rows)
+    points = [t for t in trials if t.get(STUDY_COLUMN) not in pbt]
+    if points:
+        plot_params(points, keys, p("params"))
+        plot_heatmap(points, keys, p("heatmap"))
     plot_throughput(study.rows, trials, p("throughput"))
     plot_published(matches, p("published"))
-    figures = {n: f"{prefix}figures/{n}.png" for n in FIGURES if not (lineage and n in LINEAGE_FIGURES)}
-    if lineage:
-        plot_pbt(study.rows, keys, study.metric, p("pbt"))
+    figures = {n: f"{prefix}figures/{n}.png" for n in FIGURES if points or n not in LINEAGE_FIGURES}
+    best_pbt = next((t for t in trials if t.get(STUDY_COLUMN) in pbt), None)
+    if pbt:
+        plot_pbt([r for r in study.rows if r.get(STUDY_COLUMN) in pbt], keys, study.metric, p("pbt"))
         figures["pbt"] = f"{prefix}figures/pbt.png"
     columns = ["trial_id", *keys, SEED_KEY, "status", "epochs", "exploits", "best_epoch", "best_metric", "val_acc",
                "test_acc"]
     columns = [c for c in dict.fromkeys(columns) if any(c in t for t in trials)]
-    return {"trials": trials, "columns": columns, "keys": keys, "matches": matches, "lineage": lineage,
-            "replicates": [] if lineage else replicate_rows(trials, keys),
-            "schedule": schedule_rows(study.rows, trials[0], keys, study.metric) if lineage and trials else [],
+    return {"trials": trials, "columns": columns, "keys": keys, "matches": matches, "lineage": sorted(pbt, key=str),
+            "points": bool(points), "replicates": replicate_rows(points, keys) if points else [],
+            "best_pbt": best_pbt,
+            "schedule": schedule_rows(study.rows, best_pbt, [k for k in keys if k != STUDY_COLUMN],  # in its ids
+                                      study.metric) if best_pbt else [],
             "figures": figures,
             "captions": {"asha": f"What stopped trials early: {stops_text(study.tune, max_t)}."}}
 
@@ -771,22 +782,30 @@ def trials_section(study: Study, built: dict[str, Any]) -> TableSection:
 
 
 def replicates_section(study: Study, built: dict[str, Any]) -> TableSection | None:
-    if built["lineage"]:
+    if not built["points"]:
         return None  # no points, no replicates: NO_POINTS_NOTE, with the schedule
     rows = built["replicates"]
-    return TableSection("Replicates (val_acc at the best epoch, over train.seed)", [NOISE_NOTE], rows,
+    notes = [NOISE_NOTE]
+    if built["lineage"]:
+        notes.append(f"The trials of {', '.join(map(str, built['lineage']))} are not here: PBT made them (the "
+                     f"schedule above says why).")
+    return TableSection("Replicates (val_acc at the best epoch, over train.seed)", notes, rows,
                         list(rows[0]) if rows else [])
 
 
 def schedule_section(study: Study, built: dict[str, Any]) -> TableSection | None:
-    if not built["lineage"]:
+    best = built["best_pbt"]
+    if best is None:
         return None
     rows = built["schedule"]
-    best = built["trials"][0] if built["trials"] else {}
+    which = "the best" if best is (built["trials"] or [None])[0] else "the best that PBT made"
     lead = (f"PBT's result is a schedule. These values, epoch by epoch, trained trial {best.get('trial_id')}'s "
-            f"epoch {_fmt(best.get('best_epoch'))}, the best; each earlier generation on the way was trained by the "
+            f"epoch {_fmt(best.get('best_epoch'))}, {which}; each earlier generation on the way was trained by the "
             f"member whose state it copied.")
-    return TableSection("The best trial's schedule", [lead, NO_POINTS_NOTE], rows, list(rows[0]) if rows else [])
+    why = NO_POINTS_NOTE if not built["points"] else (
+        f"{NO_POINTS_WHY} So the replicates table and the accuracy-against-field figures and heatmaps leave out the "
+        f"trials of {', '.join(map(str, built['lineage']))}; the last figure shows their values epoch by epoch.")
+    return TableSection("The best trial's schedule", [lead, why], rows, list(rows[0]) if rows else [])
 
 
 def published_section(study: Study, built: dict[str, Any]) -> TableSection | None:

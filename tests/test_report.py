@@ -365,6 +365,24 @@ def test_a_pbt_report_shows_the_best_schedule_and_no_points_of_the_search_space(
                                                             "pbt/t0 (generation 1)"]
 
 
+@needs_matplotlib
+def test_a_comparison_of_a_grid_and_a_pbt_study_keeps_the_grids_points(tmp_path):
+    """The PBT study's trials are no points of the search space; the grid's are. A comparison of the two dropped the
+    replicates table and the accuracy-against-field figures of both."""
+    grid = make_output(str(tmp_path / "grid"), published=False)
+    pbt = write_pbt_output(str(tmp_path / "pbt"))
+    assert main([grid, pbt, "--out", str(tmp_path / "cmp")]) == 0
+    md = open(tmp_path / "cmp" / "compare-report.md").read()
+    replicates = md.split("## Replicates", 1)[1].split("\n## ", 1)[0]
+    assert "grid" in replicates and "pbt" not in replicates.replace("The trials of pbt are not here", "")
+    assert "The trials of pbt are not here: PBT made them" in replicates
+    assert "compare-figures/params.png" in md and "compare-figures/pbt.png" in md
+    schedule = md.split("## The best trial's schedule", 1)[1].split("\n## ", 1)[0]
+    assert "trained trial pbt/t0's epoch 6, the best that PBT made" in schedule  # the grid's best is higher
+    assert "leave out the trials of pbt" in schedule and "this report has no replicates table" not in schedule
+    assert "| 5-6 | pbt/t0 (generation 1) | 0.144 |" in schedule
+
+
 def test_a_report_module_that_fails_to_import_does_not_fail_the_study(tmp_path, monkeypatch, capsys):
     """The end of a study draws its report under a guard ("a report that cannot be drawn never fails the study"),
     but imported the report module outside it: a module that did not import ended the finish with a traceback."""

@@ -579,10 +579,6 @@ def plot_published(matches, path: str) -> str:
 
 # --- The report ---
 
-def has_lineage(rows) -> bool:
-    return any(r.get("pbt_generation") is not None for r in rows)
-
-
 def lineage_studies(rows) -> set:
     """The studies whose trials PBT or PB2 made: their names in a comparison ({None}: the one study is)."""
     return {r.get(STUDY_COLUMN) for r in rows if r.get("pbt_generation") is not None}

@@ -125,6 +125,18 @@ class CheckpointStore:
         return self.uri(epoch)
 
 
+    def ended(self, best: str | None) -> None:
+        """The trial ended (it finished, or its scheduler stopped it): drop the checkpoint before the latest, kept
+        against a damaged latest for the trial's resume, which will not come. The latest stays (the rows of a
+        study whose results are damaged come back from its history), and so does `best` (the path or URI of the
+        best checkpoint, as its rows record it: test and report read it). A folder deleted meanwhile is not an
+        error."""
+        keep = posixpath.basename((best or "").rstrip("/"))
+        for old in self.epochs()[:-1]:
+            if posixpath.basename(self._dir(old)) != keep:
+                storage.delete_folder(self.fs, self._dir(old))
+
+
 def copy_latest_state(source: str, destination: str, warn=print, before_epoch: int | None = None) -> bool:
     """Copy the newest checkpoint under `source` that loads (a trial's run folder: CheckpointStore's
     checkpoint_000003 or Ray Train's checkpoint_<date>) to `destination`/state.pt. False if none loads.

@@ -130,6 +130,40 @@ def test_statuses_come_from_tune_events(recorder, tmp_path):
     assert recorder.trials["b"]["optim.lr"] == 0.1  # the bare entry note_stopped made was filled in
 
 
+def test_a_one_rank_trial_that_ended_keeps_only_its_latest_and_best_checkpoints(tmp_path):
+    """The store keeps the checkpoint before the latest against a damaged latest, for a resume. Once the trial has
+    ended, nothing reads it: it was a third of a one-rank study's disk. A trial the study's stop cut keeps it."""
+    import torch
+
+    from ray_cifar import checkpoint
+    from ray_cifar.checkpoint_store import CheckpointStore
+    from ray_cifar.tuning.trial import trainer_name
+
+    runs = tmp_path / "ray"
+    rec = StudyRecorder(str(tmp_path / "out"), lr_params, "val_acc", "max", tensorboard=False, storage_path=str(runs))
+    stores = {}
+    for tid, done in (("ended", True), ("cut", False)):
+        stores[tid] = store = CheckpointStore(str(runs / trainer_name(tid)))
+        trial = FakeTrial(tid)
+        for epoch, acc in ((1, 0.6), (2, 0.4), (3, 0.5)):  # the best is epoch 1
+            folder = tmp_path / f"made-{tid}-{epoch}"
+            checkpoint.save_state({"epoch": epoch, "weights": torch.zeros(2)}, str(folder))
+            path = store.save(str(folder), epoch, best_epoch=1)
+            rec.on_trial_result(0, [], trial, result(epoch, acc, checkpoint_path=path))
+        assert store.epochs() == [1, 2, 3]
+        trial.status, trial.last_result = "TERMINATED", result(3, 0.5, done=done)
+        rec.on_trial_complete(0, [], trial)
+    assert stores["ended"].epochs() == [1, 3] and stores["cut"].epochs() == [1, 2, 3]
+    assert rec.trials["ended"]["best_checkpoint"].endswith("checkpoint_000001")
+    # Where the recorder keeps no stores (DDP trials, PBT) it deletes nothing.
+    (tmp_path / "other").mkdir()
+    other = StudyRecorder(str(tmp_path / "other"), lr_params, "val_acc", "max", tensorboard=False)
+    trial = FakeTrial("cut")
+    trial.status, trial.last_result = "TERMINATED", result(3, 0.5, done=True)
+    other.on_trial_complete(0, [], trial)
+    assert stores["cut"].epochs() == [1, 2, 3]
+
+
 def test_a_retried_trial_that_completes_is_completed(recorder):
     trial = FakeTrial("a")
     recorder.on_trial_result(0, [], trial, result(1, 0.2))

@@ -397,6 +397,23 @@ class StudyRecorder(Callback):
         self._close_writer(trial.trial_id)
         self._save_trials()
         self._track_end(trial)
+        self._drop_spare_checkpoint(trial, summary)
+
+    def _drop_spare_checkpoint(self, trial, summary: dict[str, Any]) -> None:
+        """A one-rank trial that ended keeps its latest and best checkpoints only (CheckpointStore.ended): the spare
+        one before the latest was a third of such a study's disk, a model and its optimizer state a trial, that
+        nothing reads once the trial has ended. (A DDP trial's Ray Train keeps only those two; PBT's members keep
+        their generations as ray_cifar.tuning.lineage says.)"""
+        from ..checkpoint_store import CheckpointStore
+        from .trial import trainer_name
+
+        if not self.storage_path or not ended_by_itself(trial):
+            return
+        try:
+            CheckpointStore(storage.join(self.storage_path, trainer_name(trial.trial_id))).ended(
+                summary.get("best_checkpoint"))
+        except OSError as e:  # a bucket's hiccup: the spare stays, and nothing else is the worse for it
+            print(f"[ray_cifar] warning: trial {trial.trial_id}: its spare checkpoint not deleted ({e})", flush=True)
 
     def _recover_finished(self, trials) -> None:
         """Rows of trials that finished before this driver started but never reached OUTPUT: a driver killed

@@ -424,38 +424,47 @@ def check_against_data(cfg: Config, num_train_images: int, searched: bool = True
 
 
 def lengths_past_the_run(cfg: Config, num_train_images: int, searched: bool = True) -> list[str]:
-    """A line for each length the run ends before, in the fixed config or (`searched`) in trials of the study.
-    Each alone is a valid value, and the run trains, but as another study: a decay every 20 epochs of a 10-epoch
-    run (--set train.epochs=10 on adam_batch_lr_grid) is a constant lr, a PBT interval of the whole run is a
-    population never perturbed. Warned, not refused: a short trial run of a study stays one --set away."""
+    """A line for each length the run ends before, in the fixed config or (`searched`) in trials of the study: one
+    per field and run length, with each value it has there and how many of the trials it is in. Each alone is a
+    valid value, and the run trains, but as another study: a decay every 20 epochs of a 10-epoch run (--set
+    train.epochs=10 on adam_batch_lr_grid) is a constant lr, a PBT interval of the whole run is a population never
+    perturbed. Warned, not refused: a short trial run of a study stays one --set away."""
     trials = [t for _, t in trial_configs(cfg)] if searched and cfg.tune.search_space else [cfg]
-    found: dict[str, int] = {}
+    found: dict[tuple[str, str], tuple[list[Any], int]] = {}  # (field, what follows its value) -> (values, trials)
     for trial in trials:
-        for line in _lengths_past_the_run(trial, num_train_images):
-            found[line] = found.get(line, 0) + 1
-    return [line if n == len(trials) else f"{n} of the {len(trials)} trials: {line}" for line, n in found.items()]
+        for key, value, rest in _lengths_past_the_run(trial, num_train_images):
+            values, count = found.get((key, rest), ([], 0))
+            found[(key, rest)] = (values + [value] * (value not in values), count + 1)
+    lines = []
+    for (key, rest), (values, count) in found.items():
+        where = "" if count == len(trials) else f"{count} of the {len(trials)} trials: "
+        lines.append(f"{where}{key}={' / '.join(map(str, values))}: {rest} (shorten it too, or shorten the run with "
+                     f"--budget-scale X, which scales every length together)")
+    return lines
 
 
-def _lengths_past_the_run(cfg: Config, n: int) -> list[str]:
+def _lengths_past_the_run(cfg: Config, n: int) -> list[tuple[str, Any, str]]:
+    """(field, its value, what the run does with it) for each length of `cfg` that the run ends before."""
     s, t, u = cfg.schedule, cfg.train, cfg.tune
     steps, steps_per_epoch = presets.run_length(cfg, n)
     run = (f"the run's {t.max_steps} steps (train.max_steps)" if t.max_steps is not None
            else f"the run's {t.epochs} epoch(s) (train.epochs)")
-    lines = []
+    found = []
     if round(s.warmup_epochs * steps_per_epoch) >= steps:
-        lines.append(f"schedule.warmup_epochs={s.warmup_epochs}: {run} are all warm-up; the lr reaches optim.lr "
-                     f"at the last step at best")
+        found.append(("schedule.warmup_epochs", s.warmup_epochs,
+                      f"{run} are all warm-up; the lr reaches optim.lr at the last step at best"))
     first_decay = {"step": s.step_every_iters or round((s.step_every_epochs or 0) * steps_per_epoch),
                    "multistep": round(s.milestones_epochs[0] * steps_per_epoch) if s.milestones_epochs else 0}
     key = {"step": "schedule.step_every_iters" if s.step_every_iters else "schedule.step_every_epochs",
            "multistep": "schedule.milestones_epochs"}.get(s.name)
     if key and first_decay[s.name] >= steps:
-        lines.append(f"{key}={getattr(s, key.split('.')[1])}: {run} end before the first decay; the lr never "
-                     f"decays (a constant lr)")
+        found.append((key, getattr(s, key.split(".")[1]),
+                      f"{run} end before the first decay; the lr never decays (a constant lr)"))
     if u.scheduler in ("pbt", "pb2") and u.perturbation_interval * steps_per_epoch >= steps:
-        lines.append(f"tune.perturbation_interval={u.perturbation_interval}: {run} end before the first "
-                     f"perturbation (none comes at a trial's last epoch); {u.scheduler} never exploits nor explores")
-    return [f"{line} (--budget-scale scales every length together)" for line in lines]
+        found.append(("tune.perturbation_interval", u.perturbation_interval,
+                      f"{run} end before the first perturbation (none comes at a trial's last epoch); "
+                      f"{u.scheduler} never exploits nor explores"))
+    return found
 
 
 def _check_data(cfg: Config, n: int) -> None:

@@ -299,7 +299,8 @@ def test_a_decay_the_run_ends_before_is_warned_of_before_any_trial(capsys):
     cli.check_before_trials(cfg, 50000, searched=True)
     assert capsys.readouterr().out == (
         "[ray_cifar] warning: schedule.step_every_epochs=20.0: the run's 10 epoch(s) (train.epochs) end before the "
-        "first decay; the lr never decays (a constant lr) (--budget-scale scales every length together)\n")
+        "first decay; the lr never decays (a constant lr) (shorten it too, or shorten the run with --budget-scale X, "
+        "which scales every length together)\n")
     cli.check_before_trials(load_config(study, ["train.num_workers=1"], budget_scale=0.2), 50000, searched=True)
     assert capsys.readouterr().out == ""
 

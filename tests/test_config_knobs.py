@@ -150,7 +150,8 @@ def test_a_length_the_run_ends_before_is_warned_of(tmp_path):
     for start, sets in past.items():
         lines = lengths_past_the_run(load_config(None, sets), n, searched=False)  # the default study's own
         assert len(lines) == 1 and lines[0].startswith(start), lines
-        assert lines[0].endswith("(--budget-scale scales every length together)")
+        assert lines[0].endswith("(shorten it too, or shorten the run with --budget-scale X, which scales every "
+                                 "length together)")
         sets = sets[:-1] + [sets[-1].replace("=5", "=4.5").replace("=20", "=9.5").replace("=[30]", "=[29, 40]")
                             .replace("=1000", "=999").replace("=3", "=2.8")]
         # Within the run: taken (a later milestone may fall beyond it)
@@ -164,6 +165,15 @@ def test_a_length_the_run_ends_before_is_warned_of(tmp_path):
     cfg = load_config(adam, ["tune.search_space={train.epochs: {grid: [10, 50]}, optim.lr: {grid: [0.1, 0.01]}}"])
     [line] = lengths_past_the_run(cfg, n)
     assert line.startswith("2 of the 4 trials: schedule.step_every_epochs=20.0: the run's 10 epoch(s)")
+    # One line a field and run length, with each of its values there: optimizer_batch_decay's 12 trials decay every
+    # 4,000 to 10,000 steps (a grid of rows), none within 4,000 steps.
+    study = os.path.join(root, "studies", "optimizer_batch_decay.yaml")
+    assert lengths_past_the_run(load_config(study, ["train.max_steps=4000"]), n) == [
+        "schedule.step_every_iters=5000 / 4000 / 8000 / 10000: the run's 4000 steps (train.max_steps) end before the "
+        "first decay; the lr never decays (a constant lr) (shorten it too, or shorten the run with --budget-scale X, "
+        "which scales every length together)"]
+    [line] = lengths_past_the_run(load_config(study, ["train.max_steps=4500"]), n)
+    assert line.startswith("11 of the 12 trials: schedule.step_every_iters=5000 / 8000 / 10000: ")
     assert lengths_past_the_run(cfg, n, searched=False) == []  # the fixed config's 50 epochs
     study = tmp_path / "pbt.yaml"  # --smoke-test's 6 epochs keep a PBT study's interval where it fits, else scale it
     study.write_text(open(pbt).read().replace("perturbation_interval: 2", "perturbation_interval: 10"))

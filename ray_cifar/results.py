@@ -385,13 +385,16 @@ def aggregate_over_seeds(rows: list[dict[str, Any]], keys: list[str], value: str
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    def fmt(v: Any) -> str:
+    # A column with a small value prints every value in significant digits (a weight decay of 2.9e-05 printed
+    # "0.0000"), all of them: an lr column read 0.1000 beside 0.003.
+    small = {c for c in columns if any(isinstance(v, float) and v and abs(v) < 0.01 for v in (r.get(c) for r in rows))}
+
+    def fmt(v: Any, column: str) -> str:
         if isinstance(v, float):
-            # Small values in significant digits: a weight decay of 2.9e-05 printed "0.0000".
-            return f"{v:.3g}" if v and abs(v) < 0.01 else f"{v:.4f}"
+            return f"{v:.3g}" if column in small else f"{v:.4f}"
         return "-" if v is None else str(v)
 
-    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    cells = [[fmt(r.get(c), c) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
     line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths))  # noqa: E731
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])

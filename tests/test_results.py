@@ -186,11 +186,12 @@ def test_aggregate_over_seeds_carries_the_interval():
 
 
 def test_the_final_table_prints_small_values_in_significant_digits():
-    """A weight decay of 2.9e-05 (a PBT or log-uniform draw) printed "0.0000", and 5e-4 "0.0005" beside it."""
+    """A weight decay of 2.9e-05 (a PBT or log-uniform draw) printed "0.0000", and 5e-4 "0.0005" beside it; then an
+    lr column printed 0.1000 beside 0.003. A column with a small value is in significant digits throughout."""
     from ray_cifar.results import format_table
 
     table = format_table([{"optim.weight_decay": 2.857e-05, "optim.lr": 0.1, "best_val_acc": 0.3375, "x": 0.0},
                           {"optim.weight_decay": 5e-4, "optim.lr": 0.00025, "best_val_acc": None, "x": 1.5}],
                          ["optim.weight_decay", "optim.lr", "best_val_acc", "x"])
     rows = [line.split() for line in table.splitlines()[2:]]
-    assert rows == [["2.86e-05", "0.1000", "0.3375", "0.0000"], ["0.0005", "0.00025", "-", "1.5000"]]
+    assert rows == [["2.86e-05", "0.1", "0.3375", "0.0000"], ["0.0005", "0.00025", "-", "1.5000"]]

@@ -668,6 +668,8 @@ def _combine(studies: list[Study]) -> Study:
     if len({tuple(repr(s.tune.get(k)) for k in SCHEDULER_KEYS) for s in studies}) > 1:
         # Their schedulers differ: the first's rungs drawn under all of them named every study's stops by it.
         config["tune"] = {**first.tune, "scheduler": "mixed", "per_study": {s.name: s.tune for s in studies}}
+    # Which trials have a test figure, per study: the first's tune.test said it of all of them.
+    config["tune"] = {**config["tune"], "test_by_study": {s.name: s.tune.get("test", "best") for s in studies}}
     config["published"] = [{**p, "where": {STUDY_COLUMN: s.name, **(p.get("where") or {})}}
                            for s in studies for p in s.config.get("published") or []]
     # A field one study searched and another fixed: the other's rows get its fixed value from its config (shown as
@@ -762,12 +764,24 @@ def _headline(study: Study, built: dict[str, Any]) -> str:
             f"test_acc {_fmt(best.get('test_acc'))}).")
 
 
-def _tests_all(study: Study) -> bool:
-    return study.tune.get("test") == "all"
+def _test_note(study: Study) -> str | None:
+    """What has a test figure, where any trial but the best has one: TEST_ALL_NOTE, or per study in a comparison
+    of studies whose tune.test differs."""
+    by_study = study.tune.get("test_by_study") or {study.name: study.tune.get("test", "best")}
+    every = [name for name, test in by_study.items() if test == "all"]
+    if not every:
+        return None
+    if len(every) == len(by_study):
+        return TEST_ALL_NOTE
+    best = [name for name in by_study if name not in every]
+    return (f"test_acc: every finished trial of {', '.join(every)} was evaluated once on the test split, at its best "
+            f"validation epoch (tune.test all); of {', '.join(best)}, the best trial only (tune.test best). No test "
+            f"figure chose any trial, epoch or point.")
 
 
 def trials_section(study: Study, built: dict[str, Any]) -> TableSection:
-    notes = [_headline(study, built)] + ([TEST_ALL_NOTE] if _tests_all(study) else [])
+    note = _test_note(study)
+    notes = [_headline(study, built)] + ([note] if note else [])
     if study.unfinished:
         running = sum(t.get("status") == "running" for t in study.trials)
         notes.insert(0, f"**Not finished**: the study has no trials.parquet yet (running, or stopped before its end: "
@@ -807,7 +821,7 @@ def schedule_section(study: Study, built: dict[str, Any]) -> TableSection | None
 def published_section(study: Study, built: dict[str, Any]) -> TableSection | None:
     if not built["matches"]:
         return None
-    notes = [TEST_ALL_NOTE if _tests_all(study) else
+    notes = [_test_note(study) or
              "tune.test best: only the best trial has a test figure; tune.test all puts one beside every run."]
     return TableSection("Published figures", notes, built["matches"],
                         ["label", "metric", "published %", "ours %", "source"])

@@ -366,6 +366,25 @@ def test_a_pbt_report_shows_the_best_schedule_and_no_points_of_the_search_space(
 
 
 @needs_matplotlib
+def test_a_comparison_says_which_studies_evaluated_every_trial_on_test(tmp_path):
+    """The first study's tune.test spoke for all: "every finished trial was evaluated" beside a tune.test best study
+    whose trials but one show "-", and nothing where only the second study evaluated every trial."""
+    every = make_output(str(tmp_path / "every"), published=False)
+    config = yaml.safe_load(open(tmp_path / "every" / "config.yaml"))
+    config["tune"]["test"] = "all"
+    yaml.safe_dump(config, open(tmp_path / "every" / "config.yaml", "w"))
+    best = make_output(str(tmp_path / "best"), published=False)
+    for order, out in (([every, best], "a"), ([best, every], "b")):
+        assert main([*order, "--out", str(tmp_path / out)]) == 0
+        md = open(tmp_path / out / "compare-report.md").read()
+        assert ("test_acc: every finished trial of every was evaluated once on the test split, at its best validation "
+                "epoch (tune.test all); of best, the best trial only (tune.test best).") in md, md[:2000]
+        assert "every finished trial was evaluated" not in md
+    assert main([every, every, "--out", str(tmp_path / "c")]) == 0  # (both all: the one study's note)
+    assert "test_acc: every finished trial was evaluated once" in open(tmp_path / "c" / "compare-report.md").read()
+
+
+@needs_matplotlib
 def test_a_comparison_of_a_grid_and_a_pbt_study_keeps_the_grids_points(tmp_path):
     """The PBT study's trials are no points of the search space; the grid's are. A comparison of the two dropped the
     replicates table and the accuracy-against-field figures of both."""

@@ -722,8 +722,11 @@ def build(study: Study, out_dir: str, prefix: str = "") -> dict[str, Any]:
         plot_params(points, keys, p("params"))
         plot_heatmap(points, keys, p("heatmap"))
     plot_throughput(study.rows, trials, p("throughput"))
-    plot_published(matches, p("published"))
-    figures = {n: f"{prefix}figures/{n}.png" for n in FIGURES if points or n not in LINEAGE_FIGURES}
+    published = bool(study.config.get("published"))  # none in config.yaml: no section that says so in a figure
+    if published:
+        plot_published(matches, p("published"))
+    figures = {n: f"{prefix}figures/{n}.png" for n in FIGURES
+               if (points or n not in LINEAGE_FIGURES) and (published or n != "published")}
     best_pbt = next((t for t in trials if t.get(STUDY_COLUMN) in pbt), None)
     if pbt:
         plot_pbt([r for r in study.rows if r.get(STUDY_COLUMN) in pbt], keys, study.metric, p("pbt"))

@@ -366,6 +366,16 @@ def test_a_pbt_report_shows_the_best_schedule_and_no_points_of_the_search_space(
 
 
 @needs_matplotlib
+def test_a_study_with_nothing_published_has_no_published_figure(tmp_path):
+    """Its "Beside the published figures" section held only an image saying no entry matched."""
+    out = make_output(str(tmp_path / "none"), published=False)
+    assert main([out]) == 0
+    md = open(tmp_path / "none" / "report.md").read()
+    assert "Beside the published figures" not in md and not (tmp_path / "none" / "figures" / "published.png").exists()
+    assert "figures/ranking.png" in md
+
+
+@needs_matplotlib
 def test_a_comparison_says_which_studies_evaluated_every_trial_on_test(tmp_path):
     """The first study's tune.test spoke for all: "every finished trial was evaluated" beside a tune.test best study
     whose trials but one show "-", and nothing where only the second study evaluated every trial."""

@@ -164,6 +164,22 @@ def test_a_one_rank_trial_that_ended_keeps_only_its_latest_and_best_checkpoints(
     assert stores["cut"].epochs() == [1, 2, 3]
 
 
+def test_each_trial_start_and_end_is_one_line(recorder, capsys):
+    trial, stopped = FakeTrial("a"), FakeTrial("b", lr=0.001)
+    recorder.on_trial_start(0, [], trial)
+    recorder.on_trial_start(0, [], stopped)
+    for epoch, acc in ((1, 0.3), (2, 0.5), (3, 0.4)):
+        recorder.on_trial_result(0, [], trial, result(epoch, acc))
+    recorder.note_stopped("b")
+    recorder.on_trial_result(0, [], stopped, result(1, 0.1))
+    recorder.on_trial_complete(0, [], trial)
+    recorder.on_trial_complete(0, [], stopped)
+    assert capsys.readouterr().out.splitlines() == [
+        "[ray_cifar] trial a started: optim.lr=0.1", "[ray_cifar] trial b started: optim.lr=0.001",
+        "[ray_cifar] trial a completed after 3 epoch(s); best val_acc 0.5000 at epoch 2",
+        "[ray_cifar] trial b stopped by its scheduler after 1 epoch(s); best val_acc 0.1000 at epoch 1"]
+
+
 def test_a_retried_trial_that_completes_is_completed(recorder):
     trial = FakeTrial("a")
     recorder.on_trial_result(0, [], trial, result(1, 0.2))

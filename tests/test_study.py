@@ -38,6 +38,13 @@ def test_asha_study_stops_weak_trials_and_writes_results(tmp_path, synthetic_par
                              "--output", str(output), *args], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Trial status" in result.stdout  # Ray's own progress table
+    # Each trial's start and end in a line of ray_cifar's, not Tune's boxes of its config and of every metric it
+    # reported (~45 lines a trial)
+    assert "started with configuration" not in result.stdout and " iterations at " not in result.stdout
+    assert "timing_trial_started_at" not in result.stdout
+    assert len(re.findall(r"^\[ray_cifar\] trial \w+ started: optim\.lr=", result.stdout, re.M)) == 2
+    assert re.search(r"^\[ray_cifar\] trial \w+ stopped by its scheduler after 1 epoch\(s\); best val_acc ",
+                     result.stdout, re.M)
     assert re.search(r"^\[ray_cifar\] TensorBoard: .*; Ray dashboard: http://127\.0\.0\.1:\d+ \(its token: ray "
                      r"get-auth-token\)$", result.stdout, re.M)
     # Tune ends each DDP trial's process, its Train controller with it; Ray's cleanup of its placement group

@@ -29,7 +29,7 @@ from ..config import Config, ConfigError, flatten, grid_size, search_keys
 from ..results import DamagedFile, ResultsLog, format_table, provenance, rank_trials, write_rows
 from ..validation import trial_config
 from .recorder import (FAILED, FULL_DISK, JUDGED, TRIALS_STATE, NoTunerRestoreHint, QuietFullDiskFailures,
-                       StudyRecorder)
+                       StudyRecorder, quiet_trial_boxes)
 from .tune_state import TuneStateBackup
 
 EXPERIMENT = "tune"
@@ -326,6 +326,7 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
     check_installed(cfg.tune.tracking)  # one line naming the extra, before Ray starts
     QuietFullDiskFailures.install()
     NoTunerRestoreHint.install()
+    quiet_trial_boxes()
     check_start(cfg, output, remote)
     hold_driver_lock(output)
     dashboard = cluster.init_ray(cfg)

@@ -452,6 +452,13 @@ def test_progress_counts_trials_tune_has_not_created_yet_as_pending():
     assert "1 trial(s) done, 1 running, 4 pending" in line and "~9.0 min left at most" in line
     # Without the total, only what Tune has created counts (the old underestimate).
     assert "~1.0 min left at most" in progress_line(trials, summaries, elapsed=180.0)
+    # The best so far as the study ranks trials: by each one's best epoch (Tune's table named the best last result).
+    summaries["a"].update(trial_id="a", best_metric=0.61, best_epoch=1)
+    summaries["b"].update(trial_id="b", best_metric=0.55, best_epoch=1)
+    assert progress_line(trials, summaries, 180.0, 6, "val_acc", "max").endswith(
+        "; best so far a: val_acc 0.6100 at epoch 1")
+    assert progress_line(trials, summaries, 180.0, 6, "val_loss", "min").endswith("; best so far b: val_loss 0.5500 at "
+                                                                                 "epoch 1")
 
 
 def test_brackets_come_from_the_trial_id_so_a_restore_rebuilds_each_trials_own_rungs(recorder, tmp_path):

@@ -96,13 +96,18 @@ def quiet_trial_boxes() -> None:
     """Tune prints a box of a trial's config when it starts and one of everything it reported when it ends: ~45
     lines a trial (899 of the 1,219 lines of a 24-trial study), with internals such as timing_trial_started_at. The
     recorder says each in one line instead (trial_started_line, trial_ended_line); Tune's status table and its
-    error reports stay. (The reporter is Ray's private class: where it is not, Tune's boxes stay.)"""
+    error reports stay. Its "Current best trial" is left out of the table too: it ranks trials by their last result,
+    and at a study's end named another trial than the study's best, ranked by each trial's best epoch (the progress
+    line says that one). (The reporter is Ray's private class: where it is not, Tune's boxes stay.)"""
     try:
+        from ray.tune.experimental import output
         from ray.tune.experimental.output import TuneReporterBase
     except ImportError:
         return
     TuneReporterBase.on_trial_start = lambda self, *args, **kwargs: None
     TuneReporterBase.on_trial_complete = lambda self, *args, **kwargs: None
+    if hasattr(output, "_current_best_trial"):
+        output._current_best_trial = lambda trials, metric, mode: (None, None)
 
 
 def trial_started_line(trial_id: str, params: dict[str, Any]) -> str:
@@ -633,8 +638,8 @@ class StudyRecorder(Callback):
         now = time.time()
         if now - self.last_progress >= self.progress_every:
             self.last_progress = now
-            print(progress_line(trials, self.trials, now - self.started, getattr(self, "total_trials", None)),
-                  flush=True)
+            print(progress_line(trials, self.trials, now - self.started, getattr(self, "total_trials", None),
+                                self.metric, self.mode), flush=True)
             self._sync()
 
     def _tensorboard(self, trial_id: str, row: dict[str, Any]) -> None:
@@ -698,8 +703,9 @@ def _trials_from_rows(rows: list[dict[str, Any]], metric: str, mode: str) -> dic
 
 
 def progress_line(trials: list, summaries: dict[str, dict[str, Any]], elapsed: float,
-                  total_trials: int | None = None) -> str:
-    """trials done / running / pending, epochs done, elapsed, and a rough time left.
+                  total_trials: int | None = None, metric: str | None = None, mode: str = "max") -> str:
+    """trials done / running / pending, epochs done, elapsed, a rough time left, and (with `metric`) the best
+    trial so far by its best epoch, as the study ranks trials.
 
     Tune creates trials lazily, a few at a time: with the study's `total_trials` the ones it has not
     created yet count as pending too (else the time left is far too short early in a study)."""
@@ -715,5 +721,9 @@ def progress_line(trials: list, summaries: dict[str, dict[str, Any]], elapsed: f
     mean_planned = planned / len(summaries) if summaries else 0
     left_epochs = max(planned - epochs_done, 0) + pending * mean_planned
     eta = f"~{left_epochs * per_epoch / 60:.1f} min left at most" if per_epoch else "time left unknown yet"
+    scored = [t for t in summaries.values() if isinstance(t.get("best_metric"), (int, float))]
+    best = ((max if mode == "max" else min)(scored, key=lambda t: t["best_metric"]) if metric and scored else None)
+    so_far = (f"; best so far {best['trial_id']}: {metric} {best['best_metric']:.4f} at epoch {best['best_epoch']}"
+              if best else "")
     return (f"[ray_cifar] progress: {done} trial(s) done, {running} running, {pending} pending; "
-            f"{epochs_done} epoch(s) done; {elapsed / 60:.1f} min elapsed; {eta}")
+            f"{epochs_done} epoch(s) done; {elapsed / 60:.1f} min elapsed; {eta}{so_far}")

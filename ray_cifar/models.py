@@ -40,6 +40,17 @@ def entry_defaults(name: str) -> dict[str, Any]:
             if p.default is not inspect.Parameter.empty}
 
 
+def describe(cfg) -> str:
+    """A ModelConfig's name, with the architecture where the config makes it another than the entry's own: a log
+    line said "resnet18: 5,266 parameters" of a two-stage, 8-channel network."""
+    own = entry_defaults(cfg.name)
+    as_tuple = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    changed = [f"{label} {list(value) if isinstance(value, (list, tuple)) else value}"
+               for field, label in (("blocks", "blocks"), ("widths", "widths"), ("stem_width", "stem"))
+               if (value := getattr(cfg, field)) is not None and as_tuple(value) != as_tuple(own.get(field))]
+    return f"{cfg.name} ({', '.join(changed)})" if changed else cfg.name
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -91,3 +91,15 @@ def test_max_params_checks_every_searched_architecture():
     with pytest.raises(ConfigError, match="tune.search_space.model.*11,173,962"):
         load_config(None, ["model.name=resnet", "model.blocks=[1,1,1,1]", "model.max_params=5000000",
                            f"tune.search_space={{model: {grid}}}"])
+
+
+def test_a_model_is_described_by_its_name_and_what_the_config_changed_of_it():
+    """A log line said "resnet18: 5,266 parameters" of a two-stage, 8-channel network."""
+    from ray_cifar.config import ModelConfig
+    from ray_cifar.models import describe
+
+    assert describe(ModelConfig()) == "resnet18"
+    assert describe(ModelConfig(blocks=[2, 2, 2, 2], widths=[64, 128, 256, 512])) == "resnet18"  # its own, written out
+    assert describe(ModelConfig(blocks=[1, 1], widths=[8, 16], stem_width=8)) == \
+        "resnet18 (blocks [1, 1], widths [8, 16], stem 8)"
+    assert describe(ModelConfig(name="resnet", widths=[32, 64, 128, 256])) == "resnet (widths [32, 64, 128, 256])"

@@ -405,7 +405,8 @@ def scheduler_text(tune: dict[str, Any], max_t: float) -> str:
 def stops_text(tune: dict[str, Any], max_t: float) -> str:
     """scheduler_text; for a comparison of studies whose schedulers differ (_combine), each study's."""
     if tune.get("per_study"):
-        return "; ".join(f"{name}: {scheduler_text(t, max_t)}" for name, t in tune["per_study"].items())
+        own = tune.get("max_t_by_study") or {}
+        return "; ".join(f"{name}: {scheduler_text(t, own.get(name, max_t))}" for name, t in tune["per_study"].items())
     return scheduler_text(tune, max_t)
 
 
@@ -665,9 +666,12 @@ def _combine(studies: list[Study]) -> Study:
 
     first = studies[0]
     config = dict(first.config)
-    if len({tuple(repr(s.tune.get(k)) for k in SCHEDULER_KEYS) for s in studies}) > 1:
-        # Their schedulers differ: the first's rungs drawn under all of them named every study's stops by it.
-        config["tune"] = {**first.tune, "scheduler": "mixed", "per_study": {s.name: s.tune for s in studies}}
+    max_t = {s.name: study_max_epochs(s, s.trials) for s in studies}
+    if len({tuple(repr(s.tune.get(k)) for k in SCHEDULER_KEYS) for s in studies}) > 1 or len(set(max_t.values())) > 1:
+        # Their schedulers or lengths differ: the first's rungs drawn under all of them named every study's stops
+        # by it (a 4-epoch study's "rungs at 1, 2, 4, max 6", from a 6-epoch study beside it).
+        config["tune"] = {**first.tune, "scheduler": "mixed", "per_study": {s.name: s.tune for s in studies},
+                          "max_t_by_study": max_t}
     # Which trials have a test figure, per study: the first's tune.test said it of all of them.
     config["tune"] = {**config["tune"], "test_by_study": {s.name: s.tune.get("test", "best") for s in studies}}
     config["published"] = [{**p, "where": {STUDY_COLUMN: s.name, **(p.get("where") or {})}}
@@ -690,9 +694,9 @@ def study_max_epochs(study: Study, trials: list[dict[str, Any]]) -> float:
     train = study.config.get("train") or {}
     if study.tune.get("max_epochs"):
         return float(study.tune["max_epochs"])
-    if train.get("max_steps") is None and train.get("epochs"):
-        return float(train["epochs"])
     planned = [t.get("planned_epochs") or 0 for t in study.trials]
+    if train.get("max_steps") is None and train.get("epochs"):  # or a trial's own, longer, searched train.epochs
+        return float(max([train["epochs"]] + planned))
     return float(max(planned + [t["epochs"] or 0 for t in trials] + [1]))
 
 

@@ -366,6 +366,22 @@ def test_a_pbt_report_shows_the_best_schedule_and_no_points_of_the_search_space(
 
 
 @needs_matplotlib
+def test_a_comparison_draws_each_studys_rungs_at_its_own_length(tmp_path):
+    """Two ASHA studies alike but in length: the 4-epoch one read "rungs at 1, 2, 4, max 6", the 6-epoch one's."""
+    short = make_output(str(tmp_path / "short"), epochs=4, published=False)
+    long = make_output(str(tmp_path / "long"), epochs=6, published=False)
+    assert main([long, short, "--out", str(tmp_path / "cmp")]) == 0
+    assert ("long: asha: grace 1, reduction 2, rungs at 1, 2, 4, max 6; short: asha: grace 1, reduction 2, rungs at "
+            "1, 2, max 4.") in open(tmp_path / "cmp" / "compare-report.md").read()
+    # A study whose trials searched a longer train.epochs than its own: the longest planned trial is ASHA's top.
+    from ray_cifar.report import study_max_epochs
+
+    study = load_study(short)
+    study.trials[0]["planned_epochs"] = 8
+    assert study_max_epochs(study, study.trials) == 8
+
+
+@needs_matplotlib
 def test_a_study_with_nothing_published_has_no_published_figure(tmp_path):
     """Its "Beside the published figures" section held only an image saying no entry matched."""
     out = make_output(str(tmp_path / "none"), published=False)

@@ -5,6 +5,7 @@ rebuilt from recorded rows, and the exit status."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 from types import SimpleNamespace
@@ -172,12 +173,23 @@ def test_each_trial_start_and_end_is_one_line(recorder, capsys):
         recorder.on_trial_result(0, [], trial, result(epoch, acc))
     recorder.note_stopped("b")
     recorder.on_trial_result(0, [], stopped, result(1, 0.1))
+    recorder.on_trial_start(0, [], FakeTrial("b", lr=0.001))  # Tune starts it again after a stop and --resume
     recorder.on_trial_complete(0, [], trial)
     recorder.on_trial_complete(0, [], stopped)
     assert capsys.readouterr().out.splitlines() == [
         "[ray_cifar] trial a started: optim.lr=0.1", "[ray_cifar] trial b started: optim.lr=0.001",
+        "[ray_cifar] trial b goes on (1 epoch(s) recorded): optim.lr=0.001",
         "[ray_cifar] trial a completed after 3 epoch(s); best val_acc 0.5000 at epoch 2",
         "[ray_cifar] trial b stopped by its scheduler after 1 epoch(s); best val_acc 0.1000 at epoch 1"]
+
+
+def test_a_diverged_trials_nan_is_kept_in_its_row_but_not_written_to_tensorboard(tmp_path, capfd):
+    """tensorboardX printed "NaN or Inf found in input tensor." for it: an unlabelled console line."""
+    rec = StudyRecorder(str(tmp_path), lr_params, "val_acc", "max", tensorboard=True)
+    rec.on_trial_result(0, [], FakeTrial("a"), result(1, 0.1, diverged=True, train_loss=float("nan")))
+    rec.on_trial_complete(0, [], FakeTrial("a"))
+    assert "NaN or Inf" not in "".join(capfd.readouterr())
+    assert math.isnan(ResultsLog(str(tmp_path)).read()[0]["train_loss"])
 
 
 def test_a_retried_trial_that_completes_is_completed(recorder):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import posixpath
 import signal
@@ -110,9 +111,10 @@ def quiet_trial_boxes() -> None:
         output._current_best_trial = lambda trials, metric, mode: (None, None)
 
 
-def trial_started_line(trial_id: str, params: dict[str, Any]) -> str:
+def trial_started_line(trial_id: str, params: dict[str, Any], recorded_epochs: int = 0) -> str:
     values = ", ".join(f"{k}={v}" for k, v in params.items())
-    return f"[ray_cifar] trial {trial_id} started" + (f": {values}" if values else "")
+    how = f"goes on ({recorded_epochs} epoch(s) recorded)" if recorded_epochs else "started"
+    return f"[ray_cifar] trial {trial_id} {how}" + (f": {values}" if values else "")
 
 
 def trial_ended_line(summary: dict[str, Any], metric: str) -> str:
@@ -422,7 +424,8 @@ class StudyRecorder(Callback):
             self._save_trials()
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        print(trial_started_line(trial.trial_id, self.params(trial.config)), flush=True)
+        recorded = (self.trials.get(trial.trial_id) or {}).get("epochs") or 0  # a trial resumed after a stop
+        print(trial_started_line(trial.trial_id, self.params(trial.config), recorded), flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         summary = self._summary(trial)
@@ -652,7 +655,10 @@ class StudyRecorder(Callback):
                 self.writers[trial_id] = SummaryWriter(os.path.join(self.output, "tensorboard", trial_id))
             writer = self.writers[trial_id]
             for key, value in row.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "time"):
+                # Not a diverged trial's NaN loss: tensorboardX printed "NaN or Inf found in input tensor." for it,
+                # an unlabelled console line (the row keeps the value).
+                if (isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "time")
+                        and math.isfinite(value)):
                     writer.add_scalar(key, value, global_step=row["epoch"])
             writer.flush()
         except OSError as e:  # TensorBoard's files are a view of the rows: only a full disk stops the study

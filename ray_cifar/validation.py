@@ -450,9 +450,10 @@ def _lengths_past_the_run(cfg: Config, n: int) -> list[tuple[str, Any, str]]:
     run = (f"the run's {t.max_steps} steps (train.max_steps)" if t.max_steps is not None
            else f"the run's {t.epochs} epoch(s) (train.epochs)")
     found = []
-    if round(s.warmup_epochs * steps_per_epoch) >= steps:
+    warmup = round(s.warmup_epochs * steps_per_epoch)
+    if warmup >= steps:  # the lr at the run's last step: steps / warmup of optim.lr
         found.append(("schedule.warmup_epochs", s.warmup_epochs,
-                      f"{run} are all warm-up; the lr reaches optim.lr at the last step at best"))
+                      f"{run} are all warm-up; the lr climbs to {steps / warmup:.0%} of optim.lr, at the last step"))
     first_decay = {"step": s.step_every_iters or round((s.step_every_epochs or 0) * steps_per_epoch),
                    "multistep": round(s.milestones_epochs[0] * steps_per_epoch) if s.milestones_epochs else 0}
     key = {"step": "schedule.step_every_iters" if s.step_every_iters else "schedule.step_every_epochs",
@@ -460,6 +461,17 @@ def _lengths_past_the_run(cfg: Config, n: int) -> list[tuple[str, Any, str]]:
     if key and first_decay[s.name] >= steps:
         found.append((key, getattr(s, key.split(".")[1]),
                       f"{run} end before the first decay; the lr never decays (a constant lr)"))
+    elif s.name == "multistep" and round(s.milestones_epochs[-1] * steps_per_epoch) >= steps:
+        reached = sum(round(m * steps_per_epoch) < steps for m in s.milestones_epochs)
+        found.append(("schedule.milestones_epochs", s.milestones_epochs,
+                      f"{run} end before its last milestone(s); the lr decays {reached} of "
+                      f"{len(s.milestones_epochs)} times"))
+    if s.name == "cosine" and s.t_max_epochs is not None and warmup + round(s.t_max_epochs * steps_per_epoch) > steps:
+        from . import optim  # the schedule registry (torch): only where a cosine's end is set
+
+        final = optim.lr_multiplier(s, 1.0, steps_per_epoch, steps)(steps - 1)
+        found.append(("schedule.t_max_epochs", s.t_max_epochs,
+                      f"{run} end before the cosine does; the lr ends at {final:.0%} of optim.lr, not at eta_min"))
     if u.scheduler in ("pbt", "pb2") and u.perturbation_interval * steps_per_epoch >= steps:
         found.append(("tune.perturbation_interval", u.perturbation_interval,
                       f"{run} end before the first perturbation (none comes at a trial's last epoch); "

@@ -152,10 +152,21 @@ def test_a_length_the_run_ends_before_is_warned_of(tmp_path):
         assert len(lines) == 1 and lines[0].startswith(start), lines
         assert lines[0].endswith("(shorten it too, or shorten the run with --budget-scale X, which scales every "
                                  "length together)")
-        sets = sets[:-1] + [sets[-1].replace("=5", "=4.5").replace("=20", "=9.5").replace("=[30]", "=[29, 40]")
+        sets = sets[:-1] + [sets[-1].replace("=5", "=4.5").replace("=20", "=9.5").replace("=[30]", "=[10, 29]")
                             .replace("=1000", "=999").replace("=3", "=2.8")]
-        # Within the run: taken (a later milestone may fall beyond it)
-        assert lengths_past_the_run(load_config(None, sets), n, searched=False) == []
+        assert lengths_past_the_run(load_config(None, sets), n, searched=False) == []  # within the run
+    more = {  # a later milestone, or a cosine's end, past the run; and how far a warm-up of 5 of 4 epochs climbs
+        "schedule.milestones_epochs=[3.0, 25.0]: the run's 4 epoch(s) (train.epochs) end before its last milestone(s); "
+        "the lr decays 1 of 2 times": ["schedule.name=multistep", "schedule.milestones_epochs=[3, 25]"],
+        "schedule.t_max_epochs=50.0: the run's 4 epoch(s) (train.epochs) end before the cosine does; the lr ends at "
+        "98% of optim.lr, not at eta_min": ["schedule.name=cosine", "schedule.t_max_epochs=50"],
+        "schedule.warmup_epochs=5.0: the run's 4 epoch(s) (train.epochs) are all warm-up; the lr climbs to 80% of "
+        "optim.lr, at the last step": ["schedule.warmup_epochs=5"],
+    }
+    for start, sets in more.items():
+        [line] = lengths_past_the_run(load_config(None, ["train.epochs=4", *sets]), n, searched=False)
+        assert line.startswith(start), line
+    assert lengths_past_the_run(load_config(None, ["train.epochs=4", "schedule.t_max_epochs=4"]), n, False) == []
     pbt = os.path.join(root, "studies", "resnet18_pbt.yaml")
     assert lengths_past_the_run(load_config(pbt), n) == []
     [line] = lengths_past_the_run(load_config(pbt, ["train.epochs=2"]), n)

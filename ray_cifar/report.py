@@ -786,8 +786,12 @@ def _test_note(study: Study) -> str | None:
             f"figure chose any trial, epoch or point.")
 
 
+TEST_BEST_NOTE = ("tune.test best: only the best trial has a test figure (evaluated once, after the study); tune.test "
+                  "all puts one beside every finished trial.")
+
+
 def trials_section(study: Study, built: dict[str, Any]) -> TableSection:
-    note = _test_note(study)
+    note = _test_note(study) or (TEST_BEST_NOTE if len(built["trials"]) > 1 else None)
     notes = [_headline(study, built)] + ([note] if note else [])
     if study.unfinished:
         running = sum(t.get("status") == "running" for t in study.trials)
@@ -828,8 +832,7 @@ def schedule_section(study: Study, built: dict[str, Any]) -> TableSection | None
 def published_section(study: Study, built: dict[str, Any]) -> TableSection | None:
     if not built["matches"]:
         return None
-    notes = [_test_note(study) or
-             "tune.test best: only the best trial has a test figure; tune.test all puts one beside every run."]
+    notes = [_test_note(study) or TEST_BEST_NOTE]
     return TableSection("Published figures", notes, built["matches"],
                         ["label", "metric", "published %", "ours %", "source"])
 

@@ -408,6 +408,8 @@ def test_a_comparison_says_which_studies_evaluated_every_trial_on_test(tmp_path)
         assert "every finished trial was evaluated" not in md
     assert main([every, every, "--out", str(tmp_path / "c")]) == 0  # (both all: the one study's note)
     assert "test_acc: every finished trial was evaluated once" in open(tmp_path / "c" / "compare-report.md").read()
+    assert main([best]) == 0  # a tune.test best study says why its other trials show "-"
+    assert "tune.test best: only the best trial has a test figure" in open(tmp_path / "best" / "report.md").read()
 
 
 @needs_matplotlib

@@ -556,7 +556,7 @@ def plot_published(matches, path: str) -> str:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 0.5 * len(matches) + 1.5 if matches else 0.6))
     if not matches:
-        ax.text(0.5, 0.5, "no trial matches a published entry (none in config.yaml, or a shortened run)",
+        ax.text(0.5, 0.5, "no trial ran at a published entry's values (a shortened or smoke run changes them)",
                 ha="center", va="center", fontsize=9)
         ax.set_axis_off()
         return _save(fig, path)
@@ -744,7 +744,8 @@ def build(study: Study, out_dir: str, prefix: str = "") -> dict[str, Any]:
             "schedule": schedule_rows(study.rows, best_pbt, [k for k in keys if k != STUDY_COLUMN],  # in its ids
                                       study.metric) if best_pbt else [],
             "figures": figures,
-            "captions": {"asha": f"What stopped trials early: {stops_text(study.tune, max_t)}."}}
+            "captions": {"asha": f"What stopped trials early: {stops_text(study.tune, max_t)}.",
+                         **({} if matches or not published else {"published": NO_MATCH_CAPTION})}}
 
 
 SECTIONS = (("ranking", "Trial ranking"), ("curves", "Learning curves"), ("asha", "Where the scheduler stopped each trial"),
@@ -786,6 +787,9 @@ def _test_note(study: Study) -> str | None:
             f"figure chose any trial, epoch or point.")
 
 
+NO_MATCH_CAPTION = ("No trial ran at the values of a published entry (config.yaml's `published`, each matched by all "
+                    "of its `where`): a --smoke-test or --budget-scale run changes lengths, batch sizes and grids, so "
+                    "its trials are not the published runs.")
 TEST_BEST_NOTE = ("tune.test best: only the best trial has a test figure (evaluated once, after the study); tune.test "
                   "all puts one beside every finished trial.")
 

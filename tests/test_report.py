@@ -389,6 +389,11 @@ def test_a_study_with_nothing_published_has_no_published_figure(tmp_path):
     md = open(tmp_path / "none" / "report.md").read()
     assert "Beside the published figures" not in md and not (tmp_path / "none" / "figures" / "published.png").exists()
     assert "figures/ranking.png" in md
+    # Entries that no trial matches (a smoke run's grid, here other lrs): the figure, and a line that says why.
+    out = make_output(str(tmp_path / "other"), lr_values=(0.2, 0.02))
+    assert main([out]) == 0
+    md = open(tmp_path / "other" / "report.md").read()
+    assert "## Beside the published figures\n\nNo trial ran at the values of a published entry" in md
 
 
 @needs_matplotlib

@@ -840,12 +840,13 @@ def test_tunes_own_resume_hint_is_not_shown_beside_the_studys(caplog):
 def test_asha_tops_out_at_the_longest_trial_a_study_searches():
     """ASHA's top rung was the fixed train.epochs: a trial that searched 4 epochs was cut at the study's 2 and read
     `completed`, and the banner said "max 2 epochs"."""
+    from ray_cifar.tuning import cluster
     from ray_cifar.validation import load_config
 
     cfg = load_config(None, ["train.epochs=2", "tune.scheduler=asha", "train.num_workers=1",
                              "tune.search_space={train.epochs: {grid: [2, 4]}}"])
-    assert study.longest_epochs(cfg) == 4 and "max 4 epochs" in study._banner(cfg, "OUT", 1, False)
+    assert cluster.max_trial_epochs(cfg) == 4 and "max 4 epochs" in study._banner(cfg, "OUT", 1, False)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     rows = load_config(os.path.join(root, "studies", "resnet18_lr_schedule_wd.yaml"), ["train.epochs=10"])
-    assert study.longest_epochs(rows) == 15  # its 15-epoch rows, beside the --set 10 of the others
-    assert study.longest_epochs(load_config(None, ["tune.search_space={}"])) == 30
+    assert cluster.max_trial_epochs(rows) == 15  # its 15-epoch rows, beside the --set 10 of the others
+    assert cluster.max_trial_epochs(load_config(None, ["tune.search_space={}"])) == 30

@@ -72,19 +72,27 @@ def max_workers(cfg: Config) -> int:
     return _trial_extent(cfg)[0]
 
 
-# (ranks, GPU share, search space) -> (most ranks, most GPUs) over the study's trials: expanding the
-# search space costs ~10 ms a point, and a study's start asks several times (sizing Ray, trials at
-# once, threads, process reuse, retries).
-_EXTENTS: dict[str, tuple[int, float]] = {}
+# (ranks, GPU share, epochs, search space) -> (most ranks, most GPUs, most epochs) over the study's trials:
+# expanding the search space costs ~10 ms a point, and a study's start asks several times (sizing Ray, trials
+# at once, threads, process reuse, retries, ASHA's top rung, the banner).
+_EXTENTS: dict[str, tuple[int, float, int]] = {}
 
 
-def _trial_extent(cfg: Config) -> tuple[int, float]:
-    key = json.dumps([cfg.train.num_workers, cfg.train.gpus_per_worker, cfg.tune.search_space], sort_keys=True,
-                     default=str)
+def _trial_extent(cfg: Config) -> tuple[int, float, int]:
+    key = json.dumps([cfg.train.num_workers, cfg.train.gpus_per_worker, cfg.train.epochs, cfg.tune.search_space],
+                     sort_keys=True, default=str)
     if key not in _EXTENTS:
         trials = [trial.train for _, trial in trial_configs(cfg)]
-        _EXTENTS[key] = (max(t.num_workers for t in trials), max(t.num_workers * t.gpus_per_worker for t in trials))
+        _EXTENTS[key] = (max(t.num_workers for t in trials), max(t.num_workers * t.gpus_per_worker for t in trials),
+                         max(t.epochs for t in trials))
     return _EXTENTS[key]
+
+
+def max_trial_epochs(cfg: Config) -> int:
+    """The most epochs any trial of the study trains (train.epochs, searched as a key or in a variant): ASHA's top
+    rung when tune.max_epochs is not set. It was the fixed train.epochs, and ASHA cut a trial that searched 4 epochs
+    at the study's 2, which then read `completed`."""
+    return _trial_extent(cfg)[2]
 
 
 def max_trial_gpus(cfg: Config) -> float:

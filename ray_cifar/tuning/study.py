@@ -25,7 +25,7 @@ import time
 from typing import Any, Callable
 
 from .. import cli, storage
-from ..config import Config, ConfigError, flatten, grid_size, search_keys, trial_configs
+from ..config import Config, ConfigError, flatten, grid_size, search_keys
 from ..results import DamagedFile, ResultsLog, format_table, provenance, rank_trials, write_rows
 from ..validation import trial_config
 from .recorder import (FAILED, FULL_DISK, JUDGED, TRIALS_STATE, NoTunerRestoreHint, QuietFullDiskFailures,
@@ -133,7 +133,7 @@ def _build_tuner(cfg: Config, output: str, resume: bool, max_concurrent: int, re
     if cfg.tune.time_attr == "steps":  # the top rung is the step budget (none without one)
         max_t = cfg.train.max_steps or 10**12
     else:
-        max_t = cfg.tune.max_epochs or (longest_epochs(cfg) if cfg.train.max_steps is None else 10**6)
+        max_t = cfg.tune.max_epochs or (cluster.max_trial_epochs(cfg) if cfg.train.max_steps is None else 10**6)
     if cfg.tune.scheduler in ("pbt", "pb2"):
         scheduler = create_pbt(cfg, output, ray_storage, all_at_once=max_concurrent >= total_trials(cfg),
                                record=recorder.record_now)
@@ -193,15 +193,10 @@ def attach_to_tracker(cfg: Config, output: str, remote: str | None) -> None:
               f"{type(e).__name__}: {e}", flush=True)
 
 
-def longest_epochs(cfg: Config) -> int:
-    """The most epochs a trial of the study trains (train.epochs, searched in a key or a variant): ASHA's top rung
-    when tune.max_epochs is not set. It was the fixed train.epochs, and ASHA cut a trial that searched 4 epochs at
-    the study's 2, which then read `completed`."""
-    return max(trial.train.epochs for _, trial in trial_configs(cfg))
-
-
 def _banner(cfg: Config, output: str, max_concurrent: int, resume: bool) -> str:
-    max_t = cfg.tune.max_epochs or longest_epochs(cfg)
+    from . import cluster
+
+    max_t = cfg.tune.max_epochs or cluster.max_trial_epochs(cfg)
     length = f"max {max_t} epochs" if cfg.train.max_steps is None else f"{cfg.train.max_steps} steps per trial"
     trials = (f"{grid_size(cfg)} grid point(s) x {cfg.tune.num_samples} sample(s)" if cfg.tune.search == "grid"
               else f"{cfg.tune.num_samples} trial(s) by {cfg.tune.search} search")

@@ -488,7 +488,7 @@ def _check_data(cfg: Config, n: int) -> None:
         _check(val < n, "data.val_fraction", f"leaves none of the {n} train images for training", d.val_fraction)
     _check(d.train_subset is None or d.train_subset >= batch, "data.train_subset",
            f"smaller than one global batch (train.global_batch_size={batch})", d.train_subset)
-    train = n - val if d.train_subset is None else min(d.train_subset, n - val)
+    train = d.train_count(n)
     _check(batch <= train, "train.global_batch_size",
            f"larger than the {train} train images ({n} minus {val} for validation"
            + (f", data.train_subset={d.train_subset}" if d.train_subset is not None else "") + ")", batch)

@@ -52,12 +52,9 @@ def smoke_values(values: list) -> list:
 def run_length(cfg: Config, num_train_images: int = CIFAR10_TRAIN_IMAGES) -> tuple[int, int]:
     """(optimizer steps, steps per epoch) of a run of `cfg`'s fixed values on a train split of `num_train_images`
     (CIFAR-10's by default): a train.max_steps run's epochs follow from its batch size and split, as they will."""
-    d, t = cfg.data, cfg.train
-    images = num_train_images - (d.val_count(num_train_images) or 0)
-    if d.train_subset is not None:
-        images = min(images, d.train_subset)
+    t = cfg.train
     # The sampler's count (the last partial batch dropped); an invalid batch size is validate's to name.
-    steps_per_epoch = max(1, images // max(1, t.global_batch_size))
+    steps_per_epoch = max(1, cfg.data.train_count(num_train_images) // max(1, t.global_batch_size))
     return (t.max_steps if t.max_steps is not None else t.epochs * steps_per_epoch), steps_per_epoch
 
 

@@ -59,6 +59,11 @@ class DataConfig:
         """Validation images: val_size, or val_fraction of the train images (rounded)."""
         return self.val_size if self.val_fraction is None else round(self.val_fraction * num_train_images)
 
+    def train_count(self, num_train_images: int) -> int:
+        """Images a run trains on: those left after validation, at most train_subset."""
+        left = num_train_images - (self.val_count(num_train_images) or 0)
+        return left if self.train_subset is None else min(self.train_subset, left)
+
 
 @dataclass
 class ModelConfig:

@@ -31,7 +31,7 @@ from ray.tune import Callback
 
 from .. import storage
 from ..config import improves
-from ..results import LINEAGE_COLUMNS, ResultsLog, epoch_row
+from ..results import LINEAGE_COLUMNS, ResultsLog, epoch_row, rank_trials, trial_value
 
 RUNNING, COMPLETED, STOPPED, DIVERGED, FAILED = "running", "completed", "stopped", "diverged", "failed"
 # A trial with rows that Tune's saved state never held: its driver died after the trial was made and before Tune
@@ -727,9 +727,9 @@ def progress_line(trials: list, summaries: dict[str, dict[str, Any]], elapsed: f
     mean_planned = planned / len(summaries) if summaries else 0
     left_epochs = max(planned - epochs_done, 0) + pending * mean_planned
     eta = f"~{left_epochs * per_epoch / 60:.1f} min left at most" if per_epoch else "time left unknown yet"
-    scored = [t for t in summaries.values() if isinstance(t.get("best_metric"), (int, float))]
-    best = ((max if mode == "max" else min)(scored, key=lambda t: t["best_metric"]) if metric and scored else None)
-    so_far = (f"; best so far {best['trial_id']}: {metric} {best['best_metric']:.4f} at epoch {best['best_epoch']}"
-              if best else "")
+    best = rank_trials(list(summaries.values()), metric, mode)[:1] if metric else []  # as the final table ranks
+    value = trial_value(best[0], metric) if best else None  # (None: no trial scored yet, or only a diverged NaN)
+    so_far = "" if value is None else f"; best so far {best[0]['trial_id']}: {metric} {value:.4f} at epoch " \
+                                      f"{best[0]['best_epoch']}"
     return (f"[ray_cifar] progress: {done} trial(s) done, {running} running, {pending} pending; "
             f"{epochs_done} epoch(s) done; {elapsed / 60:.1f} min elapsed; {eta}{so_far}")

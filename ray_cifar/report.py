@@ -404,9 +404,9 @@ def scheduler_text(tune: dict[str, Any], max_t: float) -> str:
 
 def stops_text(tune: dict[str, Any], max_t: float) -> str:
     """scheduler_text; for a comparison of studies whose schedulers differ (_combine), each study's."""
-    if tune.get("per_study"):
-        own = tune.get("max_t_by_study") or {}
-        return "; ".join(f"{name}: {scheduler_text(t, own.get(name, max_t))}" for name, t in tune["per_study"].items())
+    if tune.get("scheduler") == "mixed":
+        own = tune["max_t_by_study"]
+        return "; ".join(f"{name}: {scheduler_text(t, own[name])}" for name, t in tune["per_study"].items())
     return scheduler_text(tune, max_t)
 
 
@@ -666,14 +666,14 @@ def _combine(studies: list[Study]) -> Study:
 
     first = studies[0]
     config = dict(first.config)
+    # Each study's own tune section and length: the first's spoke for all of them (its tune.test for every trial's
+    # test figure; its rungs, where schedulers or lengths differ, for every study's stops: a 4-epoch study's "rungs
+    # at 1, 2, 4, max 6", from a 6-epoch study beside it).
     max_t = {s.name: study_max_epochs(s, s.trials) for s in studies}
-    if len({tuple(repr(s.tune.get(k)) for k in SCHEDULER_KEYS) for s in studies}) > 1 or len(set(max_t.values())) > 1:
-        # Their schedulers or lengths differ: the first's rungs drawn under all of them named every study's stops
-        # by it (a 4-epoch study's "rungs at 1, 2, 4, max 6", from a 6-epoch study beside it).
-        config["tune"] = {**first.tune, "scheduler": "mixed", "per_study": {s.name: s.tune for s in studies},
-                          "max_t_by_study": max_t}
-    # Which trials have a test figure, per study: the first's tune.test said it of all of them.
-    config["tune"] = {**config["tune"], "test_by_study": {s.name: s.tune.get("test", "best") for s in studies}}
+    schedulers = {tuple(repr(s.tune.get(k)) for k in SCHEDULER_KEYS) for s in studies}
+    mixed = len(schedulers) > 1 or len(set(max_t.values())) > 1
+    config["tune"] = {**first.tune, "per_study": {s.name: s.tune for s in studies}, "max_t_by_study": max_t,
+                      **({"scheduler": "mixed"} if mixed else {})}
     config["published"] = [{**p, "where": {STUDY_COLUMN: s.name, **(p.get("where") or {})}}
                            for s in studies for p in s.config.get("published") or []]
     # A field one study searched and another fixed: the other's rows get its fixed value from its config (shown as
@@ -775,7 +775,8 @@ def _headline(study: Study, built: dict[str, Any]) -> str:
 def _test_note(study: Study) -> str | None:
     """What has a test figure, where any trial but the best has one: TEST_ALL_NOTE, or per study in a comparison
     of studies whose tune.test differs."""
-    by_study = study.tune.get("test_by_study") or {study.name: study.tune.get("test", "best")}
+    by_study = {name: tune.get("test", "best")
+                for name, tune in (study.tune.get("per_study") or {study.name: study.tune}).items()}
     every = [name for name, test in by_study.items() if test == "all"]
     if not every:
         return None

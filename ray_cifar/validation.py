@@ -454,18 +454,20 @@ def _lengths_past_the_run(cfg: Config, n: int) -> list[tuple[str, Any, str]]:
     if warmup >= steps:  # the lr at the run's last step: steps / warmup of optim.lr
         found.append(("schedule.warmup_epochs", s.warmup_epochs,
                       f"{run} are all warm-up; the lr climbs to {steps / warmup:.0%} of optim.lr, at the last step"))
-    first_decay = {"step": s.step_every_iters or round((s.step_every_epochs or 0) * steps_per_epoch),
-                   "multistep": round(s.milestones_epochs[0] * steps_per_epoch) if s.milestones_epochs else 0}
-    key = {"step": "schedule.step_every_iters" if s.step_every_iters else "schedule.step_every_epochs",
-           "multistep": "schedule.milestones_epochs"}.get(s.name)
-    if key and first_decay[s.name] >= steps:
+    # The step of each decay the schedule names (a step schedule: its first; a multistep one: every milestone).
+    key, decays = None, []
+    if s.name == "step":
+        key = "schedule.step_every_iters" if s.step_every_iters else "schedule.step_every_epochs"
+        decays = [s.step_every_iters or round(s.step_every_epochs * steps_per_epoch)]
+    elif s.name == "multistep":
+        key, decays = "schedule.milestones_epochs", [round(m * steps_per_epoch) for m in s.milestones_epochs]
+    reached = sum(d < steps for d in decays)
+    if key and reached == 0:
         found.append((key, getattr(s, key.split(".")[1]),
                       f"{run} end before the first decay; the lr never decays (a constant lr)"))
-    elif s.name == "multistep" and round(s.milestones_epochs[-1] * steps_per_epoch) >= steps:
-        reached = sum(round(m * steps_per_epoch) < steps for m in s.milestones_epochs)
-        found.append(("schedule.milestones_epochs", s.milestones_epochs,
-                      f"{run} end before its last milestone(s); the lr decays {reached} of "
-                      f"{len(s.milestones_epochs)} times"))
+    elif reached < len(decays):
+        found.append((key, getattr(s, key.split(".")[1]),
+                      f"{run} end before its last milestone(s); the lr decays {reached} of {len(decays)} times"))
     if s.name == "cosine" and s.t_max_epochs is not None and warmup + round(s.t_max_epochs * steps_per_epoch) > steps:
         from . import optim  # the schedule registry (torch): only where a cosine's end is set
 

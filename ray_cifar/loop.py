@@ -151,11 +151,16 @@ def run_training(
             + (f"; resumed after epoch {progress['epoch']}" if resume is not None else ""))
 
     def state() -> dict:
+        # What the caller added to the epoch's metrics before it saves (the rank's nodes, its start-up timing, PBT's
+        # lineage) goes into the epoch's history entry too: a row recovered from the checkpoint is the row reported.
+        if reported and progress["history"] and progress["history"][-1]["epoch"] == reported[-1]["epoch"]:
+            progress["history"][-1].update(_scalars(reported[-1]))
         return checkpoint.training_state(run.model, run.optimizer, run.scheduler, run.scaler,
                                          epoch=progress["epoch"], step=run.scheduler.last_epoch,
                                          best=progress["best"], history=progress["history"], config=cfg.to_dict())
 
     seconds: list[float] = []
+    reported: list[dict] = []  # the metrics of this run's epoch that on_epoch has now (its state() may be called)
     setup_seconds = time.perf_counter() - setup_start  # model, DDP wrap, resume: part of the start-up
     resumed_from = progress["epoch"]
     for epoch in range(progress["epoch"], run.epochs):
@@ -169,6 +174,7 @@ def run_training(
         if log and rank == 0:
             log(_epoch_line(metrics, eta=(run.epochs - epoch - 1) * sum(seconds) / len(seconds)))
         if on_epoch is not None:
+            reported[:] = [metrics]
             on_epoch(metrics, state)
         if metrics["diverged"]:
             break
@@ -176,16 +182,20 @@ def run_training(
         # Resumed at its end (a driver died after the last checkpoint; a PBT member copied a donor that had just
         # finished): nothing to train, but whoever waits for this run's result gets its last epoch again (Tune
         # requires the metric; the recorder drops a row it already holds).
-        on_epoch(dict(progress["history"][-1]), state)
+        on_epoch(dict(progress["history"][-1]), state)  # its history entry keeps the columns of its first report
     return run.model
 
 
 def _update_progress(progress: dict, metrics: dict, metric: str, mode: str) -> None:
     progress["epoch"] = metrics["epoch"]
-    progress["history"].append({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))})
+    progress["history"].append(_scalars(metrics))
     value, best = metrics.get(metric), progress["best"]
     if improves(value, best["value"], mode):
         progress["best"] = {"value": value, "epoch": metrics["epoch"]}
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
 
 
 def _epoch_line(m: dict, eta: float) -> str:

@@ -388,3 +388,53 @@ def test_resume_of_a_finished_study_rebuilds_its_damaged_results_from_the_checkp
                                                                                               ("a", 2, 0.2)]
     assert (out / "results.parquet.damaged").exists() and (out / "report.md").exists()
     assert tune.main(["--resume", str(out)]) == 0 and "has already finished" in capsys.readouterr().out
+
+
+def test_rows_recovered_from_a_checkpoint_are_the_rows_the_trial_reported(tmp_path, synthetic_parquet_dir, monkeypatch):
+    """A damaged results part's rows come back from the trial's newest checkpoint with what the trial reported
+    beside the loop's metrics: the node it ran on, its start-up seconds and their phases, PBT's lineage, and the
+    checkpoint itself. Before, the checkpoint's history held the loop's metrics alone, and the recovered rows had
+    no nodes, no start-up and no checkpoint_path: the trial's start-up figures and its checkpoint were gone from
+    the study's results. A real one-rank trial's code (run_rank, its store and the recorder), without Ray."""
+    from types import SimpleNamespace
+
+    from conftest import TINY_MODEL
+    from ray_cifar.tuning import trial as trial_mod
+    from ray_cifar.tuning.recorder import StudyRecorder
+    from ray_cifar.validation import load_config
+
+    monkeypatch.setattr(trial_mod, "_rank_nodes", lambda world_size: "node-a")  # Ray's node id, without Ray
+    cfg = load_config(None, TINY_MODEL + ["train.epochs=2", "data.val_size=100", "train.global_batch_size=100",
+                                          "data.pipeline=torch", "train.torch_threads=1",
+                                          f"data.path={synthetic_parquet_dir}"])
+    out = str(tmp_path / "study")
+    store = CheckpointStore(str(tmp_path / "ray" / "trial-a"))
+    recorder = StudyRecorder(out, lambda config: {}, "val_acc", "max", {}, tensorboard=False)
+    trial = SimpleNamespace(trial_id="a", config={})
+
+    def report(metrics, directory, epoch, best_epoch):  # train_in_trial_process's, to the recorder
+        metrics["checkpoint_path"] = store.save(directory, epoch, best_epoch)
+        recorder.on_trial_result(epoch, [], trial, dict(metrics))
+
+    started = __import__("time").time()
+    where = trial_mod.Rank(0, 1, 1, torch.device("cpu"), store.latest, report)
+    trial_mod.run_rank(cfg, where, trial_mod.PhaseClock(started), started, {"pbt_generation": 1, "pbt_parent": "b"})
+    reported = ResultsLog(out).read()
+    assert [r["epoch"] for r in reported] == [1, 2] and reported[0]["startup_seconds"] > 0
+
+    parts = sorted((tmp_path / "study" / ResultsLog.PARTS).iterdir())
+    for part in parts:
+        damage(part, "truncated")
+    StudyRecorder(out, lambda config: {}, "val_acc", "max", {}, tensorboard=False)  # sets them aside, recovers
+    recovered = ResultsLog(out).read()
+    unset = ("time", "timing_checkpoint_save_seconds", "checkpoint_path")  # the save's, after the state is written
+    def kept(row):  # (a part's rows have its own columns; one merged part gives every row all of them)
+        return {k: v for k, v in row.items() if k not in unset and v is not None}
+
+    for got, want in zip(recovered, reported, strict=True):
+        assert kept(got) == kept(want)
+    assert recovered[0]["nodes"] == "node-a" and recovered[0]["timing_data_load_seconds"] is not None
+    assert recovered[1]["pbt_parent"] == "b"
+    # The checkpoint's own epoch names it; an epoch before it names none (its folder may be gone).
+    assert recovered[1]["checkpoint_path"] == reported[1]["checkpoint_path"]
+    assert recovered[0]["checkpoint_path"] is None

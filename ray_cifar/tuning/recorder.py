@@ -239,7 +239,7 @@ class StudyRecorder(Callback):
             where = summary.get("latest_checkpoint") or summary.get("best_checkpoint")
             found = newest_loadable_state(posixpath.dirname(where.rstrip("/"))) if where else None
             params = searched_values(summary)
-            for metrics in found[1]["history"] if found else []:
+            for metrics in _history_of(found):
                 if (trial_id, int(metrics["epoch"])) not in self.seen:
                     self.seen.add((trial_id, int(metrics["epoch"])))
                     recovered.append(epoch_row(trial_id, params, metrics, {"time": time.time(), **self.provenance}))
@@ -472,8 +472,7 @@ class StudyRecorder(Callback):
                 continue
             history = []
             if recorded < int(last["epoch"]) - 1 and last.get("checkpoint_path"):
-                found = newest_loadable_state(posixpath.dirname(last["checkpoint_path"].rstrip("/")))
-                history = found[1]["history"] if found else []
+                history = _history_of(newest_loadable_state(posixpath.dirname(last["checkpoint_path"].rstrip("/"))))
             first, end = recorded + 1, int(last["epoch"])
             epochs = f"epochs {first}-{end}" if first < end else f"epoch {end}"
             print(f"[ray_cifar] trial {trial.trial_id} finished with {epochs} unrecorded: recovered from its last "
@@ -685,6 +684,17 @@ class StudyRecorder(Callback):
 def searched_values(entry: dict[str, Any]) -> dict[str, Any]:
     """A trial summary's or row's values of the config ("section.field" keys: the searched ones and the seed)."""
     return {k: v for k, v in entry.items() if "." in k}
+
+
+def _history_of(found: tuple[str, dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The epochs a checkpoint (checkpoint_store.newest_loadable_state's (folder, state)) has seen, its own epoch's
+    entry with its folder as checkpoint_path, as that epoch's row has it."""
+    if not found:
+        return []
+    history = [dict(h) for h in found[1].get("history") or []]
+    if history and history[-1].get("epoch") == found[1].get("epoch"):
+        history[-1]["checkpoint_path"] = found[0]
+    return history
 
 
 def _trials_from_rows(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, dict[str, Any]]:

@@ -132,13 +132,15 @@ def _rank_nodes(world_size: int) -> str:
 
 
 def _quiet_report_logs() -> None:
-    """Ray Train 2.60 logs every report (its whole metrics dict) at INFO from every rank; rank 0 already
-    prints one line an epoch, so keep the rest for warnings."""
+    """Ray Train 2.60 logs every report (its whole metrics dict) at INFO from every rank, and rank 0's every
+    checkpoint ("Checkpoint successfully created at: ...", a line an epoch beside the epoch's own; the rows keep
+    its path). Rank 0 already prints one line an epoch, so keep the rest for warnings."""
     try:
-        from ray.train.v2._internal.execution import context
+        from ray.train.v2._internal.execution import context, storage as train_storage
     except ImportError:  # another Ray version: nothing to quiet
         return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)  # (Ray names that logger by its file)
+    logging.getLogger(train_storage.__name__).setLevel(logging.WARNING)
 
 
 class PhaseClock:

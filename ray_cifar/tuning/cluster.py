@@ -163,7 +163,37 @@ def init_ray(cfg: Config) -> str:
         ray.shutdown()
         end_started(before)
         raise KeyboardInterrupt
+    _drop_routine_forwarded_lines()
     return dashboard
+
+
+# Ray Train's controller starts its PreemptionWatcher actor with arguments in the object store and restarts allowed,
+# and Ray's core worker logs that at ERROR as each DDP trial starts ("[... E ...] core_worker.cc:2465: Actor with
+# class name: 'PreemptionWatcher' and ID: '...' has constructor arguments in the object store and max_restarts >
+# 0"): a line a trial that reads as a failure, about Ray's own actor. It is C++'s, out of reach of Python's logging
+# in the controller's process, so the driver drops it from the lines Ray forwards; every other line passes.
+ROUTINE_FORWARDED = re.compile(r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the "
+                               r"object store and max_restarts > 0")
+
+
+def _drop_routine_forwarded_lines() -> None:
+    try:  # Ray 2.60's dispatcher of the workers' lines to the driver's screen (a private name: Ray is pinned)
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+
+    def dropping(handle):
+        def handler(data: dict) -> None:
+            lines = [line for line in data.get("lines", []) if not ROUTINE_FORWARDED.search(line)]
+            if lines:
+                handle({**data, "lines": lines})
+
+        handler.drops_routine_lines = True
+        return handler
+
+    with dispatcher._lock:
+        dispatcher.handlers = [(name, handle if getattr(handle, "drops_routine_lines", False) else dropping(handle))
+                               for name, handle in dispatcher.handlers]
 
 
 # The longest a signal is held while ray.init runs: a local Ray starts in 2-15 s here (a loaded 2-core machine),

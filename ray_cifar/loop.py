@@ -190,7 +190,7 @@ def _update_progress(progress: dict, metrics: dict, metric: str, mode: str) -> N
     progress["epoch"] = metrics["epoch"]
     progress["history"].append(_scalars(metrics))
     value, best = metrics.get(metric), progress["best"]
-    if improves(value, best["value"], mode):
+    if not metrics.get("diverged") and improves(value, best["value"], mode):  # (results.scored: never a best)
         progress["best"] = {"value": value, "epoch": metrics["epoch"]}
 
 

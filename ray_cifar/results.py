@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 EPOCH_METRICS = ("steps", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "eval_seconds",
                  "images_per_second", "num_workers", "train_images", "data_pipeline", "amp", "device", "nodes",
                  "diverged", "resumed_from_epoch", "startup_seconds", "checkpoint_path")
+SCORE_COLUMNS = ("train_loss", "train_acc", "val_loss", "val_acc")  # an epoch's figures of how well it trained
 LINEAGE_COLUMNS = ("pbt_generation", "pbt_parent")  # PBT studies only (ray_cifar.tuning.pbt): exploits so far, last donor
 READ_RETRY_SECONDS = 60.0  # a read that keeps meeting merges of its parts gives up after this
 TIMING_PREFIX = "timing_"  # timing_<phase>_seconds: where a trial's start-up went
@@ -223,7 +224,7 @@ SEED_KEY = "train.seed"
 
 
 def metric_value(row: dict[str, Any], key: str) -> float | None:
-    """row[key] as a float; None when missing, None or NaN (a diverged epoch ranks last, never first)."""
+    """row[key] as a float; None when missing, None or NaN (a NaN ranks last, never first)."""
     value = row.get(key)
     if value is None or isinstance(value, (str, bytes, bool)):
         return None
@@ -239,12 +240,20 @@ def _order_key(value: float | None, mode: str) -> tuple[int, float]:
     return (0, -value if mode == "max" else value)
 
 
+def scored(row: dict[str, Any]) -> bool:
+    """Whether an epoch's metrics score its trial: not a diverged epoch's. Its train loss was not finite, its
+    weights may hold NaN, and its val_acc (a constant prediction's, ~10%) is a number all the same: taken for a
+    score it was a trial's best epoch, its NaN weights were evaluated on test, and replicates averaged it."""
+    return not row.get("diverged")
+
+
 def best_epoch(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
-    """The epoch row of one trial with the best `metric` (earliest on ties); None if no row has a value."""
-    scored = [r for r in rows if metric_value(r, metric) is not None]
-    if not scored:
+    """The epoch row of one trial with the best `metric` (earliest on ties); None if no row has a value (or
+    every row with one diverged)."""
+    scored_rows = [r for r in rows if scored(r) and metric_value(r, metric) is not None]
+    if not scored_rows:
         return None
-    return min(scored, key=lambda r: (_order_key(metric_value(r, metric), mode), r.get("epoch") or 0))
+    return min(scored_rows, key=lambda r: (_order_key(metric_value(r, metric), mode), r.get("epoch") or 0))
 
 
 def trial_value(trial: dict[str, Any], metric: str) -> float | None:
@@ -270,7 +279,9 @@ def summarize_trials(rows: list[dict[str, Any]], metric: str, mode: str) -> list
     for trial_id, trial_rows in by_trial.items():
         last = max(trial_rows, key=lambda r: r.get("epoch") or 0)
         best = best_epoch(trial_rows, metric, mode)
-        summary = {**(best or last), "trial_id": trial_id, "epochs": last.get("epoch")}
+        # A trial without a scored epoch (its first diverged) has no figures at its best: none are taken from its last.
+        summary = {**(best or {**last, **{k: None for k in SCORE_COLUMNS}}), "trial_id": trial_id,
+                   "epochs": last.get("epoch")}
         summary.update(best_epoch=best.get("epoch") if best else None,
                        best_metric=metric_value(best, metric) if best else None)
         summaries.append(summary)

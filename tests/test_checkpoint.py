@@ -90,8 +90,12 @@ def test_a_non_finite_loss_ends_the_run_as_diverged():
     splits = make_splits(synthetic_cifar(400, 50), cfg.data, "cpu")
     epochs: list[dict] = []
     loader = train_loader_for(cfg, splits.train, torch.device("cpu"), log=None)
-    run_training(cfg, loader, splits.val, torch.device("cpu"), on_epoch=lambda m, s: epochs.append(m), log=None)
-    assert [m["diverged"] for m in epochs] == [True]
+    run_training(cfg, loader, splits.val, torch.device("cpu"), on_epoch=lambda m, s: epochs.append((m, s())),
+                 log=None)
+    assert [m["diverged"] for m, _ in epochs] == [True]
+    # Its val_acc is a number (a constant prediction's), but no score: the state has no best epoch (the store and
+    # train's best/ keep no checkpoint of NaN weights as the best).
+    assert epochs[0][0]["val_acc"] >= 0 and epochs[0][1]["best"] == {"value": None, "epoch": None}
 
 
 @pytest.mark.parametrize("kind", ["path", "uri"])

@@ -186,10 +186,14 @@ def test_each_trial_start_and_end_is_one_line(recorder, capsys):
 def test_a_diverged_trials_nan_is_kept_in_its_row_but_not_written_to_tensorboard(tmp_path, capfd, caplog):
     """tensorboardX logged "NaN or Inf found in input tensor." for it: an unlabelled console line."""
     rec = StudyRecorder(str(tmp_path), lr_params, "val_acc", "max", tensorboard=True)
-    rec.on_trial_result(0, [], FakeTrial("a"), result(1, 0.1, diverged=True, train_loss=float("nan")))
+    rec.on_trial_result(0, [], FakeTrial("a"), result(1, 0.1, diverged=True, train_loss=float("nan"),
+                                                       checkpoint_path="a/checkpoint_000001"))
     rec.on_trial_complete(0, [], FakeTrial("a"))
     assert "NaN or Inf" not in "".join(capfd.readouterr()) + caplog.text
     assert math.isnan(ResultsLog(str(tmp_path)).read()[0]["train_loss"])
+    # Its val_acc (0.1) is no score: no best epoch, so no best checkpoint for the test split to evaluate.
+    assert rec.trials["a"]["status"] == "diverged"
+    assert (rec.trials["a"]["best_metric"], rec.trials["a"]["best_checkpoint"]) == (None, None)
 
 
 def test_a_retried_trial_that_completes_is_completed(recorder):

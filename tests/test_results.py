@@ -131,6 +131,23 @@ def test_summarize_by_val_loss_min_picks_the_lowest_loss_trial_not_the_highest_a
     assert summarize_trials(rows, "val_acc", "max")[0]["trial_id"] == "accurate"
 
 
+def test_a_diverged_epoch_scores_nothing_though_its_val_acc_is_a_number():
+    """A diverged epoch's val_acc is a constant prediction's (~10%), not NaN: taken for a score, a trial whose
+    first epoch diverged had that epoch as its best (its NaN weights were then evaluated on test), outranked a
+    trial with no epoch yet, and replicates averaged it into a point's mean."""
+    rows = [_epoch("steady", 1, 0.05), _epoch("blew_up", 1, 0.10, diverged=True, train_loss=float("nan")),
+            _epoch("late", 1, 0.30), _epoch("late", 2, 0.12, diverged=True)]
+    assert best_epoch([r for r in rows if r["trial_id"] == "blew_up"], "val_acc", "max") is None
+    assert best_epoch([r for r in rows if r["trial_id"] == "late"], "val_acc", "max")["epoch"] == 1
+    ranked = summarize_trials(rows, "val_acc", "max")
+    assert [t["trial_id"] for t in ranked] == ["late", "steady", "blew_up"]
+    blew_up = ranked[-1]
+    assert (blew_up["best_metric"], blew_up["val_acc"], blew_up["epochs"], blew_up["diverged"]) == (None, None, 1, True)
+    point = aggregate_over_seeds([{**t, "optim.lr": 1.0} for t in ranked if t["trial_id"] != "late"],
+                                ["optim.lr"], "val_acc")
+    assert point[0]["n"] == 1 and point[0]["values"] == [0.05]
+
+
 def test_aggregate_over_seeds_groups_replicates_of_one_point():
     rows = [{"optim.lr": 0.1, "train.seed": s, "val_acc": v} for s, v in ((0, 0.90), (1, 0.92), (2, 0.94))]
     rows += [{"optim.lr": 0.01, "train.seed": 0, "val_acc": 0.80},

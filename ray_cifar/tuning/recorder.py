@@ -31,7 +31,7 @@ from ray.tune import Callback
 
 from .. import storage
 from ..config import improves
-from ..results import LINEAGE_COLUMNS, ResultsLog, epoch_row, rank_trials, trial_value
+from ..results import LINEAGE_COLUMNS, ResultsLog, epoch_row, rank_trials, scored, trial_value
 
 RUNNING, COMPLETED, STOPPED, DIVERGED, FAILED = "running", "completed", "stopped", "diverged", "failed"
 # A trial with rows that Tune's saved state never held: its driver died after the trial was made and before Tune
@@ -343,7 +343,7 @@ class StudyRecorder(Callback):
             summary.update(self.params(metrics.get("config") or trial.config))
         summary["epochs"] = max(summary["epochs"], row["epoch"])
         summary["planned_epochs"] = metrics.get("epochs")
-        if improves(metrics.get(self.metric), summary["best_metric"], self.mode):
+        if scored(metrics) and improves(metrics.get(self.metric), summary["best_metric"], self.mode):
             summary.update(best_metric=metrics[self.metric], best_epoch=row["epoch"],
                            best_val_acc=metrics.get("val_acc"), best_checkpoint=metrics.get("checkpoint_path"))
         if metrics.get("checkpoint_path"):

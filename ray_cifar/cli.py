@@ -91,12 +91,6 @@ def output_uri(output: str | None) -> str | None:
     return output if output and storage.local_path(output) is None else None
 
 
-def is_train_output(output: str) -> bool:
-    """A `python -m ray_cifar.train` run's folder: its checkpoints/ beside config.yaml, which no study has (a study's
-    are under ray/)."""
-    return os.path.isdir(os.path.join(output, "checkpoints"))
-
-
 def load_resolved_config(output: str) -> Config:
     """The config a study in `output` was started with (its config.yaml); exit 2 (one line) when it does not load."""
     path = os.path.join(output, "config.yaml")

@@ -26,6 +26,7 @@ import html
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -35,8 +36,8 @@ import yaml
 
 from . import storage
 from .config import flatten, load_yaml, yaml_problem
-from .results import (CONFIDENCE, SEED_KEY, DamagedFile, aggregate_over_seeds, lineage_path, metric_value, read_results,
-                      read_rows, searched_columns, summarize_trials, welch_p_value)
+from .results import (CONFIDENCE, SEED_KEY, DamagedFile, aggregate_over_seeds, is_train_output, lineage_path,
+                      metric_value, read_results, read_rows, searched_columns, summarize_trials, welch_p_value)
 
 FIGURES = ("ranking", "curves", "asha", "params", "heatmap", "throughput", "published")
 MAX_HEATMAPS = 3  # pairs of searched fields drawn as heatmaps (those with the most cells)
@@ -56,10 +57,12 @@ class Study:
     rows: list[dict[str, Any]]  # one per trial per epoch
     trials: list[dict[str, Any]] = field(default_factory=list)  # trials.parquet, if the study got that far
     unfinished: bool = False  # no trials.parquet yet: the trials (and their statuses) so far, from trials.json
+    one_run: bool = False  # a `python -m ray_cifar.train` run's output: no scheduler, whatever its tune section says
 
     @property
     def tune(self) -> dict[str, Any]:
-        return self.config.get("tune") or {}
+        tune = self.config.get("tune") or {}
+        return {**tune, "scheduler": ONE_RUN, "search": None} if self.one_run else tune
 
     @property
     def metric(self) -> str:
@@ -90,7 +93,8 @@ def load_study(output: str) -> Study:
     rows = read_results(output)
     so_far = [] if trials else running_study_trials(output)
     trials = trials or so_far or train_run_trials(output, rows)
-    return Study(name=name, config=config, rows=rows, trials=trials, unfinished=bool(so_far))
+    return Study(name=name, config=config, rows=rows, trials=trials, unfinished=bool(so_far),
+                 one_run=is_train_output(output))
 
 
 def running_study_trials(output: str) -> list[dict[str, Any]]:
@@ -118,7 +122,10 @@ def train_run_trials(output: str, rows: list[dict[str, Any]]) -> list[dict[str, 
             test = json.load(f)
     except (OSError, ValueError):
         return []  # a damaged test.json: the rows are still reported
-    return [{"trial_id": run_ids.pop(), "test_acc": test.get("test_acc"), "test_loss": test.get("test_loss")}]
+    # test.json is written at the run's end: it ran every epoch, or stopped at one that diverged.
+    status = "diverged" if any(r.get("diverged") for r in rows) else "completed"
+    return [{"trial_id": run_ids.pop(), "status": status, "test_acc": test.get("test_acc"),
+             "test_loss": test.get("test_loss")}]
 
 
 # --- Tables ---
@@ -352,17 +359,42 @@ def plot_curves(rows, trials, path: str) -> str:
                 if points:
                     ax.plot(*zip(*points), marker="o", ms=3, color=colors[t["point"]],
                             label=label if key == "val_acc" and n == 0 else None)
+    from matplotlib.ticker import MaxNLocator
+
     for ax, key in zip(axes, ("val_acc", "train_loss")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_title("Validation accuracy (one line per trial)")
-    axes[1].set_title("Train loss")
+    above = _clip_diverging(axes[1], rows)
+    axes[1].set_title("Train loss" + (f" ({above} epoch(s) of diverging trials above the axis)" if above else ""))
     fig.legend(loc="lower center", ncol=min(3, max(1, len(shown))), fontsize=8, bbox_to_anchor=(0.5, -0.02))
     fig.subplots_adjust(bottom=0.25)
     fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+LOSS_AXIS_FIRSTS = 3.0  # the train-loss axis ends at this many times the median first-epoch loss, if a loss is past
+
+
+def _clip_diverging(ax, rows) -> int:
+    """A diverging trial's last finite losses (1e27 before its NaN) set the axis, and every other trial's curve lay
+    flat along its foot: the axis ends at LOSS_AXIS_FIRSTS x the trials' median first-epoch loss instead (a trial
+    that learns stays below its first epoch's). How many epochs are above it."""
+    first: dict[Any, dict[str, Any]] = {}
+    for r in rows:
+        if (r.get("epoch") or 0) < (first.get(r.get("trial_id"), {}).get("epoch") or math.inf):
+            first[r.get("trial_id")] = r
+    firsts = [v for r in first.values() for v in [metric_value(r, "train_loss")] if v is not None and math.isfinite(v)]
+    if not firsts or statistics.median(firsts) <= 0:
+        return 0
+    top = LOSS_AXIS_FIRSTS * statistics.median(firsts)
+    above = sum(v is not None and math.isfinite(v) and v > top for v in (metric_value(r, "train_loss") for r in rows))
+    if above:
+        ax.set_ylim(0, top)
+    return above
 
 
 def asha_rungs(tune: dict[str, Any], max_t: float) -> list[float]:
@@ -378,6 +410,7 @@ def asha_rungs(tune: dict[str, Any], max_t: float) -> list[float]:
     return rungs
 
 
+ONE_RUN = "one run"  # Study.tune's scheduler for a train run's output
 SCHEDULER_KEYS = ("scheduler", "search", "grace_period", "reduction_factor", "time_attr", "brackets", "max_epochs")
 
 
@@ -385,6 +418,8 @@ def scheduler_text(tune: dict[str, Any], max_t: float) -> str:
     """What stopped trials early, in words. BOHB brings its own HyperBand (tune.scheduler stays fifo there): it was
     drawn as "fifo: no rungs", its stopped trials unexplained."""
     scheduler = tune.get("scheduler", "?")
+    if scheduler == ONE_RUN:
+        return "one run of python -m ray_cifar.train: no scheduler, every epoch it planned was trained"
     if tune.get("search") == "bohb":
         return "BOHB's HyperBand: brackets of milestones, not drawn"
     if scheduler in ("pbt", "pb2"):
@@ -538,9 +573,9 @@ def plot_throughput(rows, trials, path: str) -> str:
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(trials) + 1.5))
     speeds = []
     for t in trials:
-        values = sorted(v for r in rows if r.get("trial_id") == t["trial_id"]
-                        for v in [metric_value(r, "images_per_second")] if v is not None)
-        speeds.append(values[len(values) // 2] if values else 0.0)  # the median: the first epoch warms up
+        values = [v for r in rows if r.get("trial_id") == t["trial_id"]
+                  for v in [metric_value(r, "images_per_second")] if v is not None]
+        speeds.append(statistics.median(values) if values else 0.0)  # the median: the first epoch warms up
     ax.barh(range(len(trials)), speeds, color="tab:purple")
     ax.set_yticks(range(len(trials)), [t["label"] for t in trials], fontsize=8)
     ax.invert_yaxis()
@@ -717,7 +752,8 @@ def build(study: Study, out_dir: str, prefix: str = "") -> dict[str, Any]:
     p = lambda name: os.path.join(fig_dir, f"{name}.png")  # noqa: E731
     plot_ranking(trials, study.metric, study.mode, p("ranking"))
     plot_curves(study.rows, trials, p("curves"))
-    plot_asha(trials, study.tune, max_t, p("asha"))
+    if not study.one_run:
+        plot_asha(trials, study.tune, max_t, p("asha"))
     # A point of the search space means something only where no PBT made the trials (NO_POINTS_NOTE): in a
     # comparison of a PBT study with a grid, the grid's points still are (the PBT study's trials left out of them).
     pbt = lineage_studies(study.rows)
@@ -730,7 +766,8 @@ def build(study: Study, out_dir: str, prefix: str = "") -> dict[str, Any]:
     if published:
         plot_published(matches, p("published"))
     figures = {n: f"{prefix}figures/{n}.png" for n in FIGURES
-               if (points or n not in LINEAGE_FIGURES) and (published or n != "published")}
+               if (points or n not in LINEAGE_FIGURES) and (published or n != "published")
+               and not (study.one_run and n == "asha")}  # (no scheduler stopped a train run)
     best_pbt = next((t for t in trials if t.get(STUDY_COLUMN) in pbt), None)
     if pbt:
         plot_pbt([r for r in study.rows if r.get(STUDY_COLUMN) in pbt], keys, study.metric, p("pbt"))

@@ -61,6 +61,12 @@ def provenance() -> dict[str, Any]:
             "python_version": platform.python_version(), "host_gpu": gpu}
 
 
+def is_train_output(output: str) -> bool:
+    """A `python -m ray_cifar.train` run's folder: its checkpoints/ beside config.yaml, which no study has (a study's
+    are under ray/)."""
+    return os.path.isdir(os.path.join(output, "checkpoints"))
+
+
 def epoch_row(trial_id: str, params: dict[str, Any], metrics: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     row = {"trial_id": trial_id, "epoch": int(metrics["epoch"])}
     row.update(params)

@@ -33,7 +33,7 @@ from . import checkpoint, cli
 from .console import holding, logged_to
 from .config import Config
 from .data.source import Cifar10
-from .results import ResultsLog, epoch_row, provenance
+from .results import ResultsLog, epoch_row, is_train_output, provenance
 
 COMMAND = "python -m ray_cifar.train"
 
@@ -77,7 +77,9 @@ def evaluate_best_on_test(cfg: Config, best_folder: str, test_split, device: tor
 
     from .loop import build_model, evaluate_split
 
-    if not os.path.isdir(best_folder):  # no epoch was ever best (e.g. diverged at once): nothing to evaluate
+    if not os.path.isdir(best_folder):  # no epoch was ever best: nothing to evaluate
+        print("[ray_cifar] no epoch scored (the run diverged in its first): the test split is not evaluated",
+              flush=True)
         return
     state = checkpoint.load_state(best_folder)
     model = build_model(cfg, device)
@@ -138,7 +140,7 @@ def resume(output: str, argv: list[str] | None, held) -> int:
 
     if not os.path.isdir(output):
         cli.fail(f"--resume {output}: no such folder")
-    if not cli.is_train_output(output):
+    if not is_train_output(output):
         cli.fail(f"--resume {output}: not a one-process `{COMMAND}` run's output (no checkpoints/ beside its "
                  f"config.yaml); a study, or a DDP run (a study of one trial), goes on with python -m ray_cifar.tune "
                  f"--resume {output}")

@@ -30,6 +30,7 @@ COMMAND = "python -m ray_cifar.tune"
 def resume(location: str, argv: list[str] | None, held: Held, found: str | None = None) -> int:
     """--resume LOCATION; `found` (a line) is printed once LOCATION proves to hold a study (--resume-if-exists)."""
     from . import storage
+    from .results import is_train_output
     from .tuning import study
 
     remote = cli.output_uri(location)
@@ -43,7 +44,7 @@ def resume(location: str, argv: list[str] | None, held: Held, found: str | None 
             cli.fail(f"--resume {location}: no such folder")
         if not os.path.isfile(os.path.join(output, "config.yaml")):
             what = "no config.yaml and no Tune experiment in ray/tune"
-        elif cli.is_train_output(output):
+        elif is_train_output(output):
             what = "no Tune experiment in ray/tune: a `python -m ray_cifar.train` run's output (checkpoints/, no study)"
         else:
             what = "no Tune experiment in ray/tune"

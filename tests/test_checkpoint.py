@@ -98,6 +98,18 @@ def test_a_non_finite_loss_ends_the_run_as_diverged():
     assert epochs[0][0]["val_acc"] >= 0 and epochs[0][1]["best"] == {"value": None, "epoch": None}
 
 
+def test_a_train_run_that_diverged_at_once_evaluates_nothing_on_test(tmp_path, capsys):
+    """Its only epoch scored nothing, so it has no best/ checkpoint: before, that epoch's NaN weights were its best
+    and were evaluated on the test split."""
+    from ray_cifar import train
+
+    cfg = load_config(None, SETS + ["optim.lr=1e9", "model.dropout=0", "train.epochs=2"])
+    rows = train.run_local(cfg, synthetic_cifar(400, 50), str(tmp_path), run_id="r")
+    assert [r["diverged"] for r in rows] == [True]
+    assert not (tmp_path / "test.json").exists() and not (tmp_path / "checkpoints" / "best").exists()
+    assert "no epoch scored (the run diverged in its first): the test split is not evaluated" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("kind", ["path", "uri"])
 def test_checkpoint_store_keeps_the_latest_and_the_best_and_resumes_from_the_latest(tmp_path, monkeypatch, kind):
     """A one-rank trial's store (no Ray): what Ray Train's CheckpointConfig(num_to_keep=1, score) keeps for a

@@ -136,15 +136,21 @@ def test_the_report_says_what_stopped_trials_early_bohb_and_each_compared_study_
 def test_a_train_runs_report_shows_its_test_figure(tmp_path):
     """`python -m ray_cifar.train` keeps its test figures in test.json (no trials.parquet): its report said "-"."""
     run = str(tmp_path / "run")
-    os.makedirs(run)
-    with open(os.path.join(run, "config.yaml"), "w") as f:
-        yaml.safe_dump({"train": {"epochs": 4}, "tune": {"metric": "val_acc", "mode": "max"}}, f)
+    os.makedirs(os.path.join(run, "checkpoints"))  # a train run's folder
+    with open(os.path.join(run, "config.yaml"), "w") as f:  # its tune section at the defaults: ASHA's among them
+        yaml.safe_dump({"train": {"epochs": 4}, "tune": {"metric": "val_acc", "mode": "max", "scheduler": "asha",
+                                                         "grace_period": 1, "reduction_factor": 2}}, f)
     ResultsLog(run).append([{"trial_id": "t0", "epoch": e, "train_loss": 1.0 / e, "val_acc": 0.5 + 0.05 * e,
                              "val_loss": 1.0, "images_per_second": 1000.0} for e in range(1, 5)])
     with open(os.path.join(run, "test.json"), "w") as f:
         f.write('{"best_epoch": 4, "test_loss": 1.2, "test_acc": 0.4242}')
     assert main([run]) == 0
-    assert "best trial `t0` (0.7 at epoch 4, test_acc 0.4242)" in open(os.path.join(run, "report.md")).read()
+    md = open(os.path.join(run, "report.md")).read()
+    assert "best trial `t0` (0.7 at epoch 4, test_acc 0.4242)" in md
+    # No scheduler ran: its report said "What stopped trials early: asha: ... rungs at 1, 2" and drew them, its
+    # one trial with "no status yet".
+    assert "asha" not in md and "figures/asha.png" not in md and "| completed |" in md
+    assert load_study(run).tune["scheduler"] == "one run"
 
 
 def test_a_comparison_shows_a_field_one_study_fixed_and_another_searched_by_its_value(tmp_path):
@@ -494,3 +500,30 @@ def test_a_report_of_a_study_not_finished_shows_each_trials_status_so_far_and_sa
     open(os.path.join(out, "config.yaml"), "w").close()
     assert main([out]) == 2
     assert "config.yaml is damaged (empty)" in capsys.readouterr().err
+
+
+@needs_matplotlib
+def test_throughput_is_the_median_and_a_diverging_trial_does_not_flatten_the_loss_axis(tmp_path, monkeypatch):
+    """The figure's "median over epochs" was the upper middle value of an even count; the loss axis went up to a
+    diverging trial's last finite loss (2.8e27), every other trial a flat line along its foot."""
+    import math
+
+    from ray_cifar import report
+
+    saved = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: saved.append(fig) or path)
+    rows = [{"trial_id": "a", "epoch": e, "images_per_second": v, "train_loss": 2.3 / e, "val_acc": 0.3 * e}
+            for e, v in ((1, 400.0), (2, 1000.0), (3, 1200.0), (4, 1400.0))]
+    rows += [{"trial_id": "b", "epoch": 1, "train_loss": 2.4, "val_acc": 0.1},
+             {"trial_id": "b", "epoch": 2, "train_loss": 2.8e27, "val_acc": 0.1},
+             {"trial_id": "b", "epoch": 3, "train_loss": math.nan, "val_acc": 0.1, "diverged": True}]
+    trials = [{"trial_id": t, "label": t, "point": t} for t in ("a", "b")]
+    report.plot_throughput(rows, trials, str(tmp_path / "t.png"))
+    assert [bar.get_width() for bar in saved[0].axes[0].patches] == [1100.0, 0.0]
+    import matplotlib.figure
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    report.plot_curves(rows, trials, str(tmp_path / "c.png"))
+    loss_axis = saved[-1].axes[1]
+    assert loss_axis.get_ylim()[1] < 10 and "1 epoch(s) of diverging trials above the axis" in loss_axis.get_title()
+    assert all(float(tick).is_integer() for tick in saved[-1].axes[0].get_xticks())

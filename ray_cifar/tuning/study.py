@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from .. import cli, storage
 from ..config import Config, ConfigError, flatten, grid_size, search_keys
-from ..results import DamagedFile, ResultsLog, format_table, provenance, rank_trials, write_rows
+from ..results import DamagedFile, ResultsLog, format_table, is_train_output, provenance, rank_trials, write_rows
 from ..validation import trial_config
 from .recorder import (FAILED, FULL_DISK, JUDGED, TRIALS_STATE, NoTunerRestoreHint, QuietFullDiskFailures,
                        StudyRecorder, quiet_trial_boxes)
@@ -60,10 +60,10 @@ def can_resume(output: str, remote: str | None = None) -> bool:
 def never_started(output: str) -> bool:
     """A study whose driver was stopped in its first seconds, after its config.yaml and before Tune saved its
     experiment: no trial has reported (no results, no trials.json). `--resume` starts it from its config.yaml.
-    A train run's output (cli.is_train_output) is not."""
+    A train run's output (results.is_train_output) is not."""
     parts = os.path.join(output, ResultsLog.PARTS)
     return (os.path.exists(os.path.join(output, "config.yaml"))
-            and not cli.is_train_output(output)
+            and not is_train_output(output)
             and not any(os.path.exists(os.path.join(output, name)) for name in ("results.parquet", TRIALS_STATE))
             and not (os.path.isdir(parts) and os.listdir(parts)))
 

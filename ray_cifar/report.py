@@ -397,9 +397,31 @@ def _clip_diverging(ax, rows) -> int:
     return above
 
 
+def hyperband_brackets(max_t: float, reduction_factor: float) -> list[tuple[int, list[int]]]:
+    """BOHB's HyperBand brackets as ray_cifar's BOHBHyperBand makes them, in the order it fills them (a bracket
+    takes trials until full, then the next): (places, milestones in epochs, the last max_t)."""
+    eta = float(reduction_factor)
+    if max_t < 1 or eta <= 1:
+        return []
+    s_max_1 = int(round(math.log(max_t) / math.log(eta))) + 1
+    brackets = []
+    for s in range(s_max_1 - 1, -1, -1):
+        milestone = max(1, math.ceil(max_t / eta ** s - 1e-9))  # (scheduler.first_milestone)
+        milestones = [milestone]
+        for _ in range(s):
+            milestone = int(min(milestone * eta, max_t))
+            milestones.append(milestone)
+        brackets.append((int(math.ceil(s_max_1 / (s + 1) * eta ** s)), milestones))
+    return brackets
+
+
 def asha_rungs(tune: dict[str, Any], max_t: float) -> list[float]:
-    """Where ASHA decides, in epochs: grace_period * reduction_factor^k, below max_t (empty for other
-    schedulers, and for rungs in optimizer steps, tune.time_attr steps, which this epoch axis cannot show)."""
+    """Where ASHA decides, in epochs: grace_period * reduction_factor^k, below max_t; BOHB's HyperBand: its first
+    bracket's milestones before max_t (empty for other schedulers, and for rungs in optimizer steps, tune.time_attr
+    steps, which this epoch axis cannot show)."""
+    if tune.get("search") == "bohb":
+        brackets = hyperband_brackets(max_t, tune.get("reduction_factor") or 3)
+        return [float(m) for m in brackets[0][1] if m < max_t] if brackets else []
     if tune.get("scheduler", "asha") != "asha" or tune.get("time_attr", "epoch") != "epoch":
         return []
     grace, factor = float(tune.get("grace_period") or 1), float(tune.get("reduction_factor") or 4)
@@ -421,7 +443,13 @@ def scheduler_text(tune: dict[str, Any], max_t: float) -> str:
     if scheduler == ONE_RUN:
         return "one run of python -m ray_cifar.train: no scheduler, every epoch it planned was trained"
     if tune.get("search") == "bohb":
-        return "BOHB's HyperBand: brackets of milestones, not drawn"
+        brackets = hyperband_brackets(max_t, tune.get("reduction_factor") or 3)
+        each = "; ".join(f"{places} places, judged at epoch{'s' * (len(ms) > 2)} {', '.join(map(str, ms[:-1]))}, "
+                         f"the last at {ms[-1]}" if len(ms) > 1 else f"{places} places, run to {ms[-1]}"
+                         for places, ms in brackets)
+        return (f"BOHB's HyperBand, reduction {tune.get('reduction_factor')}, max {max_t:g}: brackets filled in "
+                f"turn, the best 1/{tune.get('reduction_factor')} going on at each milestone ({each}; drawn: the "
+                f"first's)")
     if scheduler in ("pbt", "pb2"):
         return f"{scheduler}: no trial stops early; the weak copy the strong (the population figure below)"
     if scheduler != "asha":
@@ -463,7 +491,8 @@ def plot_asha(trials, tune: dict[str, Any], max_t: float, path: str) -> str:
     seen = [s for s in status_color if any(t.get("status") == s for t in trials)]
     handles = [Patch(color=status_color[s], label=s) for s in seen] or [Patch(color="tab:blue", label="no status yet")]
     ax.legend(handles=handles, fontsize=8, loc="lower right")
-    ax.set_xlabel("epochs run (dashed: ASHA rungs; solid: max)")
+    ax.set_xlabel("epochs run (dashed: " + ("the first bracket's milestones" if tune.get("search") == "bohb"
+                                            else "ASHA rungs") + "; solid: max)")
     ax.set_title(f"Where each trial stopped ({stops_text(tune, max_t)})", fontsize=10, wrap=True)
     return _save(fig, path)
 

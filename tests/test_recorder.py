@@ -595,6 +595,40 @@ def _restored_bohb(tmp_path, rows, statuses, search_finished: bool = True, searc
     return scheduler, controller, trials, stops
 
 
+def test_bohbs_largest_bracket_trains_its_best_to_max_epochs(tmp_path):
+    """Ray's first milestone, int(max_t / eta^s), rounds down: with the BOHB study's 45 epochs and reduction 3 its
+    largest bracket (27 places, so all its 24 trials) had milestones 1, 3, 9, 27 and stopped every trial at 27.
+    Rounded up they are 2, 6, 18 and the last is 45. A trial alone in the bracket goes on at each (the best third
+    of one) and is stopped at max_t, not before."""
+    from ray_cifar.tuning.scheduler import create_scheduler
+
+    scheduler = create_scheduler("asha", str(tmp_path), lambda trial_id: None, max_t=45, grace_period=1,
+                                 reduction_factor=3, search="bohb")
+    scheduler.set_search_properties("val_acc", "max")
+    trial = Trial("__fake", config={}, stub=True, trial_id="t0", experiment_tag="1_x")
+    controller = _FakeHyperBandController([trial])
+    scheduler.on_trial_add(controller, trial)
+    paused_at, epoch, decision = [], 0, None
+    while decision != TrialScheduler.STOP and epoch < 100:
+        assert scheduler.choose_trial_to_run(controller) in (trial, None)
+        trial.set_status(Trial.RUNNING)
+        epoch += 1
+        decision = scheduler.on_trial_result(controller, trial, {"epoch": epoch, "epochs": 200, "val_acc": 0.5})
+        if decision == TrialScheduler.PAUSE:
+            paused_at.append(epoch)
+            trial.set_status(Trial.PAUSED)
+    assert (paused_at, epoch) == ([2, 6, 18], 45)
+    # The report says the brackets this scheduler makes: their places and first milestones, for any length.
+    from ray_cifar.report import hyperband_brackets
+
+    for max_t, factor in ((45, 3), (6, 2), (4, 2), (11, 3), (81, 3)):
+        real = create_scheduler("asha", str(tmp_path), lambda trial_id: None, max_t=max_t, grace_period=1,
+                                reduction_factor=factor, search="bohb")
+        sizes = [(real._get_n0(s), real._get_r0(s)) for s in range(real._s_max_1 - 1, -1, -1)]
+        assert sizes == [(places, ms[0]) for places, ms in hyperband_brackets(max_t, factor)]
+    assert hyperband_brackets(45, 3)[0] == (27, [2, 6, 18, 45])
+
+
 def test_bohb_brackets_come_back_and_a_trial_waiting_at_its_milestone_stays_paused(tmp_path):
     rows = [{"trial_id": tid, "epoch": 1, "epochs": 3, "val_acc": acc, "time": n}
             for n, (tid, acc) in enumerate([("t0", 0.5), ("t1", 0.6)])]

@@ -125,11 +125,13 @@ def test_the_report_says_what_stopped_trials_early_bohb_and_each_compared_study_
     config["tune"].update(scheduler="fifo", search="bohb")
     yaml.safe_dump(config, open(tmp_path / "bohb" / "config.yaml", "w"))
     assert main([bohb]) == 0
-    assert "What stopped trials early: BOHB's HyperBand: brackets of milestones, not drawn." in \
-        open(tmp_path / "bohb" / "report.md").read()
+    hyperband = ("BOHB's HyperBand, reduction 2, max 4: brackets filled in turn, the best 1/2 going on at each "
+                 "milestone (4 places, judged at epochs 1, 2, the last at 4; 3 places, judged at epoch 2, the last at "
+                 "4; 3 places, run to 4; drawn: the first's)")
+    assert f"What stopped trials early: {hyperband}." in open(tmp_path / "bohb" / "report.md").read()
     assert main([asha, bohb, "--out", str(tmp_path / "cmp")]) == 0
-    assert ("What stopped trials early: asha: asha: grace 1, reduction 2, rungs at 1, 2, max 4; bohb: BOHB's "
-            "HyperBand: brackets of milestones, not drawn." in open(tmp_path / "cmp" / "compare-report.md").read())
+    assert (f"What stopped trials early: asha: asha: grace 1, reduction 2, rungs at 1, 2, max 4; bohb: {hyperband}."
+            in open(tmp_path / "cmp" / "compare-report.md").read())
 
 
 @needs_matplotlib

@@ -15,7 +15,9 @@ bracket b's first rung is grace_period * reduction_factor^b, and each trial join
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import zlib
 from typing import Any, Callable
@@ -272,6 +274,11 @@ class BOHBHyperBand(HyperBandForBOHB):
 
     def __init__(self, output: str, on_stop: Callable[[str], None] | None = None, **hyperband_args: Any):
         super().__init__(time_attr="epoch", **hyperband_args)
+        # Ray's first milestone of bracket s is int(max_t / eta^s), rounded down, and each next one eta times it,
+        # capped at max_t: with max_t 45 and eta 3 the largest bracket's are 1, 3, 9, 27, so a study whose trials
+        # all fit in it (24 of its 27 places) never trained one past epoch 27. Rounded up, every bracket ends at
+        # max_t (2, 6, 18, 45), as HyperBand's budgets do. (A study restored from an older tuner.pkl keeps its own.)
+        self._get_r0 = functools.partial(first_milestone, self._max_t_attr, self._eta)
         self.output, self.on_stop = output, on_stop
         self._stopped_before: set[str] | None = None
         self._held: list | None = None  # trials added since a restore, until rebuild places them
@@ -421,6 +428,11 @@ def _observe_missing(searcher, milestones: list[tuple[str, float, float]],
         if not any(np.array_equal(vector, seen, equal_nan=True) for seen in model.configs.get(budget, [])):
             # (not searcher.on_trial_result: that also counts the trial running, which the rebuild decides)
             model.new_result(_BOHBJobWrapper(searcher._metric_op * value, budget, values))
+
+
+def first_milestone(max_t: float, reduction_factor: float, s: int) -> int:
+    """BOHBHyperBand's first milestone of bracket s (whole epochs): ceil(max_t / reduction_factor^s)."""
+    return max(1, math.ceil(max_t / reduction_factor ** s - 1e-9))
 
 
 def create_scheduler(name: str, output: str, on_stop: Callable[[str], None], max_t: int, grace_period: int,

@@ -24,7 +24,7 @@ import yaml
 
 from . import console, storage
 from .config import (SMOKE_OVERRIDES, Config, ConfigError, describe, flatten, load_yaml, parse_set, partly_searched,
-                     search_keys, yaml_problem)
+                     search_keys, search_points, yaml_problem)
 from .data.source import Cifar10, DataError, default_cache_dir, load_cifar10, resolve_data_dir
 from .validation import (check_against_data, check_resources, config_from_dict, lengths_past_the_run, load_config,
                          local_resources)
@@ -42,8 +42,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CIFAR-10 folder: train/test.parquet or cifar-10-batches-py (default: $RAY_CIFAR_DATA)")
     parser.add_argument("--output", metavar="DIR", help="results folder (default: results/<name>-<time>); must not exist")
     parser.add_argument("--smoke-test", action="store_true",
-                        help="shrink the study to a tiny ResNet, a few thousand images and a few epochs (CPU-sized); "
-                             "the schedule's lengths keep their share of the run")
+                        help="shrink the study to a tiny ResNet, a few thousand images and a few epochs (CPU-sized): "
+                             "the schedule's lengths keep their share of the run; batch sizes at most 256, two values "
+                             "of each searched list, ASHA's grace 1 and reduction 2; it prints what it changed")
     parser.add_argument("--budget-scale", type=float, default=1.0, metavar="X",
                         help="multiply every training length (epochs, max_steps, schedule epochs/iterations, ASHA "
                              "epochs), fixed or searched, by X: 0.1 runs a study at a tenth of its published length "
@@ -191,6 +192,28 @@ def smoke_preset_note(message: str, args: argparse.Namespace) -> str:
     return f"; --smoke-test sets {key}={preset[key]!r}, sized for CIFAR-10's 50,000 train images: add --set {key}=..."
 
 
+def smoke_changes(args: argparse.Namespace, cfg: Config) -> str | None:
+    """--smoke-test's changes to the study, in a line: each field it set (from -> to) and the trials the search
+    space gives. A smoke run of an ASHA study ran at grace 1, reduction 2 and batch 128 with no word of it, its
+    study file's header ("keep the best third", "batch 64") read as if it held for the smoke run."""
+    if not args.smoke_test:
+        return None
+    try:
+        study = load_config(args.config, args.sets, budget_scale=args.budget_scale)
+    except ConfigError:
+        return None  # the study is only valid shrunk: the preset is all there is to say
+    before, after = flatten(study.to_dict()), flatten(cfg.to_dict())
+    changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in after.items()
+               if k != "tune.search_space" and before.get(k) != v]
+    if study.tune.search_space != cfg.tune.search_space:
+        changed.append(f"the search space cut to {_points(cfg)} of its {_points(study)} point(s)")
+    return "--smoke-test changed " + ", ".join(changed) if changed else None
+
+
+def _points(cfg: Config) -> int:
+    return sum(1 for _ in search_points(cfg.tune.search_space))
+
+
 def prepare(args: argparse.Namespace, kind: str) -> tuple[Config, Cifar10, str]:
     """Resolve and check everything (config, data, output folder) before any work; exit 2 on a mistake."""
     if args.help_config:
@@ -213,6 +236,9 @@ def prepare(args: argparse.Namespace, kind: str) -> tuple[Config, Cifar10, str]:
         if kind == "tune":
             warn_sets_searched(cfg, args.sets)
         check_before_trials(cfg, len(dataset.train_labels), searched=kind == "tune")
+        changes = smoke_changes(args, cfg)
+        if changes:
+            print(f"[ray_cifar] {changes}", flush=True)
     except ConfigError as e:
         fail(str(e) + smoke_preset_note(str(e), args))
     except (DataError, UsageError, storage.StorageError) as e:

@@ -274,6 +274,26 @@ def test_a_smoke_test_refused_for_its_presets_value_says_the_preset_set_it(tmp_p
     assert "--smoke-test sets" not in result.stderr
 
 
+def test_a_smoke_test_says_what_it_changed_in_the_study(tmp_path, synthetic_parquet_dir, capsys):
+    """optimizer_batch_decay_asha's smoke run judged at grace 1, reduction 2 and batch 128 where its file says grace
+    5, reduction 3 and batch 64, and nothing said so."""
+    from ray_cifar import cli
+
+    args = cli.parse_args("python -m ray_cifar.tune", "", ["--smoke-test", "--config",
+                                                           "studies/optimizer_batch_decay_asha.yaml",
+                                                           "--data", synthetic_parquet_dir, "--output",
+                                                           str(tmp_path / "out"), "--set", "data.val_size=100"])
+    cli.prepare(args, "tune")
+    printed = [line for line in capsys.readouterr().out.splitlines() if "--smoke-test changed" in line]
+    assert len(printed) == 1
+    for change in ("tune.grace_period 5 -> 1", "tune.reduction_factor 3.0 -> 2.0", "train.global_batch_size 64 -> 128",
+                   "model.blocks [3, 6, 4, 3] -> [1, 1, 1]", "the search space cut to 2 of its 12 point(s)"):
+        assert change in printed[0], change
+    assert "data.val_size" not in printed[0]  # --set gave it: not the preset's change
+    args.smoke_test = False
+    assert cli.smoke_changes(args, cli.load_config(args.config, args.sets)) is None
+
+
 def test_a_train_subset_larger_than_the_data_left_says_all_of_it_is_used(capsys):
     from ray_cifar import cli
     from ray_cifar.config import Config

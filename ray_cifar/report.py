@@ -262,17 +262,19 @@ def _flat_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def match_published(study: Study, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each `published:` entry beside the trial it reproduces: all its `where` items equal the trial's values
-    (searched columns, else the resolved config). A trial matched by several entries takes the most specific
-    (most `where` items), all of them when they tie (e.g. a run's val and test figures). Lengths are compared
-    as written, so a --budget-scale or --smoke-test run matches fewer rows."""
+    (searched columns, else the resolved config), and so do those of its `run` (the study file's model and length,
+    validation.pin_published_runs): a --budget-scale or --smoke-test run matches none. A trial matched by several
+    entries takes the most specific (most `where` items), all of them when they tie (e.g. a run's val and test
+    figures)."""
     base = _flat_config(study.config)
     claimed: dict[Any, tuple[int, list[dict[str, Any]]]] = {}
     for entry in study.config.get("published") or []:
         where = entry.get("where") or {}
+        run = {**(entry.get("run") or {}), **where}
         for t in trials:
-            values = {k: t[k] if k in t else base.get(k) for k in where}
+            values = {k: t[k] if k in t else base.get(k) for k in run}
             try:
-                matches = all(_same(values[k], v) for k, v in where.items())
+                matches = all(_same(values[k], v) for k, v in run.items())
             except (TypeError, ValueError):
                 matches = False
             most, entries = claimed.get(t["trial_id"], (-1, []))

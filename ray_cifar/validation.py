@@ -20,16 +20,19 @@ from typing import Any, Callable
 from .config import loading, presets
 from .config.schema import (PUBLISHED_METRICS, SEARCH_KINDS, Config, ConfigError, DataConfig, ModelConfig,
                             OptimConfig, ScheduleConfig, TrainConfig, TuneConfig)
-from .config.search import MODEL_BASED_SEARCHERS, apply_searched, pbt_mutated_keys, sampled_config, trial_configs
+from .config.search import (MODEL_BASED_SEARCHERS, apply_searched, pbt_mutated_keys, sampled_config, search_keys,
+                            trial_configs)
 
 
 def load_config(path: str | None = None, sets: list[str] = (), smoke_test: bool = False,
                 budget_scale: float = 1.0) -> Config:
     """Defaults, then the YAML file, then --smoke-test, then --set, then the budget scale; validated."""
     cfg = Config()
+    study = None
     if path is not None:
         for overrides in loading.read_config_chain(path):
             loading.apply_overrides(cfg, overrides)
+        study = copy.deepcopy(cfg) if cfg.published else None  # the study as its file has it
     if smoke_test:
         presets.apply_smoke(cfg)
     for assignment in sets:
@@ -37,6 +40,8 @@ def load_config(path: str | None = None, sets: list[str] = (), smoke_test: bool 
     if budget_scale != 1.0:
         presets.apply_budget_scale(cfg, budget_scale)
     validate(cfg)
+    if study is not None:
+        pin_published_runs(cfg, study)
     return cfg
 
 
@@ -288,23 +293,49 @@ def _validate_tune(u: TuneConfig, t: TrainConfig) -> None:
 
 
 PUBLISHED_KEYS = ("where", "value", "metric", "source")
+PUBLISHED_RUN = "run"  # a published entry's run: filled in from the study file (pin_published_runs), not written
+PUBLISHED_RUN_KEYS = ("train.epochs", "train.max_steps", "data.train_subset")  # and every model.* field
+
+
+def pin_published_runs(cfg: Config, study: Config) -> None:
+    """Each published entry of `cfg` gets `run`: the model and length of the trials of `study` (its file's config)
+    that its `where` names (a length the study searches included), where `where` names neither and those trials
+    agree. The figure is of that run, so the report matches it only to trials of it: a --smoke-test, --budget-scale
+    or --set of them matches none (a 3-epoch run of the smoke ResNet stood beside a 50-epoch ResNet-18's figure,
+    with no word). A study file valid only with its --set (its trials unknown) keeps its entries as written."""
+    try:
+        validate(study)
+    except ConfigError:
+        return
+    trials = [loading.flatten(trial.to_dict()) for _, trial in trial_configs(study)]
+    for entry in cfg.published:
+        if PUBLISHED_RUN in entry:
+            continue
+        where = entry["where"]
+        runs = [t for t in trials if all(t.get(k) == v for k, v in where.items())] or trials
+        keys = [k for k in runs[0] if k.startswith("model.") or k in PUBLISHED_RUN_KEYS]
+        entry[PUBLISHED_RUN] = {k: runs[0][k] for k in keys
+                                if k not in where and all(t.get(k) == runs[0][k] for t in runs)}
 
 
 def _validate_published(published: list[dict]) -> None:
     """Each published figure: where (known section.field names, values of their types), value, metric, source."""
     for i, entry in enumerate(published):
         key = f"published[{i}]"
-        _check(isinstance(entry, dict) and sorted(entry) == sorted(PUBLISHED_KEYS), key,
+        _check(isinstance(entry, dict) and sorted(set(entry) - {PUBLISHED_RUN}) == sorted(PUBLISHED_KEYS), key,
                f"must be a mapping with exactly the keys {', '.join(PUBLISHED_KEYS)}", entry)
         where = entry["where"]
         _check(isinstance(where, dict) and len(where) > 0, f"{key}.where", "must be a mapping of section.field: value",
                where)
-        for field_key, value in where.items():
-            _check("." in str(field_key), f"{key}.where", "keys must be section.field names", field_key)
-            try:
-                loading.set_value(Config(), str(field_key), value)  # known key, value of the field's type
-            except ConfigError as e:
-                raise ConfigError(f"{key}.where: {e}") from None
+        run = entry.get(PUBLISHED_RUN, {})
+        _check(isinstance(run, dict), f"{key}.{PUBLISHED_RUN}", "must be a mapping of section.field: value", run)
+        for part, fields in (("where", where), (PUBLISHED_RUN, run)):
+            for field_key, value in fields.items():
+                _check("." in str(field_key), f"{key}.{part}", "keys must be section.field names", field_key)
+                try:
+                    loading.set_value(Config(), str(field_key), value)  # known key, value of the field's type
+                except ConfigError as e:
+                    raise ConfigError(f"{key}.{part}: {e}") from None
         value = entry["value"]
         _check(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 100, f"{key}.value",
                "must be an accuracy in percent, in [0, 100]", value)

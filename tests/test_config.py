@@ -170,8 +170,13 @@ PUBLISHED = ("published:\n  - where: {optim.name: sgd, train.global_batch_size: 
 
 def test_published_figures_are_metadata_kept_in_the_config_but_never_searched(tmp_path):
     cfg = load_config(write(tmp_path, PUBLISHED))
+    run = cfg.published[0].pop("run")  # the study file's run, pinned (validation.pin_published_runs)
     assert cfg.published == [{"where": {"optim.name": "sgd", "train.global_batch_size": 128}, "value": 93.0,
                               "metric": "test_acc", "source": "the paper, table 2"}]
+    assert (run["model.name"], run["train.epochs"], run["data.train_subset"]) == ("resnet18", 30, None)
+    assert "optim.name" not in run and "train.global_batch_size" not in run  # where names them
+    assert load_config(write(tmp_path, PUBLISHED), smoke_test=True).published[0]["run"] == run  # the file's, still
+    cfg.published[0]["run"] = run
     assert config_from_dict(cfg.to_dict()).published == cfg.published  # saved in config.yaml, read back
     assert "published" not in search_keys(cfg.tune.search_space)
     assert "published" in field_docs()

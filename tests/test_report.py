@@ -215,12 +215,12 @@ def test_each_published_figure_of_a_shipped_study_lands_on_its_run(name):
     from ray_cifar.validation import trial_config
     from ray_cifar.report import Study
 
-    with open(os.path.join(STUDIES, f"{name}.yaml")) as f:
-        raw = yaml.safe_load(f)
-    published = raw.pop("published")
-    cfg = Config()
-    apply_overrides(cfg, raw)
+    from ray_cifar.validation import load_config
+
+    cfg = load_config(os.path.join(STUDIES, f"{name}.yaml"))  # as the study reads it: each entry's run pinned
+    published = cfg.published
     base = cfg.to_dict()
+    base.pop("published")
     space, base["tune"]["search_space"] = base["tune"]["search_space"], {}
     keys = search_keys(space)
     trials = []
@@ -230,6 +230,15 @@ def test_each_published_figure_of_a_shipped_study_lands_on_its_run(name):
     matches = match_published(Study(name=name, config={**base, "published": published}, rows=[]), trials)
     # Every entry lands on exactly one run; the variant studies list theirs in the order of the variants.
     assert sorted(m["published %"] for m in matches) == sorted(float(p["value"]) for p in published)
+    # The same study shrunk (--smoke-test) or shortened (--budget-scale) is not the published run: no entry lands.
+    for shrunk in (load_config(os.path.join(STUDIES, f"{name}.yaml"), smoke_test=True),
+                   load_config(os.path.join(STUDIES, f"{name}.yaml"), budget_scale=0.2)):
+        small = shrunk.to_dict()
+        space, small["tune"]["search_space"] = small["tune"]["search_space"], {}
+        points = [flatten(trial_config(small, dict(combo)).to_dict()) for combo in itertools.product(
+            *[[(k, v) for v in spec["grid"]] for k, spec in space.items()])]
+        assert match_published(Study(name=name, config=small, rows=[]),
+                               [{"trial_id": i, "label": str(i), **p, "val_acc": 0.5} for i, p in enumerate(points)]) == []
     if "variants" in space:
         assert len({m["trial_id"] for m in matches}) == len(trials)
         assert [m["trial_id"] for m in matches] == sorted(m["trial_id"] for m in matches)

@@ -194,7 +194,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
-    published: list[dict] = field(default_factory=list)  # figures this study reproduces, each {where: {section.field: value, ...}, value: accuracy in percent (0..100) as published, metric: test_acc | val_acc, source: str}; metadata: never searched nor a trial column
+    published: list[dict] = field(default_factory=list)  # figures this study reproduces, each {where: {section.field: value, ...}, value: accuracy in percent (0..100) as published, metric: test_acc | val_acc, source: str}, and `run` (filled in as the file is read: the model and length of the trials where names, so a shortened or smoke run matches none); metadata: never searched nor a trial column
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

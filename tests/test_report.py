@@ -376,7 +376,7 @@ def test_a_pbt_report_shows_the_best_schedule_and_no_points_of_the_search_space(
     # Compared with itself: donors are named as the trial ids are ("pbt/t2"), so each arrow and path finds them.
     from ray_cifar.report import _combine, build
 
-    combined = _combine([load_study(out), load_study(write_pbt_output(str(tmp_path / "again")))])
+    combined = _combine([load_study(out), load_study(write_pbt_output(str(tmp_path / "pbt_copy")))])  # (ties: pbt/ first)
     built = build(combined, str(tmp_path / "cmp"))
     assert [r["trained by"] for r in built["schedule"]] == ["pbt/t1 (generation 0)", "pbt/t2 (generation 1)",
                                                             "pbt/t0 (generation 1)"]

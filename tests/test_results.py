@@ -115,6 +115,9 @@ def test_best_epoch_and_ranking_follow_metric_and_mode():
               {"trial_id": "low_loss", "best_metric": 0.3}]
     assert [t["trial_id"] for t in rank_trials(trials, "val_loss", "min")] == ["low_loss", "hi_acc_hi_loss", "none"]
     assert [t["trial_id"] for t in rank_trials(trials, "val_acc", "max")] == ["hi_acc_hi_loss", "low_loss", "none"]
+    # A tie is the earlier trial's, whichever reported first (was: the order given, trials.json's arrival order).
+    tied = [{"trial_id": "x_00001", "best_metric": 0.3}, {"trial_id": "x_00000", "best_metric": 0.3}]
+    assert [t["trial_id"] for t in rank_trials(tied, "val_acc", "max")] == ["x_00000", "x_00001"]
     with pytest.raises(ValueError, match="mode"):
         rank_trials(trials, "val_acc", "maximum")
 

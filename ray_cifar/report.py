@@ -513,10 +513,16 @@ def plot_params(trials, keys: list[str], path: str) -> str:
     points = aggregate_over_seeds(trials, keys, "val_acc")  # a point: every searched value but the seed
     shown = [k for k in keys if len({_fmt(t.get(k)) for t in trials}) > 1] or keys[:1] or ["(none)"]
     fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.8), squeeze=False)
+    longest = max((t.get("epochs") or 0 for t in trials), default=0)
+    short = [(t.get("epochs") or 0) < longest for t in trials]  # ASHA stopped them (or they diverged) earlier
     for ax, key in zip(axes[0], shown):
         xs, cats = _axis_values([t.get(key) for t in trials])
-        ax.scatter(xs, [100 * (t.get("val_acc") or 0) for t in trials], s=12, color="tab:gray", alpha=0.6,
-                   label="trials")
+        ys = [100 * (t.get("val_acc") or 0) for t in trials]
+        for fewer, label, face in ((False, f"trials of {longest} epochs", "tab:gray"),
+                                   (True, "trials of fewer epochs (stopped early)", "none")):
+            picked = [(x, y) for x, y, s in zip(xs, ys, short) if s == fewer]
+            if picked:
+                ax.scatter(*zip(*picked), s=14, facecolors=face, edgecolors="tab:gray", alpha=0.7, label=label)
         px, _ = _axis_values([p.get(key) for p in points]) if cats is None else (
             [float(cats.index(_fmt(p.get(key)))) for p in points], cats)
         ax.errorbar(px, [100 * (p["mean"] or 0) for p in points], yerr=[100 * (p["std"] or 0) for p in points],
@@ -567,9 +573,12 @@ def plot_heatmap(trials, keys: list[str], path: str) -> str:
         ax.set_axis_off()
         return _save(fig, path)
     fig, axes = plt.subplots(1, len(pairs), figsize=(4.8 * len(pairs), 4.2), squeeze=False)
+    longest = max((t.get("epochs") or 0 for t in trials), default=0)
     for ax, (row_key, col_key) in zip(axes[0], pairs):
         rows_, cols = _ordered_values(trials, row_key), _ordered_values(trials, col_key)
         cells = {(_fmt(p[row_key]), _fmt(p[col_key])): p for p in aggregate_over_seeds(trials, [row_key, col_key], "val_acc")}
+        epochs = {(_fmt(p[row_key]), _fmt(p[col_key])): p["values"]
+                  for p in aggregate_over_seeds(trials, [row_key, col_key], "epochs")}
         grid = [[100 * cells[(r, c)]["mean"] if cells.get((r, c), {}).get("mean") is not None else math.nan
                  for c in cols] for r in rows_]
         image = ax.imshow(grid, cmap="viridis", aspect="auto")
@@ -577,8 +586,10 @@ def plot_heatmap(trials, keys: list[str], path: str) -> str:
             for j, c in enumerate(cols):
                 cell = cells.get((r, c))
                 if cell and cell["mean"] is not None:
-                    ax.text(j, i, f"{100 * cell['mean']:.1f}\nn={cell['n']}", ha="center", va="center", fontsize=8,
-                            color="white" if grid[i][j] < _middle(grid) else "black")
+                    ran = epochs.get((r, c)) or []
+                    fewer = f"\n{_epochs_text(ran)} ep" if ran and min(ran) < longest else ""
+                    ax.text(j, i, f"{100 * cell['mean']:.1f}\nn={cell['n']}{fewer}", ha="center", va="center",
+                            fontsize=8, color="white" if grid[i][j] < _middle(grid) else "black")
         ax.set_xticks(range(len(cols)), cols, rotation=20, fontsize=8)
         ax.set_yticks(range(len(rows_)), rows_, fontsize=8)
         ax.set_xlabel(col_key)
@@ -813,6 +824,8 @@ def build(study: Study, out_dir: str, prefix: str = "") -> dict[str, Any]:
                                       study.metric) if best_pbt else [],
             "figures": figures,
             "captions": {"asha": f"What stopped trials early: {stops_text(study.tune, max_t)}.",
+                         **({"params": FEWER_EPOCHS_CAPTION, "heatmap": FEWER_EPOCHS_CAPTION}
+                            if len({t.get("epochs") for t in points}) > 1 else {}),
                          **({} if matches or not published else {"published": NO_MATCH_CAPTION})}}
 
 
@@ -856,6 +869,9 @@ def _test_note(study: Study) -> str | None:
             f"figure chose any trial, epoch or point.")
 
 
+FEWER_EPOCHS_CAPTION = ("Each trial at its best epoch of those it ran: a trial stopped early (hollow; a cell's \"ep\" "
+                        "says its trials' epochs) is at its best of fewer epochs than the others, so a gap here is "
+                        "budget as much as values. The replicates table compares only points of equal epochs.")
 NO_MATCH_CAPTION = ("No trial ran at the values of a published entry (config.yaml's `published`, each matched by all "
                     "of its `where`): a --smoke-test or --budget-scale run changes lengths, batch sizes and grids, so "
                     "its trials are not the published runs.")

@@ -538,3 +538,26 @@ def test_throughput_is_the_median_and_a_diverging_trial_does_not_flatten_the_los
     loss_axis = saved[-1].axes[1]
     assert loss_axis.get_ylim()[1] < 10 and "1 epoch(s) of diverging trials above the axis" in loss_axis.get_title()
     assert all(float(tick).is_integer() for tick in saved[-1].axes[0].get_xticks())
+
+
+@needs_matplotlib
+def test_figures_of_points_mark_the_trials_asha_stopped_early(tmp_path, monkeypatch):
+    """The heatmap's cell "19.8, n=2" averaged two trials ASHA stopped after 2 epochs and stood beside cells of
+    6-epoch trials, and the per-field figure drew them alike: a gap of budget read as a gap of values."""
+    from ray_cifar import report
+
+    trials = [{"trial_id": f"t{i}", "optim.lr": lr, "train.global_batch_size": batch, "epochs": epochs,
+               "val_acc": acc} for i, (lr, batch, epochs, acc) in enumerate(
+                   [(0.1, 128, 6, 0.32), (0.1, 256, 6, 0.30), (0.001, 128, 6, 0.25), (0.001, 256, 2, 0.20)])]
+    keys = ["optim.lr", "train.global_batch_size"]
+    saved = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: saved.append(fig) or path)
+    report.plot_heatmap(trials, keys, str(tmp_path / "h.png"))
+    texts = [t.get_text() for t in saved[0].axes[0].texts]
+    assert "20.0\nn=1\n2 ep" in texts and "32.0\nn=1" in texts
+    report.plot_params(trials, keys, str(tmp_path / "p.png"))
+    labels = [c.get_label() for c in saved[1].axes[0].collections]
+    assert "trials of 6 epochs" in labels and "trials of fewer epochs (stopped early)" in labels
+    out = make_output(str(tmp_path / "study"))  # its lr 0.01 trials stopped at the first rung
+    captions = report.build(load_study(out), out)["captions"]
+    assert captions["params"] == captions["heatmap"] == report.FEWER_EPOCHS_CAPTION

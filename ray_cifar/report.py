@@ -486,10 +486,17 @@ def plot_asha(trials, tune: dict[str, Any], max_t: float, path: str) -> str:
             color=[status_color.get(t.get("status"), "tab:blue") for t in trials])
     ax.set_yticks(range(len(trials)), [t["label"] for t in trials], fontsize=8)
     ax.invert_yaxis()
-    rungs = asha_rungs(tune, max_t)
-    for rung in rungs:
-        ax.axvline(rung, color="tab:red", ls="--", lw=1)
-    ax.axvline(max_t, color="black", lw=1)
+    if tune.get("scheduler") == "mixed":  # a comparison: each trial's own study's rungs and max, on its bar
+        for i, t in enumerate(trials):
+            name = t.get(STUDY_COLUMN)
+            own, own_max = tune["per_study"].get(name, {}), tune["max_t_by_study"].get(name, max_t)
+            for rung in asha_rungs(own, own_max):
+                ax.plot([rung, rung], [i - 0.45, i + 0.45], color="tab:red", ls="--", lw=1)
+            ax.plot([own_max, own_max], [i - 0.45, i + 0.45], color="black", lw=1)
+    else:
+        for rung in asha_rungs(tune, max_t):
+            ax.axvline(rung, color="tab:red", ls="--", lw=1)
+        ax.axvline(max_t, color="black", lw=1)
     seen = [s for s in status_color if any(t.get("status") == s for t in trials)]
     handles = [Patch(color=status_color[s], label=s) for s in seen] or [Patch(color="tab:blue", label="no status yet")]
     ax.legend(handles=handles, fontsize=8, loc="lower right")

@@ -383,13 +383,27 @@ def test_a_pbt_report_shows_the_best_schedule_and_no_points_of_the_search_space(
 
 
 @needs_matplotlib
-def test_a_comparison_draws_each_studys_rungs_at_its_own_length(tmp_path):
+def test_a_comparison_draws_each_studys_rungs_at_its_own_length(tmp_path, monkeypatch):
     """Two ASHA studies alike but in length: the 4-epoch one read "rungs at 1, 2, 4, max 6", the 6-epoch one's."""
     short = make_output(str(tmp_path / "short"), epochs=4, published=False)
     long = make_output(str(tmp_path / "long"), epochs=6, published=False)
     assert main([long, short, "--out", str(tmp_path / "cmp")]) == 0
     assert ("long: asha: grace 1, reduction 2, rungs at 1, 2, 4, max 6; short: asha: grace 1, reduction 2, rungs at "
             "1, 2, max 4.") in open(tmp_path / "cmp" / "compare-report.md").read()
+    # The figure draws them so too, on each trial's bar (it drew no rungs, and one max at 6 for both).
+    from ray_cifar import report
+
+    study = report._combine([load_study(long), load_study(short)])
+    built = report.build(study, str(tmp_path / "again"))
+    saved = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: saved.append(fig) or path)
+    report.plot_asha(built["trials"], study.tune, 6, str(tmp_path / "a.png"))
+    marks = {}  # bar -> the x of its marks (dashed: rungs, solid: max)
+    for line in saved[0].axes[0].lines:
+        marks.setdefault(round(float(sum(line.get_ydata())) / 2), []).append((line.get_xdata()[0], line.get_linestyle()))
+    for i, t in enumerate(built["trials"]):
+        rungs, top = ([1, 2, 4], 6) if t["study"] == "long" else ([1, 2], 4)
+        assert sorted(marks[i]) == sorted([(r, "--") for r in rungs] + [(top, "-")]), t["trial_id"]
     # A study whose trials searched a longer train.epochs than its own: the longest planned trial is ASHA's top.
     from ray_cifar.report import study_max_epochs
 

@@ -196,3 +196,30 @@ def test_a_documented_command_is_accepted_as_written(where, command, stop_at_par
     namespace = run_parser(words, monkeypatch)
     if namespace is not None and hasattr(namespace, "sets") and hasattr(namespace, "smoke_test"):
         check_config(namespace)
+
+
+def test_the_readmes_pandas_one_liners_run_and_say_what_they_compute(tmp_path):
+    """README's "pandas one-liners", run as written on a study's files: its "mean ± std over seeds" grouped the best
+    epochs by optimizer and lr alone, so two batch sizes' trials of one seed were averaged as if they were seeds."""
+    import pandas as pd
+
+    from ray_cifar.results import ResultsLog, write_rows
+
+    out = tmp_path / "OUT"
+    rows = [{"trial_id": f"t{lr}-{batch}-{seed}", "epoch": e, "optim.lr": lr, "train.global_batch_size": batch,
+             "train.seed": seed, "val_acc": lr + batch / 1000 + seed / 100 + e / 1000, "images_per_second": 100.0 * e,
+             "diverged": False} for lr in (0.1, 0.2) for batch in (128, 256) for seed in (0, 1) for e in (1, 2)]
+    rows.append({**rows[-1], "epoch": 3, "val_acc": 0.99, "diverged": True})  # no score, though the highest
+    log = ResultsLog(str(out))
+    log.append(rows)
+    log.compact()  # results.parquet, as a finished study leaves it
+    write_rows([{"trial_id": t, "best_metric": 0.5} for t in sorted({r["trial_id"] for r in rows})],
+               str(out / "trials.parquet"))
+    text = open(os.path.join(ROOT, "README.md")).read()
+    block = re.search(r"\*\*pandas one-liners\*\*.*?```python\n(.*?)```", text, re.S).group(1)
+    names = {"pd": pd}
+    for line in block.replace('"OUT/', f'"{out}/').splitlines():
+        exec(line.split("  #")[0], names)  # each as written (the comment after two spaces)
+    table = eval('best.groupby(point, dropna=False)["val_acc"].agg(["mean", "std", "count"])', names)
+    assert list(table.index.names) == ["optim.lr", "train.global_batch_size"] and set(table["count"]) == {2}
+    assert names["best"]["val_acc"].max() < 0.99 and len(names["best"]) == 8

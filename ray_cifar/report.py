@@ -138,6 +138,18 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+# Accuracies and losses print in 4 decimals, as the console's table has them: in significant digits a val_acc of
+# 0.32 stood beside 0.2975, and the headline's 0.32 beside the console's 0.3200.
+METRIC_COLUMNS = frozenset({"best_metric", "best_val_acc", "val_acc", "train_acc", "test_acc", "val_loss",
+                            "train_loss", "test_loss"})
+
+
+def _cell(value: Any, column: str) -> str:
+    if column in METRIC_COLUMNS and isinstance(value, float) and math.isfinite(value):
+        return f"{value:.4f}"
+    return _fmt(value)
+
+
 def point_label(row: dict[str, Any], keys: list[str]) -> str:
     """'lr=0.1 global_batch_size=128': each searched value under its field name (section kept if needed)."""
     short = {k: k.split(".")[-1] for k in keys}
@@ -158,13 +170,14 @@ def summaries(study: Study) -> list[dict[str, Any]]:
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(r.get(c), c) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
 def html_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r.get(c), c))}</td>" for c in columns) + "</tr>"
+                   for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -324,7 +337,8 @@ def plot_ranking(trials, metric: str, mode: str, path: str) -> str:
     ax.set_yticks(range(len(trials)), labels, fontsize=8)
     ax.invert_yaxis()  # best on top
     for i, t in enumerate(trials):
-        note = _fmt(t["best_metric"]) + (f"  test_acc {t['test_acc']:.4f}" if t.get("test_acc") is not None else "")
+        note = _cell(t["best_metric"], "best_metric") + (f"  test_acc {t['test_acc']:.4f}"
+                                                         if t.get("test_acc") is not None else "")
         ax.text(values[i], i, " " + note, va="center", fontsize=8)
     ax.set_xlabel(f"best {metric} ({mode}); orange: evaluated on test (after the ranking, never choosing)")
     ax.set_title("Trial ranking, best first")
@@ -856,8 +870,8 @@ class TableSection:
 def _headline(study: Study, built: dict[str, Any]) -> str:
     best = built["trials"][0] if built["trials"] else {}
     return (f"Ranked by `{study.metric}` ({study.mode}); best trial `{best.get('trial_id', '-')}` "
-            f"({_fmt(best.get('best_metric'))} at epoch {_fmt(best.get('best_epoch'))}, "
-            f"test_acc {_fmt(best.get('test_acc'))}).")
+            f"({_cell(best.get('best_metric'), 'best_metric')} at epoch {_fmt(best.get('best_epoch'))}, "
+            f"test_acc {_cell(best.get('test_acc'), 'test_acc')}).")
 
 
 def _test_note(study: Study) -> str | None:

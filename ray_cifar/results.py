@@ -404,13 +404,15 @@ def aggregate_over_seeds(rows: list[dict[str, Any]], keys: list[str], value: str
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    # A column with a small value prints every value in significant digits (a weight decay of 2.9e-05 printed
-    # "0.0000"), all of them: an lr column read 0.1000 beside 0.003.
-    small = {c for c in columns if any(isinstance(v, float) and v and abs(v) < 0.01 for v in (r.get(c) for r in rows))}
+    # A searched field (section.field) prints in significant digits (an lr of 1000 read 1000.0000 beside 0.1000), and
+    # so does every value of a column with a small one (a weight decay of 2.9e-05 printed "0.0000"); accuracies and
+    # losses in 4 decimals.
+    small = {c for c in columns if "." in c or any(isinstance(v, float) and v and abs(v) < 0.01
+                                                   for v in (r.get(c) for r in rows))}
 
     def fmt(v: Any, column: str) -> str:
         if isinstance(v, float):
-            return f"{v:.3g}" if column in small else f"{v:.4f}"
+            return f"{v:.4g}" if column in small else f"{v:.4f}"
         return "-" if v is None else str(v)
 
     cells = [[fmt(r.get(c), c) for c in columns] for r in rows]

@@ -148,7 +148,7 @@ def test_a_train_runs_report_shows_its_test_figure(tmp_path):
         f.write('{"best_epoch": 4, "test_loss": 1.2, "test_acc": 0.4242}')
     assert main([run]) == 0
     md = open(os.path.join(run, "report.md")).read()
-    assert "best trial `t0` (0.7 at epoch 4, test_acc 0.4242)" in md
+    assert "best trial `t0` (0.7000 at epoch 4, test_acc 0.4242)" in md  # (4 decimals, as the console prints it)
     # No scheduler ran: its report said "What stopped trials early: asha: ... rungs at 1, 2" and drew them, its
     # one trial with "no status yet".
     assert "asha" not in md and "figures/asha.png" not in md and "| completed |" in md

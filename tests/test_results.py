@@ -214,4 +214,8 @@ def test_the_final_table_prints_small_values_in_significant_digits():
                           {"optim.weight_decay": 5e-4, "optim.lr": 0.00025, "best_val_acc": None, "x": 1.5}],
                          ["optim.weight_decay", "optim.lr", "best_val_acc", "x"])
     rows = [line.split() for line in table.splitlines()[2:]]
-    assert rows == [["2.86e-05", "0.1", "0.3375", "0.0000"], ["0.0005", "0.00025", "-", "1.5000"]]
+    assert rows == [["2.857e-05", "0.1", "0.3375", "0.0000"], ["0.0005", "0.00025", "-", "1.5000"]]
+    # A searched field's large value too: an lr of 1000 read 1000.0000 beside 0.1000.
+    table = format_table([{"optim.lr": 1000.0, "best_val_acc": 0.1}, {"optim.lr": 0.1, "best_val_acc": 0.32}],
+                         ["optim.lr", "best_val_acc"])
+    assert [line.split() for line in table.splitlines()[2:]] == [["1000", "0.1000"], ["0.1", "0.3200"]]

@@ -438,3 +438,33 @@ def test_rows_recovered_from_a_checkpoint_are_the_rows_the_trial_reported(tmp_pa
     # The checkpoint's own epoch names it; an epoch before it names none (its folder may be gone).
     assert recovered[1]["checkpoint_path"] == reported[1]["checkpoint_path"]
     assert recovered[0]["checkpoint_path"] is None
+
+
+def test_a_damaged_part_brings_back_the_recorded_epochs_and_leaves_the_unreported_to_come_as_results(tmp_path):
+    """The checkpoint's history can run past what trials.json counts as recorded (a driver killed between a
+    checkpoint and its report). Those epochs were recovered with the damaged part's rows, marked seen, and never
+    reached the trial's summary: the final table said best val_acc 0.1925 at epoch 1 beside a row of 0.2175 at
+    epoch 2, and ASHA stopped the trial at a rung that row had passed. Now they come as results, as any
+    checkpointed-but-unreported epoch does."""
+    from types import SimpleNamespace
+
+    from ray_cifar.tuning.recorder import StudyRecorder
+
+    out = tmp_path / "study"
+    history = [{"epoch": 1, "epochs": 4, "val_acc": 0.1925}, {"epoch": 2, "epochs": 4, "val_acc": 0.2175}]
+    folder = tmp_path / "ray" / "trial-a" / "checkpoint_000002"
+    folder.mkdir(parents=True)
+    checkpoint.save_state({"epoch": 2, "history": history}, str(folder))
+    recorder = StudyRecorder(str(out), lambda config: {}, "val_acc", "max", {}, tensorboard=False)
+    trial = SimpleNamespace(trial_id="a", config={})
+    recorder.on_trial_result(1, [], trial, {**history[0], "checkpoint_path": str(folder)})  # epoch 2: never reported
+    damage(next((out / ResultsLog.PARTS).iterdir()), "truncated")
+
+    again = StudyRecorder(str(out), lambda config: {}, "val_acc", "max", {}, tensorboard=False)
+    assert [(r["trial_id"], r["epoch"]) for r in ResultsLog(str(out)).read()] == [("a", 1)]
+    assert ("a", 2) not in again.seen
+    # The trial's resume reports its checkpoint's history with its next epoch: epoch 2 is recorded there, in the
+    # rows and in the summary alike.
+    again.on_trial_result(2, [], trial, {"epoch": 3, "epochs": 4, "val_acc": 0.21, "history": history})
+    assert [r["epoch"] for r in ResultsLog(str(out)).read()] == [1, 2, 3]
+    assert (again.trials["a"]["best_epoch"], again.trials["a"]["best_metric"]) == (2, 0.2175)

@@ -192,8 +192,8 @@ class StudyRecorder(Callback):
         rows = self.log.read()
         self.seen = {(r["trial_id"], r["epoch"]) for r in rows}
         self.trials, rebuilt = self._read_trials(rows)
-        if self.log.damaged:
-            self._recover_rows()
+        if self.log.damaged and self._recover_rows() and rebuilt:
+            self.trials = _trials_from_rows(self.log.read(), self.metric, self.mode)  # with the recovered rows
         self.started = time.time()
         self.last_progress = self.started
         self.writers: dict[str, Any] = {}
@@ -230,8 +230,14 @@ class StudyRecorder(Callback):
               f"the results rows", flush=True)
         return _trials_from_rows(rows, self.metric, self.mode), True
 
-    def _recover_rows(self) -> None:
-        """Rows of damaged parts, from each trial's newest loadable checkpoint (its history of epoch metrics)."""
+    def _recover_rows(self) -> int:
+        """Rows of damaged parts, from each trial's newest loadable checkpoint (its history of epoch metrics): those
+        of the epochs trials.json counts as recorded, which its summary (best epoch, checkpoints, ASHA's marks)
+        already holds. An epoch after them was checkpointed but never reported: it comes as a result, the way the
+        recorder and the scheduler take any (_recover_unfinished, the trial's own resume). Recovered here with the
+        rest, it was a row the summary never had: the final table and trials.parquet named another best epoch than
+        the rows (the test split evaluated another checkpoint), and ASHA stopped the trial at a rung the row passed.
+        How many rows it recovered."""
         from ..checkpoint_store import newest_loadable_state
 
         recovered = []
@@ -240,6 +246,8 @@ class StudyRecorder(Callback):
             found = newest_loadable_state(posixpath.dirname(where.rstrip("/"))) if where else None
             params = searched_values(summary)
             for metrics in _history_of(found):
+                if int(metrics["epoch"]) > (summary.get("epochs") or 0):
+                    continue
                 if (trial_id, int(metrics["epoch"])) not in self.seen:
                     self.seen.add((trial_id, int(metrics["epoch"])))
                     recovered.append(epoch_row(trial_id, params, metrics, {"time": time.time(), **self.provenance}))
@@ -247,6 +255,7 @@ class StudyRecorder(Callback):
             self.log.append(recovered)
         print(f"[ray_cifar] recovered {len(recovered)} row(s) from checkpoints; the rows of epochs after a trial's "
               f"newest checkpoint come again when it resumes", flush=True)
+        return len(recovered)
 
     def __getstate__(self):
         # Pickled into tuner.pkl: keep configuration only; the state is re-read from disk.

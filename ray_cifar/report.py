@@ -26,6 +26,7 @@ import html
 import json
 import math
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -36,7 +37,7 @@ import yaml
 
 from . import storage
 from .config import flatten, load_yaml, yaml_problem
-from .results import (CONFIDENCE, SEED_KEY, DamagedFile, aggregate_over_seeds, is_train_output, lineage_path,
+from .results import (CONFIDENCE, FINISHED, SEED_KEY, DamagedFile, aggregate_over_seeds, is_train_output, lineage_path,
                       metric_value, read_results, read_rows, searched_columns, summarize_trials, welch_p_value)
 
 FIGURES = ("ranking", "curves", "asha", "params", "heatmap", "throughput", "published")
@@ -75,9 +76,11 @@ class Study:
 
 def load_study(output: str) -> Study:
     config_path = os.path.join(output, "config.yaml")
+    trials_path = os.path.join(output, "trials.parquet")
+    finished = os.path.exists(os.path.join(output, FINISHED))
     has_results = os.path.exists(os.path.join(output, "results.parquet")) or os.path.isdir(
         os.path.join(output, "results.parts"))
-    if not os.path.isfile(config_path) or not has_results:
+    if not os.path.isfile(config_path) or not (has_results or finished):
         raise NotAStudyOutput(f"{output} is not a study output (needs config.yaml and results.parquet)")
     try:
         with open(config_path, "rb") as f:
@@ -87,10 +90,14 @@ def load_study(output: str) -> Study:
     if not isinstance(config, dict) or not config:
         # Empty too: every section at its default ranked a val_loss study by val_acc, without a word.
         raise NotAStudyOutput(f"{config_path} is damaged ({'empty' if not config else 'not a mapping of sections'})")
-    trials_path = os.path.join(output, "trials.parquet")
+    if finished and not os.path.exists(trials_path):  # not a study still running: one whose table is gone
+        raise DamagedFile(f"{trials_path} is missing (the study finished)")
     trials = read_rows(trials_path) if os.path.exists(trials_path) else []
     name = os.path.basename(os.path.normpath(os.path.abspath(output)))
     rows = read_results(output)
+    if not rows and trials:  # a finished study's results gone (moved, deleted): an empty report is no report
+        raise DamagedFile(f"{os.path.join(output, 'results.parquet')} is missing (trials.parquet lists "
+                          f"{len(trials)} trial(s))")
     so_far = [] if trials else running_study_trials(output)
     trials = trials or so_far or train_run_trials(output, rows)
     return Study(name=name, config=config, rows=rows, trials=trials, unfinished=bool(so_far),
@@ -1024,8 +1031,9 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="ray_cifar-report-") as fetched:
             path = write_report([_fetched(o, fetched) for o in args.outputs], out)
     except (NotAStudyOutput, DamagedFile, storage.StorageError, OSError) as e:  # each names the file or location
-        remedy = ("; python -m ray_cifar.tune --resume OUTPUT rebuilds the results from the trials' checkpoints"
-                  if isinstance(e, DamagedFile) else "")
+        study = shlex.quote(first) if len(args.outputs) == 1 else "OUTPUT"
+        remedy = (f"; python -m ray_cifar.tune --resume {study} rebuilds it (the rows from the trials' checkpoints, "
+                  f"trials.parquet from trials.json)" if isinstance(e, DamagedFile) else "")
         print(f"ray_cifar.report: error: {e}{remedy}", file=sys.stderr)
         return 2
     print(f"[ray_cifar] report: {path}")

@@ -61,6 +61,9 @@ def provenance() -> dict[str, Any]:
             "python_version": platform.python_version(), "host_gpu": gpu}
 
 
+FINISHED = "study-finished.json"  # a study's end marker (tuning.study.finish_study): time, failed trials, test figures
+
+
 def is_train_output(output: str) -> bool:
     """A `python -m ray_cifar.train` run's folder: its checkpoints/ beside config.yaml, which no study has (a study's
     are under ray/)."""

@@ -16,7 +16,7 @@ from ray_cifar.tuning import study, tune_state
 from ray_cifar.tuning.tune_state import TuneStateBackup
 from ray_cifar.checkpoint_store import CheckpointStore, newest_loadable_state
 from ray_cifar.data.source import load_cifar10
-from ray_cifar.results import DamagedFile, ResultsLog, write_rows
+from ray_cifar.results import FINISHED, DamagedFile, ResultsLog, write_rows
 
 DAMAGE = ["truncated", "zero-length", "random bytes"]
 
@@ -375,15 +375,16 @@ def test_resume_of_a_finished_study_rebuilds_its_damaged_results_from_the_checkp
     (out / "trials.json").write_text(json.dumps({"a": {"status": "completed", "epochs": 2,
                                                        "latest_checkpoint": str(folder)}}))
     write_rows(rows, str(out / "results.parquet"))
-    (out / study.FINISHED).write_text("{}")
+    (out / FINISHED).write_text("{}")
     (out / "ray" / "tune").mkdir()
     (out / "ray" / "tune" / "tuner.pkl").write_bytes(b"")  # what Tune looks for in a study it can restore
     (out / "results.parquet").write_bytes((out / "results.parquet").read_bytes()[:100])  # truncated
     assert report.main([str(out)]) == 2
-    assert "--resume OUTPUT rebuilds the results from the trials' checkpoints" in capsys.readouterr().err
+    assert (f"--resume {out} rebuilds it (the rows from the trials' checkpoints, trials.parquet from trials.json)"
+            in capsys.readouterr().err)
     assert tune.main(["--resume", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "recovered 2 row(s) from checkpoints" in printed and "results.parquet rebuilt" in printed
+    assert "recovered 2 row(s) from checkpoints" in printed and f"{out}: results.parquet, trials.parquet rebuilt" in printed
     assert [(r["trial_id"], r["epoch"], r["val_acc"]) for r in ResultsLog(str(out)).read()] == [("a", 1, 0.1),
                                                                                               ("a", 2, 0.2)]
     assert (out / "results.parquet.damaged").exists() and (out / "report.md").exists()
@@ -468,3 +469,53 @@ def test_a_damaged_part_brings_back_the_recorded_epochs_and_leaves_the_unreporte
     again.on_trial_result(2, [], trial, {"epoch": 3, "epochs": 4, "val_acc": 0.21, "history": history})
     assert [r["epoch"] for r in ResultsLog(str(out)).read()] == [1, 2, 3]
     assert (again.trials["a"]["best_epoch"], again.trials["a"]["best_metric"]) == (2, 0.2175)
+
+
+
+def _finished_study(out) -> None:
+    """A finished one-trial study as finish_study leaves it (its trial's checkpoint holds epochs 1-2)."""
+    from ray_cifar.tuning import study
+
+    rows = [{"trial_id": "a", "epoch": e, "val_acc": e / 10, "train_loss": 1.0, "val_loss": 1.0} for e in (1, 2)]
+    folder = out / "ray" / "trial-a" / "checkpoint_000002"
+    folder.mkdir(parents=True)
+    checkpoint.save_state({"epoch": 2, "history": rows}, str(folder))
+    (out / "config.yaml").write_text("train: {epochs: 2}\n")
+    summary = {"trial_id": "a", "status": "completed", "epochs": 2, "best_metric": 0.2, "best_epoch": 2,
+               "latest_checkpoint": str(folder), "best_checkpoint": str(folder)}
+    (out / "trials.json").write_text(json.dumps({"a": summary}))
+    write_rows(rows, str(out / "results.parquet"))
+    write_rows([{**summary, "test_acc": 0.19, "test_loss": 2.0}], str(out / "trials.parquet"))
+    (out / FINISHED).write_text(json.dumps({"finished": 0, "failed": [],
+                                                  "test": {"a": {"test_acc": 0.19, "test_loss": 2.0}}}))
+    (out / "ray" / "tune").mkdir()
+    (out / "ray" / "tune" / "tuner.pkl").write_bytes(b"")
+
+
+@pytest.mark.parametrize("case", ["results missing", "trials.parquet damaged", "trials.parquet missing",
+                                  "trials.json damaged"])
+def test_resume_of_a_finished_study_rebuilds_each_file_it_lost(tmp_path, capsys, case):
+    """--resume said "already finished" (pointing at a trials.parquet that was gone, or damaged) and left the study
+    so; the report drew an empty one over a good one where results.parquet was gone, and sent the user to --resume
+    where trials.parquet was damaged."""
+    from ray_cifar import tune
+
+    out = tmp_path / "study"
+    _finished_study(out)
+    {"results missing": lambda: (out / "results.parquet").unlink(),
+     "trials.parquet damaged": lambda: damage(out / "trials.parquet", "truncated"),
+     "trials.parquet missing": lambda: (out / "trials.parquet").unlink(),
+     "trials.json damaged": lambda: damage(out / "trials.json", "random bytes")}[case]()
+    if case != "trials.json damaged":  # (a finished study's report reads trials.parquet)
+        assert report.main([str(out)]) == 2
+        assert f"--resume {out} rebuilds it" in capsys.readouterr().err
+    assert tune.main(["--resume", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "rebuilt" in printed and "has already finished" not in printed
+    assert [(r["epoch"], r["val_acc"]) for r in ResultsLog(str(out)).read()] == [(1, 0.1), (2, 0.2)]
+    (trial,) = report.read_rows(str(out / "trials.parquet"))
+    assert (trial["trial_id"], trial["status"], trial["best_epoch"], trial["test_acc"]) == ("a", "completed", 2, 0.19)
+    assert json.loads((out / "trials.json").read_text())["a"]["status"] == "completed"
+    assert report.main([str(out)]) == 0 and "best trial `a` (0.2000 at epoch 2, test_acc 0.1900)" in \
+        (out / "report.md").read_text()
+    assert tune.main(["--resume", str(out)]) == 0 and "has already finished" in capsys.readouterr().out

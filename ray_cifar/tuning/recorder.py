@@ -192,7 +192,7 @@ class StudyRecorder(Callback):
         rows = self.log.read()
         self.seen = {(r["trial_id"], r["epoch"]) for r in rows}
         self.trials, rebuilt = self._read_trials(rows)
-        if self.log.damaged and self._recover_rows() and rebuilt:
+        if self.log.damaged and self.recover_rows() and rebuilt:
             self.trials = _trials_from_rows(self.log.read(), self.metric, self.mode)  # with the recovered rows
         self.started = time.time()
         self.last_progress = self.started
@@ -230,7 +230,7 @@ class StudyRecorder(Callback):
               f"the results rows", flush=True)
         return _trials_from_rows(rows, self.metric, self.mode), True
 
-    def _recover_rows(self) -> int:
+    def recover_rows(self) -> int:
         """Rows of damaged parts, from each trial's newest loadable checkpoint (its history of epoch metrics): those
         of the epochs trials.json counts as recorded, which its summary (best epoch, checkpoints, ASHA's marks)
         already holds. An epoch after them was checkpointed but never reported: it comes as a result, the way the

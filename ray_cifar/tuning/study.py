@@ -26,14 +26,14 @@ from typing import Any, Callable
 
 from .. import cli, storage
 from ..config import Config, ConfigError, flatten, grid_size, search_keys
-from ..results import DamagedFile, ResultsLog, format_table, is_train_output, provenance, rank_trials, write_rows
+from ..results import (FINISHED, DamagedFile, ResultsLog, format_table, is_train_output, provenance, rank_trials,
+                       read_rows, write_rows)
 from ..validation import trial_config
 from .recorder import (FAILED, FULL_DISK, JUDGED, TRIALS_STATE, NoTunerRestoreHint, QuietFullDiskFailures,
                        StudyRecorder, quiet_trial_boxes)
 from .tune_state import TuneStateBackup
 
 EXPERIMENT = "tune"
-FINISHED = "study-finished.json"
 SEED = "train.seed"
 
 
@@ -535,7 +535,10 @@ def finish_study(cfg: Config, output: str, keys: list[str]) -> int:
           f"TensorBoard: tensorboard --logdir {output}/tensorboard", flush=True)
     write_study_report(output)
     with open(os.path.join(output, FINISHED), "w") as f:
-        json.dump({"finished": time.time(), "failed": [t["trial_id"] for t in failed]}, f)
+        # The test figures too: a damaged trials.parquet is rebuilt from trials.json and these, not evaluated again.
+        json.dump({"finished": time.time(), "failed": [t["trial_id"] for t in failed],
+                   "test": {t["trial_id"]: {"test_acc": t["test_acc"], "test_loss": t["test_loss"]}
+                            for t in trials if t["test_acc"] is not None}}, f)
     return 1 if failed else 0
 
 
@@ -568,21 +571,97 @@ def finish_and_sync(cfg: Config, output: str, keys: list[str], remote: str | Non
 
 
 def repair_finished(cfg: Config, output: str) -> bool:
-    """A finished study's damaged results (results.parquet or a part that will not read): set aside, their rows
-    recovered from each trial's newest checkpoint that loads (the history of epoch metrics it carries), merged
-    into results.parquet, and the report drawn again. Whether anything was damaged. --resume of a finished study
-    said "already finished" and left a damaged results.parquet so, though the checkpoints held every row."""
+    """A finished study's damaged or missing files, rebuilt from what holds them too, and the report drawn again;
+    whether anything was. --resume of a finished study said "already finished" and left them so, and the report
+    sent the user back to --resume (or, of a study with no results.parquet, drew an empty report over a good one):
+    - trials.json that will not read: set aside, and written again from trials.parquet (from the rows, where that
+      will not read either: their statuses are then the rows' own, diverged or running);
+    - results.parquet (or a part) that will not read, or none where trials.json counts epochs: the rows, from each
+      trial's newest checkpoint that loads (the history of epoch metrics it carries);
+    - trials.parquet that will not read, or none: from trials.json, ranked, with the test figures FINISHED keeps
+      (a study finished by an older ray_cifar has none there: its trials.parquet comes back without them)."""
+    repaired = []
+    if _recorded_trials(output) is None and _trials_json_from_table(output):
+        repaired.append(TRIALS_STATE)
     log = ResultsLog(output)
     try:
-        log.read()
-        return False
+        lost_rows = not log.read() and any((t.get("epochs") or 0) > 0
+                                           for t in (_recorded_trials(output) or {}).values())
+        damaged = False
     except DamagedFile:
-        pass
-    recorder = StudyRecorder(output, lambda config: {}, cfg.tune.metric, cfg.tune.mode, provenance(),
-                             tensorboard=False)  # sets the damaged files aside and recovers their rows
-    recorder.log.compact()
-    print(f"[ray_cifar] {output}/results.parquet rebuilt", flush=True)
-    write_study_report(output)
+        lost_rows, damaged = False, True
+    trials_json_damaged = _recorded_trials(output) is None
+    if damaged or lost_rows or trials_json_damaged:
+        # Sets the damaged parts and trials.json aside, recovers the parts' rows, rebuilds trials.json from the rows.
+        recorder = StudyRecorder(output, lambda config: {}, cfg.tune.metric, cfg.tune.mode, provenance(),
+                                 tensorboard=False)
+        if lost_rows:
+            print(f"[ray_cifar] {output}/results.parquet is missing", flush=True)
+            recorder.recover_rows()
+        recorder.log.compact()
+        repaired += (["results.parquet"] if damaged or lost_rows else []) + [TRIALS_STATE] * trials_json_damaged
+    if _rebuild_trials_table(cfg, output):
+        repaired.append("trials.parquet")
+    if repaired:
+        print(f"[ray_cifar] {output}: {', '.join(repaired)} rebuilt", flush=True)
+        write_study_report(output)
+    return bool(repaired)
+
+
+def _trials_json_from_table(output: str) -> bool:
+    """trials.json, damaged, set aside and written again from trials.parquet; whether that one reads."""
+    path = os.path.join(output, TRIALS_STATE)
+    try:
+        table = read_rows(os.path.join(output, "trials.parquet"))
+    except (FileNotFoundError, DamagedFile):
+        return False
+    own = ("test_acc", "test_loss", *provenance())  # what finish_study adds to trials.json's summaries
+    os.replace(path, path + ".damaged")
+    with open(path, "w") as f:
+        json.dump({t["trial_id"]: {k: v for k, v in t.items() if k not in own} for t in table}, f)
+    print(f"[ray_cifar] {path} is damaged; set aside as {TRIALS_STATE}.damaged and written again from "
+          f"trials.parquet", flush=True)
+    return True
+
+
+def _recorded_trials(output: str) -> dict[str, dict[str, Any]] | None:
+    """trials.json's summaries; None where it will not read ({} where there is none)."""
+    try:
+        with open(os.path.join(output, TRIALS_STATE), "rb") as f:
+            trials = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        return None
+    return trials if isinstance(trials, dict) and all(isinstance(t, dict) for t in trials.values()) else None
+
+
+def _rebuild_trials_table(cfg: Config, output: str) -> bool:
+    """trials.parquet again where it will not read or is gone (see repair_finished); whether it was."""
+    path = os.path.join(output, "trials.parquet")
+    try:
+        read_rows(path)
+        return False
+    except FileNotFoundError:
+        print(f"[ray_cifar] {path} is missing", flush=True)
+    except DamagedFile as e:
+        os.replace(path, path + ".damaged")
+        print(f"[ray_cifar] {e}; set aside as trials.parquet.damaged", flush=True)
+    recorded = (_recorded_trials(output) or {}).items()
+    trials = rank_trials([{"trial_id": tid, **{k: v for k, v in t.items() if k != JUDGED}} for tid, t in recorded],
+                         cfg.tune.metric, cfg.tune.mode)
+    try:
+        with open(os.path.join(output, FINISHED)) as f:
+            test = json.load(f).get("test")
+    except (OSError, ValueError, AttributeError):
+        test = None
+    for t in trials:
+        t.update({"test_acc": None, "test_loss": None, **((test or {}).get(t["trial_id"]) or {})})
+    if test is None:
+        print(f"[ray_cifar] its test figures are not kept elsewhere (a study finished by an older ray_cifar): "
+              f"trials.parquet comes back without them", flush=True)
+    run_provenance = provenance()
+    write_rows([{**t, **run_provenance} for t in trials], path)
     return True
 
 

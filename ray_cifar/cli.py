@@ -23,8 +23,8 @@ from typing import Callable, NoReturn
 import yaml
 
 from . import console, storage
-from .config import (SMOKE_OVERRIDES, Config, ConfigError, describe, flatten, load_yaml, parse_set, partly_searched,
-                     search_keys, search_points, yaml_problem)
+from .config import (SMOKE_OVERRIDES, Config, ConfigError, cut_short, describe, flatten, load_yaml, parse_set,
+                     partly_searched, search_keys, search_points, yaml_problem)
 from .data.source import Cifar10, DataError, default_cache_dir, load_cifar10, resolve_data_dir
 from .validation import (check_against_data, check_resources, config_from_dict, lengths_past_the_run, load_config,
                          local_resources)
@@ -100,6 +100,8 @@ def load_resolved_config(output: str) -> Config:
             resolved = load_yaml(f.read().decode("utf-8"))
         if not isinstance(resolved, dict):
             raise ConfigError(f"expected a mapping of sections, got {type(resolved).__name__}")
+        if cut_short(resolved):
+            raise ConfigError(cut_short(resolved))
         return config_from_dict(resolved)
     except OSError as e:
         fail(f"{path}: cannot read it ({e.strerror or e})")

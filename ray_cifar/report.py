@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from . import storage
-from .config import flatten, load_yaml, yaml_problem
+from .config import cut_short, flatten, load_yaml, yaml_problem
 from .results import (CONFIDENCE, FINISHED, SEED_KEY, DamagedFile, aggregate_over_seeds, is_train_output, lineage_path,
                       metric_value, read_results, read_rows, searched_columns, summarize_trials, welch_p_value)
 
@@ -90,6 +90,8 @@ def load_study(output: str) -> Study:
     if not isinstance(config, dict) or not config:
         # Empty too: every section at its default ranked a val_loss study by val_acc, without a word.
         raise NotAStudyOutput(f"{config_path} is damaged ({'empty' if not config else 'not a mapping of sections'})")
+    if cut_short(config):  # truncated: as empty, only partly
+        raise NotAStudyOutput(f"{config_path} is damaged ({cut_short(config)})")
     if finished and not os.path.exists(trials_path):  # not a study still running: one whose table is gone
         raise DamagedFile(f"{trials_path} is missing (the study finished)")
     trials = read_rows(trials_path) if os.path.exists(trials_path) else []
@@ -470,18 +472,19 @@ def scheduler_text(tune: dict[str, Any], max_t: float) -> str:
         each = "; ".join(f"{places} places, judged at epoch{'s' * (len(ms) > 2)} {', '.join(map(str, ms[:-1]))}, "
                          f"the last at {ms[-1]}" if len(ms) > 1 else f"{places} places, run to {ms[-1]}"
                          for places, ms in brackets)
-        return (f"BOHB's HyperBand, reduction {tune.get('reduction_factor')}, max {max_t:g}: brackets filled in "
-                f"turn, the best 1/{tune.get('reduction_factor')} going on at each milestone ({each}; drawn: the "
-                f"first's)")
+        factor = _fmt(tune.get("reduction_factor") or 3)
+        return (f"BOHB's HyperBand, reduction {factor}, max {max_t:g}: brackets filled in turn, the best 1/{factor} "
+                f"going on at each milestone ({each}; drawn: the first's)")
     if scheduler in ("pbt", "pb2"):
         return f"{scheduler}: no trial stops early; the weak copy the strong (the population figure below)"
     if scheduler != "asha":
         return f"{scheduler}: no rungs"
     if tune.get("time_attr", "epoch") != "epoch":
-        detail = f"rungs every x{tune.get('reduction_factor')} from {tune.get('grace_period')} optimizer steps"
+        detail = (f"rungs every x{_fmt(tune.get('reduction_factor'))} from {_fmt(tune.get('grace_period'))} optimizer "
+                  f"steps")
     else:
         rungs = asha_rungs(tune, max_t)
-        detail = (f"grace {tune.get('grace_period')}, reduction {tune.get('reduction_factor')}, "
+        detail = (f"grace {_fmt(tune.get('grace_period'))}, reduction {_fmt(tune.get('reduction_factor'))}, "
                   f"rungs at {', '.join(f'{r:g}' for r in rungs)}, max {max_t:g}")
     if (tune.get("brackets") or 1) > 1:
         detail += f"; {tune['brackets']} brackets (drawn: the first's)"

@@ -48,6 +48,16 @@ def write_parquet_folder(folder: str, data: Cifar10) -> str:
     return folder
 
 
+def resolved_config(sections: dict) -> dict:
+    """A config.yaml's contents as a study writes them: every section, `sections` over the defaults (a hand-made
+    one of a section or two reads as cut short: config.cut_short)."""
+    from ray_cifar.config import Config, apply_overrides
+
+    cfg = Config()
+    apply_overrides(cfg, sections)
+    return cfg.to_dict()
+
+
 def long_test(what: str) -> None:
     """Skip unless RAY_CIFAR_LONG_TESTS=1. make test must end within 15 minutes on CI's 2 cores; what runs only when
     asked repeats, for another searcher, tracker or bucket, a kill-and-resume path that a test in every run covers."""

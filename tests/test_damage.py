@@ -9,7 +9,9 @@ import pickle
 
 import pytest
 import torch
+import yaml
 
+from conftest import resolved_config
 from ray_cifar import checkpoint, cli, report, storage
 from ray_cifar.config import ConfigError
 from ray_cifar.tuning import study, tune_state
@@ -107,7 +109,7 @@ def test_a_damaged_results_part_is_one_line_or_set_aside(tmp_path, how):
 
 @pytest.mark.parametrize("how", DAMAGE)
 def test_report_of_a_damaged_results_file_is_one_line_exit_2(tmp_path, capsys, how):
-    (tmp_path / "config.yaml").write_text("tune: {metric: val_acc, mode: max}\n")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(resolved_config({"tune": {"metric": "val_acc"}})))
     write_rows([{"trial_id": "a", "epoch": 1, "val_acc": 0.5}], str(tmp_path / "results.parquet"))
     damage(tmp_path / "results.parquet", how)
     assert report.main([str(tmp_path)]) == 2
@@ -371,7 +373,7 @@ def test_resume_of_a_finished_study_rebuilds_its_damaged_results_from_the_checkp
     folder = out / "ray" / "trial-a" / "checkpoint_000002"
     folder.mkdir(parents=True)
     checkpoint.save_state({"epoch": 2, "history": rows}, str(folder))
-    (out / "config.yaml").write_text("train: {epochs: 2}\n")
+    (out / "config.yaml").write_text(yaml.safe_dump(resolved_config({"train": {"epochs": 2}})))
     (out / "trials.json").write_text(json.dumps({"a": {"status": "completed", "epochs": 2,
                                                        "latest_checkpoint": str(folder)}}))
     write_rows(rows, str(out / "results.parquet"))
@@ -480,7 +482,7 @@ def _finished_study(out) -> None:
     folder = out / "ray" / "trial-a" / "checkpoint_000002"
     folder.mkdir(parents=True)
     checkpoint.save_state({"epoch": 2, "history": rows}, str(folder))
-    (out / "config.yaml").write_text("train: {epochs: 2}\n")
+    (out / "config.yaml").write_text(yaml.safe_dump(resolved_config({"train": {"epochs": 2}})))
     summary = {"trial_id": "a", "status": "completed", "epochs": 2, "best_metric": 0.2, "best_epoch": 2,
                "latest_checkpoint": str(folder), "best_checkpoint": str(folder)}
     (out / "trials.json").write_text(json.dumps({"a": summary}))
@@ -519,3 +521,21 @@ def test_resume_of_a_finished_study_rebuilds_each_file_it_lost(tmp_path, capsys,
     assert report.main([str(out)]) == 0 and "best trial `a` (0.2000 at epoch 2, test_acc 0.1900)" in \
         (out / "report.md").read_text()
     assert tune.main(["--resume", str(out)]) == 0 and "has already finished" in capsys.readouterr().out
+
+
+def test_a_config_yaml_cut_short_is_damaged_not_read_with_defaults(tmp_path, capsys):
+    """Truncated, it still parsed: without its tune section (the last one) a study of val_loss (min) was reported
+    ranked by val_acc (max), exit 0; --resume called it an edit to undo."""
+    full = resolved_config({"tune": {"metric": "val_loss", "mode": "min"}})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+    write_rows([{"trial_id": "a", "epoch": 1, "val_acc": 0.5, "val_loss": 1.0}], str(tmp_path / "results.parquet"))
+    assert report.main([str(tmp_path)]) == 0
+    assert "Ranked by `val_loss` (min)" in (tmp_path / "report.md").read_text()
+    for cut in ({k: v for k, v in full.items() if k != "tune"},
+                {**full, "tune": {k: v for k, v in full["tune"].items() if k not in ("metric", "mode")}}):
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(cut, sort_keys=False))
+        assert report.main([str(tmp_path)]) == 2
+        assert "config.yaml is damaged (" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as exit_:
+            cli.load_resolved_config(str(tmp_path))
+        assert exit_.value.code == 2 and "cut short?" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import resolved_config
 from ray_cifar.report import FIGURES, load_study, main, match_published, summaries, write_report
 from ray_cifar.results import ResultsLog, write_rows
 
@@ -33,7 +34,7 @@ def make_output(folder, lr_values=(0.1, 0.01), seeds=(0, 1), epochs=4, published
                                {"where": {"optim.lr": 0.01, "model.blocks": [1, 1]}, "value": 60.0,
                                 "metric": "test_acc", "source": "paper A, table 2"}]
     with open(os.path.join(folder, "config.yaml"), "w") as f:
-        yaml.safe_dump(config, f)
+        yaml.safe_dump(resolved_config(config), f)
     rows, trials = [], []
     for i, (lr, seed) in enumerate((lr, s) for lr in lr_values for s in seeds):
         trial_id = f"t{i}"
@@ -140,8 +141,8 @@ def test_a_train_runs_report_shows_its_test_figure(tmp_path):
     run = str(tmp_path / "run")
     os.makedirs(os.path.join(run, "checkpoints"))  # a train run's folder
     with open(os.path.join(run, "config.yaml"), "w") as f:  # its tune section at the defaults: ASHA's among them
-        yaml.safe_dump({"train": {"epochs": 4}, "tune": {"metric": "val_acc", "mode": "max", "scheduler": "asha",
-                                                         "grace_period": 1, "reduction_factor": 2}}, f)
+        yaml.safe_dump(resolved_config({"train": {"epochs": 4}, "tune": {
+            "metric": "val_acc", "mode": "max", "scheduler": "asha", "grace_period": 1, "reduction_factor": 2}}), f)
     ResultsLog(run).append([{"trial_id": "t0", "epoch": e, "train_loss": 1.0 / e, "val_acc": 0.5 + 0.05 * e,
                              "val_loss": 1.0, "images_per_second": 1000.0} for e in range(1, 5)])
     with open(os.path.join(run, "test.json"), "w") as f:
@@ -163,8 +164,8 @@ def test_a_comparison_shows_a_field_one_study_fixed_and_another_searched_by_its_
     b = str(tmp_path / "batch")
     os.makedirs(b)
     with open(os.path.join(b, "config.yaml"), "w") as f:
-        yaml.safe_dump({"train": {"epochs": 2, "global_batch_size": 256}, "optim": {"name": "sgd", "lr": 0.05},
-                        "tune": {"metric": "val_acc", "mode": "max"}}, f)
+        yaml.safe_dump(resolved_config({"train": {"epochs": 2, "global_batch_size": 256},
+                                        "optim": {"name": "sgd", "lr": 0.05}, "tune": {"metric": "val_acc", "mode": "max"}}), f)
     ResultsLog(b).append([{"trial_id": f"b{n}", "epoch": 1, "train.global_batch_size": batch, "val_acc": 0.5,
                            "train_loss": 1.0} for n, batch in enumerate((256, 512))])
     combined = _combine([load_study(a), load_study(b)])
@@ -353,8 +354,9 @@ def test_the_best_pbt_trials_schedule_follows_its_donors_back_to_scratch():
 def write_pbt_output(folder) -> str:
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.yaml"), "w") as f:
-        yaml.safe_dump({"train": {"epochs": 6}, "tune": {"scheduler": "pbt", "metric": "val_acc", "mode": "max",
-                                                         "search_space": {"optim.lr": {"loguniform": [0.001, 1.0]}}}}, f)
+        yaml.safe_dump(resolved_config({"train": {"epochs": 6}, "tune": {
+            "scheduler": "pbt", "metric": "val_acc", "mode": "max",
+            "search_space": {"optim.lr": {"loguniform": [0.001, 1.0]}}}}), f)
     ResultsLog(folder).append(pbt_rows())
     return folder
 

@@ -178,6 +178,19 @@ def parse_set(assignment: str) -> tuple[str, Any]:
 EXTENDS = "extends"  # a study file's key naming the file it builds on (relative to it), e.g. x_asha.yaml -> x.yaml
 
 
+def cut_short(resolved: dict[str, Any]) -> str | None:
+    """Why a resolved config (a study's config.yaml, written whole by ray_cifar) reads as cut short, or None: a
+    section missing, or tune without its metric and mode. Truncated, it still parsed, every missing field at its
+    default: a study of val_loss (min) was ranked by val_acc (max) in its report."""
+    missing = [s for s in SECTIONS if not isinstance(resolved.get(s), dict)]
+    if missing:
+        return f"it lacks the section(s) {', '.join(missing)} that every config.yaml has: cut short?"
+    lacking = [k for k in ("metric", "mode") if k not in resolved["tune"]]
+    if lacking:
+        return f"its tune section lacks {' and '.join(lacking)}: cut short?"
+    return None
+
+
 def yaml_problem(error: Exception) -> str:
     """A YAML error in one line that says where: its problem at its line and column, and what the parser was in
     (its context, where it began). str() of the error puts the context first, on lines of its own: its first line

@@ -361,6 +361,20 @@ def test_a_study_resumes_only_where_it_started_and_with_the_config_it_started_wi
     study.check_start(cfg, str(copy), None)
     assert "study-start.json is damaged" in capsys.readouterr().out
     assert json.loads((copy / study.STUDY_START).read_text())["location"] == os.path.realpath(copy)
+    # Lost (or damaged) in a copy whose trials' checkpoints name the first folder: refused all the same. It resumed
+    # into the first folder's trials.json and Tune state, then failed in Ray.
+    (copy / "trials.json").write_text(json.dumps({"a": {"status": "running", "epochs": 1, "latest_checkpoint": str(
+        first / "ray" / "trial-a" / "checkpoint_000001")}}))
+    for lost in ("gone", "damaged"):
+        if lost == "gone":
+            (copy / study.STUDY_START).unlink()
+        else:
+            (copy / study.STUDY_START).write_text('{"loc')
+        with pytest.raises(ConfigError, match=rf"this study was started in {first}, .* it resumes only there"):
+            study.check_start(cfg, str(copy), None)
+    (first / "trials.json").write_text((copy / "trials.json").read_text())  # the first folder's own: fine
+    (first / study.STUDY_START).unlink()
+    study.check_start(cfg, str(first), None)
 
 
 def test_resume_of_a_finished_study_rebuilds_its_damaged_results_from_the_checkpoints(tmp_path, capsys):

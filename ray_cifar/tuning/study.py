@@ -256,9 +256,14 @@ def check_start(cfg: Config, output: str, remote: str | None) -> None:
         print(f"[ray_cifar] warning: {path} is damaged; written again from this config.yaml", flush=True)
         start = None
     if not (isinstance(start, dict) and isinstance(start.get("config"), dict) and start.get("location")):
-        with open(path, "w") as f:
-            json.dump({"location": here, "config": now}, f)
-        return
+        # Written again, unless the trials' recorded checkpoints name another folder: a copy whose record was lost
+        # (or never copied) resumed into the first folder's trials.json and Tune state, then failed in Ray.
+        where = None if remote else _checkpoints_folder(output)
+        if where is None:
+            with open(path, "w") as f:
+                json.dump({"location": here, "config": now}, f)
+            return
+        start = {"location": where, "config": now}
     where = start["location"]
     moved = where != here and not (remote is None and os.path.isdir(where) and os.path.samefile(where, output))
     if moved:
@@ -278,6 +283,18 @@ def check_start(cfg: Config, output: str, remote: str | None) -> None:
     if differs:  # where the data is read from, alone
         print(f"[ray_cifar] the data is read from {cfg.data.path} now (config.yaml's data.path was changed since the "
               f"study started)", flush=True)
+
+
+def _checkpoints_folder(output: str) -> str | None:
+    """The study folder trials.json's checkpoints are in (OUTPUT/ray/trial-<id>/...), where it is not OUTPUT."""
+    for summary in (_recorded_trials(output) or {}).values():
+        for where in (summary.get("latest_checkpoint"), summary.get("best_checkpoint")):
+            if isinstance(where, str) and os.path.isabs(where) and f"{os.sep}ray{os.sep}" in where:
+                folder = where.rsplit(f"{os.sep}ray{os.sep}", 1)[0]
+                if not (os.path.isdir(folder) and os.path.samefile(folder, output)) and \
+                        os.path.realpath(folder) != os.path.realpath(output):
+                    return folder
+    return None
 
 
 def hold_driver_lock(output: str) -> None:

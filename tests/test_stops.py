@@ -483,6 +483,33 @@ def test_sigterm_while_the_study_finishes_prints_the_resume_command(ray):
         assert "rc 130 handler restored True" in result.stdout and "stop_now" not in result.stdout
 
 
+FINISH_CTRL_C = """
+import os, signal, time
+from ray_cifar.tuning.study import finish_politely
+
+def tunes(signum, frame):  # Tune's handler, which Ray 2.60 leaves in after Tune.fit returns
+    print("Stop signal received (e.g. via SIGINT/Ctrl+C), ending Ray Tune run.", flush=True)
+
+signal.signal(signal.SIGINT, tunes)
+
+def finish():  # the last phase, Ctrl-C'd as it runs
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(30)
+    return 0
+
+rc = finish_politely(finish, "python -m ray_cifar.tune --resume OUT")
+print("rc", rc, "handler restored", signal.getsignal(signal.SIGINT) is tunes)
+"""
+
+
+def test_the_first_ctrl_c_while_the_study_finishes_stops_it():
+    """Tune's SIGINT handler outlives Tune.fit: the first Ctrl-C in the last phase printed Tune's "Stop signal
+    received" and the study finished, exit 0, where the README promises the --resume line and exit 130."""
+    result = subprocess.run([sys.executable, "-c", FINISH_CTRL_C], capture_output=True, text=True, timeout=120)
+    assert "stopped while finishing the study" in result.stdout and "Stop signal received" not in result.stdout
+    assert "rc 130 handler restored True" in result.stdout, (result.stdout + result.stderr)[-2000:]
+
+
 def test_ray_is_gone_only_when_every_look_for_a_second_misses_it(monkeypatch):
     """One rule in the trials and the finish phase: a GCS that misses one look (busy for a moment) is not gone."""
     from ray_cifar.tuning import study

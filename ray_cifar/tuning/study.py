@@ -409,7 +409,13 @@ def finish_politely(finish: Callable[[], int], resume_command: str, ray_alive: C
     Where the SIGTERM went to every process (see polite_sigterm), the local Ray ends with it, and the driver's exit
     (ray.shutdown) waited a minute on Ray's gone GCS, then ended with exit 1 (seen in a kill test). So after the
     line the driver looks at Ray (RAY_ALIVE) for up to RAY_GONE_WITHIN_S: gone (RayGone), stop_now() says so and
-    the driver exits 130 at once; there, it goes on to a normal exit."""
+    the driver exits 130 at once; there, it goes on to a normal exit.
+
+    Tune's SIGINT handler stays after Tune.fit returns (Ray 2.60 never puts the one before back): the first Ctrl-C
+    here only printed Tune's "Stop signal received", and the study finished, exit 0. Python's own is put in for
+    the phase, and the one before back after it."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler) if main_thread else None
     try:
         with cli.sigterm_as_ctrl_c():
             return finish()
@@ -419,6 +425,9 @@ def finish_politely(finish: Callable[[], int], resume_command: str, ray_alive: C
         if ray_alive is not None and _ray_goes(ray_alive):
             _exit_now(stop_now)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 RAY_GONE_WITHIN_S = 3.0  # room for GONE_AFTER_S after Ray's processes take a moment to end

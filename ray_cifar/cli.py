@@ -262,8 +262,10 @@ def write_config(cfg: Config, output: str) -> None:
 def refusing_up_front(output: str | None, run, resume_command: str | None = None) -> int:
     """Run a study; a ConfigError raised before any trial started (e.g. a trial larger than the cluster,
     seen only once Ray is up) is one line and exit 2, and the new output folder is removed again.
-    A full disk is one line and exit 1 (the study stays resumable); a Ctrl-C or SIGTERM while no trial runs
-    (Ray starting, say: Tune's own handler stops running trials gracefully) exits 130, with RESUME_COMMAND."""
+    A full disk is one line and exit 1 (the study stays resumable); a Ctrl-C or SIGTERM that reaches here exits 130,
+    with RESUME_COMMAND: one while no trial runs (Ray starting, say: Tune's own handler stops running trials
+    gracefully), or a second one, which stops running trials at once (it said "stopped while no trial ran", of two
+    trials with epochs recorded)."""
     try:
         with sigterm_as_ctrl_c():
             return run()
@@ -276,8 +278,8 @@ def refusing_up_front(output: str | None, run, resume_command: str | None = None
         fail(str(e), status=1)
     except KeyboardInterrupt:
         if resume_command:
-            print(f"\n[ray_cifar] stopped while no trial ran; nothing reported is lost. Continue it with:\n"
-                  f"  {resume_command}", flush=True)
+            print(f"\n[ray_cifar] stopped; every epoch recorded so far is kept (one a trial was in is trained "
+                  f"again). Continue it with:\n  {resume_command}", flush=True)
         else:
             print("\n[ray_cifar] stopped before the study started", file=sys.stderr, flush=True)
         return 130

@@ -286,8 +286,8 @@ def test_sigterm_while_ray_starts_is_the_resume_line_and_exit_130_and_leaves_no_
         end_tree([driver.pid, *tree, *descendants(driver.pid)])
     out = printed + out
     assert driver.returncode == 130, out[-3000:]
-    assert f"stopped while no trial ran; nothing reported is lost. Continue it with:\n  python -m ray_cifar.tune " \
-           f"--resume {output}" in out, out[-3000:]
+    assert f"stopped; every epoch recorded so far is kept (one a trial was in is trained again). Continue it " \
+           f"with:\n  python -m ray_cifar.tune --resume {output}" in out, out[-3000:]
     assert "Traceback" not in out and not rows(output)
     assert not left, f"the driver's Ray processes outlived it: {left}"
 

@@ -324,12 +324,17 @@ def exit_after(main: Callable[[], int | None]) -> NoReturn:
     before its prompt came back. What a normal exit does that matters still happens, in its order: the
     non-daemon threads are waited for, every atexit hook runs (ray.shutdown, logging, tensorboardX, pyarrow's
     S3), stdout and stderr are flushed; the exit status is the same. An exception other than SystemExit takes
-    the normal way out (its traceback). A hang-up stops it as SIGTERM does (hangup_as_sigterm)."""
+    the normal way out (its traceback). A hang-up stops it as SIGTERM does (hangup_as_sigterm). A Ctrl-C that
+    reaches here (in the first seconds, while torch and Ray are imported and the config checked: no handler of
+    the program's own is in yet) is one line and exit 130, not 40 lines of traceback and exit 1."""
     hangup_as_sigterm()
     try:
         status = main()
     except SystemExit as e:
         status = e.code
+    except KeyboardInterrupt:
+        print("\n[ray_cifar] stopped (Ctrl-C) while starting", file=sys.stderr, flush=True)
+        status = 130
     if status is not None and not isinstance(status, int):
         print(status, file=sys.stderr)  # what SystemExit("message") prints
         status = 1

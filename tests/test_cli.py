@@ -341,13 +341,15 @@ def main():
         sys.exit("exit_after: a message")
     if case == "none":
         return None
+    if case == "ctrl-c":  # in the first seconds, before the program's own handlers
+        raise KeyboardInterrupt
     raise RuntimeError("an exception takes the normal way out")
 
 exit_after(main)
 """
 
 
-@pytest.mark.parametrize("case, status", [("return", 3), ("fail", 1), ("none", 0), ("raise", 1)])
+@pytest.mark.parametrize("case, status", [("return", 3), ("fail", 1), ("none", 0), ("raise", 1), ("ctrl-c", 130)])
 def test_exit_after_keeps_what_a_normal_exit_does(tmp_path, case, status):
     """The entry points end with cli.exit_after (no teardown of the modules): the same status, output flushed,
     non-daemon threads waited for and atexit hooks run, in that order."""
@@ -357,7 +359,8 @@ def test_exit_after_keeps_what_a_normal_exit_does(tmp_path, case, status):
     assert proc.returncode == status, proc.stderr
     assert proc.stdout == "no newline, not flushed"
     assert log.read_text() == "thread ended\natexit ran\n"
-    expected_stderr = {"fail": "exit_after: a message\n", "raise": "RuntimeError: an exception"}
+    expected_stderr = {"fail": "exit_after: a message\n", "raise": "RuntimeError: an exception",
+                       "ctrl-c": "\n[ray_cifar] stopped (Ctrl-C) while starting\n"}
     assert expected_stderr.get(case, "") in proc.stderr and (case in expected_stderr or proc.stderr == "")
 
 

@@ -217,8 +217,11 @@ def test_a_damaged_tune_experiment_state_comes_back_from_its_copy(tmp_path, caps
     damage(experiment / "experiment_state-1.json", "zero-length")
     os.remove(tmp_path / tune_state.BACKUP / "experiment_state-1.json")
     for _ in range(2):  # the same line on every --resume: the last one stays where it is
-        with pytest.raises(cli.ConfigError, match="no experiment_state"):
+        with pytest.raises(cli.ConfigError, match="no experiment_state") as refused:
             backup.restore()
+    # With the ways on: the report of what was recorded, and the study trained again (it gave none).
+    assert (f"python -m ray_cifar.report {tmp_path} reports it; to train the study again: python -m ray_cifar.tune "
+            f"--config {tmp_path}/config.yaml --output NEW") in str(refused.value)
     assert (experiment / "experiment_state-1.json").exists()
 
 

@@ -120,8 +120,12 @@ class TuneStateBackup(Callback):
             return
         for pattern, kind in PATTERNS.items():
             if not self._restore(pattern, kind):
+                output = os.path.dirname(self.backup)
                 raise ConfigError(f"no {pattern} in {self.experiment} loads (each is damaged, without a whole "
-                                  f"copy in {self.backup}); Tune cannot resume this study")
+                                  f"copy in {self.backup}); Tune cannot resume this study. What it recorded is "
+                                  f"whole: python -m ray_cifar.report {output} reports it; to train the "
+                                  f"study again: python -m ray_cifar.tune --config {output}/config.yaml "
+                                  f"--output NEW")
         self.save()
 
     def _restore(self, pattern: str, kind: str) -> bool:

@@ -38,7 +38,8 @@ import yaml
 from . import storage
 from .config import cut_short, flatten, load_yaml, yaml_problem
 from .results import (CONFIDENCE, FINISHED, SEED_KEY, DamagedFile, aggregate_over_seeds, is_train_output, lineage_path,
-                      metric_value, read_results, read_rows, searched_columns, summarize_trials, welch_p_value)
+                      metric_value, read_results, read_rows, read_trials_state, searched_columns, summarize_trials,
+                      welch_p_value)
 
 FIGURES = ("ranking", "curves", "asha", "params", "heatmap", "throughput", "published")
 MAX_HEATMAPS = 3  # pairs of searched fields drawn as heatmaps (those with the most cells)
@@ -109,14 +110,8 @@ def load_study(output: str) -> Study:
 def running_study_trials(output: str) -> list[dict[str, Any]]:
     """A study that has not finished (running, stopped or killed) has no trials.parquet yet: its trials.json holds
     each trial's status so far (its report had no status column, and said nothing of trials not finished)."""
-    try:
-        with open(os.path.join(output, "trials.json"), "rb") as f:
-            trials = json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError):
-        return []  # none, or damaged: the rows are still reported
-    if not isinstance(trials, dict):
-        return []
-    return [{"trial_id": tid, **t} for tid, t in trials.items() if isinstance(t, dict)]
+    trials = read_trials_state(output) or {}  # none, or damaged: the rows are still reported
+    return [{"trial_id": tid, **t} for tid, t in trials.items()]
 
 
 def train_run_trials(output: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -62,6 +62,20 @@ def provenance() -> dict[str, Any]:
 
 
 FINISHED = "study-finished.json"  # a study's end marker (tuning.study.finish_study): time, failed trials, test figures
+TRIALS_STATE = "trials.json"  # the study's per-trial summaries as it runs (tuning.recorder), trials.parquet's source
+
+
+def read_trials_state(output: str) -> dict[str, dict[str, Any]] | None:
+    """trials.json's summaries by trial id: {} where there is none, None where it will not read (damaged). The one
+    reader of it: the recorder (which sets a damaged one aside), the schedulers, the finish and the report."""
+    try:
+        with open(os.path.join(output, TRIALS_STATE), "rb") as f:
+            trials = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):  # ValueError: JSON and UTF-8 decoding errors
+        return None
+    return trials if isinstance(trials, dict) and all(isinstance(t, dict) for t in trials.values()) else None
 
 
 def is_train_output(output: str) -> bool:

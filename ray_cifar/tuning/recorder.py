@@ -31,7 +31,8 @@ from ray.tune import Callback
 
 from .. import storage
 from ..config import improves
-from ..results import LINEAGE_COLUMNS, ResultsLog, epoch_row, rank_trials, scored, trial_value
+from ..results import (LINEAGE_COLUMNS, TRIALS_STATE, ResultsLog, epoch_row, rank_trials, read_trials_state, scored,
+                       trial_value)
 
 RUNNING, COMPLETED, STOPPED, DIVERGED, FAILED = "running", "completed", "stopped", "diverged", "failed"
 # A trial with rows that Tune's saved state never held: its driver died after the trial was made and before Tune
@@ -40,7 +41,6 @@ RUNNING, COMPLETED, STOPPED, DIVERGED, FAILED = "running", "completed", "stopped
 LOST = "lost"
 LOST_ERROR = ("lost with a dead driver: made after Tune last saved its trials, so Tune never ran it again; its rows "
               "are kept")
-TRIALS_STATE = "trials.json"
 # In trials.json (not trials.parquet): the newest epoch whose result a live driver passed to this recorder, after its
 # scheduler had decided on it. Rows past it were recovered (from a checkpoint, after a dead driver): no scheduler
 # decided on them, so a restored ASHA takes the decision its rebuilt rungs make (scheduler.RestorableASHA).
@@ -213,18 +213,16 @@ class StudyRecorder(Callback):
         """trials.json, and whether it was rebuilt: when damaged (set aside) or missing beside recorded rows, it is
         rebuilt from the rows (statuses follow from Tune's at the end)."""
         path = os.path.join(self.output, TRIALS_STATE)
-        try:
-            with open(path, "rb") as f:
-                trials = json.loads(f.read().decode("utf-8"))
-            if isinstance(trials, dict) and all(isinstance(t, dict) and "status" in t for t in trials.values()):
-                return trials, False
-        except FileNotFoundError:
+        trials = read_trials_state(self.output)
+        if trials and all("status" in t for t in trials.values()):
+            return trials, False
+        if trials == {} and not os.path.exists(path):
             if not rows:
                 return {}, False  # a new study
             print(f"[ray_cifar] warning: {path} is missing; rebuilt from the results rows", flush=True)
             return _trials_from_rows(rows, self.metric, self.mode), True
-        except (OSError, ValueError):  # ValueError: JSON and UTF-8 decoding errors
-            pass
+        if trials == {}:
+            return {}, False  # written before any trial reported
         os.replace(path, path + ".damaged")
         print(f"[ray_cifar] warning: {path} is damaged; set aside as {TRIALS_STATE}.damaged and rebuilt from "
               f"the results rows", flush=True)

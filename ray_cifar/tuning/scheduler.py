@@ -16,7 +16,6 @@ bracket b's first rung is grace_period * reduction_factor^b, and each trial join
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import zlib
@@ -25,8 +24,8 @@ from typing import Any, Callable
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandForBOHB, TrialScheduler
 
-from ..results import ResultsLog
-from .recorder import JUDGED, STOPPED, TRIALS_STATE
+from ..results import TRIALS_STATE, ResultsLog, read_trials_state
+from .recorder import JUDGED, STOPPED
 from .searchers import base_searcher, creation_order, follow_restored_trial
 
 
@@ -63,12 +62,9 @@ class SavingFIFO(FIFOScheduler):
 
 
 def recorded_trials(output: str) -> dict[str, dict[str, Any]]:
-    """trials.json (the recorder's summaries; {} before the first)."""
-    path = os.path.join(output, TRIALS_STATE)
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    """trials.json (the recorder's summaries; {} before the first, and where it will not read: the recorder, which
+    reads it first, sets a damaged one aside and rebuilds it)."""
+    return read_trials_state(output) or {}
 
 
 def recorded_stops(output: str) -> set[str]:

@@ -26,10 +26,10 @@ from typing import Any, Callable
 
 from .. import cli, storage
 from ..config import Config, ConfigError, flatten, grid_size, search_keys
-from ..results import (FINISHED, DamagedFile, ResultsLog, format_table, is_train_output, provenance, rank_trials,
-                       read_rows, write_rows)
+from ..results import (FINISHED, TRIALS_STATE, DamagedFile, ResultsLog, format_table, is_train_output, provenance,
+                       rank_trials, read_rows, read_trials_state, write_rows)
 from ..validation import trial_config
-from .recorder import (FAILED, FULL_DISK, JUDGED, TRIALS_STATE, NoTunerRestoreHint, QuietFullDiskFailures,
+from .recorder import (FAILED, FULL_DISK, JUDGED, NoTunerRestoreHint, QuietFullDiskFailures,
                        StudyRecorder, quiet_trial_boxes)
 from .tune_state import TuneStateBackup
 
@@ -287,7 +287,7 @@ def check_start(cfg: Config, output: str, remote: str | None) -> None:
 
 def _checkpoints_folder(output: str) -> str | None:
     """The study folder trials.json's checkpoints are in (OUTPUT/ray/trial-<id>/...), where it is not OUTPUT."""
-    for summary in (_recorded_trials(output) or {}).values():
+    for summary in (read_trials_state(output) or {}).values():
         for where in (summary.get("latest_checkpoint"), summary.get("best_checkpoint")):
             if isinstance(where, str) and os.path.isabs(where) and f"{os.sep}ray{os.sep}" in where:
                 folder = where.rsplit(f"{os.sep}ray{os.sep}", 1)[0]
@@ -607,16 +607,16 @@ def repair_finished(cfg: Config, output: str) -> bool:
     - trials.parquet that will not read, or none: from trials.json, ranked, with the test figures FINISHED keeps
       (a study finished by an older ray_cifar has none there: its trials.parquet comes back without them)."""
     repaired = []
-    if _recorded_trials(output) is None and _trials_json_from_table(output):
+    if read_trials_state(output) is None and _trials_json_from_table(output):
         repaired.append(TRIALS_STATE)
     log = ResultsLog(output)
     try:
         lost_rows = not log.read() and any((t.get("epochs") or 0) > 0
-                                           for t in (_recorded_trials(output) or {}).values())
+                                           for t in (read_trials_state(output) or {}).values())
         damaged = False
     except DamagedFile:
         lost_rows, damaged = False, True
-    trials_json_damaged = _recorded_trials(output) is None
+    trials_json_damaged = read_trials_state(output) is None
     if damaged or lost_rows or trials_json_damaged:
         # Sets the damaged parts and trials.json aside, recovers the parts' rows, rebuilds trials.json from the rows.
         recorder = StudyRecorder(output, lambda config: {}, cfg.tune.metric, cfg.tune.mode, provenance(),
@@ -650,18 +650,6 @@ def _trials_json_from_table(output: str) -> bool:
     return True
 
 
-def _recorded_trials(output: str) -> dict[str, dict[str, Any]] | None:
-    """trials.json's summaries; None where it will not read ({} where there is none)."""
-    try:
-        with open(os.path.join(output, TRIALS_STATE), "rb") as f:
-            trials = json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError):
-        return None
-    return trials if isinstance(trials, dict) and all(isinstance(t, dict) for t in trials.values()) else None
-
-
 def _rebuild_trials_table(cfg: Config, output: str) -> bool:
     """trials.parquet again where it will not read or is gone (see repair_finished); whether it was."""
     path = os.path.join(output, "trials.parquet")
@@ -673,7 +661,7 @@ def _rebuild_trials_table(cfg: Config, output: str) -> bool:
     except DamagedFile as e:
         os.replace(path, path + ".damaged")
         print(f"[ray_cifar] {e}; set aside as trials.parquet.damaged", flush=True)
-    recorded = (_recorded_trials(output) or {}).items()
+    recorded = (read_trials_state(output) or {}).items()
     trials = rank_trials([{"trial_id": tid, **{k: v for k, v in t.items() if k != JUDGED}} for tid, t in recorded],
                          cfg.tune.metric, cfg.tune.mode)
     try:

@@ -40,15 +40,16 @@ def resume(location: str, argv: list[str] | None, held: Held, found: str | None 
         storage.sync_down(remote, output)
     started = os.path.isdir(output) and study.can_resume(output, remote)
     if not started and not (os.path.isdir(output) and study.never_started(output)):
+        option = "--resume-if-exists --output" if found else "--resume"  # (as the user gave it)
         if not remote and not os.path.exists(output):
-            cli.fail(f"--resume {location}: no such folder")
+            cli.fail(f"{option} {location}: no such folder")
         if not os.path.isfile(os.path.join(output, "config.yaml")):
             what = "no config.yaml and no Tune experiment in ray/tune"
         elif is_train_output(output):
             what = "no Tune experiment in ray/tune: a `python -m ray_cifar.train` run's output (checkpoints/, no study)"
         else:
             what = "no Tune experiment in ray/tune"
-        cli.fail(f"--resume {location}: not a ray_cifar study output ({what})"
+        cli.fail(f"{option} {location}: not a ray_cifar study output ({what})"
                  + (f"; its copy on this machine is {output}" if remote else ""))
     if found:
         print(found, flush=True)

@@ -137,8 +137,9 @@ def test_resume_if_exists_on_a_train_runs_output_says_only_what_it_is(tmp_path, 
         tune.main(["--resume-if-exists", "--output", str(tmp_path)])
     captured = capsys.readouterr()
     assert exit_.value.code == 2 and "holds a study" not in captured.out, captured
-    assert captured.err == (f"ray_cifar: error: --resume {tmp_path}: not a ray_cifar study output (no Tune experiment "
-                            f"in ray/tune: a `python -m ray_cifar.train` run's output (checkpoints/, no study))\n")
+    assert captured.err == (f"ray_cifar: error: --resume-if-exists --output {tmp_path}: not a ray_cifar study output "
+                            f"(no Tune experiment in ray/tune: a `python -m ray_cifar.train` run's output "
+                            f"(checkpoints/, no study))\n")  # (it said --resume, which was not given)
 
 
 def test_resume_names_a_missing_folder_and_the_options_it_ignores(tmp_path, capsys):

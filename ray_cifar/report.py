@@ -905,9 +905,36 @@ TEST_BEST_NOTE = ("tune.test best: only the best trial has a test figure (evalua
                   "all puts one beside every finished trial.")
 
 
+def val_noise_note(study: Study, trials: list[dict[str, Any]]) -> str | None:
+    """How precisely the validation split measures the best trial's val_acc, and whether its lead over the next is
+    larger than that: with a few hundred images two trials apart by a point or two are not told apart by it, and
+    one seed a point has no other interval. Binomial, each trial alone (the two share their images, so the gap's own
+    noise is smaller: a rough guide); a val_acc ranking of one study (a comparison's validation sizes may differ)."""
+    n = (study.config.get("data") or {}).get("val_size")
+    scored = [v for t in trials if t.get("best_metric") is not None for v in [metric_value(t, "val_acc")]
+              if v is not None]
+    if study.metric != "val_acc" or not isinstance(n, int) or n <= 0 or not scored or any(STUDY_COLUMN in t
+                                                                                          for t in trials):
+        return None
+    best = scored[0]
+    half = VAL_Z * math.sqrt(best * (1 - best) / n)
+    note = (f"Validation noise: {n:,} validation images measure a val_acc near {best:.4f} to about ±{half:.4f} (95%, "
+            f"binomial)")
+    if len(scored) > 1:
+        lead = best - scored[1]
+        note += (f"; the best trial's lead over the next, {lead:.4f}, is " +
+                 ("within it: this validation split alone does not tell the two apart" if lead < half else
+                  "larger than that"))
+    return note + "."
+
+
+VAL_Z = 1.96  # the normal quantile of a two-sided 95% interval
+
+
 def trials_section(study: Study, built: dict[str, Any]) -> TableSection:
     note = _test_note(study) or (TEST_BEST_NOTE if len(built["trials"]) > 1 else None)
-    notes = [_headline(study, built)] + ([note] if note else [])
+    noise = val_noise_note(study, built["trials"])
+    notes = [_headline(study, built)] + ([note] if note else []) + ([noise] if noise else [])
     if study.unfinished:
         running = sum(t.get("status") == "running" for t in study.trials)
         notes.insert(0, f"**Not finished**: the study has no trials.parquet yet (running, or stopped before its end: "

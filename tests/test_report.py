@@ -577,3 +577,20 @@ def test_figures_of_points_mark_the_trials_asha_stopped_early(tmp_path, monkeypa
     out = make_output(str(tmp_path / "study"))  # its lr 0.01 trials stopped at the first rung
     captions = report.build(load_study(out), out)["captions"]
     assert captions["params"] == captions["heatmap"] == report.FEWER_EPOCHS_CAPTION
+
+
+def test_the_trials_table_says_how_precisely_the_validation_split_measures_the_best():
+    """One seed a point has no interval: two trials 0.0225 apart on 400 validation images read as a ranking."""
+    from ray_cifar.report import Study, val_noise_note
+
+    study = Study(name="s", config=resolved_config({"data": {"val_size": 400}}), rows=[])
+    trials = [{"trial_id": "a", "best_metric": 0.3625, "val_acc": 0.3625},
+              {"trial_id": "b", "best_metric": 0.34, "val_acc": 0.34}, {"trial_id": "c", "best_metric": None}]
+    assert val_noise_note(study, trials) == (
+        "Validation noise: 400 validation images measure a val_acc near 0.3625 to about ±0.0471 (95%, binomial); the "
+        "best trial's lead over the next, 0.0225, is within it: this validation split alone does not tell the two "
+        "apart.")
+    trials[1].update(best_metric=0.25, val_acc=0.25)
+    assert val_noise_note(study, trials).endswith("the best trial's lead over the next, 0.1125, is larger than that.")
+    assert val_noise_note(Study(name="s", config=resolved_config({"tune": {"metric": "val_loss", "mode": "min"}}),
+                                rows=[]), trials) is None

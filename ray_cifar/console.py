@@ -148,15 +148,20 @@ class Tee:
         """The screen went away (a closed pipe: `| head`, a `tee` or `less` that ended; a terminal hung up): a study
         of days does not fail for its screen, as it does not for its log. It goes on into the log alone, which says
         so once. The stream's descriptor then points at /dev/null: Python's flush at exit and a C++ library
-        writing to it (Ray's) find nothing broken there."""
+        writing to it (Ray's) find nothing broken there. So does the other standard stream where it is the same pipe
+        (`2>&1 | head`): Ray's log handler, which holds the stderr it found, wrote into the gone pipe, and the log got
+        "--- Logging error ---" and a BrokenPipeError traceback."""
         self._gone = True
         name = getattr(self._stream, "name", None) or "the console"
         self._untold = (f"[ray_cifar] warning: {name} is gone ({getattr(error, 'strerror', None) or error}); from "
                         f"here on, only this log has what the driver prints\n")
         with contextlib.suppress(Exception):
+            fd = self._stream.fileno()
+            same = [other for other in (1, 2) if other != fd and os.path.sameopenfile(fd, other)]
             devnull = os.open(os.devnull, os.O_WRONLY)
             try:
-                os.dup2(devnull, self._stream.fileno())
+                for gone in (fd, *same):
+                    os.dup2(devnull, gone)
             finally:
                 os.close(devnull)
 

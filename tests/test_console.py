@@ -208,3 +208,31 @@ def test_what_is_held_is_bounded_and_a_refusal_puts_the_streams_back(capsys):
         print("ray_cifar: error: output folder X already exists", file=sys.stderr)
         sys.exit(2)
     assert (sys.stdout, sys.stderr) == before and "already exists" in capsys.readouterr().err
+
+
+BOTH_STREAMS_TO_ONE_PIPE = """
+import logging, os, sys
+from ray_cifar.console import logged_to
+
+read_end, write_end = os.pipe()
+os.close(read_end)  # `2>&1 | head`: the reader gone, stdout and stderr one pipe
+os.dup2(write_end, 1)
+os.dup2(write_end, 2)
+logger = logging.getLogger("ray")
+logger.addHandler(logging.StreamHandler(sys.stderr))  # Ray's: it holds the stderr it found at its import
+logger.propagate = False
+with logged_to(sys.argv[1], "cmd"):
+    print("the first line after head left", flush=True)
+    logger.warning("a record of Ray's logger")
+    print("the last line", flush=True)
+"""
+
+
+def test_a_pipe_that_takes_stdout_and_stderr_leaves_no_logging_error_in_the_log(tmp_path):
+    """`... 2>&1 | head -3`: the study went on, but its log got "--- Logging error ---" and a 40-line BrokenPipeError
+    traceback: Ray's handler still wrote to the stderr that shared the gone pipe."""
+    done = subprocess.run([sys.executable, "-c", BOTH_STREAMS_TO_ONE_PIPE, str(tmp_path)], timeout=120)
+    assert done.returncode == 0
+    logged = "".join(read_parts(tmp_path / "logs"))
+    assert "a record of Ray's logger" in logged and "the last line" in logged, logged
+    assert "Logging error" not in logged and "Traceback" not in logged, logged

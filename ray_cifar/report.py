@@ -60,6 +60,7 @@ class Study:
     trials: list[dict[str, Any]] = field(default_factory=list)  # trials.parquet, if the study got that far
     unfinished: bool = False  # no trials.parquet yet: the trials (and their statuses) so far, from trials.json
     one_run: bool = False  # a `python -m ray_cifar.train` run's output: no scheduler, whatever its tune section says
+    last_phase_cut: bool = False  # trials.parquet, but no FINISHED: stopped in its test evaluation
 
     @property
     def tune(self) -> dict[str, Any]:
@@ -103,8 +104,9 @@ def load_study(output: str) -> Study:
                           f"{len(trials)} trial(s))")
     so_far = [] if trials else running_study_trials(output)
     trials = trials or so_far or train_run_trials(output, rows)
-    return Study(name=name, config=config, rows=rows, trials=trials, unfinished=bool(so_far),
-                 one_run=is_train_output(output))
+    one_run = is_train_output(output)
+    return Study(name=name, config=config, rows=rows, trials=trials, unfinished=bool(so_far), one_run=one_run,
+                 last_phase_cut=bool(trials) and not so_far and not finished and not one_run)
 
 
 def running_study_trials(output: str) -> list[dict[str, Any]]:
@@ -788,7 +790,8 @@ def _combine(studies: list[Study]) -> Study:
     return Study(name=" vs ".join(s.name for s in studies), config=config,
                  rows=[tag(s, fill(s, r)) for s in studies for r in s.rows],
                  trials=[tag(s, fill(s, t)) for s in studies for t in s.trials],
-                 unfinished=any(s.unfinished for s in studies))
+                 unfinished=any(s.unfinished for s in studies),
+                 last_phase_cut=any(s.last_phase_cut for s in studies))
 
 
 def study_max_epochs(study: Study, trials: list[dict[str, Any]]) -> float:
@@ -898,6 +901,9 @@ def _test_note(study: Study) -> str | None:
 FEWER_EPOCHS_CAPTION = ("Each trial at its best epoch of those it ran: a trial stopped early (hollow; a cell's \"ep\" "
                         "says its trials' epochs) is at its best of fewer epochs than the others, so a gap here is "
                         "budget as much as values. The replicates table compares only points of equal epochs.")
+LAST_PHASE_CUT_NOTE = ("**Not finished**: the study was stopped in its last phase, the test evaluation (no "
+                       "study-finished.json): every trial is here, but a test figure \"-\" may be one that never ran. "
+                       "`python -m ray_cifar.tune --resume OUTPUT` runs that phase again.")
 NO_MATCH_CAPTION = ("No trial ran at the values of a published entry (config.yaml's `published`, each matched by all "
                     "of its `where`): a --smoke-test or --budget-scale run changes lengths, batch sizes and grids, so "
                     "its trials are not the published runs.")
@@ -932,7 +938,8 @@ VAL_Z = 1.96  # the normal quantile of a two-sided 95% interval
 
 
 def trials_section(study: Study, built: dict[str, Any]) -> TableSection:
-    note = _test_note(study) or (TEST_BEST_NOTE if len(built["trials"]) > 1 else None)
+    note = LAST_PHASE_CUT_NOTE if study.last_phase_cut else (
+        _test_note(study) or (TEST_BEST_NOTE if len(built["trials"]) > 1 else None))
     noise = val_noise_note(study, built["trials"])
     notes = [_headline(study, built)] + ([note] if note else []) + ([noise] if noise else [])
     if study.unfinished:
@@ -974,7 +981,7 @@ def schedule_section(study: Study, built: dict[str, Any]) -> TableSection | None
 def published_section(study: Study, built: dict[str, Any]) -> TableSection | None:
     if not built["matches"]:
         return None
-    notes = [_test_note(study) or TEST_BEST_NOTE]
+    notes = [LAST_PHASE_CUT_NOTE if study.last_phase_cut else (_test_note(study) or TEST_BEST_NOTE)]
     return TableSection("Published figures", notes, built["matches"],
                         ["label", "metric", "published %", "ours %", "source"])
 

@@ -52,6 +52,8 @@ def make_output(folder, lr_values=(0.1, 0.01), seeds=(0, 1), epochs=4, published
     log.compact()
     log.append(rows[-2:])  # not compacted yet: a study killed here still reports these
     write_rows(trials, os.path.join(folder, "trials.parquet"))
+    with open(os.path.join(folder, "study-finished.json"), "w") as f:  # written last, as finish_study does
+        f.write("{}")
     return folder
 
 
@@ -513,6 +515,7 @@ def test_a_report_of_a_study_not_finished_shows_each_trials_status_so_far_and_sa
 
     out = make_output(str(tmp_path / "killed"))
     os.remove(os.path.join(out, "trials.parquet"))
+    os.remove(os.path.join(out, "study-finished.json"))
     with open(os.path.join(out, "trials.json"), "w") as f:
         json.dump({"t0": {"status": "stopped", "epochs": 1}, "t1": {"status": "running", "epochs": 4}}, f)
     study = load_study(out)
@@ -594,3 +597,23 @@ def test_the_trials_table_says_how_precisely_the_validation_split_measures_the_b
     assert val_noise_note(study, trials).endswith("the best trial's lead over the next, 0.1125, is larger than that.")
     assert val_noise_note(Study(name="s", config=resolved_config({"tune": {"metric": "val_loss", "mode": "min"}}),
                                 rows=[]), trials) is None
+
+
+def test_a_study_stopped_in_its_test_evaluation_says_so_not_that_every_trial_was_tested(tmp_path):
+    """trials.parquet is written even when the test evaluation is stopped (its finally): the report of such a study
+    said "every finished trial was evaluated once on the test split", beside test_acc "-" for all."""
+    from ray_cifar.report import LAST_PHASE_CUT_NOTE, TEST_ALL_NOTE
+    from ray_cifar.results import FINISHED
+
+    out = make_output(str(tmp_path / "study"))
+    config = yaml.safe_load(open(tmp_path / "study" / "config.yaml"))
+    config["tune"]["test"] = "all"
+    yaml.safe_dump(config, open(tmp_path / "study" / "config.yaml", "w"))
+    (tmp_path / "study" / FINISHED).unlink()  # stopped before it was written
+    assert main([out]) == 0
+    md = open(os.path.join(out, "report.md")).read()
+    assert LAST_PHASE_CUT_NOTE in md and TEST_ALL_NOTE not in md
+    (tmp_path / "study" / FINISHED).write_text("{}")
+    assert main([out]) == 0
+    md = open(os.path.join(out, "report.md")).read()
+    assert LAST_PHASE_CUT_NOTE not in md and TEST_ALL_NOTE in md

@@ -559,12 +559,13 @@ def finish_study(cfg: Config, output: str, keys: list[str]) -> int:
         print(f"[ray_cifar] trial {t['trial_id']} FAILED: {t['error']}")
     print(f"[ray_cifar] results: {output}/results.parquet, {output}/trials.parquet; "
           f"TensorBoard: tensorboard --logdir {output}/tensorboard", flush=True)
-    write_study_report(output)
     with open(os.path.join(output, FINISHED), "w") as f:
         # The test figures too: a damaged trials.parquet is rebuilt from trials.json and these, not evaluated again.
+        # Before the report, which reads it: without it, a study's trials.parquet is one stopped in its test phase.
         json.dump({"finished": time.time(), "failed": [t["trial_id"] for t in failed],
                    "test": {t["trial_id"]: {"test_acc": t["test_acc"], "test_loss": t["test_loss"]}
                             for t in trials if t["test_acc"] is not None}}, f)
+    write_study_report(output)
     return 1 if failed else 0
 
 

@@ -227,6 +227,8 @@ def _versus_best(point: dict[str, Any], best: dict[str, Any], place: int, epochs
         return "best"
     if place > TOP_POINTS:
         return f"(not compared: below the top {TOP_POINTS + 1})"
+    if point["n"] == 0:
+        return "no score: no epoch of its trials scored (diverged)"
     ours, theirs = epochs.get(point["key"], []), epochs.get(best["key"], [])
     if len(set(ours) | set(theirs)) > 1:  # ASHA stopped some early, or one diverged: budgets differ (NOISE_NOTE)
         return f"not compared: epochs {_epochs_text(ours)} against the best's {_epochs_text(theirs)}"
@@ -545,16 +547,18 @@ def plot_params(trials, keys: list[str], path: str) -> str:
     short = [(t.get("epochs") or 0) < longest for t in trials]  # ASHA stopped them (or they diverged) earlier
     for ax, key in zip(axes[0], shown):
         xs, cats = _axis_values([t.get(key) for t in trials])
-        ys = [100 * (t.get("val_acc") or 0) for t in trials]
+        ys = [100 * t["val_acc"] if t.get("val_acc") is not None else None for t in trials]  # None: no score
         for fewer, label, face in ((False, f"trials of {longest} epochs", "tab:gray"),
                                    (True, "trials of fewer epochs (stopped early)", "none")):
-            picked = [(x, y) for x, y, s in zip(xs, ys, short) if s == fewer]
+            picked = [(x, y) for x, y, s in zip(xs, ys, short) if s == fewer and y is not None]
             if picked:
                 ax.scatter(*zip(*picked), s=14, facecolors=face, edgecolors="tab:gray", alpha=0.7, label=label)
         px, _ = _axis_values([p.get(key) for p in points]) if cats is None else (
             [float(cats.index(_fmt(p.get(key)))) for p in points], cats)
-        ax.errorbar(px, [100 * (p["mean"] or 0) for p in points], yerr=[100 * (p["std"] or 0) for p in points],
-                    fmt="o", color="tab:blue", capsize=4, label="mean ± std over seeds")
+        drawn = [(x, p) for x, p in zip(px, points) if p["mean"] is not None]  # a point of no score (diverged): none
+        ax.errorbar([x for x, _ in drawn], [100 * p["mean"] for _, p in drawn],
+                    yerr=[100 * (p["std"] or 0) for _, p in drawn], fmt="o", color="tab:blue", capsize=4,
+                    label="mean ± std over seeds")
         if cats is not None:
             ax.set_xticks(range(len(cats)), cats, rotation=20, fontsize=8)
         elif xs and min(xs) > 0 and max(xs) / min(xs) >= 20:
@@ -828,7 +832,8 @@ def build(study: Study, out_dir: str, prefix: str = "") -> dict[str, Any]:
     # A point of the search space means something only where no PBT made the trials (NO_POINTS_NOTE): in a
     # comparison of a PBT study with a grid, the grid's points still are (the PBT study's trials left out of them).
     pbt = lineage_studies(study.rows)
-    points = [t for t in trials if t.get(STUDY_COLUMN) not in pbt]
+    # (One trial of nothing searched, a train run: no point to draw against a field, nor replicates.)
+    points = [t for t in trials if t.get(STUDY_COLUMN) not in pbt] if keys or len(trials) > 1 else []
     if points:
         plot_params(points, keys, p("params"))
         plot_heatmap(points, keys, p("heatmap"))

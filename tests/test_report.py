@@ -155,6 +155,8 @@ def test_a_train_runs_report_shows_its_test_figure(tmp_path):
     # No scheduler ran: its report said "What stopped trials early: asha: ... rungs at 1, 2" and drew them, its
     # one trial with "no status yet".
     assert "asha" not in md and "figures/asha.png" not in md and "| completed |" in md
+    # One run of nothing searched: no field to draw accuracy against, no heatmap, no replicates.
+    assert "figures/params.png" not in md and "figures/heatmap.png" not in md and "## Replicates" not in md
     assert load_study(run).tune["scheduler"] == "one run"
 
 
@@ -577,6 +579,18 @@ def test_figures_of_points_mark_the_trials_asha_stopped_early(tmp_path, monkeypa
     report.plot_params(trials, keys, str(tmp_path / "p.png"))
     labels = [c.get_label() for c in saved[1].axes[0].collections]
     assert "trials of 6 epochs" in labels and "trials of fewer epochs (stopped early)" in labels
+    # A trial whose every epoch diverged has no score: it was drawn at 0%, its point's mean too.
+    trials.append({"trial_id": "t4", "optim.lr": 1000.0, "train.global_batch_size": 128, "epochs": 1,
+                   "val_acc": None, "diverged": True})
+    report.plot_params(trials, keys, str(tmp_path / "p.png"))
+    from matplotlib.collections import PathCollection
+
+    ys = [y for c in saved[2].axes[0].collections if isinstance(c, PathCollection) for _, y in c.get_offsets()] + \
+        [y for line in saved[2].axes[0].lines for y in line.get_ydata()]  # the trials' dots, the points' means
+    assert ys and min(ys) > 0
+    rows = report.replicate_rows(trials, keys)
+    assert [r[report.VERSUS_BEST] for r in rows if r["optim.lr"] == 1000.0] == [
+        "no score: no epoch of its trials scored (diverged)"]
     out = make_output(str(tmp_path / "study"))  # its lr 0.01 trials stopped at the first rung
     captions = report.build(load_study(out), out)["captions"]
     assert captions["params"] == captions["heatmap"] == report.FEWER_EPOCHS_CAPTION

@@ -23,8 +23,8 @@ from typing import Callable, NoReturn
 import yaml
 
 from . import console, storage
-from .config import (SMOKE_OVERRIDES, Config, ConfigError, cut_short, describe, flatten, load_yaml, parse_set,
-                     partly_searched, search_keys, search_points, yaml_problem)
+from .config import (RESOLVED_BEGIN, RESOLVED_END, SMOKE_OVERRIDES, Config, ConfigError, cut_short, describe, flatten,
+                     load_yaml, parse_set, partly_searched, search_keys, search_points, yaml_problem)
 from .data.source import Cifar10, DataError, default_cache_dir, load_cifar10, resolve_data_dir
 from .validation import (check_against_data, check_resources, config_from_dict, lengths_past_the_run, load_config,
                          local_resources)
@@ -97,11 +97,12 @@ def load_resolved_config(output: str) -> Config:
     path = os.path.join(output, "config.yaml")
     try:
         with open(path, "rb") as f:
-            resolved = load_yaml(f.read().decode("utf-8"))
+            text = f.read().decode("utf-8")
+        resolved = load_yaml(text)
         if not isinstance(resolved, dict):
             raise ConfigError(f"expected a mapping of sections, got {type(resolved).__name__}")
-        if cut_short(resolved):
-            raise ConfigError(cut_short(resolved))
+        if cut_short(resolved, text):
+            raise ConfigError(cut_short(resolved, text))
         return config_from_dict(resolved)
     except OSError as e:
         fail(f"{path}: cannot read it ({e.strerror or e})")
@@ -254,7 +255,7 @@ def write_config(cfg: Config, output: str) -> None:
     """OUTPUT/config.yaml: the resolved config, as run."""
     try:
         with open(os.path.join(output, "config.yaml"), "w") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+            f.write(RESOLVED_BEGIN + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + RESOLVED_END)
     except OSError as e:
         fail(f"--output {output}: cannot write config.yaml ({e.strerror or e})", status=1)
 

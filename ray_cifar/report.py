@@ -86,14 +86,15 @@ def load_study(output: str) -> Study:
         raise NotAStudyOutput(f"{output} is not a study output (needs config.yaml and results.parquet)")
     try:
         with open(config_path, "rb") as f:
-            config = load_yaml(f.read().decode("utf-8"))
+            text = f.read().decode("utf-8")
+        config = load_yaml(text)
     except (yaml.YAMLError, ValueError) as e:  # ValueError: not UTF-8
         raise NotAStudyOutput(f"{config_path} is damaged ({yaml_problem(e)})") from None
     if not isinstance(config, dict) or not config:
         # Empty too: every section at its default ranked a val_loss study by val_acc, without a word.
         raise NotAStudyOutput(f"{config_path} is damaged ({'empty' if not config else 'not a mapping of sections'})")
-    if cut_short(config):  # truncated: as empty, only partly
-        raise NotAStudyOutput(f"{config_path} is damaged ({cut_short(config)})")
+    if cut_short(config, text):  # truncated: as empty, only partly
+        raise NotAStudyOutput(f"{config_path} is damaged ({cut_short(config, text)})")
     if finished and not os.path.exists(trials_path):  # not a study still running: one whose table is gone
         raise DamagedFile(f"{trials_path} is missing (the study finished)")
     trials = read_rows(trials_path) if os.path.exists(trials_path) else []

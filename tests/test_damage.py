@@ -556,3 +556,17 @@ def test_a_config_yaml_cut_short_is_damaged_not_read_with_defaults(tmp_path, cap
         with pytest.raises(SystemExit) as exit_:
             cli.load_resolved_config(str(tmp_path))
         assert exit_.value.code == 2 and "cut short?" in capsys.readouterr().err
+    # As the study writes it, a cut anywhere: one kept tune's metric and mode and lost ASHA's knobs, its search space
+    # and published figures, and the report said "asha: grace -, reduction -".
+    cfg = cli.load_config(None, ["tune.metric=val_loss", "tune.mode=min", "tune.grace_period=3"])
+    cli.write_config(cfg, str(tmp_path))
+    text = (tmp_path / "config.yaml").read_text()
+    assert cli.load_resolved_config(str(tmp_path)).tune.grace_period == 3 and report.main([str(tmp_path)]) == 0
+    for cut in (text.index("grace_period"), len(text) - 1, len(text) - len("# end of the resolved config\n")):
+        (tmp_path / "config.yaml").write_text(text[:cut])
+        assert report.main([str(tmp_path)]) == 2
+        assert "config.yaml is damaged (its last line, '# end of the resolved config', is missing: cut short?)" in \
+            capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            cli.load_resolved_config(str(tmp_path))
+        assert "cut short?" in capsys.readouterr().err

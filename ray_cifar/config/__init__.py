@@ -13,8 +13,8 @@ augment import the schema, and so this package).
 """
 
 from .docs import describe, field_docs
-from .loading import (EXTENDS, apply_overrides, cut_short, flatten, load_yaml, parse_set, read_config_chain,
-                      set_value, yaml_problem)
+from .loading import (EXTENDS, RESOLVED_BEGIN, RESOLVED_END, apply_overrides, cut_short, flatten, load_yaml, parse_set,
+                      read_config_chain, set_value, yaml_problem)
 from .presets import LENGTH_KEYS, SMOKE_OVERRIDES, apply_budget_scale, apply_smoke
 from .schema import (METADATA, PUBLISHED_METRICS, SEARCH_KINDS, SECTIONS, VARIANTS, Config, ConfigError, DataConfig,
                      ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TuneConfig, improves)
@@ -26,7 +26,7 @@ __all__ = [
     "EXTENDS", "LENGTH_KEYS", "LINEAGE", "METADATA", "MODEL_BASED_SEARCHERS", "PBT_MUTABLE", "PUBLISHED_METRICS",
     "SEARCH_KINDS", "SECTIONS", "SMOKE_OVERRIDES", "VARIANTS", "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "TrainConfig",
     "TuneConfig", "apply_budget_scale", "apply_overrides", "apply_searched", "apply_smoke", "describe", "field_docs",
-    "cut_short", "flatten", "grid_size", "improves", "load_yaml", "map_searched", "parse_set", "read_config_chain", "sampled_config", "search_keys",
+    "RESOLVED_BEGIN", "RESOLVED_END", "cut_short", "flatten", "grid_size", "improves", "load_yaml", "map_searched", "parse_set", "read_config_chain", "sampled_config", "search_keys",
     "search_points", "set_value", "trial_configs", "encode_choice", "partly_searched", "pbt_mutated_keys",
     "split_sampled", "yaml_problem",
 ]

@@ -178,10 +178,20 @@ def parse_set(assignment: str) -> tuple[str, Any]:
 EXTENDS = "extends"  # a study file's key naming the file it builds on (relative to it), e.g. x_asha.yaml -> x.yaml
 
 
-def cut_short(resolved: dict[str, Any]) -> str | None:
-    """Why a resolved config (a study's config.yaml, written whole by ray_cifar) reads as cut short, or None: a
-    section missing, or tune without its metric and mode. Truncated, it still parsed, every missing field at its
-    default: a study of val_loss (min) was ranked by val_acc (max) in its report."""
+# A resolved config.yaml (cli.write_config) begins and ends with these lines: one that begins so and does not end
+# so was cut short, wherever the cut fell (it still parses, every field after the cut at its default).
+RESOLVED_BEGIN = "# ray_cifar's resolved config: the defaults, the study file and --set, as run; its last line ends it\n"
+RESOLVED_END = "# end of the resolved config\n"
+
+
+def cut_short(resolved: dict[str, Any], text: str | None = None) -> str | None:
+    """Why a resolved config (a study's config.yaml, written whole by ray_cifar; TEXT: the file's) reads as cut
+    short, or None: its last line missing (RESOLVED_END), a section missing, or tune without its metric and mode
+    (a file written before RESOLVED_END). Truncated, it still parsed, every missing field at its default: a study of
+    val_loss (min) was ranked by val_acc (max) in its report, and one cut later in tune described with no ASHA
+    knobs."""
+    if text is not None and text.startswith(RESOLVED_BEGIN) and not text.endswith(RESOLVED_END):
+        return f"its last line, {RESOLVED_END.strip()!r}, is missing: cut short?"
     missing = [s for s in SECTIONS if not isinstance(resolved.get(s), dict)]
     if missing:
         return f"it lacks the section(s) {', '.join(missing)} that every config.yaml has: cut short?"

@@ -433,6 +433,7 @@ def test_rows_recovered_from_a_checkpoint_are_the_rows_the_trial_reported(tmp_pa
     trial = SimpleNamespace(trial_id="a", config={})
 
     def report(metrics, directory, epoch, best_epoch):  # train_in_trial_process's, to the recorder
+        assert "ended_at" not in metrics  # the checkpoint's, not a column of Tune's tables
         metrics["checkpoint_path"] = store.save(directory, epoch, best_epoch)
         recorder.on_trial_result(epoch, [], trial, dict(metrics))
 
@@ -448,6 +449,8 @@ def test_rows_recovered_from_a_checkpoint_are_the_rows_the_trial_reported(tmp_pa
     StudyRecorder(out, lambda config: {}, "val_acc", "max", {}, tensorboard=False)  # sets them aside, recovers
     recovered = ResultsLog(out).read()
     unset = ("time", "timing_checkpoint_save_seconds", "checkpoint_path")  # the save's, after the state is written
+    for got, want in zip(recovered, reported):  # when the epoch ended, not when it was recovered (seconds later)
+        assert got["time"] <= want["time"]
     def kept(row):  # (a part's rows have its own columns; one merged part gives every row all of them)
         return {k: v for k, v in row.items() if k not in unset and v is not None}
 

@@ -248,7 +248,8 @@ class StudyRecorder(Callback):
                     continue
                 if (trial_id, int(metrics["epoch"])) not in self.seen:
                     self.seen.add((trial_id, int(metrics["epoch"])))
-                    recovered.append(epoch_row(trial_id, params, metrics, {"time": time.time(), **self.provenance}))
+                    recovered.append(epoch_row(trial_id, params, metrics,
+                                               {"time": metrics.get("ended_at") or time.time(), **self.provenance}))
         if recovered:
             self.log.append(recovered)
         print(f"[ray_cifar] recovered {len(recovered)} row(s) from checkpoints; the rows of epochs after a trial's "

@@ -204,7 +204,8 @@ def run_rank(cfg: Config, where: Rank, clock: PhaseClock, started: float | None,
     first = {"report": True}
 
     def report(metrics: dict, state) -> None:
-        metrics.update(extra)
+        # ended_at: the checkpoint's history keeps it (a row recovered from there takes its time); Tune gets none.
+        metrics.update(extra, ended_at=time.time())
         if first.pop("report", False):
             # Startup: from the trial's start (Tune trial function) to the end of the first epoch
             # minus that epoch's own work, i.e. to the first trained step.
@@ -226,6 +227,7 @@ def run_rank(cfg: Config, where: Rank, clock: PhaseClock, started: float | None,
                 checkpoint.save_state(full, tmp)
                 metrics["timing_checkpoint_save_seconds"] = time.perf_counter() - save_start
                 saved, best_epoch = tmp, full["best"]["epoch"]
+            metrics.pop("ended_at")
             where.report(metrics, saved, epoch, best_epoch)
 
     loader = train_loader_for(cfg, splits.train, device, rank, world_size, log=log)

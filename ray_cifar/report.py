@@ -61,6 +61,7 @@ class Study:
     unfinished: bool = False  # no trials.parquet yet: the trials (and their statuses) so far, from trials.json
     one_run: bool = False  # a `python -m ray_cifar.train` run's output: no scheduler, whatever its tune section says
     last_phase_cut: bool = False  # trials.parquet, but no FINISHED: stopped in its test evaluation
+    location: str = "OUTPUT"  # the folder or URI as its user names it (what --resume takes); a comparison: OUTPUT
 
     @property
     def tune(self) -> dict[str, Any]:
@@ -909,7 +910,7 @@ FEWER_EPOCHS_CAPTION = ("Each trial at its best epoch of those it ran: a trial s
                         "budget as much as values. The replicates table compares only points of equal epochs.")
 LAST_PHASE_CUT_NOTE = ("**Not finished**: the study was stopped in its last phase, the test evaluation (no "
                        "study-finished.json): every trial is here, but a test figure \"-\" may be one that never ran. "
-                       "`python -m ray_cifar.tune --resume OUTPUT` runs that phase again.")
+                       "`python -m ray_cifar.tune --resume {location}` runs that phase again.")
 NO_MATCH_CAPTION = ("No trial ran at the values of a published entry (config.yaml's `published`, each matched by all "
                     "of its `where`): a --smoke-test or --budget-scale run changes lengths, batch sizes and grids, so "
                     "its trials are not the published runs.")
@@ -944,14 +945,15 @@ VAL_Z = 1.96  # the normal quantile of a two-sided 95% interval
 
 
 def trials_section(study: Study, built: dict[str, Any]) -> TableSection:
-    note = LAST_PHASE_CUT_NOTE if study.last_phase_cut else (
+    note = LAST_PHASE_CUT_NOTE.format(location=shlex.quote(study.location)) if study.last_phase_cut else (
         _test_note(study) or (TEST_BEST_NOTE if len(built["trials"]) > 1 else None))
     noise = val_noise_note(study, built["trials"])
     notes = [_headline(study, built)] + ([note] if note else []) + ([noise] if noise else [])
     if study.unfinished:
         running = sum(t.get("status") == "running" for t in study.trials)
         notes.insert(0, f"**Not finished**: the study has no trials.parquet yet (running, or stopped before its end: "
-                        f"`python -m ray_cifar.tune --resume OUTPUT` goes on with it). {len(study.trials)} trial(s) "
+                        f"`python -m ray_cifar.tune --resume {shlex.quote(study.location)}` goes on with it). "
+                        f"{len(study.trials)} trial(s) "
                         f"so far, {running} of them unfinished; trials not started yet are not here, and no trial has "
                         f"a test figure.")
     return TableSection("Trials", notes, built["trials"], built["columns"])
@@ -987,7 +989,8 @@ def schedule_section(study: Study, built: dict[str, Any]) -> TableSection | None
 def published_section(study: Study, built: dict[str, Any]) -> TableSection | None:
     if not built["matches"]:
         return None
-    notes = [LAST_PHASE_CUT_NOTE if study.last_phase_cut else (_test_note(study) or TEST_BEST_NOTE)]
+    notes = [LAST_PHASE_CUT_NOTE.format(location=shlex.quote(study.location)) if study.last_phase_cut else
+             (_test_note(study) or TEST_BEST_NOTE)]
     return TableSection("Published figures", notes, built["matches"],
                         ["label", "metric", "published %", "ours %", "source"])
 
@@ -1028,10 +1031,14 @@ def _html(study: Study, built: dict[str, Any]) -> str:
             f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
 
 
-def write_report(outputs: list[str], out_dir: str | None = None) -> str:
+def write_report(outputs: list[str], out_dir: str | None = None, named: list[str] | None = None) -> str:
     """Write report.html, report.md and figures/ for one output (into it), or compare-report.* and
-    compare-figures/ for several (into out_dir, default the first output). Returns the HTML path."""
+    compare-figures/ for several (into out_dir, default the first output). NAMED: the outputs as their user names
+    them (a bucket's URI, where OUTPUTS holds its local copy), for the commands the notes give. Returns the HTML
+    path."""
     studies = [load_study(o) for o in outputs]
+    for s, name in zip(studies, named or outputs):
+        s.location = name
     study = _combine(studies)
     out_dir = out_dir or outputs[0]
     os.makedirs(out_dir, exist_ok=True)
@@ -1067,7 +1074,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (None if storage.local_path(first) is not None else os.path.basename(first.rstrip("/")) + "-report")
     try:
         with tempfile.TemporaryDirectory(prefix="ray_cifar-report-") as fetched:
-            path = write_report([_fetched(o, fetched) for o in args.outputs], out)
+            path = write_report([_fetched(o, fetched) for o in args.outputs], out, named=args.outputs)
     except (NotAStudyOutput, DamagedFile, storage.StorageError, OSError) as e:  # each names the file or location
         study = shlex.quote(first) if len(args.outputs) == 1 else "OUTPUT"
         remedy = (f"; python -m ray_cifar.tune --resume {study} rebuilds it (the rows from the trials' checkpoints, "

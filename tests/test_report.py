@@ -527,6 +527,9 @@ def test_a_report_of_a_study_not_finished_shows_each_trials_status_so_far_and_sa
     section = trials_section(study, build(study, str(tmp_path / "r")))
     assert section.notes[0].startswith("**Not finished**: the study has no trials.parquet yet") and \
         "2 trial(s) so far, 1 of them unfinished" in section.notes[0]
+    assert "--resume OUTPUT" in section.notes[0]  # loaded alone: the placeholder; the command names the study
+    assert main([out]) == 0 and f"python -m ray_cifar.tune --resume {out}` goes on" in \
+        open(os.path.join(out, "report.md")).read()
     assert "status" in section.columns
     assert not load_study(make_output(str(tmp_path / "done"))).unfinished
     open(os.path.join(out, "config.yaml"), "w").close()
@@ -626,8 +629,8 @@ def test_a_study_stopped_in_its_test_evaluation_says_so_not_that_every_trial_was
     (tmp_path / "study" / FINISHED).unlink()  # stopped before it was written
     assert main([out]) == 0
     md = open(os.path.join(out, "report.md")).read()
-    assert LAST_PHASE_CUT_NOTE in md and TEST_ALL_NOTE not in md
+    assert LAST_PHASE_CUT_NOTE.format(location=out) in md and TEST_ALL_NOTE not in md  # (its path, not OUTPUT)
     (tmp_path / "study" / FINISHED).write_text("{}")
     assert main([out]) == 0
     md = open(os.path.join(out, "report.md")).read()
-    assert LAST_PHASE_CUT_NOTE not in md and TEST_ALL_NOTE in md
+    assert "Not finished" not in md and TEST_ALL_NOTE in md

@@ -302,12 +302,13 @@ def pin_published_runs(cfg: Config, study: Config) -> None:
     that its `where` names (a length the study searches included), where `where` names neither and those trials
     agree. The figure is of that run, so the report matches it only to trials of it: a --smoke-test, --budget-scale
     or --set of them matches none (a 3-epoch run of the smoke ResNet stood beside a 50-epoch ResNet-18's figure,
-    with no word). A study file valid only with its --set (its trials unknown) keeps its entries as written."""
+    with no word). A study file whose own trials cannot be listed (a search space only its --set makes valid) keeps
+    its entries as written. (Listed, not validated again: a second validate of the study doubled load_config's
+    time, 0.30 s against 0.16 for resnet_under_5m, whose trials' models it builds for model.max_params.)"""
     try:
-        validate(study)
-    except ConfigError:
+        trials = [loading.flatten(trial.to_dict()) for _, trial in trial_configs(study)]
+    except (ConfigError, AttributeError, TypeError, ValueError):  # a malformed space: validate names cfg's
         return
-    trials = [loading.flatten(trial.to_dict()) for _, trial in trial_configs(study)]
     for entry in cfg.published:
         if PUBLISHED_RUN in entry:
             continue

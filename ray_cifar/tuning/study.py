@@ -524,10 +524,7 @@ def finish_study(cfg: Config, output: str, keys: list[str]) -> int:
     from . import trial
 
     with open(os.path.join(output, TRIALS_STATE)) as f:
-        trials = rank_trials([{k: v for k, v in t.items() if k != JUDGED} for t in json.load(f).values()],
-                             cfg.tune.metric, cfg.tune.mode)
-    for t in trials:
-        t.update(test_acc=None, test_loss=None)
+        trials = _table_rows(cfg, json.load(f))
     best = trials[0] if trials and trials[0].get("best_metric") is not None else None
     if best is not None and not best.get("best_checkpoint"):
         # Never another trial's test figure in its place: the best is the best by validation alone.
@@ -542,8 +539,7 @@ def finish_study(cfg: Config, output: str, keys: list[str]) -> int:
         for t, test in zip(todo, found):
             t.update(_test_figures(t, test))
     finally:
-        run_provenance = provenance()  # a git subprocess: once, not once per trial
-        write_rows([{**t, **run_provenance} for t in trials], os.path.join(output, "trials.parquet"))
+        _write_table(trials, os.path.join(output, "trials.parquet"))
         ResultsLog(output).compact()
     best_column = f"best_{cfg.tune.metric}"  # best_metric under its own name; val_acc beside another metric
     extra = ["best_val_acc"] if cfg.tune.metric != "val_acc" else []
@@ -567,6 +563,21 @@ def finish_study(cfg: Config, output: str, keys: list[str]) -> int:
                             for t in trials if t["test_acc"] is not None}}, f)
     write_study_report(output)
     return 1 if failed else 0
+
+
+def _table_rows(cfg: Config, recorded: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """trials.parquet's rows from trials.json's summaries, best first, without test figures yet (JUDGED is the
+    scheduler's own)."""
+    summaries = [{"trial_id": tid, **{k: v for k, v in t.items() if k != JUDGED}} for tid, t in recorded.items()]
+    trials = rank_trials(summaries, cfg.tune.metric, cfg.tune.mode)
+    for t in trials:
+        t.update(test_acc=None, test_loss=None)
+    return trials
+
+
+def _write_table(trials: list[dict[str, Any]], path: str) -> None:
+    run_provenance = provenance()  # a git subprocess: once, not once per trial
+    write_rows([{**t, **run_provenance} for t in trials], path)
 
 
 def _test_figures(t: dict[str, Any], test: dict[str, float] | Exception) -> dict[str, Any]:
@@ -610,14 +621,14 @@ def repair_finished(cfg: Config, output: str) -> bool:
     repaired = []
     if read_trials_state(output) is None and _trials_json_from_table(output):
         repaired.append(TRIALS_STATE)
+    recorded = read_trials_state(output)
     log = ResultsLog(output)
     try:
-        lost_rows = not log.read() and any((t.get("epochs") or 0) > 0
-                                           for t in (read_trials_state(output) or {}).values())
+        lost_rows = not log.read() and any((t.get("epochs") or 0) > 0 for t in (recorded or {}).values())
         damaged = False
     except DamagedFile:
         lost_rows, damaged = False, True
-    trials_json_damaged = read_trials_state(output) is None
+    trials_json_damaged = recorded is None
     if damaged or lost_rows or trials_json_damaged:
         # Sets the damaged parts and trials.json aside, recovers the parts' rows, rebuilds trials.json from the rows.
         recorder = StudyRecorder(output, lambda config: {}, cfg.tune.metric, cfg.tune.mode, provenance(),
@@ -662,21 +673,18 @@ def _rebuild_trials_table(cfg: Config, output: str) -> bool:
     except DamagedFile as e:
         os.replace(path, path + ".damaged")
         print(f"[ray_cifar] {e}; set aside as trials.parquet.damaged", flush=True)
-    recorded = (read_trials_state(output) or {}).items()
-    trials = rank_trials([{"trial_id": tid, **{k: v for k, v in t.items() if k != JUDGED}} for tid, t in recorded],
-                         cfg.tune.metric, cfg.tune.mode)
+    trials = _table_rows(cfg, read_trials_state(output) or {})
     try:
         with open(os.path.join(output, FINISHED)) as f:
             test = json.load(f).get("test")
     except (OSError, ValueError, AttributeError):
         test = None
     for t in trials:
-        t.update({"test_acc": None, "test_loss": None, **((test or {}).get(t["trial_id"]) or {})})
+        t.update((test or {}).get(t["trial_id"]) or {})
     if test is None:
         print(f"[ray_cifar] its test figures are not kept elsewhere (a study finished by an older ray_cifar): "
               f"trials.parquet comes back without them", flush=True)
-    run_provenance = provenance()
-    write_rows([{**t, **run_provenance} for t in trials], path)
+    _write_table(trials, path)
     return True
 
 

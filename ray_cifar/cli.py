@@ -101,8 +101,9 @@ def load_resolved_config(output: str) -> Config:
         resolved = load_yaml(text)
         if not isinstance(resolved, dict):
             raise ConfigError(f"expected a mapping of sections, got {type(resolved).__name__}")
-        if cut_short(resolved, text):
-            raise ConfigError(cut_short(resolved, text))
+        why = cut_short(resolved, text)
+        if why:
+            raise ConfigError(why)
         return config_from_dict(resolved)
     except OSError as e:
         fail(f"{path}: cannot read it ({e.strerror or e})")

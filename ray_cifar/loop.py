@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint, engine
 from .config.schema import Config, improves
 from .data.loader import Split, TrainBatches, eval_batches
-from .models import create_model_from_config, describe
+from .models import count_parameters, create_model_from_config, describe
 from .optim import create_optimizer, create_scheduler
 
 EpochCallback = Callable[[dict, Callable[[], dict]], None]  # (metrics, build the full training state)
@@ -144,7 +144,7 @@ def run_training(
         checkpoint.restore(resume, run.model, run.optimizer, run.scheduler, run.scaler)
         progress.update(epoch=resume["epoch"], best=resume["best"], history=list(resume["history"]))
     if log and rank == 0:
-        log(f"[ray_cifar] {describe(cfg.model)}: {sum(p.numel() for p in run.model.parameters()):,} parameters, "
+        log(f"[ray_cifar] {describe(cfg.model)}: {count_parameters(run.model):,} parameters, "
             f"{loader.num_images} train / {len(val_split)} val images, {len(loader)} steps/epoch of "
             f"{cfg.train.global_batch_size} images over {world_size} rank(s), {run.total_steps} steps in "
             f"{run.epochs} epochs, device {device}, amp {run.amp}"

@@ -94,8 +94,9 @@ def load_study(output: str) -> Study:
     if not isinstance(config, dict) or not config:
         # Empty too: every section at its default ranked a val_loss study by val_acc, without a word.
         raise NotAStudyOutput(f"{config_path} is damaged ({'empty' if not config else 'not a mapping of sections'})")
-    if cut_short(config, text):  # truncated: as empty, only partly
-        raise NotAStudyOutput(f"{config_path} is damaged ({cut_short(config, text)})")
+    why = cut_short(config, text)
+    if why:  # truncated: as empty, only partly
+        raise NotAStudyOutput(f"{config_path} is damaged ({why})")
     if finished and not os.path.exists(trials_path):  # not a study still running: one whose table is gone
         raise DamagedFile(f"{trials_path} is missing (the study finished)")
     trials = read_rows(trials_path) if os.path.exists(trials_path) else []
@@ -914,6 +915,10 @@ LAST_PHASE_CUT_NOTE = ("**Not finished**: the study was stopped in its last phas
 NO_MATCH_CAPTION = ("No trial ran at the values of a published entry (config.yaml's `published`, each matched by all "
                     "of its `where`): a --smoke-test or --budget-scale run changes lengths, batch sizes and grids, so "
                     "its trials are not the published runs.")
+def _last_phase_note(study: Study) -> str:
+    return LAST_PHASE_CUT_NOTE.format(location=shlex.quote(study.location))
+
+
 TEST_BEST_NOTE = ("tune.test best: only the best trial has a test figure (evaluated once, after the study); tune.test "
                   "all puts one beside every finished trial.")
 
@@ -945,7 +950,7 @@ VAL_Z = 1.96  # the normal quantile of a two-sided 95% interval
 
 
 def trials_section(study: Study, built: dict[str, Any]) -> TableSection:
-    note = LAST_PHASE_CUT_NOTE.format(location=shlex.quote(study.location)) if study.last_phase_cut else (
+    note = _last_phase_note(study) if study.last_phase_cut else (
         _test_note(study) or (TEST_BEST_NOTE if len(built["trials"]) > 1 else None))
     noise = val_noise_note(study, built["trials"])
     notes = [_headline(study, built)] + ([note] if note else []) + ([noise] if noise else [])
@@ -989,8 +994,7 @@ def schedule_section(study: Study, built: dict[str, Any]) -> TableSection | None
 def published_section(study: Study, built: dict[str, Any]) -> TableSection | None:
     if not built["matches"]:
         return None
-    notes = [LAST_PHASE_CUT_NOTE.format(location=shlex.quote(study.location)) if study.last_phase_cut else
-             (_test_note(study) or TEST_BEST_NOTE)]
+    notes = [_last_phase_note(study) if study.last_phase_cut else (_test_note(study) or TEST_BEST_NOTE)]
     return TableSection("Published figures", notes, built["matches"],
                         ["label", "metric", "published %", "ours %", "source"])
 

@@ -93,7 +93,7 @@ def test_tune_test_all_puts_a_test_figure_on_every_finished_trial_beside_its_pub
 
 @pytest.mark.integration
 def test_the_report_of_a_replicated_two_field_study_has_intervals_significance_and_a_heatmap(smoke):
-    from ray_cifar.report import NOISE_NOTE, VERSUS_BEST
+    from ray_cifar.report.tables import NOISE_NOTE, VERSUS_BEST
 
     md = (smoke["grid"] / "report.md").read_text()
     table = md.split("## Replicates")[1].split("## ")[0]

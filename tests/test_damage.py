@@ -18,7 +18,7 @@ from ray_cifar.tuning import study, tune_state
 from ray_cifar.tuning.tune_state import TuneStateBackup
 from ray_cifar.checkpoint_store import CheckpointStore, newest_loadable_state
 from ray_cifar.data.source import load_cifar10
-from ray_cifar.results import FINISHED, DamagedFile, ResultsLog, write_rows
+from ray_cifar.results import FINISHED, DamagedFile, ResultsLog, read_rows, write_rows
 
 DAMAGE = ["truncated", "zero-length", "random bytes"]
 
@@ -535,7 +535,7 @@ def test_resume_of_a_finished_study_rebuilds_each_file_it_lost(tmp_path, capsys,
     printed = capsys.readouterr().out
     assert "rebuilt" in printed and "has already finished" not in printed
     assert [(r["epoch"], r["val_acc"]) for r in ResultsLog(str(out)).read()] == [(1, 0.1), (2, 0.2)]
-    (trial,) = report.read_rows(str(out / "trials.parquet"))
+    (trial,) = read_rows(str(out / "trials.parquet"))
     assert (trial["trial_id"], trial["status"], trial["best_epoch"], trial["test_acc"]) == ("a", "completed", 2, 0.19)
     assert json.loads((out / "trials.json").read_text())["a"]["status"] == "completed"
     assert report.main([str(out)]) == 0 and "best trial `a` (0.2000 at epoch 2, test_acc 0.1900)" in \

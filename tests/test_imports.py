@@ -168,3 +168,19 @@ def test_only_the_ray_layer_and_the_entry_points_import_ray():
               if (target == RAY_LAYER or target.startswith(RAY_LAYER + "."))
               and not (name.startswith(RAY_LAYER) or name in ENTRY_POINTS)}
     assert not upward, f"imports from below into the Ray layer: {sorted(upward)}"
+
+
+REPORT_LAYERS = ["study", "tables", "schedulers", "figures", "page", "cli"]  # as ray_cifar/report/__init__ says
+
+
+def test_the_reports_modules_import_only_the_layers_before_them():
+    graph = import_graph(PACKAGE_DIR, "ray_cifar")
+    inside = sorted(name for name in graph if name.startswith("ray_cifar.report."))
+    assert {name.rsplit(".", 1)[1] for name in inside} == set(REPORT_LAYERS) | {"__main__"}
+    for name in inside:
+        layer = name.rsplit(".", 1)[1]
+        place = len(REPORT_LAYERS) if layer == "__main__" else REPORT_LAYERS.index(layer)
+        for target in graph[name]:
+            if target.startswith("ray_cifar.report."):
+                assert REPORT_LAYERS.index(target.rsplit(".", 1)[1]) < place, f"{name} imports {target}"
+            assert not target.startswith("ray_cifar.tuning"), f"{name} imports the Ray layer ({target})"

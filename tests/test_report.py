@@ -10,7 +10,8 @@ import yaml
 from PIL import Image
 
 from conftest import resolved_config
-from ray_cifar.report import FIGURES, load_study, main, match_published, summaries, write_report
+from ray_cifar.report import FIGURES, load_study, main, summaries, write_report
+from ray_cifar.report.tables import match_published
 from ray_cifar.results import ResultsLog, write_rows
 
 # Only the figure-making tests need matplotlib (a dependency in setup.py; install it into an older venv).
@@ -162,7 +163,7 @@ def test_a_train_runs_report_shows_its_test_figure(tmp_path):
 
 def test_a_comparison_shows_a_field_one_study_fixed_and_another_searched_by_its_value(tmp_path):
     """Compared with a study that searched the batch size, the one that fixed it at 128 showed "-" (read as unknown)."""
-    from ray_cifar.report import _combine
+    from ray_cifar.report import combine
 
     a = make_output(str(tmp_path / "lr"))  # searches optim.lr; train.global_batch_size fixed at 128
     b = str(tmp_path / "batch")
@@ -172,7 +173,7 @@ def test_a_comparison_shows_a_field_one_study_fixed_and_another_searched_by_its_
                                         "optim": {"name": "sgd", "lr": 0.05}, "tune": {"metric": "val_acc", "mode": "max"}}), f)
     ResultsLog(b).append([{"trial_id": f"b{n}", "epoch": 1, "train.global_batch_size": batch, "val_acc": 0.5,
                            "train_loss": 1.0} for n, batch in enumerate((256, 512))])
-    combined = _combine([load_study(a), load_study(b)])
+    combined = combine([load_study(a), load_study(b)])
     values = {(r["trial_id"], r["epoch"]): (r.get("optim.lr"), r.get("train.global_batch_size")) for r in combined.rows}
     assert values[("lr/t0", 1)] == (0.1, 128) and values[("batch/b1", 1)] == (0.05, 512), values
     assert {t["trial_id"]: t.get("train.global_batch_size") for t in combined.trials}["lr/t0"] == 128
@@ -180,7 +181,8 @@ def test_a_comparison_shows_a_field_one_study_fixed_and_another_searched_by_its_
 
 
 def test_asha_rungs_and_max_epochs_come_from_the_config():
-    from ray_cifar.report import Study, asha_rungs, study_max_epochs
+    from ray_cifar.report import Study, study_max_epochs
+    from ray_cifar.report.schedulers import asha_rungs
 
     assert asha_rungs({"scheduler": "asha", "grace_period": 1, "reduction_factor": 2}, 6) == [1, 2, 4]
     assert asha_rungs({"scheduler": "asha", "grace_period": 5, "reduction_factor": 3}, 50) == [5, 15, 45]
@@ -253,7 +255,7 @@ def test_each_published_figure_of_a_shipped_study_lands_on_its_run(name):
 def test_replicate_table_has_intervals_and_a_welch_column_checked_against_scipy():
     from scipy import stats
 
-    from ray_cifar.report import NOISE_NOTE, VERSUS_BEST, replicate_rows
+    from ray_cifar.report.tables import NOISE_NOTE, VERSUS_BEST, replicate_rows
 
     # Synthetic trial summaries: four points, one of them with a single seed.
     points = {0.1: [0.912, 0.905, 0.921, 0.899, 0.915], 0.2: [0.903, 0.889, 0.911], 0.05: [0.870, 0.874, 0.869, 0.880],
@@ -276,7 +278,7 @@ def test_replicate_table_has_intervals_and_a_welch_column_checked_against_scipy(
 def test_a_point_asha_stopped_early_is_not_compared_with_the_best_by_welch():
     """ASHA stops some seeds of a point at a rung: their val_acc is a shorter run's. The table put them through
     Welch's test against the best's full runs ("worse (p=...)"), a gap of budget read as a gap of values."""
-    from ray_cifar.report import VERSUS_BEST, replicate_rows
+    from ray_cifar.report.tables import VERSUS_BEST, replicate_rows
 
     def seeds(lr, epochs_accs):
         return [{"optim.lr": lr, "train.seed": s, "epochs": e, "val_acc": a} for s, (e, a) in enumerate(epochs_accs)]
@@ -293,7 +295,7 @@ def test_a_point_asha_stopped_early_is_not_compared_with_the_best_by_welch():
 
 
 def test_heatmap_pairs_skip_relabelled_fields_and_pairs_without_a_cross():
-    from ray_cifar.report import heatmap_pairs
+    from ray_cifar.report.figures import heatmap_pairs
 
     # optim bundles (name, lr, weight_decay) x batch: weight_decay relabels name; each lr has one optimizer
     bundles = [("sgd", 0.05, 5e-4), ("sgd", 0.2, 5e-4), ("adam", 0.001, 0.0), ("adam", 0.01, 0.0)]
@@ -380,9 +382,9 @@ def test_a_pbt_report_shows_the_best_schedule_and_no_points_of_the_search_space(
     assert "Replicates" not in md and "figures/params.png" not in md and "figures/heatmap.png" not in md
     assert "figures/pbt.png" in md
     # Compared with itself: donors are named as the trial ids are ("pbt/t2"), so each arrow and path finds them.
-    from ray_cifar.report import _combine, build
+    from ray_cifar.report import build, combine
 
-    combined = _combine([load_study(out), load_study(write_pbt_output(str(tmp_path / "pbt_copy")))])  # (ties: pbt/ first)
+    combined = combine([load_study(out), load_study(write_pbt_output(str(tmp_path / "pbt_copy")))])  # (ties: pbt/ first)
     built = build(combined, str(tmp_path / "cmp"))
     assert [r["trained by"] for r in built["schedule"]] == ["pbt/t1 (generation 0)", "pbt/t2 (generation 1)",
                                                             "pbt/t0 (generation 1)"]
@@ -397,13 +399,13 @@ def test_a_comparison_draws_each_studys_rungs_at_its_own_length(tmp_path, monkey
     assert ("long: asha: grace 1, reduction 2, rungs at 1, 2, 4, max 6; short: asha: grace 1, reduction 2, rungs at "
             "1, 2, max 4.") in open(tmp_path / "cmp" / "compare-report.md").read()
     # The figure draws them so too, on each trial's bar (it drew no rungs, and one max at 6 for both).
-    from ray_cifar import report
+    from ray_cifar.report import build, combine, figures
 
-    study = report._combine([load_study(long), load_study(short)])
-    built = report.build(study, str(tmp_path / "again"))
+    study = combine([load_study(long), load_study(short)])
+    built = build(study, str(tmp_path / "again"))
     saved = []
-    monkeypatch.setattr(report, "_save", lambda fig, path: saved.append(fig) or path)
-    report.plot_asha(built["trials"], study.tune, 6, str(tmp_path / "a.png"))
+    monkeypatch.setattr(figures, "_save", lambda fig, path: saved.append(fig) or path)
+    figures.plot_asha(built["trials"], study.tune, 6, str(tmp_path / "a.png"))
     marks = {}  # bar -> the x of its marks (dashed: rungs, solid: max)
     for line in saved[0].axes[0].lines:
         marks.setdefault(round(float(sum(line.get_ydata())) / 2), []).append((line.get_xdata()[0], line.get_linestyle()))
@@ -489,11 +491,11 @@ def test_a_report_module_that_fails_to_import_does_not_fail_the_study(tmp_path, 
 def test_the_pbt_figure_and_the_curves_draw_a_members_generations_apart(tmp_path, monkeypatch):
     """After an exploit a member trains on from its donor's state: a line joining its last epoch before to its first
     after read as its own progress. One line a generation; the arrow from the donor shows where it went on from."""
-    from ray_cifar import report
+    from ray_cifar.report import figures
 
     drawn = {}
-    monkeypatch.setattr(report, "_save", lambda fig, path: drawn.setdefault("fig", fig) and path)
-    report.plot_pbt(pbt_rows(), ["optim.lr"], "val_acc", str(tmp_path / "pbt.png"))
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.setdefault("fig", fig) and path)
+    figures.plot_pbt(pbt_rows(), ["optim.lr"], "val_acc", str(tmp_path / "pbt.png"))
     lr_axis, metric_axis = drawn["fig"].axes[:2]
     for ax in (lr_axis, metric_axis):
         assert len(ax.lines) == 5  # t1: one generation; t2 and t0: two each
@@ -506,7 +508,7 @@ def test_the_pbt_figure_and_the_curves_draw_a_members_generations_apart(tmp_path
     saved = []
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
     trials = [{"trial_id": t, "point": t} for t in ("t0", "t1", "t2")]
-    report.plot_curves(pbt_rows(), trials, str(tmp_path / "curves.png"))
+    figures.plot_curves(pbt_rows(), trials, str(tmp_path / "curves.png"))
     assert sorted(tuple(line.get_xdata()) for line in saved[0].axes[0].lines) == pieces
 
 
@@ -522,7 +524,7 @@ def test_a_report_of_a_study_not_finished_shows_each_trials_status_so_far_and_sa
         json.dump({"t0": {"status": "stopped", "epochs": 1}, "t1": {"status": "running", "epochs": 4}}, f)
     study = load_study(out)
     assert study.unfinished and {t["trial_id"]: t.get("status") for t in summaries(study)}["t1"] == "running"
-    from ray_cifar.report import build, trials_section
+    from ray_cifar.report.page import build, trials_section
 
     section = trials_section(study, build(study, str(tmp_path / "r")))
     assert section.notes[0].startswith("**Not finished**: the study has no trials.parquet yet") and \
@@ -543,22 +545,22 @@ def test_throughput_is_the_median_and_a_diverging_trial_does_not_flatten_the_los
     diverging trial's last finite loss (2.8e27), every other trial a flat line along its foot."""
     import math
 
-    from ray_cifar import report
+    from ray_cifar.report import figures
 
     saved = []
-    monkeypatch.setattr(report, "_save", lambda fig, path: saved.append(fig) or path)
+    monkeypatch.setattr(figures, "_save", lambda fig, path: saved.append(fig) or path)
     rows = [{"trial_id": "a", "epoch": e, "images_per_second": v, "train_loss": 2.3 / e, "val_acc": 0.3 * e}
             for e, v in ((1, 400.0), (2, 1000.0), (3, 1200.0), (4, 1400.0))]
     rows += [{"trial_id": "b", "epoch": 1, "train_loss": 2.4, "val_acc": 0.1},
              {"trial_id": "b", "epoch": 2, "train_loss": 2.8e27, "val_acc": 0.1},
              {"trial_id": "b", "epoch": 3, "train_loss": math.nan, "val_acc": 0.1, "diverged": True}]
     trials = [{"trial_id": t, "label": t, "point": t} for t in ("a", "b")]
-    report.plot_throughput(rows, trials, str(tmp_path / "t.png"))
+    figures.plot_throughput(rows, trials, str(tmp_path / "t.png"))
     assert [bar.get_width() for bar in saved[0].axes[0].patches] == [1100.0, 0.0]
     import matplotlib.figure
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
-    report.plot_curves(rows, trials, str(tmp_path / "c.png"))
+    figures.plot_curves(rows, trials, str(tmp_path / "c.png"))
     loss_axis = saved[-1].axes[1]
     assert loss_axis.get_ylim()[1] < 10 and "1 epoch(s) of diverging trials above the axis" in loss_axis.get_title()
     assert all(float(tick).is_integer() for tick in saved[-1].axes[0].get_xticks())
@@ -568,40 +570,41 @@ def test_throughput_is_the_median_and_a_diverging_trial_does_not_flatten_the_los
 def test_figures_of_points_mark_the_trials_asha_stopped_early(tmp_path, monkeypatch):
     """The heatmap's cell "19.8, n=2" averaged two trials ASHA stopped after 2 epochs and stood beside cells of
     6-epoch trials, and the per-field figure drew them alike: a gap of budget read as a gap of values."""
-    from ray_cifar import report
+    from ray_cifar.report import build, figures, page, tables
 
     trials = [{"trial_id": f"t{i}", "optim.lr": lr, "train.global_batch_size": batch, "epochs": epochs,
                "val_acc": acc} for i, (lr, batch, epochs, acc) in enumerate(
                    [(0.1, 128, 6, 0.32), (0.1, 256, 6, 0.30), (0.001, 128, 6, 0.25), (0.001, 256, 2, 0.20)])]
     keys = ["optim.lr", "train.global_batch_size"]
     saved = []
-    monkeypatch.setattr(report, "_save", lambda fig, path: saved.append(fig) or path)
-    report.plot_heatmap(trials, keys, str(tmp_path / "h.png"))
+    monkeypatch.setattr(figures, "_save", lambda fig, path: saved.append(fig) or path)
+    figures.plot_heatmap(trials, keys, str(tmp_path / "h.png"))
     texts = [t.get_text() for t in saved[0].axes[0].texts]
     assert "20.0\nn=1\n2 ep" in texts and "32.0\nn=1" in texts
-    report.plot_params(trials, keys, str(tmp_path / "p.png"))
+    figures.plot_params(trials, keys, str(tmp_path / "p.png"))
     labels = [c.get_label() for c in saved[1].axes[0].collections]
     assert "trials of 6 epochs" in labels and "trials of fewer epochs (stopped early)" in labels
     # A trial whose every epoch diverged has no score: it was drawn at 0%, its point's mean too.
     trials.append({"trial_id": "t4", "optim.lr": 1000.0, "train.global_batch_size": 128, "epochs": 1,
                    "val_acc": None, "diverged": True})
-    report.plot_params(trials, keys, str(tmp_path / "p.png"))
+    figures.plot_params(trials, keys, str(tmp_path / "p.png"))
     from matplotlib.collections import PathCollection
 
     ys = [y for c in saved[2].axes[0].collections if isinstance(c, PathCollection) for _, y in c.get_offsets()] + \
         [y for line in saved[2].axes[0].lines for y in line.get_ydata()]  # the trials' dots, the points' means
     assert ys and min(ys) > 0
-    rows = report.replicate_rows(trials, keys)
-    assert [r[report.VERSUS_BEST] for r in rows if r["optim.lr"] == 1000.0] == [
+    rows = tables.replicate_rows(trials, keys)
+    assert [r[tables.VERSUS_BEST] for r in rows if r["optim.lr"] == 1000.0] == [
         "no score: no epoch of its trials scored (diverged)"]
     out = make_output(str(tmp_path / "study"))  # its lr 0.01 trials stopped at the first rung
-    captions = report.build(load_study(out), out)["captions"]
-    assert captions["params"] == captions["heatmap"] == report.FEWER_EPOCHS_CAPTION
+    captions = build(load_study(out), out)["captions"]
+    assert captions["params"] == captions["heatmap"] == page.FEWER_EPOCHS_CAPTION
 
 
 def test_the_trials_table_says_how_precisely_the_validation_split_measures_the_best():
     """One seed a point has no interval: two trials 0.0225 apart on 400 validation images read as a ranking."""
-    from ray_cifar.report import Study, val_noise_note
+    from ray_cifar.report import Study
+    from ray_cifar.report.tables import val_noise_note
 
     study = Study(name="s", config=resolved_config({"data": {"val_size": 400}}), rows=[])
     trials = [{"trial_id": "a", "best_metric": 0.3625, "val_acc": 0.3625},
@@ -619,7 +622,7 @@ def test_the_trials_table_says_how_precisely_the_validation_split_measures_the_b
 def test_a_study_stopped_in_its_test_evaluation_says_so_not_that_every_trial_was_tested(tmp_path):
     """trials.parquet is written even when the test evaluation is stopped (its finally): the report of such a study
     said "every finished trial was evaluated once on the test split", beside test_acc "-" for all."""
-    from ray_cifar.report import LAST_PHASE_CUT_NOTE, TEST_ALL_NOTE
+    from ray_cifar.report.page import LAST_PHASE_CUT_NOTE, TEST_ALL_NOTE
     from ray_cifar.results import FINISHED
 
     out = make_output(str(tmp_path / "study"))

@@ -619,7 +619,7 @@ def test_bohbs_largest_bracket_trains_its_best_to_max_epochs(tmp_path):
             trial.set_status(Trial.PAUSED)
     assert (paused_at, epoch) == ([2, 6, 18], 45)
     # The report says the brackets this scheduler makes: their places and first milestones, for any length.
-    from ray_cifar.report.schedulers import hyperband_brackets
+    from ray_cifar.milestones import hyperband_brackets
 
     for max_t, factor in ((45, 3), (6, 2), (4, 2), (11, 3), (81, 3)):
         real = create_scheduler("asha", str(tmp_path), lambda trial_id: None, max_t=max_t, grace_period=1,

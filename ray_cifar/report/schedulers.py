@@ -3,29 +3,11 @@ epochs, and in words."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
+from ..milestones import hyperband_brackets
 from .study import ONE_RUN
 from .tables import fmt
-
-
-def hyperband_brackets(max_t: float, reduction_factor: float) -> list[tuple[int, list[int]]]:
-    """BOHB's HyperBand brackets as ray_cifar's BOHBHyperBand makes them, in the order it fills them (a bracket
-    takes trials until full, then the next): (places, milestones in epochs, the last max_t)."""
-    eta = float(reduction_factor)
-    if max_t < 1 or eta <= 1:
-        return []
-    s_max_1 = int(round(math.log(max_t) / math.log(eta))) + 1
-    brackets = []
-    for s in range(s_max_1 - 1, -1, -1):
-        milestone = max(1, math.ceil(max_t / eta ** s - 1e-9))  # (scheduler.first_milestone)
-        milestones = [milestone]
-        for _ in range(s):
-            milestone = int(min(milestone * eta, max_t))
-            milestones.append(milestone)
-        brackets.append((int(math.ceil(s_max_1 / (s + 1) * eta ** s)), milestones))
-    return brackets
 
 
 def asha_rungs(tune: dict[str, Any], max_t: float) -> list[float]:

@@ -16,7 +16,6 @@ bracket b's first rung is grace_period * reduction_factor^b, and each trial join
 from __future__ import annotations
 
 import functools
-import math
 import os
 import zlib
 from typing import Any, Callable
@@ -24,6 +23,7 @@ from typing import Any, Callable
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandForBOHB, TrialScheduler
 
+from ..milestones import first_milestone  # also the name a tuner.pkl saved before it moved there unpickles
 from ..results import TRIALS_STATE, ResultsLog, read_trials_state
 from .recorder import JUDGED, STOPPED
 from .searchers import base_searcher, creation_order, follow_restored_trial
@@ -424,11 +424,6 @@ def _observe_missing(searcher, milestones: list[tuple[str, float, float]],
         if not any(np.array_equal(vector, seen, equal_nan=True) for seen in model.configs.get(budget, [])):
             # (not searcher.on_trial_result: that also counts the trial running, which the rebuild decides)
             model.new_result(_BOHBJobWrapper(searcher._metric_op * value, budget, values))
-
-
-def first_milestone(max_t: float, reduction_factor: float, s: int) -> int:
-    """BOHBHyperBand's first milestone of bracket s (whole epochs): ceil(max_t / reduction_factor^s)."""
-    return max(1, math.ceil(max_t / reduction_factor ** s - 1e-9))
 
 
 def create_scheduler(name: str, output: str, on_stop: Callable[[str], None], max_t: int, grace_period: int,

@@ -207,15 +207,31 @@ def smoke_changes(args: argparse.Namespace, cfg: Config) -> str | None:
     except ConfigError:
         return None  # the study is only valid shrunk: the preset is all there is to say
     before, after = flatten(study.to_dict()), flatten(cfg.to_dict())
-    changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in after.items()
-               if k != "tune.search_space" and before.get(k) != v]
+    # With train.max_steps the steps set the length, not train.epochs ("train.epochs 30 -> 6" read as the length).
+    unused = {"train.epochs": "not the length: train.max_steps is"} if cfg.train.max_steps is not None else {}
+    changed = [f"{k} {before.get(k)!r} -> {v!r}" + (f" ({unused[k]})" if k in unused else "")
+               for k, v in after.items() if k != "tune.search_space" and before.get(k) != v]
     if study.tune.search_space != cfg.tune.search_space:
         changed.append(f"the search space cut to {_points(cfg)} of its {_points(study)} point(s)")
+        rescaled = _rescaled(study.tune.search_space, cfg.tune.search_space)
+        if rescaled:
+            changed.append(f"and not only cut: the preset changed the values of {', '.join(rescaled)} too")
     return "--smoke-test changed " + ", ".join(changed) if changed else None
 
 
 def _points(cfg: Config) -> int:
     return sum(1 for _ in search_points(cfg.tune.search_space))
+
+
+def _rescaled(own: dict, smoke: dict) -> list[str]:
+    """The search-space keys whose smoke values are not among the study's own (lengths scaled, batch sizes capped,
+    the smoke model in each variant, ranges moved): "cut to 2 of its 12 points" alone read as the study's own
+    values, fewer of them."""
+    def values(spec) -> list:
+        kind, listed = next(iter(spec.items())) if isinstance(spec, dict) and len(spec) == 1 else (None, [spec])
+        return [kind] + (listed if isinstance(listed, list) else [listed])
+
+    return [k for k, spec in smoke.items() if k in own and any(v not in values(own[k]) for v in values(spec))]
 
 
 def prepare(args: argparse.Namespace, kind: str) -> tuple[Config, Cifar10, str]:

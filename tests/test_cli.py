@@ -291,6 +291,12 @@ def test_a_smoke_test_says_what_it_changed_in_the_study(tmp_path, synthetic_parq
                    "model.blocks [3, 6, 4, 3] -> [1, 1, 1]", "the search space cut to 2 of its 12 point(s)"):
         assert change in printed[0], change
     assert "data.val_size" not in printed[0]  # --set gave it: not the preset's change
+    # The steps set this study's length, and its variants (each an optimizer's schedule in steps) were rescaled.
+    assert "train.epochs 30 -> 6 (not the length: train.max_steps is)" in printed[0]
+    assert printed[0].endswith("and not only cut: the preset changed the values of variants too")
+    cut = {"optim.lr": {"grid": [0.1, 0.001]}, "train.global_batch_size": {"grid": [128, 256]}}
+    assert cli._rescaled({"optim.lr": {"grid": [0.1, 0.01, 0.001]}, "train.global_batch_size": {"grid": [128, 512]}},
+                         cut) == ["train.global_batch_size"]
     args.smoke_test = False
     assert cli.smoke_changes(args, cli.load_config(args.config, args.sets)) is None
 

@@ -1,4 +1,5 @@
-"""A report page: every figure drawn and every table made (build), then written as report.md and report.html."""
+"""A report page: every figure drawn and every table made (build), then written as report.md and report.html, with the
+notes that say how to read them."""
 
 from __future__ import annotations
 
@@ -18,6 +19,17 @@ from .tables import (NOISE_NOTE, cell, fmt, html_table, markdown_table, match_pu
 
 TEST_ALL_NOTE = ("test_acc: every finished trial was evaluated once on the test split, at its best validation epoch "
                  "(tune.test all), after the study; no test figure chose any trial, epoch or point.")
+TEST_BEST_NOTE = ("tune.test best: only the best trial has a test figure (evaluated once, after the study); tune.test "
+                  "all puts one beside every finished trial.")
+FEWER_EPOCHS_CAPTION = ("Each trial at its best epoch of those it ran: a trial stopped early (hollow; a cell's \"ep\" "
+                        "says its trials' epochs) is at its best of fewer epochs than the others, so a gap here is "
+                        "budget as much as values. The replicates table compares only points of equal epochs.")
+LAST_PHASE_CUT_NOTE = ("**Not finished**: the study was stopped in its last phase, the test evaluation (no "
+                       "study-finished.json): every trial is here, but a test figure \"-\" may be one that never ran. "
+                       "`python -m ray_cifar.tune --resume {location}` runs that phase again.")
+NO_MATCH_CAPTION = ("No trial ran at the values of a published entry (config.yaml's `published`, each matched by all "
+                    "of its `where`): a --smoke-test or --budget-scale run changes lengths, batch sizes and grids, so "
+                    "its trials are not the published runs.")
 
 LINEAGE_FIGURES = ("params", "heatmap")  # left out of a PBT or PB2 report: NO_POINTS_NOTE says why
 NO_POINTS_WHY = ("PBT changes a member's values at each exploit, and the member trains on from its donor's state: "
@@ -120,21 +132,8 @@ def _test_note(study: Study) -> str | None:
             f"figure chose any trial, epoch or point.")
 
 
-FEWER_EPOCHS_CAPTION = ("Each trial at its best epoch of those it ran: a trial stopped early (hollow; a cell's \"ep\" "
-                        "says its trials' epochs) is at its best of fewer epochs than the others, so a gap here is "
-                        "budget as much as values. The replicates table compares only points of equal epochs.")
-LAST_PHASE_CUT_NOTE = ("**Not finished**: the study was stopped in its last phase, the test evaluation (no "
-                       "study-finished.json): every trial is here, but a test figure \"-\" may be one that never ran. "
-                       "`python -m ray_cifar.tune --resume {location}` runs that phase again.")
-NO_MATCH_CAPTION = ("No trial ran at the values of a published entry (config.yaml's `published`, each matched by all "
-                    "of its `where`): a --smoke-test or --budget-scale run changes lengths, batch sizes and grids, so "
-                    "its trials are not the published runs.")
 def _last_phase_note(study: Study) -> str:
     return LAST_PHASE_CUT_NOTE.format(location=shlex.quote(study.location))
-
-
-TEST_BEST_NOTE = ("tune.test best: only the best trial has a test figure (evaluated once, after the study); tune.test "
-                  "all puts one beside every finished trial.")
 
 
 def trials_section(study: Study, built: dict[str, Any]) -> TableSection:

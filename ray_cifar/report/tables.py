@@ -221,6 +221,9 @@ def schedule_rows(rows, best: dict[str, Any], keys: list[str], metric: str) -> l
     return out
 
 
+VAL_Z = 1.96  # the normal quantile of a two-sided 95% interval
+
+
 def val_noise_note(study: Study, trials: list[dict[str, Any]]) -> str | None:
     """How precisely the validation split measures the best trial's val_acc, and whether its lead over the next is
     larger than that: with a few hundred images two trials apart by a point or two are not told apart by it, and
@@ -243,5 +246,3 @@ def val_noise_note(study: Study, trials: list[dict[str, Any]]) -> str | None:
                   "larger than that"))
     return note + "."
 
-
-VAL_Z = 1.96  # the normal quantile of a two-sided 95% interval

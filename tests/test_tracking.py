@@ -11,6 +11,7 @@ Every process killed here is one this test started (the driver) or a descendant 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import pytest
 
 from conftest import TINY_MODEL, long_test
 from ray_cifar.tuning import tracking
-from ray_cifar.results import ResultsLog
+from ray_cifar.results import ResultsLog, read_rows
 
 # Enough epochs that a trial stays running past epoch 2 for longer than the kill's poll (0.5 s) on a quiet machine:
 # at 4, a tiny epoch of ~0.2 s let the study end between two polls.
@@ -107,6 +108,7 @@ def test_mlflow_one_run_per_trial_every_epoch_once_after_a_killed_driver(mlflow_
         assert run.data.params["train.seed"] == "0"
         assert run.data.tags["mlflow.parentRunId"] == study_runs[0].info.run_id
         assert run.info.status == "FINISHED" and run.data.tags[tracking.STATUS_TAG] == "completed"
+        assert run.data.metrics["best_epoch"] == mlflow_study["trials"][trial_id]["best_epoch"]  # its end figures
         history = client.get_metric_history(run.info.run_id, "val_acc")
         steps = [m.step for m in history]
         assert sorted(steps) == list(range(1, EPOCHS + 1)) == recorded_epochs(output, trial_id)  # each epoch once
@@ -117,6 +119,10 @@ def test_mlflow_one_run_per_trial_every_epoch_once_after_a_killed_driver(mlflow_
             # Interrupted by the kill after its epoch 1 was in MLflow: the killed driver logged its first
             # epochs, the resumed one the rest, skipping the steps the run already held (each step once, above).
             assert any(m.timestamp / 1000 < mlflow_study["killed_at"] for m in history)
+    table = {t["trial_id"]: t for t in read_rows(str(output / "trials.parquet"))}
+    tested = [t for t, row in table.items() if row["test_acc"] is not None]
+    assert tested and all(trial_runs[t].data.metrics["test_acc"] == table[t]["test_acc"] for t in tested)
+    assert study_runs[0].data.params["train.epochs"] == str(EPOCHS)  # the study's config
     attached = {f.path for f in client.list_artifacts(study_runs[0].info.run_id)}
     assert {"trials.parquet", "results.parquet", "report.html", "report.md", "figures"} <= attached
     figures = {os.path.basename(f.path) for f in client.list_artifacts(study_runs[0].info.run_id, "figures")}
@@ -131,13 +137,14 @@ def test_wandb_offline_one_run_per_trial_every_epoch_once_after_a_killed_driver(
     for trial_id, summary in trials.items():
         files = tracking.offline_runs(str(output), f"study-wandb-{trial_id}")
         assert files, f"no offline W&B run for {trial_id}"
-        reopened += len(files) > 1
+        reopened += len(files) > 2  # the last start is the study's end reopening it for its end figures
         steps = [s["_step"] for path in files for s in tracking.wandb_history(path)]
         assert sorted(steps) == list(range(1, EPOCHS + 1)) == recorded_epochs(output, trial_id)  # each epoch once
         config, group, status = run_metadata(files[-1])
         assert group == "study-wandb" and config["train.seed"] == 0 and config["optim.lr"] in LRS
         assert status == "completed"
-    # The trials the kill interrupted were opened again by the resumed driver (a second offline folder). W&B
+        assert wandb_summary(files[-1])["best_epoch"] == summary["best_epoch"]  # its end figures
+    # The trials the kill interrupted were opened again by the resumed driver (another offline folder). W&B
     # writes a run's file every 15 s: what the killed driver logged since is lost with it, and the resumed
     # driver logs it again from results.parquet (test_wandb_reopened_run_skips_the_steps_on_disk: the skip).
     assert reopened == len(wandb_study["running"]) >= 1
@@ -280,3 +287,163 @@ def test_mlflow_with_a_sqlite_uri_keeps_its_artifacts_under_output_and_attaches_
                     for p in (output / tracking.MLFLOW_ARTIFACTS).rglob("*") if p.is_file())
     assert stored == ["figures/ranking.png", "report.html"], stored
     assert not os.listdir(elsewhere)
+
+
+# -- a PBT member's changing values, the trials' end figures, the study's config -------------------------------
+
+# A PBT member (t1) exploits t0 after epoch 2: from epoch 3 it trains with t0's lr and its own weight decay perturbed.
+PBT_ROWS = [{"trial_id": "t1", "epoch": e, "optim.lr": lr, "optim.weight_decay": wd, "optim.name": "sgd",
+             "train.seed": 0, "val_acc": e / 10, "pbt_generation": gen, "pbt_parent": parent}
+            for e, lr, wd, gen, parent in ((1, 0.0494, 5e-4, 0, ""), (2, 0.0494, 5e-4, 0, ""),
+                                           (3, 0.117, 6e-4, 1, "t0"), (4, 0.117, 6e-4, 1, "t0"))]
+PBT_PARAMS = {"optim.lr": 0.0494, "optim.weight_decay": 5e-4, "optim.name": "sgd", "train.seed": 0}
+CONFIG_YAML = """# resolved
+data:
+  val_size: 100
+optim:
+  lr: 0.1
+  weight_decay: 0.0005
+train:
+  epochs: 4
+  seed: 0
+tune:
+  scheduler: fifo
+  metric: val_loss
+  mode: min
+  search_space:
+    optim.lr:
+      grid: [0.05, 0.03]
+published: []
+"""
+# trials.parquet's rows as finish_study writes them (best first; tune.test best: test figures for the best only).
+TRIALS = [{"trial_id": "t0", "optim.lr": 0.05, "train.seed": 0, "status": "completed", "epochs": 3, "best_metric": 0.4,
+           "best_epoch": 2, "best_val_acc": 0.8, "test_acc": 0.79, "test_loss": 0.41},
+          {"trial_id": "t1", "optim.lr": 0.03, "train.seed": 0, "status": "stopped", "epochs": 3, "best_metric": 0.6,
+           "best_epoch": 3, "best_val_acc": 0.7, "test_acc": None, "test_loss": None},
+          {"trial_id": "t2", "optim.lr": 0.01, "train.seed": 0, "status": "failed", "epochs": 0, "best_metric": None,
+           "best_epoch": None, "best_val_acc": None, "test_acc": None, "test_loss": None}]  # never tracked
+
+
+def finished_study(output) -> list[str]:
+    """OUTPUT with config.yaml and trials.parquet (TRIALS); the paths study.attach_to_tracker gives attach_study."""
+    from ray_cifar.results import write_rows
+
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "config.yaml").write_text(CONFIG_YAML)
+    write_rows(TRIALS, str(output / "trials.parquet"))
+    return [str(output / "trials.parquet"), str(output / "report.html")]
+
+
+def epoch_rows(trial: dict) -> list[dict]:
+    return [{"trial_id": trial["trial_id"], "epoch": e, "optim.lr": trial["optim.lr"], "train.seed": 0,
+             "val_loss": 1 - e / 10} for e in range(1, trial["epochs"] + 1)]
+
+
+def mlflow_runs(output, study: str = "s"):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{output}/{tracking.MLFLOW_DB}")
+    runs = client.search_runs([client.get_experiment_by_name(study).experiment_id])
+    return client, {r.data.tags.get(tracking.TRIAL_TAG, "study"): r for r in runs}
+
+
+def test_mlflow_pbt_member_logs_the_values_in_force_each_epoch_and_its_donor(tmp_path):
+    """Params are write-once: an exploited member's run showed its first lr (0.0494) while trials.parquet said
+    0.117, and its donor was nowhere. Its values are metrics at step = epoch, its donors tags; a study without
+    PBT logs its values as params only."""
+    pytest.importorskip("mlflow", reason="pip install 'ray_cifar[tracking]'")
+    tracker = tracking.MLflowTracker(str(tmp_path), "s", None, None)
+    tracker.log_epochs("t1", PBT_PARAMS, PBT_ROWS[:3])
+    tracker.end_trial("t1", PBT_PARAMS, "completed")
+    again = tracking.MLflowTracker(str(tmp_path), "s", None, None)  # a new driver: epoch 4 only
+    assert again.log_epochs("t1", {**PBT_PARAMS, "optim.lr": 0.117}, PBT_ROWS) == 1
+    again.log_epochs("t9", {"optim.lr": 0.1}, [{"trial_id": "t9", "epoch": 1, "optim.lr": 0.1, "val_acc": 0.5}])
+    client, runs = mlflow_runs(tmp_path)
+    run = runs["t1"]
+    assert run.data.params["optim.lr"] == "0.0494"  # the first values, as before
+    lrs = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "optim.lr")]
+    assert sorted(lrs) == [(1, 0.0494), (2, 0.0494), (3, 0.117), (4, 0.117)]
+    assert run.data.metrics["optim.weight_decay"] == 6e-4 and run.data.metrics["pbt_generation"] == 1
+    assert "optim.name" not in run.data.metrics  # text: in the generation's tag
+    tags = run.data.tags
+    assert tags["ray_cifar.pbt_parent"] == "t0" and tags["ray_cifar.pbt_generation"] == "1"
+    assert json.loads(tags["ray_cifar.pbt_generation.1"]) == {"pbt_parent": "t0", "optim.lr": 0.117,
+                                                               "optim.weight_decay": 6e-4, "optim.name": "sgd",
+                                                               "train.seed": 0}
+    assert json.loads(tags["ray_cifar.pbt_generation.0"])["optim.lr"] == 0.0494
+    assert "optim.lr" not in runs["t9"].data.metrics and runs["t9"].data.params["optim.lr"] == "0.1"
+    assert not any(t.startswith("ray_cifar.pbt") for t in runs["t9"].data.tags)
+
+
+def test_mlflow_trial_end_figures_on_its_run_and_the_study_config_as_study_params(tmp_path):
+    """test_acc/test_loss, best_epoch and the best tune.metric were in trials.parquet only, and the study run had
+    no params."""
+    pytest.importorskip("mlflow", reason="pip install 'ray_cifar[tracking]'")
+    paths = finished_study(tmp_path)
+    tracker = tracking.MLflowTracker(str(tmp_path), "s", None, None)
+    for trial in TRIALS[:2]:
+        tracker.log_epochs(trial["trial_id"], {"optim.lr": trial["optim.lr"], "train.seed": 0}, epoch_rows(trial))
+        tracker.end_trial(trial["trial_id"], {"optim.lr": trial["optim.lr"], "train.seed": 0}, trial["status"])
+    for _ in range(2):  # a second attach (a study finished again) logs nothing twice
+        tracking.create_tracker("mlflow", str(tmp_path), "s").attach_study(paths)
+    client, runs = mlflow_runs(tmp_path)
+    assert set(runs) == {"t0", "t1", "study"}  # no run made for a trial that never had one
+    best = runs["t0"]
+    assert {k: best.data.metrics[k] for k in ("best_val_loss", "best_epoch", "best_val_acc", "test_acc", "test_loss")} \
+        == {"best_val_loss": 0.4, "best_epoch": 2, "best_val_acc": 0.8, "test_acc": 0.79, "test_loss": 0.41}
+    assert [(m.step, m.value) for m in client.get_metric_history(best.info.run_id, "test_acc")] == [(2, 0.79)]
+    other = runs["t1"].data.metrics
+    assert other["best_val_loss"] == 0.6 and other["best_epoch"] == 3 and "test_acc" not in other
+    assert best.info.status == "FINISHED" and best.data.tags[tracking.STATUS_TAG] == "completed"
+    params = runs["study"].data.params
+    assert params["train.epochs"] == "4" and params["tune.metric"] == "val_loss" and params["published"] == "[]"
+    assert json.loads(params["tune.search_space"]) == {"optim.lr": {"grid": [0.05, 0.03]}}
+    assert "optim.lr" not in params and params["optim.weight_decay"] == "0.0005"  # searched fields: each trial's
+
+
+def wandb_summary(path: str) -> dict:
+    summary = {}
+    for record in tracking.wandb_records(path):
+        if record.WhichOneof("record_type") == "summary":
+            summary.update({i.key: json.loads(i.value_json) for i in record.summary.update if i.key})
+    return summary
+
+
+def wait_for(what, check, seconds: float = 60):
+    deadline = time.time() + seconds
+    while time.time() < deadline and not check():
+        time.sleep(0.2)  # run.finish() returns before W&B's writer has written the file
+    assert check(), what
+
+
+def test_wandb_pbt_values_per_step_and_end_figures_in_the_summary(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="pip install 'ray_cifar[tracking]'")
+    for key in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(key)
+    paths = finished_study(tmp_path)
+    tracker = tracking.create_tracker("wandb", str(tmp_path), "s")
+    tracker.log_epochs("t1", PBT_PARAMS, PBT_ROWS)
+    tracker.end_trial("t1", PBT_PARAMS, "stopped")
+    tracker.log_epochs("t0", {"optim.lr": 0.05, "train.seed": 0}, epoch_rows(TRIALS[0]))
+    tracker.end_trial("t0", {"optim.lr": 0.05, "train.seed": 0}, "completed")
+    first = tracking.offline_runs(str(tmp_path), "s-t1")[0]
+    wait_for("t1's steps", lambda: len(tracking.wandb_history(first)) == 4)
+    assert [(s["_step"], s["optim.lr"]) for s in tracking.wandb_history(first)] == [
+        (1, 0.0494), (2, 0.0494), (3, 0.117), (4, 0.117)]
+    pbt = wandb_summary(first)
+    assert pbt["pbt_parent"] == "t0" and pbt["pbt_generation"] == 1 and pbt["pbt_generation_1"]["optim.lr"] == 0.117
+    assert "optim.lr" not in tracking.wandb_history(tracking.offline_runs(str(tmp_path), "s-t0")[0])[0]
+
+    tracking.create_tracker("wandb", str(tmp_path), "s").attach_study(paths)
+    files = tracking.offline_runs(str(tmp_path), "s-t0")
+    assert len(files) == 2  # reopened (resume="allow") for its end figures
+    wait_for("t0's end figures", lambda: "test_acc" in wandb_summary(files[-1]))
+    summary = wandb_summary(files[-1])
+    assert {k: summary[k] for k in ("best_val_loss", "best_epoch", "test_acc", "test_loss", "status")} == {
+        "best_val_loss": 0.4, "best_epoch": 2, "test_acc": 0.79, "test_loss": 0.41, "status": "completed"}
+    config, _, _ = run_metadata(files[-1])
+    assert config["optim.lr"] == 0.05 and config["train.seed"] == 0
+    assert not tracking.offline_runs(str(tmp_path), "s-t2")  # never tracked: no run made for it
+    study = tracking.offline_runs(str(tmp_path), "s-study")[-1]
+    wait_for("the study run's config", lambda: run_metadata(study)[0].get("train.epochs") == 4)
+    assert run_metadata(study)[0]["tune.metric"] == "val_loss"

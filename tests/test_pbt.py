@@ -53,8 +53,8 @@ class FakeController:
         self.saved += 1
 
 
-def make_population(cfg, output, n=4):
-    scheduler = pbt.create_pbt(cfg, str(output))
+def make_population(cfg, output, n=4, **pbt_args):
+    scheduler = pbt.create_pbt(cfg, str(output), **pbt_args)
     scheduler.set_search_properties("val_acc", "max")
     trials = []
     for i in range(n):
@@ -112,6 +112,93 @@ def test_no_exploit_from_a_donor_behind_nor_at_the_last_epoch(tmp_path):
     assert controller.paused == []
     report(scheduler, controller, trials[3], 2, 0.05)  # a donor at its epoch: it exploits
     assert controller.paused == ["t3"]
+
+
+def test_a_weak_member_first_at_its_decision_epoch_waits_for_the_donor_then_copies_it(tmp_path, capsys):
+    """Ray uses up a member's interval before it looks for a donor: two members trained side by side, the weak one
+    reporting its decision epoch first found none there, and the decision was lost (an audited smoke study: no
+    exploit at all). It waits, paused (also when every member runs at once), until the donor reaches the epoch."""
+    random.seed(0)
+    cfg = pbt_config("tune.perturbation_interval=2", "tune.pbt_quantile=0.5", "tune.pbt_mutate=[optim.weight_decay]")
+    scheduler, controller, (strong, weak) = make_population(cfg, tmp_path, n=2, all_at_once=True)
+    report(scheduler, controller, strong, 1, 0.5)
+    report(scheduler, controller, weak, 1, 0.4)
+    assert report(scheduler, controller, weak, 2, 0.45) == TrialScheduler.PAUSE  # the strong one is at epoch 1
+    assert "pbt: trial t1 waits at epoch 2 for a donor to reach it (t0 is at epoch 1)" in capsys.readouterr().out
+    weak.set_status(Trial.PAUSED)  # as Tune pauses it
+    assert controller.paused == [] and scheduler.choose_trial_to_run(controller) is None
+    # The donor goes on (a paused member does not stop it when all run at once), and reaching epoch 2 it gives.
+    assert report(scheduler, controller, strong, 2, 0.6) == TrialScheduler.CONTINUE
+    assert controller.paused == ["t1"] and weak.config[LINEAGE] == {"generation": 1, "parent": "t0",
+                                                                     "parent_generation": 0}
+    assert "trial t1 (val_acc 0.4500 at epoch 2) copies t0 (0.6000)" in capsys.readouterr().out
+    assert scheduler.choose_trial_to_run(controller) is weak and controller.saved == 1
+    # A donor at the epoch already: the exploit at once, as before (no wait).
+    weak.set_status(Trial.RUNNING)
+    report(scheduler, controller, strong, 3, 0.7)
+    report(scheduler, controller, strong, 4, 0.8)
+    assert report(scheduler, controller, weak, 4, 0.5) == TrialScheduler.NOOP  # Ray's answer to an exploit
+    assert controller.paused == ["t1", "t1"] and "waits" not in capsys.readouterr().out
+
+
+def test_a_waiting_member_goes_on_alone_when_no_longer_lower_or_when_its_donor_ends(tmp_path, capsys):
+    cfg = pbt_config("tune.perturbation_interval=2", "tune.pbt_quantile=0.34")  # one member of three each way
+    scheduler, controller, (strong, middle, weak) = make_population(cfg, tmp_path, n=3, all_at_once=True)
+    for t, acc in zip((strong, middle, weak), (0.6, 0.5, 0.4)):
+        report(scheduler, controller, t, 1, acc)
+    assert report(scheduler, controller, weak, 2, 0.45) == TrialScheduler.PAUSE
+    weak.set_status(Trial.PAUSED)
+    # The middle member reaches epoch 2 below it: the weak one is not in the lower quantile now, and goes on
+    # (from its own checkpoint: no exploit); the middle one waits for the strong one in turn.
+    assert report(scheduler, controller, middle, 2, 0.3) == TrialScheduler.PAUSE
+    middle.set_status(Trial.PAUSED)
+    out = capsys.readouterr().out
+    assert "trial t2 goes on from epoch 2 without a donor (no longer in the lower quantile)" in out
+    assert "trial t1 waits at epoch 2 for a donor to reach it (t0 is at epoch 1)" in out
+    assert scheduler.choose_trial_to_run(controller) is weak
+    weak.set_status(Trial.RUNNING)
+    # The strong member ends (stopped early) before it reaches epoch 2: the middle one waits no more.
+    scheduler.on_trial_complete(controller, strong, {"epoch": 1, "epochs": 6, "val_acc": 0.6})
+    strong.set_status(Trial.TERMINATED)
+    assert "trial t1 goes on from epoch 2 without a donor (no donor can reach its epoch)" in capsys.readouterr().out
+    assert scheduler.choose_trial_to_run(controller) is middle
+    assert controller.paused == [] and all(LINEAGE not in t.config for t in (strong, middle, weak))
+
+
+def test_no_wait_for_a_donor_that_cannot_give_and_none_survives_a_failure_or_a_restore(tmp_path):
+    cfg = pbt_config("tune.perturbation_interval=2", "tune.pbt_quantile=0.5")
+    scheduler, controller, (strong, weak) = make_population(cfg, tmp_path, n=2)
+    report(scheduler, controller, strong, 1, 0.5, epochs=2)  # it ends at the weak one's decision epoch
+    report(scheduler, controller, weak, 1, 0.4)
+    assert report(scheduler, controller, weak, 2, 0.45) == TrialScheduler.CONTINUE and not scheduler._waiting()
+
+    scheduler, controller, (strong, weak) = make_population(cfg, tmp_path, n=2)
+    report(scheduler, controller, strong, 1, 0.5)
+    report(scheduler, controller, weak, 1, 0.4)
+    assert report(scheduler, controller, weak, 2, 0.45) == TrialScheduler.PAUSE
+    weak.set_status(Trial.PAUSED)
+    assert scheduler.__getstate__()["_waits"] == {}  # a restored copy: the waiting member comes back and runs on
+    # The donor fails: the waiting member goes on alone.
+    scheduler.on_trial_error(controller, strong)
+    strong.set_status(Trial.ERROR)
+    assert not scheduler._waiting() and scheduler.choose_trial_to_run(controller) is weak
+    assert controller.paused == []
+
+    # A scheduler pickled before members could wait (a study saved then, restored now) has no waiting set.
+    old = pickle.loads(pickle.dumps(pbt.create_pbt(cfg, str(tmp_path))))
+    del old.__dict__["_waits"]
+    old.set_search_properties("val_acc", "max")
+    strong, weak = (Trial("__fake", config={"train.seed": i}, stub=True, trial_id=f"u{i}") for i in range(2))
+    controller = FakeController([strong, weak])
+    for t in (strong, weak):
+        t.set_status(Trial.PAUSED)
+        old.on_trial_add(controller, t)
+    assert old.choose_trial_to_run(controller) is strong
+    strong.set_status(Trial.RUNNING)
+    weak.set_status(Trial.RUNNING)
+    report(old, controller, strong, 1, 0.5)
+    report(old, controller, weak, 1, 0.4)
+    assert report(old, controller, weak, 2, 0.45) == TrialScheduler.PAUSE
 
 
 def test_explore_keeps_every_value_in_its_range():

@@ -42,6 +42,7 @@ class Lineage:
         self._best: dict[str, dict[str, Any] | None] = {}  # each member's best row so far (all generations)
         self._dropped: dict[tuple[str, int], str] = {}  # (member, old generation): the checkpoint kept, "" none
         self._drop_failed = False
+        self._waits: dict[Trial, int] = {}  # members waiting for a donor to reach their epoch (`_waiting`)
 
     # -- restore ------------------------------------------------------------------------------
 
@@ -72,6 +73,8 @@ class Lineage:
         state = dict(self.__dict__)
         # A restored copy rebuilds from the rows (and looks at every old generation once more).
         state.update(_rebuilt=False, _rows={}, _recorded={}, _data_pending=False, _best={}, _dropped={})
+        # A member that waited for a donor comes back paused or pending and simply runs on: its decision is lost.
+        state.update(_waits={})
         return state
 
     # -- decisions ------------------------------------------------------------------------------
@@ -89,8 +92,13 @@ class Lineage:
             # decision epoch compares with the population as it is now.
             self._trial_state[trial].last_score = self._metric_op * result[self._metric]
         if result.get("epochs") is not None and result.get(self._time_attr, 0) >= result["epochs"]:
-            return TrialScheduler.CONTINUE  # its last epoch: an exploit would restart a finished trial
-        decision = super().on_trial_result(tune_controller, trial, result)
+            decision = TrialScheduler.CONTINUE  # its last epoch: an exploit would restart a finished trial
+        else:
+            decision = super().on_trial_result(tune_controller, trial, result)
+        # After Ray's decision on this result: the donor's state (epoch, decision epoch) is the one an exploit takes.
+        self._judge_waiting(tune_controller, reporter=trial, result=result)
+        if trial in self._waiting():
+            return TrialScheduler.PAUSE  # even when every member runs at once: it trains nothing until judged
         if decision == TrialScheduler.PAUSE and self.all_at_once:
             # Ray pauses members while others wait, to share a cluster too small for the population; when
             # every member runs at once the only one waiting is an exploiting member restarting: no reason
@@ -143,17 +151,114 @@ class Lineage:
         if trial not in lower_quantile:
             return
         epoch = self._trial_state[trial].last_train_time
-        donors = [t for t in upper_quantile if t is not trial and self._can_give(t, epoch)]
+        if self._exploit_a_donor(tune_controller, trial, epoch, upper_quantile):
+            return
+        # Ray has used up the trial's interval already: without a donor now, the decision would be lost for good.
+        # Members that train side by side report an epoch in turn, so the weak one is often first to reach it:
+        # it waits (paused) for a donor to come, and is judged again then (`_judge_waiting`).
+        coming = self._donors_to_come(trial, epoch, upper_quantile)
+        if coming:
+            self._waiting()[trial] = epoch
+            behind = ", ".join(f"{t.trial_id} is at epoch {self._last(t).get(self._time_attr, 0)}" for t in coming)
+            print(f"[ray_cifar] {self.label}: trial {trial.trial_id} waits at epoch {epoch} for a donor to reach it "
+                  f"({behind})", flush=True)
+
+    def _exploit_a_donor(self, tune_controller, trial: Trial, epoch: int, upper_quantile: list,
+                         now: dict[Trial, dict] | None = None) -> bool:
+        """The trial copies a donor of the upper quantile that can give at EPOCH, if one can (True)."""
+        donors = [t for t in upper_quantile if t is not trial and self._can_give(t, epoch, self._last(t, now))]
         random.shuffle(donors)
         for donor in donors:
             if self._copy_donor(trial, donor):
                 self._exploit(tune_controller, trial, donor)
-                return
+                return True
+        return False
 
-    def _can_give(self, donor: Trial, epoch: int) -> bool:
-        """A donor has reached the trial's epoch and has epochs left (copying a finished state trains nothing)."""
-        last = donor.last_result or {}
+    def _can_give(self, donor: Trial, epoch: int, last: dict | None = None) -> bool:
+        """A donor has reached the trial's epoch and has epochs left (copying a finished state trains nothing).
+        LAST: the donor's latest result, when newer than `donor.last_result` (Tune sets that after the decision)."""
+        last = (donor.last_result or {}) if last is None else last
         return last.get(self._time_attr, 0) >= epoch and last.get(self._time_attr, 0) < (last.get("epochs") or 1e9)
+
+    # -- waiting for a donor ------------------------------------------------------------------------
+
+    def _waiting(self) -> dict[Trial, int]:
+        """The members waiting for a donor, each with the epoch it waits at (a scheduler pickled before members
+        waited has none)."""
+        if getattr(self, "_waits", None) is None:
+            self._waits = {}
+        return self._waits
+
+    @staticmethod
+    def _last(trial: Trial, now: dict[Trial, dict] | None = None) -> dict:
+        """The trial's latest result: NOW's for the trial reporting it (Tune records it only after the decision)."""
+        return (now or {}).get(trial) or trial.last_result or {}
+
+    def _donors_to_come(self, trial: Trial, epoch: int, upper_quantile: list, now: dict[Trial, dict] | None = None,
+                        gone: Trial | None = None) -> list[Trial]:
+        """The members of the upper quantile that may still give at EPOCH: behind it, with epochs after it, and
+        neither ended (GONE: ending now) nor waiting themselves (two members waiting on each other never run)."""
+        out = []
+        for t in upper_quantile:
+            if t is trial or t is gone or t.is_finished() or t in self._waiting():
+                continue
+            last = self._last(t, now)
+            if last.get(self._time_attr, 0) < epoch < (last.get("epochs") or 1e9):
+                out.append(t)
+        return out
+
+    def _judge_waiting(self, tune_controller, reporter: Trial | None = None, result: dict | None = None,
+                       gone: Trial | None = None) -> None:
+        """Each waiting member once a member reaches its epoch (REPORTER's RESULT), or once no donor can come
+        (GONE completed, failed or was removed): with the quantiles as they are now, it copies a donor that can
+        give, or waits on while one may still come and it is in the lower quantile, or else goes on from its own
+        checkpoint (Tune runs it again: `choose_trial_to_run`)."""
+        waiting = self._waiting()
+        if not waiting:
+            return
+        now = {reporter: result} if reporter is not None else {}
+        lower, upper = self._quantiles()
+        upper = [t for t in upper if t is not gone]
+        for member, epoch in list(waiting.items()):
+            if member is reporter or member is gone or member not in self._trial_state:
+                continue
+            reached = result is None or result.get(self._time_attr, 0) >= epoch
+            coming = self._donors_to_come(member, epoch, upper, now, gone)
+            if not reached and coming:
+                continue  # judged when a member reaches its epoch, with the scores of then
+            if member in lower and self._exploit_a_donor(tune_controller, member, epoch, upper, now):
+                del waiting[member]
+            elif member not in lower or not coming:
+                del waiting[member]
+                why = "no longer in the lower quantile" if member not in lower else "no donor can reach its epoch"
+                print(f"[ray_cifar] {self.label}: trial {member.trial_id} goes on from epoch {epoch} without a donor "
+                      f"({why})", flush=True)
+
+    def choose_trial_to_run(self, tune_controller, *args, **kwargs):
+        waiting = self._waiting()
+        if not waiting:
+            return super().choose_trial_to_run(tune_controller, *args, **kwargs)
+        # Ray's choice (asynchronous: the paused or pending member furthest behind), a waiting member left out.
+        candidates = [t for t in tune_controller.get_trials()
+                      if t.status in (Trial.PENDING, Trial.PAUSED) and t not in waiting]
+        return min(candidates, key=lambda t: self._trial_state[t].last_train_time, default=None)
+
+    def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
+        super().on_trial_complete(tune_controller, trial, result)
+        self._ended(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller, trial: Trial) -> None:
+        super().on_trial_error(tune_controller, trial)
+        self._ended(tune_controller, trial)
+
+    def on_trial_remove(self, tune_controller, trial: Trial) -> None:
+        super().on_trial_remove(tune_controller, trial)
+        self._ended(tune_controller, trial)
+
+    def _ended(self, tune_controller, trial: Trial) -> None:
+        # A member waiting on this one may have no donor left: no member waits forever.
+        self._waiting().pop(trial, None)
+        self._judge_waiting(tune_controller, gone=trial)
 
     def _copy_donor(self, trial: Trial, donor: Trial) -> bool:
         """The donor's latest checkpoint, copied now for the trial's next generation: the donor keeps training

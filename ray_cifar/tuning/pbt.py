@@ -14,6 +14,9 @@ Decisions (Ray's): every `perturbation_interval` epochs a trial in the bottom `q
 population's latest scores copies one of the top `quantile`. Added here:
 - a donor must have reached the trial's epoch (a trial never trains an epoch twice, so its rows
   stay one per epoch), and no decision at a trial's last epoch (nothing left to train);
+- a trial whose donors are all behind its epoch waits, paused, until one reaches it, and is judged
+  again then (Ray has used up its interval: members trained side by side lost most decisions so);
+  it goes on alone if it is no longer in the bottom quantile or no donor can come (`Lineage._judge_waiting`);
 - the trial keeps its own train.seed (its data order and augmentation draws stay its own);
 - explored values stay inside their search-space entry (x 0.8 / x 1.2 clipped to the range);
 - after `Tuner.restore`, each trial's latest score and decision epoch come back from the rows, and

@@ -159,10 +159,11 @@ def delete_folder(fs: pafs.FileSystem, path: str) -> None:
 
 
 def check_output_shared(output: str, num_nodes: int) -> None:
-    """Refuse a plain local --output on a cluster of more than one node, before any work."""
+    """Refuse a plain local --output on a cluster of more than one node (or that an autoscaler can grow to more),
+    before any work."""
     if num_nodes > 1 and not is_uri(output):
         raise StorageError(
-            f"--output {output} is a local path but the Ray cluster has {num_nodes} nodes: checkpoints "
+            f"--output {output} is a local path but the Ray cluster has up to {num_nodes} nodes: checkpoints "
             f"written on other nodes would be lost; give storage every node shares: s3://BUCKET/DIR, "
             f"gs://BUCKET/DIR, or file:///PATH mounted on every node")
 

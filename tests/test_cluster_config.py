@@ -105,6 +105,10 @@ def test_rayjob_has_what_kuberay_needs():
         resources = container(group)["resources"]
         assert resources["requests"] == resources["limits"]  # Ray reads the limits; the scheduler the requests
     assert all(w["minReplicas"] <= w["replicas"] <= w["maxReplicas"] for w in workers)
+    # Its autoscaler's limits are not readable by the driver: a GPU worker is up when the study starts (it is
+    # checked against it), and the trials at once are as many as the workers can be.
+    assert all(w["minReplicas"] >= 1 for w in workers)
+    assert f"tune.max_concurrent_trials={sum(w['maxReplicas'] for w in workers)}" in spec["entrypoint"]
     images = {container(g)["image"] for g in [head, *workers]}
     assert len(images) == 1  # one ray_cifar on every node
     # The cluster's Ray is the one requirements.txt pins, and the image's (cluster/Dockerfile).
@@ -134,3 +138,22 @@ def test_rayjob_entrypoint_is_a_study_ray_cifar_accepts():
     from ray_cifar.validation import load_config
 
     load_config(str(config), args.sets)  # the study loads and validates as it will on the head
+
+
+@pytest.mark.parametrize("path", [p for p in YAMLS if "available_node_types" in p.read_text()], ids=lambda p: p.name)
+def test_a_study_on_a_launcher_head_is_checked_against_what_its_autoscaler_can_add(path):
+    """On `ray up`'s head (CPU 0, no worker yet) every study was refused before its first trial ("a trial needs 2.25
+    CPUs, more than the 0 there are"), train.use_gpu null became false and one trial ran at a time: the check read
+    the cluster as it was at the start. The head keeps its launcher config (BOOTSTRAP_CONFIG), whose worker types
+    say what the autoscaler can bring up."""
+    from ray_cifar.tuning.cluster import bootstrap_max, trials_that_fit
+    from ray_cifar.validation import check_resources, load_config
+
+    most = bootstrap_max(str(path))  # the head's 0 CPUs, 8 one-GPU workers of 4 CPUs, one 8-GPU worker of 96
+    assert most == {"CPU": 8 * 4 + 96, "GPU": 8 + 8, "nodes": 1 + 8 + 1}
+    for study in sorted((CLUSTER.parent / "studies").glob("*.yaml")):
+        cfg = load_config(str(study))
+        cfg.train.use_gpu = True  # what `null` resolves to against these GPUs
+        check_resources(cfg, most["CPU"], most["GPU"])
+    assert trials_that_fit(most["CPU"], most["GPU"], 1.0, 1.0) == 16
+    assert bootstrap_max(str(CLUSTER / "local.yaml")) is None  # its hosts are all up at `ray up`: counted as they are

@@ -391,8 +391,65 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Where `ray up` puts the cluster's config on its head, which is where `ray submit` runs the study's driver.
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+def capacity() -> dict[str, float]:
+    """The cluster's CPUs, GPUs and nodes: those it has now or, where an autoscaler can add nodes, the most it can
+    have (the larger of each). A head of the cluster launcher or KubeRay has no CPU or GPU of its own for trials
+    (cluster/*.yaml: CPU 0), and its GPU workers come when trials wait for them: checked against what was there
+    at the start, every study of cluster/aws-gpu.yaml was refused ("more than the 0 there are"), train.use_gpu
+    null became false (trials on the GPU workers' CPUs), and one trial ran at a time."""
+    now = ray.cluster_resources()
+    most = autoscaling_max() or {}
+    return {"CPU": max(now.get("CPU", 0.0), most.get("CPU", 0.0)), "GPU": max(now.get("GPU", 0.0), most.get("GPU", 0.0)),
+            "nodes": max(alive_nodes(), most.get("nodes", 0.0))}
+
+
+def autoscaling_max() -> dict[str, float] | None:
+    """The most CPUs, GPUs and nodes the cluster's autoscaler can bring up, or None: no autoscaler this driver can
+    see. Autoscaler v2 (KubeRay) keeps its config in Ray's GCS, where Ray Train reads it too; the cluster
+    launcher's (v1) keeps none there, but leaves it on the head as BOOTSTRAP_CONFIG."""
+    try:
+        from ray._private.state import state  # private (Ray pinned 2.60.*): no public API says this
+
+        most = state.get_max_resources_from_cluster_config()
+    except Exception:  # an older GCS, a client connection: as if none
+        most = None
+    if most:
+        return {"CPU": float(most.get("CPU", 0)), "GPU": float(most.get("GPU", 0)), "nodes": 2.0}
+    return bootstrap_max(os.path.expanduser(BOOTSTRAP_CONFIG))
+
+
+def bootstrap_max(path: str) -> dict[str, float] | None:
+    """A cluster-launcher config's most CPUs, GPUs and nodes: the head's, plus each worker type's max_workers
+    times its resources (an upper bound: the cluster's own max_workers caps the sum of the types')."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return None
+    types = config.get("available_node_types") if isinstance(config, dict) else None
+    if not isinstance(types, dict):
+        return None
+    most = {"CPU": 0.0, "GPU": 0.0, "nodes": 0.0}
+    for name, node_type in types.items():
+        if not isinstance(node_type, dict):
+            continue
+        count = 1 if name == config.get("head_node_type") else min(int(node_type.get("max_workers") or 0),
+                                                                     int(config.get("max_workers") or 0))
+        resources = node_type.get("resources") or {}
+        most["nodes"] += count
+        for key in ("CPU", "GPU"):
+            most[key] += count * float(resources.get(key) or 0)
+    return most
+
+
 def resolve_use_gpu(cfg: Config) -> bool:
-    gpus = ray.cluster_resources().get("GPU", 0)
+    gpus = capacity()["GPU"]
     if cfg.train.use_gpu is None:
         return gpus > 0
     if cfg.train.use_gpu and gpus == 0:
@@ -404,10 +461,9 @@ def concurrent_trials(cfg: Config) -> int:
     """How many trials the cluster fits at once (each needs all its ranks at the same time)."""
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
-    resources = ray.cluster_resources()
+    resources = capacity()
     gpus_per_trial = max_trial_gpus(cfg) if cfg.train.use_gpu else 0.0
-    return trials_that_fit(resources.get("CPU", 0), resources.get("GPU", 0), trial_cpus(cfg, max_workers(cfg)),
-                           gpus_per_trial)
+    return trials_that_fit(resources["CPU"], resources["GPU"], trial_cpus(cfg, max_workers(cfg)), gpus_per_trial)
 
 
 def trials_that_fit(cpus: float, gpus: float, cpus_per_trial: float, gpus_per_trial: float) -> int:
@@ -422,12 +478,12 @@ def alive_nodes() -> int:
 
 
 def check_fits(cfg: Config) -> None:
-    """On a running cluster, refuse (ConfigError, one line) a trial larger than the cluster's CPUs/GPUs,
-    its driver included, before any trial starts. A local Ray was checked against this machine's
-    real cores before it started (cli.check_before_trials)."""
+    """On a running cluster, refuse (ConfigError, one line) a trial larger than the cluster's CPUs/GPUs (the most
+    its autoscaler can bring: capacity), its driver included, before any trial starts. A local Ray was checked
+    against this machine's real cores before it started (cli.check_before_trials)."""
     if cfg.tune.cluster_address():
-        resources = ray.cluster_resources()
-        check_resources(cfg, resources.get("CPU", 0.0), resources.get("GPU", 0.0), count_driver=True)
+        resources = capacity()
+        check_resources(cfg, resources["CPU"], resources["GPU"], count_driver=True)
 
 
 def split_cpu_threads(cfg: Config, max_concurrent: int) -> None:

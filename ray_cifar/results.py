@@ -306,7 +306,7 @@ def summarize_trials(rows: list[dict[str, Any]], metric: str, mode: str) -> list
         best = best_epoch(trial_rows, metric, mode)
         # A trial without a scored epoch (its first diverged) has no figures at its best: none are taken from its last.
         summary = {**(best or {**last, **{k: None for k in SCORE_COLUMNS}}), "trial_id": trial_id,
-                   "epochs": last.get("epoch")}
+                   "epochs": last.get("epoch"), "steps_run": last.get("steps")}  # (steps: at the best epoch)
         summary.update(best_epoch=best.get("epoch") if best else None,
                        best_metric=metric_value(best, metric) if best else None)
         summaries.append(summary)

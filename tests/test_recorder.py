@@ -120,13 +120,16 @@ def test_statuses_come_from_tune_events(recorder, tmp_path):
     for t in (done, stopped, diverged, failed):
         if t is stopped:
             recorder.note_stopped(t.trial_id)  # Tune asks the scheduler before the callbacks see the result
-        recorder.on_trial_result(0, [], t, result(1, 0.2, diverged=t is diverged))
-    recorder.on_trial_complete(0, [], done)
-    recorder.on_trial_complete(0, [], stopped)
-    recorder.on_trial_complete(0, [], diverged)
+        recorder.on_trial_result(0, [], t, result(1, 0.2, diverged=t is diverged, epochs=1 if t is done else 4))
+    # Ended by its scheduler's budget at 1 of its 4 epochs (BOHB's HyperBand at max_t, tune.max_epochs below
+    # train.epochs), though the scheduler never called it a stop: it was recorded `completed`.
+    short = FakeTrial("e")
+    recorder.on_trial_result(0, [], short, result(1, 0.3))
+    for t in (done, stopped, diverged, short):
+        recorder.on_trial_complete(0, [], t)
     recorder.on_trial_error(0, [], failed)
     status = {tid: s["status"] for tid, s in recorder.trials.items()}
-    assert status == {"a": "completed", "b": "stopped", "c": "diverged", "d": "failed"}
+    assert status == {"a": "completed", "b": "stopped", "c": "diverged", "d": "failed", "e": "stopped"}
     assert recorder.trials["d"]["error"] == "RuntimeError: CUDA out of memory"
     assert recorder.trials["b"]["optim.lr"] == 0.1  # the bare entry note_stopped made was filled in
 
@@ -170,7 +173,7 @@ def test_each_trial_start_and_end_is_one_line(recorder, capsys):
     recorder.on_trial_start(0, [], trial)
     recorder.on_trial_start(0, [], stopped)
     for epoch, acc in ((1, 0.3), (2, 0.5), (3, 0.4)):
-        recorder.on_trial_result(0, [], trial, result(epoch, acc))
+        recorder.on_trial_result(0, [], trial, result(epoch, acc, epochs=3))
     recorder.note_stopped("b")
     recorder.on_trial_result(0, [], stopped, result(1, 0.1))
     recorder.on_trial_start(0, [], FakeTrial("b", lr=0.001))  # Tune starts it again after a stop and --resume
@@ -198,7 +201,7 @@ def test_a_diverged_trials_nan_is_kept_in_its_row_but_not_written_to_tensorboard
 
 def test_a_retried_trial_that_completes_is_completed(recorder):
     trial = FakeTrial("a")
-    recorder.on_trial_result(0, [], trial, result(1, 0.2))
+    recorder.on_trial_result(0, [], trial, result(1, 0.2, epochs=1))
     recorder.on_trial_error(0, [], trial)
     recorder.on_trial_complete(0, [], trial)
     assert recorder.trials["a"]["status"] == "completed" and recorder.trials["a"]["error"] is None
@@ -377,13 +380,17 @@ def test_only_a_study_stopped_before_any_trial_reported_counts_as_never_started(
         (tmp_path / written).unlink()
 
 
-def test_a_trial_that_reaches_max_t_is_completed_not_stopped(recorder, tmp_path):
+def test_a_trial_that_reaches_max_t_is_completed_where_it_ran_its_epochs_and_stopped_where_short(recorder, tmp_path):
     asha = RestorableASHA(str(tmp_path), on_stop=recorder.note_stopped, metric="val_acc", mode="max", max_t=2,
                           grace_period=1, reduction_factor=2)
     decisions = _run(asha, [("t1", 1, 0.5), ("t1", 2, 0.6)], recorder)
     assert decisions["t1"] == TrialScheduler.STOP  # ASHA's own way of ending a trial at max_t
     recorder.on_trial_complete(0, [], FakeTrial("t1"))
-    assert recorder.trials["t1"]["status"] == "completed"
+    # At 2 of the 4 epochs its result plans (tune.max_epochs below train.epochs): the budget ended it, not its length.
+    assert recorder.trials["t1"]["status"] == "stopped"
+    recorder.on_trial_result(0, [], FakeTrial("t2"), result(2, 0.6, epochs=2))
+    recorder.on_trial_complete(0, [], FakeTrial("t2"))
+    assert recorder.trials["t2"]["status"] == "completed"
 
 
 def test_a_stop_decided_just_before_the_driver_died_holds_after_the_restore(recorder, tmp_path):
@@ -775,7 +782,7 @@ def test_a_trial_tunes_state_never_held_is_lost_not_running_for_ever(tmp_path, c
     same id) runs on."""
     first = StudyRecorder(str(tmp_path), lr_params, "val_acc", "max", tensorboard=False)
     for tid in ("t0", "t1", "t2"):
-        first.on_trial_result(0, [], FakeTrial(tid), result(1, 0.5))
+        first.on_trial_result(0, [], FakeTrial(tid), result(1, 0.5, epochs=2 if tid == "t1" else 1))
     # The resumed driver's Tune knows t0 (finished) and t2 (pending, e.g. the study stopped again), not t1.
     resumed = StudyRecorder(str(tmp_path), lr_params, "val_acc", "max", tensorboard=False)
     resumed.on_trial_complete(0, [], FakeTrial("t0"))
@@ -786,7 +793,7 @@ def test_a_trial_tunes_state_never_held_is_lost_not_running_for_ever(tmp_path, c
     assert "Tune never ran it again" in on_disk["t1"]["error"] and on_disk["t1"]["epochs"] == 1
     assert capsys.readouterr().out.count("trial t1 (1 epoch(s) recorded): lost with a dead driver") == 1
     again = StudyRecorder(str(tmp_path), lr_params, "val_acc", "max", tensorboard=False)
-    again.on_trial_result(0, [], FakeTrial("t1"), result(2, 0.6))
+    again.on_trial_result(0, [], FakeTrial("t1"), result(2, 0.6, epochs=2))
     assert (again.trials["t1"]["status"], again.trials["t1"]["error"]) == ("running", None)
     again.on_trial_complete(0, [], FakeTrial("t1"))
     assert again.trials["t1"]["status"] == "completed"

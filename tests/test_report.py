@@ -637,3 +637,21 @@ def test_a_study_stopped_in_its_test_evaluation_says_so_not_that_every_trial_was
     assert main([out]) == 0
     md = open(os.path.join(out, "report.md")).read()
     assert "Not finished" not in md and TEST_ALL_NOTE in md
+
+
+def test_a_max_steps_studys_replicates_compare_points_of_equal_steps():
+    """With train.max_steps the length is steps: BOHB's HyperBand ended a batch-256 trial at max_t's 2 epochs, 12 of
+    its 90 steps, beside batch-32 trials that ran their 90 steps in 2 epochs, and Welch's test compared the two as
+    equal budgets (both 2 epochs)."""
+    from ray_cifar.report import Study
+    from ray_cifar.report.page import budget
+    from ray_cifar.report.tables import VERSUS_BEST, replicate_rows
+
+    trials = [{"train.global_batch_size": batch, "train.seed": seed, "epochs": 2, "steps_run": steps, "val_acc": acc}
+              for batch, steps, accs in ((32, 90, (0.40, 0.42)), (256, 12, (0.30, 0.31))) for seed, acc in enumerate(accs)]
+    rows = replicate_rows(trials, ["train.global_batch_size"], "steps_run")
+    assert [r["steps"] for r in rows] == ["90", "12"]
+    assert rows[1][VERSUS_BEST] == "not compared: steps 12 against the best's 90"
+    assert replicate_rows(trials, ["train.global_batch_size"])[1][VERSUS_BEST].startswith("worse")  # by epochs: equal
+    assert budget(Study("s", {"train": {"max_steps": 90}}, [])) == "steps_run"
+    assert budget(Study("s", {"train": {"epochs": 30}}, [])) == "epochs"

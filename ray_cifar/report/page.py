@@ -39,6 +39,11 @@ NO_POINTS_NOTE = (f"{NO_POINTS_WHY} So this report has no replicates table, and 
                   "and the last figure, show the values epoch by epoch.")
 
 
+def budget(study: Study) -> str:
+    """What a trial's length is counted in (tables.BUDGETS): with train.max_steps, the steps it ran."""
+    return "steps_run" if (study.config.get("train") or {}).get("max_steps") else "epochs"
+
+
 def build(study: Study, out_dir: str, prefix: str = "") -> dict[str, Any]:
     """Every figure under out_dir/<prefix>figures/ and the tables; returns what the page shows."""
     fig_dir = os.path.join(out_dir, f"{prefix}figures")
@@ -81,7 +86,7 @@ def build(study: Study, out_dir: str, prefix: str = "") -> dict[str, Any]:
                "test_acc"]
     columns = [c for c in dict.fromkeys(columns) if any(c in t for t in trials)]
     return {"trials": trials, "columns": columns, "keys": keys, "matches": matches, "lineage": sorted(pbt, key=str),
-            "points": bool(points), "replicates": replicate_rows(points, keys) if points else [],
+            "points": bool(points), "replicates": replicate_rows(points, keys, budget(study)) if points else [],
             "best_pbt": best_pbt,
             "schedule": schedule_rows(study.rows, best_pbt, [k for k in keys if k != STUDY_COLUMN],  # in its ids
                                       study.metric) if best_pbt else [],

@@ -80,7 +80,8 @@ NOISE_NOTE = (f"Intervals: Student-t {100 * CONFIDENCE:.0f}% confidence interval
               f"few). \"{VERSUS_BEST}\": Welch's unequal-variance t-test of each of the (up to) {TOP_POINTS} points "
               f"after the best against the best; p < {SIGNIFICANCE} says the gap is beyond the "
               f"seed noise, otherwise the two are not told apart (no correction for the several tests). One seed has "
-              f"neither (n=1). A point is compared only where all its seeds and all the best's ran the same epochs: "
+              f"neither (n=1). A point is compared only where all its seeds and all the best's ran the same epochs (steps, "
+              f"where train.max_steps sets the length): "
               f"one that ASHA stopped early (or that diverged) differs from the best by its budget as much as by its "
               f"values, and its mean ± std mixes budgets where its own seeds ran different epochs (\"epochs\" "
               f"lists them).")
@@ -110,7 +111,13 @@ def epochs_text(epochs: list[float]) -> str:
     return ", ".join(str(int(e)) for e in sorted(set(epochs))) or "-"
 
 
-def _versus_best(point: dict[str, Any], best: dict[str, Any], place: int, epochs: dict[tuple, list[float]]) -> str:
+# A trial's budget, as the study sets its length: epochs, or with train.max_steps the optimizer steps it ran (a large
+# batch's trial that HyperBand ended at max_t's 2 epochs had 12 of its 90 steps, beside 90-step trials of 2 epochs).
+BUDGETS = {"epochs": "epochs", "steps_run": "steps"}
+
+
+def _versus_best(point: dict[str, Any], best: dict[str, Any], place: int, epochs: dict[tuple, list[float]],
+                 unit: str = "epochs") -> str:
     if place == 0:
         return "best"
     if place > TOP_POINTS:
@@ -119,17 +126,17 @@ def _versus_best(point: dict[str, Any], best: dict[str, Any], place: int, epochs
         return "no score: no epoch of its trials scored (diverged)"
     ours, theirs = epochs.get(point["key"], []), epochs.get(best["key"], [])
     if len(set(ours) | set(theirs)) > 1:  # ASHA stopped some early, or one diverged: budgets differ (NOISE_NOTE)
-        return f"not compared: epochs {epochs_text(ours)} against the best's {epochs_text(theirs)}"
+        return f"not compared: {unit} {epochs_text(ours)} against the best's {epochs_text(theirs)}"
     p = welch_p_value(point["values"], best["values"])
     if p is None:
         return "n=1: no test"
     return f"worse (p={p:.3g})" if p < SIGNIFICANCE else f"within noise (p={p:.2g})"
 
 
-def replicate_rows(trials: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
-    """Per searched point, best mean first: the epochs its seeds ran, val_acc at each trial's best epoch over
-    the point's seeds as mean ± std, its t interval, and (top points of the best's epochs) whether it differs
-    from the best; test_acc beside it where more than one trial has one (tune.test all)."""
+def replicate_rows(trials: list[dict[str, Any]], keys: list[str], budget: str = "epochs") -> list[dict[str, Any]]:
+    """Per searched point, best mean first: the budget its seeds ran (BUDGET: a key of BUDGETS), val_acc at each
+    trial's best epoch over the point's seeds as mean ± std, its t interval, and (top points of the best's budget)
+    whether it differs from the best; test_acc beside it where more than one trial has one (tune.test all)."""
     def key(p: dict[str, Any]) -> tuple:  # a point's values, exactly (printed, 0.1 and 0.10001 would be one)
         return tuple(repr(p.get(k)) for k in keys)
 
@@ -137,12 +144,13 @@ def replicate_rows(trials: list[dict[str, Any]], keys: list[str]) -> list[dict[s
     points.sort(key=lambda p: -(p["mean"] if p["mean"] is not None else -1))
     tested = sum(t.get("test_acc") is not None for t in trials) > 1
     test = {key(p): p for p in aggregate_over_seeds(trials, keys, "test_acc")}
-    epochs = {key(p): p["values"] for p in aggregate_over_seeds(trials, keys, "epochs")}  # each seed's, where known
+    ran = {key(p): p["values"] for p in aggregate_over_seeds(trials, keys, budget)}  # each seed's, where known
+    unit = BUDGETS[budget]
     rows = []
     for place, p in enumerate(points):
-        row = {**{k: p.get(k) for k in keys}, "n": p["n"], "epochs": epochs_text(epochs.get(p["key"], [])),
+        row = {**{k: p.get(k) for k in keys}, "n": p["n"], unit: epochs_text(ran.get(p["key"], [])),
                "val_acc % (mean ± std)": _mean_std(p, 100.0), f"{100 * CONFIDENCE:.0f}% CI (t)": _interval(p),
-               VERSUS_BEST: _versus_best(p, points[0], place, epochs)}
+               VERSUS_BEST: _versus_best(p, points[0], place, ran, unit)}
         if tested:
             row["test_acc % (mean ± std)"] = _mean_std(test[p["key"]], 100.0)
         rows.append(row)

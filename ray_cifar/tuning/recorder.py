@@ -438,7 +438,12 @@ class StudyRecorder(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         summary = self._summary(trial)
         if summary["status"] in (RUNNING, FAILED):
-            summary.update(status=COMPLETED, error=None)
+            # Short of the epochs it planned: its scheduler's budget ended it (tune.max_epochs below train.epochs;
+            # BOHB's HyperBand at max_t, a max_steps trial of a large batch at 2 of its 15 epochs), though no
+            # scheduler calls that a stop. Recorded `completed`, it read as a trial that ran its whole length.
+            planned = summary.get("planned_epochs")
+            short = bool(planned) and (summary.get("epochs") or 0) < planned
+            summary.update(status=STOPPED if short else COMPLETED, error=None)
         self._close_writer(trial.trial_id)
         self._save_trials()
         self._track_end(trial)

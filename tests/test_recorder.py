@@ -467,7 +467,7 @@ def test_progress_counts_trials_tune_has_not_created_yet_as_pending():
     """Tune creates trials lazily: 2 of a 6-trial study exist, one done after 2 epochs of 2, one running."""
     from ray_cifar.tuning.recorder import progress_line
 
-    trials = [SimpleNamespace(status="TERMINATED"), SimpleNamespace(status="RUNNING")]
+    trials = [SimpleNamespace(trial_id="a", status="TERMINATED"), SimpleNamespace(trial_id="b", status="RUNNING")]
     summaries = {"a": {"epochs": 2, "planned_epochs": 2, "status": "completed"},
                  "b": {"epochs": 1, "planned_epochs": 2, "status": "running"}}
     # 3 epochs in 3 minutes: 1 min an epoch. Left: b's last epoch + 4 trials not yet created x 2 epochs.
@@ -475,6 +475,10 @@ def test_progress_counts_trials_tune_has_not_created_yet_as_pending():
     assert "1 trial(s) done, 1 running, 4 pending" in line and "~9.0 min left at most" in line
     # Without the total, only what Tune has created counts (the old underestimate).
     assert "~1.0 min left at most" in progress_line(trials, summaries, elapsed=180.0)
+    # A running trial that has reported no epoch yet has its whole run ahead ("~0.0 min left" was printed so).
+    started = trials + [SimpleNamespace(trial_id="c", status="RUNNING")]
+    assert "2 running" in progress_line(started, summaries, 180.0) and \
+        "~3.0 min left at most" in progress_line(started, summaries, 180.0)
     # The best so far as the study ranks trials: by each one's best epoch (Tune's table named the best last result).
     summaries["a"].update(trial_id="a", best_metric=0.61, best_epoch=1)
     summaries["b"].update(trial_id="b", best_metric=0.55, best_epoch=1)

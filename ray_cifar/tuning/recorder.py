@@ -746,9 +746,11 @@ def progress_line(trials: list, summaries: dict[str, dict[str, Any]], elapsed: f
     planned = sum((s["planned_epochs"] or s["epochs"]) if s["status"] == RUNNING else s["epochs"]
                   for s in summaries.values())
     per_epoch = elapsed / epochs_done if epochs_done else None
-    # Upper bound: pending trials are assumed to run as long as the running ones plan to.
+    # Upper bound: pending trials are assumed to run as long as the running ones plan to; so is a running trial
+    # that has reported no epoch yet (no summary: "~0.0 min left" was printed while it had its whole run ahead).
     mean_planned = planned / len(summaries) if summaries else 0
-    left_epochs = max(planned - epochs_done, 0) + pending * mean_planned
+    unreported = sum(s == "RUNNING" and getattr(t, "trial_id", None) not in summaries for t, s in zip(trials, status))
+    left_epochs = max(planned - epochs_done, 0) + (pending + unreported) * mean_planned
     eta = f"~{left_epochs * per_epoch / 60:.1f} min left at most" if per_epoch else "time left unknown yet"
     best = rank_trials(list(summaries.values()), metric, mode)[:1] if metric else []  # as the final table ranks
     value = trial_value(best[0], metric) if best else None  # (None: no trial scored yet, or only a diverged NaN)

@@ -40,9 +40,24 @@ def load_config(path: str | None = None, sets: list[str] = (), smoke_test: bool 
     if budget_scale != 1.0:
         presets.apply_budget_scale(cfg, budget_scale)
     validate(cfg)
+    _check_study_searches(cfg)
     if study is not None:
         pin_published_runs(cfg, study)
     return cfg
+
+
+def _check_study_searches(cfg: Config) -> None:
+    """A study's search that has nothing to search. (validate cannot tell: a trial's own config, its search space
+    emptied, is a valid one.) PBT with an empty space was refused only once Ray had started, its output folder
+    removed after the `--resume` line was printed; a model-based searcher drew tune.num_samples identical trials."""
+    if cfg.tune.search_space:
+        return
+    if cfg.tune.scheduler in ("pbt", "pb2"):
+        pbt_mutated_keys(cfg)  # its one line: nothing to perturb
+    _check(cfg.tune.search not in MODEL_BASED_SEARCHERS, "tune.search",
+           f"{cfg.tune.search} draws trials from tune.search_space, which is empty: every trial would be alike. "
+           f"Give it fields to search, or tune.search grid (tune.num_samples then gives seed replicates)",
+           cfg.tune.search)
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:

@@ -299,3 +299,16 @@ def test_searched_blocks_and_widths_are_checked_together_not_each_against_the_mo
     assert len(cfg.tune.search_space) == 2
     with pytest.raises(ConfigError, match=r"tune.search_space.model.blocks: value \[1, 1, 1\]: model.blocks: 3 stages"):
         load_config(None, ["tune.search_space={model.blocks: {grid: [[1, 1, 1]]}, model.widths: {grid: [[8, 16]]}}"])
+
+
+def test_a_study_with_nothing_to_search_is_refused_where_its_search_needs_something():
+    """PBT with an empty space was refused only once Ray had started (its --resume line printed, its folder then
+    removed); Optuna drew tune.num_samples identical trials. A trial's own config, its space emptied, stays valid."""
+    with pytest.raises(ConfigError, match="tune.scheduler: pbt needs a searched field it can perturb"):
+        load_config(None, ["tune.scheduler=pbt", "tune.search_space={}", "tune.num_samples=2"])
+    with pytest.raises(ConfigError, match="tune.search: optuna draws trials from tune.search_space, which is empty"):
+        load_config(None, ["tune.search=optuna", "tune.search_space={}", "tune.num_samples=4"])
+    trial = load_config(None, ["tune.scheduler=pbt", "tune.search_space={optim.lr: {loguniform: [0.01, 0.1]}}"])
+    trial.tune.search_space = {}
+    config_from_dict(trial.to_dict())  # a PBT trial's own config
+    load_config(None, ["tune.search_space={}", "tune.num_samples=3"])  # a grid of nothing: seed replicates

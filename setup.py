@@ -11,7 +11,7 @@ setup(
     packages=find_packages(include=["ray_cifar", "ray_cifar.*"]),
     # The committed data-pipeline benchmark, read by data.pipeline=auto from the installed package too.
     package_data={"ray_cifar": ["measurements/*.json"]},
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # the pinned scipy 1.17 and scikit-learn 1.9 need it
     install_requires=[
         "torch>=2.4",
         "torchvision",

@@ -39,12 +39,15 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="sets", metavar="KEY=VALUE", action="append", default=[],
                         help="override one field, e.g. --set train.epochs=5 (repeatable; value read as YAML)")
     parser.add_argument("--data", metavar="DIR",
-                        help="CIFAR-10 folder: train/test.parquet or cifar-10-batches-py (default: $RAY_CIFAR_DATA)")
+                        help="CIFAR-10 folder or s3:// gs:// URI: train/test.parquet or cifar-10-batches-py "
+                             "(default: the config's data.path, else $RAY_CIFAR_DATA, else torchvision downloads it "
+                             "into the cache folder)")
     parser.add_argument("--output", metavar="DIR", help="results folder (default: results/<name>-<time>); must not exist")
     parser.add_argument("--smoke-test", action="store_true",
-                        help="shrink the study to a tiny ResNet, a few thousand images and a few epochs (CPU-sized): "
-                             "the schedule's lengths keep their share of the run; batch sizes at most 256, two values "
-                             "of each searched list, ASHA's grace 1 and reduction 2; it prints what it changed")
+                        help="shrink the run to a tiny ResNet, a few thousand images and a few epochs (CPU-sized): "
+                             "the schedule's lengths keep their share of the run, batch sizes at most 256 (in a study "
+                             "also two values of each searched list, ASHA's grace 1 and reduction 2); it prints what "
+                             "it changed")
     parser.add_argument("--budget-scale", type=float, default=1.0, metavar="X",
                         help="multiply every training length (epochs, max_steps, schedule epochs/iterations, ASHA "
                              "epochs), fixed or searched, by X: 0.1 runs a study at a tenth of its published length "

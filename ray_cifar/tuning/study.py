@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Callable
 
 from .. import cli, storage
@@ -346,6 +347,9 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
     QuietFullDiskFailures.install()
     NoTunerRestoreHint.install()
     quiet_trial_boxes()
+    # Ray's advice to every PBT study: ray_cifar's members restart on purpose (a new generation is a new run of
+    # the trial, from the donor's copied state), so there is nothing the user could act on.
+    warnings.filterwarnings("ignore", message="Consider boosting PBT performance by enabling `reuse_actors`")
     check_start(cfg, output, remote)
     hold_driver_lock(output)
     dashboard = cluster.init_ray(cfg)

@@ -43,13 +43,14 @@ def param_space(space: dict[str, Any], search: str = "grid") -> dict[str, Any]:
 
 def create_search_alg(cfg: Config, max_concurrent: int | None = None):
     """The search algorithm of tune.search: for grid and random, Tune's own generator (RestorableVariants) with
-    its limit of MAX_CONCURRENT trials at once; else the searcher, seeded by train.seed, which Tune wraps in its
-    limiter (Tuner's max_concurrent_trials: model_based_limit). Metric, mode and the space come from the Tuner."""
+    its limit of MAX_CONCURRENT trials at once; else the searcher, which Tune wraps in its limiter (Tuner's
+    max_concurrent_trials: model_based_limit). Metric, mode and the space come from the Tuner. Each is seeded by
+    train.seed: a random or PBT study drew other values (and its replicates other seeds) at every run."""
     search = cfg.tune.search
     if search not in MODEL_BASED:
         from .variants import RestorableVariants
 
-        return RestorableVariants(max_concurrent=max_concurrent or 0)
+        return RestorableVariants(max_concurrent=max_concurrent or 0, random_state=cfg.train.seed)
     try:
         from .restorable_searchers import RestorableBOHB, RestorableHyperOpt, RestorableOptuna
 

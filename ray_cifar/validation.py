@@ -30,13 +30,19 @@ def load_config(path: str | None = None, sets: list[str] = (), smoke_test: bool 
     cfg = Config()
     study = None
     if path is not None:
-        for overrides in loading.read_config_chain(path):
-            loading.apply_overrides(cfg, overrides)
+        for file, overrides in loading.read_config_chain(path):
+            try:
+                loading.apply_overrides(cfg, overrides)
+            except ConfigError as e:  # a key misspelt in a file it extends was named as if in the one given
+                raise ConfigError(f"{file}: {e}") from None
         study = copy.deepcopy(cfg) if cfg.published else None  # the study as its file has it
     if smoke_test:
         presets.apply_smoke(cfg)
     for assignment in sets:
-        loading.set_value(cfg, *loading.parse_set(assignment))
+        try:
+            loading.set_value(cfg, *loading.parse_set(assignment))
+        except ConfigError as e:
+            raise ConfigError(f"--set {assignment}: {e}") from None
     if budget_scale != 1.0:
         presets.apply_budget_scale(cfg, budget_scale)
     validate(cfg)

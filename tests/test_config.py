@@ -312,3 +312,14 @@ def test_a_study_with_nothing_to_search_is_refused_where_its_search_needs_someth
     trial.tune.search_space = {}
     config_from_dict(trial.to_dict())  # a PBT trial's own config
     load_config(None, ["tune.search_space={}", "tune.num_samples=3"])  # a grid of nothing: seed replicates
+
+
+def test_a_key_misspelt_in_an_extended_file_or_a_set_names_where_it_is(tmp_path):
+    """`extends: parent.yaml` with a typo in the parent said "unknown key 'train.epochz'" with no file: the user ran
+    the child and looked there."""
+    (tmp_path / "parent.yaml").write_text("train: {epochz: 2}\n")
+    (tmp_path / "child.yaml").write_text("extends: parent.yaml\ntrain: {epochs: 3}\n")
+    with pytest.raises(ConfigError, match=r"^.*parent\.yaml: unknown key 'train\.epochz'"):
+        load_config(str(tmp_path / "child.yaml"))
+    with pytest.raises(ConfigError, match=r"^--set train\.epochz=3: unknown key 'train\.epochz'"):
+        load_config(None, ["train.epochz=3"])

@@ -215,8 +215,9 @@ def yaml_problem(error: Exception) -> str:
     return f"{where}{problem}" + (f" ({context})" if context else "")
 
 
-def read_config_chain(path: str, _seen: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """The YAML mappings to apply, base first: `extends: other.yaml` puts other.yaml's chain before this file."""
+def read_config_chain(path: str, _seen: tuple[str, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
+    """The YAML mappings to apply, base first, each with its file: `extends: other.yaml` puts other.yaml's chain
+    before this file."""
     if os.path.abspath(path) in _seen:
         raise ConfigError(f"{EXTENDS}: {path} extends itself (via {' -> '.join(_seen)})")
     try:
@@ -231,11 +232,11 @@ def read_config_chain(path: str, _seen: tuple[str, ...] = ()) -> list[dict[str, 
         raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(overrides).__name__}")
     parent = overrides.pop(EXTENDS, None)
     if parent is None:
-        return [overrides]
+        return [(path, overrides)]
     if not isinstance(parent, str):
         raise ConfigError(f"{EXTENDS}: expected a file name, got {parent!r}")
     parent_path = os.path.join(os.path.dirname(os.path.abspath(path)), parent)
-    return read_config_chain(parent_path, _seen + (os.path.abspath(path),)) + [overrides]
+    return read_config_chain(parent_path, _seen + (os.path.abspath(path),)) + [(path, overrides)]
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

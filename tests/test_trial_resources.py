@@ -107,6 +107,19 @@ def test_an_address_ray_cannot_connect_to_is_refused_in_one_line(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     with pytest.raises(ConfigError, match=r"^\$RAY_ADDRESS ray://head:10001: Ray could not connect"):
         ray_cluster._start_or_connect(load_config(None, []))
+    # A GCS that takes the connection and then refuses the driver (Ray 2.60's token authentication, on unless
+    # RAY_AUTH_MODE=disabled: seen against a `ray start` head) was "could not connect ... start the cluster".
+    import socket
+
+    with socket.socket() as gcs:
+        gcs.bind(("127.0.0.1", 0))
+        gcs.listen()
+        address = f"127.0.0.1:{gcs.getsockname()[1]}"
+        monkeypatch.setattr(ray_cluster.ray, "init", lambda **kwargs: (_ for _ in ()).throw(
+            ConnectionError(f"Failed to connect to Ray cluster at {address}")))
+        with pytest.raises(ConfigError, match=rf"^tune.address {address}: a Ray cluster answers there but the "
+                                              r"connection failed .*token authentication"):
+            ray_cluster._start_or_connect(load_config(None, [f"tune.address={address}"]))
 
 
 @pytest.mark.parametrize("ids, visible, expected", [

@@ -328,6 +328,13 @@ def _start_or_connect(cfg: Config) -> str:
             # "auto" with no Ray running on this machine (at once), a ray:// server that never answered (after
             # Ray client's 30 s): a traceback before; now one line, exit 2, the new output folder removed.
             why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if HOST_PORT.fullmatch(address):  # its GCS took a connection (_wait_for_cluster): there, but refused
+                # Seen: Ray's C++ client logged "InvalidAuthToken" and this line said the cluster was not there.
+                raise ConfigError(f"{named_by} {address}: a Ray cluster answers there but the connection failed "
+                                  f"({why}); where it uses token authentication (`ray start` turns it on unless "
+                                  f"RAY_AUTH_MODE=disabled), give this process the cluster's token ($RAY_AUTH_TOKEN, "
+                                  f"$RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); else check that its Ray is this "
+                                  f"one's ({ray.__version__})") from None
             raise ConfigError(f"{named_by} {address}: Ray could not connect ({why}); start the cluster "
                               "(`ray start --head`, `ray up`) or fix the address") from None
     if cfg.tune.dashboard:

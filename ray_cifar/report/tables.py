@@ -80,11 +80,10 @@ NOISE_NOTE = (f"Intervals: Student-t {100 * CONFIDENCE:.0f}% confidence interval
               f"few). \"{VERSUS_BEST}\": Welch's unequal-variance t-test of each of the (up to) {TOP_POINTS} points "
               f"after the best against the best; p < {SIGNIFICANCE} says the gap is beyond the "
               f"seed noise, otherwise the two are not told apart (no correction for the several tests). One seed has "
-              f"neither (n=1). A point is compared only where all its seeds and all the best's ran the same epochs (steps, "
-              f"where train.max_steps sets the length): "
-              f"one that ASHA stopped early (or that diverged) differs from the best by its budget as much as by its "
-              f"values, and its mean ± std mixes budgets where its own seeds ran different epochs (\"epochs\" "
-              f"lists them).")
+              f"neither (n=1). A point is compared only where all its seeds and all the best's ran the same epochs "
+              f"(steps, where train.max_steps sets the length): one that ASHA stopped early (or that diverged) "
+              f"differs from the best by its budget as much as by its values, and its mean ± std mixes budgets where "
+              f"its own seeds ran different epochs (\"epochs\" lists them).")
 
 
 def _interval(point: dict[str, Any], scale: float = 100.0) -> str:

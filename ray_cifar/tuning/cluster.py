@@ -408,16 +408,16 @@ def capacity() -> dict[str, float]:
     (cluster/*.yaml: CPU 0), and its GPU workers come when trials wait for them: checked against what was there
     at the start, every study of cluster/aws-gpu.yaml was refused ("more than the 0 there are"), train.use_gpu
     null became false (trials on the GPU workers' CPUs), and one trial ran at a time."""
-    now = ray.cluster_resources()
+    now = {**ray.cluster_resources(), "nodes": float(alive_nodes())}
     most = autoscaling_max() or {}
-    return {"CPU": max(now.get("CPU", 0.0), most.get("CPU", 0.0)), "GPU": max(now.get("GPU", 0.0), most.get("GPU", 0.0)),
-            "nodes": max(alive_nodes(), most.get("nodes", 0.0))}
+    return {key: max(now.get(key, 0.0), most.get(key, 0.0)) for key in ("CPU", "GPU", "nodes")}
 
 
 def autoscaling_max() -> dict[str, float] | None:
     """The most CPUs, GPUs and nodes the cluster's autoscaler can bring up, or None: no autoscaler this driver can
-    see. Autoscaler v2 (KubeRay) keeps its config in Ray's GCS, where Ray Train reads it too; the cluster
-    launcher's (v1) keeps none there, but leaves it on the head as BOOTSTRAP_CONFIG."""
+    see. An autoscaler may report its node types to Ray's GCS, where Ray Train reads them too (none of Ray 2.60's
+    own do: checked on a `ray start --autoscaling-config` head); the cluster launcher's leaves them on the head as
+    BOOTSTRAP_CONFIG. (KubeRay's are seen by neither: cluster/kuberay-rayjob.yaml says what it does instead.)"""
     try:
         from ray._private.state import state  # private (Ray pinned 2.60.*): no public API says this
 
@@ -425,6 +425,7 @@ def autoscaling_max() -> dict[str, float] | None:
     except Exception:  # an older GCS, a client connection: as if none
         most = None
     if most:
+        # (It gives no node count: more than one, so a local --output is refused.)
         return {"CPU": float(most.get("CPU", 0)), "GPU": float(most.get("GPU", 0)), "nodes": 2.0}
     return bootstrap_max(os.path.expanduser(BOOTSTRAP_CONFIG))
 

@@ -258,7 +258,7 @@ def test_mlflow_run_of_a_lost_trial_is_ended_as_killed(tmp_path):
               for tid, lr in (("t0", 0.1), ("t1", 0.01))]
     first = recorder()
     for trial in trials:
-        first.on_trial_result(0, trials, trial, {"epoch": 1, "epochs": 2, "val_acc": 0.5})
+        first.on_trial_result(0, trials, trial, {"epoch": 1, "epochs": 1, "val_acc": 0.5})
     resumed = recorder()  # a new driver whose Tune knows t0 only
     resumed.on_trial_complete(0, trials[:1], trials[0])
     resumed.on_experiment_end(trials[:1])

@@ -403,14 +403,18 @@ BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
 
 
 def capacity() -> dict[str, float]:
-    """The cluster's CPUs, GPUs and nodes: those it has now or, where an autoscaler can add nodes, the most it can
-    have (the larger of each). A head of the cluster launcher or KubeRay has no CPU or GPU of its own for trials
+    """The cluster's CPUs and GPUs: those it has now or, where an autoscaler can add nodes, the most it can have
+    (the larger of each). A head of the cluster launcher or KubeRay has no CPU or GPU of its own for trials
     (cluster/*.yaml: CPU 0), and its GPU workers come when trials wait for them: checked against what was there
     at the start, every study of cluster/aws-gpu.yaml was refused ("more than the 0 there are"), train.use_gpu
     null became false (trials on the GPU workers' CPUs), and one trial ran at a time."""
-    now = {**ray.cluster_resources(), "nodes": float(alive_nodes())}
-    most = autoscaling_max() or {}
-    return {key: max(now.get(key, 0.0), most.get(key, 0.0)) for key in ("CPU", "GPU", "nodes")}
+    now, most = ray.cluster_resources(), autoscaling_max() or {}
+    return {key: max(now.get(key, 0.0), most.get(key, 0.0)) for key in ("CPU", "GPU")}
+
+
+def most_nodes() -> int:
+    """The nodes the cluster has now or, where an autoscaler can add nodes, the most it can have."""
+    return int(max(alive_nodes(), (autoscaling_max() or {}).get("nodes", 0.0)))
 
 
 def autoscaling_max() -> dict[str, float] | None:

@@ -356,7 +356,7 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
     cluster.check_fits(cfg)  # before use_gpu is resolved: it refuses a GPU share only where use_gpu was false
     cfg.train.use_gpu = cluster.resolve_use_gpu(cfg)
     if not shared:
-        storage.check_output_shared(output, int(cluster.capacity()["nodes"]))  # nodes an autoscaler adds too
+        storage.check_output_shared(output, cluster.most_nodes())  # nodes an autoscaler adds too
     max_concurrent = cluster.concurrent_trials(cfg)
     cluster.split_cpu_threads(cfg, max_concurrent)
     cluster.skip_unsent_callback_census()

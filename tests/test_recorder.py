@@ -479,6 +479,11 @@ def test_progress_counts_trials_tune_has_not_created_yet_as_pending():
     started = trials + [SimpleNamespace(trial_id="c", status="RUNNING")]
     assert "2 running" in progress_line(started, summaries, 180.0) and \
         "~3.0 min left at most" in progress_line(started, summaries, 180.0)
+    # ... as long as the longest any trial plans: ASHA stopped the only other at 1 of its 30 epochs ("~1.0 min").
+    stopped = {"s": {"epochs": 1, "planned_epochs": 30, "status": "stopped"}}
+    assert "~30.0 min left at most" in progress_line(
+        [SimpleNamespace(trial_id="s", status="TERMINATED"), SimpleNamespace(trial_id="c", status="RUNNING")],
+        stopped, elapsed=60.0)
     # The best so far as the study ranks trials: by each one's best epoch (Tune's table named the best last result).
     summaries["a"].update(trial_id="a", best_metric=0.61, best_epoch=1)
     summaries["b"].update(trial_id="b", best_metric=0.55, best_epoch=1)

@@ -746,11 +746,12 @@ def progress_line(trials: list, summaries: dict[str, dict[str, Any]], elapsed: f
     planned = sum((s["planned_epochs"] or s["epochs"]) if s["status"] == RUNNING else s["epochs"]
                   for s in summaries.values())
     per_epoch = elapsed / epochs_done if epochs_done else None
-    # Upper bound: pending trials are assumed to run as long as the running ones plan to; so is a running trial
-    # that has reported no epoch yet (no summary: "~0.0 min left" was printed while it had its whole run ahead).
-    mean_planned = planned / len(summaries) if summaries else 0
+    # Upper bound: a pending trial, and a running one that has reported no epoch yet (no summary: "~0.0 min left"
+    # was printed while it had its whole run ahead), runs as long as the longest any trial plans (a mean of the
+    # epochs run, where ASHA had stopped trials early, was far below it).
+    longest = max((s["planned_epochs"] or s["epochs"] or 0 for s in summaries.values()), default=0)
     unreported = sum(s == "RUNNING" and getattr(t, "trial_id", None) not in summaries for t, s in zip(trials, status))
-    left_epochs = max(planned - epochs_done, 0) + (pending + unreported) * mean_planned
+    left_epochs = max(planned - epochs_done, 0) + (pending + unreported) * longest
     eta = f"~{left_epochs * per_epoch / 60:.1f} min left at most" if per_epoch else "time left unknown yet"
     best = rank_trials(list(summaries.values()), metric, mode)[:1] if metric else []  # as the final table ranks
     value = trial_value(best[0], metric) if best else None  # (None: no trial scored yet, or only a diverged NaN)

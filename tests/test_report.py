@@ -639,19 +639,33 @@ def test_a_study_stopped_in_its_test_evaluation_says_so_not_that_every_trial_was
     assert "Not finished" not in md and TEST_ALL_NOTE in md
 
 
-def test_a_max_steps_studys_replicates_compare_points_of_equal_steps():
+def test_a_max_steps_studys_replicates_compare_points_of_equal_steps(tmp_path):
     """With train.max_steps the length is steps: BOHB's HyperBand ended a batch-256 trial at max_t's 2 epochs, 12 of
     its 90 steps, beside batch-32 trials that ran their 90 steps in 2 epochs, and Welch's test compared the two as
-    equal budgets (both 2 epochs)."""
-    from ray_cifar.report import Study
-    from ray_cifar.report.page import budget
+    equal budgets (both 2 epochs). In a comparison, each study's trials in its own unit (the first's spoke for all)."""
+    from ray_cifar.report import Study, build, combine
     from ray_cifar.report.tables import VERSUS_BEST, replicate_rows
 
-    trials = [{"train.global_batch_size": batch, "train.seed": seed, "epochs": 2, "steps_run": steps, "val_acc": acc}
+    trials = [{"train.global_batch_size": batch, "train.seed": seed, "epochs": 2, "budget": steps, "val_acc": acc}
               for batch, steps, accs in ((32, 90, (0.40, 0.42)), (256, 12, (0.30, 0.31))) for seed, acc in enumerate(accs)]
-    rows = replicate_rows(trials, ["train.global_batch_size"], "steps_run")
+    rows = replicate_rows(trials, ["train.global_batch_size"], "steps")
     assert [r["steps"] for r in rows] == ["90", "12"]
     assert rows[1][VERSUS_BEST] == "not compared: steps 12 against the best's 90"
-    assert replicate_rows(trials, ["train.global_batch_size"])[1][VERSUS_BEST].startswith("worse")  # by epochs: equal
-    assert budget(Study("s", {"train": {"max_steps": 90}}, [])) == "steps_run"
-    assert budget(Study("s", {"train": {"epochs": 30}}, [])) == "epochs"
+    by_epochs = [{k: v for k, v in t.items() if k != "budget"} for t in trials]
+    assert replicate_rows(by_epochs, ["train.global_batch_size"])[1][VERSUS_BEST].startswith("worse")  # 2 = 2 epochs
+    assert Study("s", {"train": {"max_steps": 90}}, []).budget == "steps_run"
+    assert Study("s", {"train": {"epochs": 30}}, []).budget == "epochs"
+    # A comparison: each study's trials in its own unit (the first study's config spoke for all).
+    steps_study = make_output(str(tmp_path / "steps"))
+    with open(os.path.join(steps_study, "config.yaml")) as f:
+        text = f.read()
+    with open(os.path.join(steps_study, "config.yaml"), "w") as f:
+        f.write(text.replace("  max_steps: null\n", "  max_steps: 1000\n", 1))
+    study = load_study(steps_study)
+    assert study.budget == "steps_run"
+    rows = [{**r, "steps": 10 * r["epoch"]} for r in study.rows]  # cumulative optimizer steps
+    study.rows[:] = rows
+    built = build(combine([load_study(make_output(str(tmp_path / "epochs"))), study]), str(tmp_path / "cmp"))
+    assert {(t["study"], t["budget"] == (10 * t["epochs"] if t["study"] == "steps" else t["epochs"]))
+            for t in built["trials"]} == {("steps", True), ("epochs", True)}
+    assert "epochs or steps" in built["replicates"][0]

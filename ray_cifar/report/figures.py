@@ -10,7 +10,7 @@ from typing import Any
 from ..results import aggregate_over_seeds, metric_value
 from .schedulers import asha_rungs, stops_text
 from .study import STUDY_COLUMN
-from .tables import cell, epochs_text, fmt, longest_epochs, ran_fewer
+from .tables import BUDGET, cell, epochs_text, fmt, length, longest_epochs, ran_fewer
 
 FIGURES = ("ranking", "curves", "asha", "params", "heatmap", "throughput", "published")
 MAX_HEATMAPS = 3  # pairs of searched fields drawn as heatmaps (those with the most cells)
@@ -162,7 +162,7 @@ def _axis_values(values: list[Any]) -> tuple[list[float], list[str] | None]:
     return [float(cats.index(fmt(v))) for v in values], cats
 
 
-def plot_params(trials, keys: list[str], path: str) -> str:
+def plot_params(trials, keys: list[str], path: str, unit: str = "epochs") -> str:
     plt = _pyplot()
     # A field with one value over all trials (e.g. cut by --smoke-test) says nothing: left out.
     points = aggregate_over_seeds(trials, keys, "val_acc")  # a point: every searched value but the seed
@@ -173,8 +173,8 @@ def plot_params(trials, keys: list[str], path: str) -> str:
     for ax, key in zip(axes[0], shown):
         xs, cats = _axis_values([t.get(key) for t in trials])
         ys = [100 * t["val_acc"] if t.get("val_acc") is not None else None for t in trials]  # None: no score
-        for fewer, label, face in ((False, f"trials of {longest} epochs", "tab:gray"),
-                                   (True, "trials of fewer epochs (stopped early)", "none")):
+        for fewer, label, face in ((False, f"trials of {longest:g} {unit}", "tab:gray"),
+                                   (True, f"trials of fewer {unit} (stopped early)", "none")):
             picked = [(x, y) for x, y, s in zip(xs, ys, short) if s == fewer and y is not None]
             if picked:
                 ax.scatter(*zip(*picked), s=14, facecolors=face, edgecolors="tab:gray", alpha=0.7, label=label)
@@ -218,7 +218,7 @@ def heatmap_pairs(trials, keys: list[str]) -> list[tuple[str, str]]:
     return [(a, b) for a, b, _ in sorted(pairs, key=lambda p: -p[2])][:MAX_HEATMAPS]
 
 
-def plot_heatmap(trials, keys: list[str], path: str) -> str:
+def plot_heatmap(trials, keys: list[str], path: str, unit: str = "epochs") -> str:
     """Mean val_acc (%) for each pair of values of two searched fields, averaged over seeds and over the
     other fields; each cell says its n. Blank: no trial has that pair."""
     plt = _pyplot()
@@ -234,8 +234,9 @@ def plot_heatmap(trials, keys: list[str], path: str) -> str:
     for ax, (row_key, col_key) in zip(axes[0], pairs):
         rows_, cols = _ordered_values(trials, row_key), _ordered_values(trials, col_key)
         cells = {(fmt(p[row_key]), fmt(p[col_key])): p for p in aggregate_over_seeds(trials, [row_key, col_key], "val_acc")}
+        lengths = [{**t, BUDGET: length(t) or None} for t in trials]
         epochs = {(fmt(p[row_key]), fmt(p[col_key])): p["values"]
-                  for p in aggregate_over_seeds(trials, [row_key, col_key], "epochs")}
+                  for p in aggregate_over_seeds(lengths, [row_key, col_key], BUDGET)}
         grid = [[100 * cells[(r, c)]["mean"] if cells.get((r, c), {}).get("mean") is not None else math.nan
                  for c in cols] for r in rows_]
         image = ax.imshow(grid, cmap="viridis", aspect="auto")
@@ -244,7 +245,7 @@ def plot_heatmap(trials, keys: list[str], path: str) -> str:
                 cell = cells.get((r, c))
                 if cell and cell["mean"] is not None:
                     ran = epochs.get((r, c)) or []
-                    fewer = f"\n{epochs_text(ran)} ep" if ran and min(ran) < longest else ""
+                    fewer = f"\n{epochs_text(ran)} {'ep' if unit == 'epochs' else unit}" if ran and min(ran) < longest else ""
                     ax.text(j, i, f"{100 * cell['mean']:.1f}\nn={cell['n']}{fewer}", ha="center", va="center",
                             fontsize=8, color="white" if grid[i][j] < _middle(grid) else "black")
         ax.set_xticks(range(len(cols)), cols, rotation=20, fontsize=8)

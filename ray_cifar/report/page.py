@@ -14,16 +14,17 @@ from .figures import (FIGURES, plot_asha, plot_curves, plot_heatmap, plot_params
                       plot_ranking, plot_throughput)
 from .schedulers import stops_text
 from .study import STUDY_COLUMN, Study, combine, lineage_studies, load_study, study_max_epochs
-from .tables import (NOISE_NOTE, cell, fmt, html_table, markdown_table, match_published, point_label, ran_fewer,
-                     replicate_rows, schedule_rows, summaries, val_noise_note)
+from .tables import (BUDGET, NOISE_NOTE, UNITS, cell, fmt, html_table, markdown_table, match_published, point_label,
+                     ran_fewer, replicate_rows, schedule_rows, summaries, val_noise_note)
 
 TEST_ALL_NOTE = ("test_acc: every finished trial was evaluated once on the test split, at its best validation epoch "
                  "(tune.test all), after the study; no test figure chose any trial, epoch or point.")
 TEST_BEST_NOTE = ("tune.test best: only the best trial has a test figure (evaluated once, after the study); tune.test "
                   "all puts one beside every finished trial.")
 FEWER_EPOCHS_CAPTION = ("Each trial at its best epoch of those it ran: a trial stopped early (hollow; a cell's \"ep\" "
-                        "says its trials' epochs) is at its best of fewer epochs than the others, so a gap here is "
-                        "budget as much as values. The replicates table compares only points of equal epochs.")
+                        "says its trials' epochs, or its steps where train.max_steps sets the length) is at its best of "
+                        "a smaller budget than the others, so a gap here is budget as much as values. The replicates "
+                        "table compares only points of equal budgets.")
 LAST_PHASE_CUT_NOTE = ("**Not finished**: the study was stopped in its last phase, the test evaluation (no "
                        "study-finished.json): every trial is here, but a test figure \"-\" may be one that never ran. "
                        "`python -m ray_cifar.tune --resume {location}` runs that phase again.")
@@ -39,11 +40,6 @@ NO_POINTS_NOTE = (f"{NO_POINTS_WHY} So this report has no replicates table, and 
                   "and the last figure, show the values epoch by epoch.")
 
 
-def budget(study: Study) -> str:
-    """What a trial's length is counted in (tables.BUDGETS): with train.max_steps, the steps it ran."""
-    return "steps_run" if (study.config.get("train") or {}).get("max_steps") else "epochs"
-
-
 def build(study: Study, out_dir: str, prefix: str = "") -> dict[str, Any]:
     """Every figure under out_dir/<prefix>figures/ and the tables; returns what the page shows."""
     fig_dir = os.path.join(out_dir, f"{prefix}figures")
@@ -56,6 +52,11 @@ def build(study: Study, out_dir: str, prefix: str = "") -> dict[str, Any]:
         t["point"] = point_label(t, keys)
         seed = f" seed={t[SEED_KEY]}" if t.get(SEED_KEY) is not None else ""
         t["label"] = t["point"] + seed
+    units = set()
+    for t in trials:  # its length in its own study's unit: epochs, or the steps of a train.max_steps study
+        kind, t[BUDGET] = study.budget_of(t)
+        units.add(UNITS[kind])
+    unit = units.pop() if len(units) == 1 else "epochs or steps"
     max_t = study_max_epochs(study, trials)
     matches = match_published(study, trials)
     p = lambda name: os.path.join(fig_dir, f"{name}.png")  # noqa: E731
@@ -69,8 +70,8 @@ def build(study: Study, out_dir: str, prefix: str = "") -> dict[str, Any]:
     # (One trial of nothing searched, a train run: no point to draw against a field, nor replicates.)
     points = [t for t in trials if t.get(STUDY_COLUMN) not in pbt] if keys or len(trials) > 1 else []
     if points:
-        plot_params(points, keys, p("params"))
-        plot_heatmap(points, keys, p("heatmap"))
+        plot_params(points, keys, p("params"), unit)
+        plot_heatmap(points, keys, p("heatmap"), unit)
     plot_throughput(study.rows, trials, p("throughput"))
     published = bool(study.config.get("published"))  # none in config.yaml: no section that says so in a figure
     if published:
@@ -84,9 +85,11 @@ def build(study: Study, out_dir: str, prefix: str = "") -> dict[str, Any]:
         figures["pbt"] = f"{prefix}figures/pbt.png"
     columns = ["trial_id", *keys, SEED_KEY, "status", "epochs", "exploits", "best_epoch", "best_metric", "val_acc",
                "test_acc"]
+    if unit != "epochs":  # the table says the length that the study counts
+        columns.insert(columns.index("epochs") + 1, "steps_run")
     columns = [c for c in dict.fromkeys(columns) if any(c in t for t in trials)]
     return {"trials": trials, "columns": columns, "keys": keys, "matches": matches, "lineage": sorted(pbt, key=str),
-            "points": bool(points), "replicates": replicate_rows(points, keys, budget(study)) if points else [],
+            "points": bool(points), "replicates": replicate_rows(points, keys, unit) if points else [],
             "best_pbt": best_pbt,
             "schedule": schedule_rows(study.rows, best_pbt, [k for k in keys if k != STUDY_COLUMN],  # in its ids
                                       study.metric) if best_pbt else [],

@@ -16,6 +16,7 @@ from ..results import (FINISHED, DamagedFile, is_train_output, read_results, rea
 
 STUDY_COLUMN = "study"  # the extra searched column of a comparison: which output a trial came from
 ONE_RUN = "one run"  # Study.tune's scheduler for a train run's output
+BUDGET_BY_STUDY = "budget_by_study"  # a comparison's config: each study's Study.budget
 SCHEDULER_KEYS = ("scheduler", "search", "grace_period", "reduction_factor", "time_attr", "brackets", "max_epochs")
 
 
@@ -40,6 +41,18 @@ class Study:
     def tune(self) -> dict[str, Any]:
         tune = self.config.get("tune") or {}
         return {**tune, "scheduler": ONE_RUN, "search": None} if self.one_run else tune
+
+    @property
+    def budget(self) -> str:
+        """What its trials' length is counted in: "steps_run" where train.max_steps sets it (a large batch's trial
+        that HyperBand ended at 2 epochs had 12 of its 90 steps, beside 90-step trials of 2 epochs), else
+        "epochs". A comparison's trials each in their own study's (combine)."""
+        return "steps_run" if (self.config.get("train") or {}).get("max_steps") else "epochs"
+
+    def budget_of(self, trial: dict[str, Any]) -> tuple[str, Any]:
+        """(unit, length) of one of its trials, in its own study's unit."""
+        unit = (self.config.get(BUDGET_BY_STUDY) or {}).get(trial.get(STUDY_COLUMN), self.budget)
+        return unit, trial.get(unit)
 
     @property
     def metric(self) -> str:
@@ -131,6 +144,7 @@ def combine(studies: list[Study]) -> Study:
     mixed = len(schedulers) > 1 or len(set(max_t.values())) > 1
     config["tune"] = {**first.tune, "per_study": {s.name: s.tune for s in studies}, "max_t_by_study": max_t,
                       **({"scheduler": "mixed"} if mixed else {})}
+    config[BUDGET_BY_STUDY] = {s.name: s.budget for s in studies}  # (the first's train section spoke for all)
     config["published"] = [{**p, "where": {STUDY_COLUMN: s.name, **(p.get("where") or {})}}
                            for s in studies for p in s.config.get("published") or []]
     # A field one study searched and another fixed: the other's rows get its fixed value from its config (shown as

@@ -83,7 +83,7 @@ NOISE_NOTE = (f"Intervals: Student-t {100 * CONFIDENCE:.0f}% confidence interval
               f"neither (n=1). A point is compared only where all its seeds and all the best's ran the same epochs "
               f"(steps, where train.max_steps sets the length): one that ASHA stopped early (or that diverged) "
               f"differs from the best by its budget as much as by its values, and its mean ± std mixes budgets where "
-              f"its own seeds ran different epochs (\"epochs\" lists them).")
+              f"its own seeds ran different epochs (\"epochs\", or \"steps\", lists them).")
 
 
 def _interval(point: dict[str, Any], scale: float = 100.0) -> str:
@@ -94,25 +94,29 @@ def _interval(point: dict[str, Any], scale: float = 100.0) -> str:
     return f"[{point['ci_low'] * scale:.2f}, {point['ci_high'] * scale:.2f}]"
 
 
+BUDGET = "budget"  # a trial's length in its study's unit (page.build sets it: Study.budget_of); else its epochs
+UNITS = {"epochs": "epochs", "steps_run": "steps"}  # Study.budget -> the word the tables and figures use
+
+
+def length(trial: dict[str, Any]) -> float:
+    return (trial[BUDGET] if BUDGET in trial else trial.get("epochs")) or 0
+
+
 def longest_epochs(trials: list[dict[str, Any]]) -> float:
-    """The most epochs a trial ran. One of fewer (the scheduler stopped it, or it diverged) is at its best of a smaller
-    budget: the figures mark it, and their caption says so (page.FEWER_EPOCHS_CAPTION)."""
-    return max((t.get("epochs") or 0 for t in trials), default=0)
+    """The longest a trial ran (its budget: epochs, or steps). One that ran less (the scheduler stopped it, or it
+    diverged) is at its best of a smaller budget: the figures mark it, and their caption says so
+    (page.FEWER_EPOCHS_CAPTION)."""
+    return max((length(t) for t in trials), default=0)
 
 
 def ran_fewer(trials: list[dict[str, Any]]) -> list[bool]:
-    """Per trial, whether it ran fewer epochs than the longest (longest_epochs)."""
+    """Per trial, whether it ran less than the longest (longest_epochs)."""
     longest = longest_epochs(trials)
-    return [(t.get("epochs") or 0) < longest for t in trials]
+    return [length(t) < longest for t in trials]
 
 
 def epochs_text(epochs: list[float]) -> str:
     return ", ".join(str(int(e)) for e in sorted(set(epochs))) or "-"
-
-
-# A trial's budget, as the study sets its length: epochs, or with train.max_steps the optimizer steps it ran (a large
-# batch's trial that HyperBand ended at max_t's 2 epochs had 12 of its 90 steps, beside 90-step trials of 2 epochs).
-BUDGETS = {"epochs": "epochs", "steps_run": "steps"}
 
 
 def _versus_best(point: dict[str, Any], best: dict[str, Any], place: int, epochs: dict[tuple, list[float]],
@@ -132,10 +136,11 @@ def _versus_best(point: dict[str, Any], best: dict[str, Any], place: int, epochs
     return f"worse (p={p:.3g})" if p < SIGNIFICANCE else f"within noise (p={p:.2g})"
 
 
-def replicate_rows(trials: list[dict[str, Any]], keys: list[str], budget: str = "epochs") -> list[dict[str, Any]]:
-    """Per searched point, best mean first: the budget its seeds ran (BUDGET: a key of BUDGETS), val_acc at each
-    trial's best epoch over the point's seeds as mean ± std, its t interval, and (top points of the best's budget)
-    whether it differs from the best; test_acc beside it where more than one trial has one (tune.test all)."""
+def replicate_rows(trials: list[dict[str, Any]], keys: list[str], unit: str = "epochs") -> list[dict[str, Any]]:
+    """Per searched point, best mean first: the budget its seeds ran (each trial's BUDGET, else its epochs; UNIT
+    names it), val_acc at each trial's best epoch over the point's seeds as mean ± std, its t interval, and (top
+    points of the best's budget) whether it differs from the best; test_acc beside it where more than one trial
+    has one (tune.test all)."""
     def key(p: dict[str, Any]) -> tuple:  # a point's values, exactly (printed, 0.1 and 0.10001 would be one)
         return tuple(repr(p.get(k)) for k in keys)
 
@@ -143,8 +148,8 @@ def replicate_rows(trials: list[dict[str, Any]], keys: list[str], budget: str = 
     points.sort(key=lambda p: -(p["mean"] if p["mean"] is not None else -1))
     tested = sum(t.get("test_acc") is not None for t in trials) > 1
     test = {key(p): p for p in aggregate_over_seeds(trials, keys, "test_acc")}
-    ran = {key(p): p["values"] for p in aggregate_over_seeds(trials, keys, budget)}  # each seed's, where known
-    unit = BUDGETS[budget]
+    lengths = [{**t, BUDGET: length(t) or None} for t in trials]
+    ran = {key(p): p["values"] for p in aggregate_over_seeds(lengths, keys, BUDGET)}  # each seed's, where known
     rows = []
     for place, p in enumerate(points):
         row = {**{k: p.get(k) for k in keys}, "n": p["n"], unit: epochs_text(ran.get(p["key"], [])),

@@ -669,3 +669,23 @@ def test_a_max_steps_studys_replicates_compare_points_of_equal_steps(tmp_path):
     assert {(t["study"], t["budget"] == (10 * t["epochs"] if t["study"] == "steps" else t["epochs"]))
             for t in built["trials"]} == {("steps", True), ("epochs", True)}
     assert "epochs or steps" in built["replicates"][0]
+
+
+def test_a_copy_of_a_studys_config_and_rows_alone_is_not_reported_as_finished_and_tested(tmp_path):
+    """config.yaml and results.parquet alone (a partial copy): the report claimed every finished trial was evaluated
+    on the test split (tune.test all) beside test_acc "-" everywhere, and said nothing of the missing table."""
+    import shutil
+
+    out = make_output(str(tmp_path / "study"))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("config.yaml", "results.parquet"):
+        shutil.copy(os.path.join(out, name), copy / name)
+    with open(copy / "config.yaml") as f:
+        text = f.read()
+    with open(copy / "config.yaml", "w") as f:
+        f.write(text.replace("  test: best\n", "  test: all\n", 1))
+    assert main([str(copy)]) == 0
+    md = open(copy / "report.md").read()
+    assert "**Not finished**: the study has no trials.parquet yet" in md and "nor a trials.json" in md
+    assert "every finished trial was evaluated" not in md

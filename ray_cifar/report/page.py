@@ -145,17 +145,18 @@ def _last_phase_note(study: Study) -> str:
 
 
 def trials_section(study: Study, built: dict[str, Any]) -> TableSection:
-    note = _last_phase_note(study) if study.last_phase_cut else (
+    note = _last_phase_note(study) if study.last_phase_cut else None if study.unfinished else (
         _test_note(study) or (TEST_BEST_NOTE if len(built["trials"]) > 1 else None))
     noise = val_noise_note(study, built["trials"])
     notes = [_headline(study, built)] + ([note] if note else []) + ([noise] if noise else [])
     if study.unfinished:
         running = sum(t.get("status") == "running" for t in study.trials)
+        so_far = (f"{len(study.trials)} trial(s) so far, {running} of them unfinished; trials not started yet are not "
+                  f"here" if study.trials else "nor a trials.json (a study starting, or a copy of its config and rows "
+                  "alone): no trial's status is known here")
         notes.insert(0, f"**Not finished**: the study has no trials.parquet yet (running, or stopped before its end: "
                         f"`python -m ray_cifar.tune --resume {shlex.quote(study.location)}` goes on with it). "
-                        f"{len(study.trials)} trial(s) "
-                        f"so far, {running} of them unfinished; trials not started yet are not here, and no trial has "
-                        f"a test figure.")
+                        f"{so_far}, and no trial has a test figure.")
     return TableSection("Trials", notes, built["trials"], built["columns"])
 
 
@@ -189,7 +190,9 @@ def schedule_section(study: Study, built: dict[str, Any]) -> TableSection | None
 def published_section(study: Study, built: dict[str, Any]) -> TableSection | None:
     if not built["matches"]:
         return None
-    notes = [_last_phase_note(study) if study.last_phase_cut else (_test_note(study) or TEST_BEST_NOTE)]
+    notes = [_last_phase_note(study) if study.last_phase_cut else
+             "Not finished (no trials.parquet): no trial has a test figure yet." if study.unfinished else
+             (_test_note(study) or TEST_BEST_NOTE)]
     return TableSection("Published figures", notes, built["matches"],
                         ["label", "metric", "published %", "ours %", "source"])
 

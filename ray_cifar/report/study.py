@@ -91,11 +91,14 @@ def load_study(output: str) -> Study:
     if not rows and trials:  # a finished study's results gone (moved, deleted): an empty report is no report
         raise DamagedFile(f"{os.path.join(output, 'results.parquet')} is missing (trials.parquet lists "
                           f"{len(trials)} trial(s))")
-    so_far = [] if trials else running_study_trials(output)
+    table = bool(trials)
+    so_far = [] if table else running_study_trials(output)
     trials = trials or so_far or train_run_trials(output, rows)
     one_run = is_train_output(output)
-    return Study(name=name, config=config, rows=rows, trials=trials, unfinished=bool(so_far), one_run=one_run,
-                 last_phase_cut=bool(trials) and not so_far and not finished and not one_run)
+    # Without trials.parquet a study has not finished, whether trials.json is there (its statuses so far) or not (a
+    # study starting, or a copy of its config and rows alone: reported as finished and tested, it was).
+    return Study(name=name, config=config, rows=rows, trials=trials, unfinished=not table and not one_run,
+                 one_run=one_run, last_phase_cut=table and not finished and not one_run)
 
 
 def running_study_trials(output: str) -> list[dict[str, Any]]:

@@ -205,16 +205,24 @@ def smoke_changes(args: argparse.Namespace, cfg: Config) -> str | None:
     study file's header ("keep the best third", "batch 64") read as if it held for the smoke run."""
     if not args.smoke_test:
         return None
+    named: set[str] = set()  # fields a --set gave: the user's, not the preset's
     try:
         study = load_config(args.config, args.sets, budget_scale=args.budget_scale)
     except ConfigError:
-        return None  # the study is only valid shrunk: the preset is all there is to say
+        # Valid only shrunk (a --set that fits the smoke run alone: tune.max_epochs=2 under grace 5): the line was
+        # left out. Against the study file without the --sets, their fields left out.
+        try:
+            study = load_config(args.config, [], budget_scale=args.budget_scale)
+        except ConfigError:
+            return None  # the study file itself is valid only shrunk: the preset is all there is to say
+        named = {parse_set(assignment)[0] for assignment in args.sets}
     before, after = flatten(study.to_dict()), flatten(cfg.to_dict())
+    after = {k: v for k, v in after.items() if not any(k == n or k.startswith(n + ".") for n in named)}
     # With train.max_steps the steps set the length, not train.epochs ("train.epochs 30 -> 6" read as the length).
     unused = {"train.epochs": "not the length: train.max_steps is"} if cfg.train.max_steps is not None else {}
     changed = [f"{k} {before.get(k)!r} -> {v!r}" + (f" ({unused[k]})" if k in unused else "")
                for k, v in after.items() if k != "tune.search_space" and before.get(k) != v]
-    if study.tune.search_space != cfg.tune.search_space:
+    if study.tune.search_space != cfg.tune.search_space and "tune.search_space" not in named:
         changed.append(f"the search space cut to {_points(cfg)} of its {_points(study)} point(s)")
         rescaled = _rescaled(study.tune.search_space, cfg.tune.search_space)
         if rescaled:

@@ -299,6 +299,12 @@ def test_a_smoke_test_says_what_it_changed_in_the_study(tmp_path, synthetic_parq
                          cut) == ["train.global_batch_size"]
     args.smoke_test = False
     assert cli.smoke_changes(args, cli.load_config(args.config, args.sets)) is None
+    # A --set valid only in the smoke run (max 2 epochs under the study's grace 5): the line was left out.
+    args = cli.parse_args("python -m ray_cifar.tune", "", ["--smoke-test", "--config",
+                                                           "studies/adam_batch_lr_grid_asha.yaml",
+                                                           "--set", "tune.max_epochs=2"])
+    line = cli.smoke_changes(args, cli.load_config(args.config, args.sets, smoke_test=True))
+    assert line is not None and "tune.grace_period 5 -> 1" in line and "tune.max_epochs" not in line
 
 
 def test_a_train_subset_larger_than_the_data_left_says_all_of_it_is_used(capsys):

@@ -27,7 +27,7 @@ from .config import (RESOLVED_BEGIN, RESOLVED_END, SMOKE_OVERRIDES, Config, Conf
                      load_yaml, parse_set, partly_searched, search_keys, search_points, yaml_problem)
 from .data.source import Cifar10, DataError, default_cache_dir, load_cifar10, resolve_data_dir
 from .validation import (check_against_data, check_resources, config_from_dict, lengths_past_the_run, load_config,
-                         local_resources)
+                         local_resources, name_the_set)
 
 
 class UsageError(Exception):
@@ -193,8 +193,12 @@ def smoke_preset_note(message: str, args: argparse.Namespace) -> str:
     if not getattr(args, "smoke_test", False):
         return ""
     preset = flatten(SMOKE_OVERRIDES)
-    key = next((k for k in preset if re.search(rf"(^|: ){re.escape(k)}: ", message)), None)
-    if key is None or any(parse_set(s)[0] == key for s in args.sets or []):
+    named = {parse_set(s)[0] for s in args.sets or []}
+    # The refused field ("train.epochs: ..."), or a bound another field put on it ("tune.max_epochs: must be in
+    # [1, train.epochs=6]": the --set was the user's, the 6 the preset's).
+    key = next((k for k in preset if k not in named
+                and re.search(rf"(^|: ){re.escape(k)}: |(?<![\w.]){re.escape(k)}=", message)), None)
+    if key is None:
         return ""
     return f"; --smoke-test sets {key}={preset[key]!r}, sized for CIFAR-10's 50,000 train images: add --set {key}=..."
 
@@ -271,7 +275,7 @@ def prepare(args: argparse.Namespace, kind: str) -> tuple[Config, Cifar10, str]:
         if changes:
             print(f"[ray_cifar] {changes}", flush=True)
     except ConfigError as e:
-        fail(str(e) + smoke_preset_note(str(e), args))
+        fail(name_the_set(str(e), args.sets) + smoke_preset_note(str(e), args))
     except (DataError, UsageError, storage.StorageError) as e:
         fail(str(e))
     create_output(output)

@@ -15,6 +15,7 @@ import copy
 import importlib.util
 import math
 import os
+import re
 from typing import Any, Callable
 
 from .config import loading, presets
@@ -45,11 +46,28 @@ def load_config(path: str | None = None, sets: list[str] = (), smoke_test: bool 
             raise ConfigError(f"--set {assignment}: {e}") from None
     if budget_scale != 1.0:
         presets.apply_budget_scale(cfg, budget_scale)
-    validate(cfg)
-    _check_study_searches(cfg)
+    try:
+        validate(cfg)
+        _check_study_searches(cfg)
+    except ConfigError as e:
+        raise ConfigError(name_the_set(str(e), sets)) from None
     if study is not None:
         pin_published_runs(cfg, study)
     return cfg
+
+
+def name_the_set(message: str, sets: list[str]) -> str:
+    """A refusal of a value a --set gave, the --set named first, as a misspelt key's is: "tune.search_space.optim.lr:
+    expected one of {grid, ...}" read as if in the study file when a --set had written the whole space. The last
+    --set of the refused field, of a section above it or of a field inside it (the checks see only the result)."""
+    key = message.split(": ", 1)[0]
+    if message.startswith("--set ") or not re.fullmatch(r"[\w.]+", key):
+        return message
+    for assignment in reversed(sets):
+        field = loading.parse_set(assignment)[0]
+        if field == key or key.startswith(field + ".") or field.startswith(key + "."):
+            return f"--set {assignment}: {message}"
+    return message
 
 
 def _check_study_searches(cfg: Config) -> None:

@@ -257,8 +257,8 @@ def test_a_mistake_in_the_studys_own_setting_is_not_blamed_on_its_search(tmp_pat
     output = tmp_path / "out"
     result = run_main("ray_cifar.tune", "--data", synthetic_parquet_dir, "--output", str(output), "--set",
                       "data.val_size=600", "--set", "tune.search_space={optim.lr: {grid: [0.1, 0.01]}}")
-    assert_one_line_exit_2(result, "ray_cifar: error: data.val_size: must be less than the 600 train images (got 600)",
-                           output)
+    assert_one_line_exit_2(result, "ray_cifar: error: --set data.val_size=600: data.val_size: must be less than the "
+                                   "600 train images (got 600)", output)
 
 
 def test_a_smoke_test_refused_for_its_presets_value_says_the_preset_set_it(tmp_path, synthetic_parquet_dir):
@@ -271,8 +271,15 @@ def test_a_smoke_test_refused_for_its_presets_value_says_the_preset_set_it(tmp_p
                                    "data.val_size=...", output)
     result = run_main("ray_cifar.tune", "--smoke-test", "--data", synthetic_parquet_dir, "--output", str(output),
                       "--set", "data.val_size=700")
-    assert_one_line_exit_2(result, "data.val_size: must be less than the 600 train images (got 700)", output)
+    assert_one_line_exit_2(result, "--set data.val_size=700: data.val_size: must be less than the 600 train images "
+                                   "(got 700)", output)
     assert "--smoke-test sets" not in result.stderr
+    # A bound the preset put on a --set's field: the --set is named, and the preset's value.
+    result = run_main("ray_cifar.tune", "--smoke-test", "--data", synthetic_parquet_dir, "--output", str(output),
+                      "--set", "data.val_size=100", "--set", "tune.max_epochs=50")
+    assert_one_line_exit_2(result, "--set tune.max_epochs=50: tune.max_epochs: must be in [1, train.epochs=6] (got 50);"
+                                   " --smoke-test sets train.epochs=6, sized for CIFAR-10's 50,000 train images: add "
+                                   "--set train.epochs=...", output)
 
 
 def test_a_smoke_test_says_what_it_changed_in_the_study(tmp_path, synthetic_parquet_dir, capsys):

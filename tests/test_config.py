@@ -323,3 +323,18 @@ def test_a_key_misspelt_in_an_extended_file_or_a_set_names_where_it_is(tmp_path)
         load_config(str(tmp_path / "child.yaml"))
     with pytest.raises(ConfigError, match=r"^--set train\.epochz=3: unknown key 'train\.epochz'"):
         load_config(None, ["train.epochz=3"])
+
+
+def test_a_value_a_set_gave_that_validation_refuses_names_the_set(tmp_path):
+    """A search space written by a --set and refused said "tune.search_space.optim.lr: expected one of {grid, ...}",
+    as if the study file held it. The --set of the field, of a section above it or of a field inside it is named;
+    a refusal of the study file's own value names none."""
+    space = "tune.search_space={optim.lr: {grdi: [0.1]}}"
+    with pytest.raises(ConfigError, match=r"^--set tune\.search_space=\{optim\.lr: \{grdi: \[0\.1\]\}\}: "
+                                          r"tune\.search_space\.optim\.lr: expected one of"):
+        load_config(None, ["train.epochs=3", space])
+    with pytest.raises(ConfigError, match=r"^--set optim\.lr=-1: optim\.lr: must be > 0"):
+        load_config(None, ["optim.lr=-1", "train.epochs=3"])
+    (tmp_path / "study.yaml").write_text("optim: {lr: -1}\n")
+    with pytest.raises(ConfigError, match=r"^optim\.lr: must be > 0"):  # the file's, a --set of another field
+        load_config(str(tmp_path / "study.yaml"), ["train.epochs=3"])

@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import errno
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ import yaml
 
 from . import console, storage
 from .config import (RESOLVED_BEGIN, RESOLVED_END, SMOKE_OVERRIDES, Config, ConfigError, cut_short, describe, flatten,
-                     load_yaml, parse_set, partly_searched, search_keys, search_points, yaml_problem)
+                     load_yaml, parse_set, partly_searched, search_keys, yaml_problem)
 from .data.source import Cifar10, DataError, default_cache_dir, load_cifar10, resolve_data_dir
 from .validation import (check_against_data, check_resources, config_from_dict, lengths_past_the_run, load_config,
                          local_resources, name_the_set)
@@ -227,26 +228,58 @@ def smoke_changes(args: argparse.Namespace, cfg: Config) -> str | None:
     changed = [f"{k} {before.get(k)!r} -> {v!r}" + (f" ({unused[k]})" if k in unused else "")
                for k, v in after.items() if k != "tune.search_space" and before.get(k) != v]
     if study.tune.search_space != cfg.tune.search_space and "tune.search_space" not in named:
-        changed.append(f"the search space cut to {_points(cfg)} of its {_points(study)} point(s)")
+        changed.append(_space_cut(study.tune.search_space, cfg.tune.search_space))
         rescaled = _rescaled(study.tune.search_space, cfg.tune.search_space)
         if rescaled:
             changed.append(f"and not only cut: the preset changed the values of {', '.join(rescaled)} too")
     return "--smoke-test changed " + ", ".join(changed) if changed else None
 
 
-def _points(cfg: Config) -> int:
-    return sum(1 for _ in search_points(cfg.tune.search_space))
+def _space_cut(own: dict, smoke: dict) -> str:
+    """How far the preset cut the search space: its grid and choice lists' combinations. A range is not cut, and
+    its two ends are not points: BOHB's space of one loguniform and three 4-value choices read "cut to 16 of its
+    128 point(s)"."""
+    def combinations(space: dict) -> int:
+        return math.prod(len(_listed(spec)) for spec in space.values() if _kind(spec) in ("grid", "choice"))
+
+    ranges = [k for k, spec in own.items() if _kind(spec) not in ("grid", "choice")]
+    if not ranges:
+        return f"the search space cut to {combinations(smoke)} of its {combinations(own)} point(s)"
+    return (f"the search space's lists cut to {combinations(smoke)} of their {combinations(own)} combination(s) "
+            f"(its range of {', '.join(ranges)} not cut)")
+
+
+def _kind(spec):
+    return next(iter(spec)) if isinstance(spec, dict) and len(spec) == 1 else None
+
+
+def _listed(spec) -> list:
+    """A search-space entry's values (a range's two ends); a bare value as one."""
+    if _kind(spec) is None:
+        return [spec]
+    listed = next(iter(spec.values()))
+    return listed if isinstance(listed, list) else [listed]
 
 
 def _rescaled(own: dict, smoke: dict) -> list[str]:
     """The search-space keys whose smoke values are not among the study's own (lengths scaled, batch sizes capped,
     the smoke model in each variant, ranges moved): "cut to 2 of its 12 points" alone read as the study's own
-    values, fewer of them."""
-    def values(spec) -> list:
-        kind, listed = next(iter(spec.items())) if isinstance(spec, dict) and len(spec) == 1 else (None, [spec])
-        return [kind] + (listed if isinstance(listed, list) else [listed])
-
-    return [k for k, spec in smoke.items() if k in own and any(v not in values(own[k]) for v in values(spec))]
+    values, fewer of them. Inside variants (or a section's values) the fields changed are named: "the values of
+    variants" left the user to find which."""
+    found = []
+    for key, spec in smoke.items():
+        if key not in own or (_kind(spec) == _kind(own[key]) and all(v in _listed(own[key]) for v in _listed(spec))):
+            continue
+        inner = [v for v in _listed(spec) if isinstance(v, dict)]
+        if inner and _kind(spec) == _kind(own[key]):
+            theirs = [v for v in _listed(own[key]) if isinstance(v, dict)]
+            fields = dict.fromkeys(f for v in inner for f, x in flatten(v).items()
+                                   if all(flatten(t).get(f) != x for t in theirs))
+            if fields:
+                found.append(f"{', '.join(fields)} in {key}")
+                continue
+        found.append(key)
+    return found
 
 
 def prepare(args: argparse.Namespace, kind: str) -> tuple[Config, Cifar10, str]:

@@ -300,10 +300,20 @@ def test_a_smoke_test_says_what_it_changed_in_the_study(tmp_path, synthetic_parq
     assert "data.val_size" not in printed[0]  # --set gave it: not the preset's change
     # The steps set this study's length, and its variants (each an optimizer's schedule in steps) were rescaled.
     assert "train.epochs 30 -> 6 (not the length: train.max_steps is)" in printed[0]
-    assert printed[0].endswith("and not only cut: the preset changed the values of variants too")
+    # Which field inside the variants: "the values of variants" left the user to find it.
+    assert printed[0].endswith("and not only cut: the preset changed the values of schedule.step_every_iters in "
+                               "variants too")
     cut = {"optim.lr": {"grid": [0.1, 0.001]}, "train.global_batch_size": {"grid": [128, 256]}}
     assert cli._rescaled({"optim.lr": {"grid": [0.1, 0.01, 0.001]}, "train.global_batch_size": {"grid": [128, 512]}},
                          cut) == ["train.global_batch_size"]
+    own = {"variants": {"grid": [{"optim.lr": 0.1, "train.epochs": 30}, {"optim": {"lr": 0.2}, "train.epochs": 60}]}}
+    smoke = {"variants": {"grid": [{"optim.lr": 0.1, "train.epochs": 6}, {"optim": {"lr": 0.2}, "train.epochs": 12}]}}
+    assert cli._rescaled(own, smoke) == ["train.epochs in variants"] and cli._rescaled(own, own) == []
+    # A range is not cut and its ends are not points: one loguniform beside 4 x 4 x 4 choices was "16 of 128".
+    bohb = cli.parse_args("python -m ray_cifar.tune", "", ["--smoke-test", "--config",
+                                                           "studies/optimizer_batch_decay_bohb.yaml"])
+    line = cli.smoke_changes(bohb, cli.load_config(bohb.config, [], smoke_test=True))
+    assert "the search space's lists cut to 8 of their 64 combination(s) (its range of optim.lr not cut)" in line
     args.smoke_test = False
     assert cli.smoke_changes(args, cli.load_config(args.config, args.sets)) is None
     # A --set valid only in the smoke run (max 2 epochs under the study's grace 5): the line was left out.

@@ -157,3 +157,17 @@ def test_a_study_on_a_launcher_head_is_checked_against_what_its_autoscaler_can_a
         check_resources(cfg, most["CPU"], most["GPU"])
     assert trials_that_fit(most["CPU"], most["GPU"], 1.0, 1.0) == 16
     assert bootstrap_max(str(CLUSTER / "local.yaml")) is None  # its hosts are all up at `ray up`: counted as they are
+
+
+def test_a_worker_type_without_its_own_max_workers_counts_the_clusters(tmp_path):
+    """Ray's launcher gives a worker type without max_workers the cluster's (fill_node_type_min_max_workers): such a
+    hand-written config was counted as no workers at all, the study checked against the 0-CPU head."""
+    from ray_cifar.tuning.cluster import bootstrap_max
+
+    path = tmp_path / "bootstrap.yaml"
+    types = ("available_node_types: {head: {resources: {CPU: 0}}, gpu: {resources: {CPU: 4, GPU: 1}}, "
+             "big: {max_workers: 1, resources: {CPU: 8, GPU: 2}}}\nhead_node_type: head\n")
+    path.write_text(types + "max_workers: 3\n")
+    assert bootstrap_max(str(path)) == {"CPU": 3 * 4 + 8, "GPU": 3 + 2, "nodes": 1 + 3 + 1}
+    path.write_text(types)  # no cluster max_workers: what the provider's default is, is not known here
+    assert bootstrap_max(str(path)) == {"CPU": 0.0, "GPU": 0.0, "nodes": 1.0}

@@ -436,7 +436,10 @@ def autoscaling_max() -> dict[str, float] | None:
 
 def bootstrap_max(path: str) -> dict[str, float] | None:
     """A cluster-launcher config's most CPUs, GPUs and nodes: the head's, plus each worker type's max_workers
-    times its resources (an upper bound: the cluster's own max_workers caps the sum of the types')."""
+    times its resources (an upper bound: the cluster's own max_workers caps the sum of the types'). Counted as the
+    autoscaler counts them: a type without its own max_workers may have the cluster's (Ray's
+    fill_node_type_min_max_workers); a config without the cluster's, as `ray up` would fill it, none of them
+    (the provider's default is not known here: the workers up now are counted, as without an autoscaler)."""
     import yaml
 
     try:
@@ -448,11 +451,13 @@ def bootstrap_max(path: str) -> dict[str, float] | None:
     if not isinstance(types, dict):
         return None
     most = {"CPU": 0.0, "GPU": 0.0, "nodes": 0.0}
+    cluster_max = int(config.get("max_workers") or 0)
     for name, node_type in types.items():
         if not isinstance(node_type, dict):
             continue
-        count = 1 if name == config.get("head_node_type") else min(int(node_type.get("max_workers") or 0),
-                                                                     int(config.get("max_workers") or 0))
+        own_max = node_type.get("max_workers")
+        count = 1 if name == config.get("head_node_type") else min(
+            cluster_max, cluster_max if own_max is None else int(own_max))
         resources = node_type.get("resources") or {}
         most["nodes"] += count
         for key in ("CPU", "GPU"):

@@ -60,7 +60,8 @@ def resolved_config(sections: dict) -> dict:
 
 def long_test(what: str) -> None:
     """Skip unless RAY_CIFAR_LONG_TESTS=1. make test must end within 15 minutes on CI's 2 cores; what runs only when
-    asked repeats, for another searcher, tracker or bucket, a kill-and-resume path that a test in every run covers."""
+    asked repeats, for another searcher, tracker, bucket or signal, a kill-and-resume or stop path that a test in
+    every run covers, its own part (a handler, a file set aside) tested in every run without a study."""
     if os.environ.get("RAY_CIFAR_LONG_TESTS") != "1":
         pytest.skip(f"{what}: set RAY_CIFAR_LONG_TESTS=1")
 

@@ -82,6 +82,31 @@ def test_ray_train_checkpoint_folders_fall_back_too(tmp_path):
     assert loaded["epoch"] == 1 and where.endswith("checkpoint_2026-12-01_01-00-00.000001")
 
 
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_ray_train_run_list_is_set_aside_and_the_trial_goes_on_from_its_newest_loadable(tmp_path, how):
+    """Ray Train rewrites a run's checkpoint_manager_snapshot.json in place; a kill mid-write left it empty (seen in
+    CI) and the resumed run's controller failed the trial for good on it. It is set aside with one line, and the
+    ranks then look for the newest checkpoint of the run's folder that loads (test_fault_tolerance's long test runs
+    this through a killed driver and Ray Train)."""
+    from ray_cifar.tuning.trial import RUN_SNAPSHOT, set_aside_damaged_run_snapshot
+
+    run = tmp_path / "trial-y"
+    warnings: list[str] = []
+    assert not set_aside_damaged_run_snapshot(str(run), warnings.append)  # the run's first start: none yet
+    for epoch, stamp in ((1, "2026-12-01_01-00-00.000001"), (2, "2026-12-01_01-00-09.000002")):
+        checkpoint.save_state(state(epoch), str(run / f"checkpoint_{stamp}"))
+    snapshot = run / RUN_SNAPSHOT
+    snapshot.write_text(json.dumps({"checkpoint_results": [{"checkpoint": "checkpoint_2026-12-01_01-00-09.000002",
+                                                            "metrics": {"epoch": 2, "val_acc": 0.5}}]}))
+    assert not set_aside_damaged_run_snapshot(str(run), warnings.append) and snapshot.exists() and not warnings
+    damage(snapshot, how)
+    assert set_aside_damaged_run_snapshot(str(run), warnings.append)
+    assert not snapshot.exists() and (run / f"{RUN_SNAPSHOT}.damaged").exists()
+    assert len(warnings) == 1 and f"({RUN_SNAPSHOT}) was damaged" in warnings[0], warnings
+    where, loaded = newest_loadable_state(str(run), warn=warnings.append)
+    assert loaded["epoch"] == 2 and where.endswith("checkpoint_2026-12-01_01-00-09.000002") and len(warnings) == 1
+
+
 def test_a_failed_save_leaves_the_previous_state(tmp_path, monkeypatch):
     checkpoint.save_state(state(1), str(tmp_path))
     monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("file write failed")))

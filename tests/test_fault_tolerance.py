@@ -32,7 +32,7 @@ import time
 
 import pytest
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, long_test
 from processes import cmdline, descendants, end_tree
 from ray_cifar import checkpoint, console
 from ray_cifar.results import ResultsLog
@@ -202,6 +202,8 @@ def rank_processes(pid: int, ranks: int) -> list[int]:
 def test_killed_rank_resumes_from_its_checkpoint_and_continues_exactly(tmp_path, synthetic_parquet_dir, ranks):
     """2 ranks: Ray Train restarts the worker group. 1 rank: the trial trains in its Tune process, so the kill
     fails the trial and Tune runs it again (tune.max_failures), from its CheckpointStore's latest epoch."""
+    if ranks == 1:  # (make test's dry run of the GPU check's ray stage kills and resumes such a trial every run)
+        long_test("a killed one-rank trial process, as the GPU check's kill_resume, exact as the DDP one")
     # A one-rank trial's epochs on this tiny data take a fraction of a second each: with only EPOCHS, a quiet
     # machine can finish the trial between the test seeing epoch 2 and its kill.
     epochs = EPOCHS if ranks > 1 else 3 * EPOCHS
@@ -382,6 +384,7 @@ def test_a_ddp_trial_whose_ray_train_snapshot_the_kill_emptied_resumes_from_its_
     """Ray Train rewrites a run's list of checkpoints (checkpoint_manager_snapshot.json) in place after each report;
     a driver killed mid-write left it empty (seen in CI), and the resumed trial failed for good on it. Now it is set
     aside with one line and the trial goes on from its newest checkpoint that loads."""
+    long_test("an emptied Ray Train run list: its set-aside in test_damage, a killed DDP driver's resume above")
     output = tmp_path / "study"
     epochs = 8
     proc = subprocess.Popen(study_args(synthetic_parquet_dir, output, *SETS, f"train.epochs={epochs}"),

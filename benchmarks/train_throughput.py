@@ -287,6 +287,37 @@ class DeadlinePassed(BaseException):
     torch.compile passes it through instead of wrapping it as a compiler error."""
 
 
+# A deadline that finds torch where an exception must not go through it (below) waits for a moment where it may, up
+# to this long past the deadline (a compile's longest such stretch, measured on the CPU: 1.9 s), then is raised anyway.
+UNSAFE_WAIT_S = 30.0
+UNSAFE_RETRY_S = 0.02
+
+
+def torch_would_break(frame) -> bool:
+    """Whether an exception raised at `frame` could go through torch's C++ and leave it broken. A Python dispatch
+    mode active (FakeTensorMode, make_fx's proxy mode: all of AOTAutograd's trace), or Python code called back from
+    C++ (a weakref callback, __del__, __torch_dispatch__): a deadline raised there was swallowed as "Exception
+    ignored in ... WeakValueDictionary ... remove", torch's mode stack was left with a mode set twice, and the
+    process aborted ("terminate called after throwing an instance of 'c10::Error'"; once in about 400 deadlines,
+    the stage and every part after this one gone)."""
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+        keys = torch._C._TorchDispatchModeKey
+        if _get_current_dispatch_mode_stack() or any(torch._C._get_dispatch_mode(k) is not None
+                                                     for k in (keys.FAKE, keys.PROXY, keys.FUNCTIONAL)):
+            return True
+    except (AttributeError, ImportError):  # a torch without these (private) calls: as before, raise at once
+        pass
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name in ("__del__", "__torch_dispatch__", "__torch_function__") or \
+                code.co_filename.endswith("weakref.py"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 @contextlib.contextmanager
 def interrupt_at(deadline: float | None):
     """Raise DeadlinePassed in the block once time.monotonic() reaches `deadline` (SIGALRM; main thread only,
@@ -306,7 +337,11 @@ def interrupt_at(deadline: float | None):
 
     def on_alarm(signum, frame):
         nonlocal outer_fired
-        if time.monotonic() >= deadline - 0.01:  # (a timer may fire a hair before the clock reads it)
+        now = time.monotonic()
+        if now >= deadline - 0.01:  # (a timer may fire a hair before the clock reads it)
+            if torch_would_break(frame) and now < deadline + UNSAFE_WAIT_S:
+                signal.setitimer(signal.ITIMER_REAL, UNSAFE_RETRY_S)  # a moment later, where it may be raised
+                return
             raise DeadlinePassed()
         outer_fired = True  # the outer timer's time came first: its handler, once, then ours again
         if callable(outer_handler):

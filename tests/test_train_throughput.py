@@ -233,3 +233,47 @@ def test_a_deadline_due_as_its_block_ends_still_gives_sigalrm_back():
             stopped += 1
         assert signal.getsignal(signal.SIGALRM) is handler, f"block {i}: the deadline's handler was left installed"
     assert 0 < stopped < 1000  # blocks ended either side of their deadline
+
+
+def test_a_deadline_waits_while_torch_could_be_broken_by_it_and_is_raised_just_after(monkeypatch):
+    """A deadline raised while a Python dispatch mode was active (all of AOTAutograd's trace) or in a callback from
+    torch's C++ (a weakref callback) left torch's mode stack with a mode set twice: the process aborted, once in
+    about 400 compiles cut at random moments (measured), and with it the GPU check's stage and every part after.
+    It waits for the mode to end, then is raised; past UNSAFE_WAIT_S it is raised anyway."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def busy(seconds: float) -> None:  # Python bytecode all along: the alarm's handler runs at once
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            pass
+
+    mode = FakeTensorMode()
+    with mode:
+        torch.empty(4) + 1  # its first op, before any deadline: the time it takes is not the test's
+    left_the_mode = []
+    start = time.monotonic()
+    with pytest.raises(train_throughput.DeadlinePassed):
+        with train_throughput.interrupt_at(start + 0.1):
+            with mode:  # torch's own mode, pushed in C++
+                torch.empty(4) + 1
+                busy(0.4)
+            left_the_mode.append(time.monotonic() - start)
+            busy(3)
+    assert left_the_mode and left_the_mode[0] >= 0.4 and time.monotonic() - start < 2.5, left_the_mode
+
+    monkeypatch.setattr(train_throughput, "UNSAFE_WAIT_S", 0.2)
+    start = time.monotonic()
+    with pytest.raises(train_throughput.DeadlinePassed):
+        with train_throughput.interrupt_at(start + 0.1):
+            with mode:
+                busy(3)  # a mode that never ends: raised anyway, once UNSAFE_WAIT_S is up
+    assert 0.3 <= time.monotonic() - start < 2.5
+
+    class Finalized:
+        def __del__(self):
+            frames.append(train_throughput.torch_would_break(sys._getframe()))
+
+    frames: list[bool] = []
+    del_ = Finalized()
+    del del_
+    assert frames == [True] and not train_throughput.torch_would_break(sys._getframe())

@@ -291,15 +291,27 @@ class DeadlinePassed(BaseException):
 # to this long past the deadline (a compile's longest such stretch, measured on the CPU: 1.9 s), then is raised anyway.
 UNSAFE_WAIT_S = 30.0
 UNSAFE_RETRY_S = 0.02
+# Raised where Python drops it (a callback of torch's C++ that it cannot see: "Exception ignored in ..."), the
+# deadline comes again this much later; where it went through, the block's end turns the timer off first.
+RAISE_AGAIN_S = 1.0
+
+
+# Python that torch's C++ calls back into, for an operator (its dispatch rules, decompositions, Python kernels,
+# fake and proxy tensors): an exception raised there goes through C++ that may not pass it on.
+_CALLED_FROM_CPP = tuple(os.sep + os.path.join("torch", *p.split("/")) for p in (
+    "_library/", "_ops.py", "_subclasses/", "utils/_python_dispatch.py", "_decomp/", "_refs/", "_prims/",
+    "_prims_common/", "_higher_order_ops/", "fx/experimental/proxy_tensor.py", "_meta_registrations.py"))
 
 
 def torch_would_break(frame) -> bool:
-    """Whether an exception raised at `frame` could go through torch's C++ and leave it broken. A Python dispatch
-    mode active (FakeTensorMode, make_fx's proxy mode: all of AOTAutograd's trace), or Python code called back from
-    C++ (a weakref callback, __del__, __torch_dispatch__): a deadline raised there was swallowed as "Exception
-    ignored in ... WeakValueDictionary ... remove", torch's mode stack was left with a mode set twice, and the
-    process aborted ("terminate called after throwing an instance of 'c10::Error'"; once in about 400 deadlines,
-    the stage and every part after this one gone)."""
+    """Whether an exception raised at `frame` could go through torch's C++ and break it: a Python dispatch mode
+    active (FakeTensorMode, make_fx's proxy mode: all of AOTAutograd's trace), or a frame on the stack that torch's
+    C++ calls back into (_CALLED_FROM_CPP; __torch_dispatch__, __torch_function__; a weakref callback, __del__).
+    Raised there, a deadline was swallowed as "Exception ignored in ... WeakValueDictionary ... remove" and left a
+    mode set twice or a FakeTensorMode on, or went through C++ that cannot pass it on: the process aborted
+    ("terminate called after throwing an instance of 'c10::Error'" or "'pybind11::error_already_set'": 2 of 660
+    aot_eager compiles cut at random moments, and 1 more failed on a FakeTensorMode left on), the GPU check's stage
+    and every part after this one with it."""
     try:
         from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
@@ -307,12 +319,12 @@ def torch_would_break(frame) -> bool:
         if _get_current_dispatch_mode_stack() or any(torch._C._get_dispatch_mode(k) is not None
                                                      for k in (keys.FAKE, keys.PROXY, keys.FUNCTIONAL)):
             return True
-    except (AttributeError, ImportError):  # a torch without these (private) calls: as before, raise at once
+    except (AttributeError, ImportError):  # a torch without these (private) calls: the stack alone says
         pass
     while frame is not None:
         code = frame.f_code
-        if code.co_name in ("__del__", "__torch_dispatch__", "__torch_function__") or \
-                code.co_filename.endswith("weakref.py"):
+        if (code.co_name in ("__del__", "__torch_dispatch__", "__torch_function__")
+                or code.co_filename.endswith("weakref.py") or any(p in code.co_filename for p in _CALLED_FROM_CPP)):
             return True
         frame = frame.f_back
     return False
@@ -342,6 +354,7 @@ def interrupt_at(deadline: float | None):
             if torch_would_break(frame) and now < deadline + UNSAFE_WAIT_S:
                 signal.setitimer(signal.ITIMER_REAL, UNSAFE_RETRY_S)  # a moment later, where it may be raised
                 return
+            signal.setitimer(signal.ITIMER_REAL, RAISE_AGAIN_S)
             raise DeadlinePassed()
         outer_fired = True  # the outer timer's time came first: its handler, once, then ours again
         if callable(outer_handler):

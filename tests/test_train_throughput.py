@@ -236,10 +236,11 @@ def test_a_deadline_due_as_its_block_ends_still_gives_sigalrm_back():
 
 
 def test_a_deadline_waits_while_torch_could_be_broken_by_it_and_is_raised_just_after(monkeypatch):
-    """A deadline raised while a Python dispatch mode was active (all of AOTAutograd's trace) or in a callback from
-    torch's C++ (a weakref callback) left torch's mode stack with a mode set twice: the process aborted, once in
-    about 400 compiles cut at random moments (measured), and with it the GPU check's stage and every part after.
-    It waits for the mode to end, then is raised; past UNSAFE_WAIT_S it is raised anyway."""
+    """A deadline raised while a Python dispatch mode was active (all of AOTAutograd's trace) or in Python that
+    torch's C++ calls back into (a weakref callback, an operator's dispatch rule) left torch's mode stack with a
+    mode set twice, or went through C++ that cannot pass it on: the process aborted, 2 of 660 compiles cut at random
+    moments (measured), and with it the GPU check's stage and every part after. It waits for the mode to end, then
+    is raised; past UNSAFE_WAIT_S it is raised anyway."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     def busy(seconds: float) -> None:  # Python bytecode all along: the alarm's handler runs at once
@@ -273,7 +274,28 @@ def test_a_deadline_waits_while_torch_could_be_broken_by_it_and_is_raised_just_a
         def __del__(self):
             frames.append(train_throughput.torch_would_break(sys._getframe()))
 
+    # Raised in a callback torch's C++ makes, unseen here, the deadline was dropped ("Exception ignored in"): the
+    # warm-up then ran on without one. It comes again RAISE_AGAIN_S later.
+    monkeypatch.setattr(train_throughput, "RAISE_AGAIN_S", 0.2)
+    dropped = []
+    start = time.monotonic()
+    with pytest.raises(train_throughput.DeadlinePassed):
+        with train_throughput.interrupt_at(start + 0.1):
+            try:
+                busy(1)
+            except train_throughput.DeadlinePassed:
+                dropped.append(time.monotonic() - start)  # as Python drops a callback's exception
+            busy(3)
+    assert dropped and 0.3 <= time.monotonic() - start < 2.5, dropped
+
     frames: list[bool] = []
     del_ = Finalized()
     del del_
     assert frames == [True] and not train_throughput.torch_would_break(sys._getframe())
+    # An operator's Python dispatch rule, which torch's C++ looks up and calls (the frame one abort was raised in).
+    from torch._library import simple_registry
+
+    code = compile("import sys\nframe = sys._getframe()", simple_registry.__file__, "exec")
+    scope: dict = {}
+    exec(code, scope)
+    assert train_throughput.torch_would_break(scope["frame"])

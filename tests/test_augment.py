@@ -345,11 +345,11 @@ def test_bad_augmentation_parameters_are_config_errors_naming_the_key(assignment
     with pytest.raises(ConfigError) as e:
         load_config(None, [assignment])
     message = str(e.value)
-    assert message.startswith(key + ":") and "\n" not in message
+    assert message.startswith(f"--set {assignment}: {key}:") and "\n" not in message  # where, then what
 
 
 def test_mixup_and_cutmix_probabilities_cannot_exceed_one_together():
-    with pytest.raises(ConfigError, match=r"^data.cutmix_p:"):
+    with pytest.raises(ConfigError, match=r"^--set data.cutmix_p=0.5: data.cutmix_p:"):
         load_config(None, ["data.mixup_p=0.7", "data.cutmix_p=0.5"])
     assert load_config(None, ["data.mixup_p=0.5", "data.cutmix_p=0.5"]).data.cutmix_p == 0.5
 

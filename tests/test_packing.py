@@ -25,12 +25,13 @@ def refused(sets: list[str]) -> str:
 @pytest.mark.parametrize("share", [0, -0.25, 1.5, 2])
 def test_a_share_must_be_in_0_1(share):
     assert refused([f"train.gpus_per_worker={share}", NO_SEARCH]).startswith(
-        "train.gpus_per_worker: must be in (0, 1]: a rank trains on one GPU")
+        f"--set train.gpus_per_worker={share}: train.gpus_per_worker: must be in (0, 1]: a rank trains on one GPU")
 
 
 def test_a_share_of_a_gpu_needs_a_one_rank_trial():
     message = refused(["train.gpus_per_worker=0.5", "train.num_workers=2", NO_SEARCH])
-    assert message.startswith("train.gpus_per_worker: a share of a GPU needs train.num_workers 1, not 2: ")
+    assert message.startswith("--set train.gpus_per_worker=0.5: train.gpus_per_worker: a share of a GPU needs "
+                              "train.num_workers 1, not 2: ")
     assert "union of its GPU ids" in message and "Duplicate GPU" in message and message.endswith("(got 0.5)")
     load_config(None, ["train.gpus_per_worker=0.5", "train.num_workers=1", NO_SEARCH])
     load_config(None, ["train.gpus_per_worker=1", "train.num_workers=2", NO_SEARCH])  # whole GPUs: DDP as before
@@ -45,7 +46,8 @@ def test_a_share_of_a_gpu_needs_a_one_rank_trial():
 ])
 def test_every_trial_of_a_searched_study_is_checked(space, prefix):
     message = refused([f"tune.search_space={space}"])
-    assert message.startswith(prefix + "train.gpus_per_worker: a share of a GPU needs train.num_workers 1"), message
+    assert message.startswith(f"--set tune.search_space={space}: {prefix}train.gpus_per_worker: a share of a GPU "
+                              "needs train.num_workers 1"), message
 
 
 def test_packed_and_ddp_trials_can_share_a_study():

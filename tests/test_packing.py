@@ -103,13 +103,12 @@ def test_trials_that_fit(cpus, gpus, cpus_per_trial, gpus_per_trial, fits):
     (["train.gpus_per_worker=0.25", "tune.search_space={variants: {grid: [{optim.lr: 0.1}, "
                                     "{train.gpus_per_worker: 1}]}}"], {"CPU": 16.0, "GPU": 2.0}, 2),
 ])
-def test_concurrent_trials_packs_shares_of_a_gpu(monkeypatch, sets, resources, concurrent):
-    monkeypatch.setattr(ray_cluster.ray, "cluster_resources", lambda: resources)
+def test_concurrent_trials_packs_shares_of_a_gpu(sets, resources, concurrent):
     cfg = load_config(None, sets + ["train.use_gpu=true"])
-    assert ray_cluster.concurrent_trials(cfg) == concurrent
+    assert ray_cluster.concurrent_trials(cfg, resources) == concurrent
     cfg.train.use_gpu = False  # CPU trials: the share does not count (resolved so on a CPU cluster)
     cpu_trials = ray_cluster.trials_that_fit(resources["CPU"], 0, ray_cluster.trial_cpus(cfg), 0)
-    assert ray_cluster.concurrent_trials(cfg) == cpu_trials
+    assert ray_cluster.concurrent_trials(cfg, resources) == cpu_trials
 
 
 @pytest.mark.parametrize("use_gpu, share, expected", [(True, 0.25, {"CPU": 1.0, "GPU": 0.25}),

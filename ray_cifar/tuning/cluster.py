@@ -403,18 +403,13 @@ BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
 
 
 def capacity() -> dict[str, float]:
-    """The cluster's CPUs and GPUs: those it has now or, where an autoscaler can add nodes, the most it can have
-    (the larger of each). A head of the cluster launcher or KubeRay has no CPU or GPU of its own for trials
-    (cluster/*.yaml: CPU 0), and its GPU workers come when trials wait for them: checked against what was there
-    at the start, every study of cluster/aws-gpu.yaml was refused ("more than the 0 there are"), train.use_gpu
-    null became false (trials on the GPU workers' CPUs), and one trial ran at a time."""
-    now, most = ray.cluster_resources(), autoscaling_max() or {}
-    return {key: max(now.get(key, 0.0), most.get(key, 0.0)) for key in ("CPU", "GPU")}
-
-
-def most_nodes() -> int:
-    """The nodes the cluster has now or, where an autoscaler can add nodes, the most it can have."""
-    return int(max(alive_nodes(), (autoscaling_max() or {}).get("nodes", 0.0)))
+    """The cluster's CPUs, GPUs and nodes: those it has now or, where an autoscaler can add nodes, the most it can
+    have (the larger of each). Read once, at the study's start. A head of the cluster launcher or KubeRay has no CPU
+    or GPU of its own for trials (cluster/*.yaml: CPU 0), and its GPU workers come when trials wait for them:
+    checked against what was there at the start, every study of cluster/aws-gpu.yaml was refused ("more than the 0
+    there are"), train.use_gpu null became false (trials on the GPU workers' CPUs), and one trial ran at a time."""
+    now, most = {**ray.cluster_resources(), "nodes": alive_nodes()}, autoscaling_max() or {}
+    return {key: max(float(now.get(key, 0.0)), most.get(key, 0.0)) for key in ("CPU", "GPU", "nodes")}
 
 
 def autoscaling_max() -> dict[str, float] | None:
@@ -465,8 +460,8 @@ def bootstrap_max(path: str) -> dict[str, float] | None:
     return most
 
 
-def resolve_use_gpu(cfg: Config) -> bool:
-    gpus = capacity()["GPU"]
+def resolve_use_gpu(cfg: Config, gpus: float) -> bool:
+    """train.use_gpu, null resolved against the cluster's `gpus` (capacity)."""
     if cfg.train.use_gpu is None:
         return gpus > 0
     if cfg.train.use_gpu and gpus == 0:
@@ -474,11 +469,11 @@ def resolve_use_gpu(cfg: Config) -> bool:
     return cfg.train.use_gpu
 
 
-def concurrent_trials(cfg: Config) -> int:
-    """How many trials the cluster fits at once (each needs all its ranks at the same time)."""
+def concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
+    """How many trials the cluster's `resources` (capacity) fit at once (each needs all its ranks at the same
+    time)."""
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
-    resources = capacity()
     gpus_per_trial = max_trial_gpus(cfg) if cfg.train.use_gpu else 0.0
     return trials_that_fit(resources["CPU"], resources["GPU"], trial_cpus(cfg, max_workers(cfg)), gpus_per_trial)
 
@@ -494,12 +489,11 @@ def alive_nodes() -> int:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
-def check_fits(cfg: Config) -> None:
-    """On a running cluster, refuse (ConfigError, one line) a trial larger than the cluster's CPUs/GPUs (the most
-    its autoscaler can bring: capacity), its driver included, before any trial starts. A local Ray was checked
+def check_fits(cfg: Config, resources: dict[str, float]) -> None:
+    """On a running cluster, refuse (ConfigError, one line) a trial larger than its `resources` (the most its
+    autoscaler can bring: capacity), its driver included, before any trial starts. A local Ray was checked
     against this machine's real cores before it started (cli.check_before_trials)."""
     if cfg.tune.cluster_address():
-        resources = capacity()
         check_resources(cfg, resources["CPU"], resources["GPU"], count_driver=True)
 
 

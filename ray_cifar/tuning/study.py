@@ -353,11 +353,12 @@ def run_study(cfg: Config, output: str, resume: bool = False, remote: str | None
     check_start(cfg, output, remote)
     hold_driver_lock(output)
     dashboard = cluster.init_ray(cfg)
-    cluster.check_fits(cfg)  # before use_gpu is resolved: it refuses a GPU share only where use_gpu was false
-    cfg.train.use_gpu = cluster.resolve_use_gpu(cfg)
+    limits = cluster.capacity()  # what an autoscaler can add too
+    cluster.check_fits(cfg, limits)  # before use_gpu is resolved: it refuses a GPU share only where use_gpu was false
+    cfg.train.use_gpu = cluster.resolve_use_gpu(cfg, limits["GPU"])
     if not shared:
-        storage.check_output_shared(output, cluster.most_nodes())  # nodes an autoscaler adds too
-    max_concurrent = cluster.concurrent_trials(cfg)
+        storage.check_output_shared(output, int(limits["nodes"]))
+    max_concurrent = cluster.concurrent_trials(cfg, limits)
     cluster.split_cpu_threads(cfg, max_concurrent)
     cluster.skip_unsent_callback_census()
     if remote and not resume:

@@ -240,25 +240,18 @@ def _space_cut(own: dict, smoke: dict) -> str:
     its two ends are not points: BOHB's space of one loguniform and three 4-value choices read "cut to 16 of its
     128 point(s)"."""
     def combinations(space: dict) -> int:
-        return math.prod(len(_listed(spec)) for spec in space.values() if _kind(spec) in ("grid", "choice"))
+        return math.prod(len(values) for kind, values in map(_entry, space.values()) if kind in ("grid", "choice"))
 
-    ranges = [k for k, spec in own.items() if _kind(spec) not in ("grid", "choice")]
+    ranges = [k for k, spec in own.items() if _entry(spec)[0] not in ("grid", "choice")]
     if not ranges:
         return f"the search space cut to {combinations(smoke)} of its {combinations(own)} point(s)"
     return (f"the search space's lists cut to {combinations(smoke)} of their {combinations(own)} combination(s) "
             f"(its range of {', '.join(ranges)} not cut)")
 
 
-def _kind(spec):
-    return next(iter(spec)) if isinstance(spec, dict) and len(spec) == 1 else None
-
-
-def _listed(spec) -> list:
-    """A search-space entry's values (a range's two ends); a bare value as one."""
-    if _kind(spec) is None:
-        return [spec]
-    listed = next(iter(spec.values()))
-    return listed if isinstance(listed, list) else [listed]
+def _entry(spec: dict) -> tuple[str, list]:
+    """A validated search-space entry, {kind: values}, as (kind, values) (a range's values: its two ends)."""
+    return next(iter(spec.items()))
 
 
 def _rescaled(own: dict, smoke: dict) -> list[str]:
@@ -268,11 +261,14 @@ def _rescaled(own: dict, smoke: dict) -> list[str]:
     variants" left the user to find which."""
     found = []
     for key, spec in smoke.items():
-        if key not in own or (_kind(spec) == _kind(own[key]) and all(v in _listed(own[key]) for v in _listed(spec))):
+        if key not in own:
             continue
-        inner = [v for v in _listed(spec) if isinstance(v, dict)]
-        if inner and _kind(spec) == _kind(own[key]):
-            theirs = [v for v in _listed(own[key]) if isinstance(v, dict)]
+        (kind, values), (own_kind, own_values) = _entry(spec), _entry(own[key])
+        if kind == own_kind and all(v in own_values for v in values):
+            continue
+        inner = [v for v in values if isinstance(v, dict)]
+        if inner and kind == own_kind:
+            theirs = [v for v in own_values if isinstance(v, dict)]
             fields = dict.fromkeys(f for v in inner for f, x in flatten(v).items()
                                    if all(flatten(t).get(f) != x for t in theirs))
             if fields:

@@ -87,3 +87,66 @@ def test_ranks_cover_each_epoch_exactly_once():
     assert sorted(seen.tolist()) == list(range(n))
     other_epoch = TrainLoader(splits.train, cfg.data, batch, 0, 2, seed=3).epoch_indices(epoch=2)
     assert not torch.equal(other_epoch, TrainLoader(splits.train, cfg.data, batch, 0, 2, seed=3).epoch_indices(1))
+
+
+# The killed-rank study (test_fault_tolerance, RAY_CIFAR_LONG_TESTS=1) in two gloo processes without Ray: rank 0's
+# checkpoint of epoch 2 is what every rank of a restarted worker group resumes from, augmentation on (each rank
+# draws its own crops and flips).
+RESUME_SETS = TINY_MODEL + ["model.norm=group", "train.amp=fp32", "train.epochs=4", "train.global_batch_size=50",
+                            "data.val_size=100", "data.pipeline=torch", "optim.lr=0.05", "schedule.name=cosine",
+                            "train.torch_threads=1", "train.num_workers=2"]
+
+
+class Stopped(Exception):
+    pass
+
+
+def _resume_rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    from ray_cifar import checkpoint
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        cfg = load_config(None, RESUME_SETS)
+        splits = make_splits(synthetic_cifar(400, 50), cfg.data, "cpu")
+        cpu = torch.device("cpu")
+
+        def train(**kwargs):
+            epochs: list[dict] = []
+            on_epoch = kwargs.pop("on_epoch", lambda m, state: epochs.append(m))
+            model = run_training(cfg, train_loader_for(cfg, splits.train, cpu, rank, world_size), splits.val, cpu,
+                                 rank, world_size, on_epoch=on_epoch, log=None, **kwargs)
+            return epochs, model.state_dict()
+
+        full, full_weights = train()
+        saved = os.path.join(out_dir, "epoch2")
+
+        def stop_after_2(metrics, state):
+            if metrics["epoch"] == 2:
+                if rank == 0:  # as a trial's rank 0 reports the checkpoint
+                    checkpoint.save_state(state(), saved)
+                raise Stopped
+
+        try:
+            train(on_epoch=stop_after_2)
+        except Stopped:
+            pass
+        dist.barrier()  # rank 0's checkpoint is written
+        resumed, resumed_weights = train(resume=checkpoint.load_state(saved))
+        torch.save({"full": full, "resumed": resumed, "full_weights": full_weights,
+                    "resumed_weights": resumed_weights}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_resumed_from_rank_0s_checkpoint_continue_exactly(tmp_path):
+    mp.start_processes(_resume_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        full, resumed = got["full"], got["resumed"]
+        assert [m["epoch"] for m in resumed] == [3, 4] and [m["resumed_from_epoch"] for m in resumed] == [2, 2]
+        for have, want in zip(resumed, full[2:]):
+            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "steps"):
+                assert have[key] == want[key], (rank, have["epoch"], key, have[key], want[key])
+        for name, weights in got["full_weights"].items():
+            assert torch.equal(got["resumed_weights"][name], weights), (rank, name)

@@ -1,7 +1,7 @@
 """A real two-node Ray cluster on loopback (`ray start --head`, `ray start --address`).
 
-One study of one 2-rank trial, data and output given as file:// URIs, the ranks spread over the
-nodes (train.placement_strategy=SPREAD):
+One study of one 2-rank trial (`python -m ray_cifar.train`'s DDP path), data and output given as file:// URIs,
+the ranks spread over the nodes (train.placement_strategy=SPREAD):
 - its epochs before the loss have one rank on each node: their rows name both nodes;
 - after its second epoch every process of the second node is SIGKILLed (the node is lost): Ray Train
   restarts the worker group on what is left (SPREAD is a preference, not a rule) from the last
@@ -19,6 +19,7 @@ import sys
 import pytest
 
 from conftest import TINY_MODEL
+from ray_cifar import console
 from ray_cifar.results import ResultsLog
 from processes import descendants, end_tree
 from test_fault_tolerance import trials_state, wait_for
@@ -85,7 +86,9 @@ def test_study_across_two_nodes_survives_losing_one(tmp_path, two_nodes, synthet
                          "tune.search_space={}"]
     env = {**ENV, "RAY_ADDRESS": two_nodes["address"],
            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{two_nodes['dashboard']}"}
-    proc = subprocess.Popen([sys.executable, "-m", "ray_cifar.tune", "--data", f"file://{synthetic_parquet_dir}",
+    # `python -m ray_cifar.train`'s DDP path (a study of one TorchTrainer trial, as `tune` runs it): its one test in
+    # every run (test_fault_tolerance's killed rank, whose undisturbed run it is, runs only when asked).
+    proc = subprocess.Popen([sys.executable, "-m", "ray_cifar.train", "--data", f"file://{synthetic_parquet_dir}",
                              "--output", f"file://{output}", *[a for s in sets for a in ("--set", s)]],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
@@ -104,10 +107,16 @@ def test_study_across_two_nodes_survives_losing_one(tmp_path, two_nodes, synthet
     # to sign in with: these nodes run with RAY_AUTH_MODE=disabled.
     assert f"; Ray dashboard: http://127.0.0.1:{two_nodes['dashboard']}\n" in out, out[:3000]
 
+    # `train` imports Ray after its console log began: Ray's records are in the log once each (they were twice)
+    (log,) = (output / console.LOGS).iterdir()
+    assert log.read_text().count("Connected to Ray cluster") == 1
+
     trials = list(trials_state(output).values())
     assert [t["status"] for t in trials] == ["completed"]
     rows = sorted(ResultsLog(str(output)).read(), key=lambda r: r["epoch"])
     assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))  # none lost, none twice
+    # The torch pipeline fed both ranks (test_study_pipelines' DDP study is fed by DALI)
+    assert {(r["num_workers"], r["data_pipeline"]) for r in rows} == {(2, "torch")}
     before = [r for r in rows if not r["resumed_from_epoch"]]
     assert len(before) >= 2 and all(len(set(r["nodes"].split(","))) == 2 for r in before)  # a rank on each node
     after = [r for r in rows if r["resumed_from_epoch"]]

@@ -17,7 +17,8 @@
 (e) A driver killed before its first trial (config.yaml written, no Tune experiment): its command line with
         --resume-if-exists starts the study.
 (f) A grid study killed as its second trial trains, its trial list put back from before that trial was made (its
-        grid generator's state kept): `--resume` makes the trial again, under its id, from its own checkpoint.
+        grid generator's state kept): `--resume` makes the trial again, under its id, from its own checkpoint. The
+        study is tracked by MLflow: one run per trial, every epoch logged once across the kill.
 Every process killed here is one this test started (the driver) or a descendant of it.
 """
 
@@ -332,17 +333,26 @@ def test_killed_driver_then_resume_finishes_the_study(tmp_path, synthetic_parque
     assert again.returncode == 0 and "already finished" in again.stdout
 
 
-def test_a_trial_made_after_tunes_last_trial_list_is_made_again_by_resume_and_goes_on(tmp_path,
-                                                                                     synthetic_parquet_dir):
+MADE_AFTER_EPOCHS = 6
+MADE_AFTER_LRS = [0.05, 0.04, 0.03]
+
+
+@pytest.fixture(scope="module")
+def made_after_study(tmp_path_factory, synthetic_parquet_dir) -> dict:
     """The other way round from the study above: Tune's trial list is put back as it was before the second trial
     was made, the grid generator's state kept (it has made that trial). Tune's own generator never made the trial
     again: its grid point was never run and the study ended without it. It is made again under its id and goes
-    on from its own checkpoint; the third is made after it."""
-    output = tmp_path / "study"
-    epochs = 6
-    grid = "{optim.lr: {grid: [0.05, 0.04, 0.03]}}"
+    on from its own checkpoint; the third is made after it.
+
+    The study is tracked by MLflow (the tracker's kill and resume in every run; test_tracking's W&B study repeats
+    it with RAY_CIFAR_LONG_TESTS=1): its second trial's run, opened by the killed driver, must be the one the
+    remade trial logs its later epochs to, each step once."""
+    pytest.importorskip("mlflow", reason="pip install 'ray_cifar[tracking]'")
+    output = tmp_path_factory.mktemp("made_after") / "study"
+    grid = f"{{optim.lr: {{grid: {MADE_AFTER_LRS}}}}}"
     proc = subprocess.Popen(study_args(synthetic_parquet_dir, output, *SETS, *ONE_RANK,
-                                       f"train.epochs={epochs}", f"tune.search_space={grid}"),
+                                       f"train.epochs={MADE_AFTER_EPOCHS}", f"tune.search_space={grid}",
+                                       "tune.tracking=mlflow"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lists = SearchStates(output, "experiment_state-*.json", kind="json")
     grids = SearchStates(output, "basic-variant-state-*.json")
@@ -355,7 +365,8 @@ def test_a_trial_made_after_tunes_last_trial_list_is_made_again_by_resume_and_go
                 and grids.made(grids.versions[-1]) == 2 and any(len(trial_ids(v[n])) == 1
                                                                 for v in lists.versions for n in v))
 
-    kill_driver_when(proc, second_trial_trained, "the second trial's second epoch, its grid state saved")
+    killed_at = kill_driver_when(proc, second_trial_trained, "the second trial's second epoch, its grid state saved",
+                                 time.time)
     first, second = sorted(trials_state(output))
     version = lists.put_back_newest(lambda v: all(trial_ids(d) == {first} for d in v.values()),
                                     "with the first trial alone")
@@ -367,11 +378,18 @@ def test_a_trial_made_after_tunes_last_trial_list_is_made_again_by_resume_and_go
     resumed = subprocess.run([sys.executable, "-m", "ray_cifar.tune", "--resume", str(output)], capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
-    assert f"trial {second} was made after Tune's last saved trial list" in resumed.stdout
+    return {"output": output, "first": first, "second": second, "recorded": recorded, "killed_at": killed_at,
+            "stdout": resumed.stdout}
+
+
+def test_a_trial_made_after_tunes_last_trial_list_is_made_again_by_resume_and_goes_on(made_after_study):
+    output, first, second = made_after_study["output"], made_after_study["first"], made_after_study["second"]
+    recorded, epochs = made_after_study["recorded"], MADE_AFTER_EPOCHS
+    assert f"trial {second} was made after Tune's last saved trial list" in made_after_study["stdout"]
     trials = trials_state(output)
     assert len(trials) == 3 and {first, second} < set(trials), sorted(trials)
     assert [t["status"] for _, t in sorted(trials.items())] == ["completed"] * 3
-    assert sorted(float(t["optim.lr"]) for t in trials.values()) == [0.03, 0.04, 0.05]
+    assert sorted(float(t["optim.lr"]) for t in trials.values()) == sorted(MADE_AFTER_LRS)
     rows = ResultsLog(str(output)).read()
     keys = [(r["trial_id"], r["epoch"]) for r in rows]
     assert sorted(keys) == sorted((t, e) for t in trials for e in range(1, epochs + 1))  # none lost, none twice
@@ -384,6 +402,48 @@ def test_a_trial_made_after_tunes_last_trial_list_is_made_again_by_resume_and_go
     assert trained and trained[0]["resumed_from_epoch"] >= 2, after
     assert trained[0]["epoch"] == trained[0]["resumed_from_epoch"] + 1, after
     assert all(r["epoch"] <= trained[0]["resumed_from_epoch"] for r in after if not r["resumed_from_epoch"]), after
+
+
+def test_mlflow_one_run_per_trial_every_epoch_once_after_a_killed_driver(made_after_study):
+    from mlflow import MlflowClient
+
+    from ray_cifar.results import read_rows
+    from ray_cifar.tuning import tracking
+
+    output, epochs = made_after_study["output"], MADE_AFTER_EPOCHS
+    trials = trials_state(output)
+    client = MlflowClient(f"sqlite:///{output}/mlflow.db")
+    experiment = client.get_experiment_by_name(output.name)  # named after the output folder
+    runs = client.search_runs([experiment.experiment_id])
+    trial_runs = {r.data.tags[tracking.TRIAL_TAG]: r for r in runs if r.data.tags.get("ray_cifar.kind") == "trial"}
+    study_runs = [r for r in runs if r.data.tags.get("ray_cifar.kind") == "study"]
+    assert len(runs) == len(trial_runs) + 1 and len(study_runs) == 1  # no second run for a resumed or remade trial
+    assert set(trial_runs) == set(trials)
+    assert sorted(float(r.data.params["optim.lr"]) for r in trial_runs.values()) == sorted(MADE_AFTER_LRS)
+    for trial_id, run in trial_runs.items():
+        assert run.data.params["train.seed"] == "0"
+        assert run.data.tags["mlflow.parentRunId"] == study_runs[0].info.run_id
+        assert run.info.status == "FINISHED" and run.data.tags[tracking.STATUS_TAG] == "completed"
+        assert run.data.metrics["best_epoch"] == trials[trial_id]["best_epoch"]  # its end figures
+        history = client.get_metric_history(run.info.run_id, "val_acc")
+        rows = {r["epoch"]: r for r in ResultsLog(str(output)).read() if r["trial_id"] == trial_id}
+        assert sorted(m.step for m in history) == list(range(1, epochs + 1)) == sorted(rows)  # each epoch once
+        assert all(abs(m.value - rows[m.step]["val_acc"]) < 1e-9 for m in history)
+        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == epochs
+    # The second trial was interrupted by the kill after its epoch 1 was in MLflow: the killed driver logged its
+    # first epochs, the resumed one (to the same run, the trial made again) the rest, skipping the steps the run
+    # already held (each step once, above).
+    history = client.get_metric_history(trial_runs[made_after_study["second"]].info.run_id, "val_acc")
+    assert any(m.timestamp / 1000 < made_after_study["killed_at"] for m in history)
+    table = {t["trial_id"]: t for t in read_rows(str(output / "trials.parquet"))}
+    tested = [t for t, row in table.items() if row["test_acc"] is not None]
+    assert tested and all(trial_runs[t].data.metrics["test_acc"] == table[t]["test_acc"] for t in tested)
+    assert study_runs[0].data.params["train.epochs"] == str(epochs)  # the study's config
+    attached = {f.path for f in client.list_artifacts(study_runs[0].info.run_id)}
+    assert {"trials.parquet", "results.parquet", "report.html", "report.md", "figures"} <= attached
+    figures = {os.path.basename(f.path) for f in client.list_artifacts(study_runs[0].info.run_id, "figures")}
+    assert "ranking.png" in figures  # the report's images, beside it as it links them
+    assert os.path.isdir(output / tracking.MLFLOW_ARTIFACTS)  # the default store's artifacts stay under OUTPUT
 
 
 def test_a_ddp_trial_whose_ray_train_snapshot_the_kill_emptied_resumes_from_its_checkpoints(tmp_path,

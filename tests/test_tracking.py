@@ -1,11 +1,12 @@
 """tune.tracking: real MLflow (sqlite under OUTPUT) and W&B (offline) runs of a real study, read back with
 MLflow's own client and W&B's record files.
 
-One study per tracker (module-scoped): two 1-rank trials, the driver SIGKILLed once a trial has recorded
-epoch 2, then continued (MLflow: `--resume OUTPUT`; W&B, with RAY_CIFAR_LONG_TESTS=1: the same command line
-again with `--resume-if-exists`, as cluster/kuberay-rayjob.yaml's retried job does). The assertions read that one
-study: one tracker run per trial with its searched values and seed, every epoch once (step = epoch), the
-status at the end, the study's files attached.
+A killed study per tracker. MLflow's is test_fault_tolerance's killed grid study (its trial list put back, a
+trial made again), read back there. W&B's, with RAY_CIFAR_LONG_TESTS=1, here (module-scoped): two 1-rank trials,
+the driver SIGKILLed once a trial has recorded epoch 2, then continued by the same command line with
+`--resume-if-exists`, as cluster/kuberay-rayjob.yaml's retried job does. The assertions read that one study: one
+tracker run per trial with its searched values and seed, every epoch once (step = epoch), the status at the end,
+the study's files attached. The rest, each tracker's own part, without a study.
 Every process killed here is one this test started (the driver) or a descendant of it.
 """
 
@@ -22,7 +23,7 @@ import pytest
 
 from conftest import TINY_MODEL, long_test
 from ray_cifar.tuning import tracking
-from ray_cifar.results import ResultsLog, read_rows
+from ray_cifar.results import ResultsLog
 
 # Enough epochs that a trial stays running past epoch 2 for longer than the kill's poll (0.5 s) on a quiet machine:
 # at 4, a tiny epoch of ~0.2 s let the study end between two polls.
@@ -39,12 +40,18 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
 
 
-def run_killed_and_resumed(data: str, output, tracker: str, as_a_retried_job: bool = False) -> dict:
-    """`as_a_retried_job`: start and continue the study as cluster/kuberay-rayjob.yaml's entrypoint does, with
-    the same command line and --resume-if-exists; else continue it with --resume OUTPUT."""
+@pytest.fixture(scope="module")
+def wandb_study(tmp_path_factory, synthetic_parquet_dir) -> dict:
+    """Started and continued as cluster/kuberay-rayjob.yaml's entrypoint does: the same command line, with
+    --resume-if-exists. The tracker's kill and resume is MLflow's in every run (test_fault_tolerance's killed grid
+    study is tracked by MLflow); W&B's skip of the steps on disk is checked on its real files below, and a killed
+    study continued by its retried command line in test_remote_output."""
     from test_fault_tolerance import kill_driver_when, study_args, trials_state
 
-    args = study_args(data, output, *SETS, f"tune.tracking={tracker}") + (["--resume-if-exists"] * as_a_retried_job)
+    long_test("a killed study tracked by W&B, as the MLflow one")
+    pytest.importorskip("wandb", reason="pip install 'ray_cifar[tracking]'")
+    output = tmp_path_factory.mktemp("wandb") / "study-wandb"
+    args = study_args(synthetic_parquet_dir, output, *SETS, "tune.tracking=wandb") + ["--resume-if-exists"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env=clean_env())
 
@@ -53,81 +60,20 @@ def run_killed_and_resumed(data: str, output, tracker: str, as_a_retried_job: bo
         # the tracker when epoch 2's row is written: the resumed driver must skip what is there.
         return any(t.get("epochs", 0) >= 2 and t["status"] == "running" for t in trials_state(output).values())
 
-    def at_the_kill():
-        state = trials_state(output).values()
-        return ([t["trial_id"] for t in state if t["status"] == "running"],
-                [t["trial_id"] for t in state if t["status"] == "running" and t.get("epochs", 0) >= 2], time.time())
-
-    running, past_two, killed_at = kill_driver_when(proc, a_trial_past_epoch_two, "a trial's second epoch",
-                                                    at_the_kill, timeout=600)
+    running = kill_driver_when(proc, a_trial_past_epoch_two, "a trial's second epoch",
+                               lambda: [t["trial_id"] for t in trials_state(output).values() if t["status"] == "running"],
+                               timeout=600)
     assert not os.path.exists(output / "study-finished.json"), "the study finished before the driver was killed"
-    again = args if as_a_retried_job else [sys.executable, "-m", "ray_cifar.tune", "--resume", str(output)]
-    resumed = subprocess.run(again, capture_output=True, text=True, timeout=900, env=clean_env())
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=900, env=clean_env())
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     assert "resuming study" in resumed.stdout
     trials = trials_state(output)
     assert sorted(t["status"] for t in trials.values()) == ["completed", "completed"]
-    return {"output": output, "trials": trials, "running": running, "past_two": past_two, "killed_at": killed_at,
-            "stdout": resumed.stdout}
-
-
-@pytest.fixture(scope="module")
-def mlflow_study(tmp_path_factory, synthetic_parquet_dir):
-    pytest.importorskip("mlflow", reason="pip install 'ray_cifar[tracking]'")
-    return run_killed_and_resumed(synthetic_parquet_dir, tmp_path_factory.mktemp("mlflow") / "study-mlflow", "mlflow")
-
-
-@pytest.fixture(scope="module")
-def wandb_study(tmp_path_factory, synthetic_parquet_dir):
-    # The tracker's kill and resume is MLflow's in every run; W&B's skip of the steps on disk is checked on its real
-    # files below, and a killed study continued by its retried command line in test_remote_output.
-    long_test("a killed study tracked by W&B, as the MLflow one")
-    pytest.importorskip("wandb", reason="pip install 'ray_cifar[tracking]'")
-    return run_killed_and_resumed(synthetic_parquet_dir, tmp_path_factory.mktemp("wandb") / "study-wandb", "wandb",
-                                  as_a_retried_job=True)
+    return {"output": output, "trials": trials, "running": running, "stdout": resumed.stdout}
 
 
 def recorded_epochs(output, trial_id: str) -> list[int]:
     return sorted(r["epoch"] for r in ResultsLog(str(output)).read() if r["trial_id"] == trial_id)
-
-
-@pytest.mark.integration
-def test_mlflow_one_run_per_trial_every_epoch_once_after_a_killed_driver(mlflow_study):
-    from mlflow import MlflowClient
-
-    output = mlflow_study["output"]
-    client = MlflowClient(f"sqlite:///{output}/mlflow.db")
-    experiment = client.get_experiment_by_name("study-mlflow")  # named after the output folder
-    runs = client.search_runs([experiment.experiment_id])
-    trial_runs = {r.data.tags[tracking.TRIAL_TAG]: r for r in runs if r.data.tags.get("ray_cifar.kind") == "trial"}
-    study_runs = [r for r in runs if r.data.tags.get("ray_cifar.kind") == "study"]
-    assert len(runs) == len(trial_runs) + 1 and len(study_runs) == 1  # no second run for a resumed trial
-    assert set(trial_runs) == set(mlflow_study["trials"])
-    assert sorted(float(r.data.params["optim.lr"]) for r in trial_runs.values()) == sorted(LRS)
-    for trial_id, run in trial_runs.items():
-        assert run.data.params["train.seed"] == "0"
-        assert run.data.tags["mlflow.parentRunId"] == study_runs[0].info.run_id
-        assert run.info.status == "FINISHED" and run.data.tags[tracking.STATUS_TAG] == "completed"
-        assert run.data.metrics["best_epoch"] == mlflow_study["trials"][trial_id]["best_epoch"]  # its end figures
-        history = client.get_metric_history(run.info.run_id, "val_acc")
-        steps = [m.step for m in history]
-        assert sorted(steps) == list(range(1, EPOCHS + 1)) == recorded_epochs(output, trial_id)  # each epoch once
-        rows = {r["epoch"]: r for r in ResultsLog(str(output)).read() if r["trial_id"] == trial_id}
-        assert all(abs(m.value - rows[m.step]["val_acc"]) < 1e-9 for m in history)
-        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == EPOCHS
-        if trial_id in mlflow_study["past_two"]:
-            # Interrupted by the kill after its epoch 1 was in MLflow: the killed driver logged its first
-            # epochs, the resumed one the rest, skipping the steps the run already held (each step once, above).
-            assert any(m.timestamp / 1000 < mlflow_study["killed_at"] for m in history)
-    table = {t["trial_id"]: t for t in read_rows(str(output / "trials.parquet"))}
-    tested = [t for t, row in table.items() if row["test_acc"] is not None]
-    assert tested and all(trial_runs[t].data.metrics["test_acc"] == table[t]["test_acc"] for t in tested)
-    assert study_runs[0].data.params["train.epochs"] == str(EPOCHS)  # the study's config
-    attached = {f.path for f in client.list_artifacts(study_runs[0].info.run_id)}
-    assert {"trials.parquet", "results.parquet", "report.html", "report.md", "figures"} <= attached
-    figures = {os.path.basename(f.path) for f in client.list_artifacts(study_runs[0].info.run_id, "figures")}
-    assert "ranking.png" in figures  # the report's images, beside it as it links them
-    assert os.path.isdir(output / tracking.MLFLOW_ARTIFACTS)  # the default store's artifacts stay under OUTPUT
 
 
 @pytest.mark.integration

@@ -9,7 +9,7 @@ One two-trial study on a small tmpfs serves three cases in turn:
      `completed`, (trial, epoch) unique, every epoch 1..N there. (After step 1 no epoch is resumed from
      before the SIGTERM's latest checkpoint: nothing run twice.)
 A SIGTERM to every process of a study (the driver and its local Ray: a machine or job shutting down): the --resume
-command at the signal and an end within seconds, not a minute's wait on Ray's gone GCS; --resume finishes the study.
+command at the signal and an end within seconds, not a minute's wait on Ray's gone GCS.
 A SIGTERM while Ray starts: the --resume line, exit 130 (the signal held until ray.init returns); one while the
 study finishes: the line, and an end at once where Ray went with it.
 And `python -m ray_cifar.train` on a full tmpfs: one line, exit 1, the epochs before readable.
@@ -182,12 +182,13 @@ def test_sigterm_full_disk_and_damaged_checkpoints_then_resume(tmpfs, synthetic_
         assert epochs == list(range(1, EPOCHS + 1)), (t["trial_id"], epochs)
 
 
-def test_sigterm_to_every_process_stops_the_study_at_once_and_it_resumes(synthetic_parquet_dir, tmp_path):
+def test_sigterm_to_every_process_stops_the_study_at_once(synthetic_parquet_dir, tmp_path):
     """A machine or a job that shuts down (a spot instance, Slurm's scancel, `kill -TERM -PGID`) sends SIGTERM to
     every process, the local Ray's too. With Ray's GCS gone, Tune's graceful stop waited on it for Ray's reconnect
-    timeout (60 s) and the driver died with exit 1, without the --resume line. Now the line is printed at the signal,
-    the driver ends within seconds (it sees Ray gone and exits 130, unless Ray's core worker ends it first), and
-    --resume finishes the study."""
+    timeout (60 s) and the driver died with exit 1, without the --resume line. Now the line is printed at the signal
+    and the driver ends within seconds (it sees Ray gone and exits 130, unless Ray's core worker ends it first).
+    (Its --resume, which finished the study, is not run again here: a driver whose Ray died with it is resumed in
+    every run by test_fault_tolerance's killed studies, and a SIGTERMed one by the study above; ~25 s on 2 cores.)"""
     output = tmp_path / "study"
     driver = driver_past_its_first_row(synthetic_parquet_dir, output)
     tree: list[int] = []
@@ -208,13 +209,6 @@ def test_sigterm_to_every_process_stops_the_study_at_once_and_it_resumes(synthet
         assert f"it continues with: python -m ray_cifar.tune --resume {output}" in out.split("SIGTERM:", 1)[-1]
     assert "Failed to connect to GCS" not in out
     assert_no_traceback(subprocess.CompletedProcess([], 0, out, ""), driver_only=True)
-
-    done = run([sys.executable, "-m", "ray_cifar.tune", "--resume", str(output)], os.environ)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    final = read_rows(str(output / "results.parquet"))
-    keys = sorted((r["trial_id"], r["epoch"]) for r in final)
-    trials = sorted({t for t, _ in keys})
-    assert len(trials) == 2 and keys == [(t, e) for t in trials for e in range(1, EPOCHS + 1)]
 
 
 def test_a_hang_up_stops_the_study_as_sigterm_does(synthetic_parquet_dir, tmp_path):

@@ -78,13 +78,13 @@ def synthetic_parquet_dir(tmp_path_factory) -> str:
 
 
 # Whole files go to the two workers (make test: --dist loadfile), taken from the front of the collection as each
-# worker frees up. The longest first (measured, sum of a file's tests: 350-60 s each), so the many short files fill
+# worker frees up. The longest first (measured, sum of a file's tests: 210-30 s each), so the many short files fill
 # the end and no worker is left running a long file after the other has finished. xdist's own default order (most
 # tests first) put these, with one to four tests each, last: one worker ran on ~90 s alone. Files not named keep
 # their order after these.
 LONGEST_FIRST = ("test_fault_tolerance", "test_remote_output", "test_gpu_check", "test_beyond_grids", "test_study",
-                 "test_tracking", "test_stops", "test_asha_fidelity", "test_study_pipelines", "test_two_nodes",
-                 "test_cluster_launcher", "test_studies", "test_study_results")
+                 "test_stops", "test_asha_fidelity", "test_study_pipelines", "test_two_nodes", "test_cluster_launcher",
+                 "test_studies", "test_study_results", "test_tracking")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,6 +8,7 @@ and the two ranks must hold bit-identical weights (DDP all-reduces, every rank s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -34,18 +35,25 @@ def _config(num_workers: int):
     return load_config(None, SETS + [f"train.num_workers={num_workers}"])
 
 
-def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
+@contextlib.contextmanager
+def _gloo_group(rank: int, world_size: int, port: int):
+    """This spawned process as `rank` of a gloo process group on loopback, for the block."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    with _gloo_group(rank, world_size, port):
         cfg = _config(world_size)
         splits = make_splits(synthetic_cifar(400, 50), cfg.data, "cpu")
         cpu = torch.device("cpu")
         model = run_training(cfg, train_loader_for(cfg, splits.train, cpu, rank, world_size), splits.val, cpu, rank,
                              world_size, log=None)
         torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -97,25 +105,21 @@ RESUME_SETS = TINY_MODEL + ["model.norm=group", "train.amp=fp32", "train.epochs=
                             "train.torch_threads=1", "train.num_workers=2"]
 
 
-class Stopped(Exception):
-    pass
-
-
 def _resume_rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
     from ray_cifar import checkpoint
+    from test_checkpoint import Killed
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with _gloo_group(rank, world_size, port):
         cfg = load_config(None, RESUME_SETS)
         splits = make_splits(synthetic_cifar(400, 50), cfg.data, "cpu")
         cpu = torch.device("cpu")
 
-        def train(**kwargs):
+        def train(on_epoch=None, resume=None) -> tuple[list[dict], dict]:
+            """(each epoch's metrics, the final weights); on_epoch in place of keeping the metrics."""
             epochs: list[dict] = []
-            on_epoch = kwargs.pop("on_epoch", lambda m, state: epochs.append(m))
             model = run_training(cfg, train_loader_for(cfg, splits.train, cpu, rank, world_size), splits.val, cpu,
-                                 rank, world_size, on_epoch=on_epoch, log=None, **kwargs)
+                                 rank, world_size, on_epoch=on_epoch or (lambda m, state: epochs.append(m)),
+                                 log=None, resume=resume)
             return epochs, model.state_dict()
 
         full, full_weights = train()
@@ -125,18 +129,14 @@ def _resume_rank_main(rank: int, world_size: int, port: int, out_dir: str) -> No
             if metrics["epoch"] == 2:
                 if rank == 0:  # as a trial's rank 0 reports the checkpoint
                     checkpoint.save_state(state(), saved)
-                raise Stopped
+                raise Killed
 
-        try:
+        with contextlib.suppress(Killed):
             train(on_epoch=stop_after_2)
-        except Stopped:
-            pass
         dist.barrier()  # rank 0's checkpoint is written
         resumed, resumed_weights = train(resume=checkpoint.load_state(saved))
         torch.save({"full": full, "resumed": resumed, "full_weights": full_weights,
                     "resumed_weights": resumed_weights}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_resumed_from_rank_0s_checkpoint_continue_exactly(tmp_path):

@@ -420,13 +420,14 @@ def test_mlflow_one_run_per_trial_every_epoch_once_after_a_killed_driver(made_af
     assert len(runs) == len(trial_runs) + 1 and len(study_runs) == 1  # no second run for a resumed or remade trial
     assert set(trial_runs) == set(trials)
     assert sorted(float(r.data.params["optim.lr"]) for r in trial_runs.values()) == sorted(MADE_AFTER_LRS)
+    recorded = ResultsLog(str(output)).read()
     for trial_id, run in trial_runs.items():
         assert run.data.params["train.seed"] == "0"
         assert run.data.tags["mlflow.parentRunId"] == study_runs[0].info.run_id
         assert run.info.status == "FINISHED" and run.data.tags[tracking.STATUS_TAG] == "completed"
         assert run.data.metrics["best_epoch"] == trials[trial_id]["best_epoch"]  # its end figures
         history = client.get_metric_history(run.info.run_id, "val_acc")
-        rows = {r["epoch"]: r for r in ResultsLog(str(output)).read() if r["trial_id"] == trial_id}
+        rows = {r["epoch"]: r for r in recorded if r["trial_id"] == trial_id}
         assert sorted(m.step for m in history) == list(range(1, epochs + 1)) == sorted(rows)  # each epoch once
         assert all(abs(m.value - rows[m.step]["val_acc"]) < 1e-9 for m in history)
         assert len(client.get_metric_history(run.info.run_id, "train_loss")) == epochs

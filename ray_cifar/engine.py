@@ -40,6 +40,17 @@ def resolve_amp(device: torch.device, amp: str) -> str:
     return amp
 
 
+# Images per evaluation step where train.eval_batch_size is null. On a GPU a large batch keeps the device busy; on CPU a
+# smaller one evaluates faster, its activations staying in cache (10,000 test images on 2 cores, 256 against 1024:
+# the tests' tiny ResNet 2.5x, the --smoke-test ResNet 1.9x, ResNet-18 1.1x).
+EVAL_BATCH_SIZE = {"cuda": 1024, "cpu": 256}
+
+
+def resolve_eval_batch_size(device: torch.device, size: int | None) -> int:
+    """train.eval_batch_size, or where it is null the device's own (EVAL_BATCH_SIZE)."""
+    return size or EVAL_BATCH_SIZE.get(device.type, EVAL_BATCH_SIZE["cuda"])
+
+
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

@@ -105,7 +105,8 @@ def _train_and_evaluate(cfg: Config, run: _Run, loader: TrainBatches, val_split:
                                  run.scaler)
     seconds = time.perf_counter() - start  # train_epoch ends on a host read, so the GPU work is done
     eval_start = time.perf_counter()
-    metrics.update(engine.evaluate(run.eval_model, eval_batches(val_split, cfg.train.eval_batch_size, rank, world_size),
+    eval_batch_size = engine.resolve_eval_batch_size(device, cfg.train.eval_batch_size)
+    metrics.update(engine.evaluate(run.eval_model, eval_batches(val_split, eval_batch_size, rank, world_size),
                                    device, run.amp))
     metrics.update(epoch=epoch + 1, epochs=run.epochs, steps=epoch * len(loader) + steps, lr=lr,
                    epoch_seconds=seconds, eval_seconds=time.perf_counter() - eval_start,
@@ -210,4 +211,5 @@ def _epoch_line(m: dict, eta: float) -> str:
 def evaluate_split(cfg: Config, model: nn.Module, split: Split, device: torch.device, prefix: str) -> dict[str, float]:
     """One-process evaluation of a split (the test split, once, for a study's best trial)."""
     amp = engine.resolve_amp(device, cfg.train.amp)
-    return engine.evaluate(model, eval_batches(split, cfg.train.eval_batch_size, 0, 1), device, amp, prefix=prefix)
+    batch_size = engine.resolve_eval_batch_size(device, cfg.train.eval_batch_size)
+    return engine.evaluate(model, eval_batches(split, batch_size, 0, 1), device, amp, prefix=prefix)

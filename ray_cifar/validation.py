@@ -257,7 +257,8 @@ def _validate_train(t: TrainConfig) -> None:
     _check(t.seed >= 0, "train.seed", "must be >= 0", t.seed)
     _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1 or null", t.max_steps)
     _check(t.global_batch_size >= 1, "train.global_batch_size", "must be >= 1", t.global_batch_size)
-    _check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1", t.eval_batch_size)
+    _check(t.eval_batch_size is None or t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1 or null",
+           t.eval_batch_size)
     _check(t.num_workers >= 1, "train.num_workers", "must be >= 1", t.num_workers)
     _check(t.global_batch_size % t.num_workers == 0, "train.global_batch_size",
            f"must be divisible by train.num_workers={t.num_workers} (each rank gets an equal share)", t.global_batch_size)

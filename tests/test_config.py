@@ -49,6 +49,7 @@ def test_parse_set_reads_values_as_yaml():
     (["train.channels_last=3"], r"train.channels_last: expected true/false"),
     (["train.epochs=0"], r"train.epochs: must be >= 1 \(got 0\)"),
     (["train.global_batch_size=0"], r"train.global_batch_size: must be >= 1 \(got 0\)"),
+    (["train.eval_batch_size=0"], r"train.eval_batch_size: must be >= 1 or null \(got 0\)"),
     (["optim.lr=0"], r"optim.lr: must be > 0 \(got 0.0\)"),
     (["optim.lr=-0.1"], r"optim.lr: must be > 0"),
     (["optim.name=adamx"], r"optim.name: unknown 'adamx' \(allowed: .*adam, .*sgd"),

@@ -59,6 +59,15 @@ def test_auto_amp_is_bf16_on_a_gpu_and_fp32_on_cpu():
         assert engine.resolve_amp(torch.device("cuda"), "auto") == ("bf16" if bf16 else "fp16")
 
 
+def test_the_eval_batch_is_the_devices_unless_set():
+    # null by default: 1024 images a step on a GPU, 256 on CPU, where a smaller batch evaluates faster
+    assert load_config(None, []).train.eval_batch_size is None
+    assert engine.resolve_eval_batch_size(torch.device("cpu"), None) == 256
+    assert engine.resolve_eval_batch_size(torch.device("cuda"), None) == 1024
+    assert engine.resolve_eval_batch_size(torch.device("cpu"), 1000) == 1000  # set: kept on either
+    assert engine.resolve_eval_batch_size(torch.device("cuda"), 100) == 100
+
+
 @pytest.mark.parametrize("gpu, native_bf16", [("V100 or T4 (bf16 emulated)", False), ("A100 or H100", True)])
 def test_bf16_only_where_the_gpu_has_it_in_hardware(monkeypatch, gpu, native_bf16):
     # torch's answers on such a GPU: is_bf16_supported() is True on both (by default it counts emulation, a V100

@@ -14,7 +14,7 @@ from .search import MODEL_BASED_SEARCHERS, map_searched
 SMOKE_OVERRIDES = {
     "model": {"name": "resnet", "blocks": [1, 1, 1], "widths": [16, 32, 64], "stem_width": 16},
     "data": {"train_subset": 8000, "val_size": 2000},
-    "train": {"epochs": 6, "num_workers": 2, "global_batch_size": 128, "eval_batch_size": 500},
+    "train": {"epochs": 6, "num_workers": 2, "global_batch_size": 128},
     "tune": {"grace_period": 1, "reduction_factor": 2.0, "max_epochs": None, "num_samples": 1},
 }
 SMOKE_VALUES_PER_KEY = 2

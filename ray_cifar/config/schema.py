@@ -116,7 +116,7 @@ class TrainConfig:
     epochs: int = 30  # passes over the train split (the schedule spans all of them); ignored when max_steps is set
     max_steps: int | None = None  # optimizer steps in all (the last epoch cut short); null: epochs decide the length
     global_batch_size: int = 512  # images per optimizer step over ALL DDP ranks; each rank gets 1/num_workers
-    eval_batch_size: int = 1024  # images per evaluation step per rank (no gradients)
+    eval_batch_size: int | None = None  # images per evaluation step per rank (no gradients); null: 1024 on a GPU, 256 on CPU (where a smaller batch evaluates faster)
     num_workers: int = 1  # DDP ranks per trial (Ray Train workers); gloo on CPU, NCCL on GPU
     use_gpu: bool | None = None  # train on GPUs (train.gpus_per_worker per rank); None: yes when the machine/cluster has GPUs
     gpus_per_worker: float = 1.0  # GPUs per rank, in (0, 1]: 0.25 packs four 1-rank trials on one GPU, each capped to 1/4 of its memory; < 1 needs num_workers 1

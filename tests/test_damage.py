@@ -377,8 +377,20 @@ def test_a_study_resumes_only_where_it_started_and_with_the_config_it_started_wi
     copy = tmp_path / "copy"
     copy.mkdir()
     (copy / study.STUDY_START).write_text((first / study.STUDY_START).read_text())
-    with pytest.raises(ConfigError, match=rf"this study was started in {first}, .* it resumes only there"):
+    with pytest.raises(ConfigError, match=rf"this study was started in {first}, .* it resumes only there \(move or "
+                                          rf"copy it back, then --resume {first}\)"):  # a copy: the first is there
         study.check_start(cfg, str(copy), None)
+    # Moved: the line offers a link at the first place, and with that link the study resumes by either name.
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    with pytest.raises(ConfigError, match=rf"then --resume {first}, or leave a link there to where it is now: ln -s "
+                                          rf"{moved} {first}\)"):
+        study.check_start(cfg, str(moved), None)
+    os.symlink(moved, first)
+    study.check_start(cfg, str(moved), None)
+    study.check_start(cfg, str(first), None)
+    first.unlink()
+    moved.rename(first)
     # A study in a bucket resumes from any head (its local copy's folder differs), but not from another URI.
     (copy / study.STUDY_START).write_text(json.dumps({"location": "s3://b/x", "config": start["config"]}))
     study.check_start(cfg, str(copy), "s3://b/x")

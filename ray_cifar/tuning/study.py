@@ -268,9 +268,14 @@ def check_start(cfg: Config, output: str, remote: str | None) -> None:
     where = start["location"]
     moved = where != here and not (remote is None and os.path.isdir(where) and os.path.samefile(where, output))
     if moved:
+        # A link at the first place to the folder as it is now resumes it (the same folder by either name): checked
+        # end to end with a killed study of one-rank trials, moved and linked. Only where the first place is free
+        # (moved, not copied), and not for a bucket: a URI is no link.
+        link = ("" if remote or os.path.lexists(where)
+                else f", or leave a link there to where it is now: ln -s {here} {where}")
         raise ConfigError(f"--resume {remote or output}: this study was started in {where}, and Ray Tune's state and "
                           f"its trials' checkpoints name that place: it resumes only there (move or copy it back, "
-                          f"then --resume {where}). Its report reads it anywhere: python -m ray_cifar.report "
+                          f"then --resume {where}{link}). Its report reads it anywhere: python -m ray_cifar.report "
                           f"{remote or output}")
     differs = [k for k in sorted(set(now) | set(start["config"]))
                if json.dumps(now.get(k)) != json.dumps(start["config"].get(k))]

@@ -386,6 +386,12 @@ def test_a_study_resumes_only_where_it_started_and_with_the_config_it_started_wi
     with pytest.raises(ConfigError, match=rf"then --resume {first}, or leave a link there to where it is now: ln -s "
                                           rf"{moved} {first}\)"):
         study.check_start(cfg, str(moved), None)
+    elsewhere = json.loads((moved / study.STUDY_START).read_text())
+    (moved / study.STUDY_START).write_text(json.dumps({**elsewhere, "location": str(tmp_path / "gone" / "first")}))
+    with pytest.raises(ConfigError, match=rf"to where it is now: mkdir -p {tmp_path / 'gone'} && ln -s {moved} "
+                                          rf"{tmp_path / 'gone' / 'first'}\)"):  # from a machine with no such folder
+        study.check_start(cfg, str(moved), None)
+    (moved / study.STUDY_START).write_text(json.dumps(elsewhere))
     os.symlink(moved, first)
     study.check_start(cfg, str(moved), None)
     study.check_start(cfg, str(first), None)

@@ -230,3 +230,40 @@ def test_a_rank_ended_by_ray_mid_training_exits_with_its_status_not_a_cpp_abort(
                             input=pickled, capture_output=True, timeout=120)
     err = result.stderr.decode()
     assert result.returncode == 1 and "Aborted" not in err and "terminate" not in err, (result.returncode, err[-2000:])
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the SystemExit that ends it
+def test_at_exit_a_training_thread_at_work_is_stopped_and_one_waiting_on_a_lock_is_left(tmp_path):
+    """A one-rank trial's thread waits in tune.report for Tune (a lock): no torch C++ state, and an exception raised in
+    it would be met only once the lock came, so its process's exit waited the whole STOP_TRAINING_WAIT_S."""
+    import importlib.util
+    import os
+    import sys
+    import threading
+    import time
+
+    from ray_cifar.tuning import worker_setup
+
+    (tmp_path / "ray_cifar").mkdir()
+    (tmp_path / "ray_cifar" / "loop.py").write_text(
+        "def wait(lock):\n    lock.acquire()\n\n"
+        "def work(started, steps):\n    started.set()\n    while True:\n        steps.append(sum(range(1000)))\n")
+    spec = importlib.util.spec_from_file_location("loop", tmp_path / "ray_cifar" / "loop.py")
+    loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loop)
+    lock, started, steps = threading.Semaphore(0), threading.Event(), []
+    waiting = threading.Thread(target=loop.wait, args=(lock,), daemon=True)
+    working = threading.Thread(target=loop.work, args=(started, steps), daemon=True)
+    waiting.start()
+    working.start()
+    try:
+        assert started.wait(10)
+        while os.path.basename(sys._current_frames()[waiting.ident].f_code.co_filename) != "threading.py":
+            time.sleep(0.01)  # until it waits on the lock
+        assert worker_setup.training_threads() == [working.ident]
+        assert worker_setup.stop_training_threads(wait_s=10) == []
+        working.join(10)
+        assert not working.is_alive() and waiting.is_alive()
+    finally:
+        lock.release()
+        waiting.join(10)

@@ -36,7 +36,7 @@ RAY_SIGTERM_HANDLER = "sigterm_handler"
 # the main thread, and Python ends the process. A rank's training thread (a daemon) still inside torch's C++ then,
 # a backward, is ended by Python from under it as the interpreter finalizes: its next take of the GIL calls
 # pthread_exit, which unwinds through torch's C++ and aborts, ~95 lines of C++ stack and "Fatal Python error: Aborted"
-# in the study's console after a study that ran well (1 of 8 small DDP ASHA studies here; every plain process exiting
+# in the study's console after a study that ran well (1 of 7 small DDP ASHA studies here; every plain process exiting
 # mid-backward). atexit handlers run before Python finalizes: there each thread still in ray_cifar's training loop
 # gets SystemExit raised in it, met at its next Python bytecode (the op it is in ends first), and is waited for.
 # A thread waiting on a lock is left alone: it holds no torch C++ state, and an exception raised in it would only be

@@ -11,6 +11,8 @@ import pytest
 from ray_cifar.data.source import Cifar10
 
 TINY_MODEL = ["model.name=resnet", "model.blocks=[1,1]", "model.widths=[8,16]", "model.stem_width=8"]
+# An epoch's figures that a run resumed from its checkpoint must repeat exactly (test_checkpoint, test_ddp).
+EXACT_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "steps")
 
 
 def synthetic_cifar(n_train: int = 400, n_test: int = 100, seed: int = 0) -> Cifar10:

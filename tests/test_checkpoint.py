@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY_MODEL, synthetic_cifar
+from conftest import EXACT_METRICS, TINY_MODEL, synthetic_cifar
 from ray_cifar import checkpoint
 from ray_cifar.validation import load_config
 from ray_cifar.data.loader import make_splits
@@ -52,7 +52,7 @@ def test_resume_after_epoch_2_continues_exactly(tmp_path, extra):
     assert [m["epoch"] for m in resumed] == [3, 4]
     assert [m["resumed_from_epoch"] for m in full + resumed] == [0, 0, 0, 0, 2, 2]
     for got, want in zip(resumed, full[2:]):
-        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "steps"):
+        for key in EXACT_METRICS:
             assert got[key] == want[key], key
     for (name, a), b in zip(model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), name

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import TINY_MODEL, synthetic_cifar
+from conftest import EXACT_METRICS, TINY_MODEL, synthetic_cifar
 from ray_cifar.validation import load_config
 from ray_cifar.data.loader import make_splits
 from ray_cifar.loop import run_training
@@ -146,7 +146,7 @@ def test_two_gloo_ranks_resumed_from_rank_0s_checkpoint_continue_exactly(tmp_pat
         full, resumed = got["full"], got["resumed"]
         assert [m["epoch"] for m in resumed] == [3, 4] and [m["resumed_from_epoch"] for m in resumed] == [2, 2]
         for have, want in zip(resumed, full[2:]):
-            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "steps"):
+            for key in EXACT_METRICS:
                 assert have[key] == want[key], (rank, have["epoch"], key, have[key], want[key])
         for name, weights in got["full_weights"].items():
             assert torch.equal(got["resumed_weights"][name], weights), (rank, name)

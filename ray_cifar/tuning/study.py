@@ -271,10 +271,11 @@ def check_start(cfg: Config, output: str, remote: str | None) -> None:
         # A link at the first place to the folder as it is now resumes it (the same folder by either name): checked
         # end to end with a killed study of one-rank trials, moved and linked. Only where the first place is free
         # (moved, not copied), and not for a bucket: a URI is no link.
-        parent = os.path.dirname(where)
-        make_parent = "" if os.path.isdir(parent) else f"mkdir -p {parent} && "  # another machine: no such folder
-        link = ("" if remote or os.path.lexists(where)
-                else f", or leave a link there to where it is now: {make_parent}ln -s {here} {where}")
+        link = ""
+        if not remote and not os.path.lexists(where):
+            parent = os.path.dirname(where)
+            make_parent = "" if os.path.isdir(parent) else f"mkdir -p {parent} && "  # another machine: no such folder
+            link = f", or leave a link there to where it is now: {make_parent}ln -s {here} {where}"
         raise ConfigError(f"--resume {remote or output}: this study was started in {where}, and Ray Tune's state and "
                           f"its trials' checkpoints name that place: it resumes only there (move or copy it back, "
                           f"then --resume {where}{link}). Its report reads it anywhere: python -m ray_cifar.report "

@@ -2,7 +2,8 @@
 per-epoch Parquet rows record the pipeline that fed it (dali-cpu on a machine without a GPU).
 
 Here the DALI one: a study of one 2-rank trial, the ranks fed by DALI with every augmentation it has. The torch
-pipeline's 2-rank rows are checked in test_two_nodes (its study's trial), and the two pipelines side by side in one study in test_gpu_check's ray_dali dry run (one-rank trials). A second,
+pipeline's 2-rank rows are checked in test_two_nodes (its study's trial), and the two pipelines side by side in
+one study in test_gpu_check's ray_dali dry run (one-rank trials). A second,
 torch-fed DDP trial here cost a third of the test's ~80 s on 2 cores and checked nothing those do not."""
 
 from __future__ import annotations

@@ -60,9 +60,10 @@ def wandb_study(tmp_path_factory, synthetic_parquet_dir) -> dict:
         # the tracker when epoch 2's row is written: the resumed driver must skip what is there.
         return any(t.get("epochs", 0) >= 2 and t["status"] == "running" for t in trials_state(output).values())
 
-    running = kill_driver_when(proc, a_trial_past_epoch_two, "a trial's second epoch",
-                               lambda: [t["trial_id"] for t in trials_state(output).values() if t["status"] == "running"],
-                               timeout=600)
+    def running_trials() -> list[str]:
+        return [t["trial_id"] for t in trials_state(output).values() if t["status"] == "running"]
+
+    running = kill_driver_when(proc, a_trial_past_epoch_two, "a trial's second epoch", running_trials, timeout=600)
     assert not os.path.exists(output / "study-finished.json"), "the study finished before the driver was killed"
     resumed = subprocess.run(args, capture_output=True, text=True, timeout=900, env=clean_env())
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]

@@ -946,7 +946,7 @@ STAGES: dict[str, tuple[float, list[Part]]] = {
         Part("kill_resume", 55, 85, kill_resume, "a one-rank GPU trial SIGKILLed after epoch 1, resumed by Tune"),
     ]),
     "dali": (180, [
-        # pytest start + DALI import ~10 s; the GPU pipeline's build and one epoch of 400 images
+        # pytest start + DALI import ~10 s; three GPU pipelines built, an epoch of 400 images each, a 1 s GPU sleep
         Part("dali_tests", 20, 45, dali_tests, "pytest -m gpu " + " ".join(DALI_GPU_TESTS)),
         # 2 sets x 3 loaders x 3 repeats x 1 s + builds (DALI's first imports it: ~3 s) and the loaders' starts
         Part("loaders", 26, 60, loaders, "DALI GPU vs the torch path vs the torchvision DataLoader (images/s, build s)"),

@@ -261,6 +261,32 @@ def test_dali_gpu_pipeline_matches_cpu_sharding():
     assert not math.isnan(float(got.float().mean()))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_taking_a_dali_gpu_batch_does_not_wait_for_the_gpu():
+    """A GPU batch is handed over on torch's stream: with GPU work still queued there, the next batch comes before
+    that work is done, and is right once the stream gets to it. (pipe.run() without the stream made DALI's outputs
+    host-synchronous, and the copy of each into the loader's buffer then waited on the host for all the work queued
+    on torch's stream: a device sync every training step.) Not a timing: the order of the host and the GPU."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    images = low_contrast_images(400)
+    split = Split(images.to(device), (torch.arange(400) % 10).to(device))
+    cfg = data_cfg()  # no augmentation: each batch is its images, exactly (fp32)
+    loader = DaliTrainLoader(split, cfg, 100, 0, 1, seed=3, device=device)
+    batches = loader.epoch(0)
+    next(batches)  # the pipeline has run once; the next batches are prefetched
+    stream = torch.cuda.current_stream(device)
+    torch.cuda.synchronize(device)
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU clock cycles on torch's stream
+    x, y = next(batches)
+    busy = not stream.query()
+    torch.cuda.synchronize(device)
+    assert busy, "taking a DALI batch waited for the work queued on torch's stream"
+    indices = TrainLoader(split, cfg, 100, 0, 1, seed=3).epoch_indices(0).cpu()[100:200]
+    assert torch.equal(to_uint8(x.cpu()), images[indices])
+    assert torch.equal(y.cpu(), indices % 10)
+
+
 def test_building_a_pipeline_leaves_no_generated_sources_in_the_temp_folder(tmp_path):
     """DALI's conditionals (AutoAugment) write the modules they make to the temp folder, once a process, and delete
     them only at a normal exit, which a Ray trial process never has; the loader deletes them once its pipeline is

@@ -262,17 +262,18 @@ class DaliTrainLoader:
         labels = self.split.labels[self._indices].view(len(self), self.local_batch_size)
         stream = torch.cuda.current_stream(self.device_id) if self.on_gpu else None
         for step in range(len(self)):
-            # As DALIGenericIterator: wait for this step's DALI output, computed PREFETCH_DEPTH steps ahead.
-            # On a GPU its input was gathered on torch's stream, behind the training queued then, so this waits
-            # for training up to about PREFETCH_DEPTH steps back: the host stays that far ahead, the GPU busy.
-            # The copy below is asynchronous.
-            (out,) = self.pipe.run()
+            # This step's DALI output, computed PREFETCH_DEPTH steps ahead. On a GPU it is handed over on torch's
+            # stream (`run(stream)`): the stream waits for DALI's work, the host does not. Without a stream DALI's
+            # outputs are host-synchronous, and copy_to_external, the copy below, then makes the host wait for the
+            # copy, queued behind every step of training not yet run: a device sync every step.
+            (out,) = self.pipe.run(stream) if stream is not None else self.pipe.run()
             if self._loaded_before_build is not None:
                 # The source callbacks (sample indices, erasing and cutout boxes) are converted when DALI first
                 # calls them, for the first batches it prefetches: done once the first output is out.
                 remove_generated_sources(self._loaded_before_build)
                 self._loaded_before_build = None
-            # Into the preallocated HWC buffer on torch's stream (ordered after the previous step's use
-            # of it); NOTE the next step overwrites it: clone a batch to keep it.
+            # Into the preallocated HWC buffer on torch's stream (ordered after the previous step's use of it, and
+            # asynchronous: the output is on the same stream); NOTE the next step overwrites it: clone a batch to
+            # keep it.
             feed_ndarray(out.as_tensor(), self._buffer, cuda_stream=stream)
             yield self._buffer.permute(0, 3, 1, 2), labels[step]

@@ -14,6 +14,15 @@ from .tables import BUDGET, cell, epochs_text, fmt, length, longest_epochs, ran_
 
 FIGURES = ("ranking", "curves", "asha", "params", "heatmap", "throughput", "published")
 MAX_HEATMAPS = 3  # pairs of searched fields drawn as heatmaps (those with the most cells)
+# A figure of a bar per trial draws the best MAX_BARS (the trials table lists every one): a bar is 28 px, and a
+# 400-trial study's three such figures were 11,000 px tall each; a 2,800-trial one's 78,000 px and 10 MB each, its
+# report 2 min to draw (13 s now). Where each trial stopped is then drawn as counts of trials by epochs run.
+MAX_BARS = 40
+# Learning curves in colour, with a legend: the best trials' points, as many as the palette tells apart; the other
+# trials' curves are grey (a legend of every point of a random search was taller than the curves).
+MAX_COLOURED = 20
+STATUS_COLOR = {"completed": "tab:green", "stopped": "tab:gray", "diverged": "tab:red", "failed": "black",
+                "lost": "tab:orange", "running": "tab:blue"}  # running: unfinished, in a study stopped
 
 
 def _pyplot():
@@ -37,8 +46,14 @@ def _save(fig, path: str) -> str:
     return path
 
 
+def _of_all(shown: int, trials: int) -> str:
+    """A per-trial figure's title's end where it draws the best `shown` of more trials."""
+    return f": the best {shown} of {trials} trials (the trials table lists all)" if trials > shown else ""
+
+
 def plot_ranking(trials, metric: str, mode: str, path: str) -> str:
     plt = _pyplot()
+    everyone, trials = len(trials), trials[:MAX_BARS]  # ranked best first
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(trials) + 1.5))
     labels = [t["label"] for t in trials]
     values = [t["best_metric"] if t["best_metric"] is not None else 0.0 for t in trials]
@@ -51,7 +66,7 @@ def plot_ranking(trials, metric: str, mode: str, path: str) -> str:
                                                          if t.get("test_acc") is not None else "")
         ax.text(values[i], i, " " + note, va="center", fontsize=8)
     ax.set_xlabel(f"best {metric} ({mode}); orange: evaluated on test (after the ranking, never choosing)")
-    ax.set_title("Trial ranking, best first")
+    ax.set_title("Trial ranking, best first" + _of_all(len(trials), everyone))
     ax.margins(x=0.3)
     return _save(fig, path)
 
@@ -70,21 +85,28 @@ def generations(curve: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 def plot_curves(rows, trials, path: str) -> str:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = _colors([t["point"] for t in trials])
+    ranked = list(dict.fromkeys(t["point"] for t in trials))  # trials come best first
+    colors = _colors(ranked[:MAX_COLOURED])
     by_trial = {}
     for r in rows:
         by_trial.setdefault(r.get("trial_id"), []).append(r)
     shown = set()
-    for t in trials:
+    grey = [t for t in trials if t["point"] not in colors]
+    for t in grey + [t for t in trials if t["point"] in colors]:  # the coloured drawn over the grey
         curve = sorted(by_trial.get(t["trial_id"], []), key=lambda r: r.get("epoch") or 0)
-        label = t["point"] if t["point"] not in shown else None
+        if t["point"] in colors:
+            colour, style = colors[t["point"]], {"marker": "o", "ms": 3}
+            label = t["point"] if t["point"] not in shown else None
+        else:
+            colour, style = "lightgrey", {"lw": 0.8}
+            label = f"the other {len(ranked) - MAX_COLOURED} points" if t is grey[0] else None
         shown.add(t["point"])
         for ax, key in zip(axes, ("val_acc", "train_loss")):
             for n, generation in enumerate(generations(curve)):
                 points = [(r["epoch"], metric_value(r, key)) for r in generation if metric_value(r, key) is not None]
                 if points:
-                    ax.plot(*zip(*points), marker="o", ms=3, color=colors[t["point"]],
-                            label=label if key == "val_acc" and n == 0 else None)
+                    ax.plot(*zip(*points), color=colour, label=label if key == "val_acc" and n == 0 else None,
+                            **style)
     from matplotlib.ticker import MaxNLocator
 
     for ax, key in zip(axes, ("val_acc", "train_loss")):
@@ -92,11 +114,16 @@ def plot_curves(rows, trials, path: str) -> str:
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[0].set_title("Validation accuracy (one line per trial)")
+    axes[0].set_title("Validation accuracy (one line per trial" + (f"; the best {MAX_COLOURED} points in colour)"
+                                                                    if grey else ")"))
     above = _clip_diverging(axes[1], rows)
     axes[1].set_title("Train loss" + (f" ({above} epoch(s) of diverging trials above the axis)" if above else ""))
-    fig.legend(loc="lower center", ncol=min(3, max(1, len(shown))), fontsize=8, bbox_to_anchor=(0.5, -0.02))
-    fig.subplots_adjust(bottom=0.25)
+    handles, labels = axes[0].get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: handles[i].get_color() == "lightgrey")  # the grey one last
+    # Below the axes, hanging down: the saved image grows to hold it (bbox_inches="tight"), however many rows.
+    fig.subplots_adjust(bottom=0.14)
+    fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="upper center",
+               ncol=min(3, max(1, len(labels))), fontsize=8, bbox_to_anchor=(0.5, 0.02))
     fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -124,14 +151,14 @@ def _clip_diverging(ax, rows) -> int:
 
 
 def plot_asha(trials, tune: dict[str, Any], max_t: float, path: str) -> str:
+    if len(trials) > MAX_BARS:
+        return _plot_stops_counted(trials, tune, max_t, path)
     plt = _pyplot()
     from matplotlib.patches import Patch
 
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(trials) + 1.8))
-    status_color = {"completed": "tab:green", "stopped": "tab:gray", "diverged": "tab:red", "failed": "black",
-                    "lost": "tab:orange", "running": "tab:blue"}  # running: unfinished, in a study stopped
     ax.barh(range(len(trials)), [t["epochs"] or 0 for t in trials],
-            color=[status_color.get(t.get("status"), "tab:blue") for t in trials])
+            color=[STATUS_COLOR.get(t.get("status"), "tab:blue") for t in trials])
     ax.set_yticks(range(len(trials)), [t["label"] for t in trials], fontsize=8)
     ax.invert_yaxis()
     if tune.get("scheduler") == "mixed":  # a comparison: each trial's own study's rungs and max, on its bar
@@ -145,12 +172,40 @@ def plot_asha(trials, tune: dict[str, Any], max_t: float, path: str) -> str:
         for rung in asha_rungs(tune, max_t):
             ax.axvline(rung, color="tab:red", ls="--", lw=1)
         ax.axvline(max_t, color="black", lw=1)
-    seen = [s for s in status_color if any(t.get("status") == s for t in trials)]
-    handles = [Patch(color=status_color[s], label=s) for s in seen] or [Patch(color="tab:blue", label="no status yet")]
+    seen = [s for s in STATUS_COLOR if any(t.get("status") == s for t in trials)]
+    handles = [Patch(color=STATUS_COLOR[s], label=s) for s in seen] or [Patch(color="tab:blue", label="no status yet")]
     ax.legend(handles=handles, fontsize=8, loc="lower right")
-    ax.set_xlabel("epochs run (dashed: " + ("the first bracket's milestones" if tune.get("search") == "bohb"
-                                            else "ASHA rungs") + "; solid: max)")
+    ax.set_xlabel(f"epochs run (dashed: {_rungs_text(tune)}; solid: max)")
     ax.set_title(f"Where each trial stopped ({stops_text(tune, max_t)})", fontsize=10, wrap=True)
+    return _save(fig, path)
+
+
+def _rungs_text(tune: dict[str, Any]) -> str:
+    return "the first bracket's milestones" if tune.get("search") == "bohb" else "ASHA rungs"
+
+
+def _plot_stops_counted(trials, tune: dict[str, Any], max_t: float, path: str) -> str:
+    """plot_asha for many trials: how many stopped after each number of epochs, by status, stacked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    lengths = sorted({t["epochs"] or 0 for t in trials})
+    below = dict.fromkeys(lengths, 0)
+    for status in [*STATUS_COLOR, None]:  # None: a status this figure has no colour for, or none yet
+        counts = [sum((t["epochs"] or 0) == e and (t.get("status") if t.get("status") in STATUS_COLOR else None)
+                      == status for t in trials) for e in lengths]
+        if any(counts):
+            ax.bar(lengths, counts, bottom=[below[e] for e in lengths], width=0.8,
+                   color=STATUS_COLOR.get(status, "tab:blue"), label=status or "no status yet")
+            below = {e: below[e] + c for e, c in zip(lengths, counts)}
+    if tune.get("scheduler") != "mixed":  # a comparison's studies have rungs of their own: the caption gives them
+        for rung in asha_rungs(tune, max_t):
+            ax.axvline(rung, color="tab:red", ls="--", lw=1)
+        ax.axvline(max_t, color="black", lw=1)
+    ax.legend(fontsize=8)
+    ax.set_xlabel("epochs run" + (f" (dashed: {_rungs_text(tune)}; solid: max)" if tune.get("scheduler") != "mixed"
+                                  else ""))
+    ax.set_ylabel("trials")
+    ax.set_title(f"Where the {len(trials)} trials stopped ({stops_text(tune, max_t)})", fontsize=10, wrap=True)
     return _save(fig, path)
 
 
@@ -270,6 +325,7 @@ def _middle(grid: list[list[float]]) -> float:
 
 def plot_throughput(rows, trials, path: str) -> str:
     plt = _pyplot()
+    everyone, trials = len(trials), trials[:MAX_BARS]  # ranked best first
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(trials) + 1.5))
     speeds = []
     for t in trials:
@@ -282,7 +338,7 @@ def plot_throughput(rows, trials, path: str) -> str:
     for i, v in enumerate(speeds):
         ax.text(v, i, f" {v:,.0f}", va="center", fontsize=8)
     ax.set_xlabel("training images/s (median over epochs, all ranks)")
-    ax.set_title("Throughput per trial")
+    ax.set_title("Throughput per trial" + _of_all(len(trials), everyone))
     ax.margins(x=0.15)
     return _save(fig, path)
 

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pickle
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -310,6 +311,28 @@ def test_test_split_is_evaluated_for_the_best_trial_by_the_configured_metric(tmp
     assert [t["trial_id"] for t in ranked] == ["lo_loss", "mid", "hi_acc"]
     assert "judged_epoch" not in ranked[0]  # the scheduler's bookkeeping stays in trials.json
     assert ranked[0]["test_acc"] == 0.5 and ranked[1]["test_acc"] is None
+
+
+def test_the_end_table_prints_the_best_trials_of_a_large_study_and_says_where_the_rest_are(tmp_path, monkeypatch,
+                                                                                           capsys):
+    from ray_cifar.tuning import trial as trial_mod
+    from ray_cifar.validation import load_config
+
+    rec = StudyRecorder(str(tmp_path), lr_params, "val_acc", "max", tensorboard=False)
+    n = study.CONSOLE_TRIALS + 5
+    for i in range(n):
+        tid = f"t{i:03d}"
+        rec.on_trial_result(0, [], FakeTrial(tid), {"epoch": 1, "epochs": 1, "val_acc": 0.5 + i / 1000,
+                                                     "val_loss": 1.0, "checkpoint_path": f"/ckpt/{tid}"})
+        rec.on_trial_complete(0, [], FakeTrial(tid))
+    monkeypatch.setattr(trial_mod, "evaluate_checkpoint", lambda path, split, use_gpu: {"test_acc": 0.5, "test_loss": 1})
+    assert study.finish_study(load_config(None, ["train.use_gpu=false"]), str(tmp_path), ["optim.lr"]) == 0
+    out = capsys.readouterr().out
+    printed = re.findall(r"^(t\d{3}) ", out, re.MULTILINE)
+    assert printed == [f"t{i:03d}" for i in range(n - 1, 4, -1)]  # the best 30, best first
+    assert f"... and 5 trial(s) ranked below these: every trial is in {tmp_path}/trials.parquet and the report" in out
+    import pyarrow.parquet as pq
+    assert pq.read_table(tmp_path / "trials.parquet").num_rows == n
 
 
 def test_a_best_trial_whose_best_checkpoint_is_unknown_is_not_replaced_by_another_on_test(tmp_path, recorder,

@@ -36,6 +36,9 @@ from .tune_state import TuneStateBackup
 
 EXPERIMENT = "tune"
 SEED = "train.seed"
+# The end's table of trials prints the best this many: a study of hundreds printed a screenful a hundred times over
+# (trials.parquet and the report list every trial).
+CONSOLE_TRIALS = 30
 
 
 def storage_path(output: str, remote: str | None = None) -> str:
@@ -558,7 +561,10 @@ def finish_study(cfg: Config, output: str, keys: list[str]) -> int:
     extra = ["best_val_acc"] if cfg.tune.metric != "val_acc" else []
     exploits = ["exploits"] if cfg.tune.scheduler in ("pbt", "pb2") else []  # as trials.parquet and the report
     columns = ["trial_id", *keys, "status", "epochs", *exploits, best_column, "best_epoch", *extra, "test_acc"]
-    print("\n" + format_table([{**t, best_column: t["best_metric"]} for t in trials], columns))
+    print("\n" + format_table([{**t, best_column: t["best_metric"]} for t in trials[:CONSOLE_TRIALS]], columns))
+    if len(trials) > CONSOLE_TRIALS:
+        print(f"... and {len(trials) - CONSOLE_TRIALS} trial(s) ranked below these: every trial is in "
+              f"{output}/trials.parquet and the report")
     if best is not None and best["test_acc"] is not None:
         print(f"\n[ray_cifar] best trial {best['trial_id']} by {cfg.tune.metric} ({cfg.tune.mode}): "
               f"{best['best_metric']:.4f} at epoch {best['best_epoch']}; test_acc {best['test_acc']:.4f} "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from typing import Any
 
 from ..results import aggregate_over_seeds, metric_value
@@ -169,9 +170,7 @@ def plot_asha(trials, tune: dict[str, Any], max_t: float, path: str) -> str:
                 ax.plot([rung, rung], [i - 0.45, i + 0.45], color="tab:red", ls="--", lw=1)
             ax.plot([own_max, own_max], [i - 0.45, i + 0.45], color="black", lw=1)
     else:
-        for rung in asha_rungs(tune, max_t):
-            ax.axvline(rung, color="tab:red", ls="--", lw=1)
-        ax.axvline(max_t, color="black", lw=1)
+        _rung_lines(ax, tune, max_t)
     seen = [s for s in STATUS_COLOR if any(t.get("status") == s for t in trials)]
     handles = [Patch(color=STATUS_COLOR[s], label=s) for s in seen] or [Patch(color="tab:blue", label="no status yet")]
     ax.legend(handles=handles, fontsize=8, loc="lower right")
@@ -184,23 +183,30 @@ def _rungs_text(tune: dict[str, Any]) -> str:
     return "the first bracket's milestones" if tune.get("search") == "bohb" else "ASHA rungs"
 
 
+def _rung_lines(ax, tune: dict[str, Any], max_t: float) -> None:
+    """The study's rungs (dashed) and its max (solid), across the axes."""
+    for rung in asha_rungs(tune, max_t):
+        ax.axvline(rung, color="tab:red", ls="--", lw=1)
+    ax.axvline(max_t, color="black", lw=1)
+
+
 def _plot_stops_counted(trials, tune: dict[str, Any], max_t: float, path: str) -> str:
     """plot_asha for many trials: how many stopped after each number of epochs, by status, stacked."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.2))
-    lengths = sorted({t["epochs"] or 0 for t in trials})
+    # None: a status this figure has no colour for, or none yet
+    counted = Counter((t["epochs"] or 0, t.get("status") if t.get("status") in STATUS_COLOR else None)
+                      for t in trials)
+    lengths = sorted({e for e, _ in counted})
     below = dict.fromkeys(lengths, 0)
-    for status in [*STATUS_COLOR, None]:  # None: a status this figure has no colour for, or none yet
-        counts = [sum((t["epochs"] or 0) == e and (t.get("status") if t.get("status") in STATUS_COLOR else None)
-                      == status for t in trials) for e in lengths]
+    for status in [*STATUS_COLOR, None]:
+        counts = [counted[(e, status)] for e in lengths]
         if any(counts):
             ax.bar(lengths, counts, bottom=[below[e] for e in lengths], width=0.8,
                    color=STATUS_COLOR.get(status, "tab:blue"), label=status or "no status yet")
             below = {e: below[e] + c for e, c in zip(lengths, counts)}
     if tune.get("scheduler") != "mixed":  # a comparison's studies have rungs of their own: the caption gives them
-        for rung in asha_rungs(tune, max_t):
-            ax.axvline(rung, color="tab:red", ls="--", lw=1)
-        ax.axvline(max_t, color="black", lw=1)
+        _rung_lines(ax, tune, max_t)
     ax.legend(fontsize=8)
     ax.set_xlabel("epochs run" + (f" (dashed: {_rungs_text(tune)}; solid: max)" if tune.get("scheduler") != "mixed"
                                   else ""))
